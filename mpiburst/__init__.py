@@ -1,0 +1,52 @@
+"""mpiburst: a per-job burst buffer for MPI jobs.
+
+Ranks write through :class:`File` (the names of ``mpi4py.MPI.File``) or
+:func:`open` (a Python file object) into a Redis-protocol tier started for the
+job (:class:`Tier`); :func:`sync` flushes files to the backing filesystem as
+large aligned writes; :func:`purge`, :func:`pin`, :func:`unpin`,
+:func:`prestage` and :func:`frag_stat` control what stays in the tier.
+
+Attributes are imported on first use, so ``import mpiburst`` is cheap and
+does not initialise MPI.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import (AuthenticationError, ChannelBusyError, ChannelError, ConfigError, FlushError,
+                     MpiburstError, PathError, PolicyError, ServerError, TierFullError)
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Tier": "tier",
+    "File": "file",
+    "Request": "file",
+    "open": "fileobj",
+    "sync": "flush",
+    "FlushReport": "flush",
+    "purge": "residency",
+    "pin": "residency",
+    "unpin": "residency",
+    "prestage": "residency",
+    "frag_stat": "residency",
+    "FragStat": "residency",
+    "h5": None,
+}
+
+__all__ = sorted([*_LAZY, "MpiburstError", "ConfigError", "ServerError", "AuthenticationError",
+                  "TierFullError", "PathError", "FlushError", "PolicyError", "ChannelError",
+                  "ChannelBusyError", "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'mpiburst' has no attribute {name!r}")
+    module = _LAZY[name]
+    if module is None:
+        return importlib.import_module(f".{name}", __name__)
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

