@@ -1,0 +1,258 @@
+"""One process's view of one tier file: a write-back buffer and tier-first reads.
+
+Writes are appended to a bounded buffer and sent as large batches to the
+process's channel (one blob + its extents per round trip), so small and
+strided writes cost memory copies, not server round trips. Reads overlay the
+tier's extents (newest wins) on the BFS file's bytes. Both :class:`mpiburst.File`
+and :func:`mpiburst.open` are built on :class:`TierFile`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import redis
+
+from .errors import ServerError, TierFullError
+from .overlay import Extent, paint
+from .sizes import parse_size
+from .store import MAX_BLOB, MAX_EXTENT, FileMeta, Store
+
+#: Default size of a handle's write-back buffer (``MPIBURST_WR_BUFFER`` overrides); 4 MiB
+#: measured best here between 1 and 8 MiB (see docs/benchmarks.md).
+DEFAULT_BUFFER = 4 << 20
+#: How often a full tier is answered by flushing and freeing before giving up.
+_ROOM_TRIES = 3
+
+
+def buffer_size(hint: str | int | None = None) -> int:
+    """Return the write-back buffer size: ``hint``, else ``$MPIBURST_WR_BUFFER``, else 4 MiB."""
+    value = hint if hint not in (None, "") else os.environ.get("MPIBURST_WR_BUFFER")
+    if value in (None, ""):
+        return DEFAULT_BUFFER
+    return max(parse_size(value, "write buffer size"), 1)
+
+
+def store_of(tier) -> Store:
+    """Return the :class:`Store` over ``tier``'s connection (one per tier, cached on it)."""
+    store = getattr(tier, "_mpiburst_store", None)
+    if store is None:
+        store = Store(tier.redis)
+        tier._mpiburst_store = store
+    return store
+
+
+class TierFile:
+    """Buffered writes to, and tier-first reads from, one file for one process.
+
+    Parameters
+    ----------
+    tier
+        The run's :class:`mpiburst.Tier`.
+    path
+        Absolute BFS path of the file (already resolved and inside the root).
+    channel
+        This writer's channel (rank modulo the run's channels).
+    buffer
+        Write-back buffer size in bytes.
+    """
+
+    def __init__(self, tier, path: str, channel: int, buffer: int = DEFAULT_BUFFER):
+        self.tier = tier
+        self.store = store_of(tier)
+        self.path = path
+        self.channel = channel
+        self.limit = buffer
+        self._payload = bytearray()
+        self._extents: list[list[int]] = []
+        self._inflight: tuple | None = None
+        self._conn = _dedicated_connection(self.store.r)
+
+    # -- writes -------------------------------------------------------------
+    def write(self, offset: int, data: memoryview) -> None:
+        """Buffer ``data`` (a byte memoryview) for file offset ``offset``."""
+        n = len(data)
+        if n == 0:
+            return
+        if n >= self.limit:
+            self.push()
+            self._send_direct(offset, data)
+            return
+        if len(self._payload) + n > self.limit:
+            self.push()
+        boff = len(self._payload)
+        self._payload += data
+        ext = self._extents
+        pos = 0
+        if ext:
+            last = ext[-1]
+            if last[0] + last[2] == offset and last[2] < MAX_EXTENT:
+                pos = min(n, MAX_EXTENT - last[2])
+                last[2] += pos
+        while pos < n:
+            ln = min(MAX_EXTENT, n - pos)
+            ext.append([offset + pos, boff + pos, ln])
+            pos += ln
+
+    @property
+    def buffered(self) -> int:
+        """Bytes waiting in the write-back buffer."""
+        return len(self._payload)
+
+    def push(self) -> None:
+        """Send the buffered writes to the tier and wait until it has them all.
+
+        After ``push`` returns, other processes see the data.
+        """
+        if self._extents:
+            self._send(memoryview(self._payload), self._extents)
+            self._payload = bytearray()
+            self._extents = []
+        self._await()
+
+    def _send_direct(self, offset: int, data: memoryview) -> None:
+        """Send a write larger than the buffer as blobs of at most MAX_BLOB bytes, no copy.
+
+        The caller's memory is sent as is, so this waits for the tier to
+        acknowledge it before returning (the caller may reuse the buffer).
+        """
+        for start in range(0, len(data), MAX_BLOB):
+            piece = data[start:start + MAX_BLOB]
+            extents = [(offset + start + p, p, min(MAX_EXTENT, len(piece) - p))
+                       for p in range(0, len(piece), MAX_EXTENT)]
+            self._send(piece, extents)
+        self._await()
+
+    def _send(self, payload: memoryview, extents) -> None:
+        """Send one batch without waiting for it, after the previous one is acknowledged.
+
+        One batch at most is in flight: the server stores it while this
+        process fills the next one. Its payload is kept until acknowledged, so
+        a full tier can still be answered by making room and sending it again.
+        """
+        self._await()
+        if self._conn is None:
+            self._commit(payload, extents)
+            return
+        tmp, commands = self.store.pack_commit(self.path, self.channel, payload, extents)
+        try:
+            self.store.send_commit(self._conn, commands)
+        except redis.ConnectionError as exc:
+            raise _lost(exc) from None
+        self._inflight = (tmp, payload, extents)
+
+    def _await(self) -> None:
+        """Wait for the batch in flight, if any; retry it through :meth:`_commit` if the tier was full."""
+        if self._inflight is None:
+            return
+        tmp, payload, extents = self._inflight
+        self._inflight = None
+        try:
+            self.store.finish_commit(self._conn, tmp)
+        except TierFullError:
+            self._commit(payload, extents)
+        except redis.ConnectionError as exc:
+            raise _lost(exc) from None
+
+    def _commit(self, payload: memoryview, extents) -> None:
+        """Commit one batch and wait; when the tier is full, flush and free data, then retry."""
+        for attempt in range(_ROOM_TRIES + 1):
+            try:
+                self.store.commit(self.path, self.channel, payload, extents)
+                return
+            except TierFullError:
+                if attempt == _ROOM_TRIES or not _make_room(self.tier):
+                    raise TierFullError(
+                        f"the tier is full and nothing more can be flushed or freed to take "
+                        f"{len(payload)} bytes for {self.path}; unpin files, purge data or restart "
+                        "the run with a larger --capacity.") from None
+            except redis.ConnectionError as exc:
+                raise _lost(exc) from None
+
+    def close(self) -> None:
+        """Push what is buffered and give the connection back."""
+        try:
+            self.push()
+        finally:
+            if self._conn is not None:
+                self.store.r.connection_pool.release(self._conn)
+                self._conn = None
+
+    # -- reads --------------------------------------------------------------
+    def meta(self) -> FileMeta | None:
+        """Return the tier's record of the file (None if it was deleted)."""
+        return self.store.meta(self.path)
+
+    def size(self) -> int:
+        """Return the file's logical size, including this process's buffered writes."""
+        self.push()
+        meta = self.meta()
+        return meta.size if meta else 0
+
+    def read(self, offset: int, out: memoryview) -> int:
+        """Fill ``out`` from file offset ``offset``; return the bytes read (short at end of file)."""
+        self.push()
+        meta = self.meta()
+        if meta is None:
+            return 0
+        hi = min(offset + len(out), meta.size)
+        if hi <= offset:
+            return 0
+        n = hi - offset
+        extents = [_clip(e, offset, hi) for e in self.store.extents(self.path, offset, hi)]
+        window = out[:n]
+        _, holes = paint(offset, hi, extents, self.store.fetch(self.path, extents), out=window)
+        if holes:
+            self._fill_from_bfs(meta, offset, window, holes)
+        return n
+
+    def _fill_from_bfs(self, meta: FileMeta, lo: int, window: memoryview, holes) -> None:
+        """Fill the ``holes`` of ``window`` (which starts at ``lo``) with BFS bytes, zeros past them."""
+        limit = meta.trunc if meta.trunc is not None else None
+        try:
+            fd = os.open(self.path, os.O_RDONLY) if meta.bfs else -1
+        except FileNotFoundError:
+            fd = -1
+        try:
+            for a, b in holes:
+                got = 0
+                top = b if limit is None else min(b, limit)
+                if fd >= 0 and top > a:
+                    got = os.preadv(fd, [window[a - lo:top - lo]], a)
+                window[a - lo + got:b - lo] = bytes(b - a - got)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    # -- size ---------------------------------------------------------------
+    def set_size(self, size: int) -> None:
+        """Set the file's logical size (truncate or extend with zeros)."""
+        self.push()
+        self.store.set_size(self.path, size)
+
+
+def _clip(e: Extent, lo: int, hi: int) -> Extent:
+    """Return the part of extent ``e`` inside ``[lo, hi)``."""
+    a, b = max(lo, e.start), min(hi, e.end)
+    return Extent(e.seq, a, b - a, e.blob, e.boff + a - e.start)
+
+
+def _dedicated_connection(client: redis.Redis):
+    """Return a connection of its own for pipelined commits, or None for an in-process fake tier."""
+    conn = client.connection_pool.get_connection()
+    if isinstance(conn, (redis.Connection, redis.UnixDomainSocketConnection)):
+        return conn
+    client.connection_pool.release(conn)
+    return None
+
+
+def _lost(exc: Exception) -> ServerError:
+    return ServerError(f"lost the connection to the tier's server ({exc}); data this process had not "
+                       "yet pushed was not stored — check `mpiburst status` and the server log.")
+
+
+def _make_room(tier) -> bool:
+    """Ask the residency layer to flush and free tier data; True if anything was freed."""
+    from .residency import make_room
+
+    return make_room(tier)
