@@ -1,0 +1,264 @@
+"""Drive one benchmark run: every pattern x transfer size, every method, ``repeat`` times.
+
+The methods of one configuration run interleaved within each repeat (limits,
+direct MPI-IO, mpiburst, then again), so drift on a shared machine hits them
+alike. Outputs are verified on the first repeat. Every file is written in a
+scratch directory made on the BFS and removed at the end; the tier is started
+once for the whole run, with that directory as its BFS root and its run files
+in a local temporary directory.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import shutil
+import socket
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from ..client import buffer_size
+from ..errors import ConfigError
+from ..server import connect_redis
+from ..sizes import format_size, parse_size
+from . import baselines, burst, report
+from .patterns import PATTERNS, Layout, rank_data, records
+
+DEFAULT_TRANSFERS = ("4k", "47008", "1m", "16m")
+#: The tier must hold one configuration's payload with this much room to spare.
+CAPACITY_HEADROOM = 1.25
+
+
+@dataclass
+class Options:
+    """What to run (already parsed and checked by :func:`options`)."""
+
+    patterns: list[str]
+    transfers: list[int]
+    size: int
+    repeat: int
+    json: str | None
+    plot: str | None
+    bfs_dir: str
+    capacity: str
+    server: str | None
+
+
+def _split(values: list[str] | None, default: tuple[str, ...]) -> list[str]:
+    """Return repeated and comma-separated option values as one list, in order, without duplicates."""
+    items = [v.strip() for value in (values or default) for v in value.split(",") if v.strip()]
+    return list(dict.fromkeys(items))
+
+
+def options(patterns: list[str] | None, transfers: list[str] | None, size: str, repeat: int,
+            json: str | None, plot: str | None, bfs_dir: str, capacity: str, server: str | None) -> Options:
+    """Check the command line's values and return them as :class:`Options` (raises :class:`ConfigError`)."""
+    pats = _split(patterns, PATTERNS)
+    for p in pats:
+        if p not in PATTERNS:
+            raise ConfigError(f"unknown pattern {p!r}; choose from {', '.join(PATTERNS)}.")
+    sizes = [parse_size(t, "transfer size") for t in _split(transfers, DEFAULT_TRANSFERS)]
+    per_rank = parse_size(size, "--size")
+    if min(sizes) <= 0:
+        raise ConfigError("a transfer size must be at least 1 byte; give e.g. --transfer 4k.")
+    if per_rank < max(sizes):
+        raise ConfigError(
+            f"--size {size} is smaller than the largest transfer size ({max(sizes)} bytes); "
+            "give a --size of at least one transfer."
+        )
+    if repeat < 1:
+        raise ConfigError(f"--repeat must be at least 1 (got {repeat}).")
+    if not os.path.isdir(bfs_dir):
+        raise ConfigError(f"--bfs-dir {bfs_dir} is not a directory; give an existing directory on the BFS.")
+    parse_size(capacity, "--capacity")
+    for option, path in (("--json", json), ("--plot", plot)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise ConfigError(f"{option} {path}: its directory does not exist; create it or give another path.")
+    if plot:
+        try:
+            import matplotlib  # noqa: F401 - only checking that --plot can work
+        except ImportError:
+            raise ConfigError("--plot needs matplotlib; install it with 'pip install mpiburst[bench]'.") from None
+    return Options(pats, sizes, per_rank, repeat, json, plot, os.path.abspath(bfs_dir), capacity, server)
+
+
+def check_capacity(opts: Options, nranks: int) -> None:
+    """Raise :class:`ConfigError` if the tier cannot hold one configuration's payload of ``nranks`` ranks."""
+    largest = opts.size * nranks
+    if largest * CAPACITY_HEADROOM > parse_size(opts.capacity):
+        raise ConfigError(
+            f"--capacity {opts.capacity} cannot hold {nranks} ranks x {format_size(opts.size)} with room to spare; "
+            f"give --capacity {-(-2 * largest // (1 << 30))}G or a smaller --size."
+        )
+
+
+def _filesystem(path: str) -> str:
+    """Return the type and device of the filesystem holding ``path`` (from /proc/mounts)."""
+    best = ("", "unknown", "unknown")
+    try:
+        with open("/proc/mounts", encoding="utf-8") as f:
+            for line in f:
+                dev, mnt, fstype = line.split()[:3]
+                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
+                    best = (mnt, fstype, dev)
+    except OSError:
+        pass
+    return f"{best[1]} on {best[2]} (mounted at {best[0] or '?'})"
+
+
+def machine(opts: Options, admin: Any) -> dict[str, Any]:
+    """Describe the machine, software and filesystem the figures come from."""
+    import mpi4py
+    import numpy
+    from mpi4py import MPI
+
+    cpu = "unknown"
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info = admin.info("server")
+    return {
+        "host": socket.gethostname(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory": format_size(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "mpi4py": mpi4py.__version__,
+        "mpi": MPI.Get_library_version().splitlines()[0].strip(),
+        "server": f"{info.get('server_name', 'redis')} {info.get('valkey_version', info.get('redis_version'))}",
+        "bfs": _filesystem(opts.bfs_dir),
+    }
+
+
+def _run_config(comm: Any, tier: Any, admin: Any, client: Any, layout: Layout, repeat: int,
+                scratch: str) -> dict[str, Any]:
+    """Measure every method on ``layout`` ``repeat`` times; return the raw dict :mod:`.report` expects."""
+    data = rank_data(layout)
+    recs = records(layout, data)
+    values = [bytes(buf) for _, buf in recs]  # a plain client sends bytes; built before timing
+    keys = [f"bench-raw:{layout.rank}:{i}".encode() for i in range(layout.count)]
+    stem = f"{layout.pattern}-{layout.transfer}"
+    direct = {kind: os.path.join(scratch, "direct", layout.file_name(f"{stem}-{kind}"))
+              for kind in ("independent", "collective")}
+    raw_file = os.path.join(scratch, "raw", f"{layout.rank}.dat")
+
+    seconds: dict[str, list[float]] = {key: [] for key, _, _ in report.METHODS}
+    verified: dict[str, bool] = {}
+    samples: list[burst.BurstSample] = []
+    for i in range(repeat):
+        check = i == 0
+        seconds["memcpy"].append(baselines.memcpy(comm, data))
+        seconds["tier_ingest"].append(baselines.tier_ingest(comm, client, keys, values))
+        s, verified["tier_readout"] = baselines.tier_readout(comm, client, keys, values, check)
+        seconds["tier_readout"].append(s)
+        baselines.tier_clear(client, keys)
+        s, ok = baselines.bfs_write(comm, raw_file, data, check)
+        seconds["bfs_write"].append(s)
+        verified["bfs_write"] = verified.get("bfs_write", True) and ok
+        for kind, path in direct.items():
+            s, ok = baselines.mpiio_write(comm, layout, path, recs, kind == "collective", check)
+            seconds[f"mpiio_{kind}"].append(s)
+            verified[f"mpiio_{kind}"] = verified.get(f"mpiio_{kind}", True) and ok
+        sample = burst.measure(comm, tier, admin, layout, recs, stem, check)
+        samples.append(sample)
+        seconds["mpiburst_write"].append(sample.write)
+        seconds["mpiburst_flush"].append(sample.flush)
+        seconds["mpiburst_end_to_end"].append(sample.write + sample.flush)
+    for key in ("mpiburst_write", "mpiburst_flush", "mpiburst_end_to_end"):
+        verified[key] = all(s.ok for s in samples)
+    return {
+        "pattern": layout.pattern,
+        "transfer": layout.transfer,
+        "ranks": layout.nranks,
+        "bytes_per_rank": layout.rank_bytes,
+        "total_bytes": layout.total_bytes,
+        "seconds": seconds,
+        "verified": verified,
+        "mpiburst": {
+            "flush_bytes": [s.flush_bytes for s in samples],
+            "flush_writes": [s.flush_writes for s in samples],
+            "write_sizes": samples[0].write_sizes,  # the same plan on every repeat
+            "client_peak": [s.client_peak for s in samples],
+            "server_bytes": [s.server_bytes for s in samples],
+        },
+    }
+
+
+def _scratch(comm: Any, bfs_dir: str) -> tuple[str, str]:
+    """Make the run's scratch directories on rank 0 and return (data dir on the BFS, tier run dir) on every rank.
+
+    The tier's run dir (conf, log, unix socket) goes to the local temporary
+    directory: a socket path must stay under 108 bytes, and the tier hands its
+    conf to the other ranks itself.
+    """
+    paths = None
+    if comm.rank == 0:
+        data = tempfile.mkdtemp(prefix="mpiburst-bench-", dir=bfs_dir)
+        for sub in ("bfs/bench", "direct", "raw"):
+            os.makedirs(os.path.join(data, sub), mode=0o700)
+        paths = (data, tempfile.mkdtemp(prefix="mpiburst-bench-run-"))
+    return comm.bcast(paths, root=0)
+
+
+def run(opts: Options) -> int:
+    """Run the benchmark on ``MPI.COMM_WORLD``; rank 0 prints the table and writes JSON and plot.
+
+    Returns 0, or 1 when some method wrote or read wrong bytes (the figures are
+    still printed, marked with ``!``). Collective: every rank must call it,
+    after :func:`check_capacity` passed.
+    """
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    params = {
+        "ranks": comm.size,
+        "size": format_size(opts.size),
+        "size_bytes": opts.size,
+        "repeat": opts.repeat,
+        "patterns": opts.patterns,
+        "transfers": opts.transfers,
+        "capacity": opts.capacity,
+        "write_buffer": buffer_size(),
+        "command": shlex.join(["mpiexec", "-n", str(comm.size), "mpiburst", *sys.argv[1:]]),
+    }
+    scratch, rundir = _scratch(comm, opts.bfs_dir)
+    results = []
+    try:
+        with burst.start_tier(comm, os.path.join(scratch, "bfs"), opts.capacity, rundir, opts.server) as tier:
+            admin = tier.admin() if comm.rank == 0 else None
+            client = connect_redis(tier.conf)  # the raw baselines' own plain connection
+            for pattern in opts.patterns:
+                for transfer in opts.transfers:
+                    layout = Layout(pattern, transfer, opts.size, comm.size, comm.rank)
+                    raw = _run_config(comm, tier, admin, client, layout, opts.repeat, scratch)
+                    if comm.rank == 0:
+                        results.append(report.summarize(raw))
+                        print(f"done: {pattern} {report.short_size(transfer)}", file=sys.stderr, flush=True)
+            if comm.rank == 0:
+                about = machine(opts, admin)
+                params["server"] = about["server"]
+            client.close()
+    finally:
+        if comm.rank == 0:
+            shutil.rmtree(scratch, ignore_errors=True)
+            shutil.rmtree(rundir, ignore_errors=True)
+    status = 0
+    if comm.rank == 0:
+        print(report.table(results, params))
+        if opts.json:
+            report.write_json(opts.json, results, params, about)
+        if opts.plot:
+            report.plot(opts.plot, results, params)
+        bad = [f"{r['pattern']} {report.short_size(r['transfer'])} {k}"
+               for r in results for k, m in r["methods"].items() if not m["verified"]]
+        if bad:
+            print(f"mpiburst bench: wrong output from: {', '.join(bad)}; these figures are worthless.", file=sys.stderr)
+            status = 1
+    return comm.bcast(status, root=0)

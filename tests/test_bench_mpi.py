@@ -1,0 +1,70 @@
+"""The benchmark keeps working: a tiny ``mpiburst bench`` run on 2 real ranks with a real server.
+
+Checks the shape of what it produces (every pattern, transfer size and method,
+positive bandwidths, verified output, a PNG), never the figures themselves:
+timings on a shared 2-core machine prove nothing.
+
+Run with ``mpiexec -n 2 python -m mpi4py -m pytest --with-mpi tests/test_bench_mpi.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from mpiburst.bench.report import METHODS
+from mpiburst.cli import main
+
+PATTERNS = ["segmented", "strided", "nn"]
+TRANSFERS = [4096, 47008, 65536]
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(240)
+def test_tiny_bench_run_has_every_method_and_pattern(mpi_tmp_path, server_binary, capsys):
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    out_json = mpi_tmp_path / "bench.json"
+    out_png = mpi_tmp_path / "bench.png"
+    status = main(["bench", "--pattern", "segmented,strided", "--pattern", "nn", "--transfer", "4k,47008",
+                   "--transfer", "64k", "--size", "256k", "--repeat", "2", "--bfs-dir", str(mpi_tmp_path),
+                   "--server", server_binary, "--json", str(out_json), "--plot", str(out_png)])
+    assert status == 0
+    comm.Barrier()
+    if comm.rank != 0:
+        return
+
+    table = capsys.readouterr().out
+    assert "abs/ing" in table and "targets:" in table
+    doc = json.loads(out_json.read_text())
+    assert doc["params"]["ranks"] == comm.size
+    assert doc["params"]["repeat"] == 2
+    assert doc["machine"]["cores"] >= 1
+    got = {(r["pattern"], r["transfer"]) for r in doc["results"]}
+    assert got == {(p, t) for p in PATTERNS for t in TRANSFERS}
+    for r in doc["results"]:
+        assert r["total_bytes"] == r["bytes_per_rank"] * comm.size > 0
+        assert set(r["methods"]) == {key for key, _, _ in METHODS}
+        for key, m in r["methods"].items():
+            assert m["verified"] is True, (r["pattern"], r["transfer"], key)
+            g = m["gbps"]
+            assert 0 < g["min"] <= g["median"] <= g["max"] < math.inf, (r["pattern"], r["transfer"], key)
+        for name, value in r["ratios"].items():
+            assert 0 < value < math.inf, (r["pattern"], r["transfer"], name)
+        burst = r["mpiburst"]
+        assert burst["flush_writes"]["median"] >= 1
+        assert burst["flush_bytes"]["min"] == burst["flush_bytes"]["max"] == r["total_bytes"]
+        assert burst["flush_writes"]["min"] <= sum(burst["flush_write_sizes"].values()) <= burst["flush_writes"]["max"]
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(mpi_tmp_path.glob("mpiburst-bench-*")), "the scratch directory was left behind"
+
+
+@pytest.mark.timeout(60)
+def test_bench_rejects_size_below_transfer(cli):
+    result = cli("bench", "--size", "4k", "--transfer", "1m")
+    assert result.returncode == 2
+    assert "smaller than the largest transfer size" in result.stderr
+    assert "Traceback" not in result.stderr
