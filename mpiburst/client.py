@@ -23,6 +23,8 @@ from .store import MAX_BLOB, MAX_EXTENT, FileMeta, Store
 DEFAULT_BUFFER = 4 << 20
 #: How often a full tier is answered by flushing and freeing before giving up.
 _ROOM_TRIES = 3
+#: How often a read is retried when a purge freed its data while it ran.
+_READ_TRIES = 5
 
 
 def buffer_size(hint: str | int | None = None) -> int:
@@ -192,19 +194,23 @@ class TierFile:
     def read(self, offset: int, out: memoryview) -> int:
         """Fill ``out`` from file offset ``offset``; return the bytes read (short at end of file)."""
         self.push()
-        meta = self.meta()
-        if meta is None:
-            return 0
-        hi = min(offset + len(out), meta.size)
-        if hi <= offset:
-            return 0
-        n = hi - offset
-        extents = [_clip(e, offset, hi) for e in self.store.extents(self.path, offset, hi)]
-        window = out[:n]
-        _, holes = paint(offset, hi, extents, self.store.fetch(self.path, extents), out=window)
-        if holes:
-            self._fill_from_bfs(meta, offset, window, holes)
-        return n
+        for _ in range(_READ_TRIES):
+            meta, found = self.store.window(self.path, offset, offset + len(out))
+            if meta is None:
+                return 0
+            hi = min(offset + len(out), meta.size)
+            if hi <= offset:
+                return 0
+            extents = [_clip(e, offset, hi) for e in found if e.start < hi]
+            payloads = self.store.fetch(self.path, extents)
+            if any(len(p) != e.length for p, e in zip(payloads, extents)):
+                continue  # a purge freed a blob under us: its bytes are on the BFS now, look again
+            window = out[:hi - offset]
+            _, holes = paint(offset, hi, extents, payloads, out=window)
+            if holes:
+                self._fill_from_bfs(meta, offset, window, holes)
+            return hi - offset
+        raise ServerError(f"reading {self.path} kept racing with purges of its data; try again.")
 
     def _fill_from_bfs(self, meta: FileMeta, lo: int, window: memoryview, holes) -> None:
         """Fill the ``holes`` of ``window`` (which starts at ``lo``) with BFS bytes, zeros past them."""

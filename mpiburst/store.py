@@ -338,6 +338,18 @@ class Store:
                 out.append(e)
         return out
 
+    def window(self, path: str, lo: int, hi: int) -> tuple[FileMeta | None, list[Extent]]:
+        """Return the file's record and the extents overlapping ``[lo, hi)``, in one round trip."""
+        fid = file_id(path)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(self.key(fid, "m"))
+        pipe.zrangebyscore(self.key(fid, "x"), f"({lo - MAX_EXTENT}", f"({hi}", withscores=True)
+        raw_meta, raw = pipe.execute()
+        if not raw_meta:
+            return None, []
+        extents = [e for e in (_extent(m, int(sc)) for m, sc in raw) if e.end > lo]
+        return _meta_from(raw_meta), extents
+
     def all_extents(self, path: str, batch: int = 10000) -> Iterator[Extent]:
         """Yield every extent of ``path`` in offset order, ``batch`` at a time."""
         key = self.key(file_id(path), "x")
