@@ -237,6 +237,33 @@ class TierFile:
         self.store.set_size(self.path, size)
 
 
+def register(tier, path: str, create: bool, exclusive: bool) -> str | None:
+    """Make sure the tier knows ``path`` before it is opened; no MPI involved.
+
+    Returns
+    -------
+    str or None
+        ``"exists"`` for an exclusive create of a file that exists (in the
+        tier or on the BFS), ``"missing"`` when there is no such file and
+        ``create`` is false, else None (the file is registered; its logical
+        size starts at the BFS file's size).
+    """
+    store = store_of(tier)
+    meta = store.meta(path)
+    try:
+        bfs_size: int | None = os.stat(path).st_size
+    except FileNotFoundError:
+        bfs_size = None
+    exists = meta is not None or bfs_size is not None
+    if exists and create and exclusive:
+        return "exists"
+    if not exists and not create:
+        return "missing"
+    if meta is None:
+        store.create(path, bfs_size)
+    return None
+
+
 def _clip(e: Extent, lo: int, hi: int) -> Extent:
     """Return the part of extent ``e`` inside ``[lo, hi)``."""
     a, b = max(lo, e.start), min(hi, e.end)

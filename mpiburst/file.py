@@ -15,7 +15,7 @@ from typing import Any
 from mpi4py import MPI
 from mpi4py.util import dtlib
 
-from .client import TierFile, buffer_size, store_of
+from .client import TierFile, buffer_size, register, store_of
 from .errors import MpiburstError
 from .paths import is_burst, resolve
 from .tier import Tier
@@ -474,20 +474,8 @@ def _check_amode(amode: int) -> int | None:
 
 def _open_on_rank0(tier: Tier, path: str, amode: int) -> int | None:
     """Check existence and register the file in the tier; return an MPI error class or None."""
-    store = store_of(tier)
-    meta = store.meta(path)
-    try:
-        bfs_size: int | None = os.stat(path).st_size
-    except FileNotFoundError:
-        bfs_size = None
-    exists = meta is not None or bfs_size is not None
-    if exists and amode & MPI.MODE_CREATE and amode & MPI.MODE_EXCL:
-        return MPI.ERR_FILE_EXISTS
-    if not exists and not amode & MPI.MODE_CREATE:
-        return MPI.ERR_NO_SUCH_FILE
-    if meta is None:
-        store.create(path, bfs_size)
-    return None
+    outcome = register(tier, path, bool(amode & MPI.MODE_CREATE), bool(amode & MPI.MODE_EXCL))
+    return {"exists": MPI.ERR_FILE_EXISTS, "missing": MPI.ERR_NO_SUCH_FILE}.get(outcome)
 
 
 def _delete(tier: Tier, path: str) -> None:
