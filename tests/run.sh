@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Run the whole test suite: the README's second command and what .ci/run calls.
+#
+#   bash tests/run.sh [extra pytest args for the serial part]
+#
+# 1. bootstraps / reuses the venv (scripts/bootstrap-venv.sh);
+# 2. runs every test file except those named *_mpi*.py in one process;
+# 3. runs every tests/*_mpi*.py under `mpiexec -n 2` and `mpiexec -n 4` with
+#    `python -m mpi4py -m pytest --with-mpi -x` (a failing rank aborts the job),
+#    per-test timeouts, and an outer `timeout`.
+# The server engine is $MPIBURST_SERVER if set, else the normal discovery order.
+# Exits non-zero on the first failing part.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+python=$("$repo/scripts/bootstrap-venv.sh")
+bin=$(dirname "$python")
+mpiexec=${MPIEXEC:-$bin/mpiexec}
+[[ -x $mpiexec ]] || mpiexec=$(command -v mpiexec)
+cd "$repo"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+export PATH="$bin:$PATH"
+
+engine=$("$python" -c 'from mpiburst.server import find_server; print(find_server())')
+echo "tests/run.sh: server engine $engine ($("$engine" --version | head -1))"
+
+echo "tests/run.sh: serial tests"
+timeout "${MPIBURST_SERIAL_TIMEOUT:-3600}" "$python" -m pytest -x -q --timeout=300 -m "not mpi" \
+    --ignore-glob='*_mpi*' tests "$@"
+
+shopt -s nullglob
+mpi_files=(tests/*_mpi*.py)
+for n in 2 4; do
+    [[ ${#mpi_files[@]} -gt 0 ]] || break
+    echo "tests/run.sh: MPI tests with $n ranks: ${mpi_files[*]}"
+    timeout "${MPIBURST_MPI_TIMEOUT:-1800}" "$mpiexec" -n "$n" "$python" -m mpi4py -m pytest --with-mpi -x -q \
+        --timeout=300 --timeout-method=thread "${mpi_files[@]}"
+done
+echo "tests/run.sh: all passed"
