@@ -16,7 +16,7 @@ import redis
 from .errors import ServerError, TierFullError
 from .overlay import Extent, paint
 from .sizes import parse_size
-from .store import MAX_BLOB, MAX_EXTENT, FileMeta, Store
+from .store import MAX_BLOB, MAX_EXTENT, FileMeta, RecordGone, Store
 
 #: Default size of a handle's write-back buffer (``MPIBURST_WR_BUFFER`` overrides); 4 MiB
 #: measured best here between 1 and 8 MiB (see docs/benchmarks.md).
@@ -151,7 +151,7 @@ class TierFile:
         self._inflight = None
         try:
             self.store.finish_commit(self._conn, tmp)
-        except TierFullError:
+        except (TierFullError, RecordGone):
             self._commit(payload, extents)
         except redis.ConnectionError as exc:
             raise _lost(exc) from None
@@ -162,6 +162,8 @@ class TierFile:
             try:
                 self.store.commit(self.path, self.channel, payload, extents)
                 return
+            except RecordGone:
+                register(self.tier, self.path, create=True, exclusive=False)
             except TierFullError:
                 if attempt == _ROOM_TRIES or not _make_room(self.tier):
                     raise TierFullError(
@@ -182,8 +184,8 @@ class TierFile:
 
     # -- reads --------------------------------------------------------------
     def meta(self) -> FileMeta | None:
-        """Return the tier's record of the file (None if it was deleted)."""
-        return self.store.meta(self.path)
+        """Return the tier's record of the file; without one (purged), what the BFS file says."""
+        return self.store.meta(self.path) or _bfs_meta(self.path)
 
     def size(self) -> int:
         """Return the file's logical size, including this process's buffered writes."""
@@ -196,6 +198,7 @@ class TierFile:
         self.push()
         for _ in range(_READ_TRIES):
             meta, found = self.store.window(self.path, offset, offset + len(out))
+            meta = meta or _bfs_meta(self.path)
             if meta is None:
                 return 0
             hi = min(offset + len(out), meta.size)
@@ -262,6 +265,15 @@ def register(tier, path: str, create: bool, exclusive: bool) -> str | None:
     if meta is None:
         store.create(path, bfs_size)
     return None
+
+
+def _bfs_meta(path: str) -> FileMeta | None:
+    """Describe a file the tier holds nothing of: its BFS copy is all there is (None if none)."""
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        return None
+    return FileMeta(path=path, size=size, seq=0, clean=0, pending=0, trunc=None, pinned=False, bfs=True)
 
 
 def _clip(e: Extent, lo: int, hi: int) -> Extent:

@@ -49,6 +49,7 @@ MAX_BLOB = 64 << 20
 _ZADD_CHUNK = 1000
 
 _COMMIT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('NOFILE the file has no record in the tier') end
 local n = tonumber(ARGV[2])
 local base, last, blob
 if ARGV[6] == '1' then
@@ -127,6 +128,10 @@ if redis.call('GET', KEYS[2]) == ARGV[1] then
 end
 return 0
 """
+
+
+class RecordGone(Exception):
+    """A commit found no record of its file (purged or deleted meanwhile); register it and retry."""
 
 
 def file_id(path: str) -> str:
@@ -317,6 +322,8 @@ class Store:
         if not errors:
             return int(replies[1])
         self.r.unlink(tmp)
+        if any(str(e).startswith("NOFILE") for e in errors):
+            raise RecordGone(tmp)
         if any("OOM" in str(e) for e in errors):
             raise TierFullError(
                 "the tier is full (the server reached its memory limit); "
