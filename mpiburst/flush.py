@@ -1,0 +1,499 @@
+"""The flush engine: turn a file's fragments in the tier into large aligned writes on the BFS.
+
+A flush of one file (:func:`sync`) works on a *snapshot*: the file's sequence
+number ``S`` when the flush starts. Writes that arrive later stay dirty for the
+next flush. The file ``[0, size)`` is cut into ``align``-sized stripes; each
+flusher (one process, or each rank of a communicator, as ROMIO's aggregators
+take file domains) takes a contiguous run of stripes and, per stripe:
+
+1. lists the extents overlapping it with ``seq <= S``; a stripe with nothing
+   newer than the clean watermark is skipped (its BFS bytes are already right);
+2. fetches their bytes and paints them in sequence order (newest wins);
+3. fills the bytes no extent covers from the existing BFS file (read only those
+   gaps, only below the BFS size after any pending truncation), else zeros;
+4. writes the whole stripe with one ``pwrite`` at its aligned offset.
+
+So the BFS sees about ``bytes / align`` write calls, whatever the number of
+fragments, and a flusher holds only one stripe (plus the fragments touching it)
+in memory.
+
+Durability: a file that already exists on the BFS is updated in place (after
+applying a pending ``Set_size`` truncation); a new file is written aside as
+``.<name>.mpiburst-<token>``, fsync'd and renamed, and the directory fsync'd,
+so a half-written new file never appears under its final name. Only after
+every flusher's bytes are fsync'd is the snapshot marked clean
+(:meth:`~mpiburst.store.Store.mark_clean`, which checks the flush still holds
+the file's lease). Any failure releases the lease, leaves the data dirty and
+raises :class:`~mpiburst.errors.FlushError`; a later sync completes the job.
+
+Non-blocking syncs (``block=False``) are queued on :data:`QUEUE` for the
+automatic engine (:mod:`mpiburst.engine`).
+"""
+
+from __future__ import annotations
+
+import errno
+import glob
+import hashlib
+import json
+import os
+import threading
+import time
+import zlib
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import redis
+
+from .errors import FlushError, MpiburstError, PathError
+from .overlay import Extent, paint
+from .paths import resolve
+from .store import Store
+
+#: Redis list of queued requests (JSON objects ``{"op", "path", ...}``) for the engine.
+QUEUE = "mpb:queue"
+#: Lifetime of a flush lease; every flusher renews it after each stripe.
+LEASE_SECONDS = 30.0
+#: How long a blocking sync waits for another flusher of the same file to finish.
+LEASE_WAIT = 120.0
+#: Called as ``observer(path, offset, length)`` for every write call made on the BFS
+#: (after it succeeded); tests and benchmarks use it to count and check writes.
+write_observers: list[Callable[[str, int, int], None]] = []
+
+
+@dataclass
+class FlushReport:
+    """What one flush of one file did.
+
+    Attributes
+    ----------
+    path : str
+        The BFS path of the file.
+    size : int
+        Its size on the BFS after the flush.
+    bytes : int
+        Bytes written to the BFS by this flush (every flusher together).
+    writes : int
+        Write calls made on the BFS.
+    write_sizes : dict
+        ``{write size: count}``; all sizes are ``align`` except the last stripe's.
+    seconds : float
+        Wall time of the flush.
+    checksum : str or None
+        SHA-256 (hex) of the whole BFS file after the flush, when verified.
+    upto : int
+        The snapshot: every write with a sequence number up to this is now clean.
+    """
+
+    path: str
+    size: int = 0
+    bytes: int = 0
+    writes: int = 0
+    write_sizes: dict[int, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    checksum: str | None = None
+    upto: int = 0
+
+
+@dataclass
+class _Plan:
+    """The snapshot and target of one flush, decided by rank 0 and shared with every flusher."""
+
+    target: str
+    work: str          # the file written: ``target`` (in place) or a temporary name beside it
+    token: str
+    upto: int
+    clean: int
+    size: int
+    trunc: int | None
+    align: int
+    base: int          # BFS bytes that may fill gaps (0 for a new file)
+    new: bool
+
+
+class _Tally:
+    """Write calls and bytes of one flusher (thread-safe: workers share it)."""
+
+    def __init__(self, progress: Callable[[int], None] | None = None) -> None:
+        self.bytes = 0
+        self.sizes: Counter[int] = Counter()
+        self.crcs: list[tuple[int, int, int]] = []   # (offset, length, crc32) of written stripes
+        self._lock = threading.Lock()
+        self._progress = progress
+
+    def add(self, offset: int, data: memoryview) -> None:
+        with self._lock:
+            self.bytes += len(data)
+            self.sizes[len(data)] += 1
+            self.crcs.append((offset, len(data), zlib.crc32(data)))
+            total = self.bytes
+        if self._progress is not None:
+            self._progress(total)
+
+
+class _Solo:
+    """The part of an mpi4py communicator a flush uses, for a single process."""
+
+    @staticmethod
+    def Get_rank() -> int:
+        return 0
+
+    @staticmethod
+    def Get_size() -> int:
+        return 1
+
+    @staticmethod
+    def bcast(obj: Any, root: int = 0) -> Any:
+        return obj
+
+    @staticmethod
+    def allgather(obj: Any) -> list:
+        return [obj]
+
+
+class _LeaseLost(Exception):
+    """The flush lease expired or was released by a failing flusher."""
+
+
+_LEASE_LOST = "the flush lease was lost (another flusher failed, or this one stalled past the lease)"
+
+
+# ----------------------------------------------------------------------------- public API
+
+def sync(path: str | os.PathLike, *, tier: Any = None, comm: Any = None, block: bool = True,
+         verify: bool = False, workers: int = 1,
+         progress: Callable[[int], None] | None = None) -> FlushReport | None:
+    """Write the dirty data of one file from the tier to the BFS.
+
+    Parameters
+    ----------
+    path
+        A BFS path inside the run's root, or a ``burst://`` URL.
+    tier
+        The run's :class:`~mpiburst.tier.Tier`; default :meth:`Tier.current`.
+    comm
+        An mpi4py communicator: the call is collective, each rank writes a
+        contiguous run of stripes. ``None``: this process writes them all.
+    block
+        False: queue the request for the automatic engine and return None.
+    verify
+        Read back every written stripe and compare it with what was written,
+        check the final size, and return the file's SHA-256 in the report.
+    workers
+        Threads per process writing disjoint runs of stripes.
+    progress
+        Called with this process's bytes written so far, after each write.
+
+    Returns
+    -------
+    FlushReport or None
+        The same report on every rank; None when ``block`` is False.
+
+    Raises
+    ------
+    FlushError
+        On any failure (full or failing BFS, permissions, lost server
+        connection, lost lease); on every rank. The data stays dirty.
+    PathError
+        If the path is outside the root or the tier does not hold the file.
+    """
+    from .tier import Tier
+
+    tier = tier or Tier.current()
+    target = resolve(path, tier.bfs_root)
+    if not block:
+        enqueue(tier, "sync", target)
+        return None
+    comm = comm if comm is not None else _Solo()
+    store = Store(tier.redis)
+    started = time.monotonic()
+
+    plan: _Plan | MpiburstError | None = None
+    if comm.Get_rank() == 0:
+        try:
+            plan = _prepare(store, target, tier.align)
+        except MpiburstError as exc:
+            plan = exc
+        except Exception as exc:  # e.g. the server is gone: every rank must hear it
+            plan = FlushError(f"sync of {target} failed: {_cause(exc)}; the data stays dirty in the tier, "
+                              f"fix the cause and run the sync again.")
+    plan = comm.bcast(plan, root=0)
+    if isinstance(plan, MpiburstError):
+        raise plan
+    assert isinstance(plan, _Plan)
+
+    nstripes = -(-plan.size // plan.align)
+    rank, nprocs = comm.Get_rank(), comm.Get_size()
+    first, last = rank * nstripes // nprocs, (rank + 1) * nstripes // nprocs
+    tally = _Tally(progress)
+    error: str | None = None
+    try:
+        _write_run(store, plan, first, last, tally, max(1, workers))
+        if verify:
+            _verify_stripes(plan.work, tally.crcs)
+    except Exception as exc:  # every cause becomes one line; the data stays dirty
+        error = _cause(exc)
+        _quiet(lambda: store.release(plan.target, plan.token))  # makes the other flushers stop soon
+    outcomes = comm.allgather((error, tally.bytes, dict(tally.sizes)))
+
+    result: FlushReport | str | None = None
+    if comm.Get_rank() == 0:
+        # The root cause first: the other flushers only saw the lease the failing one released.
+        failures = sorted((e for e, _, _ in outcomes if e), key=lambda e: e == _LEASE_LOST)
+        if failures:
+            _abort(store, plan)
+            result = failures[0]
+        else:
+            try:
+                result = _finish(store, plan, verify)
+            except Exception as exc:
+                _abort(store, plan)
+                result = _cause(exc)
+    result = comm.bcast(result, root=0)
+    if isinstance(result, str):
+        raise FlushError(f"sync of {target} failed: {result}; the data stays dirty in the tier, "
+                         f"fix the cause and run the sync again.")
+    assert isinstance(result, FlushReport)
+    sizes: Counter[int] = Counter()
+    for _, _, s in outcomes:
+        sizes.update(s)
+    result.bytes = sum(b for _, b, _ in outcomes)
+    result.writes = sum(sizes.values())
+    result.write_sizes = dict(sorted(sizes.items()))
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def enqueue(tier: Any, op: str, path: str, **fields: Any) -> None:
+    """Queue a request (``op`` = ``"sync"`` or ``"prestage"``) on :data:`QUEUE` for the engine."""
+    tier.redis.rpush(QUEUE, json.dumps(dict(op=op, path=path, time=time.time(), **fields)))
+
+
+def assemble(store: Store, path: str, lo: int, hi: int, upto: int | None, fd: int | None, limit: int,
+             out: memoryview, extents: list[Extent] | None = None) -> list[Extent]:
+    """Fill ``out`` with the logical bytes of ``[lo, hi)`` of ``path``: tier extents over BFS bytes.
+
+    Extents with ``seq <= upto`` (all with None) are painted newest-last;
+    the rest comes from ``fd`` (the BFS file) below ``limit``, else zeros.
+    The same assembly serves flushes and ``mpiburst cat``.
+
+    Parameters
+    ----------
+    extents
+        The extents overlapping the range if the caller listed them already.
+
+    Returns
+    -------
+    list of Extent
+        The extents that were painted.
+
+    Raises
+    ------
+    FlushError
+        If an extent's bytes vanished from the tier meanwhile (a purge).
+    """
+    if extents is None:
+        extents = store.extents(path, lo, hi, upto=upto)
+    payloads = store.fetch(path, extents)
+    for e, data in zip(extents, payloads):
+        if len(data) != e.length:
+            raise FlushError(f"the tier's bytes of {path} at offset {e.start} vanished during the operation "
+                             f"(purged meanwhile?); run it again.")
+    _, holes = paint(lo, hi, extents, payloads, out=out)
+    for a, b in holes:
+        out[a - lo:b - lo] = bytes(b - a)
+        end = min(b, limit)
+        if fd is not None and a < end:
+            _pread_into(fd, out[a - lo:end - lo], a)
+    return extents
+
+
+# ----------------------------------------------------------------------------- the steps
+
+def _prepare(store: Store, target: str, align: int) -> _Plan:
+    """Take the lease, snapshot the file, and make the file to write (rank 0 only)."""
+    if store.meta(target) is None:
+        raise PathError(f"{target} is not in the tier; there is nothing to sync.")
+    token = _take_lease(store, target)
+    try:
+        snap = store.begin(target)
+        directory, name = os.path.split(target)
+        os.makedirs(directory, exist_ok=True)
+        if os.path.exists(target):
+            fd = os.open(target, os.O_RDWR)
+            try:
+                base = os.fstat(fd).st_size
+                if snap.trunc is not None and snap.trunc < base:
+                    os.ftruncate(fd, snap.trunc)
+                    base = snap.trunc
+            finally:
+                os.close(fd)
+            work, new = target, False
+        else:
+            for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.mpiburst-*")):
+                _quiet(lambda: os.unlink(stale))  # left by a killed flusher whose lease expired
+            work, new, base = os.path.join(directory, f".{name}.mpiburst-{token}"), True, 0
+            os.close(os.open(work, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+    except Exception as exc:
+        _quiet(lambda: store.release(target, token))
+        raise FlushError(f"sync of {target} failed: {_cause(exc)}; the data stays dirty in the tier, "
+                         f"fix the cause and run the sync again.") from None
+    return _Plan(target=target, work=work, token=token, upto=snap.seq, clean=snap.clean, size=snap.size,
+                 trunc=snap.trunc, align=align, base=base, new=new)
+
+
+def _take_lease(store: Store, target: str) -> str:
+    """Return the file's flush lease, waiting up to :data:`LEASE_WAIT` for another flusher."""
+    deadline = time.monotonic() + LEASE_WAIT
+    while True:
+        token = store.lease(target, LEASE_SECONDS)
+        if token is not None:
+            return token
+        if time.monotonic() > deadline:
+            raise FlushError(f"another flush of {target} has held it for over {LEASE_WAIT:.0f} s; "
+                             "wait for it to finish and try again.")
+        time.sleep(0.05)
+
+
+def _write_run(store: Store, plan: _Plan, first: int, last: int, tally: _Tally, workers: int) -> None:
+    """Write stripes ``[first, last)``, split among ``workers`` threads, then fsync."""
+    if first >= last:
+        return
+    if workers == 1 or last - first < 2:
+        _write_stripes(store, plan, first, last, tally)
+        return
+    n = min(workers, last - first)
+    bounds = [first + k * (last - first) // n for k in range(n + 1)]
+    with ThreadPoolExecutor(n) as pool:
+        for f in [pool.submit(_write_stripes, store, plan, a, b, tally) for a, b in zip(bounds, bounds[1:])]:
+            f.result()
+
+
+def _write_stripes(store: Store, plan: _Plan, first: int, last: int, tally: _Tally) -> None:
+    """Assemble and write each stripe of ``[first, last)`` that holds dirty data, then fsync."""
+    buf = memoryview(bytearray(plan.align))
+    fd = os.open(plan.work, os.O_RDWR)
+    try:
+        for k in range(first, last):
+            lo = k * plan.align
+            hi = min(plan.size, lo + plan.align)
+            extents = store.extents(plan.target, lo, hi, upto=plan.upto)
+            if not (extents if plan.new else any(e.seq > plan.clean for e in extents)):
+                continue
+            view = buf[:hi - lo]
+            assemble(store, plan.target, lo, hi, plan.upto, fd, plan.base, view, extents)
+            _pwrite_all(fd, view, lo, plan.target, tally)
+            if not store.renew(plan.target, plan.token, LEASE_SECONDS):
+                raise _LeaseLost()
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int, path: str, tally: _Tally) -> None:
+    """Write ``data`` at ``offset`` (one call unless the OS writes short) and count the calls."""
+    done = 0
+    while done < len(data):
+        n = os.pwrite(fd, data[done:], offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, "the BFS accepted no bytes")
+        for observer in write_observers:
+            observer(path, offset + done, n)
+        done += n
+    tally.add(offset, data)
+
+
+def _pread_into(fd: int, out: memoryview, offset: int) -> None:
+    """Read ``len(out)`` bytes at ``offset`` into ``out``; past the end of file ``out`` keeps its zeros."""
+    done = 0
+    while done < len(out):
+        n = os.preadv(fd, [out[done:]], offset + done)
+        if n == 0:
+            return
+        done += n
+
+
+def _verify_stripes(work: str, crcs: list[tuple[int, int, int]]) -> None:
+    """Read back each written stripe and compare its CRC-32 with what was written."""
+    if not crcs:
+        return
+    buf = memoryview(bytearray(max(n for _, n, _ in crcs)))
+    fd = os.open(work, os.O_RDONLY)
+    try:
+        for offset, n, crc in crcs:
+            view = buf[:n]
+            view[:] = bytes(n)
+            _pread_into(fd, view, offset)
+            if zlib.crc32(view) != crc:
+                raise FlushError(f"verification found different bytes at offset {offset} than were written")
+    finally:
+        os.close(fd)
+
+
+def _finish(store: Store, plan: _Plan, verify: bool) -> FlushReport:
+    """Set the final size, fsync, publish a new file, verify, and mark the snapshot clean (rank 0)."""
+    fd = os.open(plan.work, os.O_RDWR)
+    try:
+        if os.fstat(fd).st_size != plan.size:
+            os.ftruncate(fd, plan.size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if plan.new:
+        os.rename(plan.work, plan.target)
+        dfd = os.open(os.path.dirname(plan.target), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    checksum = None
+    if verify:
+        actual = os.stat(plan.target).st_size
+        if actual != plan.size:
+            raise FlushError(f"verification found {actual} bytes on the BFS instead of {plan.size}")
+        checksum = file_sha256(plan.target, plan.align)
+    if not store.mark_clean(plan.target, plan.token, plan.upto, plan.trunc):
+        raise _LeaseLost()
+    return FlushReport(path=plan.target, size=plan.size, checksum=checksum, upto=plan.upto)
+
+
+def _abort(store: Store, plan: _Plan) -> None:
+    """Undo what a failed flush can undo: remove its temporary file and give the lease back."""
+    if plan.new:
+        _quiet(lambda: os.unlink(plan.work))
+    _quiet(lambda: store.release(plan.target, plan.token))
+
+
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    """Return the SHA-256 (hex) of the file at ``path``, read ``chunk`` bytes at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _cause(exc: BaseException) -> str:
+    """Return the cause of a flush failure as a short phrase."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror or os.strerror(exc.errno)} [{errno.errorcode.get(exc.errno, exc.errno)}]{where}"
+    if isinstance(exc, redis.ConnectionError):
+        return "the connection to the tier's server was lost"
+    if isinstance(exc, redis.RedisError):
+        return f"the tier's server failed ({exc})"
+    if isinstance(exc, _LeaseLost):
+        return _LEASE_LOST
+    if isinstance(exc, MpiburstError):
+        return str(exc).rstrip(".")
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _quiet(action: Callable[[], Any]) -> None:
+    """Run a clean-up step whose failure must not hide the original error."""
+    try:
+        action()
+    except (OSError, redis.RedisError):
+        pass

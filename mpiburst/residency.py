@@ -1,0 +1,413 @@
+"""Data residency: which bytes of a file live in the tier, and moving them in and out.
+
+IME's controls over a write-back tier, on mpiburst's data model
+(:mod:`mpiburst.store`):
+
+* :func:`purge` drops a file's data from the tier (``clean_only``: only what
+  the BFS already holds); :func:`pin` / :func:`unpin` exempt a file from the
+  automatic engine; :func:`prestage` copies BFS bytes into the tier as clean
+  fragments (sequence number 0, so any write wins over them);
+* :func:`frag_stat` counts a file's bytes per state; :func:`ls`, :func:`stat`,
+  :func:`read` (``cat``) and :func:`rm` inspect and remove tier files;
+* :func:`auto_sync`, :func:`auto_purge` and :func:`make_room` are the
+  threshold actions shared by the engine (:mod:`mpiburst.engine`) and by the
+  driver when the tier is full.
+
+States of a fragment's bytes (:class:`FragStat`; disjoint, they add up to the
+bytes the tier's index holds): *dirty* (``seq > max(clean, pending)``: only in
+the tier), *pending* (``clean < seq <= pending``: a flush is writing them),
+*clean* (``seq <= clean``: the BFS holds the same bytes), each counting only
+bytes still visible, and *deletable*: bytes no read can see any more because
+newer writes cover them (freed when their whole blob is dropped).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+from . import flush
+from .errors import FlushError, MpiburstError, PathError
+from .overlay import gaps, visible
+from .paths import resolve
+from .store import MAX_EXTENT, FileMeta, Store, file_id
+
+#: Bytes of the BFS file read and committed per prestage batch.
+PRESTAGE_CHUNK = 8 << 20
+
+
+@dataclass
+class FragStat:
+    """Bytes of one file in the tier per residency state (see the module docstring)."""
+
+    dirty: int = 0
+    pending: int = 0
+    clean: int = 0
+    deletable: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """Return the counts as a plain dict (for JSON)."""
+        return asdict(self)
+
+
+def _tier(tier: Any) -> Any:
+    from .tier import Tier
+
+    return tier or Tier.current()
+
+
+def _known(store: Store, target: str) -> FileMeta:
+    """Return the record of ``target``, or raise PathError if the tier does not hold it."""
+    meta = store.meta(target)
+    if meta is None:
+        raise PathError(f"{target} is not in the tier; check the path (mpiburst ls lists the tier's files).")
+    return meta
+
+
+def _bfs_size(target: str) -> int | None:
+    try:
+        return os.stat(target).st_size
+    except FileNotFoundError:
+        return None
+
+
+# ----------------------------------------------------------------------------- residency controls
+
+def purge(path: str | os.PathLike, *, clean_only: bool = False, force: bool = False, tier: Any = None) -> int:
+    """Drop a file's data from the tier; return the bytes freed.
+
+    Parameters
+    ----------
+    clean_only
+        Drop only data the BFS holds (IME's ``-k``): dirty data stays.
+    force
+        Without ``clean_only``, also drop dirty data (it is lost).
+
+    Raises
+    ------
+    MpiburstError
+        If dirty data would be lost and ``force`` is not given.
+    PathError
+        If the tier does not hold the file.
+    """
+    tier = _tier(tier)
+    store = Store(tier.redis)
+    target = resolve(path, tier.bfs_root)
+    meta = _known(store, target)
+    if clean_only:
+        return store.drop_clean(target)
+    if meta.dirty and not force:
+        raise MpiburstError(f"{target} holds data not yet on the BFS; sync it first, purge with -k to keep it, "
+                            f"or purge with --force to lose it.")
+    freed = sum(b[3] for b in store.blobs(target))
+    store.drop(target)
+    return freed
+
+
+def pin(path: str | os.PathLike, *, tier: Any = None) -> None:
+    """Exempt a file from automatic sync and purge (a file only on the BFS is registered first)."""
+    _set_pinned(path, True, tier)
+
+
+def unpin(path: str | os.PathLike, *, tier: Any = None) -> None:
+    """Make a file subject to automatic sync and purge again."""
+    _set_pinned(path, False, tier)
+
+
+def _set_pinned(path: str | os.PathLike, pinned: bool, tier: Any) -> None:
+    tier = _tier(tier)
+    store = Store(tier.redis)
+    target = resolve(path, tier.bfs_root)
+    if store.meta(target) is None:
+        size = _bfs_size(target)
+        if size is None:
+            raise PathError(f"{target} is neither in the tier nor on the BFS; check the path.")
+        store.create(target, size)
+    store.set_pinned(target, pinned)
+
+
+def prestage(path: str | os.PathLike, *, keep: bool = False, block: bool = True, tier: Any = None) -> int | None:
+    """Copy a BFS file's bytes into the tier as clean fragments; return the bytes staged.
+
+    Bytes the tier holds newer data for are not copied (writes always win).
+    Without ``keep``, clean data already in the tier is dropped and read
+    afresh from the BFS; with ``keep`` (IME's ``-K``) it is kept and only
+    the rest is copied.
+
+    Parameters
+    ----------
+    block
+        False: queue the request for the engine and return None.
+
+    Raises
+    ------
+    PathError
+        If the BFS file does not exist.
+    TierFullError
+        If the tier has no room (what was staged before stays, clean).
+    """
+    tier = _tier(tier)
+    target = resolve(path, tier.bfs_root)
+    if not os.path.isfile(target):
+        raise PathError(f"{target} is not a file on the BFS; there is nothing to prestage.")
+    if not block:
+        flush.enqueue(tier, "prestage", target, keep=keep)
+        return None
+    store = Store(tier.redis)
+    size = os.path.getsize(target)
+    meta = store.create(target, size)
+    if not keep:
+        store.drop_clean(target)
+    limit = min(size, meta.size, meta.trunc if meta.trunc is not None else size)
+    staged = 0
+    with open(target, "rb", buffering=0) as f:
+        for lo in range(0, limit, PRESTAGE_CHUNK):
+            hi = min(limit, lo + PRESTAGE_CHUNK)
+            holes = gaps(lo, hi, store.extents(target, lo, hi))
+            payload = bytearray()
+            extents = []
+            for a, b in holes:
+                for s in range(a, b, MAX_EXTENT):
+                    n = min(MAX_EXTENT, b - s)
+                    data = os.pread(f.fileno(), n, s)
+                    if len(data) < n:  # the BFS file shrank meanwhile: stage what is there
+                        n = len(data)
+                    if n:
+                        extents.append((s, len(payload), n))
+                        payload += data[:n]
+            if extents:
+                store.commit(target, 0, payload, extents, staged=True)
+                staged += len(payload)
+    return staged
+
+
+# ----------------------------------------------------------------------------- inspection
+
+def frag_stat(path: str | os.PathLike, *, tier: Any = None) -> FragStat:
+    """Return the bytes of a file in the tier per state: dirty, pending, clean, deletable.
+
+    Raises
+    ------
+    PathError
+        If the tier does not hold the file.
+    """
+    tier = _tier(tier)
+    store = Store(tier.redis)
+    target = resolve(path, tier.bfs_root)
+    meta = _known(store, target)
+    return _frag_stat(store, meta)
+
+
+def _frag_stat(store: Store, meta: FileMeta) -> FragStat:
+    extents = list(store.all_extents(meta.path))
+    pending = meta.pending if meta.pending > meta.clean else 0
+    stat = FragStat()
+    for e, seen in zip(extents, visible(extents)):
+        stat.deletable += e.length - seen
+        if e.seq <= meta.clean:
+            stat.clean += seen
+        elif e.seq <= pending:
+            stat.pending += seen
+        else:
+            stat.dirty += seen
+    return stat
+
+
+def ls(path: str | os.PathLike | None = None, *, tier: Any = None) -> list[FileMeta]:
+    """Return the records of the tier's files, sorted by path: all, or those at or under ``path``."""
+    tier = _tier(tier)
+    store = Store(tier.redis)
+    paths = sorted(store.files())
+    if path is not None:
+        target = resolve(path, tier.bfs_root)
+        paths = [p for p in paths if p == target or p.startswith(target.rstrip("/") + "/")]
+    metas = (store.meta(p) for p in paths)
+    return [m for m in metas if m is not None]
+
+
+def stat(path: str | os.PathLike, *, tier: Any = None) -> dict[str, Any]:
+    """Return what the tier knows of a file: its record, its bytes per state, the BFS file's size.
+
+    Raises
+    ------
+    PathError
+        If the tier does not hold the file.
+    """
+    tier = _tier(tier)
+    store = Store(tier.redis)
+    target = resolve(path, tier.bfs_root)
+    meta = _known(store, target)
+    info = asdict(meta)
+    info.update(_frag_stat(store, meta).as_dict())
+    info["dirty_file"] = meta.dirty
+    info["bfs_size"] = _bfs_size(target)
+    info["lease"] = store.r.exists(store.key(file_id(target), "lock")) == 1
+    return info
+
+
+def read(path: str | os.PathLike, *, tier: Any = None, chunk: int | None = None) -> Iterator[bytes]:
+    """Yield the current bytes of a tier file (newest writes over the BFS copy), ``chunk`` at a time.
+
+    Raises
+    ------
+    PathError
+        If the tier does not hold the file.
+    """
+    tier = _tier(tier)
+    store = Store(tier.redis)
+    target = resolve(path, tier.bfs_root)
+    meta = _known(store, target)
+    chunk = chunk or tier.align
+    fd = os.open(target, os.O_RDONLY) if os.path.exists(target) else None
+    try:
+        limit = os.fstat(fd).st_size if fd is not None else 0
+        if meta.trunc is not None:
+            limit = min(limit, meta.trunc)
+        buf = memoryview(bytearray(chunk))
+        for lo in range(0, meta.size, chunk):
+            hi = min(meta.size, lo + chunk)
+            view = buf[:hi - lo]
+            flush.assemble(store, target, lo, hi, None, fd, limit, view)
+            yield bytes(view)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def rm(path: str | os.PathLike, *, tier: Any = None) -> None:
+    """Remove a file: its data in the tier and its BFS file.
+
+    Raises
+    ------
+    PathError
+        If neither the tier nor the BFS has the file.
+    MpiburstError
+        If a flush of the file is running.
+    """
+    tier = _tier(tier)
+    store = Store(tier.redis)
+    target = resolve(path, tier.bfs_root)
+    known = store.meta(target) is not None
+    on_bfs = os.path.lexists(target)
+    if not known and not on_bfs:
+        raise PathError(f"{target} is neither in the tier nor on the BFS; check the path.")
+    if on_bfs and os.path.isdir(target):
+        raise PathError(f"{target} is a directory; rm removes files only.")
+    if store.r.exists(store.key(file_id(target), "lock")):
+        raise MpiburstError(f"a flush of {target} is running; wait for it to end and try again.")
+    if known:
+        store.drop(target)
+    if on_bfs:
+        os.unlink(target)
+
+
+def expand(paths: Iterable[str | os.PathLike], *, recursive: bool, tier: Any = None,
+           source: str = "tier") -> list[str]:
+    """Return the BFS paths of the files named by ``paths``, directories expanded with ``recursive``.
+
+    Parameters
+    ----------
+    source
+        ``"tier"``: a directory stands for the tier's files under it;
+        ``"bfs"``: for the regular files under it on the BFS (prestage).
+
+    Raises
+    ------
+    PathError
+        If a directory is given without ``recursive``, or holds no file.
+    """
+    tier = _tier(tier)
+    files = sorted(Store(tier.redis).files()) if source == "tier" else []
+    out: list[str] = []
+    for path in paths:
+        target = resolve(path, tier.bfs_root)
+        prefix = target.rstrip("/") + "/"
+        if source == "tier":
+            is_dir = target not in files and (os.path.isdir(target) or any(f.startswith(prefix) for f in files))
+        else:
+            is_dir = os.path.isdir(target)
+        if not is_dir:
+            out.append(target)
+            continue
+        if not recursive:
+            raise PathError(f"{path} is a directory; add -r to act on the files under it.")
+        if source == "tier":
+            found = [f for f in files if f.startswith(prefix)]
+        else:
+            found = sorted(os.path.join(d, n) for d, _, names in os.walk(target) for n in names
+                           if os.path.isfile(os.path.join(d, n)))
+        if not found:
+            raise PathError(f"{path} holds no {'tier ' if source == 'tier' else ''}files.")
+        out.extend(found)
+    return list(dict.fromkeys(out))
+
+
+# ----------------------------------------------------------------------------- threshold actions
+
+def dirty_files(tier: Any, include_pinned: bool = False) -> list[FileMeta]:
+    """Return the records of the tier's files holding data not on the BFS (unpinned unless asked)."""
+    store = Store(tier.redis)
+    out = []
+    for p in sorted(store.files()):
+        meta = store.meta(p)
+        if meta is not None and meta.dirty and (include_pinned or not meta.pinned):
+            out.append(meta)
+    return out
+
+
+def auto_sync(tier: Any, order: Callable[[list[FileMeta]], list[FileMeta]] | None = None,
+              log: Callable[[str], None] | None = None) -> int:
+    """Sync every dirty unpinned file (in ``order``, default by path); return how many succeeded.
+
+    A file another flusher is working on, or whose flush fails, is skipped
+    (and reported to ``log``): its data stays dirty for a later attempt.
+    """
+    metas = dirty_files(tier)
+    done = 0
+    for meta in (order(metas) if order else metas):
+        try:
+            flush.sync(meta.path, tier=tier)
+            done += 1
+        except (FlushError, PathError) as exc:
+            if log:
+                log(str(exc))
+    return done
+
+
+def auto_purge(tier: Any) -> int:
+    """Drop the clean data of every unpinned file; return the bytes freed."""
+    store = Store(tier.redis)
+    freed = 0
+    for p in sorted(store.files()):
+        meta = store.meta(p)
+        if meta is not None and not meta.pinned:
+            freed += store.drop_clean(p)
+    return freed
+
+
+def make_room(tier: Any) -> bool:
+    """Free tier memory when the tier is full: sync the dirty unpinned files, then drop clean data.
+
+    Returns
+    -------
+    bool
+        True if any bytes were freed (the caller may retry its write).
+    """
+    auto_sync(tier)
+    return auto_purge(tier) > 0
+
+
+def wait_clean(path: str, *, tier: Any = None, timeout: float = 30.0) -> bool:
+    """Wait until the tier holds nothing dirty of ``path`` (a queued sync done); True if it happened."""
+    tier = _tier(tier)
+    store = Store(tier.redis)
+    target = resolve(path, tier.bfs_root)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        meta = store.meta(target)
+        if meta is not None and not meta.dirty:
+            return True
+        time.sleep(0.05)
+    return False

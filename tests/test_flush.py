@@ -1,0 +1,367 @@
+"""The flush engine against a real server: byte-identical BFS files, aligned writes, durability rules.
+
+Every test compares the BFS file with a reference model (a bytearray image
+of the file, updated by the same writes in the same order). Writes go into
+the tier with ``Store.commit`` directly, as the driver's batches do.
+The helpers at the top are reused by the other flush/residency test modules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tracemalloc
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mpiburst import flush, residency
+from mpiburst.errors import PathError
+from mpiburst.store import MAX_EXTENT, Store
+
+ALIGN = 64 << 10
+RECORD = 47008
+
+
+class Model:
+    """The reference image of one file: writes in arrival order, truncations."""
+
+    def __init__(self, initial: bytes = b"") -> None:
+        self.data = bytearray(initial)
+
+    def write(self, off: int, data: bytes) -> None:
+        if len(self.data) < off + len(data):
+            self.data.extend(bytes(off + len(data) - len(self.data)))
+        self.data[off:off + len(data)] = data
+
+    def truncate(self, size: int) -> None:
+        if size < len(self.data):
+            del self.data[size:]
+        else:
+            self.data.extend(bytes(size - len(self.data)))
+
+
+def put(store: Store, path: str, model: Model | None, writes: list[tuple[int, bytes]], channel: int = 0) -> None:
+    """Commit ``writes`` as one batch (split into extents of at most MAX_EXTENT) and apply them to ``model``."""
+    payload = bytearray()
+    extents = []
+    for off, data in writes:
+        for s in range(0, len(data), MAX_EXTENT):
+            piece = data[s:s + MAX_EXTENT]
+            extents.append((off + s, len(payload), len(piece)))
+            payload += piece
+        if model is not None:
+            model.write(off, data)
+    store.commit(path, channel, payload, extents)
+
+
+def bfs_file(tier, name: str) -> str:
+    """Return the real BFS path of ``name`` under the tier's root."""
+    return os.path.join(os.path.realpath(tier.bfs_root), name)
+
+
+@pytest.fixture
+def atier(tier):
+    """The real-server ``tier`` with a 64 KiB flush alignment (saved in its conf for subprocesses)."""
+    tier.conf.align = ALIGN
+    tier.conf.save()
+    return tier
+
+
+@pytest.fixture
+def writes_seen():
+    """Record ``(path, offset, length)`` of every BFS write call the flush makes in this process."""
+    seen: list[tuple[str, int, int]] = []
+    flush.write_observers.append(lambda p, o, n: seen.append((p, o, n)))
+    yield seen
+    flush.write_observers.clear()
+
+
+def check_aligned(seen, size: int, align: int = ALIGN) -> None:
+    """Every write starts on a stripe and is a full stripe, except the file's last one."""
+    for _, off, n in seen:
+        assert off % align == 0, (off, n)
+        assert n == align or off + n == size, (off, n, size)
+
+
+# ----------------------------------------------------------------------------- patterns, 1 process
+
+@pytest.mark.timeout(60)
+def test_segmented_new_file(atier, writes_seen):
+    """Four writers, each a contiguous segment written in 47,008-byte transfers: one aligned write per stripe."""
+    store = Store(atier.redis)
+    path = bfs_file(atier, "seg/out.dat")
+    store.create(path, None)
+    model = Model()
+    seg = 1 << 20
+    rnd = random.Random(1)
+    for rank in range(4):
+        writes = [(rank * seg + o, rnd.randbytes(min(RECORD, seg - o))) for o in range(0, seg, RECORD)]
+        put(store, path, model, writes, channel=rank)
+    rep = flush.sync(path, tier=atier, verify=True)
+    assert open(path, "rb").read() == bytes(model.data)
+    assert rep.size == len(model.data) == 4 * seg
+    assert rep.writes == len(writes_seen) == 4 * seg // ALIGN       # bytes / align, not 4 x 23 fragments
+    assert rep.write_sizes == {ALIGN: 64}
+    assert rep.checksum == hashlib.sha256(model.data).hexdigest()
+    check_aligned(writes_seen, rep.size)
+    meta = store.meta(path)
+    assert not meta.dirty and meta.clean == meta.seq == rep.upto
+    assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+@pytest.mark.timeout(60)
+def test_strided_unaligned_records(atier, writes_seen):
+    """Strided 47,008-byte records of 3 writers interleaved: identical file, ~bytes/align writes."""
+    store = Store(atier.redis)
+    path = bfs_file(atier, "strided.dat")
+    store.create(path, None)
+    model = Model()
+    nproc, nrec = 3, 30
+    rnd = random.Random(2)
+    for rank in range(nproc):
+        put(store, path, model, [((i * nproc + rank) * RECORD, rnd.randbytes(RECORD)) for i in range(nrec)], rank)
+    rep = flush.sync(path, tier=atier)
+    assert open(path, "rb").read() == bytes(model.data)
+    assert rep.writes == -(-nproc * nrec * RECORD // ALIGN)
+    check_aligned(writes_seen, rep.size)
+
+
+@pytest.mark.timeout(60)
+def test_n_to_n_files(atier):
+    """One file per writer (N-N): each flushed on its own, each identical."""
+    store = Store(atier.redis)
+    models = {}
+    for rank in range(4):
+        path = bfs_file(atier, f"nn/out.{rank}")
+        store.create(path, None)
+        models[path] = Model()
+        rnd = random.Random(rank)
+        put(store, path, models[path], [(o, rnd.randbytes(4096)) for o in range(0, 300000, 4096)], rank)
+    for path, model in models.items():
+        flush.sync(path, tier=atier)
+        assert open(path, "rb").read() == bytes(model.data)
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.one_of(
+    st.tuples(st.just("w"), st.integers(0, 600_000), st.integers(1, 300_000)),
+    st.tuples(st.just("t"), st.integers(0, 700_000), st.just(0)),
+    st.tuples(st.just("s"), st.just(0), st.just(0))), min_size=1, max_size=12),
+    initial=st.integers(0, 400_000), seed=st.integers(0, 2**32 - 1))
+def test_random_writes_truncations_and_syncs(atier, ops, initial, seed):
+    """Random writes (overlapping, unaligned), Set_size truncations and syncs over an existing or new file."""
+    rnd = random.Random(seed)
+    name = f"rand/{seed}-{len(ops)}-{initial}"
+    path = bfs_file(atier, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    start = rnd.randbytes(initial) if initial else None
+    if start is not None:
+        with open(path, "wb") as f:
+            f.write(start)
+    store = Store(atier.redis)
+    store.create(path, initial if start is not None else None)
+    model = Model(start or b"")
+    for op, a, b in ops:
+        if op == "w":
+            put(store, path, model, [(a, rnd.randbytes(b))])
+        elif op == "t":
+            store.set_size(path, a)
+            model.truncate(a)
+        else:
+            flush.sync(path, tier=atier)
+    flush.sync(path, tier=atier)
+    assert open(path, "rb").read() == bytes(model.data)
+    assert b"".join(residency.read(path, tier=atier)) == bytes(model.data)
+    assert not store.meta(path).dirty
+    store.drop(path)
+
+
+# ----------------------------------------------------------------------------- existing files, truncation
+
+@pytest.mark.timeout(60)
+def test_partial_overwrite_keeps_existing_bytes_and_writes_only_dirty_stripes(atier, writes_seen):
+    """Writes into an existing BFS file: untouched bytes stay, only stripes with new data are rewritten."""
+    path = bfs_file(atier, "existing.dat")
+    original = random.Random(3).randbytes(2 << 20)
+    with open(path, "wb") as f:
+        f.write(original)
+    store = Store(atier.redis)
+    store.create(path, len(original))
+    model = Model(original)
+    put(store, path, model, [(100_000, b"a" * 5000), (1_000_000, b"b" * 70_000), (2_097_000, b"c" * 10_000)])
+    rep = flush.sync(path, tier=atier)
+    assert open(path, "rb").read() == bytes(model.data)
+    touched = {off // ALIGN for _, off, _ in writes_seen}
+    assert touched == {1, 15, 16, 31, 32}   # the stripes holding the three writes, nothing else
+    check_aligned(writes_seen, rep.size)
+
+
+@pytest.mark.timeout(60)
+def test_truncation_of_existing_file_then_regrowth(atier):
+    """Set_size shrinks an existing file; later writes past the cut leave zeros in between, not old bytes."""
+    path = bfs_file(atier, "trunc.dat")
+    original = random.Random(4).randbytes(1 << 20)
+    with open(path, "wb") as f:
+        f.write(original)
+    store = Store(atier.redis)
+    store.create(path, len(original))
+    model = Model(original)
+    store.set_size(path, 300_000)
+    model.truncate(300_000)
+    put(store, path, model, [(500_000, b"z" * 1000)])
+    assert store.meta(path).trunc == 300_000
+    flush.sync(path, tier=atier)
+    assert open(path, "rb").read() == bytes(model.data)
+    assert store.meta(path).trunc is None
+    store.set_size(path, 100)
+    model.truncate(100)
+    flush.sync(path, tier=atier)
+    assert open(path, "rb").read() == bytes(model.data)
+
+
+@pytest.mark.timeout(60)
+def test_nothing_dirty_writes_nothing(atier, writes_seen):
+    store = Store(atier.redis)
+    path = bfs_file(atier, "twice.dat")
+    store.create(path, None)
+    put(store, path, None, [(0, b"x" * 300_000)])
+    flush.sync(path, tier=atier)
+    writes_seen.clear()
+    rep = flush.sync(path, tier=atier)
+    assert rep.writes == 0 and writes_seen == []
+
+
+# ----------------------------------------------------------------------------- durability rules
+
+@pytest.mark.timeout(60)
+def test_new_file_appears_only_complete(atier, writes_seen):
+    """While a new file is being written, its final name does not exist; a temp file beside it does."""
+    store = Store(atier.redis)
+    path = bfs_file(atier, "deep/new/dir/file.dat")    # missing parents are created
+    store.create(path, None)
+    put(store, path, None, [(0, b"q" * 500_000)])
+    states = []
+    flush.write_observers.append(lambda p, o, n: states.append(
+        (os.path.exists(path), [n for n in os.listdir(os.path.dirname(path)) if ".mpiburst-" in n])))
+    flush.sync(path, tier=atier)
+    assert states and all(not exists and len(temps) == 1 for exists, temps in states)
+    assert os.listdir(os.path.dirname(path)) == ["file.dat"]
+
+
+@pytest.mark.timeout(60)
+def test_writes_during_flush_stay_dirty(atier):
+    """A write that arrives while a flush runs is not in its snapshot: still dirty, flushed next time."""
+    store = Store(atier.redis)
+    path = bfs_file(atier, "concurrent.dat")
+    store.create(path, None)
+    model = Model()
+    put(store, path, model, [(0, b"1" * 400_000)])
+    late = Model(bytes(model.data))
+    once = []
+
+    def write_now(p, o, n):
+        if not once:
+            once.append(1)
+            put(store, path, late, [(10, b"2" * 100)])
+
+    flush.write_observers.append(write_now)
+    flush.sync(path, tier=atier)
+    flush.write_observers.clear()
+    assert open(path, "rb").read() == bytes(model.data)
+    assert store.meta(path).dirty
+    assert residency.frag_stat(path, tier=atier).dirty == 100
+    flush.sync(path, tier=atier)
+    assert open(path, "rb").read() == bytes(late.data)
+
+
+@pytest.mark.timeout(60)
+def test_memory_per_flusher_is_bounded(atier):
+    """Flushing 16 MiB allocates a few stripes' worth of memory, not the file."""
+    store = Store(atier.redis)
+    path = bfs_file(atier, "big.dat")
+    store.create(path, None)
+    rnd = random.Random(5)
+    for base in range(0, 16 << 20, 4 << 20):
+        put(store, path, None, [(base + o, rnd.randbytes(32768)) for o in range(0, 4 << 20, 32768)])
+    tracemalloc.start()
+    try:
+        flush.sync(path, tier=atier)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert os.path.getsize(path) == 16 << 20
+    assert peak < 8 * ALIGN + (1 << 20), peak
+
+
+@pytest.mark.timeout(60)
+def test_bfs_write_calls_seen_by_strace(atier, tmp_path):
+    """strace confirms the flush's pwrite64 calls are aligned and number bytes/align (3000 fragments)."""
+    strace = shutil.which("strace")
+    assert strace, "strace is required for this test"
+    store = Store(atier.redis)
+    path = bfs_file(atier, "traced.dat")
+    store.create(path, None)
+    rnd = random.Random(6)
+    size = 3000 * 1000
+    put(store, path, None, [(o, rnd.randbytes(1000)) for o in rnd.sample(range(0, size, 1000), 3000)])
+    log = tmp_path / "strace.log"
+    code = ("import sys; from mpiburst import flush; from mpiburst.tier import Tier; "
+            "flush.sync(sys.argv[1], tier=Tier.connect(conf=sys.argv[2]))")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    subprocess.run([strace, "-f", "-qq", "-e", "trace=pwrite64", "-o", str(log), sys.executable, "-c", code,
+                    path, atier.conf.path], check=True, env=env, timeout=60)
+    calls = [line for line in log.read_text().splitlines() if "pwrite64(" in line]
+    offsets = [int(line.rsplit(",", 1)[1].split(")")[0]) for line in calls]
+    assert len(calls) == -(-size // ALIGN) == 46
+    assert all(off % ALIGN == 0 for off in offsets)
+    assert sorted(offsets) == list(range(0, size, ALIGN))
+
+
+# ----------------------------------------------------------------------------- API edges
+
+@pytest.mark.timeout(30)
+def test_bad_paths_and_non_blocking(atier, tmp_path):
+    with pytest.raises(PathError, match="not in the tier"):
+        flush.sync(bfs_file(atier, "never-written"), tier=atier)
+    with pytest.raises(PathError, match="outside the run's BFS root"):
+        flush.sync(str(tmp_path / "elsewhere"), tier=atier)
+    store = Store(atier.redis)
+    path = bfs_file(atier, "queued.dat")
+    store.create(path, None)
+    assert flush.sync("burst://queued.dat", tier=atier, block=False) is None
+    assert atier.redis.llen(flush.QUEUE) == 1
+    assert store.meta(path).dirty is False and not os.path.exists(path)  # only queued, nothing written
+
+
+@pytest.mark.timeout(60)
+def test_reads_after_flush_see_newest_bytes(atier):
+    """After a flush and a purge of clean data, reads take the tier's newer bytes and the BFS for the rest."""
+    store = Store(atier.redis)
+    path = bfs_file(atier, "reads.dat")
+    store.create(path, None)
+    model = Model()
+    put(store, path, model, [(0, random.Random(7).randbytes(700_000))])
+    flush.sync(path, tier=atier)
+    assert residency.purge(path, clean_only=True, tier=atier) > 0
+    put(store, path, model, [(123_456, b"new" * 1000)])
+    assert b"".join(residency.read(path, tier=atier)) == bytes(model.data)
+
+
+@pytest.mark.timeout(60)
+def test_workers_split_the_stripes(atier, writes_seen):
+    store = Store(atier.redis)
+    path = bfs_file(atier, "workers.dat")
+    store.create(path, None)
+    model = Model()
+    put(store, path, model, [(0, random.Random(8).randbytes(1_500_000))])
+    rep = flush.sync(path, tier=atier, workers=3)
+    assert open(path, "rb").read() == bytes(model.data)
+    assert rep.writes == 23
+    check_aligned(writes_seen, rep.size)

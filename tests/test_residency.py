@@ -1,0 +1,219 @@
+"""Residency controls against a real server: purge, pin, prestage, frag_stat, ls/stat/cat/rm, the engine."""
+
+from __future__ import annotations
+
+import os
+import random
+import stat as statmod
+import time
+
+import pytest
+
+from mpiburst import engine, flush, residency
+from mpiburst.errors import MpiburstError, PathError
+from mpiburst.store import Store
+from mpiburst.tier import Tier
+
+from test_flush import ALIGN, Model, atier, bfs_file, put  # noqa: F401  (atier is a fixture)
+
+
+def _file(tier, name: str, size: int = 300_000, seed: int = 0) -> tuple[str, Model]:
+    store = Store(tier.redis)
+    path = bfs_file(tier, name)
+    store.create(path, None)
+    model = Model()
+    put(store, path, model, [(0, random.Random(seed).randbytes(size))])
+    return path, model
+
+
+@pytest.mark.timeout(60)
+def test_purge_of_dirty_data_needs_force(atier):
+    path, _ = _file(atier, "dirty.dat")
+    with pytest.raises(MpiburstError, match="not yet on the BFS.*--force"):
+        residency.purge(path, tier=atier)
+    assert Store(atier.redis).meta(path).dirty
+    assert residency.purge(path, force=True, tier=atier) == 300_000
+    assert Store(atier.redis).meta(path) is None
+    assert not os.path.exists(path)
+
+
+@pytest.mark.timeout(60)
+def test_purge_clean_only_keeps_dirty_data(atier):
+    path, model = _file(atier, "mixed.dat")
+    flush.sync(path, tier=atier)
+    store = Store(atier.redis)
+    put(store, path, model, [(1000, b"d" * 2000)])
+    freed = residency.purge(path, clean_only=True, tier=atier)
+    assert freed == 300_000
+    fs = residency.frag_stat(path, tier=atier)
+    assert (fs.dirty, fs.clean) == (2000, 0)
+    assert b"".join(residency.read(path, tier=atier)) == bytes(model.data)
+    flush.sync(path, tier=atier)
+    residency.purge(path, tier=atier)                    # all clean now: no force needed
+    assert open(path, "rb").read() == bytes(model.data)
+
+
+@pytest.mark.timeout(60)
+def test_frag_stat_states(atier):
+    """dirty / pending / clean / deletable add up to the tier's bytes and follow the flush."""
+    path, _ = _file(atier, "states.dat", size=100_000)
+    store = Store(atier.redis)
+    put(store, path, None, [(0, b"n" * 40_000)])          # shadows 40,000 older bytes
+    fs = residency.frag_stat(path, tier=atier)
+    assert fs == residency.FragStat(dirty=100_000, pending=0, clean=0, deletable=40_000)
+    flush.sync(path, tier=atier)
+    assert residency.frag_stat(path, tier=atier) == residency.FragStat(0, 0, 100_000, 40_000)
+    put(store, path, None, [(200_000, b"p" * 1000)])
+    seen = []
+    flush.write_observers.append(lambda p, o, n: seen.append(residency.frag_stat(path, tier=atier)))
+    try:
+        flush.sync(path, tier=atier)
+    finally:
+        flush.write_observers.clear()
+    assert seen[0].pending == 1000 and seen[0].dirty == 0
+    assert residency.frag_stat(path, tier=atier).clean == 101_000
+
+
+@pytest.mark.timeout(60)
+def test_prestage_then_reads_come_from_the_tier(atier):
+    """After prestage the BFS file can change: reads still see the staged bytes; writes win over them."""
+    path = bfs_file(atier, "input.dat")
+    data = random.Random(1).randbytes(1_000_000)
+    with open(path, "wb") as f:
+        f.write(data)
+    assert residency.prestage(path, tier=atier) == len(data)
+    fs = residency.frag_stat(path, tier=atier)
+    assert (fs.clean, fs.dirty) == (len(data), 0)
+    with open(path, "r+b") as f:
+        f.write(b"X" * 5000)                              # the BFS changes behind the tier's back
+    assert b"".join(residency.read(path, tier=atier)) == data
+    put(Store(atier.redis), path, None, [(10, b"W" * 10)])
+    assert b"".join(residency.read(path, tier=atier))[:30] == data[:10] + b"W" * 10 + data[20:30]
+    assert residency.prestage(path, keep=True, tier=atier) == 0    # -K: everything is already there
+    assert residency.prestage(path, tier=atier) == len(data) - 10  # refresh clean data; the write stays
+    assert b"".join(residency.read(path, tier=atier))[:30] == b"X" * 10 + b"W" * 10 + b"X" * 10
+
+
+@pytest.mark.timeout(30)
+def test_prestage_and_pin_errors(atier):
+    with pytest.raises(PathError, match="not a file on the BFS"):
+        residency.prestage("burst://missing", tier=atier)
+    with pytest.raises(PathError, match="neither in the tier nor on the BFS"):
+        residency.pin("burst://missing", tier=atier)
+    with pytest.raises(PathError, match="not in the tier"):
+        residency.frag_stat("burst://missing", tier=atier)
+
+
+@pytest.mark.timeout(60)
+def test_ls_stat_cat_rm_and_expand(atier):
+    a, model = _file(atier, "d/a.dat", seed=1)
+    b, _ = _file(atier, "d/sub/b.dat", seed=2)
+    flush.sync(b, tier=atier)
+    assert [m.path for m in residency.ls(tier=atier)] == [a, b]
+    assert [m.path for m in residency.ls("burst://d/sub", tier=atier)] == [b]
+    info = residency.stat(a, tier=atier)
+    assert info["size"] == 300_000 and info["dirty"] == 300_000 and info["bfs_size"] is None
+    assert b"".join(residency.read("burst://d/a.dat", tier=atier)) == bytes(model.data)
+    with pytest.raises(PathError, match="is a directory; add -r"):
+        residency.expand(["burst://d"], recursive=False, tier=atier)
+    assert residency.expand(["burst://d"], recursive=True, tier=atier) == [a, b]
+    residency.rm(b, tier=atier)
+    assert not os.path.exists(b) and Store(atier.redis).meta(b) is None
+    with pytest.raises(PathError, match="neither in the tier nor on the BFS"):
+        residency.rm(b, tier=atier)
+
+
+@pytest.mark.timeout(60)
+def test_make_room_syncs_and_frees_unpinned_files(atier):
+    a, model = _file(atier, "room/a.dat", seed=3)
+    p, _ = _file(atier, "room/pinned.dat", seed=4)
+    residency.pin(p, tier=atier)
+    assert residency.make_room(atier) is True
+    assert open(a, "rb").read() == bytes(model.data)
+    assert residency.frag_stat(a, tier=atier) == residency.FragStat()
+    assert Store(atier.redis).meta(p).dirty and not os.path.exists(p)
+    assert residency.make_room(atier) is False
+
+
+# ----------------------------------------------------------------------------- the engine
+
+@pytest.fixture
+def small_run(tmp_path, server_binary):
+    """A real run with a 48 MiB tier, thresholds 0.5 / 0.8, and its engine (stopped at teardown)."""
+    bfs = tmp_path / "bfs"
+    bfs.mkdir()
+    tier = Tier.start(id=f"eng{os.getpid()}", dir=str(tmp_path), bfs_root=str(bfs), capacity="48M",
+                      server=server_binary, align="64K")
+    pid = engine.spawn(tier.conf)
+    try:
+        yield tier, pid
+    finally:
+        engine.stop(pid)
+        tier.stop()
+
+
+def _wait(cond, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.timeout(120)
+def test_engine_syncs_and_purges_unpinned_files_only(small_run):
+    """Past the thresholds the engine syncs and frees the unpinned file; the pinned one stays dirty and in memory.
+
+    The writer waits when the tier is 75 % full, as a driver facing a full tier would; only the engine
+    can bring the memory down (the test never syncs or purges itself).
+    """
+    tier, pid = small_run
+    store = Store(tier.redis)
+    admin = tier.admin()
+
+    def used() -> float:
+        return int(admin.info("memory")["used_memory"]) / tier.capacity
+
+    pinned = bfs_file(tier, "pinned.dat")
+    store.create(pinned, None)
+    residency.pin(pinned, tier=tier)
+    rnd = random.Random(5)
+    put(store, pinned, None, [(o, rnd.randbytes(1 << 20)) for o in range(0, 4 << 20, 1 << 20)])
+    free = bfs_file(tier, "free.dat")
+    store.create(free, None)
+    model = Model()
+    for base in range(0, 32 << 20, 4 << 20):             # 32 MiB through a 48 MiB tier, with the pinned 4 MiB
+        assert _wait(lambda: used() < 0.75), "the engine did not free memory"
+        put(store, free, model, [(base + o, rnd.randbytes(1 << 20)) for o in range(0, 4 << 20, 1 << 20)])
+    assert store.meta(free).clean > 0                                  # the engine synced ...
+    assert residency.frag_stat(free, tier=tier).clean < 32 << 20      # ... and freed clean data
+    flush.sync(free, tier=tier)                                        # the rest (below the threshold now)
+    assert open(free, "rb").read() == bytes(model.data)
+    assert residency.frag_stat(pinned, tier=tier).dirty == 4 << 20    # never synced, never purged
+    assert not os.path.exists(pinned)
+    log = engine.log_path(tier.conf)
+    assert statmod.S_IMODE(os.stat(log).st_mode) == 0o600
+    assert "purged" in open(log).read()
+
+
+@pytest.mark.timeout(120)
+def test_engine_serves_queued_sync_and_prestage_and_exits_with_the_server(small_run):
+    tier, pid = small_run
+    path, model = _file(tier, "queued.dat")
+    src = bfs_file(tier, "input.dat")
+    with open(src, "wb") as f:
+        f.write(b"i" * 200_000)
+    flush.sync(path, tier=tier, block=False)
+    residency.prestage(src, tier=tier, block=False)
+    assert residency.wait_clean(path, tier=tier, timeout=30)
+    assert open(path, "rb").read() == bytes(model.data)
+    assert _wait(lambda: residency.frag_stat(src, tier=tier).clean == 200_000 if Store(tier.redis).meta(src)
+                 else False)
+    tier.redis.rpush(flush.QUEUE, b"not json")              # a bad request is logged, the engine goes on
+    flush.sync(path, tier=tier, block=False)
+    assert _wait(lambda: tier.redis.llen(flush.QUEUE) == 0)
+    assert engine.pid_alive(pid)
+    tier.stop()
+    assert _wait(lambda: not engine.pid_alive(pid), 10)
+    assert "malformed request" in open(engine.log_path(tier.conf)).read()
