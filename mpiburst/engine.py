@@ -32,7 +32,7 @@ import redis
 
 from . import flush, residency
 from .errors import MpiburstError
-from .runconf import RunConf
+from .runconf import RunConf, engine_log_name
 from .server import pid_alive
 
 #: Seconds between two rounds of the engine (also the longest wait for a queued request).
@@ -47,7 +47,7 @@ _children: dict[int, subprocess.Popen] = {}
 
 def log_path(conf: RunConf) -> str:
     """Return the engine's log file of a run: ``mpiburst_<id>.engine.log`` in the run directory."""
-    return os.path.join(conf.dir, f"mpiburst_{conf.id}.engine.log")
+    return os.path.join(conf.dir, engine_log_name(conf.id))
 
 
 def _open_log(path: str) -> int:
@@ -73,6 +73,18 @@ def spawn(conf: RunConf) -> int:
         os.close(fd)
     _children[proc.pid] = proc
     return proc.pid
+
+
+def attach(conf: RunConf) -> RunConf:
+    """Start the engine beside a run's freshly started server and record its PID in the conf.
+
+    Every way of starting a run (``Tier.start``, ``mpiburst start``, ``mpiburst
+    run``, ``mem_io_start``) calls this; ``server.stop_run`` stops the engine
+    by that PID, and the engine also exits by itself once the server is gone.
+    """
+    conf.engine_pid = spawn(conf)
+    conf.save()
+    return conf
 
 
 def stop(pid: int | None, timeout: float = STOP_TIMEOUT) -> None:

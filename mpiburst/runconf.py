@@ -94,6 +94,11 @@ def log_name(run_id: str) -> str:
     return f"redis_{run_id}.log"
 
 
+def engine_log_name(run_id: str) -> str:
+    """Return the file name of the automatic engine's log of run ``run_id``."""
+    return f"mpiburst_{run_id}.engine.log"
+
+
 def socket_dir_path(directory: str, run_id: str, socket_dir: str | None = None) -> str:
     """Return the 0700 directory for the unix socket: ``socket_dir`` or ``DIR/.mpiburst_<id>``."""
     return os.path.abspath(socket_dir) if socket_dir else os.path.join(directory, f".mpiburst_{run_id}")

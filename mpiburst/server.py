@@ -41,7 +41,7 @@ from redis.retry import Retry
 
 from .align import detect_align
 from .errors import AuthenticationError, ConfigError, ServerError
-from .runconf import (RunConf, conf_path, create_private, log_name, new_password, rdb_name, read_secure,
+from .runconf import (RunConf, conf_path, create_private, engine_log_name, log_name, new_password, rdb_name, read_secure,
                       resolve_id, server_conf_path, socket_dir_path, write_secure)
 from .sizes import format_size, parse_size
 
@@ -227,7 +227,7 @@ def pid_alive(pid: int | None, binary: str | None = None) -> bool:
     return True
 
 
-def _wait_gone(pid: int, binary: str, timeout: float) -> bool:
+def _wait_gone(pid: int, binary: str | None, timeout: float) -> bool:
     """Wait up to ``timeout`` seconds for ``pid`` to exit; return True if it did."""
     deadline = time.monotonic() + timeout
     while pid_alive(pid, binary):
@@ -237,8 +237,8 @@ def _wait_gone(pid: int, binary: str, timeout: float) -> bool:
     return True
 
 
-def _kill(pid: int, binary: str) -> None:
-    """SIGKILL our server ``pid`` (if it still runs) and wait for it to vanish."""
+def _kill(pid: int, binary: str | None) -> None:
+    """SIGKILL our process ``pid`` (if it still runs) and wait for it to vanish."""
     if pid_alive(pid, binary):
         try:
             os.kill(pid, signal.SIGKILL)
@@ -361,7 +361,7 @@ def _make_socket_dir(path: str) -> None:
 
 
 def clean_run(conf: RunConf, keep_snapshot: bool) -> None:
-    """Remove a stopped run's files: socket, server config, log, and (unless kept) conf and snapshot."""
+    """Remove a stopped run's files: socket, server config, logs, and (unless kept) conf and snapshot."""
     sockdir = os.path.dirname(conf.socket)
     _remove(conf.socket)
     try:
@@ -370,6 +370,7 @@ def clean_run(conf: RunConf, keep_snapshot: bool) -> None:
         pass
     _remove(server_conf_path(conf.dir, conf.id))
     _remove(os.path.join(conf.dir, log_name(conf.id)))
+    _remove(os.path.join(conf.dir, engine_log_name(conf.id)))
     if keep_snapshot:
         conf.pid = None
         conf.save()
@@ -560,6 +561,7 @@ def stop_run(conf: RunConf, save: bool = False, discard: bool = False, timeout: 
         was = "was stopped" if conf.pid is None else f"was not running (PID {conf.pid} gone)"
         clean_run(conf, keep_snapshot=os.path.exists(rdb) and not discard)
         return f"run {conf.id} {was}; its files were removed."
+    _end_engine(conf.engine_pid)
     admin = connect_redis(conf, admin=True)
     try:
         if save:
@@ -579,6 +581,22 @@ def stop_run(conf: RunConf, save: bool = False, discard: bool = False, timeout: 
     if save:
         return f"run {conf.id} stopped; snapshot saved in {rdb} (reload with 'mpiburst start --restart --id {conf.id}')."
     return f"run {conf.id} stopped."
+
+
+def _end_engine(pid: int | None) -> None:
+    """Stop the run's automatic engine by its PID and wait for it (SIGKILL after a while).
+
+    The engine finishes the operation at hand on SIGTERM; it also exits by
+    itself once the server is gone.
+    """
+    if not pid_alive(pid):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    if not _wait_gone(pid, None, STOP_TIMEOUT):
+        _kill(pid, None)
 
 
 def status(conf: RunConf) -> dict[str, Any]:

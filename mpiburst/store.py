@@ -131,7 +131,8 @@ return 0
 
 
 class RecordGone(Exception):
-    """A commit found no record of its file (purged or deleted meanwhile); register it and retry."""
+    """A commit did not run and can simply be sent again: its file has no record (purged or
+    deleted meanwhile: register it first) or the server had lost the commit script."""
 
 
 def file_id(path: str) -> str:
@@ -324,7 +325,10 @@ class Store:
         self.r.unlink(tmp)
         if any(str(e).startswith("NOFILE") for e in errors):
             raise RecordGone(tmp)
-        if any("OOM" in str(e) for e in errors):
+        if any(isinstance(e, redis.exceptions.NoScriptError) for e in errors):
+            self._loaded = False  # the server lost its script cache (restarted): load and retry
+            raise RecordGone(tmp)
+        if any(isinstance(e, redis.exceptions.OutOfMemoryError) or "OOM" in str(e) for e in errors):
             raise TierFullError(
                 "the tier is full (the server reached its memory limit); "
                 "sync and purge data or start the run with a larger --capacity.")

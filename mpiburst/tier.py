@@ -71,11 +71,11 @@ class Tier:
         if channels is None and not options.get("restart"):
             channels = comm.Get_size() if comm is not None else 1
         if comm is None:
-            return cls._attach(server.start_run(channels=channels, tied=True, **options), owner=True)
+            return cls._attach(_start_run(channels=channels, **options), owner=True)
         result: Any = None
         if comm.Get_rank() == 0:
             try:
-                result = server.start_run(channels=channels, tied=True, **options)
+                result = _start_run(channels=channels, **options)
             except MpiburstError as exc:
                 result = exc
         result = comm.bcast(result, root=0)
@@ -213,3 +213,10 @@ class Tier:
 
     def __repr__(self) -> str:
         return f"<Tier {self.id} {self.conf.host}:{self.conf.port} channels={self.channels}>"
+
+
+def _start_run(**options: Any) -> RunConf:
+    """Start a run's server, tied to this process, and the automatic engine beside it."""
+    from . import engine  # the engine sits above this layer (it flushes through Tier)
+
+    return engine.attach(server.start_run(tied=True, **options))

@@ -43,9 +43,10 @@ def test_start_status_stop_cycle(cli, tmp_path, server_pids_in):
     info = _assignments(start.stdout)
     assert list(info) == ["MPIBURST_ID", "MPIBURST_CONF", "MPIBURST_HOST", "MPIBURST_PORT", "MPIBURST_PID"]
     pid = int(info["MPIBURST_PID"])
-    assert server_pids_in(run) == [pid]
+    engine_pid = json.loads((run / "mpiburst_X.conf").read_text())["engine_pid"]
+    assert sorted(server_pids_in(run)) == sorted([pid, engine_pid])  # the server and its engine
     made = sorted(os.listdir(run))
-    assert made == [".mpiburst_X", "mpiburst_X.conf", "redis_X.conf", "redis_X.log"]
+    assert made == [".mpiburst_X", "mpiburst_X.conf", "mpiburst_X.engine.log", "redis_X.conf", "redis_X.log"]
     for name in made[1:]:
         assert stat.S_IMODE(os.stat(run / name).st_mode) == 0o600, name
     assert stat.S_IMODE(os.stat(run / ".mpiburst_X").st_mode) == 0o700
@@ -56,13 +57,14 @@ def test_start_status_stop_cycle(cli, tmp_path, server_pids_in):
     state = json.loads(shown.stdout)
     assert state["up"] is True and state["pid"] == pid and state["channels"] == 4
     assert state["capacity"] == 64 << 20 and 0 < state["used_memory"] < state["capacity"]
-    assert state["clients"] == 0
+    assert state["clients"] == 1  # the automatic engine beside the server
     text = cli("status", "--id", "X", "--dir", str(run))
     assert "up         yes" in text.stdout and "channels   4" in text.stdout
 
     stop = cli("stop", "--id", "X", "--dir", str(run))
     assert stop.returncode == 0, stop.stderr
     assert server_pids_in(run) == [] and not os.path.exists(f"/proc/{pid}/exe")
+    assert not os.path.exists(f"/proc/{engine_pid}/exe")
     assert os.listdir(run) == []
 
 

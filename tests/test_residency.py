@@ -144,11 +144,9 @@ def small_run(tmp_path, server_binary):
     bfs.mkdir()
     tier = Tier.start(id=f"eng{os.getpid()}", dir=str(tmp_path), bfs_root=str(bfs), capacity="48M",
                       server=server_binary, align="64K")
-    pid = engine.spawn(tier.conf)
     try:
-        yield tier, pid
+        yield tier, tier.conf.engine_pid  # Tier.start starts the engine beside the server
     finally:
-        engine.stop(pid)
         tier.stop()
 
 
@@ -214,6 +212,6 @@ def test_engine_serves_queued_sync_and_prestage_and_exits_with_the_server(small_
     flush.sync(path, tier=tier, block=False)
     assert _wait(lambda: tier.redis.llen(flush.QUEUE) == 0)
     assert engine.pid_alive(pid)
+    assert _wait(lambda: "malformed request" in open(engine.log_path(tier.conf)).read())
     tier.stop()
     assert _wait(lambda: not engine.pid_alive(pid), 10)
-    assert "malformed request" in open(engine.log_path(tier.conf)).read()

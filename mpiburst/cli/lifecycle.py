@@ -15,7 +15,7 @@ import signal
 import sys
 from typing import Any
 
-from .. import server
+from .. import engine, server
 from ..errors import ServerError
 from ..runconf import RunConf, find_conf_path, log_name, rdb_name
 from ..sizes import format_size
@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("stop", help="stop a run's tier server",
                        description="Stop a run's server by its PID and remove its socket and files.")
-    _add_locator(p)
+    add_locator(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--save", action="store_true", help="save redis_<id>.rdb first (for start --restart)")
     g.add_argument("--discard", action="store_true", help="also remove any saved snapshot and the run conf")
@@ -54,12 +54,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="show whether a run's tier is up and how full it is",
                        description="Show a run's state: up, PID, memory used / capacity, channels, clients. "
                                    "Exits 0 when up, 3 when down.")
-    _add_locator(p)
+    add_locator(p)
     p.add_argument("--json", action="store_true", help="print the state as one JSON object")
     p.set_defaults(func=_status)
 
 
-def _add_locator(p: argparse.ArgumentParser) -> None:
+def add_locator(p: argparse.ArgumentParser) -> None:
     """Add ``--id`` and ``--dir``, the options that find an existing run."""
     p.add_argument("--id", help="run ID (default: $MPIBURST_CONF, else $MPIBURST_ID, $SLURM_JOB_ID, $PBS_JOBID, 'default')")
     p.add_argument("--dir", help="directory holding the run's files (default: current directory)")
@@ -74,7 +74,7 @@ def _start(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {k: getattr(args, k) for k in (
         "id", "dir", "channels", "bfs_root", "capacity", "bind", "port", "socket_dir", "server", "align",
         "restart", "maxclients")}
-    conf = server.start_run(**options)
+    conf = engine.attach(server.start_run(**options))
     if args.foreground:  # handlers first: a signal may come as soon as the lines are out
         def _on_signal(signum: int, frame: Any) -> None:
             print(server.stop_run(conf), file=sys.stderr)
@@ -115,3 +115,4 @@ def _status(args: argparse.Namespace) -> int:
         print(f"clients    {state['clients'] if state['clients'] is not None else '-'}")
         print(f"bfs root   {state['bfs_root']}  (align {format_size(state['align'])})")
     return 0 if state["up"] else 3
+_add_locator = add_locator  # TEMP until the jobs/channels areas switch

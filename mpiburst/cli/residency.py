@@ -19,7 +19,7 @@ from ..errors import MpiburstError
 from ..runconf import find_conf_path
 from ..sizes import format_size
 from ..store import Store
-from .lifecycle import _add_locator
+from .lifecycle import add_locator
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -88,7 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _parser(sub: argparse._SubParsersAction, name: str, help: str, description: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=description)
-    _add_locator(p)
+    add_locator(p)
     return p
 
 
