@@ -1,0 +1,238 @@
+"""mem_io's channel workflow on the tier: many small tasks append to channels, one job reads them back.
+
+A run has ``channels`` channels, numbered ``0 .. channels-1``. A task
+appends its output (a stream) to one channel with :func:`store`; at the end
+:func:`retrieve` reads every channel back in channel order. mem_io's rules,
+kept exactly:
+
+* one writer per channel at a time: :func:`store` opens the channel
+  atomically (``SET NX`` of its writer key) and fails with
+  :class:`~mpiburst.errors.ChannelBusyError` (mem_io's exit 24) if it is open;
+  closing it makes it *closed*, and a closed channel can be stored to again
+  (the data is appended);
+* a channel left open by a crashed writer is reset with :func:`reset`;
+* reading is non-destructive; open and empty channels are reported.
+
+Keys (each channel's keys share the hash tag ``{chan:<C>}``, so Redis Cluster
+could spread channels over shards)::
+
+    mpb:{chan:C}:d   list    the channel's bytes, in pieces of at most CHUNK bytes (RPUSH)
+    mpb:{chan:C}:m   hash    bytes, stores (closed stores; present = the channel was used)
+    mpb:{chan:C}:w   string  writer token; present = the channel is open
+
+Cost: a store sends one RPUSH per ``CHUNK`` (1 MiB) of input, pipelined
+``PIPELINE`` at a time; a retrieve reads ``BATCH`` pieces per LRANGE, so each
+piece crosses the network exactly once and a channel of *n* pieces costs
+``ceil(n / BATCH)`` round trips: linear in its length (mem_io's retrieve
+issued one LINDEX per 1 KiB chunk, which walks the list: quadratic).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from typing import BinaryIO, Callable, Iterator
+
+import redis
+
+from .errors import ChannelBusyError, ChannelError, TierFullError
+from .runconf import create_private
+
+#: Largest piece of a channel's data in one list element.
+CHUNK = 1 << 20
+#: Pieces sent per pipelined round trip by a store.
+PIPELINE = 8
+#: Pieces fetched per LRANGE by a retrieve (at most BATCH * CHUNK bytes per reply).
+BATCH = 64
+
+
+def _key(channel: int, part: str) -> str:
+    return f"mpb:{{chan:{channel}}}:{part}"
+
+
+@dataclass
+class ChannelInfo:
+    """The state of one channel: ``open``, ``closed`` or ``unused``, and its size in bytes."""
+
+    channel: int
+    state: str
+    bytes: int
+    stores: int
+
+
+def check(tier, channel: int) -> int:
+    """Return ``channel`` if it is a channel of the run, else raise :class:`ChannelError` (exit 21)."""
+    if isinstance(channel, bool) or not isinstance(channel, int) or not 0 <= channel < tier.channels:
+        raise ChannelError(f"channel {channel} does not exist: run {tier.id} has channels 0 to {tier.channels - 1}.")
+    return channel
+
+
+def store(tier, channel: int, stream: BinaryIO) -> int:
+    """Append everything read from ``stream`` to ``channel``; return the bytes stored.
+
+    Raises
+    ------
+    ChannelError
+        If the channel is out of range (exit 21).
+    ChannelBusyError
+        If another writer has the channel open (exit 24).
+    TierFullError
+        If the tier is full; what was stored before stays and the channel is closed.
+    """
+    check(tier, channel)
+    r = tier.redis
+    token = secrets.token_hex(8)
+    if not r.set(_key(channel, "w"), token, nx=True):
+        raise ChannelBusyError(
+            f"channel {channel} of run {tier.id} is open (another writer is storing to it); wait for it, "
+            f"or reset the channel with 'mpiburst channel-reset --channel {channel}' if that writer crashed.")
+    total = 0
+    try:
+        pipe = r.pipeline(transaction=False)
+        queued = 0
+        while True:
+            piece = stream.read(CHUNK)
+            if not piece:
+                break
+            pipe.rpush(_key(channel, "d"), piece)
+            pipe.hincrby(_key(channel, "m"), "bytes", len(piece))
+            total += len(piece)
+            queued += 1
+            if queued == PIPELINE:
+                _execute(pipe)
+                queued = 0
+        pipe.hincrby(_key(channel, "m"), "stores", 1)
+        _execute(pipe)
+    finally:
+        _release(r, channel, token)
+    return total
+
+
+def _execute(pipe: redis.client.Pipeline) -> None:
+    try:
+        pipe.execute()
+    except redis.ResponseError as exc:
+        if "OOM" in str(exc):
+            raise TierFullError("the tier is full; retrieve and reset channels, or start the run with a larger "
+                                "--capacity.") from None
+        raise
+
+
+def _release(r: redis.Redis, channel: int, token: str) -> None:
+    """Close the channel if this writer still holds it (a reset may have taken it meanwhile)."""
+    key = _key(channel, "w")
+    pipe = r.pipeline(transaction=True)
+    try:
+        pipe.watch(key)
+        if pipe.get(key) == token.encode():
+            pipe.multi()
+            pipe.delete(key)
+            pipe.execute()
+    except redis.WatchError:
+        pass
+    finally:
+        pipe.reset()
+
+
+def info(tier, channel: int | None = None) -> list[ChannelInfo]:
+    """Return the state of every channel (or of one), in channel order, in one round trip."""
+    chans = range(tier.channels) if channel is None else [check(tier, channel)]
+    pipe = tier.redis.pipeline(transaction=False)
+    for c in chans:
+        pipe.exists(_key(c, "w"))
+        pipe.hgetall(_key(c, "m"))
+    replies = pipe.execute()
+    out = []
+    for c, is_open, meta in zip(chans, replies[0::2], replies[1::2]):
+        state = "open" if is_open else "closed" if meta else "unused"
+        out.append(ChannelInfo(c, state, int(meta.get(b"bytes", 0)), int(meta.get(b"stores", 0))))
+    return out
+
+
+def read(tier, channel: int, batch: int = BATCH) -> Iterator[bytes]:
+    """Yield the bytes of ``channel`` in pieces, ``batch`` list elements per round trip (non-destructive)."""
+    check(tier, channel)
+    key = _key(channel, "d")
+    start = 0
+    while True:
+        pieces = tier.redis.lrange(key, start, start + batch - 1)
+        yield from pieces
+        if len(pieces) < batch:
+            return
+        start += batch
+
+
+def reset(tier, channel: int | None = None) -> list[int]:
+    """Close the channels left open by crashed writers (all, or one); return those that were open.
+
+    Their data is kept; a channel reset while a writer is still running keeps
+    what that writer stores, but the one-writer rule no longer protects it.
+    """
+    chans = range(tier.channels) if channel is None else [check(tier, channel)]
+    pipe = tier.redis.pipeline(transaction=False)
+    for c in chans:
+        pipe.delete(_key(c, "w"))
+    return [c for c, n in zip(chans, pipe.execute()) if n]
+
+
+def retrieve(tier, out: BinaryIO, channel: int | None = None, print_id: bool = False, sep: str = " ",
+             warn: Callable[[str], None] | None = None) -> int:
+    """Write channels to ``out`` in channel order (or one channel), mem_io style; return the bytes written.
+
+    Each non-empty channel is followed by a newline; with ``print_id`` it is
+    preceded by its number and ``sep``. Open and empty channels are reported
+    to ``warn`` (open ones are still read: their data so far).
+    """
+    total = 0
+    for c in _report(info(tier, channel), warn):
+        if c.bytes == 0:
+            continue
+        if print_id:
+            out.write(f"{c.channel}{sep}".encode())
+        for piece in read(tier, c.channel):
+            out.write(piece)
+            total += len(piece)
+        out.write(b"\n")
+    out.flush()
+    return total
+
+
+def split(tier, directory: str, warn: Callable[[str], None] | None = None) -> list[str]:
+    """Write each channel to ``directory/data_<id>_<C>.dat`` (C zero-padded to the digits of the count).
+
+    Files hold exactly the channel's bytes (no newline added) and are created
+    0600 from the first byte, then renamed into place. Returns their paths.
+    """
+    width = len(str(tier.channels))
+    paths = []
+    for c in _report(info(tier), warn):
+        path = os.path.join(directory, f"data_{tier.id}_{c.channel:0{width}d}.dat")
+        tmp = os.path.join(directory, f".data_{tier.id}_{c.channel:0{width}d}.{secrets.token_hex(6)}.tmp")
+        fd = create_private(tmp)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for piece in read(tier, c.channel):
+                    f.write(piece)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        paths.append(path)
+    return paths
+
+
+def _report(channels: list[ChannelInfo], warn: Callable[[str], None] | None) -> list[ChannelInfo]:
+    """Pass ``channels`` through, telling ``warn`` about open and empty ones."""
+    if warn is not None:
+        for c in channels:
+            if c.state == "open":
+                warn(f"channel {c.channel} is open (a writer is running, or crashed: reset it with channel-reset)")
+            elif c.bytes == 0:
+                warn(f"channel {c.channel} is empty")
+    return channels
+
+
+def any_data(tier) -> bool:
+    """Return True if any channel of the run holds data or is open."""
+    return any(c.state != "unused" for c in info(tier))

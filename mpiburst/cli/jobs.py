@@ -1,0 +1,122 @@
+"""``mpiburst run`` / ``stage-in`` / ``stage-out``: jobs and their data from the shell.
+
+``run`` wraps a job's command with a tier (:func:`mpiburst.run.run`); its
+messages go to stderr so the command's stdout stays the job's. ``stage-in``
+and ``stage-out`` apply a policy file (:mod:`mpiburst.policy`) and print one
+line per file; ``stage-out`` reloads a run saved by a failed ``run`` and stops
+it again when done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .lifecycle import add_locator
+from .. import policy as policies
+from .. import run as jobs
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``run``, ``stage-in`` and ``stage-out`` sub-commands."""
+    p = sub.add_parser(
+        "run", help="run a command with a tier around it, then stage its data out",
+        description="Start the tier (or join the live one for this ID, or reload a failed run's saved data), "
+                    "run COMMAND with MPIBURST_ID and MPIBURST_CONF set, then stage out per the policy and stop "
+                    "the tier. On failure the --on-failure rule applies. SIGUSR1 syncs now and continues; "
+                    "SIGTERM/SIGINT are forwarded to COMMAND. Exits with COMMAND's status.")
+    p.add_argument("--id", help="run ID (default: $MPIBURST_ID, $SLURM_JOB_ID, $PBS_JOBID, else 'default')")
+    p.add_argument("--dir", help="directory for the run's files (default: current directory)")
+    p.add_argument("--channels", type=int, metavar="N", help="number of channels (default 1, or the saved run's)")
+    p.add_argument("--policy", "-f", metavar="FILE", help="stage-out policy file (default: SYNC every file)")
+    p.add_argument("--on-failure", choices=jobs.ON_FAILURE, default="retain",
+                   help="when COMMAND fails: retain (save the tier for a later stage-out; default), "
+                        "sync (stage out anyway) or discard (drop the tier's data)")
+    p.add_argument("--bfs-root", help="backing-filesystem directory the run's files live under (default: DIR)")
+    p.add_argument("--capacity", help="server memory limit: a size (8G) or a share of node memory (50%%)")
+    p.add_argument("--server", help="server binary (default: $MPIBURST_SERVER, redis-server, valkey-server)")
+    p.add_argument("--socket-dir", help="directory for the unix socket (default: DIR/.mpiburst_<id>)")
+    p.add_argument("--bind", help="address to listen on (default: loopback on one node)")
+    p.add_argument("--align", help="flush alignment (default: detected from the BFS)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...", help="the job's command")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("stage-in", help="prestage input files into the tier (blocking)",
+                       description="Copy BFS files into the tier before a job: the PATHs (directories "
+                                   "recursively) and the IN rules of the policy file.")
+    add_locator(p)
+    p.add_argument("-f", "--policy", metavar="POLICY", help="policy file whose IN rules name the inputs")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print the run and a summary")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="BFS files or directories (or burst:// URLs)")
+    p.set_defaults(func=_stage_in)
+
+    p = sub.add_parser("stage-out", help="sync / purge / retain / discard the tier's files per a policy (blocking)",
+                       description="Apply the policy to the tier's files (all, or those under the PATHs): SYNC "
+                                   "(default) copies to the BFS, PURGE copies then frees the tier, RETAIN leaves "
+                                   "them, DISCARD removes them from the tier and the BFS. A run saved by a failed "
+                                   "'mpiburst run' is reloaded, staged out, and stopped again.")
+    add_locator(p)
+    p.add_argument("-f", "--policy", metavar="POLICY", help="policy file")
+    p.add_argument("-s", "--sync", action="append", default=[], metavar="LIST",
+                   help="comma-separated patterns to SYNC (win over the policy file; repeatable)")
+    p.add_argument("-p", "--purge", action="append", default=[], metavar="LIST", help="patterns to PURGE")
+    p.add_argument("-d", "--discard", action="append", default=[], metavar="LIST", help="patterns to DISCARD")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print the run and a summary")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="limit to these files or directories")
+    p.set_defaults(func=_stage_out)
+
+
+
+
+def _stderr(line: str) -> None:
+    print(f"mpiburst run: {line}", file=sys.stderr, flush=True)
+
+
+def _stdout(line: str) -> None:
+    print(line, flush=True)
+
+
+def _run(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    policy = policies.load(args.policy)
+    options = {k: getattr(args, k) for k in ("bfs_root", "capacity", "server", "socket_dir", "bind", "align")
+               if getattr(args, k) is not None}
+    return jobs.run(command, id=args.id, dir=args.dir, channels=args.channels, policy=policy,
+                    on_failure=args.on_failure, log=None if args.quiet else _stderr, **options)
+
+
+def _stage_in(args: argparse.Namespace) -> int:
+    from ..tier import Tier
+
+    policy = policies.load(args.policy)
+    if not args.paths and not policy.inputs():
+        print("mpiburst stage-in: nothing to stage: give PATHs or a policy with IN rules.", file=sys.stderr)
+        return 2
+    tier = Tier.connect(id=args.id, dir=args.dir)
+    try:
+        done = jobs.stage_in(tier, policy, args.paths, log=_stdout)
+    finally:
+        tier.disconnect()
+    if args.verbose:
+        print(f"stage-in: {len(done)} files staged into run {tier.id}")
+    return 0
+
+
+def _stage_out(args: argparse.Namespace) -> int:
+    policy = policies.load(args.policy)
+    for keyword, lists in (("SYNC", args.sync), ("PURGE", args.purge), ("DISCARD", args.discard)):
+        policy.extend(keyword, lists)
+    tier, started = jobs.finish_saved(id=args.id, dir=args.dir, log=_stdout if args.verbose else None)
+    keep = True
+    try:
+        done = jobs.stage_out(tier, policy, args.paths, log=_stdout)
+        keep = jobs.holds_unsaved(tier)
+    finally:
+        if started:
+            jobs.close_run(tier, keep=keep, log=_stdout if args.verbose else None)
+        else:
+            tier.disconnect()
+    if args.verbose:
+        print(f"stage-out: {len(done)} files of run {tier.id}")
+    return 0

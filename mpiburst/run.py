@@ -1,0 +1,379 @@
+"""Running a job through the tier: stage-in, ``mpiburst run``, stage-out.
+
+:func:`run` is DRMS's ``drms_run`` for the tier: start the run's server (or
+join the one already running for this ID, or reload the snapshot a failed run
+left), run the job's command with ``MPIBURST_ID`` / ``MPIBURST_CONF`` in its
+environment, then decide what happens to the data:
+
+* the command exits 0: :func:`stage_out` every file of the tier per the policy
+  (default: SYNC), then stop the server;
+* it fails (non-zero, killed, or aborted by SIGTERM / SIGINT, which are
+  forwarded to its process group): the *failure rule* — ``retain`` (default:
+  save the tier to ``redis_<id>.rdb`` and stop the server, so
+  ``mpiburst stage-out --id ID`` or ``mpiburst start --restart --id ID`` or a
+  second ``mpiburst run`` with the same ID finishes later), ``sync`` (stage out
+  anyway) or ``discard`` (drop the tier's data);
+* SIGUSR1 *commits* while the command keeps running: every SYNC and PURGE file
+  is synced now (nothing is purged or discarded under a running job). Slurm's
+  ``--signal=B:USR1@N`` thus saves a job that is about to hit its time limit.
+
+The exit status is the command's (128 + signal number when a signal killed
+it), or the error's exit code when stage-out fails after a successful command.
+A server this function started is never left running when it returns; one it
+joined (started by a prolog or ``mpiburst start``) is left to its starter.
+
+:func:`stage_in` and :func:`stage_out` are also the ``mpiburst stage-in`` /
+``stage-out`` commands.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from . import flush, residency, server
+from .channels import any_data
+from .errors import ConfigError, FlushError, MpiburstError, PathError
+from .policy import Policy, Rule
+from .runconf import RunConf, conf_path, rdb_name, resolve_id
+from .store import Store
+from .tier import Tier
+
+#: What to do with the tier's data when the command fails.
+ON_FAILURE = ("retain", "sync", "discard")
+#: Seconds the command gets to exit after a forwarded SIGTERM / SIGINT before SIGKILL.
+KILL_AFTER = 10.0
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Staged:
+    """What stage-in or stage-out did to one file: ``action`` (a policy keyword) and a short ``detail``."""
+
+    path: str
+    action: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.action.lower():8} {self.path}  ({self.detail})"
+
+
+# ----------------------------------------------------------------------------- stage-in / stage-out
+
+def stage_in(tier: Tier, policy: Policy, paths: Sequence[str] = (), log: Log | None = None) -> list[Staged]:
+    """Prestage into the tier the BFS files named by ``paths`` and by the policy's ``IN`` rules.
+
+    Directories are recursive. Every name is checked before anything is
+    copied.
+
+    Raises
+    ------
+    PathError
+        If a path or an ``IN`` pattern names no file on the BFS.
+    """
+    targets = residency.expand(paths, recursive=True, tier=tier, source="bfs") if paths else []
+    for rule in policy.inputs():
+        found = _bfs_matches(rule, tier.bfs_root)
+        if not found:
+            raise PathError(f"{rule.source}:{rule.line}: IN {rule.pattern} matches no file on the BFS; "
+                            "fix the pattern or create the input, nothing was staged.")
+        targets += found
+    done = []
+    for target in dict.fromkeys(targets):
+        staged = residency.prestage(target, tier=tier)
+        done.append(_note(Staged(target, "IN", f"{staged} bytes staged"), log))
+    return done
+
+
+def _bfs_matches(rule: Rule, bfs_root: str) -> list[str]:
+    """Return the BFS files under ``bfs_root``'s tree that ``rule`` covers, sorted."""
+    pattern = rule.absolute(bfs_root)
+    parts = pattern.split("/")
+    fixed = next((i for i, p in enumerate(parts) if any(c in p for c in "*?[")), len(parts))
+    base = "/".join(parts[:fixed]) or "/"
+    if os.path.isfile(base):
+        return [os.path.realpath(base)] if rule.matches(os.path.realpath(base), bfs_root) else []
+    found = []
+    for directory, _, names in os.walk(base):
+        for name in names:
+            path = os.path.join(directory, name)
+            if os.path.isfile(path) and rule.matches(path, bfs_root):
+                found.append(os.path.realpath(path))
+    return sorted(found)
+
+
+def stage_out(tier: Tier, policy: Policy, paths: Sequence[str] = (), commit: bool = False,
+              log: Log | None = None) -> list[Staged]:
+    """Apply the policy's stage-out action to the tier's files (all, or those at or under ``paths``).
+
+    Parameters
+    ----------
+    commit
+        Only sync (SYNC and PURGE files): nothing is purged or discarded.
+        This is what SIGUSR1 does to a running job.
+
+    Returns
+    -------
+    list of Staged
+        One entry per file, in path order.
+
+    Raises
+    ------
+    FlushError
+        After every file was tried, if any sync failed (those files stay dirty).
+    PathError
+        If a path is outside the root or names nothing in the tier.
+    """
+    store = Store(tier.redis)
+    targets = residency.expand(paths, recursive=True, tier=tier) if paths else sorted(store.files())
+    done: list[Staged] = []
+    failed: list[str] = []
+    for target in targets:
+        action = policy.action(target, tier.bfs_root)
+        try:
+            entry = _stage_out_one(tier, store, target, action, commit)
+        except MpiburstError as exc:
+            failed.append(str(exc))
+            entry = Staged(target, action, f"FAILED: {exc}")
+        if entry is not None:
+            done.append(_note(entry, log))
+    if failed:
+        raise FlushError(f"stage-out of {len(failed)} of {len(targets)} files failed (their data stays in the "
+                         f"tier; run stage-out again): {failed[0]}")
+    return done
+
+
+def _stage_out_one(tier: Tier, store: Store, target: str, action: str, commit: bool) -> Staged | None:
+    """Do ``action`` to one file; return what was done (None: nothing to say during a commit)."""
+    meta = store.meta(target)
+    if meta is None:  # removed meanwhile
+        return None
+    if action in ("RETAIN", "DISCARD") and commit:
+        return None
+    if action == "DISCARD":
+        residency.rm(target, tier=tier)
+        return Staged(target, action, "removed from the tier and the BFS")
+    if action == "RETAIN":
+        dirty = residency.frag_stat(target, tier=tier).dirty
+        return Staged(target, action, f"left in the tier, {dirty} bytes dirty")
+    detail = "already clean"
+    if meta.dirty:
+        report = flush.sync(target, tier=tier)
+        detail = f"{report.bytes} bytes in {report.writes} writes"
+    if action == "PURGE" and not commit:
+        freed = residency.purge(target, tier=tier)
+        detail += f", {freed} bytes freed"
+    return Staged(target, action, detail)
+
+
+def _note(entry: Staged, log: Log | None) -> Staged:
+    if log is not None:
+        log(str(entry))
+    return entry
+
+
+# ----------------------------------------------------------------------------- open a run
+
+def open_run(id: str | None = None, dir: str | None = None, channels: int | None = None,
+             log: Log | None = None, **start_options: Any) -> tuple[Tier, bool]:
+    """Return ``(tier, started)`` for a run: join a live one, reload a saved one, or start a new one.
+
+    ``started`` is True when this process started (or restarted) the server
+    and so must stop it.
+    """
+    run_id = resolve_id(id, warn=True)
+    directory = os.path.abspath(dir or os.getcwd())
+    path = conf_path(directory, run_id)
+    if os.path.lexists(path):
+        conf = RunConf.load(path)
+        if server.pid_alive(conf.pid, conf.server):
+            if log:
+                log(f"joined the running tier of run {run_id} (PID {conf.pid})")
+            return Tier.connect(conf=conf), False
+    restart = os.path.exists(os.path.join(directory, rdb_name(run_id)))
+    if restart and log:
+        log(f"reloading the data run {run_id} saved in {os.path.join(directory, rdb_name(run_id))}")
+    tier = Tier.start(channels=channels, id=run_id, dir=directory, restart=restart, **start_options)
+    if log:
+        log(f"started the tier of run {run_id} (PID {tier.conf.pid}, {tier.channels} channels, "
+            f"BFS root {tier.bfs_root})")
+    return tier, True
+
+
+def finish_saved(id: str | None = None, dir: str | None = None, log: Log | None = None) -> tuple[Tier, bool]:
+    """Return a tier for stage-out: the live run, or the saved one reloaded (``started`` True)."""
+    run_id = resolve_id(id)
+    directory = os.path.abspath(dir or os.getcwd())
+    path = conf_path(directory, run_id)
+    if os.path.lexists(path):
+        conf = RunConf.load(path)
+        if server.pid_alive(conf.pid, conf.server):
+            return Tier.connect(conf=conf), False
+    if not os.path.exists(os.path.join(directory, rdb_name(run_id))):
+        raise ConfigError(f"run {run_id} is neither running nor saved in {directory}; check --id and --dir.")
+    if log:
+        log(f"reloading the data run {run_id} saved in {os.path.join(directory, rdb_name(run_id))}")
+    return Tier.start(id=run_id, dir=directory, restart=True), True
+
+
+def close_run(tier: Tier, keep: bool, log: Log | None = None) -> None:
+    """Stop a server this process started: saved to ``redis_<id>.rdb`` when ``keep`` and it holds data."""
+    keep = keep and tier.redis.dbsize() > 0
+    rdb = os.path.join(tier.conf.dir, rdb_name(tier.id))
+    tier.disconnect()
+    # discard also removes a snapshot this run was reloaded from: its data is now on the BFS
+    server.stop_run(tier.conf, save=keep, discard=not keep)
+    if log:
+        log(f"stopped the tier of run {tier.id}" + (f"; its data is saved in {rdb}" if keep else ""))
+
+
+def holds_unsaved(tier: Tier) -> bool:
+    """Return True if the tier holds data the BFS does not: dirty files, or channel data."""
+    return bool(residency.dirty_files(tier, include_pinned=True)) or any_data(tier)
+
+
+# ----------------------------------------------------------------------------- mpiburst run
+
+class _Signals:
+    """SIGUSR1 / SIGTERM / SIGINT / SIGHUP handling while the command runs."""
+
+    FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.child: subprocess.Popen | None = None
+        self.commit = False
+        self.aborted: int | None = None
+        self.abort_time = 0.0
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGUSR1, *self.FORWARDED):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGUSR1:
+            self.commit = True
+            return
+        if self.aborted is None:
+            self.aborted, self.abort_time = signum, time.monotonic()
+        self.forward(signum)
+
+    def forward(self, signum: int) -> None:
+        """Send ``signum`` to the command's process group."""
+        if self.child is not None and self.child.poll() is None:
+            try:
+                os.killpg(self.child.pid, signum)
+            except ProcessLookupError:
+                pass
+
+
+def run(command: Sequence[str], *, id: str | None = None, dir: str | None = None, channels: int | None = None,
+        policy: Policy | None = None, on_failure: str = "retain", log: Log | None = None,
+        **start_options: Any) -> int:
+    """Run ``command`` with a tier around it (see the module docstring); return its exit status.
+
+    Parameters
+    ----------
+    command
+        The program and its arguments (typically ``mpiexec`` / ``srun`` ...).
+    id, dir, channels, **start_options
+        As for ``mpiburst start`` (``bfs_root``, ``capacity``, ``server`` ...).
+    policy
+        The stage-out policy (default: SYNC every file).
+    on_failure
+        ``retain``, ``sync`` or ``discard``: what happens to the data when
+        the command fails or is aborted.
+    log
+        Called with one line per step (start, staged files, stop).
+
+    Raises
+    ------
+    ConfigError
+        On a bad option (before anything is started).
+    ServerError
+        If the tier cannot be started.
+    """
+    if on_failure not in ON_FAILURE:
+        raise ConfigError(f"--on-failure {on_failure!r} is not one of {', '.join(ON_FAILURE)}.")
+    if not command:
+        raise ConfigError("no command to run; give it after '--', e.g. mpiburst run -- mpiexec -n 4 ./app.")
+    policy = policy or Policy()
+    say = log or (lambda line: None)
+    tier, started = open_run(id=id, dir=dir, channels=channels, log=say, **start_options)
+    signals = _Signals()
+    signals.install()
+    try:
+        status = _supervise(command, tier, policy, signals, say)
+        failed = status != 0 or signals.aborted is not None
+        if failed:
+            say(f"the command failed (exit status {status}); applying --on-failure {on_failure}")
+        keep = False
+        if not failed or on_failure == "sync":
+            try:
+                stage_out(tier, policy, log=say)
+            except MpiburstError as exc:
+                say(f"stage-out failed: {exc}")
+                keep = True
+                if not failed:
+                    status = exc.exit_code
+        elif on_failure == "retain":
+            keep = True
+        if started:
+            close_run(tier, keep=keep, log=say)
+            if keep:
+                say(f"finish it later with 'mpiburst stage-out --id {tier.id} --dir {tier.conf.dir}', "
+                    f"or run the job again with the same --id")
+        elif on_failure == "discard" and failed:
+            say(f"the tier of run {tier.id} was joined, not started here: its data is left to its owner")
+        return status
+    except BaseException:
+        if started:  # never leave a started server behind, even on a bug: keep its data
+            try:
+                close_run(tier, keep=True, log=say)
+            except MpiburstError as exc:
+                say(f"could not save the tier: {exc}")
+                server.stop_run(tier.conf)
+        raise
+    finally:
+        signals.restore()
+
+
+def _supervise(command: Sequence[str], tier: Tier, policy: Policy, signals: _Signals, say: Log) -> int:
+    """Run the command in its own process group; commit on SIGUSR1; return its exit status."""
+    env = dict(os.environ, MPIBURST_ID=tier.id, MPIBURST_CONF=tier.conf.path)
+    try:
+        signals.child = subprocess.Popen(list(command), env=env, process_group=0)
+    except OSError as exc:
+        say(f"cannot run {command[0]!r}: {exc.strerror}")
+        return 127 if isinstance(exc, FileNotFoundError) else 126
+    child = signals.child
+    if signals.aborted is not None:  # a signal arrived while starting it
+        signals.forward(signals.aborted)
+    killed = False
+    while True:
+        try:
+            code = child.wait(timeout=0.1)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        if signals.commit:
+            signals.commit = False
+            say("SIGUSR1: committing (syncing the tier's SYNC and PURGE files) while the command runs")
+            try:
+                stage_out(tier, policy, commit=True, log=say)
+            except MpiburstError as exc:
+                say(f"commit failed: {exc}")
+        if signals.aborted is not None and not killed and time.monotonic() - signals.abort_time > KILL_AFTER:
+            say(f"the command did not exit {KILL_AFTER:.0f} s after the signal; killing it")
+            signals.forward(signal.SIGKILL)
+            killed = True
+    return 128 - code if code < 0 else code

@@ -1,0 +1,182 @@
+"""The Slurm scripts of ``jobscripts/slurm/`` submitted to a real one-node Slurm (``tests/slurm_cluster.py``).
+
+Each job runs with the repository's venv (``MPIBURST_PYTHON``, PATH) and a
+BFS in the test's directory; after it ends, its output files are compared
+byte for byte with what the program must have written, and the server PID
+the job's log names must be gone. The prolog / epilog scripts are run
+directly with Slurm's variables set (configuring them in the test cluster's
+slurm.conf would change a shared file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+
+from conftest import REPO, _server_pids_in, cli_env
+from mpiburst import server
+
+SCRIPTS = REPO / "jobscripts" / "slurm"
+EXAMPLES = REPO / "examples"
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def expected_state(rank: int, size: int, steps: int) -> np.ndarray:
+    """The state examples/checkpoint_restart.py holds on ``rank`` after ``steps`` steps."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import checkpoint_restart as app
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    state = app.initial(rank, size)
+    for n in range(1, steps + 1):
+        state = app.step(state, n)
+    return state
+
+
+def expected_file(ranks: int, size: int, steps: int) -> bytes:
+    return b"".join(expected_state(r, size, steps).tobytes() for r in range(ranks))
+
+
+def job_env(server_binary: str, **extra: str) -> dict:
+    env = cli_env(MPIBURST_SERVER=server_binary, MPIBURST_PYTHON=sys.executable, **extra)
+    env["PATH"] = VENV_BIN + os.pathsep + env["PATH"]
+    return env
+
+
+def server_pids_logged(log: str) -> list[int]:
+    """The server PIDs 'mpiburst run' reported starting in a job's log."""
+    return [int(p) for p in re.findall(r"started the tier of run \S+ \(PID (\d+)", log)]
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    from slurm_cluster import cluster
+
+    with cluster() as c:
+        yield c
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(300)
+def test_mpi_job_stages_in_runs_and_stages_out(slurm, tmp_path: Path, server_binary: str) -> None:
+    (tmp_path / "input").mkdir()
+    (tmp_path / "input/params.txt").write_text("steps=9\n")
+    (tmp_path / "job.policy").write_text("IN input/\nSYNC sim/\nDISCARD sim/ckpt_*\n")
+    app = f"python {EXAMPLES / 'checkpoint_restart.py'} --steps 9 --every 3 --size 5000"
+    job = slurm.submit(SCRIPTS / "mpi_job.sbatch", cwd=tmp_path, env=job_env(server_binary, APP=app),
+                       extra_args=("-n", "2", "-o", "job.out"))
+    result = slurm.wait(job, timeout=240)
+    log = (tmp_path / "job.out").read_text()
+    assert result == ("COMPLETED", 0, 0), log
+    assert (tmp_path / "sim/result.bin").read_bytes() == expected_file(2, 5000, 9)
+    assert (tmp_path / "sim/latest").read_bytes() == np.array([9], dtype=np.int64).tobytes()
+    assert not list((tmp_path / "sim").glob("ckpt_*"))          # DISCARD removed them from the BFS
+    assert f"in       {tmp_path / 'input/params.txt'}" in log      # staged in
+    pids = server_pids_logged(log)
+    assert len(pids) == 1 and not server.pid_alive(pids[0])
+    assert not (tmp_path / f"mpiburst_{job}.conf").exists() and not _server_pids_in(tmp_path)
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(300)
+def test_many_small_tasks_job(slurm, tmp_path: Path, server_binary: str) -> None:
+    env = job_env(server_binary, NTASKS="40", TASKS_SCRIPT=str(EXAMPLES / "many_small_tasks.sh"))
+    job = slurm.submit(SCRIPTS / "many_tasks.sbatch", cwd=tmp_path, env=env,
+                       extra_args=("-c", "2", "-o", "tasks.out"))
+    result = slurm.wait(job, timeout=240)
+    log = (tmp_path / "tasks.out").read_text()
+    assert result == ("COMPLETED", 0, 0), log
+    for w in range(2):
+        expected = "".join(f"task {i}: square {i * i}\n" for i in range(w, 40, 2))
+        assert (tmp_path / f"results/data_{job}_{w}.dat").read_text() == expected
+    pids = server_pids_logged(log)
+    assert len(pids) == 1 and not server.pid_alive(pids[0])
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(300)
+def test_time_limit_commit_with_signal(slurm, tmp_path: Path, server_binary: str) -> None:
+    """--time=1 with --signal=B:USR1@50: the commit lands checkpoints on the BFS before the limit kills the job."""
+    app = f"python {EXAMPLES / 'checkpoint_restart.py'} --steps 100000 --every 2 --size 1000 --step-time 0.5"
+    job = slurm.submit(SCRIPTS / "time_limit.sbatch", cwd=tmp_path, env=job_env(server_binary, APP=app),
+                       extra_args=("-n", "2", "--time=1", "--signal=B:USR1@50", "-o", "limit.out"))
+    result = slurm.wait(job, timeout=200)
+    log = (tmp_path / "limit.out").read_text()
+    assert result.state == "TIMEOUT", log
+    assert "SIGUSR1: committing" in log
+    # The committed checkpoint named by 'latest' is complete and exact on the BFS.
+    latest = int(np.frombuffer((tmp_path / "sim/latest").read_bytes(), dtype=np.int64)[0])
+    assert latest >= 2 and latest % 2 == 0
+    assert (tmp_path / f"sim/ckpt_{latest:06d}.bin").read_bytes() == expected_file(2, 1000, latest)
+    pids = server_pids_logged(log)
+    assert len(pids) == 1 and not server.pid_alive(pids[0])
+    assert not _server_pids_in(tmp_path)
+
+
+@pytest.fixture
+def site(tmp_path: Path, server_binary: str) -> Iterator[dict]:
+    """Environment of a prolog/epilog call: job 990001 of root, site dir and BFS under tmp_path."""
+    (tmp_path / "bfs").mkdir()
+    user = subprocess.run(["id", "-un"], capture_output=True, text=True, timeout=10).stdout.strip()
+    env = job_env(server_binary, SLURM_JOB_ID="990001", SLURM_JOB_USER=user, SLURM_NTASKS="2", MPIBURST_SITE_DIR=str(tmp_path / "site"),
+                  MPIBURST_BFS_ROOT=str(tmp_path / "bfs"), MPIBURST_CAPACITY="128M",
+                  MPIBURST_SITE_CONF=str(tmp_path / "none.sh"))
+    yield env
+    for pid in _server_pids_in(tmp_path):
+        os.kill(pid, 9)
+
+
+@pytest.mark.timeout(180)
+def test_prolog_job_epilog(site: dict, tmp_path: Path) -> None:
+    run_dir = tmp_path / "site/990001"
+    assert subprocess.run(["bash", SCRIPTS / "prolog.sh"], env=site, timeout=120).returncode == 0
+    conf = run_dir / "mpiburst_990001.conf"
+    assert conf.stat().st_mode & 0o777 == 0o600
+    pid = json.loads(conf.read_text())["pid"]
+    assert server.pid_alive(pid)
+    exports = subprocess.run(["bash", SCRIPTS / "task_prolog.sh"], env=site, capture_output=True, text=True,
+                             timeout=30).stdout
+    assert f"export MPIBURST_CONF={conf}" in exports
+    # the job: joins the prolog's tier through MPIBURST_CONF, writes and exits with an error (not staged out)
+    job_env_ = dict(site, MPIBURST_CONF=str(conf))
+    code = (f"import mpiburst.client as c, mpiburst.tier as t, os; tier = t.Tier.current(); "
+            f"p = os.path.join(tier.bfs_root, 'out.dat'); f = c.TierFile(tier, p, 0); f.store.create(p, None); "
+            f"f.write(0, memoryview(b'epilog' * 999)); f.push()")
+    done = subprocess.run([sys.executable, "-m", "mpiburst", "run", "--dir", str(run_dir), "--id", "990001", "--",
+                           sys.executable, "-c", code + "; raise SystemExit(4)"], env=job_env_, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 4 and "joined the running tier" in done.stderr, done.stderr
+    assert server.pid_alive(pid) and not (tmp_path / "bfs/out.dat").exists()   # left to the epilog
+    assert subprocess.run(["bash", SCRIPTS / "epilog.sh"], env=site, timeout=120).returncode == 0
+    assert (tmp_path / "bfs/out.dat").read_bytes() == b"epilog" * 999
+    assert not server.pid_alive(pid) and not conf.exists()
+
+
+@pytest.mark.timeout(120)
+def test_epilog_kills_a_server_that_will_not_stop(site: dict, tmp_path: Path) -> None:
+    assert subprocess.run(["bash", SCRIPTS / "prolog.sh"], env=site, timeout=120).returncode == 0
+    conf = tmp_path / "site/990001/mpiburst_990001.conf"
+    pid = json.loads(conf.read_text())["pid"]
+    os.kill(pid, 19)       # SIGSTOP: the server can no longer answer stage-out or stop
+    try:
+        env = dict(site, MPIBURST_STAGEOUT_TIMEOUT="3")
+        assert subprocess.run(["bash", SCRIPTS / "epilog.sh"], env=env, timeout=200).returncode == 0
+        assert not server.pid_alive(pid)
+        assert "killing it" in (tmp_path / "site/990001/epilog.log").read_text()
+    finally:
+        if server.pid_alive(pid):
+            os.kill(pid, 9)
+
+
+def test_scripts_are_valid_bash() -> None:
+    for script in sorted(SCRIPTS.iterdir()):
+        assert subprocess.run(["bash", "-n", script], timeout=10).returncode == 0, script
