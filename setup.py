@@ -35,6 +35,12 @@ setup(
     entry_points={
         "console_scripts": [
             "mpiburst=mpiburst.cli:main",
+            "mem_io_start=mpiburst.memio:start_main",
+            "mem_io_store=mpiburst.memio:store_main",
+            "mem_io_retrieve=mpiburst.memio:retrieve_main",
+            "mem_io_status=mpiburst.memio:status_main",
+            "mem_io_stop=mpiburst.memio:stop_main",
+            "mem_io_reset=mpiburst.memio:reset_main",
         ],
     },
     classifiers=[

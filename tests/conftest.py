@@ -81,8 +81,21 @@ def cli(tmp_path: Path, server_binary: str) -> Iterator[Callable[..., subprocess
                               text=True, timeout=timeout)
 
     yield run
-    for pid in _server_pids_in(tmp_path):  # safety net after a failed test: never leak a server
-        os.kill(pid, signal.SIGKILL)
+    # Safety net after a failed test: never leak a server a CLI command started. Processes this
+    # test process started itself (a `tier` fixture's server and engine) are its children and are
+    # left to their own teardown.
+    for pid in _server_pids_in(tmp_path):
+        if _parent(pid) != os.getpid():
+            os.kill(pid, signal.SIGKILL)
+
+
+def _parent(pid: int) -> int | None:
+    """Return the parent PID of ``pid`` (None if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _server_pids_in(path: Path | str) -> list[int]:

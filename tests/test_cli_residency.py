@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from mpiburst import residency, server
 from mpiburst.store import Store
 
 from conftest import cli_env
@@ -49,7 +50,16 @@ def test_sync_block_verbose_and_frag_stat_json(atier, cli):
     assert json.loads(proc.stdout) == dict(path=path, dirty=0, pending=0, clean=200_000, deletable=0)
 
 
+def test_sync_non_blocking_is_served_by_the_engine(atier, cli):
+    path, model = _file(atier, "q.dat")
+    proc = cli("sync", "--id", atier.id, "burst://q.dat")
+    assert proc.returncode == 0 and "no engine runs" not in proc.stderr
+    assert residency.wait_clean(path, tier=atier, timeout=30)
+    assert open(path, "rb").read() == bytes(model.data)
+
+
 def test_sync_non_blocking_queues_and_warns_without_engine(atier, cli):
+    server._end_engine(atier.conf.engine_pid)
     _file(atier, "q.dat")
     proc = cli("sync", "--id", atier.id, "burst://q.dat")
     assert proc.returncode == 0 and "no engine runs" in proc.stderr

@@ -115,4 +115,3 @@ def _status(args: argparse.Namespace) -> int:
         print(f"clients    {state['clients'] if state['clients'] is not None else '-'}")
         print(f"bfs root   {state['bfs_root']}  (align {format_size(state['align'])})")
     return 0 if state["up"] else 3
-_add_locator = add_locator  # TEMP until the jobs/channels areas switch
