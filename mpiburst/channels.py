@@ -112,11 +112,9 @@ def store(tier, channel: int, stream: BinaryIO) -> int:
 def _execute(pipe: redis.client.Pipeline) -> None:
     try:
         pipe.execute()
-    except redis.ResponseError as exc:
-        if "OOM" in str(exc):
-            raise TierFullError("the tier is full; retrieve and reset channels, or start the run with a larger "
-                                "--capacity.") from None
-        raise
+    except redis.OutOfMemoryError:  # redis-py strips the server's "OOM" prefix into this type
+        raise TierFullError("the tier is full; retrieve and reset channels, or start the run with a larger "
+                            "--capacity.") from None
 
 
 def _release(r: redis.Redis, channel: int, token: str) -> None:

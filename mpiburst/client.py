@@ -16,7 +16,7 @@ import redis
 from .errors import ServerError, TierFullError
 from .overlay import Extent, paint
 from .sizes import parse_size
-from .store import MAX_BLOB, MAX_EXTENT, FileMeta, RecordGone, Store
+from .store import MAX_BLOB, MAX_EXTENT, FileMeta, RecordGone, store_of
 
 #: Default size of a handle's write-back buffer (``MPIBURST_WR_BUFFER`` overrides); 4 MiB
 #: measured best here between 1 and 8 MiB (see docs/benchmarks.md).
@@ -33,15 +33,6 @@ def buffer_size(hint: str | int | None = None) -> int:
     if value in (None, ""):
         return DEFAULT_BUFFER
     return max(parse_size(value, "write buffer size"), 1)
-
-
-def store_of(tier) -> Store:
-    """Return the :class:`Store` over ``tier``'s connection (one per tier, cached on it)."""
-    store = getattr(tier, "_mpiburst_store", None)
-    if store is None:
-        store = Store(tier.redis)
-        tier._mpiburst_store = store
-    return store
 
 
 class TierFile:
@@ -144,17 +135,26 @@ class TierFile:
         self._inflight = (tmp, payload, extents)
 
     def _await(self) -> None:
-        """Wait for the batch in flight, if any; retry it through :meth:`_commit` if the tier was full."""
+        """Wait for the batch in flight, if any; retry it through :meth:`_commit` if it did not land.
+
+        The batch is held until the tier has it: if the retry fails too (a
+        full tier), nothing is lost and a later push sends it again.
+        """
         if self._inflight is None:
             return
         tmp, payload, extents = self._inflight
+        if tmp is not None:
+            self._inflight = (None, payload, extents)  # its replies are read now: no longer on the wire
+            try:
+                self.store.finish_commit(self._conn, tmp)
+                self._inflight = None
+                return
+            except (TierFullError, RecordGone):
+                pass
+            except redis.ConnectionError as exc:
+                raise _lost(exc) from None
+        self._commit(payload, extents)
         self._inflight = None
-        try:
-            self.store.finish_commit(self._conn, tmp)
-        except (TierFullError, RecordGone):
-            self._commit(payload, extents)
-        except redis.ConnectionError as exc:
-            raise _lost(exc) from None
 
     def _commit(self, payload: memoryview, extents) -> None:
         """Commit one batch and wait; when the tier is full, flush and free data, then retry."""

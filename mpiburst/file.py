@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 from mpi4py import MPI
 from mpi4py.util import dtlib
 
@@ -79,6 +80,8 @@ def message(buf: Any, writable: bool) -> memoryview:
         raise BufferError("Object is not writable.")
     if not view.contiguous:
         raise BufferError("buffer is not contiguous")
+    if not view.c_contiguous:  # Fortran order: its bytes in memory order, as MPI.File takes them
+        view = memoryview(np.asarray(view).T)
     raw = view.cast("B") if view.format != "B" or view.ndim != 1 else view
     if dtype is None:
         return raw
@@ -154,7 +157,8 @@ class File:
         self._atomic = False
         self._pos = 0
         if amode & MPI.MODE_APPEND:
-            self._pos = self._tf.size()
+            # Rank 0 reads the size before any rank can write (they wait for this bcast): all agree.
+            self._pos = comm.bcast(self._tf.size() if rank == 0 else None, root=0)
 
     # -- open / close / delete ------------------------------------------------
     @classmethod
@@ -225,9 +229,20 @@ class File:
     def __enter__(self) -> "File":
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self._tf is not None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Close the file; after an exception, close only this rank's part.
+
+        The other ranks may not be here (one rank's failed check must not
+        leave it blocked in the collective ``Close``), so no collective runs:
+        this rank's buffered writes are pushed and its connection released.
+        """
+        if self._tf is None:
+            return
+        if exc_type is None:
             self.Close()
+            return
+        tf, self._tf = self._tf, None
+        tf.close()
 
     # -- writes -----------------------------------------------------------------
     def Write_at(self, offset: int, buf: Any, status: MPI.Status | None = None) -> None:

@@ -50,7 +50,7 @@ import redis
 from .errors import FlushError, MpiburstError, PathError
 from .overlay import Extent, paint
 from .paths import resolve
-from .store import Store
+from .store import Store, store_of
 
 #: Redis list of queued requests (JSON objects ``{"op", "path", ...}``) for the engine.
 QUEUE = "mpb:queue"
@@ -207,7 +207,7 @@ def sync(path: str | os.PathLike, *, tier: Any = None, comm: Any = None, block: 
         enqueue(tier, "sync", target)
         return None
     comm = comm if comm is not None else _Solo()
-    store = Store(tier.redis)
+    store = store_of(tier)
     started = time.monotonic()
 
     plan: _Plan | MpiburstError | None = None

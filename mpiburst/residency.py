@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 from . import flush
+from .client import store_of
 from .errors import FlushError, MpiburstError, PathError
 from .overlay import gaps, visible
 from .paths import resolve
@@ -56,6 +57,12 @@ def _tier(tier: Any) -> Any:
     from .tier import Tier
 
     return tier or Tier.current()
+
+
+def _locate(path: str | os.PathLike, tier: Any) -> tuple[Any, Store, str]:
+    """Return the tier (default: the current one), its store and the BFS path ``path`` names."""
+    tier = _tier(tier)
+    return tier, store_of(tier), resolve(path, tier.bfs_root)
 
 
 def _known(store: Store, target: str) -> FileMeta:
@@ -92,9 +99,7 @@ def purge(path: str | os.PathLike, *, clean_only: bool = False, force: bool = Fa
     PathError
         If the tier does not hold the file.
     """
-    tier = _tier(tier)
-    store = Store(tier.redis)
-    target = resolve(path, tier.bfs_root)
+    tier, store, target = _locate(path, tier)
     meta = _known(store, target)
     if clean_only:
         return store.drop_clean(target)
@@ -117,9 +122,7 @@ def unpin(path: str | os.PathLike, *, tier: Any = None) -> None:
 
 
 def _set_pinned(path: str | os.PathLike, pinned: bool, tier: Any) -> None:
-    tier = _tier(tier)
-    store = Store(tier.redis)
-    target = resolve(path, tier.bfs_root)
+    tier, store, target = _locate(path, tier)
     if store.meta(target) is None:
         size = _bfs_size(target)
         if size is None:
@@ -155,7 +158,7 @@ def prestage(path: str | os.PathLike, *, keep: bool = False, block: bool = True,
     if not block:
         flush.enqueue(tier, "prestage", target, keep=keep)
         return None
-    store = Store(tier.redis)
+    store = store_of(tier)
     size = os.path.getsize(target)
     meta = store.create(target, size)
     if not keep:
@@ -193,9 +196,7 @@ def frag_stat(path: str | os.PathLike, *, tier: Any = None) -> FragStat:
     PathError
         If the tier does not hold the file.
     """
-    tier = _tier(tier)
-    store = Store(tier.redis)
-    target = resolve(path, tier.bfs_root)
+    tier, store, target = _locate(path, tier)
     meta = _known(store, target)
     return _frag_stat(store, meta)
 
@@ -218,7 +219,7 @@ def _frag_stat(store: Store, meta: FileMeta) -> FragStat:
 def ls(path: str | os.PathLike | None = None, *, tier: Any = None) -> list[FileMeta]:
     """Return the records of the tier's files, sorted by path: all, or those at or under ``path``."""
     tier = _tier(tier)
-    store = Store(tier.redis)
+    store = store_of(tier)
     paths = sorted(store.files())
     if path is not None:
         target = resolve(path, tier.bfs_root)
@@ -235,9 +236,7 @@ def stat(path: str | os.PathLike, *, tier: Any = None) -> dict[str, Any]:
     PathError
         If the tier does not hold the file.
     """
-    tier = _tier(tier)
-    store = Store(tier.redis)
-    target = resolve(path, tier.bfs_root)
+    tier, store, target = _locate(path, tier)
     meta = _known(store, target)
     info = asdict(meta)
     info.update(_frag_stat(store, meta).as_dict())
@@ -255,9 +254,7 @@ def read(path: str | os.PathLike, *, tier: Any = None, chunk: int | None = None)
     PathError
         If the tier does not hold the file.
     """
-    tier = _tier(tier)
-    store = Store(tier.redis)
-    target = resolve(path, tier.bfs_root)
+    tier, store, target = _locate(path, tier)
     meta = _known(store, target)
     chunk = chunk or tier.align
     fd = os.open(target, os.O_RDONLY) if os.path.exists(target) else None
@@ -286,9 +283,7 @@ def rm(path: str | os.PathLike, *, tier: Any = None) -> None:
     MpiburstError
         If a flush of the file is running.
     """
-    tier = _tier(tier)
-    store = Store(tier.redis)
-    target = resolve(path, tier.bfs_root)
+    tier, store, target = _locate(path, tier)
     known = store.meta(target) is not None
     on_bfs = os.path.lexists(target)
     if not known and not on_bfs:
@@ -319,7 +314,7 @@ def expand(paths: Iterable[str | os.PathLike], *, recursive: bool, tier: Any = N
         If a directory is given without ``recursive``, or holds no file.
     """
     tier = _tier(tier)
-    files = sorted(Store(tier.redis).files()) if source == "tier" else []
+    files = sorted(store_of(tier).files()) if source == "tier" else []
     out: list[str] = []
     for path in paths:
         target = resolve(path, tier.bfs_root)
@@ -348,7 +343,7 @@ def expand(paths: Iterable[str | os.PathLike], *, recursive: bool, tier: Any = N
 
 def dirty_files(tier: Any, include_pinned: bool = False) -> list[FileMeta]:
     """Return the records of the tier's files holding data not on the BFS (unpinned unless asked)."""
-    store = Store(tier.redis)
+    store = store_of(tier)
     out = []
     for p in sorted(store.files()):
         meta = store.meta(p)
@@ -378,7 +373,7 @@ def auto_sync(tier: Any, order: Callable[[list[FileMeta]], list[FileMeta]] | Non
 
 def auto_purge(tier: Any) -> int:
     """Drop the clean data of every unpinned file; return the bytes freed."""
-    store = Store(tier.redis)
+    store = store_of(tier)
     freed = 0
     for p in sorted(store.files()):
         meta = store.meta(p)
@@ -401,9 +396,7 @@ def make_room(tier: Any) -> bool:
 
 def wait_clean(path: str, *, tier: Any = None, timeout: float = 30.0) -> bool:
     """Wait until the tier holds nothing dirty of ``path`` (a queued sync done); True if it happened."""
-    tier = _tier(tier)
-    store = Store(tier.redis)
-    target = resolve(path, tier.bfs_root)
+    tier, store, target = _locate(path, tier)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         meta = store.meta(target)

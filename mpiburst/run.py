@@ -40,7 +40,7 @@ from .channels import any_data
 from .errors import ConfigError, FlushError, MpiburstError, PathError
 from .policy import Policy, Rule
 from .runconf import RunConf, conf_path, rdb_name, resolve_id
-from .store import Store
+from .store import Store, store_of
 from .tier import Tier
 
 #: What to do with the tier's data when the command fails.
@@ -129,7 +129,7 @@ def stage_out(tier: Tier, policy: Policy, paths: Sequence[str] = (), commit: boo
     PathError
         If a path is outside the root or names nothing in the tier.
     """
-    store = Store(tier.redis)
+    store = store_of(tier)
     targets = residency.expand(paths, recursive=True, tier=tier) if paths else sorted(store.files())
     done: list[Staged] = []
     failed: list[str] = []

@@ -104,6 +104,28 @@ redis.call('HSET', KEYS[1], 'size', n)
 return old
 """
 
+# The flush's bookkeeping must run when the tier is full (noeviction refuses every write
+# then, and the flush is what makes room): these scripts carry the allow-oom flag.
+_ALLOW_OOM = "#!lua flags=allow-oom\n"
+
+# Take a file's flush lease.
+_LEASE = """
+return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+"""
+
+# Extend a lease, only for its holder.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+# Record the snapshot a flush takes; return the file's record.
+_BEGIN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
+redis.call('HSET', KEYS[1], 'pending', redis.call('HGET', KEYS[1], 'seq') or '0')
+return redis.call('HGETALL', KEYS[1])
+"""
+
 # Mark a flush snapshot clean, but only for the flush that holds the lease.
 _MARK_CLEAN = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
@@ -133,6 +155,15 @@ return 0
 class RecordGone(Exception):
     """A commit did not run and can simply be sent again: its file has no record (purged or
     deleted meanwhile: register it first) or the server had lost the commit script."""
+
+
+def store_of(tier) -> "Store":
+    """Return the :class:`Store` over ``tier``'s connection (one per tier, cached on it)."""
+    store = getattr(tier, "_mpiburst_store", None)
+    if store is None:
+        store = Store(tier.redis, allow_oom=not getattr(tier, "is_memory", False))
+        tier._mpiburst_store = store
+    return store
 
 
 def file_id(path: str) -> str:
@@ -186,14 +217,21 @@ class Store:
     ----------
     client
         A redis-py client (real server or, in unit tests, fakeredis).
+    allow_oom
+        Let the flush's bookkeeping scripts run on a full tier (Redis >= 7 script
+        flags); False for fakeredis, which does not parse them.
     """
 
-    def __init__(self, client: redis.Redis):
+    def __init__(self, client: redis.Redis, allow_oom: bool = True):
         self.r = client
+        oom = _ALLOW_OOM if allow_oom else ""  # fakeredis (memory tier) parses no script flags
         self._commit = client.register_script(_COMMIT)
         self._truncate = client.register_script(_TRUNCATE)
-        self._mark_clean = client.register_script(_MARK_CLEAN)
-        self._release = client.register_script(_RELEASE)
+        self._lease = client.register_script(oom + _LEASE)
+        self._renew = client.register_script(oom + _RENEW)
+        self._begin = client.register_script(oom + _BEGIN)
+        self._mark_clean = client.register_script(oom + _MARK_CLEAN)
+        self._release = client.register_script(oom + _RELEASE)
         self._loaded = False
 
     # -- keys ---------------------------------------------------------------
@@ -399,27 +437,17 @@ class Store:
     def lease(self, path: str, seconds: float) -> str | None:
         """Take the flush lease of ``path`` for ``seconds``; return its token, or None if held."""
         token = secrets.token_hex(8)
-        ok = self.r.set(self.key(file_id(path), "lock"), token, nx=True, px=int(seconds * 1000))
+        ok = self._lease(keys=[self.key(file_id(path), "lock")], args=[token, int(seconds * 1000)])
         return token if ok else None
 
     def renew(self, path: str, token: str, seconds: float) -> bool:
         """Extend the lease ``token`` holds; False if it was lost."""
-        key = self.key(file_id(path), "lock")
-        pipe = self.r.pipeline(transaction=True)
-        pipe.get(key)
-        pipe.pexpire(key, int(seconds * 1000))
-        held, _ = pipe.execute()
-        return held == token.encode()
+        return bool(self._renew(keys=[self.key(file_id(path), "lock")], args=[token, int(seconds * 1000)]))
 
     def begin(self, path: str) -> FileMeta:
         """Record that a flush of everything written so far started; return the snapshot meta."""
-        mkey = self.key(file_id(path), "m")
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hget(mkey, "seq")
-        pipe.hgetall(mkey)
-        seq, raw = pipe.execute()
-        self.r.hset(mkey, "pending", int(seq or 0))
-        return _meta_from(raw)
+        flat = self._begin(keys=[self.key(file_id(path), "m")])
+        return _meta_from(dict(zip(flat[::2], flat[1::2])))
 
     def mark_clean(self, path: str, token: str, upto: int, trunc: int | None) -> bool:
         """Declare extents up to ``upto`` clean (and ``trunc`` applied) if ``token`` still holds the lease."""
