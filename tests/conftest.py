@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -112,6 +113,20 @@ def _server_pids_in(path: Path | str) -> list[int]:
         if (cwd == root or cwd.startswith(root + os.sep)) and server.pid_alive(int(entry)) and int(entry) != os.getpid():
             pids.append(int(entry))
     return pids
+
+
+def processes_gone(path: Path | str, timeout: float = 15.0) -> bool:
+    """Wait until no live process works under ``path``; True if none is left within ``timeout``.
+
+    A run's engine exits by itself within about a second of its server, so
+    "nothing left running" is checked with this bounded wait, not instantly.
+    """
+    deadline = time.monotonic() + timeout
+    while _server_pids_in(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def make_readonly_dir(path: Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, _server_pids_in
+from conftest import REPO, _server_pids_in, processes_gone
 from mpiburst import server
 from test_jobscripts_slurm import EXAMPLES, expected_file, job_env, server_pids_logged
 
@@ -56,7 +56,7 @@ def test_pbs_mpi_job_failure_keeps_data_for_stage_out(tmp_path: Path, server_bin
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "sim/ckpt_000004.bin").read_bytes() == expected_file(2, 100, 4)
     assert np.frombuffer((tmp_path / "sim/latest").read_bytes(), dtype=np.int64)[0] == 4
-    assert not _server_pids_in(tmp_path)
+    assert processes_gone(tmp_path)
 
 
 @pytest.mark.timeout(180)
@@ -67,7 +67,7 @@ def test_pbs_many_tasks(tmp_path: Path, server_binary: str) -> None:
     for w in range(3):
         expected = "".join(f"task {i}: square {i * i}\n" for i in range(w, 25, 3))
         assert (tmp_path / f"results/data_123.pbs-server_{w}.dat").read_text() == expected
-    assert not _server_pids_in(tmp_path)
+    assert processes_gone(tmp_path)
 
 
 @pytest.mark.timeout(180)

@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from conftest import REPO, _server_pids_in, cli_env
+from conftest import REPO, _server_pids_in, processes_gone, cli_env
 from mpiburst import server
 
 SCRIPTS = REPO / "jobscripts" / "slurm"
@@ -83,7 +83,7 @@ def test_mpi_job_stages_in_runs_and_stages_out(slurm, tmp_path: Path, server_bin
     assert f"in       {tmp_path / 'input/params.txt'}" in log      # staged in
     pids = server_pids_logged(log)
     assert len(pids) == 1 and not server.pid_alive(pids[0])
-    assert not (tmp_path / f"mpiburst_{job}.conf").exists() and not _server_pids_in(tmp_path)
+    assert not (tmp_path / f"mpiburst_{job}.conf").exists() and processes_gone(tmp_path)
 
 
 @pytest.mark.slurm
@@ -119,7 +119,7 @@ def test_time_limit_commit_with_signal(slurm, tmp_path: Path, server_binary: str
     assert (tmp_path / f"sim/ckpt_{latest:06d}.bin").read_bytes() == expected_file(2, 1000, latest)
     pids = server_pids_logged(log)
     assert len(pids) == 1 and not server.pid_alive(pids[0])
-    assert not _server_pids_in(tmp_path)
+    assert processes_gone(tmp_path)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import _server_pids_in as server_pids
+from conftest import _server_pids_in as server_pids, processes_gone
 from conftest import cli_env
 from mpiburst import server
 
@@ -127,7 +127,7 @@ def test_failure_retains_then_stage_out_finishes(job, tmp_path: Path, server_bin
     assert "sync" in done.stdout and "out/a.dat" in done.stdout
     assert (tmp_path / "bfs/out/a.dat").read_bytes() == content("out/a.dat")
     assert not (tmp_path / "redis_job.rdb").exists() and not (tmp_path / "mpiburst_job.conf").exists()
-    assert not server_pids(tmp_path)
+    assert processes_gone(tmp_path)
 
 
 @pytest.mark.timeout(180)
@@ -213,4 +213,4 @@ def test_bad_policy_is_reported_before_anything_starts(job, tmp_path: Path) -> N
 def test_missing_command_exits_127_and_stops(job, tmp_path: Path, server_binary: str, cli) -> None:
     done = cli("run", "--id", "job", "--bfs-root", "bfs", "--capacity", "64M", "--", "no-such-program-xyz")
     assert done.returncode == 127, done.stderr
-    assert not server_pids(tmp_path)
+    assert processes_gone(tmp_path)
