@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import _server_pids_in as server_pids, processes_gone
+from conftest import processes_gone
 from conftest import cli_env
 from mpiburst import server
 
