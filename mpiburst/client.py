@@ -14,7 +14,7 @@ import os
 import redis
 
 from .errors import ServerError, TierFullError
-from .overlay import Extent, paint
+from .overlay import gaps
 from .sizes import parse_size
 from .store import MAX_BLOB, MAX_EXTENT, FileMeta, RecordGone, store_of
 
@@ -204,12 +204,10 @@ class TierFile:
             hi = min(offset + len(out), meta.size)
             if hi <= offset:
                 return 0
-            extents = [_clip(e, offset, hi) for e in found if e.start < hi]
-            payloads = self.store.fetch(self.path, extents)
-            if any(len(p) != e.length for p, e in zip(payloads, extents)):
-                continue  # a purge freed a blob under us: its bytes are on the BFS now, look again
             window = out[:hi - offset]
-            _, holes = paint(offset, hi, extents, payloads, out=window)
+            if not self.store.fetch_into(self.path, found, offset, window):
+                continue  # a purge freed a blob under us: its bytes are on the BFS now, look again
+            holes = gaps(offset, hi, found)
             if holes:
                 self._fill_from_bfs(meta, offset, window, holes)
             return hi - offset
@@ -274,12 +272,6 @@ def _bfs_meta(path: str) -> FileMeta | None:
     except FileNotFoundError:
         return None
     return FileMeta(path=path, size=size, seq=0, clean=0, pending=0, trunc=None, pinned=False, bfs=True)
-
-
-def _clip(e: Extent, lo: int, hi: int) -> Extent:
-    """Return the part of extent ``e`` inside ``[lo, hi)``."""
-    a, b = max(lo, e.start), min(hi, e.end)
-    return Extent(e.seq, a, b - a, e.blob, e.boff + a - e.start)
 
 
 def _dedicated_connection(client: redis.Redis):

@@ -4,18 +4,23 @@ A flush of one file (:func:`sync`) works on a *snapshot*: the file's sequence
 number ``S`` when the flush starts. Writes that arrive later stay dirty for the
 next flush. The file ``[0, size)`` is cut into ``align``-sized stripes; each
 flusher (one process, or each rank of a communicator, as ROMIO's aggregators
-take file domains) takes a contiguous run of stripes and, per stripe:
+take file domains) takes a contiguous run of stripes and walks it
+:data:`WRITE_SIZE` bytes at a time:
 
-1. lists the extents overlapping it with ``seq <= S``; a stripe with nothing
-   newer than the clean watermark is skipped (its BFS bytes are already right);
-2. fetches their bytes and paints them in sequence order (newest wins);
+1. lists the extents of those stripes with ``seq <= S``; a stripe with nothing
+   newer than the clean watermark is skipped (its BFS bytes are already right),
+   the others form runs of adjacent dirty stripes;
+2. receives the extents' bytes straight into the run's buffer in sequence
+   order (newest wins);
 3. fills the bytes no extent covers from the existing BFS file (read only those
    gaps, only below the BFS size after any pending truncation), else zeros;
-4. writes the whole stripe with one ``pwrite`` at its aligned offset.
+4. writes each run with one ``pwrite`` at its aligned offset, while a second
+   thread already assembles the next :data:`WRITE_SIZE` bytes into a second
+   buffer, so the tier read and the BFS write overlap.
 
-So the BFS sees about ``bytes / align`` write calls, whatever the number of
-fragments, and a flusher holds only one stripe (plus the fragments touching it)
-in memory.
+So the BFS sees about ``bytes / WRITE_SIZE`` write calls, each aligned and a
+whole number of stripes, whatever the number of fragments, and a flusher holds
+two buffers of :data:`WRITE_SIZE` bytes.
 
 Durability: a file that already exists on the BFS is updated in place (after
 applying a pending ``Set_size`` truncation); a new file is written aside as
@@ -48,13 +53,16 @@ from typing import Any, Callable
 import redis
 
 from .errors import FlushError, MpiburstError, PathError
-from .overlay import Extent, paint
+from .overlay import Extent, gaps
 from .paths import resolve
 from .store import Store, store_of
 
 #: Redis list of queued requests (JSON objects ``{"op", "path", ...}``) for the engine.
 QUEUE = "mpb:queue"
-#: Lifetime of a flush lease; every flusher renews it after each stripe.
+#: Largest write call of a flush: adjacent dirty stripes are assembled into one
+#: buffer of up to this many bytes (rounded down to whole stripes, at least one).
+WRITE_SIZE = 8 << 20
+#: Lifetime of a flush lease; every flusher renews it after each write.
 LEASE_SECONDS = 30.0
 #: How long a blocking sync waits for another flusher of the same file to finish.
 LEASE_WAIT = 120.0
@@ -78,7 +86,8 @@ class FlushReport:
     writes : int
         Write calls made on the BFS.
     write_sizes : dict
-        ``{write size: count}``; all sizes are ``align`` except the last stripe's.
+        ``{write size: count}``; every write is a whole number of stripes, at
+        most :data:`WRITE_SIZE` (only the file's last stripe may be short).
     seconds : float
         Wall time of the flush.
     checksum : str or None
@@ -116,18 +125,21 @@ class _Plan:
 class _Tally:
     """Write calls and bytes of one flusher (thread-safe: workers share it)."""
 
-    def __init__(self, progress: Callable[[int], None] | None = None) -> None:
+    def __init__(self, progress: Callable[[int], None] | None = None, verify: bool = False) -> None:
         self.bytes = 0
         self.sizes: Counter[int] = Counter()
-        self.crcs: list[tuple[int, int, int]] = []   # (offset, length, crc32) of written stripes
+        self.crcs: list[tuple[int, int, int]] = []   # (offset, length, crc32) of writes, to verify
         self._lock = threading.Lock()
         self._progress = progress
+        self._verify = verify
 
     def add(self, offset: int, data: memoryview) -> None:
+        crc = zlib.crc32(data) if self._verify else 0
         with self._lock:
             self.bytes += len(data)
             self.sizes[len(data)] += 1
-            self.crcs.append((offset, len(data), zlib.crc32(data)))
+            if self._verify:
+                self.crcs.append((offset, len(data), crc))
             total = self.bytes
         if self._progress is not None:
             self._progress(total)
@@ -227,7 +239,7 @@ def sync(path: str | os.PathLike, *, tier: Any = None, comm: Any = None, block: 
     nstripes = -(-plan.size // plan.align)
     rank, nprocs = comm.Get_rank(), comm.Get_size()
     first, last = rank * nstripes // nprocs, (rank + 1) * nstripes // nprocs
-    tally = _Tally(progress)
+    tally = _Tally(progress, verify)
     error: str | None = None
     try:
         _write_run(store, plan, first, last, tally, max(1, workers))
@@ -296,13 +308,10 @@ def assemble(store: Store, path: str, lo: int, hi: int, upto: int | None, fd: in
     """
     if extents is None:
         extents = store.extents(path, lo, hi, upto=upto)
-    payloads = store.fetch(path, extents)
-    for e, data in zip(extents, payloads):
-        if len(data) != e.length:
-            raise FlushError(f"the tier's bytes of {path} at offset {e.start} vanished during the operation "
-                             f"(purged meanwhile?); run it again.")
-    _, holes = paint(lo, hi, extents, payloads, out=out)
-    for a, b in holes:
+    if not store.fetch_into(path, extents, lo, out):
+        raise FlushError(f"the tier's bytes of {path} in [{lo}, {hi}) vanished during the operation "
+                         f"(purged meanwhile?); run it again.")
+    for a, b in gaps(lo, hi, extents):
         out[a - lo:b - lo] = bytes(b - a)
         end = min(b, limit)
         if fd is not None and a < end:
@@ -372,24 +381,61 @@ def _write_run(store: Store, plan: _Plan, first: int, last: int, tally: _Tally, 
 
 
 def _write_stripes(store: Store, plan: _Plan, first: int, last: int, tally: _Tally) -> None:
-    """Assemble and write each stripe of ``[first, last)`` that holds dirty data, then fsync."""
-    buf = memoryview(bytearray(plan.align))
+    """Write the dirty stripes of ``[first, last)``, :data:`WRITE_SIZE` bytes at a time, then fsync.
+
+    A helper thread assembles the next batch of stripes into one buffer while
+    this one writes the previous batch from the other.
+    """
+    per = max(1, WRITE_SIZE // plan.align)
+    batches = [(k, min(k + per, last)) for k in range(first, last, per)]
+    buffers = [memoryview(bytearray(min(per, last - first) * plan.align)) for _ in range(min(2, len(batches)))]
     fd = os.open(plan.work, os.O_RDWR)
     try:
-        for k in range(first, last):
-            lo = k * plan.align
-            hi = min(plan.size, lo + plan.align)
-            extents = store.extents(plan.target, lo, hi, upto=plan.upto)
-            if not (extents if plan.new else any(e.seq > plan.clean for e in extents)):
-                continue
-            view = buf[:hi - lo]
-            assemble(store, plan.target, lo, hi, plan.upto, fd, plan.base, view, extents)
-            _pwrite_all(fd, view, lo, plan.target, tally)
-            if not store.renew(plan.target, plan.token, LEASE_SECONDS):
-                raise _LeaseLost()
+        with ThreadPoolExecutor(1) as helper:
+            ahead = helper.submit(_assemble_runs, store, plan, *batches[0], fd, buffers[0])
+            for i in range(len(batches)):
+                runs = ahead.result()
+                if i + 1 < len(batches):
+                    ahead = helper.submit(_assemble_runs, store, plan, *batches[i + 1], fd,
+                                          buffers[(i + 1) % 2])
+                for lo, view in runs:
+                    _pwrite_all(fd, view, lo, plan.target, tally)
+                if not store.renew(plan.target, plan.token, LEASE_SECONDS):
+                    raise _LeaseLost()
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _assemble_runs(store: Store, plan: _Plan, first: int, last: int, fd: int,
+                   buf: memoryview) -> list[tuple[int, memoryview]]:
+    """Assemble the runs of adjacent dirty stripes of ``[first, last)`` into ``buf``.
+
+    Returns ``(offset, bytes)`` of each run, ready to be written; stripes with
+    nothing to write (nothing newer than the clean watermark, or no data at
+    all in a new file) split the runs and are skipped.
+    """
+    align = plan.align
+    lo, hi = first * align, min(plan.size, last * align)
+    extents = store.extents(plan.target, lo, hi, upto=plan.upto)
+    dirty: set[int] = set()
+    for e in extents:
+        if plan.new or e.seq > plan.clean:
+            dirty.update(range(max(e.start, lo) // align, (min(e.end, hi) - 1) // align + 1))
+    runs: list[list[int]] = []
+    for k in sorted(dirty):
+        if runs and runs[-1][1] == k:
+            runs[-1][1] = k + 1
+        else:
+            runs.append([k, k + 1])
+    out = []
+    for a, b in runs:
+        rlo, rhi = a * align, min(hi, b * align)
+        view = buf[rlo - lo:rhi - lo]
+        inside = [e for e in extents if e.start < rhi and e.end > rlo]
+        assemble(store, plan.target, rlo, rhi, plan.upto, fd, plan.base, view, inside)
+        out.append((rlo, view))
+    return out
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int, path: str, tally: _Tally) -> None:
@@ -403,6 +449,22 @@ def _pwrite_all(fd: int, data: memoryview, offset: int, path: str, tally: _Tally
             observer(path, offset + done, n)
         done += n
     tally.add(offset, data)
+    _start_writeback(fd, offset, len(data))
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Let the OS write ``[offset, offset + length)`` to disk now, not all at the final fsync.
+
+    ``POSIX_FADV_DONTNEED`` starts writeback of the range's dirty pages
+    without waiting and drops them from the page cache once clean (the tier
+    still holds the bytes). The disk then works while the next batch is
+    fetched, and the final fsync has little left to do. Advice only: a
+    filesystem that does not take it costs nothing.
+    """
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
 
 
 def _pread_into(fd: int, out: memoryview, offset: int) -> None:

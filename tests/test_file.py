@@ -177,14 +177,14 @@ def test_range_read_fetches_only_overlapping_extents(tier, monkeypatch):
         f.Sync()
         fetched = []
         store = store_of(tier)
-        real_fetch = store.fetch
+        real_fetch = store.fetch_into
 
-        def counting(path, extents):
+        def counting(path, extents, lo, out):
             extents = list(extents)
             fetched.append(len(extents))
-            return real_fetch(path, extents)
+            return real_fetch(path, extents, lo, out)
 
-        monkeypatch.setattr(store, "fetch", counting)
+        monkeypatch.setattr(store, "fetch_into", counting)
         got, _ = read_all(f, 1000 * 100, 150)
     assert got == bytes([1000 % 251]) * 50 + bytes(50) + bytes([1001 % 251]) * 50
     assert fetched == [2]

@@ -83,17 +83,25 @@ def writes_seen():
 
 
 def check_aligned(seen, size: int, align: int = ALIGN) -> None:
-    """Every write starts on a stripe and is a full stripe, except the file's last one."""
+    """Every write starts on a stripe and is whole stripes, at most WRITE_SIZE; only the file's last may be short."""
+    top = max(align, flush.WRITE_SIZE // align * align)
     for _, off, n in seen:
         assert off % align == 0, (off, n)
-        assert n == align or off + n == size, (off, n, size)
+        assert (n % align == 0 or off + n == size) and n <= top, (off, n, size)
+
+
+@pytest.fixture
+def small_writes(monkeypatch):
+    """Batch at most 4 stripes per BFS write, so small test files still take several writes."""
+    monkeypatch.setattr(flush, "WRITE_SIZE", 4 * ALIGN + 123)   # rounded down to whole stripes
+    return 4 * ALIGN
 
 
 # ----------------------------------------------------------------------------- patterns, 1 process
 
 @pytest.mark.timeout(60)
 def test_segmented_new_file(atier, writes_seen):
-    """Four writers, each a contiguous segment written in 47,008-byte transfers: one aligned write per stripe."""
+    """Four writers, each a contiguous segment in 47,008-byte transfers: the whole file in one write."""
     store = Store(atier.redis)
     path = bfs_file(atier, "seg/out.dat")
     store.create(path, None)
@@ -106,8 +114,8 @@ def test_segmented_new_file(atier, writes_seen):
     rep = flush.sync(path, tier=atier, verify=True)
     assert open(path, "rb").read() == bytes(model.data)
     assert rep.size == len(model.data) == 4 * seg
-    assert rep.writes == len(writes_seen) == 4 * seg // ALIGN       # bytes / align, not 4 x 23 fragments
-    assert rep.write_sizes == {ALIGN: 64}
+    assert rep.writes == len(writes_seen) == 1                       # not 4 x 23 fragments
+    assert rep.write_sizes == {4 * seg: 1}
     assert rep.checksum == hashlib.sha256(model.data).hexdigest()
     check_aligned(writes_seen, rep.size)
     meta = store.meta(path)
@@ -117,7 +125,7 @@ def test_segmented_new_file(atier, writes_seen):
 
 @pytest.mark.timeout(60)
 def test_strided_unaligned_records(atier, writes_seen):
-    """Strided 47,008-byte records of 3 writers interleaved: identical file, ~bytes/align writes."""
+    """Strided 47,008-byte records of 3 writers interleaved: identical file, bytes / WRITE_SIZE writes."""
     store = Store(atier.redis)
     path = bfs_file(atier, "strided.dat")
     store.create(path, None)
@@ -128,8 +136,24 @@ def test_strided_unaligned_records(atier, writes_seen):
         put(store, path, model, [((i * nproc + rank) * RECORD, rnd.randbytes(RECORD)) for i in range(nrec)], rank)
     rep = flush.sync(path, tier=atier)
     assert open(path, "rb").read() == bytes(model.data)
-    assert rep.writes == -(-nproc * nrec * RECORD // ALIGN)
+    assert rep.writes == -(-nproc * nrec * RECORD // flush.WRITE_SIZE) == 1
     check_aligned(writes_seen, rep.size)
+
+
+@pytest.mark.timeout(60)
+def test_writes_are_batches_of_whole_stripes(atier, writes_seen, small_writes):
+    """With WRITE_SIZE of 4 stripes (plus change), a 64-stripe file takes 16 writes of exactly 4 stripes."""
+    store = Store(atier.redis)
+    path = bfs_file(atier, "batches.dat")
+    store.create(path, None)
+    model = Model()
+    rnd = random.Random(3)
+    put(store, path, model, [(o, rnd.randbytes(RECORD)) for o in range(0, 64 * ALIGN - RECORD, RECORD)])
+    put(store, path, model, [(64 * ALIGN - 10, b"e" * 10)])
+    rep = flush.sync(path, tier=atier, verify=True)
+    assert open(path, "rb").read() == bytes(model.data)
+    assert rep.write_sizes == {small_writes: 16}
+    assert sorted(off for _, off, _ in writes_seen) == list(range(0, 64 * ALIGN, small_writes))
 
 
 @pytest.mark.timeout(60)
@@ -198,8 +222,9 @@ def test_partial_overwrite_keeps_existing_bytes_and_writes_only_dirty_stripes(at
     put(store, path, model, [(100_000, b"a" * 5000), (1_000_000, b"b" * 70_000), (2_097_000, b"c" * 10_000)])
     rep = flush.sync(path, tier=atier)
     assert open(path, "rb").read() == bytes(model.data)
-    touched = {off // ALIGN for _, off, _ in writes_seen}
-    assert touched == {1, 15, 16, 31, 32}   # the stripes holding the three writes, nothing else
+    # the stripes holding the three writes, nothing else; adjacent dirty stripes share one write
+    assert sorted((off // ALIGN, n) for _, off, n in writes_seen) == [(1, ALIGN), (15, 2 * ALIGN),
+                                                                      (31, rep.size - 31 * ALIGN)]
     check_aligned(writes_seen, rep.size)
 
 
@@ -282,8 +307,8 @@ def test_writes_during_flush_stay_dirty(atier):
 
 
 @pytest.mark.timeout(60)
-def test_memory_per_flusher_is_bounded(atier):
-    """Flushing 16 MiB allocates a few stripes' worth of memory, not the file."""
+def test_memory_per_flusher_is_bounded(atier, small_writes):
+    """Flushing 16 MiB allocates a few WRITE_SIZE batches' worth of memory, not the file."""
     store = Store(atier.redis)
     path = bfs_file(atier, "big.dat")
     store.create(path, None)
@@ -297,12 +322,12 @@ def test_memory_per_flusher_is_bounded(atier):
     finally:
         tracemalloc.stop()
     assert os.path.getsize(path) == 16 << 20
-    assert peak < 8 * ALIGN + (1 << 20), peak
+    assert peak < 3 * small_writes + (1 << 20), peak   # two batch buffers and one scratch for small pieces
 
 
 @pytest.mark.timeout(60)
 def test_bfs_write_calls_seen_by_strace(atier, tmp_path):
-    """strace confirms the flush's pwrite64 calls are aligned and number bytes/align (3000 fragments)."""
+    """strace confirms the flush's pwrite64 calls are aligned 4-stripe batches (3000 fragments, 12 calls)."""
     strace = shutil.which("strace")
     assert strace, "strace is required for this test"
     store = Store(atier.redis)
@@ -313,15 +338,14 @@ def test_bfs_write_calls_seen_by_strace(atier, tmp_path):
     put(store, path, None, [(o, rnd.randbytes(1000)) for o in rnd.sample(range(0, size, 1000), 3000)])
     log = tmp_path / "strace.log"
     code = ("import sys; from mpiburst import flush; from mpiburst.tier import Tier; "
-            "flush.sync(sys.argv[1], tier=Tier.connect(conf=sys.argv[2]))")
+            f"flush.WRITE_SIZE = {4 * ALIGN}; flush.sync(sys.argv[1], tier=Tier.connect(conf=sys.argv[2]))")
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     subprocess.run([strace, "-f", "-qq", "-e", "trace=pwrite64", "-o", str(log), sys.executable, "-c", code,
                     path, atier.conf.path], check=True, env=env, timeout=60)
     calls = [line for line in log.read_text().splitlines() if "pwrite64(" in line]
     offsets = [int(line.rsplit(",", 1)[1].split(")")[0]) for line in calls]
-    assert len(calls) == -(-size // ALIGN) == 46
-    assert all(off % ALIGN == 0 for off in offsets)
-    assert sorted(offsets) == list(range(0, size, ALIGN))
+    assert len(calls) == -(-size // (4 * ALIGN)) == 12
+    assert sorted(offsets) == list(range(0, size, 4 * ALIGN))
 
 
 # ----------------------------------------------------------------------------- API edges
@@ -363,5 +387,5 @@ def test_workers_split_the_stripes(atier, writes_seen):
     put(store, path, model, [(0, random.Random(8).randbytes(1_500_000))])
     rep = flush.sync(path, tier=atier, workers=3)
     assert open(path, "rb").read() == bytes(model.data)
-    assert rep.writes == 23
+    assert rep.writes == 3                                  # 23 stripes: 7 + 8 + 8, one write per worker
     check_aligned(writes_seen, rep.size)

@@ -27,6 +27,12 @@ from conftest import cli_env
 SIZE = 3 << 20
 
 
+@pytest.fixture(autouse=True)
+def _one_stripe_writes(monkeypatch):
+    """One stripe per BFS write, so a fault can strike between many writes of a small file."""
+    monkeypatch.setattr(flush, "WRITE_SIZE", ALIGN)
+
+
 def _dirty_file(tier, name: str, model: Model | None = None, seed: int = 0) -> tuple[str, Model]:
     store = Store(tier.redis)
     path = bfs_file(tier, name)
@@ -100,6 +106,7 @@ import sys, time
 from mpiburst import flush
 from mpiburst.tier import Tier
 flush.LEASE_SECONDS = 2.0
+flush.WRITE_SIZE = 1  # one stripe per write
 count = []
 def slow(path, off, n):
     count.append(n)
