@@ -21,6 +21,11 @@ from .store import MAX_BLOB, MAX_EXTENT, FileMeta, RecordGone, store_of
 #: Default size of a handle's write-back buffer (``MPIBURST_WR_BUFFER`` overrides); 4 MiB
 #: measured best here between 1 and 8 MiB (see docs/benchmarks.md).
 DEFAULT_BUFFER = 4 << 20
+#: Bytes a batch leaves unused below the buffer size. The server stores a value
+#: with a header and the protocol's CRLF in one allocation; a payload of exactly
+#: 4 MiB needs a 5 MiB allocator class (1.25-1.4 bytes of memory per byte),
+#: 64 bytes less fits the 4 MiB class.
+BLOB_SLACK = 64
 #: How often a full tier is answered by flushing and freeing before giving up.
 _ROOM_TRIES = 3
 #: How often a read is retried when a purge freed its data while it ran.
@@ -62,8 +67,19 @@ class TierFile:
         self._conn = _dedicated_connection(self.store.r)
 
     # -- writes -------------------------------------------------------------
+    @property
+    def room(self) -> int:
+        """Payload bytes one batch carries: the buffer size less :data:`BLOB_SLACK`."""
+        return self.limit - BLOB_SLACK if self.limit > 2 * BLOB_SLACK else self.limit
+
     def write(self, offset: int, data: memoryview) -> None:
-        """Buffer ``data`` (a byte memoryview) for file offset ``offset``."""
+        """Buffer ``data`` (a byte memoryview) for file offset ``offset``.
+
+        A full buffer is pushed. A write of at most :data:`MAX_EXTENT` bytes
+        always travels in one batch; a larger one fills the batch to the brim
+        and continues in the next; one of the buffer's size or more is sent
+        from the caller's memory.
+        """
         n = len(data)
         if n == 0:
             return
@@ -71,8 +87,19 @@ class TierFile:
             self.push()
             self._send_direct(offset, data)
             return
-        if len(self._payload) + n > self.limit:
-            self.push()
+        pos = 0
+        while pos < n:
+            free = self.room - len(self._payload)
+            if free < n - pos and (n <= MAX_EXTENT or free <= 0) and self._payload:
+                self.push()
+                continue
+            take = n - pos if n <= MAX_EXTENT else min(n - pos, max(free, 1))
+            self._append(offset + pos, data[pos:pos + take])
+            pos += take
+
+    def _append(self, offset: int, data: memoryview) -> None:
+        """Copy ``data`` into the buffer and index it, extending the last extent when contiguous."""
+        n = len(data)
         boff = len(self._payload)
         self._payload += data
         ext = self._extents
@@ -104,13 +131,14 @@ class TierFile:
         self._await()
 
     def _send_direct(self, offset: int, data: memoryview) -> None:
-        """Send a write larger than the buffer as blobs of at most MAX_BLOB bytes, no copy.
+        """Send a write of the buffer's size or more as blobs of :attr:`room` bytes, no copy.
 
         The caller's memory is sent as is, so this waits for the tier to
         acknowledge it before returning (the caller may reuse the buffer).
         """
-        for start in range(0, len(data), MAX_BLOB):
-            piece = data[start:start + MAX_BLOB]
+        step = min(self.room, MAX_BLOB)
+        for start in range(0, len(data), step):
+            piece = data[start:start + step]
             extents = [(offset + start + p, p, min(MAX_EXTENT, len(piece) - p))
                        for p in range(0, len(piece), MAX_EXTENT)]
             self._send(piece, extents)

@@ -16,7 +16,7 @@ from mpi4py import MPI
 
 import mpiburst
 from mpiburst import File, Request
-from mpiburst.client import DEFAULT_BUFFER, store_of
+from mpiburst.client import BLOB_SLACK, DEFAULT_BUFFER, store_of
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -191,6 +191,35 @@ def test_range_read_fetches_only_overlapping_extents(tier, monkeypatch):
 
 
 # --------------------------------------------------------------------------- writes
+
+def test_batches_fill_the_buffer_less_the_slack_and_keep_small_writes_whole(tier):
+    """1 MiB writes fill each 4 MiB batch to the brim less BLOB_SLACK (the server's 4 MiB class, not 5);
+    200 KiB writes never straddle two batches; a 16 MiB write goes out in room-sized blobs."""
+    room = DEFAULT_BUFFER - BLOB_SLACK
+    rng = np.random.default_rng(5)
+    big = rng.integers(0, 256, 10 << 20, dtype=np.uint8)
+    with open_("fill.dat") as f:
+        for i in range(10):
+            f.Write_at(i << 20, big[i << 20:(i + 1) << 20])
+    store = store_of(tier)
+    sizes = [b[3] for b in sorted(store.blobs(bfs(tier, "fill.dat")))]
+    assert sizes == [room, room, (10 << 20) - 2 * room]
+    small = 200 << 10
+    with open_("whole.dat") as f:
+        for i in range(50):
+            f.Write_at(i * small, big[i * small:(i + 1) * small])
+    sizes = [b[3] for b in store.blobs(bfs(tier, "whole.dat"))]
+    assert sum(sizes) == 50 * small and all(n % small == 0 and n <= room for n in sizes)
+    with open_("direct.dat") as f:
+        f.Write_at(0, big[:16 << 20 >> 1])
+        f.Write_at(5 << 20, big[:10 << 20])
+    sizes = sorted(b[3] for b in store.blobs(bfs(tier, "direct.dat")))
+    assert max(sizes) == room and sum(sizes) == 18 << 20
+    with open_("fill.dat", MPI.MODE_RDONLY) as f:
+        assert read_all(f, 0, 10 << 20)[0] == big.tobytes()
+    with open_("direct.dat", MPI.MODE_RDONLY) as f:
+        assert read_all(f, 0, 15 << 20)[0] == big[:5 << 20].tobytes() + big[:10 << 20].tobytes()
+
 
 def test_last_write_wins_within_rank(tier):
     with open_("lww.dat", mpiburst_wr_buffer="1K") as f:
