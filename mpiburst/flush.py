@@ -52,6 +52,7 @@ from typing import Any, Callable
 
 import redis
 
+from .buffers import borrowed
 from .errors import FlushError, MpiburstError, PathError
 from .overlay import Extent, gaps
 from .paths import resolve
@@ -388,10 +389,11 @@ def _write_stripes(store: Store, plan: _Plan, first: int, last: int, tally: _Tal
     """
     per = max(1, WRITE_SIZE // plan.align)
     batches = [(k, min(k + per, last)) for k in range(first, last, per)]
-    buffers = [memoryview(bytearray(min(per, last - first) * plan.align)) for _ in range(min(2, len(batches)))]
+    size = min(per, last - first) * plan.align
     fd = os.open(plan.work, os.O_RDWR)
     try:
-        with ThreadPoolExecutor(1) as helper:
+        with borrowed(size) as one, borrowed(size) as two, ThreadPoolExecutor(1) as helper:
+            buffers = [one, two]
             ahead = helper.submit(_assemble_runs, store, plan, *batches[0], fd, buffers[0])
             for i in range(len(batches)):
                 runs = ahead.result()
@@ -417,22 +419,20 @@ def _assemble_runs(store: Store, plan: _Plan, first: int, last: int, fd: int,
     """
     align = plan.align
     lo, hi = first * align, min(plan.size, last * align)
-    extents = store.extents(plan.target, lo, hi, upto=plan.upto)
-    dirty: set[int] = set()
+    extents = store.extents(plan.target, lo, hi, upto=plan.upto)   # in offset order
+    runs: list[list[int]] = []      # [first, last) stripes; extents in offset order give them in order
     for e in extents:
         if plan.new or e.seq > plan.clean:
-            dirty.update(range(max(e.start, lo) // align, (min(e.end, hi) - 1) // align + 1))
-    runs: list[list[int]] = []
-    for k in sorted(dirty):
-        if runs and runs[-1][1] == k:
-            runs[-1][1] = k + 1
-        else:
-            runs.append([k, k + 1])
+            a, b = max(e.start, lo) // align, (min(e.start + e.length, hi) - 1) // align + 1
+            if runs and a <= runs[-1][1]:
+                runs[-1][1] = max(runs[-1][1], b)
+            else:
+                runs.append([a, b])
     out = []
     for a, b in runs:
         rlo, rhi = a * align, min(hi, b * align)
         view = buf[rlo - lo:rhi - lo]
-        inside = [e for e in extents if e.start < rhi and e.end > rlo]
+        inside = [e for e in extents if e.start < rhi and e.start + e.length > rlo]
         assemble(store, plan.target, rlo, rhi, plan.upto, fd, plan.base, view, inside)
         out.append((rlo, view))
     return out

@@ -68,13 +68,15 @@ def paint(lo: int, hi: int, extents: Sequence[Extent], payloads: Sequence[bytes 
 
 def gaps(lo: int, hi: int, extents: Iterable[Extent]) -> list[tuple[int, int]]:
     """Return the sorted ``[a, b)`` ranges of ``[lo, hi)`` that no extent covers."""
-    spans = sorted((max(lo, e.start), min(hi, e.end)) for e in extents if e.start < hi and e.end > lo)
     holes: list[tuple[int, int]] = []
     pos = lo
-    for a, b in spans:
+    for a, b in sorted((e.start, e.start + e.length) for e in extents):
+        if a >= hi:
+            break
         if a > pos:
             holes.append((pos, a))
-        pos = max(pos, b)
+        if b > pos:
+            pos = b
     if pos < hi:
         holes.append((pos, hi))
     return holes

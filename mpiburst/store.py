@@ -39,6 +39,7 @@ from typing import Iterable, Iterator, Sequence
 
 import redis
 
+from .buffers import borrowed
 from .errors import TierFullError
 from .overlay import Extent, paint
 from .resp import read_bulks_into, resp_frames
@@ -54,7 +55,7 @@ _SMALL_PIECE = 64 << 10
 #: Largest unwanted stretch of a blob read to fetch two small pieces with one ``GETRANGE``.
 _MERGE_GAP = 64 << 10
 #: Largest read that gathers small pieces.
-_MERGE_SPAN = 4 << 20
+_MERGE_SPAN = 1 << 20
 
 _COMMIT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('NOFILE the file has no record in the tier') end
@@ -386,13 +387,17 @@ class Store:
 
         With ``upto``, only those with ``seq <= upto`` (a flush snapshot).
         """
-        fid = file_id(path)
-        raw = self.r.zrangebyscore(self.key(fid, "x"), f"({lo - MAX_EXTENT}", f"({hi}", withscores=True)
+        # The raw reply (no redis-py score callback): this runs once per extent of every flush.
+        raw = self.r.execute_command("ZRANGEBYSCORE", self.key(file_id(path), "x"), f"({lo - MAX_EXTENT}",
+                                     f"({hi}", "WITHSCORES")
+        pairs = raw if raw and isinstance(raw[0], list) else zip(raw[::2], raw[1::2])  # RESP3 or RESP2
+        top = float("inf") if upto is None else upto
         out = []
-        for member, score in raw:
-            e = _extent(member, int(score))
-            if e.end > lo and (upto is None or e.seq <= upto):
-                out.append(e)
+        for member, score in pairs:
+            seq, boff, length, blob = member.split(b":")
+            start, length, seq = int(score), int(length), int(seq)
+            if start + length > lo and seq <= top:
+                out.append(Extent(seq, start, length, int(blob), int(boff)))
         return out
 
     def window(self, path: str, lo: int, hi: int) -> tuple[FileMeta | None, list[Extent]]:
@@ -449,7 +454,8 @@ class Store:
             is then incomplete and the caller must look again.
         """
         hi = lo + len(out)
-        pieces = sorted((_clip(e, lo, hi) for e in extents if e.start < hi and e.end > lo), key=lambda e: e.seq)
+        pieces = [e if lo <= e.start and e.start + e.length <= hi else _clip(e, lo, hi)
+                  for e in extents if e.start < hi and e.start + e.length > lo]
         if not pieces:
             return True
         conn = self.r.connection_pool.get_connection()
@@ -459,8 +465,16 @@ class Store:
             payloads = self.fetch(path, pieces)
             paint(lo, hi, pieces, payloads, out=out)
             return all(len(p) == e.length for p, e in zip(payloads, pieces))
-        reads = [(e, [e]) for e in pieces] if _overlapping(pieces) else _coalesce(pieces)
-        scratch = memoryview(bytearray(sum(span.length for span, group in reads if len(group) > 1)))
+        if _overlapping(pieces):
+            reads = [(e, [e]) for e in sorted(pieces, key=lambda e: e.seq)]   # newest last: it wins
+        else:
+            reads = _coalesce(pieces)
+        with borrowed(sum(span.length for span, group in reads if len(group) > 1)) as scratch:
+            return self._read_into(conn, sock, path, reads, lo, out, scratch)
+
+    def _read_into(self, conn, sock: socket.socket, path: str, reads: list[tuple[Extent, list[Extent]]],
+                   lo: int, out: memoryview, scratch: memoryview) -> bool:
+        """Send the planned ``reads`` on ``conn`` and land their bytes in ``out`` (via ``scratch``)."""
         views, used = [], 0
         for span, group in reads:
             if len(group) == 1:
@@ -587,7 +601,7 @@ def _overlapping(pieces: Sequence[Extent]) -> bool:
     for e in sorted(pieces, key=lambda e: e.start):
         if e.start < end:
             return True
-        end = max(end, e.end)
+        end = e.start + e.length
     return False
 
 

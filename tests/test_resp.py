@@ -158,3 +158,14 @@ def test_fetch_into_reports_a_vanished_blob(atier):
     atier.redis.unlink(*{store.key(file_id(path), f"b:{e.blob}") for e in extents})   # what a purge does
     assert store.fetch_into(path, extents, 0, memoryview(bytearray(200_000))) is False
     assert store.fetch_into(path, extents, 0, memoryview(bytearray(200_000))) is False   # connection still fine
+
+
+@given(spans=st.lists(st.tuples(st.integers(0, 200), st.integers(1, 60)), max_size=12),
+       window=st.tuples(st.integers(0, 220), st.integers(0, 80)))
+def test_gaps_are_exactly_the_uncovered_bytes(spans, window):
+    lo, hi = window[0], window[0] + window[1]
+    extents = [Extent(i, a, n, 0, 0) for i, (a, n) in enumerate(spans)]
+    covered = {x for a, n in spans for x in range(a, a + n)}
+    holes = gaps(lo, hi, extents)
+    assert [x for a, b in holes for x in range(a, b)] == [x for x in range(lo, hi) if x not in covered]
+    assert all(a < b for a, b in holes) and all(b1 < a2 for (_, b1), (a2, _) in zip(holes, holes[1:]))
