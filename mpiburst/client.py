@@ -147,9 +147,10 @@ class TierFile:
     def _send(self, payload: memoryview, extents) -> None:
         """Send one batch without waiting for it, after the previous one is acknowledged.
 
-        One batch at most is in flight: the server stores it while this
-        process fills the next one. Its payload is kept until acknowledged, so
-        a full tier can still be answered by making room and sending it again.
+        One batch at most is in flight (a large write's next blob goes out
+        while the server stores the previous one). Its payload is kept until
+        acknowledged, so a full tier can still be answered by making room and
+        sending it again.
         """
         self._await()
         if self._conn is None:
