@@ -217,13 +217,19 @@ def pid_alive(pid: int | None, binary: str | None = None) -> bool:
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
             if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                if child is not None and child.poll() is not None:
+                    del _children[pid]  # our own child just exited: reap it, so nobody sees it linger
                 return False
-        if binary:
-            exe = os.readlink(f"/proc/{pid}/exe")
-            if os.path.realpath(exe) != os.path.realpath(binary):
-                return False
+    except FileNotFoundError:
+        return False  # reaped by its parent (another process) between the signal check and this read
     except (OSError, IndexError):
         pass
+    if binary:
+        try:
+            if os.path.realpath(os.readlink(f"/proc/{pid}/exe")) != os.path.realpath(binary):
+                return False
+        except OSError:
+            pass  # an exiting process has no exe link for a moment: still alive
     return True
 
 
