@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from mpiburst import residency, server
+from mpiburst.server import lifecycle
 from mpiburst.store import Store
 
 from conftest import cli_env
@@ -59,7 +60,7 @@ def test_sync_non_blocking_is_served_by_the_engine(atier, cli):
 
 
 def test_sync_non_blocking_queues_and_warns_without_engine(atier, cli):
-    server._end_engine(atier.conf.engine_pid)
+    lifecycle._end_engine(atier.conf.engine_pid)
     _file(atier, "q.dat")
     proc = cli("sync", "--id", atier.id, "burst://q.dat")
     assert proc.returncode == 0 and "no engine runs" in proc.stderr

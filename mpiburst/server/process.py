@@ -1,0 +1,95 @@
+"""The server's process: liveness by PID (never by name), waiting, killing, its log's tail.
+
+Servers this process started are kept in :data:`_children` so they can be
+reaped: a dead child stays a zombie until its parent waits for it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+# Servers this process started, so it can reap them (a dead child is a zombie until waited for).
+_children: dict[int, subprocess.Popen] = {}
+
+
+def pid_alive(pid: int | None, binary: str | None = None) -> bool:
+    """Return True if ``pid`` is a live (non-zombie) process running ``binary`` (when given)."""
+    if not pid:
+        return False
+    child = _children.get(pid)
+    if child is not None and child.poll() is not None:
+        del _children[pid]
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False  # another user's process: the PID was reused, our server is gone
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                if child is not None and child.poll() is not None:
+                    del _children[pid]  # our own child just exited: reap it, so nobody sees it linger
+                return False
+    except FileNotFoundError:
+        return False  # reaped by its parent (another process) between the signal check and this read
+    except (OSError, IndexError):
+        pass
+    if binary:
+        try:
+            if os.path.realpath(os.readlink(f"/proc/{pid}/exe")) != os.path.realpath(binary):
+                return False
+        except OSError:
+            pass  # an exiting process has no exe link for a moment: still alive
+    return True
+
+
+def wait_gone(pid: int, binary: str | None, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for ``pid`` to exit; return True if it did."""
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid, binary):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def kill(pid: int, binary: str | None) -> None:
+    """SIGKILL our process ``pid`` (if it still runs) and wait for it to vanish."""
+    if pid_alive(pid, binary):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        wait_gone(pid, binary, 10.0)
+
+
+def log_tail(path: str, lines: int = 8) -> str:
+    """Return the last ``lines`` non-empty lines of the server log, joined by ' | '."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            tail = [ln.strip() for ln in f.read().splitlines() if ln.strip()][-lines:]
+    except OSError:
+        return "(no log)"
+    return " | ".join(tail) or "(empty log)"
+
+
+def die_with_parent() -> None:
+    """In the server's child process: ask Linux to SIGTERM it when the starting process dies."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def wait_exit(pid: int, binary: str | None) -> None:
+    """Block until the run's server process ends (for ``mpiburst start --foreground``)."""
+    child = _children.get(pid)
+    if child is not None:
+        child.wait()
+    else:
+        wait_gone(pid, binary, float("inf"))
+
