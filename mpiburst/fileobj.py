@@ -26,6 +26,7 @@ from collections import OrderedDict
 from typing import Any
 
 from .client import TierFile, buffer_size, register, store_of
+from .errors import MpiburstError
 from .paths import resolve
 
 #: Bytes per read-cache page (a read-ahead unit: one tier round trip serves it).
@@ -275,13 +276,22 @@ class BurstIO(io.BufferedIOBase):
         self._tf.push()
 
     def close(self) -> None:
-        """Flush and close; later calls do nothing."""
+        """Flush, close and give the tier connection back; later calls do nothing."""
         if self.closed:
             return
+        flushed = False
         try:
             super().close()  # calls flush(), then marks the object closed even if that fails
+            flushed = True
         finally:
             self._pages.clear()
+            if flushed:
+                self._tf.close()
+            else:  # the flush's error is the one to report; still give the connection back
+                try:
+                    self._tf.close()
+                except MpiburstError:
+                    pass
 
     def detach(self) -> None:
         """Not supported: there is no raw stream underneath."""

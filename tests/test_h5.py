@@ -256,3 +256,26 @@ def test_selection_errors():
         mh5.hyperslab((10, 3), np.s_[10])
     with pytest.raises(ValueError, match="more axes"):
         mh5.hyperslab((10,), np.s_[1, 2])
+
+
+@pytest.mark.timeout(180)
+def test_many_h5_opens_in_one_process_leak_no_connection(tier):
+    """300 ``mpiburst.h5.File`` opens in one process: every close gives its connection back."""
+    with mh5.File("burst://loop.h5", "w", tier=tier) as f:
+        f["x"] = np.arange(10)
+    before = None
+    for i in range(300):
+        if i == 10:  # the pool holds its few idle connections by now; 290 more opens add none (a leak: 290)
+            before = _rank_connections(tier)
+        with mh5.File("burst://loop.h5", "r+" if i % 2 else "r", tier=tier) as f:
+            if i % 2:
+                f["x"][0] = i
+            assert f["x"].shape == (10,)
+    assert _rank_connections(tier) <= before + 1  # +1: the engine beside the server may open one more
+    with mh5.File("burst://loop.h5", "r", tier=tier) as f:
+        assert f["x"][0] == 299
+
+
+def _rank_connections(tier) -> int:
+    """Connections the server has open for the run's ordinary user (ranks, file objects, the engine)."""
+    return sum(1 for c in tier.admin().client_list() if c.get("user") == tier.conf.user)
