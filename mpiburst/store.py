@@ -560,6 +560,19 @@ class Store:
         pipe.execute()
         return sum(b[3] for b in clean_blobs)
 
+    # -- shared file pointers (mpiburst.File; one counter per open of a file) ------
+    def shared_pointer(self, path: str, token: str, delta: int = 0) -> int:
+        """Add ``delta`` to the shared file pointer of open ``token`` atomically; return its value before."""
+        return self.r.incrby(self.key(file_id(path), f"sfp:{token}"), delta) - delta
+
+    def set_shared_pointer(self, path: str, token: str, value: int) -> None:
+        """Set the shared file pointer of open ``token`` of ``path``."""
+        self.r.set(self.key(file_id(path), f"sfp:{token}"), value)
+
+    def drop_shared_pointer(self, path: str, token: str) -> None:
+        """Forget the shared file pointer of open ``token`` (the file is closed)."""
+        self.r.delete(self.key(file_id(path), f"sfp:{token}"))
+
 
 def _meta_from(raw: dict) -> FileMeta:
     g = {k.decode(): v.decode() for k, v in raw.items()}
