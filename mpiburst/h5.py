@@ -337,7 +337,7 @@ class ParallelFile:
         flat = data.reshape(-1).view(np.uint8)
         offsets, length = byte_runs(dset.shape, dset.dtype.itemsize, starts, counts)
         for i, off in enumerate(offsets.tolist()):
-            self._fh.Write_at_all(dset.offset + off, flat[i * length:(i + 1) * length])
+            self._fh.Write_at(dset.offset + off, flat[i * length:(i + 1) * length])  # ranks differ in count
 
     def close(self, sync: bool = False) -> Any:
         """Close the file on every rank (collective); with ``sync``, flush it to the BFS.
