@@ -65,3 +65,7 @@ class ChannelBusyError(ChannelError):
     """A channel already has a writer (mem_io exits 24)."""
 
     exit_code = 24
+
+
+class DeviceBufferError(MpiburstError, TypeError):
+    """A buffer in device (GPU) memory was given where mpiburst.File takes host memory only."""

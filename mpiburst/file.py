@@ -3,25 +3,37 @@
 Switch an application by changing one import and its paths: ``burst://``
 paths go through the tier (each rank writes to its own channel; no data moves
 between ranks), any other path is handed to ``mpi4py.MPI.File`` unchanged.
-Consistency follows MPI's nonatomic mode and IME's close-to-open rule; see
+File views and derived datatypes are flattened into byte runs
+(:mod:`mpiburst.views`, :mod:`mpiburst.messages`); the shared file pointer is
+a counter in the tier. Consistency follows MPI's nonatomic mode (and its
+atomic mode on request) and IME's close-to-open rule; see
 ``docs/consistency.md``.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import uuid
+from typing import Any, Callable
 
 import numpy as np
 from mpi4py import MPI
-from mpi4py.util import dtlib
 
 from .client import TierFile, buffer_size, register, store_of
 from .errors import MpiburstError
+from .messages import Message, message
 from .paths import is_burst, resolve
 from .tier import Tier
+from .views import View
 
 _ACCESS = MPI.MODE_RDONLY | MPI.MODE_WRONLY | MPI.MODE_RDWR
+#: Largest file span one read through a noncontiguous view fetches at once.
+_READ_WINDOW = 8 << 20
+
+#: The requests mpiburst's nonblocking calls return are ``mpi4py.MPI.Request`` objects
+#: (generalized requests, complete when returned): ``Wait``, ``Test`` and
+#: ``MPI.Request.Waitall`` work on them as on any request.
+Request = MPI.Request
 
 
 def _mpi_error(error_class: int) -> MPI.Exception:
@@ -29,109 +41,42 @@ def _mpi_error(error_class: int) -> MPI.Exception:
     return MPI.Exception(error_class)
 
 
-def _datatype(spec: Any) -> MPI.Datatype:
-    """Return the MPI datatype for ``spec`` (a Datatype or a typecode, as mpi4py maps them)."""
-    if isinstance(spec, MPI.Datatype):
-        return spec
-    try:
-        return dtlib.from_numpy_dtype(spec)
-    except (TypeError, ValueError):
-        raise KeyError(f"cannot map {spec!r} to MPI datatype") from None
+def _done(nbytes: int) -> MPI.Request:
+    """Return a completed request whose status reports ``nbytes`` bytes."""
 
+    def query(status: MPI.Status) -> None:
+        status.Set_elements(MPI.BYTE, nbytes)
+        status.Set_cancelled(False)
 
-def _contiguous(dt: MPI.Datatype) -> int:
-    """Return the size of ``dt`` if it is byte-contiguous, else refuse clearly."""
-    size = dt.Get_size()
-    lb, extent = dt.Get_extent()
-    if lb != 0 or extent != size:
-        raise NotImplementedError(
-            "mpiburst.File supports contiguous datatypes only (size equal to extent, lower bound 0); "
-            "pack non-contiguous data into a contiguous buffer first.")
-    return size
-
-
-def message(buf: Any, writable: bool) -> memoryview:
-    """Return the bytes a buffer spec names, as a flat byte memoryview.
-
-    Accepts what mpi4py accepts for file I/O: a buffer, ``[buf, datatype]``,
-    ``[buf, count, datatype]``, ``[buf, (count, displ), datatype]`` and
-    ``[buf, count, displ, datatype]``. Raises the exception types mpi4py
-    raises for bad specs.
-    """
-    count = displ = None
-    dtype = None
-    if isinstance(buf, (list, tuple)):
-        if not 2 <= len(buf) <= 4:
-            raise ValueError("message: expecting 2 to 4 items")
-        obj, dtype = buf[0], _datatype(buf[-1])
-        if len(buf) == 3:
-            count = buf[1]
-            if isinstance(count, tuple):
-                count, displ = count
-        elif len(buf) == 4:
-            count, displ = buf[1], buf[2]
-    else:
-        obj = buf
-    try:
-        view = memoryview(obj)
-    except TypeError:
-        raise TypeError("message: expecting buffer or list/tuple") from None
-    if writable and view.readonly:
-        raise BufferError("Object is not writable.")
-    if not view.contiguous:
-        raise BufferError("buffer is not contiguous")
-    if not view.c_contiguous:  # Fortran order: its bytes in memory order, as MPI.File takes them
-        view = memoryview(np.asarray(view).T)
-    raw = view.cast("B") if view.format != "B" or view.ndim != 1 else view
-    if dtype is None:
-        return raw
-    size = _contiguous(dtype)
-    start = (displ or 0) * size
-    stop = len(raw) if count is None else start + count * size
-    if stop > len(raw) or start < 0 or stop < start:
-        raise ValueError("message: buffer is too small for the count and displacement given")
-    return raw[start:stop]
-
-
-class Request:
-    """A completed request, as returned by the nonblocking calls.
-
-    mpiburst's nonblocking calls finish before they return (writes land in the
-    write-back buffer, reads are served at once), so ``Wait`` only fills the
-    status. ``mpi4py.MPI.Request.Waitall`` does not take these objects; use
-    :meth:`Request.Waitall`.
-    """
-
-    def __init__(self, nbytes: int):
-        self._nbytes = nbytes
-
-    def Wait(self, status: MPI.Status | None = None) -> bool:
-        """Complete the request (already done) and fill ``status``."""
-        _set_status(status, self._nbytes)
-        return True
-
-    def Test(self, status: MPI.Status | None = None) -> bool:
-        """Return True (the request is complete) and fill ``status``."""
-        return self.Wait(status)
-
-    def Get_status(self, status: MPI.Status | None = None) -> bool:
-        """Return True (the request is complete) and fill ``status``."""
-        return self.Wait(status)
-
-    def Free(self) -> None:
-        """Release the request (nothing to release)."""
-
-    @staticmethod
-    def Waitall(requests, statuses=None) -> bool:
-        """Complete every request in ``requests``."""
-        for i, req in enumerate(requests):
-            req.Wait(statuses[i] if statuses else None)
-        return True
+    req = MPI.Grequest.Start(query)
+    req.Complete()
+    return req
 
 
 def _set_status(status: MPI.Status | None, nbytes: int) -> None:
     if status is not None:
         status.Set_elements(MPI.BYTE, nbytes)
+
+
+class _SharedPointer:
+    """The shared file pointer of one open file, a counter in the tier (etype units)."""
+
+    def __init__(self, tier: Tier, path: str, token: str):
+        self._store = store_of(tier)
+        self._path, self._token = path, token
+
+    def advance(self, delta: int) -> int:
+        """Add ``delta`` atomically; return the value before."""
+        return self._store.shared_pointer(self._path, self._token, delta)
+
+    def get(self) -> int:
+        return self._store.shared_pointer(self._path, self._token, 0)
+
+    def set(self, value: int) -> None:
+        self._store.set_shared_pointer(self._path, self._token, value)
+
+    def drop(self) -> None:
+        self._store.drop_shared_pointer(self._path, self._token)
 
 
 class File:
@@ -142,7 +87,8 @@ class File:
     context manager that closes it (an addition; ``MPI.File`` is not one).
     """
 
-    def __init__(self, comm: MPI.Comm, tier: Tier, path: str, amode: int, hints: dict[str, str]):
+    def __init__(self, comm: MPI.Comm, tier: Tier, path: str, amode: int, hints: dict[str, str],
+                 token: str, start: int):
         self._comm = comm
         self._tier = tier
         self._amode = amode
@@ -150,15 +96,12 @@ class File:
         rank = comm.Get_rank()
         self._tf: TierFile | None = TierFile(tier, path, rank % max(tier.channels, 1),
                                              buffer_size(hints.get("mpiburst_wr_buffer")))
-        self._disp = 0
-        self._etype: MPI.Datatype = MPI.BYTE
-        self._filetype: MPI.Datatype = MPI.BYTE
-        self._esize = 1
+        self._view = View()
         self._atomic = False
-        self._pos = 0
-        if amode & MPI.MODE_APPEND:
-            # Rank 0 reads the size before any rank can write (they wait for this bcast): all agree.
-            self._pos = comm.bcast(self._tf.size() if rank == 0 else None, root=0)
+        self._pos = start
+        self._shared = _SharedPointer(tier, path, token)
+        self._split: int | None = None
+        self._errhandler = MPI.ERRORS_RETURN
 
     # -- open / close / delete ------------------------------------------------
     @classmethod
@@ -192,25 +135,29 @@ class File:
         hints = _hints(info)
         tier = Tier.current()
         path = resolve(filename, tier.bfs_root)
-        error: int | MpiburstError | None = _check_amode(amode)
-        if error is None and comm.Get_rank() == 0:
+        outcome: Any = _check_amode(amode)
+        if outcome is None and comm.Get_rank() == 0:
             try:
-                error = _open_on_rank0(tier, path, amode)
-            except MpiburstError as exc:  # e.g. the server is gone: fail every rank, not only rank 0
-                error = exc
-        error = comm.bcast(error, root=0)
-        if isinstance(error, MpiburstError):
-            raise error
-        if error is not None:
-            raise _mpi_error(error)
-        return cls(comm.Dup(), tier, path, amode, hints)
+                outcome = _open_on_rank0(tier, path, amode)
+            except Exception as exc:  # e.g. the server is gone: fail every rank, not only rank 0
+                outcome = _portable(exc)
+        outcome = comm.bcast(outcome, root=0)
+        if isinstance(outcome, int):
+            raise _mpi_error(outcome)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        token, start = outcome
+        return cls(comm.Dup(), tier, path, amode, hints, token, start)
 
     def Close(self) -> None:
         """Push this rank's buffered writes and close the file (collective)."""
         tf = self._handle()
-        self._collective(tf.close)
-        if self._amode & MPI.MODE_DELETE_ON_CLOSE and self._comm.Get_rank() == 0:
-            _delete(self._tier, tf.path)
+        self._together(tf.close)
+        self._comm.Barrier()
+        if self._comm.Get_rank() == 0:
+            self._shared.drop()
+            if self._amode & MPI.MODE_DELETE_ON_CLOSE:
+                _delete(self._tier, tf.path)
         self._comm.Barrier()
         self._tf = None
         self._comm.Free()
@@ -244,93 +191,171 @@ class File:
         tf, self._tf = self._tf, None
         tf.close()
 
-    # -- writes -----------------------------------------------------------------
+    # -- explicit offsets -----------------------------------------------------------
     def Write_at(self, offset: int, buf: Any, status: MPI.Status | None = None) -> None:
         """Write ``buf`` at ``offset`` (etype units of the view)."""
-        self._write(self._byte_offset(offset), buf, status)
+        _set_status(status, self._write(self._stream(offset), self._out(buf)))
 
     def Write_at_all(self, offset: int, buf: Any, status: MPI.Status | None = None) -> None:
-        """Collective form of :meth:`Write_at` (no data moves between ranks)."""
-        self._write(self._byte_offset(offset), buf, status)
+        """Collective :meth:`Write_at` (no data moves between ranks; errors reach every rank)."""
+        _set_status(status, self._together(lambda: self._write(self._stream(offset), self._out(buf))))
 
-    def Write(self, buf: Any, status: MPI.Status | None = None) -> None:
-        """Write ``buf`` at the individual file pointer and advance it."""
-        self._pos += self._write(self._byte_offset(self._pos), buf, status) // self._esize
-
-    def Write_all(self, buf: Any, status: MPI.Status | None = None) -> None:
-        """Collective form of :meth:`Write`."""
-        self.Write(buf, status)
-
-    def Iwrite_at(self, offset: int, buf: Any) -> Request:
+    def Iwrite_at(self, offset: int, buf: Any) -> MPI.Request:
         """Nonblocking :meth:`Write_at`; the returned request is already complete."""
-        return Request(self._write(self._byte_offset(offset), buf, None))
+        return _done(self._write(self._stream(offset), self._out(buf)))
 
-    def Iwrite_at_all(self, offset: int, buf: Any) -> Request:
+    def Iwrite_at_all(self, offset: int, buf: Any) -> MPI.Request:
         """Nonblocking :meth:`Write_at_all`."""
-        return self.Iwrite_at(offset, buf)
-
-    def Iwrite(self, buf: Any) -> Request:
-        """Nonblocking :meth:`Write`."""
-        nbytes = self._write(self._byte_offset(self._pos), buf, None)
-        self._pos += nbytes // self._esize
-        return Request(nbytes)
+        return _done(self._together(lambda: self._write(self._stream(offset), self._out(buf))))
 
     def Write_at_all_begin(self, offset: int, buf: Any) -> None:
         """Begin a split collective write (completed by :meth:`Write_at_all_end`)."""
-        self._split = self._write(self._byte_offset(offset), buf, None)
+        self._begin(lambda: self._write(self._stream(offset), self._out(buf)))
 
     def Write_at_all_end(self, buf: Any, status: MPI.Status | None = None) -> None:
         """End the split collective write begun with :meth:`Write_at_all_begin`."""
-        _set_status(status, getattr(self, "_split", 0))
+        self._end(status)
 
-    def _write(self, byte_offset: int, buf: Any, status: MPI.Status | None) -> int:
-        tf = self._handle()
-        if not self._amode & (MPI.MODE_WRONLY | MPI.MODE_RDWR):
-            raise _mpi_error(MPI.ERR_READ_ONLY)
-        data = message(buf, writable=False)
-        tf.write(byte_offset, data)
-        if self._atomic:
-            tf.push()
-        _set_status(status, len(data))
-        return len(data)
-
-    # -- reads ------------------------------------------------------------------
     def Read_at(self, offset: int, buf: Any, status: MPI.Status | None = None) -> None:
         """Read into ``buf`` from ``offset``; the tier's bytes first, then the BFS's."""
-        self._read(self._byte_offset(offset), buf, status)
+        _set_status(status, self._read(self._stream(offset), self._in(buf)))
 
     def Read_at_all(self, offset: int, buf: Any, status: MPI.Status | None = None) -> None:
-        """Collective form of :meth:`Read_at`."""
-        self._read(self._byte_offset(offset), buf, status)
+        """Collective :meth:`Read_at`."""
+        _set_status(status, self._together(lambda: self._read(self._stream(offset), self._in(buf))))
+
+    def Iread_at(self, offset: int, buf: Any) -> MPI.Request:
+        """Nonblocking :meth:`Read_at`; the returned request is already complete."""
+        return _done(self._read(self._stream(offset), self._in(buf)))
+
+    def Iread_at_all(self, offset: int, buf: Any) -> MPI.Request:
+        """Nonblocking :meth:`Read_at_all`."""
+        return _done(self._together(lambda: self._read(self._stream(offset), self._in(buf))))
+
+    def Read_at_all_begin(self, offset: int, buf: Any) -> None:
+        """Begin a split collective read (completed by :meth:`Read_at_all_end`)."""
+        self._begin(lambda: self._read(self._stream(offset), self._in(buf)))
+
+    def Read_at_all_end(self, buf: Any, status: MPI.Status | None = None) -> None:
+        """End the split collective read begun with :meth:`Read_at_all_begin`."""
+        self._end(status)
+
+    # -- individual file pointer ----------------------------------------------------
+    def Write(self, buf: Any, status: MPI.Status | None = None) -> None:
+        """Write ``buf`` at the individual file pointer and advance it."""
+        _set_status(status, self._individual(self._write, buf, writing=True))
+
+    def Write_all(self, buf: Any, status: MPI.Status | None = None) -> None:
+        """Collective :meth:`Write`."""
+        _set_status(status, self._together(lambda: self._individual(self._write, buf, writing=True)))
+
+    def Iwrite(self, buf: Any) -> MPI.Request:
+        """Nonblocking :meth:`Write`."""
+        return _done(self._individual(self._write, buf, writing=True))
+
+    def Iwrite_all(self, buf: Any) -> MPI.Request:
+        """Nonblocking :meth:`Write_all`."""
+        return _done(self._together(lambda: self._individual(self._write, buf, writing=True)))
+
+    def Write_all_begin(self, buf: Any) -> None:
+        """Begin a split collective :meth:`Write_all`."""
+        self._begin(lambda: self._individual(self._write, buf, writing=True))
+
+    def Write_all_end(self, buf: Any, status: MPI.Status | None = None) -> None:
+        """End the split collective write begun with :meth:`Write_all_begin`."""
+        self._end(status)
 
     def Read(self, buf: Any, status: MPI.Status | None = None) -> None:
-        """Read at the individual file pointer and advance it."""
-        self._pos += self._read(self._byte_offset(self._pos), buf, status) // self._esize
+        """Read at the individual file pointer and advance it by the etypes read."""
+        _set_status(status, self._individual(self._read, buf, writing=False))
 
     def Read_all(self, buf: Any, status: MPI.Status | None = None) -> None:
-        """Collective form of :meth:`Read`."""
-        self.Read(buf, status)
+        """Collective :meth:`Read`."""
+        _set_status(status, self._together(lambda: self._individual(self._read, buf, writing=False)))
 
-    def Iread_at(self, offset: int, buf: Any) -> Request:
-        """Nonblocking :meth:`Read_at`; the returned request is already complete."""
-        return Request(self._read(self._byte_offset(offset), buf, None))
-
-    def Iread(self, buf: Any) -> Request:
+    def Iread(self, buf: Any) -> MPI.Request:
         """Nonblocking :meth:`Read`."""
-        nbytes = self._read(self._byte_offset(self._pos), buf, None)
-        self._pos += nbytes // self._esize
-        return Request(nbytes)
+        return _done(self._individual(self._read, buf, writing=False))
 
-    def _read(self, byte_offset: int, buf: Any, status: MPI.Status | None) -> int:
-        tf = self._handle()
-        if not self._amode & (MPI.MODE_RDONLY | MPI.MODE_RDWR):
-            raise _mpi_error(MPI.ERR_ACCESS)
-        target = message(buf, writable=True)
-        nbytes = tf.read(byte_offset, target)
-        _set_status(status, nbytes)
-        return nbytes
+    def Iread_all(self, buf: Any) -> MPI.Request:
+        """Nonblocking :meth:`Read_all`."""
+        return _done(self._together(lambda: self._individual(self._read, buf, writing=False)))
 
-    # -- position, size, view -----------------------------------------------------
+    def Read_all_begin(self, buf: Any) -> None:
+        """Begin a split collective :meth:`Read_all`."""
+        self._begin(lambda: self._individual(self._read, buf, writing=False))
+
+    def Read_all_end(self, buf: Any, status: MPI.Status | None = None) -> None:
+        """End the split collective read begun with :meth:`Read_all_begin`."""
+        self._end(status)
+
+    # -- shared file pointer ----------------------------------------------------------
+    def Write_shared(self, buf: Any, status: MPI.Status | None = None) -> None:
+        """Write at the shared file pointer and advance it (one atomic step in the tier)."""
+        _set_status(status, self._at_shared(self._write, self._out(buf)))
+
+    def Iwrite_shared(self, buf: Any) -> MPI.Request:
+        """Nonblocking :meth:`Write_shared`."""
+        return _done(self._at_shared(self._write, self._out(buf)))
+
+    def Read_shared(self, buf: Any, status: MPI.Status | None = None) -> None:
+        """Read at the shared file pointer and advance it by the etypes requested."""
+        _set_status(status, self._at_shared(self._read, self._in(buf)))
+
+    def Iread_shared(self, buf: Any) -> MPI.Request:
+        """Nonblocking :meth:`Read_shared`."""
+        return _done(self._at_shared(self._read, self._in(buf)))
+
+    def Write_ordered(self, buf: Any, status: MPI.Status | None = None) -> None:
+        """Collective write at the shared pointer, the ranks' data one after the other in rank order."""
+        _set_status(status, self._together(lambda: self._ordered(self._write, self._out(buf))))
+
+    def Write_ordered_begin(self, buf: Any) -> None:
+        """Begin a split collective :meth:`Write_ordered`."""
+        self._begin(lambda: self._ordered(self._write, self._out(buf)))
+
+    def Write_ordered_end(self, buf: Any, status: MPI.Status | None = None) -> None:
+        """End the split collective write begun with :meth:`Write_ordered_begin`."""
+        self._end(status)
+
+    def Read_ordered(self, buf: Any, status: MPI.Status | None = None) -> None:
+        """Collective read at the shared pointer, in rank order."""
+        _set_status(status, self._together(lambda: self._ordered(self._read, self._in(buf))))
+
+    def Read_ordered_begin(self, buf: Any) -> None:
+        """Begin a split collective :meth:`Read_ordered`."""
+        self._begin(lambda: self._ordered(self._read, self._in(buf)))
+
+    def Read_ordered_end(self, buf: Any, status: MPI.Status | None = None) -> None:
+        """End the split collective read begun with :meth:`Read_ordered_begin`."""
+        self._end(status)
+
+    def Seek_shared(self, offset: int, whence: int = MPI.SEEK_SET) -> None:
+        """Move the shared file pointer (collective; every rank passes the same arguments)."""
+        self._handle()
+        view = self._view
+
+        def act() -> None:
+            if whence == MPI.SEEK_SET:
+                pos = offset
+            elif whence == MPI.SEEK_CUR:
+                pos = self._shared.get() + offset
+            elif whence == MPI.SEEK_END:
+                pos = view.eof_position(self._handle().size()) + offset
+            else:
+                raise _mpi_error(MPI.ERR_ARG)
+            if pos < 0:
+                raise _mpi_error(MPI.ERR_ARG)
+            self._shared.set(pos)
+
+        self._rank0(act)
+
+    def Get_position_shared(self) -> int:
+        """Return the shared file pointer, in etype units."""
+        self._handle()
+        return self._shared.get()
+
+    # -- the individual pointer, size, view --------------------------------------------
     def Seek(self, offset: int, whence: int = MPI.SEEK_SET) -> None:
         """Move the individual file pointer (etype units; ``MPI.SEEK_SET/CUR/END``)."""
         if whence == MPI.SEEK_SET:
@@ -338,7 +363,7 @@ class File:
         elif whence == MPI.SEEK_CUR:
             pos = self._pos + offset
         elif whence == MPI.SEEK_END:
-            pos = (self.Get_size() - self._disp) // self._esize + offset
+            pos = self._view.eof_position(self.Get_size()) + offset
         else:
             raise _mpi_error(MPI.ERR_ARG)
         if pos < 0:
@@ -350,8 +375,9 @@ class File:
         return self._pos
 
     def Get_byte_offset(self, offset: int) -> int:
-        """Return the absolute byte offset of view offset ``offset``."""
-        return self._byte_offset(offset)
+        """Return the absolute byte offset of view offset ``offset`` (etypes)."""
+        self._handle()
+        return self._view.byte_offset(self._stream(offset))
 
     def Get_size(self) -> int:
         """Return the file's size in bytes (tier and BFS, after truncations)."""
@@ -362,18 +388,21 @@ class File:
         if size < 0:
             raise _mpi_error(MPI.ERR_ARG)
         tf = self._handle()
-        self._collective(tf.push)
-        if self._comm.Get_rank() == 0:
-            tf.set_size(size)
-        self._comm.Barrier()
+        self._together(tf.push)
+        self._rank0(lambda: tf.set_size(size))
 
     def Preallocate(self, size: int) -> None:
         """Make the file at least ``size`` bytes long (collective)."""
+        if size < 0:
+            raise _mpi_error(MPI.ERR_ARG)
         tf = self._handle()
-        self._collective(tf.push)
-        if self._comm.Get_rank() == 0 and tf.size() < size:
-            tf.set_size(size)
-        self._comm.Barrier()
+        self._together(tf.push)
+
+        def grow() -> None:
+            if tf.size() < size:
+                tf.set_size(size)
+
+        self._rank0(grow)
 
     def Sync(self) -> None:
         """Push this rank's buffered writes to the tier (collective).
@@ -382,32 +411,44 @@ class File:
         reader sees the data (MPI's sync-barrier-sync). Durability on the BFS
         is :func:`mpiburst.sync`.
         """
-        self._collective(self._handle().push)
+        self._together(self._push_all)
 
     def Set_view(self, disp: int = 0, etype: MPI.Datatype = MPI.BYTE, filetype: MPI.Datatype | None = None,
                  datarep: str = "native", info: MPI.Info = MPI.INFO_NULL) -> None:
-        """Set the view: a displacement and a contiguous etype (and a filetype equal to it)."""
+        """Set the view (collective): ``disp`` bytes, then ``filetype`` tiled; offsets in ``etype`` units.
+
+        Any etype and filetype ``MPI.File`` takes: derived, with holes, a
+        lower bound, resized. Both file pointers go back to 0.
+
+        Raises
+        ------
+        mpi4py.MPI.Exception
+            ``ERR_ARG`` (negative ``disp``, filetype not made of etypes),
+            ``ERR_IO`` (filetype runs that overlap or go backwards),
+            ``ERR_UNSUPPORTED_DATAREP`` (anything but ``"native"``).
+        """
         self._handle()
-        esize = _contiguous(_datatype(etype))
-        if filetype is not None and _contiguous(_datatype(filetype)) % esize:
-            raise NotImplementedError("mpiburst.File supports views whose filetype is contiguous "
-                                      "and made of whole etypes only.")
-        if datarep != "native":
-            raise NotImplementedError(f"mpiburst.File supports the 'native' data representation only, not {datarep!r}.")
-        self.Sync()
-        self._disp, self._etype, self._esize = disp, etype, esize
-        self._filetype = filetype if filetype is not None else etype
-        self._pos = 0
+
+        def check() -> View:
+            if datarep != "native":
+                raise _mpi_error(MPI.ERR_UNSUPPORTED_DATAREP)
+            return View(disp, etype, filetype)
+
+        view = self._together(check)
+        self._together(self._push_all)
+        self._rank0(lambda: self._shared.set(0))
+        self._view, self._pos = view, 0
 
     def Get_view(self) -> tuple[int, MPI.Datatype, MPI.Datatype, str]:
         """Return ``(disp, etype, filetype, datarep)``."""
-        return self._disp, self._etype, self._filetype, "native"
+        v = self._view
+        return v.disp, v.etype, v.filetype, "native"
 
     def Get_type_extent(self, datatype: MPI.Datatype) -> int:
         """Return the extent of ``datatype`` in the file (native representation)."""
         return datatype.Get_extent()[1]
 
-    # -- modes, hints ---------------------------------------------------------------
+    # -- modes, hints, error handlers ---------------------------------------------------
     def Get_amode(self) -> int:
         """Return the access mode the file was opened with."""
         return self._amode
@@ -417,10 +458,15 @@ class File:
         return self._comm.Get_group()
 
     def Set_atomicity(self, flag: bool) -> None:
-        """Atomic mode (collective): each write is pushed to the tier before the call returns."""
+        """Set atomic mode (collective): sequential consistency among the file's ranks.
+
+        In atomic mode each access talks to the tier before it returns: a
+        write is pushed (one batch when it fits the write-back buffer), a
+        read fetches the tier's current bytes. See ``docs/consistency.md``.
+        """
         self._handle()
+        self._together(self._push_all)
         self._atomic = bool(flag)
-        self.Sync()
 
     def Get_atomicity(self) -> bool:
         """Return True in atomic mode."""
@@ -444,29 +490,240 @@ class File:
         if "mpiburst_wr_buffer" in self._hints:
             tf.limit = buffer_size(self._hints["mpiburst_wr_buffer"])
 
+    def Get_errhandler(self) -> MPI.Errhandler:
+        """Return the error handler set (errors are raised as exceptions whatever it is)."""
+        return self._errhandler
+
+    def Set_errhandler(self, errhandler: MPI.Errhandler) -> None:
+        """Record ``errhandler``; mpiburst raises ``MPI.Exception`` as mpi4py does with ``ERRORS_RETURN``."""
+        self._errhandler = errhandler
+
+    def Call_errhandler(self, errorcode: int) -> None:
+        """Raise ``MPI.Exception(errorcode)``, as the default file error handler does under mpi4py."""
+        raise _mpi_error(errorcode)
+
+    @property
+    def amode(self) -> int:
+        """The access mode (``Get_amode``)."""
+        return self.Get_amode()
+
+    @property
+    def atomicity(self) -> bool:
+        """Atomic mode (``Get_atomicity`` / ``Set_atomicity``)."""
+        return self.Get_atomicity()
+
+    @atomicity.setter
+    def atomicity(self, flag: bool) -> None:
+        self.Set_atomicity(flag)
+
+    @property
+    def group(self) -> MPI.Group:
+        """The group of the file (``Get_group``)."""
+        return self.Get_group()
+
+    @property
+    def group_size(self) -> int:
+        """Number of ranks that opened the file."""
+        return self._comm.Get_size()
+
+    @property
+    def group_rank(self) -> int:
+        """This rank in the file's group."""
+        return self._comm.Get_rank()
+
+    @property
+    def info(self) -> MPI.Info:
+        """The hints in use (``Get_info``)."""
+        return self.Get_info()
+
+    @info.setter
+    def info(self, info: MPI.Info) -> None:
+        self.Set_info(info)
+
+    @property
+    def size(self) -> int:
+        """The file size in bytes (``Get_size``)."""
+        return self.Get_size()
+
+    # -- data paths -------------------------------------------------------------------
+    def _out(self, buf: Any) -> Message:
+        self._handle()
+        if not self._amode & (MPI.MODE_WRONLY | MPI.MODE_RDWR):
+            raise _mpi_error(MPI.ERR_READ_ONLY)
+        return self._whole_etypes(message(buf, writable=False))
+
+    def _in(self, buf: Any) -> Message:
+        self._handle()
+        if not self._amode & (MPI.MODE_RDONLY | MPI.MODE_RDWR):
+            raise _mpi_error(MPI.ERR_ACCESS)
+        return self._whole_etypes(message(buf, writable=True))
+
+    def _whole_etypes(self, msg: Message) -> Message:
+        if msg.nbytes % self._view.esize:
+            raise _mpi_error(MPI.ERR_IO)  # MPICH: "Only an integral number of etypes can be accessed"
+        return msg
+
+    def _write(self, pos: int, msg: Message) -> int:
+        """Write ``msg`` at stream byte ``pos`` of the view; return the bytes written."""
+        tf = self._handle()
+        n = msg.nbytes
+        if n == 0:
+            return 0
+        data = msg.gather()
+        offs, lens = self._view.pieces(pos, n)
+        if self._atomic:
+            tf.push()
+        at = 0
+        for off, ln in zip(offs.tolist(), lens.tolist()):
+            tf.write(off, data[at:at + ln])
+            at += ln
+        if self._atomic:
+            tf.push()
+        return n
+
+    def _read(self, pos: int, msg: Message) -> int:
+        """Read stream bytes ``[pos, pos + msg.nbytes)`` of the view into ``msg``; return the bytes found."""
+        tf = self._handle()
+        n = msg.nbytes
+        if n == 0:
+            return 0
+        direct = msg.contiguous()
+        stream = direct if direct is not None else memoryview(bytearray(n))
+        offs, lens = self._view.pieces(pos, n)
+        if len(offs) == 1:
+            got = tf.read(int(offs[0]), stream)
+        else:
+            got = _read_runs(tf, offs, lens, stream)
+        if direct is None:
+            msg.scatter(stream[:got])
+        return got
+
+    def _stream(self, offset: int) -> int:
+        """Return the stream byte of view offset ``offset`` (etypes)."""
+        if offset < 0:
+            raise _mpi_error(MPI.ERR_ARG)
+        return offset * self._view.esize
+
+    def _individual(self, access: Callable[[int, Message], int], buf: Any, writing: bool) -> int:
+        msg = self._out(buf) if writing else self._in(buf)
+        nbytes = access(self._pos * self._view.esize, msg)
+        self._pos += nbytes // self._view.esize
+        return nbytes
+
+    def _at_shared(self, access: Callable[[int, Message], int], msg: Message) -> int:
+        count = msg.nbytes // self._view.esize
+        start = self._shared.advance(count)
+        return access(start * self._view.esize, msg)
+
+    def _ordered(self, access: Callable[[int, Message], int], msg: Message) -> int:
+        """Rank-ordered access: an exclusive scan of the counts, one atomic advance by rank 0."""
+        count = msg.nbytes // self._view.esize
+        counts = self._comm.allgather(count)
+        rank = self._comm.Get_rank()
+        start = self._comm.bcast(self._shared.advance(sum(counts)) if rank == 0 else None, root=0)
+        return access((start + sum(counts[:rank])) * self._view.esize, msg)
+
+    def _begin(self, action: Callable[[], int]) -> None:
+        """Start a split collective: run it now (collectively), keep its byte count for the end."""
+        self._handle()
+        if self._split is not None:
+            raise _mpi_error(MPI.ERR_IO)  # MPICH: "split collective I/O operation already active"
+        self._split = self._together(action)
+
+    def _end(self, status: MPI.Status | None) -> None:
+        self._handle()
+        if self._split is None:
+            raise _mpi_error(MPI.ERR_IO)  # MPICH: "No split collective I/O operation is active"
+        nbytes, self._split = self._split, None
+        _set_status(status, nbytes)
+
     # -- helpers --------------------------------------------------------------------
     def _handle(self) -> TierFile:
         if self._tf is None:
             raise _mpi_error(MPI.ERR_FILE)
         return self._tf
 
-    def _byte_offset(self, offset: int) -> int:
-        if offset < 0:
-            raise _mpi_error(MPI.ERR_ARG)
-        return self._disp + offset * self._esize
+    def _push_all(self) -> None:
+        self._handle().push()
 
-    def _collective(self, action) -> None:
-        """Run ``action`` on every rank; if it fails anywhere, raise on every rank (no hang)."""
+    def _together(self, action: Callable[[], Any]) -> Any:
+        """Run ``action`` on every rank; if it fails on any, raise on every rank (no hang).
+
+        The failing rank raises its own exception; the others raise the same
+        ``MPI.Exception`` class, the same mpiburst error type, or an
+        :class:`~mpiburst.errors.MpiburstError` naming the failed rank.
+        """
         failure: BaseException | None = None
+        result = None
         try:
-            action()
-        except MpiburstError as exc:
+            result = action()
+        except Exception as exc:
             failure = exc
-        failed = self._comm.allreduce(failure is not None, op=MPI.LOR)
+        if self._comm.Get_size() == 1:
+            if failure is not None:
+                raise failure
+            return result
+        if not self._comm.allreduce(failure is not None, op=MPI.LOR):
+            return result
+        reports = self._comm.allgather(None if failure is None else _portable(failure))
+        if failure is not None:
+            raise failure
+        rank, first = next((r, e) for r, e in enumerate(reports) if e is not None)
+        if isinstance(first, int):
+            raise _mpi_error(first)
+        raise type(first)(f"rank {rank}: {first}") if isinstance(first, MpiburstError) else \
+            MpiburstError(f"rank {rank} failed in a collective mpiburst.File call: {first!r}")
+
+    def _rank0(self, action: Callable[[], Any]) -> Any:
+        """Run ``action`` on rank 0 only; every rank returns its result or raises its exception."""
+        outcome: Any = None
+        failure: BaseException | None = None
+        if self._comm.Get_rank() == 0:
+            try:
+                outcome = action()
+            except Exception as exc:
+                failure, outcome = exc, _portable(exc)
+        failed, outcome = self._comm.bcast((failure is not None, outcome), root=0)
         if failure is not None:
             raise failure
         if failed:
-            raise MpiburstError("another rank failed in a collective mpiburst.File call; see its message.")
+            raise _mpi_error(outcome) if isinstance(outcome, int) else outcome
+        return outcome
+
+
+def _read_runs(tf: TierFile, offs: np.ndarray, lens: np.ndarray, stream: memoryview) -> int:
+    """Fill ``stream`` from the file runs ``(offs, lens)``, one read per window of at most 8 MiB.
+
+    Returns the bytes that exist (runs, or their parts, past the end of the
+    file count nothing; holes inside the file read as zeros).
+    """
+    offs_l, lens_l = offs.tolist(), lens.tolist()
+    ends = np.cumsum(lens).tolist()
+    got = 0
+    i, n = 0, len(offs_l)
+    while i < n:
+        j = i + 1
+        while j < n and offs_l[j] + lens_l[j] - offs_l[i] <= _READ_WINDOW:
+            j += 1
+        lo, hi = offs_l[i], offs_l[j - 1] + lens_l[j - 1]
+        window = memoryview(bytearray(hi - lo))
+        top = lo + tf.read(lo, window)
+        for k in range(i, j):
+            o, ln = offs_l[k], lens_l[k]
+            at = ends[k] - ln
+            stream[at:at + ln] = window[o - lo:o - lo + ln]
+            got += max(0, min(ln, top - o))
+        i = j
+    return got
+
+
+def _portable(exc: BaseException) -> Any:
+    """Return what travels to other ranks for ``exc``: its MPI error class, or an exception that pickles."""
+    if isinstance(exc, MPI.Exception):
+        return exc.Get_error_class()
+    if isinstance(exc, MpiburstError):
+        return exc
+    return MpiburstError(f"{type(exc).__name__}: {exc}")
 
 
 def _hints(info: MPI.Info) -> dict[str, str]:
@@ -487,10 +744,22 @@ def _check_amode(amode: int) -> int | None:
     return None
 
 
-def _open_on_rank0(tier: Tier, path: str, amode: int) -> int | None:
-    """Check existence and register the file in the tier; return an MPI error class or None."""
+def _open_on_rank0(tier: Tier, path: str, amode: int) -> int | tuple[str, int]:
+    """Check existence, register the file in the tier and start its shared file pointer.
+
+    Returns an MPI error class, or the shared pointer's token and the file
+    pointers' start (0, or the file size with ``MODE_APPEND``).
+    """
     outcome = register(tier, path, bool(amode & MPI.MODE_CREATE), bool(amode & MPI.MODE_EXCL))
-    return {"exists": MPI.ERR_FILE_EXISTS, "missing": MPI.ERR_NO_SUCH_FILE}.get(outcome)
+    if outcome is not None:
+        return {"exists": MPI.ERR_FILE_EXISTS, "missing": MPI.ERR_NO_SUCH_FILE}[outcome]
+    start = 0
+    if amode & MPI.MODE_APPEND:
+        meta = store_of(tier).meta(path)
+        start = meta.size if meta else 0
+    token = uuid.uuid4().hex
+    _SharedPointer(tier, path, token).set(start)
+    return token, start
 
 
 def _delete(tier: Tier, path: str) -> None:

@@ -379,16 +379,6 @@ def test_set_view_displacement_and_double_etype(tier):
     assert raw[:64] == header
 
 
-def test_set_view_refuses_non_contiguous_filetype(tier):
-    vec = MPI.DOUBLE.Create_vector(2, 1, 2).Commit()
-    try:
-        with open_("badview.dat") as f:
-            with pytest.raises(NotImplementedError):
-                f.Set_view(0, vec)
-    finally:
-        vec.Free()
-
-
 # --------------------------------------------------------------------------- size, modes
 
 def test_set_size_truncates_and_extends_with_zeros(tier):

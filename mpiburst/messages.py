@@ -1,0 +1,197 @@
+"""Memory buffer specs, as mpi4py takes them for file I/O, turned into byte runs.
+
+A *message* is what ``MPI.File`` calls ``buf``: a host buffer (buffer
+protocol, DLPack on the CPU, ``__array_interface__``), optionally in a list
+``[buf, datatype]``, ``[buf, count, datatype]``, ``[buf, (count, displ),
+datatype]`` or ``[buf, count, displ, datatype]``. :func:`message` resolves it
+to a flat byte view of the whole buffer plus the runs the datatype selects;
+:meth:`Message.gather` and :meth:`Message.scatter` move the selected bytes to
+and from the contiguous stream the file sees. Device buffers are refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from mpi4py import MPI
+from mpi4py.util import dtlib
+
+from .datatypes import Layout, layout
+from .errors import DeviceBufferError
+
+#: DLPack device type of host memory (``kDLCPU``).
+_DLPACK_CPU = 1
+
+
+@dataclass
+class Message:
+    """The bytes a buffer spec selects: ``count`` instances of ``lay`` from byte ``base`` of ``raw``."""
+
+    raw: memoryview
+    base: int
+    count: int
+    lay: Layout
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of data the message carries (count times the datatype's size)."""
+        return self.count * self.lay.size
+
+    def contiguous(self) -> memoryview | None:
+        """Return the selected bytes as one slice of the buffer, or None if they have holes."""
+        if self.lay.contiguous:
+            return self.raw[self.base:self.base + self.nbytes]
+        offs, lens = self.lay.tiled(self.count, self.base)
+        if len(offs) == 1:
+            return self.raw[int(offs[0]):int(offs[0] + lens[0])]
+        return None
+
+    def gather(self) -> memoryview:
+        """Return the selected bytes in type-map order, as one contiguous stream."""
+        view = self.contiguous()
+        if view is not None:
+            return view
+        offs, lens = self.lay.tiled(self.count, self.base)
+        out = bytearray(self.nbytes)
+        _copy_runs(np.frombuffer(self.raw, dtype=np.uint8), offs, lens, np.frombuffer(out, dtype=np.uint8),
+                   to_stream=True)
+        return memoryview(out)
+
+    def scatter(self, stream: memoryview) -> None:
+        """Copy ``stream`` (the first bytes of the message, in type-map order) into the buffer."""
+        n = len(stream)
+        if n == 0:
+            return
+        offs, lens = self.lay.tiled(self.count, self.base)
+        if n < self.nbytes:
+            cut = int(np.searchsorted(np.cumsum(lens), n, side="left"))
+            offs, lens = offs[:cut + 1].copy(), lens[:cut + 1].copy()
+            lens[-1] -= int(lens.sum()) - n
+        _copy_runs(np.frombuffer(self.raw, dtype=np.uint8), offs, lens,
+                   np.frombuffer(stream, dtype=np.uint8), to_stream=False)
+
+
+def _copy_runs(mem: np.ndarray, offs: np.ndarray, lens: np.ndarray, stream: np.ndarray, to_stream: bool) -> None:
+    """Copy between the runs ``(offs, lens)`` of ``mem`` and the consecutive bytes of ``stream``.
+
+    A regular pattern (equal lengths, equal steps) is one strided numpy copy;
+    anything else is a loop over the runs.
+    """
+    n = len(offs)
+    if n == 0:
+        return
+    ln = int(lens[0])
+    step = int(offs[1] - offs[0]) if n > 1 else ln
+    regular = bool(np.all(lens == ln)) and (n == 1 or bool(np.all(np.diff(offs) == step)))
+    if regular and step >= 0:
+        first = int(offs[0])
+        grid = np.lib.stride_tricks.as_strided(mem[first:], shape=(n, ln), strides=(step, 1))
+        flat = stream[:n * ln].reshape(n, ln)
+        if to_stream:
+            flat[...] = grid
+        else:
+            grid[...] = flat
+        return
+    pos = 0
+    for o, ln in zip(offs.tolist(), lens.tolist()):
+        if to_stream:
+            stream[pos:pos + ln] = mem[o:o + ln]
+        else:
+            mem[o:o + ln] = stream[pos:pos + ln]
+        pos += ln
+
+
+def datatype(spec: Any) -> MPI.Datatype:
+    """Return the MPI datatype for ``spec`` (a Datatype or a typecode, as mpi4py maps them)."""
+    if isinstance(spec, MPI.Datatype):
+        return spec
+    try:
+        return dtlib.from_numpy_dtype(spec)
+    except (TypeError, ValueError):
+        raise KeyError(f"cannot map {spec!r} to MPI datatype") from None
+
+
+def host_bytes(obj: Any, writable: bool) -> memoryview:
+    """Return a flat byte view, in memory order, of a host buffer.
+
+    Raises
+    ------
+    mpiburst.errors.DeviceBufferError
+        For a buffer in device memory (``__cuda_array_interface__``, DLPack
+        on a device).
+    TypeError, BufferError
+        As mpi4py raises them: not a buffer, or read-only where a buffer to
+        read into is needed.
+    """
+    try:
+        view = memoryview(obj)
+    except TypeError:
+        view = memoryview(_array_of(obj))
+    if writable and view.readonly:
+        raise BufferError("Object is not writable.")
+    if not view.contiguous:
+        raise BufferError("buffer is not contiguous")
+    if not view.c_contiguous:  # Fortran order: its bytes in memory order, as MPI.File takes them
+        view = memoryview(np.asarray(view).T)
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def _array_of(obj: Any) -> np.ndarray:
+    """Wrap a host object that speaks DLPack or the array interface (not the buffer protocol)."""
+    if hasattr(obj, "__dlpack_device__"):
+        device = obj.__dlpack_device__()
+        if int(device[0]) != _DLPACK_CPU:
+            raise DeviceBufferError(f"mpiburst.File takes host memory only; this buffer is on DLPack device "
+                                    f"{tuple(device)}: copy it to the host first (e.g. with numpy.asarray).")
+        return np.from_dlpack(obj)
+    if hasattr(obj, "__cuda_array_interface__"):
+        raise DeviceBufferError("mpiburst.File takes host memory only; this buffer is in GPU memory "
+                                "(__cuda_array_interface__): copy it to the host first.")
+    if hasattr(obj, "__array_interface__"):
+        return np.asarray(obj)
+    raise TypeError("message: expecting buffer or list/tuple")
+
+
+def message(buf: Any, writable: bool) -> Message:
+    """Resolve an mpi4py buffer spec into a :class:`Message`.
+
+    Raises the exception types mpi4py raises for bad specs (``ValueError``,
+    ``TypeError``, ``KeyError``, ``BufferError``).
+    """
+    count = displ = None
+    dtype = None
+    if isinstance(buf, (list, tuple)):
+        if not 2 <= len(buf) <= 4:
+            raise ValueError("message: expecting 2 to 4 items")
+        obj, dtype = buf[0], datatype(buf[-1])
+        if len(buf) == 3:
+            count = buf[1]
+            if isinstance(count, tuple):
+                count, displ = count
+        elif len(buf) == 4:
+            count, displ = buf[1], buf[2]
+    else:
+        obj = buf
+    raw = host_bytes(obj, writable)
+    if dtype is None:
+        return Message(raw, 0, len(raw), layout(MPI.BYTE))
+    lay = layout(dtype)
+    entries = len(raw) // lay.extent if lay.extent > 0 else 0
+    if count is None:
+        if lay.extent <= 0 or len(raw) % lay.extent:
+            raise ValueError(f"message: cannot infer count, buffer length {len(raw)} is not a multiple of "
+                             f"datatype extent {lay.extent} (lb:{lay.lb}, ub:{lay.lb + lay.extent})")
+        count = entries - (displ or 0)
+    displ = displ or 0
+    if displ < 0 or (displ > entries and lay.extent > 0):
+        raise ValueError(f"message: displacement {displ} out of bounds, number of datatype entries {entries}")
+    if count < 0:
+        raise ValueError(f"message: negative count {count}")
+    msg = Message(raw, displ * lay.extent, count, lay)
+    if msg.nbytes:
+        offs, lens = lay.tiled(count, msg.base)
+        if int(offs.min()) < 0 or int((offs + lens).max()) > len(raw):
+            raise ValueError("message: buffer is too small for the count and displacement given")
+    return msg
