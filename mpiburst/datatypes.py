@@ -47,15 +47,13 @@ class Layout:
     offs: np.ndarray
     lens: np.ndarray
     cum: np.ndarray = field(init=False, repr=False)
+    #: True when ``count`` instances are one run of ``count * size`` bytes from the origin.
+    contiguous: bool = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cum", np.concatenate(([0], np.cumsum(self.lens))).astype(np.int64))
-
-    @property
-    def contiguous(self) -> bool:
-        """True when ``count`` instances are one run of ``count * size`` bytes from the origin."""
-        return self.lb == 0 and self.extent == self.size and (
-            self.size == 0 or (len(self.offs) == 1 and self.offs[0] == 0))
+        object.__setattr__(self, "contiguous", bool(self.lb == 0 and self.extent == self.size and (
+            self.size == 0 or (len(self.offs) == 1 and self.offs[0] == 0))))
 
     @property
     def monotone(self) -> bool:

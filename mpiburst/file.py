@@ -570,13 +570,17 @@ class File:
         if n == 0:
             return 0
         data = msg.gather()
-        offs, lens = self._view.pieces(pos, n)
         if self._atomic:
             tf.push()
-        at = 0
-        for off, ln in zip(offs.tolist(), lens.tolist()):
-            tf.write(off, data[at:at + ln])
-            at += ln
+        view = self._view
+        if view.contiguous:
+            tf.write(view.disp + pos, data)
+        else:
+            offs, lens = view.pieces(pos, n)
+            at = 0
+            for off, ln in zip(offs.tolist(), lens.tolist()):
+                tf.write(off, data[at:at + ln])
+                at += ln
         if self._atomic:
             tf.push()
         return n
@@ -589,10 +593,11 @@ class File:
             return 0
         direct = msg.contiguous()
         stream = direct if direct is not None else memoryview(bytearray(n))
-        offs, lens = self._view.pieces(pos, n)
-        if len(offs) == 1:
-            got = tf.read(int(offs[0]), stream)
+        view = self._view
+        if view.contiguous:
+            got = tf.read(view.disp + pos, stream)
         else:
+            offs, lens = view.pieces(pos, n)
             got = _read_runs(tf, offs, lens, stream)
         if direct is None:
             msg.scatter(stream[:got])
@@ -706,6 +711,11 @@ def _read_runs(tf: TierFile, offs: np.ndarray, lens: np.ndarray, stream: memoryv
         while j < n and offs_l[j] + lens_l[j] - offs_l[i] <= _READ_WINDOW:
             j += 1
         lo, hi = offs_l[i], offs_l[j - 1] + lens_l[j - 1]
+        if j == i + 1:  # one run: straight into the stream
+            at = ends[i] - lens_l[i]
+            got += tf.read(lo, stream[at:at + lens_l[i]])
+            i = j
+            continue
         window = memoryview(bytearray(hi - lo))
         top = lo + tf.read(lo, window)
         for k in range(i, j):

@@ -23,6 +23,8 @@ from .errors import DeviceBufferError
 
 #: DLPack device type of host memory (``kDLCPU``).
 _DLPACK_CPU = 1
+#: The layout of a plain buffer: bytes.
+_BYTES = layout(MPI.BYTE)
 
 
 @dataclass
@@ -176,7 +178,7 @@ def message(buf: Any, writable: bool) -> Message:
         obj = buf
     raw = host_bytes(obj, writable)
     if dtype is None:
-        return Message(raw, 0, len(raw), layout(MPI.BYTE))
+        return Message(raw, 0, len(raw), _BYTES)
     lay = layout(dtype)
     entries = len(raw) // lay.extent if lay.extent > 0 else 0
     if count is None:

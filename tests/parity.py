@@ -411,3 +411,28 @@ def errors_body() -> Body:
         return seen
 
     return body
+
+
+def atomic_body(seed: int) -> Body:
+    """Atomic mode: a write is visible to the other ranks after a barrier alone (no Sync)."""
+
+    def body(File, comm, path):
+        rank, size = comm.Get_rank(), comm.Get_size()
+        f = File.Open(comm, path, RW)
+        f.Set_atomicity(True)
+        seen: list[Any] = [f.Get_atomicity()]
+        for turn in range(size):
+            if turn == rank:
+                f.Write_at(4 * turn, ramp(12, seed + turn))  # overlaps the previous rank's write
+            comm.Barrier()
+            out = bytearray(4 * size + 8)
+            st = MPI.Status()
+            f.Read_at(0, out, st)
+            seen += [st.Get_count(MPI.BYTE), bytes(out)]
+            comm.Barrier()
+        f.Set_atomicity(False)
+        seen.append(f.Get_atomicity())
+        f.Close()
+        return seen
+
+    return body

@@ -140,3 +140,8 @@ def test_error_in_a_collective_reaches_every_rank(tier):
             f.Read_at_all(-1 if rank == 0 else 0, bytearray(4))
         assert info.value.Get_error_class() == MPI.ERR_ARG
         f.Write_at_all(4 * rank, np.full(4, rank, np.uint8))  # the file still works on every rank
+
+
+def test_atomic_mode_needs_no_sync(run):
+    seen = run(parity.atomic_body(seed=13), comm)
+    assert seen[0] is True and all(count > 0 for count in seen[1:-1:2])
