@@ -436,3 +436,23 @@ def atomic_body(seed: int) -> Body:
         return seen
 
     return body
+
+
+def view_and_memory_body(disp: int, filetype: MPI.Datatype, memtype: MPI.Datatype, count: int, seed: int) -> Body:
+    """A noncontiguous memory datatype written through, and read back through, a noncontiguous view."""
+
+    def body(File, comm, path):
+        nbytes, origin = memory_extent(memtype, count)
+        src = ramp(nbytes + origin, seed)
+        f = File.Open(comm, path, RW)
+        f.Set_view(disp, MPI.BYTE, filetype)
+        st = MPI.Status()
+        f.Write_all([memoryview(src)[origin:], count, memtype], st)
+        seen: list[Any] = [st.Get_count(MPI.BYTE), f.Get_position()]
+        out = np.zeros_like(src)
+        f.Read_at_all(0, [memoryview(out)[origin:], count, memtype], st)
+        seen += [st.Get_count(MPI.BYTE), out.tobytes()]
+        f.Close()
+        return seen
+
+    return body

@@ -250,3 +250,21 @@ def test_documented_table_lists_every_method():
 def test_atomic_mode(run, comm):
     seen = run(parity.atomic_body(seed=13), COMMS[comm])
     assert seen[0] is True and seen[-1] is False
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ft=datatype_trees(), mt=datatype_trees(), count=st.integers(1, 3), disp=st.integers(0, 17),
+       seed=st.integers(0, 1000))
+def test_property_memory_type_through_view(tier, tmp_path, ft, mt, count, disp, seed):
+    ft.Commit()
+    mt.Commit()
+    try:
+        offs, lens = dtypes.layout(ft).offs, dtypes.layout(ft).lens
+        usable = ft.Get_size() > 0 and mt.Get_size() > 0 and offs[0] >= 0 and bool(
+            np.all(offs[1:] >= offs[:-1] + lens[:-1]))
+        if usable:
+            parity.check(parity.view_and_memory_body(disp, ft, mt, count, seed), MPI.COMM_SELF, str(tmp_path),
+                         tier.bfs_root, f"propvm-{next(_EXAMPLES)}")
+    finally:
+        ft.Free()
+        mt.Free()
