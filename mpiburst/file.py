@@ -160,6 +160,7 @@ class File:
                 _delete(self._tier, tf.path)
         self._comm.Barrier()
         self._tf = None
+        self._view.release()
         self._comm.Free()
 
     @classmethod
@@ -437,12 +438,13 @@ class File:
         view = self._together(check)
         self._together(self._push_all)
         self._rank0(lambda: self._shared.set(0))
-        self._view, self._pos = view, 0
+        old, self._view, self._pos = self._view, view, 0
+        old.release()
 
     def Get_view(self) -> tuple[int, MPI.Datatype, MPI.Datatype, str]:
-        """Return ``(disp, etype, filetype, datarep)``."""
-        v = self._view
-        return v.disp, v.etype, v.filetype, "native"
+        """Return ``(disp, etype, filetype, datarep)``; derived datatypes are new copies the caller frees."""
+        etype, filetype = self._view.datatypes()
+        return self._view.disp, etype, filetype, "native"
 
     def Get_type_extent(self, datatype: MPI.Datatype) -> int:
         """Return the extent of ``datatype`` in the file (native representation)."""

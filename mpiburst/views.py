@@ -44,10 +44,22 @@ class View:
             raise MPI.Exception(MPI.ERR_ARG)
         if not ft.monotone:
             raise MPI.Exception(MPI.ERR_IO)
-        self.disp, self.etype, self.filetype = disp, etype, filetype
+        self.disp = disp
+        # MPI keeps its own copies: the caller may free its datatypes after Set_view
+        self.etype, self.filetype = _own(etype), _own(filetype)
         self.esize = et.size
         self.ft: Layout = ft
         self.contiguous = ft.contiguous
+
+    def datatypes(self) -> tuple[MPI.Datatype, MPI.Datatype]:
+        """Return copies of the etype and filetype (the caller frees derived ones), as ``Get_view`` does."""
+        return _own(self.etype), _own(self.filetype)
+
+    def release(self) -> None:
+        """Free the view's own copies of its datatypes."""
+        for dt in (self.etype, self.filetype):
+            if not dt.is_predefined and dt != MPI.DATATYPE_NULL:
+                dt.Free()
 
     def byte_offset(self, pos: int) -> int:
         """Return the file byte of stream byte ``pos`` (the next data byte if ``pos`` ends a run)."""
@@ -103,3 +115,8 @@ class View:
     def eof_position(self, size: int) -> int:
         """Return the view offset (etypes) of the end of a file of ``size`` bytes, as ``SEEK_END`` uses it."""
         return -(-self.stream_before(size) // self.esize)
+
+
+def _own(dt: MPI.Datatype) -> MPI.Datatype:
+    """Return ``dt`` if predefined, else a committed duplicate of it."""
+    return dt if dt.is_predefined else dt.Dup().Commit()

@@ -268,3 +268,21 @@ def test_property_memory_type_through_view(tier, tmp_path, ft, mt, count, disp, 
     finally:
         ft.Free()
         mt.Free()
+
+
+def test_view_keeps_its_own_datatypes(run):
+    def body(File, comm, path):
+        ft = MPI.INT.Create_vector(2, 1, 3).Commit()
+        f = File.Open(comm, path, MPI.MODE_CREATE | MPI.MODE_RDWR)
+        f.Set_view(4, MPI.INT, ft)
+        ft.Free()  # allowed right after Set_view
+        f.Write_all(np.arange(6, dtype=np.int32))
+        disp, etype, filetype, rep = f.Get_view()
+        seen = [disp, etype.Get_size(), filetype.Get_extent(), filetype.Get_size(), rep]
+        filetype.Free()  # a copy: the view still works
+        f.Write_at_all(6, np.arange(2, dtype=np.int32))
+        seen.append(f.Get_byte_offset(7))
+        f.Close()
+        return seen
+
+    assert run(body)[:2] == [4, 4]
