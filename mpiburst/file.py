@@ -578,11 +578,10 @@ class File:
         if view.contiguous:
             tf.write(view.disp + pos, data)
         else:
-            offs, lens = view.pieces(pos, n)
-            at = 0
-            for off, ln in zip(offs.tolist(), lens.tolist()):
-                tf.write(off, data[at:at + ln])
-                at += ln
+            for at, offs, lens in view.chunks(pos, n):
+                for off, ln in zip(offs.tolist(), lens.tolist()):
+                    tf.write(off, data[at:at + ln])
+                    at += ln
         if self._atomic:
             tf.push()
         return n
@@ -599,8 +598,7 @@ class File:
         if view.contiguous:
             got = tf.read(view.disp + pos, stream)
         else:
-            offs, lens = view.pieces(pos, n)
-            got = _read_runs(tf, offs, lens, stream)
+            got = sum(_read_runs(tf, offs, lens, stream[at:]) for at, offs, lens in view.chunks(pos, n))
         if direct is None:
             msg.scatter(stream[:got])
         return got

@@ -10,10 +10,15 @@ stream positions to file bytes and back, using the filetype's runs from
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 from mpi4py import MPI
 
 from .datatypes import Layout, layout
+
+#: Runs of the filetype a slice of one transfer maps at a time (bounds the index arrays' memory).
+RUNS_PER_CHUNK = 1 << 18
 
 
 class View:
@@ -69,6 +74,20 @@ class View:
         tile, within = divmod(pos, ft.size)
         i = int(np.searchsorted(ft.cum, within, side="right")) - 1
         return self.disp + tile * ft.extent + int(ft.offs[i]) + within - int(ft.cum[i])
+
+    def chunks(self, pos: int, n: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """Yield ``(start, offsets, lengths)``: :meth:`pieces` of ``[pos, pos + n)`` in slices of bounded size.
+
+        ``start`` is the slice's first byte relative to ``pos``. Each slice
+        holds at most about :data:`RUNS_PER_CHUNK` runs, so a large transfer
+        through a fine-grained filetype never builds arrays of every run.
+        """
+        if self.contiguous:
+            yield 0, *self.pieces(pos, n)
+            return
+        step = max(1, RUNS_PER_CHUNK // max(len(self.ft.offs), 1)) * self.ft.size
+        for start in range(0, n, step):
+            yield start, *self.pieces(pos + start, min(step, n - start))
 
     def pieces(self, pos: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Return the file runs ``(offsets, lengths)`` of stream bytes ``[pos, pos + n)``, in stream order."""

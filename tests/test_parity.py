@@ -286,3 +286,12 @@ def test_view_keeps_its_own_datatypes(run):
         return seen
 
     assert run(body)[:2] == [4, 4]
+
+
+def test_large_transfers_map_the_view_in_slices(run, monkeypatch):
+    from mpiburst import views
+
+    monkeypatch.setattr(views, "RUNS_PER_CHUNK", 3)  # slices of one tile: every boundary is crossed
+    ft = TYPES["indexed"]
+    seen = run(parity.view_body(7, MPI.INT, ft, 11 * ft.Get_size(), seed=21, offset=2))
+    assert seen[1] == 11 * ft.Get_size()
