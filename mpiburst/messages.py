@@ -11,6 +11,7 @@ and from the contiguous stream the file sees. Device buffers are refused.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,6 +157,19 @@ def _array_of(obj: Any) -> np.ndarray:
     raise TypeError("message: expecting buffer or list/tuple")
 
 
+def _absolute(dtype: MPI.Datatype, count: int) -> Message:
+    """The message ``[MPI.BOTTOM, count, dtype]``: a datatype built from absolute addresses (``MPI.Get_address``)."""
+    lay = layout(dtype)
+    offs, lens = lay.tiled(count)
+    if len(offs) == 0:
+        return Message(memoryview(b""), 0, count, lay)
+    lo, hi = int(offs.min()), int((offs + lens).max())
+    if lo <= 0:
+        raise ValueError("message: MPI.BOTTOM needs a datatype of absolute addresses (MPI.Get_address)")
+    span = (ctypes.c_ubyte * (hi - lo)).from_address(lo)
+    return Message(memoryview(span).cast("B"), -lo, count, lay)
+
+
 def message(buf: Any, writable: bool) -> Message:
     """Resolve an mpi4py buffer spec into a :class:`Message`.
 
@@ -176,6 +190,8 @@ def message(buf: Any, writable: bool) -> Message:
             count, displ = buf[1], buf[2]
     else:
         obj = buf
+    if obj is MPI.BOTTOM and dtype is not None:
+        return _absolute(dtype, 1 if count is None else count)
     raw = host_bytes(obj, writable)
     if dtype is None:
         return Message(raw, 0, len(raw), _BYTES)

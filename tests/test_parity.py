@@ -295,3 +295,24 @@ def test_large_transfers_map_the_view_in_slices(run, monkeypatch):
     ft = TYPES["indexed"]
     seen = run(parity.view_body(7, MPI.INT, ft, 11 * ft.Get_size(), seed=21, offset=2))
     assert seen[1] == 11 * ft.Get_size()
+
+
+def test_bottom_with_absolute_addresses(run):
+    def body(File, comm, path):
+        a, b = parity.ramp(12, 30), parity.ramp(20, 31)
+        ra, rb = np.zeros(12, np.uint8), np.zeros(20, np.uint8)
+        src = MPI.Datatype.Create_struct([12, 20], [MPI.Get_address(a), MPI.Get_address(b)],
+                                         [MPI.BYTE, MPI.BYTE]).Commit()
+        dst = MPI.Datatype.Create_struct([12, 20], [MPI.Get_address(ra), MPI.Get_address(rb)],
+                                         [MPI.BYTE, MPI.BYTE]).Commit()
+        f = File.Open(comm, path, MPI.MODE_CREATE | MPI.MODE_RDWR)
+        st = MPI.Status()
+        f.Write_at(3, [MPI.BOTTOM, 1, src], st)
+        f.Read_at(3, [MPI.BOTTOM, 1, dst])
+        f.Close()
+        src.Free()
+        dst.Free()
+        return st.Get_count(MPI.BYTE), ra.tobytes() + rb.tobytes()
+
+    count, back = run(body)
+    assert count == 32 and back == parity.ramp(12, 30).tobytes() + parity.ramp(20, 31).tobytes()
