@@ -136,7 +136,7 @@ class Engine:
 
     def memory(self) -> tuple[int, int]:
         """Return ``(used_memory, capacity)`` of the server in bytes."""
-        info = self.tier.admin().info("memory")
+        info = self.tier.redis.info("memory")
         return int(info["used_memory"]), int(info.get("maxmemory") or self.tier.capacity)
 
     def serve_queue(self) -> None:

@@ -19,8 +19,11 @@ environment, then decide what happens to the data:
 
 The exit status is the command's (128 + signal number when a signal killed
 it), or the error's exit code when stage-out fails after a successful command.
-A server this function started is never left running when it returns; one it
-joined (started by a prolog or ``mpiburst start``) is left to its starter.
+A server this function started is stopped before it returns, except when its
+data could not be saved (a full run directory): then it keeps running with the
+data, and the error names the commands that get the data out. One it joined
+(started by a prolog or ``mpiburst start``) is left to its starter. A second
+``mpiburst run`` of the same run ID and directory while one runs is refused.
 
 :func:`stage_in` and :func:`stage_out` are also the ``mpiburst stage-in`` /
 ``stage-out`` commands.
@@ -29,17 +32,20 @@ joined (started by a prolog or ``mpiburst start``) is left to its starter.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from . import flush, residency, server
+from . import engine, flush, residency, server
 from .channels import any_data
-from .errors import ConfigError, FlushError, MpiburstError, PathError
+from .errors import ConfigError, FlushError, MpiburstError, PathError, ServerError
 from .policy import Policy, Rule
-from .runconf import RunConf, conf_path, rdb_name, resolve_id
+from .runconf import RunConf, conf_path, log_name, rdb_name, resolve_id
+from .server import StartOptions
+from .server.runlock import RunLock
 from .store import Store, store_of
 from .tier import Tier
 
@@ -179,15 +185,16 @@ def _note(entry: Staged, log: Log | None) -> Staged:
 
 # ----------------------------------------------------------------------------- open a run
 
-def open_run(id: str | None = None, dir: str | None = None, channels: int | None = None,
-             log: Log | None = None, **start_options: Any) -> tuple[Tier, bool]:
+def open_run(options: StartOptions, log: Log | None = None) -> tuple[Tier, bool]:
     """Return ``(tier, started)`` for a run: join a live one, reload a saved one, or start a new one.
 
     ``started`` is True when this process started (or restarted) the server
-    and so must stop it.
+    and so must stop it. The server is not tied to this process: if the job
+    wrapper dies, a server holding data the BFS lacks stays up for
+    ``mpiburst stage-out`` (or a Slurm epilog) instead of taking the data with it.
     """
-    run_id = resolve_id(id, warn=True)
-    directory = os.path.abspath(dir or os.getcwd())
+    run_id = resolve_id(options.id, warn=True)
+    directory = server.run_directory(options.dir)
     path = conf_path(directory, run_id)
     if os.path.lexists(path):
         conf = RunConf.load(path)
@@ -198,7 +205,8 @@ def open_run(id: str | None = None, dir: str | None = None, channels: int | None
     restart = os.path.exists(os.path.join(directory, rdb_name(run_id)))
     if restart and log:
         log(f"reloading the data run {run_id} saved in {os.path.join(directory, rdb_name(run_id))}")
-    tier = Tier.start(channels=channels, id=run_id, dir=directory, restart=restart, **start_options)
+    conf = engine.attach(server.start_run(options.replace(id=run_id, dir=directory, restart=restart)))
+    tier = Tier.connect(conf=conf)
     if log:
         log(f"started the tier of run {run_id} (PID {tier.conf.pid}, {tier.channels} channels, "
             f"BFS root {tier.bfs_root})")
@@ -218,7 +226,8 @@ def finish_saved(id: str | None = None, dir: str | None = None, log: Log | None 
         raise ConfigError(f"run {run_id} is neither running nor saved in {directory}; check --id and --dir.")
     if log:
         log(f"reloading the data run {run_id} saved in {os.path.join(directory, rdb_name(run_id))}")
-    return Tier.start(id=run_id, dir=directory, restart=True), True
+    conf = engine.attach(server.start_run(StartOptions(id=run_id, dir=directory, restart=True)))
+    return Tier.connect(conf=conf), True
 
 
 def close_run(tier: Tier, keep: bool, log: Log | None = None) -> None:
@@ -276,17 +285,17 @@ class _Signals:
                 pass
 
 
-def run(command: Sequence[str], *, id: str | None = None, dir: str | None = None, channels: int | None = None,
-        policy: Policy | None = None, on_failure: str = "retain", log: Log | None = None,
-        **start_options: Any) -> int:
+def run(command: Sequence[str], options: StartOptions | None = None, *, policy: Policy | None = None,
+        on_failure: str = "retain", log: Log | None = None, **changes: Any) -> int:
     """Run ``command`` with a tier around it (see the module docstring); return its exit status.
 
     Parameters
     ----------
     command
         The program and its arguments (typically ``mpiexec`` / ``srun`` ...).
-    id, dir, channels, **start_options
-        As for ``mpiburst start`` (``bfs_root``, ``capacity``, ``server`` ...).
+    options, **changes
+        The tier's start options (:class:`mpiburst.server.StartOptions`, or
+        their names as keywords); ``restart`` is decided here (a saved run is reloaded).
     policy
         The stage-out policy (default: SYNC every file).
     on_failure
@@ -298,24 +307,39 @@ def run(command: Sequence[str], *, id: str | None = None, dir: str | None = None
     Raises
     ------
     ConfigError
-        On a bad option (before anything is started).
+        On a bad option (before anything is started), or when another
+        ``mpiburst run`` (or start) of the same run ID and directory is under way.
     ServerError
-        If the tier cannot be started.
+        If the tier cannot be started, its snapshot cannot be saved (the
+        server then keeps running with the data), or it died.
     """
+    opts = StartOptions.of(options, **changes)
     if on_failure not in ON_FAILURE:
         raise ConfigError(f"--on-failure {on_failure!r} is not one of {', '.join(ON_FAILURE)}.")
     if not command:
         raise ConfigError("no command to run; give it after '--', e.g. mpiburst run -- mpiexec -n 4 ./app.")
-    policy = policy or Policy()
-    say = log or (lambda line: None)
-    tier, started = open_run(id=id, dir=dir, channels=channels, log=say, **start_options)
+    run_id = resolve_id(opts.id, warn=True)
+    directory = server.run_directory(opts.dir)
+    # One job wrapper per run: a second one (another step of the same job) is refused, never merged.
+    with RunLock(directory, run_id, "mpiburst run"):
+        return _run_locked(command, opts.replace(id=run_id, dir=directory), policy or Policy(), on_failure,
+                           log or (lambda line: None))
+
+
+def _run_locked(command: Sequence[str], opts: StartOptions, policy: Policy, on_failure: str, say: Log) -> int:
+    """:func:`run` once the run's lock is held."""
+    tier, started = open_run(opts, log=say)
     signals = _Signals()
     signals.install()
+    closing = False
     try:
         status = _supervise(command, tier, policy, signals, say)
         failed = status != 0 or signals.aborted is not None
         if failed:
             say(f"the command failed (exit status {status}); applying --on-failure {on_failure}")
+        died = _server_died(tier, started)
+        if died is not None:
+            raise died
         keep = False
         if not failed or on_failure == "sync":
             try:
@@ -328,23 +352,38 @@ def run(command: Sequence[str], *, id: str | None = None, dir: str | None = None
         elif on_failure == "retain":
             keep = True
         if started:
+            closing = True
             close_run(tier, keep=keep, log=say)
             if keep:
-                say(f"finish it later with 'mpiburst stage-out --id {tier.id} --dir {tier.conf.dir}', "
+                say(f"finish it later with 'mpiburst stage-out --id {tier.id} --dir {shlex.quote(tier.conf.dir)}', "
                     f"or run the job again with the same --id")
         elif on_failure == "discard" and failed:
             say(f"the tier of run {tier.id} was joined, not started here: its data is left to its owner")
         return status
     except BaseException:
-        if started:  # never leave a started server behind, even on a bug: keep its data
-            try:
-                close_run(tier, keep=True, log=say)
-            except MpiburstError as exc:
-                say(f"could not save the tier: {exc}")
-                server.stop_run(tier.conf)
+        died = _server_died(tier, started)
+        if died is not None:
+            raise died from None
+        if started and not closing:  # close_run stops the server only once its data is saved
+            close_run(tier, keep=True, log=say)
         raise
     finally:
         signals.restore()
+
+
+def _server_died(tier: Tier, started: bool) -> ServerError | None:
+    """Return the error to report if the run's server is gone (cleaning its files if this process started it)."""
+    conf = tier.conf
+    if server.pid_alive(conf.pid, conf.server):
+        return None
+    tail = server.log_tail(os.path.join(conf.dir, log_name(conf.id)))
+    tier.disconnect()
+    if started:
+        server.stop_run(conf, discard=True)  # only removes the dead server's files
+    return ServerError(
+        f"the server of run {conf.id} (PID {conf.pid}) died while the command ran; what it held that was "
+        f"not yet synced to the BFS is lost (files synced earlier are complete on the BFS); its log ended: {tail}"
+    )
 
 
 def _supervise(command: Sequence[str], tier: Tier, policy: Policy, signals: _Signals, say: Log) -> int:

@@ -51,8 +51,8 @@ def start(argv: Sequence[str] | None = None) -> int:
         print(f"mem_io_start: the number of channels must be at least 1 (got {args.channels}); "
               "give -nr_channels N.", file=sys.stderr)
         return EXIT_CHANNEL_COUNT
-    return _guard("mem_io_start", lambda: engine.attach(server.start_run(
-        id=args.id, dir=os.getcwd(), channels=args.channels, port=args.port, restart=args.restart)))
+    return _guard("mem_io_start", lambda: engine.attach(server.start_run(server.StartOptions(
+        id=args.id, dir=os.getcwd(), channels=args.channels, port=args.port, restart=args.restart))))
 
 
 def store(argv: Sequence[str] | None = None) -> int:

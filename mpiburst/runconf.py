@@ -6,11 +6,13 @@ A *run* is one tier started for one job. Its ID comes from ``--id``, else
 the same directory replaces it). Every file a run makes in its directory is
 named after the ID:
 
-* ``mpiburst_<id>.conf``  how clients connect (JSON, holds the passwords)
+* ``mpiburst_<id>.conf``  how ranks connect (JSON, holds the ranks' password)
+* ``mpiburst_<id>.admin`` the admin user's password (lifecycle commands only)
 * ``redis_<id>.conf``     the server's generated configuration
 * ``redis_<id>.rdb``      the server's snapshot (only when saved)
 * ``redis_<id>.log``      the server's log
 * ``.mpiburst_<id>/``     a 0700 directory holding the server's unix socket
+* ``.mpiburst_<id>.lock`` held while the run is started (and during ``mpiburst run``)
 
 Files holding secrets are written 0600 from the first byte (a temporary file
 opened with ``O_EXCL`` in the same directory, then renamed) and are read the
@@ -21,6 +23,7 @@ someone else, a symlink, truncated, or missing its password.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -37,6 +40,8 @@ ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 #: Environment variables consulted, in order, when no ID is given.
 ID_ENV_VARS = ("MPIBURST_ID", "SLURM_JOB_ID", "PBS_JOBID")
 DEFAULT_ID = "default"
+#: A run conf is a few hundred bytes; anything far larger is not one.
+MAX_CONF_BYTES = 1 << 16
 
 
 def validate_id(run_id: str) -> str:
@@ -84,6 +89,16 @@ def server_conf_path(directory: str, run_id: str) -> str:
     return os.path.join(directory, f"redis_{run_id}.conf")
 
 
+def lock_path(directory: str, run_id: str) -> str:
+    """Return the path of the start lock ``.mpiburst_<id>.lock`` (see :mod:`mpiburst.server.runlock`)."""
+    return os.path.join(directory, f".mpiburst_{run_id}.lock")
+
+
+def admin_path(directory: str, run_id: str) -> str:
+    """Return the path of the admin credentials ``mpiburst_<id>.admin`` (lifecycle commands only)."""
+    return os.path.join(directory, f"mpiburst_{run_id}.admin")
+
+
 def rdb_name(run_id: str) -> str:
     """Return the file name of the server's snapshot, ``redis_<id>.rdb``."""
     return f"redis_{run_id}.rdb"
@@ -111,10 +126,13 @@ def new_password() -> str:
 
 @dataclass
 class RunConf:
-    """Everything a client needs to reach a run's tier, stored as JSON in ``mpiburst_<id>.conf``.
+    """Everything a rank needs to reach a run's tier, stored as JSON in ``mpiburst_<id>.conf``.
 
-    ``pid`` is the server's process ID (``None`` once a run was stopped with its
-    snapshot saved: the conf is kept so ``--restart`` knows the channel count).
+    It holds the ranks' credentials only; the admin user's (SAVE, SHUTDOWN)
+    live in the separate ``mpiburst_<id>.admin`` (:class:`AdminCredentials`),
+    read only by the lifecycle commands. ``pid`` is the server's process ID
+    (``None`` once a run was stopped with its snapshot saved: the conf is kept
+    so ``--restart`` knows the channel count).
     """
 
     id: str
@@ -124,8 +142,6 @@ class RunConf:
     socket: str
     user: str
     password: str
-    admin_user: str
-    admin_password: str
     channels: int
     bfs_root: str
     capacity: int
@@ -147,35 +163,79 @@ class RunConf:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "run conf") -> "RunConf":
-        """Build a conf from a mapping, refusing one without passwords or with missing fields."""
+        """Build a conf from a mapping, refusing one without a password, with missing or wrongly typed fields."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source} is not a JSON object; start the run again with 'mpiburst start'.")
-        for key in ("password", "admin_password"):
-            if not data.get(key):
-                raise ConfigError(f"{source} has no {key.replace('_', ' ')}; start the run again with 'mpiburst start'.")
+        if not data.get("password"):
+            raise ConfigError(f"{source} has no password; start the run again with 'mpiburst start'.")
         names = {f.name for f in dataclasses.fields(cls)}
         required = {f.name for f in dataclasses.fields(cls)
                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
         missing = sorted(required - set(data))
         if missing:
             raise ConfigError(f"{source} lacks {', '.join(missing)}; start the run again with 'mpiburst start'.")
-        return cls(**{k: v for k, v in data.items() if k in names})
+        fields = {k: v for k, v in data.items() if k in names}
+        for name, value in fields.items():
+            if not _has_type(value, _FIELD_TYPES[name]):
+                raise ConfigError(f"{source} has a wrong {name} ({value!r:.40}); it was not written by mpiburst: "
+                                  f"remove it and start the run again.")
+        return cls(**fields)
 
     def save(self) -> None:
         """Write the conf to :attr:`path` securely (0600 from the first byte, atomic replace)."""
         write_secure(self.path, self.to_json())
 
     @classmethod
-    def load(cls, path: str) -> "RunConf":
+    def load(cls, path: str, exposed_ok: bool = False) -> "RunConf":
         """Read and check the conf file at ``path`` (see :func:`read_secure`)."""
-        text = read_secure(path)
-        try:
-            data = json.loads(text)
-        except ValueError:
-            raise ConfigError(
-                f"run conf {path} is truncated or not valid JSON; stop the run and start it again."
-            ) from None
+        data = parse_json(read_secure(path, exposed_ok=exposed_ok), path)
         return cls.from_dict(data, source=f"run conf {path}")
+
+
+#: JSON types each RunConf field may hold (None where the field is optional).
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    **{name: (str,) for name in ("id", "dir", "host", "socket", "user", "password", "bfs_root", "server")},
+    **{name: (int,) for name in ("port", "channels", "capacity", "align")},
+    "pid": (int, type(None)), "engine_pid": (int, type(None)),
+    "sync_threshold": (int, float), "purge_threshold": (int, float),
+}
+
+
+def _has_type(value: Any, types: tuple[type, ...]) -> bool:
+    """Return True if ``value`` is one of ``types`` (a bool is not a number here)."""
+    return isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+
+
+@dataclass
+class AdminCredentials:
+    """The admin user of a run's server (SAVE, SHUTDOWN), kept in the 0600 ``mpiburst_<id>.admin``.
+
+    Only the lifecycle commands (``mpiburst stop``, ``mpiburst run`` ending
+    its run, ``mem_io_stop``) read it; ranks and the engine never do.
+    """
+
+    user: str
+    password: str
+
+    @staticmethod
+    def path_of(conf: RunConf) -> str:
+        """Return the admin file's path for ``conf``'s run."""
+        return admin_path(conf.dir, conf.id)
+
+    def save(self, conf: RunConf) -> None:
+        """Write the credentials next to ``conf`` (0600 from the first byte)."""
+        write_secure(self.path_of(conf), json.dumps(dataclasses.asdict(self)) + "\n")
+
+    @classmethod
+    def load(cls, conf: RunConf, exposed_ok: bool = False) -> "AdminCredentials":
+        """Read and check the admin file of ``conf``'s run."""
+        path = cls.path_of(conf)
+        data = parse_json(read_secure(path, "admin file", exposed_ok), path, "admin file")
+        if not (isinstance(data, Mapping) and isinstance(data.get("user"), str)
+                and isinstance(data.get("password"), str) and data["password"]):
+            raise ConfigError(f"admin file {path} has no user and password; stop the run (the server's PID is in "
+                              f"{conf.path}) and start it again.")
+        return cls(data["user"], data["password"])
 
 
 def create_private(path: str) -> int:
@@ -220,41 +280,75 @@ def write_secure(path: str, text: str) -> None:
         raise
 
 
-def read_secure(path: str) -> str:
-    """Return the text of a secret-holding file after ssh-like checks.
+def read_secure(path: str, what: str = "run conf", exposed_ok: bool = False) -> str:
+    """Return the text of a secret-holding file after ssh-like checks, without ever blocking.
+
+    The file is opened with ``O_NOFOLLOW | O_NONBLOCK`` and checked with
+    ``fstat`` before a byte is read, so a symlink, a FIFO, a device or a
+    directory planted at ``path`` is refused at once instead of followed or
+    waited on.
+
+    Parameters
+    ----------
+    what
+        What the file is, for messages (``run conf``, ``admin file``).
+    exposed_ok
+        Accept a file group or others may access (``mpiburst stop`` does: its
+        password may be known, and stopping the run is the cure).
 
     Raises
     ------
     ConfigError
         If the file is missing, a symlink, not a regular file, owned by another
-        user, or readable or writable by group or others.
+        user, larger than :data:`MAX_CONF_BYTES`, or (unless ``exposed_ok``)
+        accessible by group or others.
     """
     try:
-        st = os.lstat(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigError(
-            f"no run conf {path}; check the run ID and --dir, or start the run with 'mpiburst start'."
+            f"no {what} {path}; check the run ID and --dir, or start the run with 'mpiburst start'."
         ) from None
-    if stat.S_ISLNK(st.st_mode):
-        raise ConfigError(f"run conf {path} is a symlink; refusing to read it, use the real file.")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as exc:
-        raise ConfigError(f"cannot read run conf {path} ({exc.strerror}).") from None
-    with os.fdopen(fd, "r", encoding="utf-8", errors="replace") as f:
-        st = os.fstat(f.fileno())
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(f"{what} {path} is a symlink; refusing to read it, use the real file.") from None
+        raise ConfigError(f"cannot read {what} {path} ({exc.strerror}).") from None
+    try:
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"run conf {path} is not a regular file; refusing to read it.")
+            raise ConfigError(f"{what} {path} is not a regular file; refusing to read it: remove it and "
+                              f"start the run again.")
         if st.st_uid != os.geteuid():
+            raise ConfigError(f"{what} {path} is owned by uid {st.st_uid}, not by you; refusing to read it.")
+        if st.st_mode & 0o077 and not exposed_ok:
             raise ConfigError(
-                f"run conf {path} is owned by uid {st.st_uid}, not by you; refusing to read it."
+                f"{what} {path} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o}), so its "
+                f"password may be known; refusing to use it: stop the run with 'mpiburst stop' (which accepts "
+                f"it) and start it again."
             )
-        if st.st_mode & 0o077:
-            raise ConfigError(
-                f"run conf {path} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
-                f"refusing to read it: its password may be known, stop the run and start it again."
-            )
-        return f.read()
+        if st.st_size > MAX_CONF_BYTES:
+            raise ConfigError(f"{what} {path} is {st.st_size} bytes, too large for a run conf; refusing to read it.")
+        chunks = []
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if sum(map(len, chunks)) > MAX_CONF_BYTES:
+                raise ConfigError(f"{what} {path} grew past {MAX_CONF_BYTES} bytes while read; refusing it.")
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("utf-8", errors="replace")
+
+
+def parse_json(text: str, path: str, what: str = "run conf") -> Any:
+    """Return the JSON document in ``text``, or raise :class:`ConfigError` naming ``path``."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise ConfigError(
+            f"{what} {path} is truncated or not valid JSON; stop the run and start it again."
+        ) from None
 
 
 def find_conf_path(run_id: str | None = None, directory: str | None = None) -> str:

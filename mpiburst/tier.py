@@ -20,6 +20,7 @@ import redis
 from . import server
 from .errors import ConfigError, MpiburstError
 from .runconf import RunConf, conf_path, find_conf_path
+from .server import StartOptions
 
 
 class Tier:
@@ -45,7 +46,7 @@ class Tier:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def start(cls, comm: Any = None, channels: int | None = None, **options: Any) -> "Tier":
+    def start(cls, comm: Any = None, options: StartOptions | None = None, **changes: Any) -> "Tier":
         """Start a run's server and connect every rank of ``comm`` to it (collective).
 
         Parameters
@@ -53,12 +54,12 @@ class Tier:
         comm
             An ``mpi4py.MPI.Comm``; rank 0 starts the server and broadcasts the
             conf. ``None`` means a single process (mpi4py is not imported).
-        channels
-            Number of channels; defaults to the size of ``comm`` (1 without one).
-        **options
-            Options of ``mpiburst start``: ``id``, ``dir``, ``bfs_root``,
-            ``capacity``, ``bind``, ``port``, ``socket_dir``, ``server``, ``align``,
-            ``restart``, ``maxclients``.
+        options, **changes
+            The start options (:class:`mpiburst.server.StartOptions`, or their
+            names as keywords: ``id``, ``dir``, ``channels``, ``bfs_root``,
+            ``capacity``, ...). They are checked on every rank before rank 0
+            acts, so a misspelled name fails on every rank. ``channels``
+            defaults to the size of ``comm`` (1 without one).
 
         The server is tied to the starting process: if that process dies (an
         aborted MPI job), the server gets SIGTERM and no server is left behind.
@@ -66,16 +67,17 @@ class Tier:
         Raises
         ------
         MpiburstError
-            On every rank, if rank 0 could not start the server.
+            On every rank, if an option is wrong or rank 0 could not start the server.
         """
-        if channels is None and not options.get("restart"):
-            channels = comm.Get_size() if comm is not None else 1
+        opts = StartOptions.of(options, **changes)
+        if opts.channels is None and not opts.restart:
+            opts = opts.replace(channels=comm.Get_size() if comm is not None else 1)
         if comm is None:
-            return cls._attach(_start_run(channels=channels, **options), owner=True)
+            return cls._attach(_start_run(opts), owner=True)
         result: Any = None
         if comm.Get_rank() == 0:
             try:
-                result = _start_run(channels=channels, **options)
+                result = _start_run(opts)
             except MpiburstError as exc:
                 result = exc
         result = comm.bcast(result, root=0)
@@ -130,7 +132,7 @@ class Tier:
 
         conf = RunConf(
             id="memory", dir=os.path.abspath(bfs_root), host="memory", port=0, socket="", user="memory",
-            password="memory", admin_user="memory", admin_password="memory", channels=channels,
+            password="memory", channels=channels,
             bfs_root=os.path.abspath(bfs_root), capacity=capacity or (1 << 30), align=align, pid=None,
             server="fakeredis",
         )
@@ -215,8 +217,8 @@ class Tier:
         return f"<Tier {self.id} {self.conf.host}:{self.conf.port} channels={self.channels}>"
 
 
-def _start_run(**options: Any) -> RunConf:
+def _start_run(options: StartOptions) -> RunConf:
     """Start a run's server, tied to this process, and the automatic engine beside it."""
     from . import engine  # the engine sits above this layer (it flushes through Tier)
 
-    return engine.attach(server.start_run(tied=True, **options))
+    return engine.attach(server.start_run(options, tied=True))

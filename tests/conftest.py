@@ -10,6 +10,12 @@ Reusable by every test module:
 * ``cli``: run the ``mpiburst`` command in a subprocess (``cli("status", "--id", X)``).
 * ``server_pids_in``: PIDs of live server processes whose working directory
   is under a path (to assert that nothing was left running).
+* ``small_tmpfs``: mount a small tmpfs (a real ENOSPC), unmounted at teardown.
+* ``second_user``: a second local user (created with useradd) for tests of
+  what root does with a user's files.
+
+Tests that need root call :func:`require_root`: skipped with the reason when
+not root, failed instead when ``MPIBURST_REQUIRE_ROOT=1`` (CI runs as root).
 
 A failing test under MPI aborts the whole job (``COMM_WORLD.Abort(1)``) so the
 other ranks never hang in a collective.
@@ -18,6 +24,7 @@ other ranks never hang in a collective.
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -143,6 +150,54 @@ def undo_readonly_dir(path: Path) -> None:
         subprocess.run(["chattr", "-i", str(path)], check=True, timeout=10)
     else:
         path.chmod(0o700)
+
+
+def require_root(why: str) -> None:
+    """Skip the calling test unless it runs as root; with ``MPIBURST_REQUIRE_ROOT=1`` (CI) fail instead."""
+    if os.geteuid() == 0:
+        return
+    reason = f"needs root: {why}"
+    if os.environ.get("MPIBURST_REQUIRE_ROOT") == "1":
+        pytest.fail(f"{reason} (MPIBURST_REQUIRE_ROOT=1)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def small_tmpfs() -> Iterator[Callable[[Path, str], Path]]:
+    """Return ``mount(where, size)``: a fresh tmpfs of ``size`` (``"1m"``) at ``where``; unmounted at teardown."""
+    mounted: list[Path] = []
+
+    def mount(where: Path, size: str) -> Path:
+        require_root("mounting a small tmpfs (a real ENOSPC)")
+        where.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
+                       check=True, capture_output=True, timeout=30)
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        for pid in _server_pids_in(where):  # a failed test may leave a server working in it
+            os.kill(pid, signal.SIGKILL)
+        subprocess.run(["umount", "-l", str(where)], check=False, timeout=30)
+
+
+SECOND_USER = "mpbsecond"
+
+
+@pytest.fixture(scope="session")
+def second_user() -> pwd.struct_passwd:
+    """A second local user (``mpbsecond``, no home, no login shell), created with useradd when missing."""
+    require_root("creating a second local user with useradd")
+    try:
+        return pwd.getpwnam(SECOND_USER)
+    except KeyError:
+        pass
+    made = subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", SECOND_USER],
+                          capture_output=True, text=True, timeout=60)
+    if made.returncode not in (0, 9):  # 9: made meanwhile by a parallel test run
+        pytest.fail(f"useradd {SECOND_USER} failed: {made.stderr.strip()}", pytrace=False)
+    return pwd.getpwnam(SECOND_USER)
 
 
 @pytest.fixture

@@ -46,7 +46,8 @@ def test_start_status_stop_cycle(cli, tmp_path, server_pids_in):
     engine_pid = json.loads((run / "mpiburst_X.conf").read_text())["engine_pid"]
     assert sorted(server_pids_in(run)) == sorted([pid, engine_pid])  # the server and its engine
     made = sorted(os.listdir(run))
-    assert made == [".mpiburst_X", "mpiburst_X.conf", "mpiburst_X.engine.log", "redis_X.conf", "redis_X.log"]
+    assert made == [".mpiburst_X", "mpiburst_X.admin", "mpiburst_X.conf", "mpiburst_X.engine.log", "redis_X.conf",
+                    "redis_X.log"]
     for name in made[1:]:
         assert stat.S_IMODE(os.stat(run / name).st_mode) == 0o600, name
     assert stat.S_IMODE(os.stat(run / ".mpiburst_X").st_mode) == 0o700
@@ -75,7 +76,7 @@ def test_start_output_is_shell_evaluable(cli, tmp_path, server_binary):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     port, conf = done.stdout.split()
-    assert int(port) > 0 and conf == str(tmp_path / "mpiburst_ev.conf")
+    assert int(port) == 0 and conf == str(tmp_path / "mpiburst_ev.conf")  # one node: unix socket only
     assert os.listdir(tmp_path) == []  # stop found the run through $MPIBURST_CONF
 
 
@@ -138,12 +139,17 @@ def running(cli, tmp_path):
 
 
 @pytest.mark.parametrize("mode", [0o640, 0o644])
-def test_insecure_conf_refused(cli, running, mode):
+def test_insecure_conf_refused_but_stop_accepts_it(cli, running, mode, server_pids_in, tmp_path):
     running.chmod(mode)
-    for command in ("status", "stop"):
-        _assert_clean_error(cli(command, "--id", "B"), command, "accessible by group or others")
-    running.chmod(0o600)
-    assert cli("stop", "--id", "B").returncode == 0
+    for command in ("status", "start"):
+        done = cli(command, "--id", "B")
+        _assert_clean_error(done, command, "accessible by group or others")
+        assert "mpiburst stop" in done.stderr  # the advice leads somewhere
+    assert server_pids_in(tmp_path)  # still running
+    # the advice works: stop accepts the exposed conf (its password may be known: stopping is the cure)
+    stop = cli("stop", "--id", "B")
+    assert stop.returncode == 0, stop.stderr
+    assert server_pids_in(tmp_path) == [] and not running.exists()
 
 
 def test_symlinked_conf_refused(cli, running, tmp_path):
@@ -177,7 +183,7 @@ def test_conf_without_password_refused(cli, running):
 
 def test_wrong_password_refused(cli, running):
     data = json.loads(running.read_text())
-    data["admin_password"] = "0" * 64
+    data["password"] = "0" * 64
     running.write_text(json.dumps(data))
     done = cli("status", "--id", "B")
     _assert_clean_error(done, "status", "refused the password")

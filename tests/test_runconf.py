@@ -14,7 +14,7 @@ from mpiburst.runconf import RunConf, find_conf_path, read_secure, resolve_id, v
 
 def _conf(directory, **changes) -> RunConf:
     fields = dict(id="r1", dir=str(directory), host="127.0.0.1", port=1234, socket=f"{directory}/s",
-                  user="mpiburst", password="p" * 64, admin_user="mpiburst-admin", admin_password="q" * 64,
+                  user="mpiburst", password="p" * 64,
                   channels=2, bfs_root=str(directory), capacity=1 << 20, align=1 << 20, pid=None, server="x")
     fields.update(changes)
     return RunConf(**fields)
@@ -118,11 +118,10 @@ def test_refuse_truncated(tmp_path):
         RunConf.load(conf.path)
 
 
-@pytest.mark.parametrize("field", ["password", "admin_password"])
-def test_refuse_missing_password(tmp_path, field):
-    conf = _conf(tmp_path, **{field: ""})
+def test_refuse_missing_password(tmp_path):
+    conf = _conf(tmp_path, password="")
     conf.save()
-    with pytest.raises(ConfigError, match=f"has no {field.replace('_', ' ')}"):
+    with pytest.raises(ConfigError, match="has no password"):
         RunConf.load(conf.path)
 
 

@@ -17,7 +17,7 @@ import redis
 from mpiburst import server
 from mpiburst.server import config, discovery, process
 from mpiburst.errors import ConfigError, ServerError
-from mpiburst.runconf import RunConf, rdb_name
+from mpiburst.runconf import AdminCredentials, RunConf, rdb_name
 
 from conftest import make_readonly_dir, undo_readonly_dir
 
@@ -72,15 +72,14 @@ def test_find_server_none_names_every_way(tmp_path, monkeypatch):
 
 def test_config_is_hardened(tmp_path):
     conf = RunConf(id="c", dir=str(tmp_path), host="127.0.0.1", port=7000, socket=str(tmp_path / "s.sock"),
-                   user="mpiburst", password="secret-user-pw", admin_user="mpiburst-admin",
-                   admin_password="secret-admin-pw", channels=4, bfs_root=str(tmp_path), capacity=1 << 30,
-                   align=1 << 20, pid=None, server="x")
-    text = config.render_config(conf, "127.0.0.1", 1024)
+                   user="mpiburst", password="secret-user-pw", channels=4, bfs_root=str(tmp_path),
+                   capacity=1 << 30, align=1 << 20, pid=None, server="x")
+    text = config.render_config(conf, AdminCredentials("mpiburst-admin", "secret-admin-pw"), "127.0.0.1", 1024)
     lines = set(text.splitlines())
     for line in ("bind 127.0.0.1", "protected-mode yes", "unixsocketperm 700", "user default off",
                  "enable-protected-configs no", "enable-debug-command no", "enable-module-command no",
                  "maxmemory 1073741824", "maxmemory-policy noeviction", "maxclients 1024", 'save ""',
-                 "appendonly no", f"dir {tmp_path}", "dbfilename redis_c.rdb", f"logfile {tmp_path}/redis_c.log"):
+                 "appendonly no", f'dir "{tmp_path}"', 'dbfilename "redis_c.rdb"', f'logfile "{tmp_path}/redis_c.log"'):
         assert line in lines, line
     assert "secret-user-pw" not in text and "secret-admin-pw" not in text
     assert any(ln.startswith("user mpiburst on #") and "-@dangerous" in ln for ln in lines)
@@ -106,7 +105,7 @@ def test_capacity():
     assert server.parse_capacity("8M") == 8 << 20
     assert server.parse_capacity("50%") == total // 2
     assert server.parse_capacity(None) == total // 2
-    for bad, msg in (("0", "positive"), ("abc%", "percentage"), ("150%", "between"), (f"{total + 1}", "exceeds")):
+    for bad, msg in (("0", "too small"), ("1", "at least 8.0 MiB"), ("abc%", "percentage"), ("150%", "between"), (f"{total + 1}", "exceeds")):
         with pytest.raises(ConfigError, match=msg):
             server.parse_capacity(bad)
 
@@ -139,7 +138,8 @@ def test_admin_can_save(tier):
 
 def test_files_private_and_password_hidden(tier):
     conf = tier.conf
-    made = [conf.path, os.path.join(conf.dir, f"redis_{conf.id}.conf"), os.path.join(conf.dir, f"redis_{conf.id}.log")]
+    made = [conf.path, os.path.join(conf.dir, f"redis_{conf.id}.conf"), os.path.join(conf.dir, f"redis_{conf.id}.log"),
+            AdminCredentials.path_of(conf)]
     for path in made:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
     sockdir = os.path.dirname(conf.socket)
@@ -150,11 +150,13 @@ def test_files_private_and_password_hidden(tier):
     cmdline = open(f"/proc/{conf.pid}/cmdline", "rb").read()
     log = open(made[2], "rb").read()
     server_conf = open(made[1], "rb").read()
-    for secret in (conf.password, conf.admin_password):
+    for secret in (conf.password, AdminCredentials.load(conf).password):
         assert len(secret) >= 64  # 256 bits in hex
         assert secret not in ps
         for blob in (environ, cmdline, log, server_conf):
             assert secret.encode() not in blob
+    # the ranks read only the run conf: it must not hold the admin password
+    assert AdminCredentials.load(conf).password not in open(conf.path).read()
 
 
 def test_socket_path_too_long(tmp_path, server_binary, server_pids_in):

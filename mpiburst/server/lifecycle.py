@@ -10,6 +10,7 @@ own session.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -20,13 +21,15 @@ import redis
 
 from ..align import detect_align
 from ..errors import ConfigError, ServerError
-from ..runconf import (RunConf, conf_path, create_private, engine_log_name, log_name, new_password, rdb_name,
-                       resolve_id, server_conf_path, socket_dir_path, write_secure)
+from ..runconf import (AdminCredentials, RunConf, admin_path, conf_path, create_private, engine_log_name, log_name,
+                       new_password, rdb_name, resolve_id, server_conf_path, socket_dir_path, write_secure)
 from . import process
 from .config import ADMIN_USER, USER, render_config
 from .connection import connect_redis
-from .discovery import default_bind, find_server, host_address, free_port, parse_capacity
+from .discovery import default_bind, find_server, free_port, host_address, job_nodes
+from .options import StartOptions, parse_capacity
 from .process import kill, log_tail, pid_alive, wait_gone
+from .runlock import RunLock
 
 #: sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
@@ -68,6 +71,7 @@ def clean_run(conf: RunConf, keep_snapshot: bool) -> None:
     _remove(server_conf_path(conf.dir, conf.id))
     _remove(os.path.join(conf.dir, log_name(conf.id)))
     _remove(os.path.join(conf.dir, engine_log_name(conf.id)))
+    _remove(admin_path(conf.dir, conf.id))
     if keep_snapshot:
         conf.pid = None
         conf.save()
@@ -82,9 +86,9 @@ class _PortInUse(Exception):
     """The server could not bind its TCP port (another process took it)."""
 
 
-def _launch(conf: RunConf, bind: str, maxclients: int, tied: bool) -> subprocess.Popen:
+def _launch(conf: RunConf, admin: AdminCredentials, bind: str, maxclients: int, tied: bool) -> subprocess.Popen:
     """Write the server config, start the server and wait until an authenticated PING answers."""
-    write_secure(server_conf_path(conf.dir, conf.id), render_config(conf, bind, maxclients))
+    write_secure(server_conf_path(conf.dir, conf.id), render_config(conf, admin, bind, maxclients))
     log = os.path.join(conf.dir, log_name(conf.id))
     log_fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
     try:
@@ -143,101 +147,134 @@ def _check_existing(directory: str, run_id: str, restart: bool) -> RunConf | Non
     return old
 
 
-def start_run(id: str | None = None, dir: str | None = None, channels: int | None = None,
-              bfs_root: str | None = None, capacity: str | int | None = None, bind: str | None = None,
-              port: int | None = None, socket_dir: str | None = None, server: str | None = None,
-              align: str | int | None = None, restart: bool = False, maxclients: int | None = None,
-              tied: bool = False) -> RunConf:
+def start_run(options: StartOptions | None = None, *, tied: bool = False, **changes: Any) -> RunConf:
     """Start the server of a run and return its conf (already saved as ``mpiburst_<id>.conf``).
 
-    Parameters are those of ``mpiburst start``; ``channels`` defaults to 1 (or the
-    old run's count with ``restart``), ``dir`` and ``bfs_root`` to the current
-    directory, ``capacity`` to 50% of node memory. With ``tied`` (what
-    :meth:`mpiburst.tier.Tier.start` uses) the server gets SIGTERM when this
-    process dies, so an aborted MPI job leaves no server behind; ``mpiburst
-    start`` leaves it untied, as the command returns while the server runs.
+    Parameters
+    ----------
+    options, **changes
+        The start options (:class:`StartOptions`, or their names as keywords).
+        ``channels`` defaults to 1 (or the old run's count with ``restart``),
+        ``dir`` and ``bfs_root`` to the current directory, ``capacity`` to 50%
+        of node memory.
+    tied
+        The server gets SIGTERM when this process dies (what
+        :meth:`mpiburst.tier.Tier.start` uses, so an aborted MPI job leaves no
+        server behind); ``mpiburst start`` leaves it untied, as the command
+        returns while the server runs.
+
+    Without ``bind`` or ``port``, a run on one node listens on its unix socket
+    only (no TCP port another user of the node could fill up); a job spanning
+    several nodes listens on this host's address too.
 
     Raises
     ------
     ConfigError
-        On a bad option, an unwritable directory, a live run with the same ID.
+        On a bad option, an unwritable directory, a live run with the same ID,
+        or another process starting the same run.
     ServerError
         If no server binary is found or the server does not come up.
     """
-    run_id = resolve_id(id, warn=True)
-    directory = os.path.abspath(dir or os.getcwd())
-    if not os.path.isdir(directory):
-        raise ConfigError(f"run directory {directory} does not exist; create it or choose another with --dir.")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise ConfigError(f"run directory {directory} is not writable; choose another with --dir.")
-    old = _check_existing(directory, run_id, restart)
-    if channels is None:
-        channels = old.channels if old else 1
-    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-        raise ConfigError(f"the number of channels must be a whole number of at least 1 (got {channels!r}).")
-    bfs_root = os.path.abspath(bfs_root or (old.bfs_root if old else directory))
+    opts = StartOptions.of(options, **changes)
+    run_id = resolve_id(opts.id, warn=True)
+    directory = run_directory(opts.dir)
+    with RunLock(directory, run_id, "mpiburst start"):
+        return _start_locked(opts, run_id, directory, tied)
+
+
+def run_directory(directory: str | None) -> str:
+    """Return the absolute run directory (default: the current one), checked to be a writable directory."""
+    path = os.path.abspath(directory or os.getcwd())
+    if not os.path.isdir(path):
+        raise ConfigError(f"run directory {path} does not exist; create it or choose another with --dir.")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"run directory {path} is not writable; choose another with --dir.")
+    return path
+
+
+def _start_locked(opts: StartOptions, run_id: str, directory: str, tied: bool) -> RunConf:
+    """Start the run's server; the caller holds the run's start lock."""
+    old = _check_existing(directory, run_id, opts.restart)
+    channels = opts.channels or (old.channels if old else 1)
+    bfs_root = os.path.abspath(opts.bfs_root or (old.bfs_root if old else directory))
     if not os.path.isdir(bfs_root):
         raise ConfigError(f"BFS root {bfs_root} is not a directory; create it or give another with --bfs-root.")
-    sockdir = socket_dir_path(directory, run_id, socket_dir)
+    sockdir = socket_dir_path(directory, run_id, opts.socket_dir)
     sock = os.path.join(sockdir, SOCKET_NAME)
     if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
         raise ConfigError(
             f"unix socket path {sock} is {len(os.fsencode(sock))} bytes, more than the OS allows "
             f"({MAX_SOCKET_PATH}); give a shorter directory with --socket-dir (e.g. under /tmp)."
         )
-    if port is not None and not 0 < int(port) < 65536:
-        raise ConfigError(f"port {port} is out of range; give 1-65535 or leave it out for a free one.")
+    if opts.maxclients:
+        opts = opts.replace(channels=channels)  # a restart's channel count may need more clients
+    maxclients = opts.maxclients or max(1024, 4 * channels)
     conf = RunConf(
         id=run_id, dir=directory, host="", port=0, socket=sock, user=USER, password=new_password(),
-        admin_user=ADMIN_USER, admin_password=new_password(), channels=channels, bfs_root=bfs_root,
-        capacity=parse_capacity(capacity), align=detect_align(bfs_root, align), pid=None,
-        server=find_server(server),
+        channels=channels, bfs_root=bfs_root,
+        capacity=parse_capacity(opts.capacity), align=detect_align(bfs_root, opts.align), pid=None,
+        server=find_server(opts.server),
     )
-    bind = bind or default_bind()
-    conf.host = host_address() if bind in ("0.0.0.0", "*") else bind
-    maxclients = maxclients or max(1024, 4 * channels)
+    tcp = opts.bind is not None or opts.port is not None or job_nodes() > 1
+    bind = opts.bind or default_bind()
+    if tcp:
+        conf.host = host_address() if bind in ("0.0.0.0", "*") else bind
     _make_socket_dir(sockdir)
     log = os.path.join(directory, log_name(run_id))
     _remove(log)
     os.close(create_private(log))
+    admin = AdminCredentials(ADMIN_USER, new_password())
     conf.save()
     try:
-        for attempt in range(PORT_ATTEMPTS):
+        admin.save(conf)
+        for attempt in range(PORT_ATTEMPTS if tcp else 1):
+            if tcp:
+                try:
+                    conf.port = opts.port if (opts.port and attempt == 0) else free_port(bind)
+                except OSError as exc:
+                    raise ConfigError(f"cannot listen on address {bind!r} ({exc.strerror}); "
+                                      f"give another with --bind.") from None
             try:
-                conf.port = int(port) if (port and attempt == 0) else free_port(bind)
-            except OSError as exc:
-                raise ConfigError(f"cannot listen on address {bind!r} ({exc.strerror}); give another with --bind.") from None
-            try:
-                _launch(conf, bind, maxclients, tied)
+                _launch(conf, admin, bind, maxclients, tied)
                 return conf
             except _PortInUse:
                 continue
-        raise ServerError(f"the server of run {run_id} found no free port after {PORT_ATTEMPTS} attempts; give one with --port.")
+        raise ServerError(f"the server of run {run_id} found no free port after {PORT_ATTEMPTS} attempts; "
+                          f"give one with --port.")
     except BaseException:
         if conf.pid:
             kill(conf.pid, conf.server)
-        clean_run(conf, keep_snapshot=restart)
-        if not restart:
+        clean_run(conf, keep_snapshot=opts.restart)
+        if not opts.restart:
             _remove(conf.path)
         raise
 
 
 # ----------------------------------------------------------------------------- stop / status
 
-def stop_run(conf: RunConf, save: bool = False, discard: bool = False, timeout: float = STOP_TIMEOUT) -> str:
+def stop_run(conf: RunConf, save: bool = False, discard: bool = False, timeout: float = STOP_TIMEOUT,
+             exposed_ok: bool = False) -> str:
     """Stop the run's server by its PID and remove its files; return a one-line report.
 
-    With ``save``, the admin user runs SAVE (errors reported, server left
-    running so nothing is lost), then SHUTDOWN NOSAVE; the snapshot and the
-    conf stay for ``mpiburst start --restart``. With ``discard`` any snapshot is
-    removed too. Without either, nothing is written and an older snapshot stays.
+    With ``save``, the admin user runs SAVE first; if that fails (a full
+    disk), nothing is stopped and the error says where the data is and how to
+    get it out. Then the engine is stopped and the server gets SHUTDOWN
+    NOSAVE; the snapshot and the conf stay for ``mpiburst start --restart``.
+    With ``discard`` any snapshot is removed too. Without either, nothing is
+    written and an older snapshot stays.
+
+    Parameters
+    ----------
+    exposed_ok
+        Accept an admin file that group or others may read (``mpiburst stop``
+        does: stopping is the cure for a password that may be known).
 
     Raises
     ------
     ConfigError
         If the run is not running and there is nothing to discard.
     ServerError
-        If SAVE fails (the server keeps running).
+        If SAVE fails (the server keeps running, with the data).
     """
     if save and discard:
         raise ConfigError("choose either --save or --discard, not both.")
@@ -251,14 +288,14 @@ def stop_run(conf: RunConf, save: bool = False, discard: bool = False, timeout: 
         was = "was stopped" if conf.pid is None else f"was not running (PID {conf.pid} gone)"
         clean_run(conf, keep_snapshot=os.path.exists(rdb) and not discard)
         return f"run {conf.id} {was}; its files were removed."
-    _end_engine(conf.engine_pid)
-    admin = connect_redis(conf, admin=True)
+    admin = connect_redis(conf, admin=AdminCredentials.load(conf, exposed_ok=exposed_ok))
     try:
         if save:
             try:
                 admin.save()
             except redis.RedisError as exc:
-                raise ServerError(f"saving run {conf.id} failed ({exc}); the server keeps running, nothing was lost.") from None
+                raise ServerError(_save_failed(conf, exc)) from None
+        _end_engine(conf.engine_pid)
         try:
             admin.shutdown(nosave=True)
         except redis.RedisError:
@@ -271,6 +308,20 @@ def stop_run(conf: RunConf, save: bool = False, discard: bool = False, timeout: 
     if save:
         return f"run {conf.id} stopped; snapshot saved in {rdb} (reload with 'mpiburst start --restart --id {conf.id}')."
     return f"run {conf.id} stopped."
+
+
+def _save_failed(conf: RunConf, exc: Exception) -> str:
+    """Return the message for a failed SAVE: its cause, where the data is, the commands that get it out."""
+    cause = str(exc).strip()
+    if cause in ("", "ERR"):  # the server answers a failed SAVE with a bare ERR; its log says why
+        lines = log_tail(os.path.join(conf.dir, log_name(conf.id)), 20).split(" | ")
+        cause = next((ln.split(" * ")[-1].split(" # ")[-1] for ln in reversed(lines)
+                      if "sav" in ln.lower() or "error" in ln.lower()), "the server's log gives no reason")
+    where = f"--id {conf.id} --dir {shlex.quote(conf.dir)}"
+    return (f"saving run {conf.id} to {os.path.join(conf.dir, rdb_name(conf.id))} failed ({cause}); nothing was "
+            f"stopped: the data is still in the run's server (PID {conf.pid}, conf {conf.path}). Copy it to the BFS "
+            f"with 'mpiburst stage-out {where}', or free space in {conf.dir} and run 'mpiburst stop --save {where}'; "
+            f"'mpiburst stop --discard {where}' drops it.")
 
 
 def _end_engine(pid: int | None) -> None:
@@ -297,11 +348,11 @@ def status(conf: RunConf) -> dict[str, Any]:
         align=conf.align, server=conf.server, used_memory=None, clients=None, engine=None,
     )
     if info["up"]:
-        admin = connect_redis(conf, admin=True)
+        client = connect_redis(conf)  # the ranks' user may run INFO: status needs no admin password
         try:
-            stats = admin.info()
+            stats = client.info()
         finally:
-            admin.close()
+            client.close()
         info["used_memory"] = stats.get("used_memory")
         info["clients"] = max(0, int(stats.get("connected_clients", 1)) - 1)  # not counting ourselves
         name = stats.get("server_name") or "redis"
