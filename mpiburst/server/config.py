@@ -28,9 +28,9 @@ ADMIN_USER = "mpiburst-admin"
 #: ACL rules of the user the ranks connect as.
 USER_RULES = ("~* &* -@all +@read +@write +@keyspace +@connection +@transaction +@scripting "
               "-@dangerous +info")
-#: ACL rules of the admin user (lifecycle commands only): SAVE, SHUTDOWN, INFO and CONFIG GET, nothing that
+#: ACL rules of the admin user (lifecycle commands only): SAVE, SHUTDOWN, INFO, CONFIG GET, CLIENT LIST; nothing that
 #: could reopen the network or the security settings (no CONFIG SET, ACL, MODULE, DEBUG, REPLICAOF).
-ADMIN_RULES = "~* &* -@all +@connection -@dangerous +info +save +shutdown +config|get"
+ADMIN_RULES = "~* &* -@all +@connection -@dangerous +info +save +shutdown +config|get +client|list"
 
 
 def _acl_hash(password: str) -> str:
