@@ -13,9 +13,13 @@ Reusable by every test module:
 * ``small_tmpfs``: mount a small tmpfs (a real ENOSPC), unmounted at teardown.
 * ``second_user``: a second local user (created with useradd) for tests of
   what root does with a user's files.
+* ``require_tool(tool, package)``: the path of a system tool a test needs;
+  when it is missing the test is skipped with a one-line reason naming the
+  Debian package (listed in ``tests/system-packages.txt``).
 
 Tests that need root call :func:`require_root`: skipped with the reason when
-not root, failed instead when ``MPIBURST_REQUIRE_ROOT=1`` (CI runs as root).
+not root. With ``MPIBURST_REQUIRE_TOOLS=1`` (set by ``.ci/run``, which runs
+as root and installs the packages) every such skip is a failure instead.
 
 A failing test under MPI aborts the whole job (``COMM_WORLD.Abort(1)``) so the
 other ranks never hang in a collective.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,6 +54,37 @@ def cli_env(**extra: str) -> dict:
         env.pop(name, None)
     env.update(extra)
     return env
+
+
+#: ``tests/system-packages.txt``: the Debian packages of the system tools the tests use.
+SYSTEM_PACKAGES = REPO / "tests" / "system-packages.txt"
+
+
+def system_packages() -> dict[str, str]:
+    """Return ``{tool: package}`` from ``tests/system-packages.txt`` (``package tool...`` per line)."""
+    tools = {}
+    for line in SYSTEM_PACKAGES.read_text().splitlines():
+        words = line.split("#", 1)[0].split()
+        for tool in words[1:]:
+            tools[tool] = words[0]
+    return tools
+
+
+def missing_tool(reason: str) -> None:
+    """Skip the running test for a missing system prerequisite; fail instead under ``MPIBURST_REQUIRE_TOOLS=1``."""
+    if os.environ.get("MPIBURST_REQUIRE_TOOLS") == "1":
+        pytest.fail(f"{reason} (MPIBURST_REQUIRE_TOOLS=1: CI must run every test)", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_tool(tool: str, package: str | None = None) -> str:
+    """Return the path of the system tool ``tool``, or skip (CI: fail) the test naming its package."""
+    package = package or system_packages()[tool]
+    assert system_packages().get(tool) == package, f"list {tool} under {package} in {SYSTEM_PACKAGES}"
+    path = shutil.which(tool)
+    if path is None:
+        missing_tool(f"needs {tool}: install the Debian package {package} (see tests/system-packages.txt)")
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -153,13 +189,10 @@ def undo_readonly_dir(path: Path) -> None:
 
 
 def require_root(why: str) -> None:
-    """Skip the calling test unless it runs as root; with ``MPIBURST_REQUIRE_ROOT=1`` (CI) fail instead."""
+    """Skip the calling test unless it runs as root; with ``MPIBURST_REQUIRE_TOOLS=1`` (CI) fail instead."""
     if os.geteuid() == 0:
         return
-    reason = f"needs root: {why}"
-    if os.environ.get("MPIBURST_REQUIRE_ROOT") == "1":
-        pytest.fail(f"{reason} (MPIBURST_REQUIRE_ROOT=1)", pytrace=False)
-    pytest.skip(reason)
+    missing_tool(f"needs root: {why}")
 
 
 @pytest.fixture
