@@ -15,6 +15,7 @@ import redis
 
 from .errors import ServerError, TierFullError
 from .overlay import gaps
+from .perms import current_umask
 from .sizes import parse_size
 from .store import MAX_BLOB, MAX_EXTENT, FileMeta, RecordGone, store_of
 
@@ -276,7 +277,8 @@ def register(tier, path: str, create: bool, exclusive: bool) -> str | None:
         ``"exists"`` for an exclusive create of a file that exists (in the
         tier or on the BFS), ``"missing"`` when there is no such file and
         ``create`` is false, else None (the file is registered; its logical
-        size starts at the BFS file's size).
+        size starts at the BFS file's size, and the record keeps this
+        process's umask for the flush).
     """
     store = store_of(tier)
     meta = store.meta(path)
@@ -290,7 +292,7 @@ def register(tier, path: str, create: bool, exclusive: bool) -> str | None:
     if not exists and not create:
         return "missing"
     if meta is None:
-        store.create(path, bfs_size)
+        store.create(path, bfs_size, umask=current_umask())
     return None
 
 

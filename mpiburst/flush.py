@@ -25,7 +25,9 @@ two buffers of :data:`WRITE_SIZE` bytes.
 Durability: a file that already exists on the BFS is updated in place (after
 applying a pending ``Set_size`` truncation); a new file is written aside as
 ``.<name>.mpiburst-<token>``, fsync'd and renamed, and the directory fsync'd,
-so a half-written new file never appears under its final name. Only after
+so a half-written new file never appears under its final name. The file and
+any directories the flush creates get the permissions a direct write by the
+application would have given them (:mod:`mpiburst.perms`). Only after
 every flusher's bytes are fsync'd is the snapshot marked clean
 (:meth:`~mpiburst.store.Store.mark_clean`, which checks the flush still holds
 the file's lease). Any failure releases the lease, leaves the data dirty and
@@ -56,6 +58,7 @@ from .buffers import borrowed
 from .errors import FlushError, MpiburstError, PathError
 from .overlay import Extent, gaps
 from .paths import resolve
+from .perms import create_aside, current_umask, give_final_attrs, make_dirs
 from .store import Store, store_of
 
 #: Redis list of queued requests (JSON objects ``{"op", "path", ...}``) for the engine.
@@ -121,6 +124,7 @@ class _Plan:
     align: int
     base: int          # BFS bytes that may fill gaps (0 for a new file)
     new: bool
+    umask: int         # of the application: new files and directories get the modes it gives
 
 
 class _Tally:
@@ -329,8 +333,9 @@ def _prepare(store: Store, target: str, align: int) -> _Plan:
     token = _take_lease(store, target)
     try:
         snap = store.begin(target)
+        umask = snap.umask if snap.umask is not None else current_umask()
         directory, name = os.path.split(target)
-        os.makedirs(directory, exist_ok=True)
+        make_dirs(directory, umask)
         if os.path.exists(target):
             fd = os.open(target, os.O_RDWR)
             try:
@@ -345,13 +350,13 @@ def _prepare(store: Store, target: str, align: int) -> _Plan:
             for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.mpiburst-*")):
                 _quiet(lambda: os.unlink(stale))  # left by a killed flusher whose lease expired
             work, new, base = os.path.join(directory, f".{name}.mpiburst-{token}"), True, 0
-            os.close(os.open(work, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+            create_aside(work)
     except Exception as exc:
         _quiet(lambda: store.release(target, token))
         raise FlushError(f"sync of {target} failed: {_cause(exc)}; the data stays dirty in the tier, "
                          f"fix the cause and run the sync again.") from None
     return _Plan(target=target, work=work, token=token, upto=snap.seq, clean=snap.clean, size=snap.size,
-                 trunc=snap.trunc, align=align, base=base, new=new)
+                 trunc=snap.trunc, align=align, base=base, new=new, umask=umask)
 
 
 def _take_lease(store: Store, target: str) -> str:
@@ -500,6 +505,8 @@ def _finish(store: Store, plan: _Plan, verify: bool) -> FlushReport:
     try:
         if os.fstat(fd).st_size != plan.size:
             os.ftruncate(fd, plan.size)
+        if plan.work != plan.target:
+            give_final_attrs(fd, plan.target, plan.umask)   # visible only with its final mode
         os.fsync(fd)
     finally:
         os.close(fd)

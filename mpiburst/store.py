@@ -4,7 +4,7 @@ Layout (every key of one file shares the hash tag ``{fid}``, so Redis Cluster
 could shard by file later)::
 
     mpb:files            hash  fid -> BFS path          (registry, for ls / auto engine)
-    mpb:{fid}:m          hash  path, size, seq, clean, pending, trunc, pinned, bfs
+    mpb:{fid}:m          hash  path, size, seq, clean, pending, trunc, pinned, bfs, umask
     mpb:{fid}:x          zset  extents scored by file offset;
                                member "seq:boff:len:blob" (ASCII decimals)
     mpb:{fid}:B          zset  blobs scored by their last seq;
@@ -202,6 +202,10 @@ class FileMeta:
         Exempt from automatic sync and purge.
     bfs : bool
         The BFS file is known to hold this file's clean data.
+    umask : int or None
+        The umask of the process that first created or opened the file
+        through mpiburst: the flush gives new BFS files and directories the
+        mode it gives (:mod:`mpiburst.perms`). None if not recorded.
     """
 
     path: str
@@ -212,6 +216,7 @@ class FileMeta:
     trunc: int | None
     pinned: bool
     bfs: bool
+    umask: int | None = None
 
     @property
     def dirty(self) -> bool:
@@ -257,16 +262,19 @@ class Store:
             return None
         return _meta_from(raw)
 
-    def create(self, path: str, bfs_size: int | None) -> FileMeta:
+    def create(self, path: str, bfs_size: int | None, umask: int | None = None) -> FileMeta:
         """Make the tier's record of ``path`` unless it exists; return the record.
 
         ``bfs_size`` is the size of the BFS file (None when there is none):
-        the logical size starts there.
+        the logical size starts there. ``umask`` is the creating process's
+        umask, kept for the flush (:attr:`FileMeta.umask`).
         """
         fid = file_id(path)
         mkey = self.key(fid, "m")
         fields = {"path": path, "size": bfs_size or 0, "seq": 0, "clean": 0,
                   "bfs": 1 if bfs_size is not None else 0}
+        if umask is not None:
+            fields["umask"] = umask
         pipe = self.r.pipeline(transaction=True)
         for name, value in fields.items():
             pipe.hsetnx(mkey, name, value)
@@ -585,6 +593,7 @@ def _meta_from(raw: dict) -> FileMeta:
         trunc=int(g["trunc"]) if "trunc" in g else None,
         pinned=g.get("pinned") == "1",
         bfs=g.get("bfs") == "1",
+        umask=int(g["umask"]) if "umask" in g else None,
     )
 
 

@@ -1,0 +1,224 @@
+"""Files and directories the flush makes on the BFS get what a direct write would have given them.
+
+Each test writes through the tier under the application's umask, flushes
+under another umask (the engine or ``mpiburst run``'s commit may flush, with
+their own umask), and compares the result with a direct ``open(O_CREAT, 0666)``
+or ``mkdir(0777)`` by the application in the same directory. Real server
+(``tier`` fixture), real filesystem attributes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import stat
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+import mpiburst
+from conftest import require_tool
+from mpiburst import flush, perms
+from mpiburst.tier import Tier
+
+NOBODY = 65534     # nobody / nogroup on Debian: an owner and group other than root's, as root
+
+
+@contextlib.contextmanager
+def umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def write_through(tier: Tier, rel: str, data: bytes, app_umask: int, mode: str = "wb") -> str:
+    """Write ``data`` to ``burst://rel`` as an application with ``app_umask``; return the BFS path."""
+    with umask(app_umask), mpiburst.open(f"burst://{rel}", mode, tier=tier) as f:
+        f.write(data)
+    return os.path.join(tier.bfs_root, rel)
+
+
+def sync_as(tier: Tier, path: str, flusher_umask: int) -> None:
+    """Flush ``path`` from a process whose umask is ``flusher_umask``."""
+    with umask(flusher_umask):
+        flush.sync(path, tier=tier)
+
+
+def direct_file(path: str, app_umask: int) -> os.stat_result:
+    """What the application's own ``open(O_CREAT, 0666)`` gives ``path``."""
+    with umask(app_umask):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return os.stat(path)
+
+
+def direct_dirs(path: str, app_umask: int) -> None:
+    with umask(app_umask):
+        os.makedirs(path)
+
+
+def mode(path: str) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def acl(path: str, name: str = perms.ACCESS_ACL) -> bytes | None:
+    try:
+        return os.getxattr(path, name)
+    except OSError:
+        return None
+
+
+@pytest.mark.parametrize("app_umask", [0o022, 0o027, 0o002, 0o077], ids=lambda m: f"app{m:03o}")
+@pytest.mark.parametrize("flusher_umask", [0o077, 0o000], ids=lambda m: f"flusher{m:03o}")
+def test_new_file_gets_the_applications_umask_not_the_flushers(tier, app_umask, flusher_umask):
+    """0666 & ~umask of the writer, whatever the umask of the process that flushes."""
+    path = write_through(tier, "new.dat", b"x" * 5000, app_umask)
+    sync_as(tier, path, flusher_umask)
+    ref = direct_file(os.path.join(tier.bfs_root, "direct.dat"), app_umask)
+    assert mode(path) == stat.S_IMODE(ref.st_mode) == 0o666 & ~app_umask
+    assert open(path, "rb").read() == b"x" * 5000
+
+
+def test_directories_the_flush_creates_get_0777_and_not_umask(tier):
+    """Missing parents are made as the application's ``mkdir(0777)`` would make them (group-writable umask)."""
+    path = write_through(tier, "a/b/c.dat", b"data", 0o002)
+    sync_as(tier, path, 0o077)
+    direct_dirs(os.path.join(tier.bfs_root, "d/e"), 0o002)
+    for flushed, direct in (("a", "d"), ("a/b", "d/e")):
+        assert mode(os.path.join(tier.bfs_root, flushed)) == mode(os.path.join(tier.bfs_root, direct)) == 0o775
+    assert mode(path) == 0o664
+
+
+def test_private_while_written_and_final_mode_before_the_rename(tier, monkeypatch):
+    """The temporary file is 0600 while its bytes are written, and has its final mode when renamed into place."""
+    path = write_through(tier, "big.dat", os.urandom(3 * tier.align + 100), 0o022)
+    seen_writing, seen_renaming = [], []
+
+    def observe(target, offset, length):
+        seen_writing.extend(mode(p) for p in glob.glob(os.path.join(tier.bfs_root, ".big.dat.mpiburst-*")))
+
+    real_rename = os.rename
+
+    def rename(src, dst, *args, **kwargs):
+        if dst == path:
+            seen_renaming.append(mode(src))
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(flush, "write_observers", [observe])
+    monkeypatch.setattr(os, "rename", rename)
+    sync_as(tier, path, 0o077)
+    assert seen_writing and set(seen_writing) == {0o600}
+    assert seen_renaming == [0o644]
+    assert mode(path) == 0o644
+
+
+def test_existing_file_keeps_mode_owner_and_group(tier):
+    """A flush that rewrites and truncates an existing file leaves its mode, owner and group alone."""
+    path = os.path.join(tier.bfs_root, "old.dat")
+    Path(path).write_bytes(b"o" * 100_000)
+    os.chmod(path, 0o640)
+    if os.geteuid() == 0:
+        os.chown(path, NOBODY, NOBODY)
+    before = os.stat(path)
+    with umask(0o000), mpiburst.open(f"burst://old.dat", "r+b", tier=tier) as f:
+        f.seek(10)
+        f.write(b"new")
+        f.truncate(50_000)
+    sync_as(tier, path, 0o077)
+    after = os.stat(path)
+    assert (stat.S_IMODE(after.st_mode), after.st_uid, after.st_gid) == \
+        (0o640, before.st_uid, before.st_gid)
+    assert Path(path).read_bytes() == b"o" * 10 + b"new" + b"o" * (50_000 - 13)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file another owner needs root")
+def test_a_file_written_aside_takes_the_replaced_files_mode_owner_group_and_acl(tmp_path):
+    """The attributes a flush that writes aside and renames gives its temporary file: all the old file's."""
+    setfacl = require_tool("setfacl", "acl")
+    target, aside = tmp_path / "f.dat", tmp_path / ".f.dat.mpiburst-x"
+    target.write_bytes(b"old")
+    os.chown(target, NOBODY, NOBODY)
+    subprocess.run([setfacl, "-m", f"u:{NOBODY}:r,g::rw,o::-", str(target)], check=True, timeout=30)
+    os.chmod(target, os.stat(target).st_mode | stat.S_ISGID)   # setgid on a file: must survive too
+    with umask(0o077):
+        perms.create_aside(str(aside))
+    fd = os.open(aside, os.O_RDWR)
+    try:
+        perms.give_final_attrs(fd, str(target), 0o077)
+    finally:
+        os.close(fd)
+    old, new = os.stat(target), os.stat(aside)
+    assert (new.st_mode, new.st_uid, new.st_gid) == (old.st_mode, old.st_uid, old.st_gid)
+    assert acl(str(aside)) == acl(str(target)) is not None
+
+
+def _group_other_than_mine() -> int:
+    """A group this process may give a directory: nogroup as root, else a supplementary group if any."""
+    if os.geteuid() == 0:
+        return NOBODY
+    others = [g for g in os.getgroups() if g != os.getegid()]
+    return others[0] if others else os.getegid()
+
+
+def test_setgid_directory_gives_its_group_as_a_direct_write_does(tier):
+    """In a setgid directory the flushed file and the directories the flush makes inherit its group (and bit)."""
+    shared = os.path.join(tier.bfs_root, "project")
+    os.mkdir(shared)
+    os.chown(shared, -1, _group_other_than_mine())
+    os.chmod(shared, 0o2775)
+    path = write_through(tier, "project/run1/out.dat", b"data", 0o002)
+    sync_as(tier, path, 0o077)
+    ref_file = direct_file(os.path.join(shared, "direct.dat"), 0o002)
+    direct_dirs(os.path.join(shared, "direct"), 0o002)
+    made, ref_dir = os.stat(os.path.join(shared, "run1")), os.stat(os.path.join(shared, "direct"))
+    assert (made.st_mode, made.st_gid) == (ref_dir.st_mode, ref_dir.st_gid)
+    assert made.st_gid == os.stat(shared).st_gid and made.st_mode & stat.S_ISGID
+    flushed = os.stat(path)
+    assert (flushed.st_mode, flushed.st_gid) == (ref_file.st_mode, ref_file.st_gid)
+    assert flushed.st_gid == os.stat(shared).st_gid
+
+
+def test_default_acl_is_inherited_as_by_a_direct_write(tier):
+    """A default ACL decides the modes, not the umask: the flushed file and directory match direct ones."""
+    setfacl = require_tool("setfacl", "acl")
+    shared = os.path.join(tier.bfs_root, "acl")
+    os.mkdir(shared)
+    subprocess.run([setfacl, "-d", "-m", f"u::rwx,g::rwx,o::r-x,u:{NOBODY}:rwx", shared], check=True, timeout=30)
+    path = write_through(tier, "acl/sub/out.dat", b"data", 0o077)   # a umask the default ACL overrides
+    sync_as(tier, path, 0o077)
+    ref_file = direct_file(os.path.join(shared, "direct.dat"), 0o077)
+    direct_dirs(os.path.join(shared, "direct"), 0o077)
+    sub, ref_dir = os.path.join(shared, "sub"), os.path.join(shared, "direct")
+    assert mode(sub) == mode(ref_dir) == 0o775
+    assert acl(sub) == acl(ref_dir) is not None
+    assert acl(sub, perms.DEFAULT_ACL) == acl(ref_dir, perms.DEFAULT_ACL) is not None
+    assert mode(path) == stat.S_IMODE(ref_file.st_mode) == 0o664
+    assert acl(path) == acl(os.path.join(shared, "direct.dat")) is not None
+
+
+def test_tier_data_stays_private_whatever_the_umask(tmp_path, server_binary):
+    """Run conf, server conf, log, sockets and snapshots stay 0600 / 0700 while the BFS file gets 0666."""
+    bfs = tmp_path / "bfs"
+    bfs.mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    with umask(0o000):
+        t = Tier.start(id=f"perm{os.getpid()}", dir=str(run), bfs_root=str(bfs), capacity="64M",
+                       server=server_binary)
+        try:
+            path = write_through(t, "out.dat", b"data", 0o000)
+            flush.sync(path, tier=t)
+            running = {p: p.lstat().st_mode for p in run.rglob("*")}
+        finally:
+            t.stop(save=True)       # leaves a snapshot in the run directory
+        stopped = {p: p.lstat().st_mode for p in run.rglob("*")}
+    assert mode(path) == 0o666
+    kinds = {stat.S_IFMT(m) for m in running.values()}
+    assert {stat.S_IFSOCK, stat.S_IFREG, stat.S_IFDIR} <= kinds, running
+    assert any(p.suffix == ".rdb" for p in stopped), stopped
+    loose = [(str(p), oct(m)) for p, m in {**running, **stopped}.items() if stat.S_IMODE(m) & 0o077]
+    assert not loose, f"tier data open to others: {loose}"
