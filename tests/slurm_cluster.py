@@ -13,14 +13,16 @@ Every call to a Slurm command has a timeout: nothing here can hang a test run.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
 from typing import Iterator, Mapping, NamedTuple, Sequence
 
 import pytest
+
+from conftest import missing_tool, require_tool
 
 #: The script that starts and stops the cluster.
 SCRIPT = Path(__file__).resolve().parent.parent / ".ci" / "slurm-cluster"
@@ -169,47 +171,86 @@ def _cluster_status() -> bool:
     return proc.returncode == 0
 
 
+def users_dir() -> Path:
+    """The directory of the test sessions using the cluster: one file per session's PID, a
+    lock, and the ``started`` marker of a cluster that a test session (not a person) started."""
+    return Path(os.environ.get("MPIBURST_SLURM_DIR", "/tmp/mpiburst-slurm") + ".users")
+
+
 @contextlib.contextmanager
-def cluster(up_timeout: float = 900) -> Iterator[SlurmCluster]:
+def _users_locked() -> Iterator[Path]:
+    """Hold the lock of :func:`users_dir` (sessions join, start, leave and stop the cluster one at a time)."""
+    users = users_dir()
+    users.mkdir(mode=0o700, exist_ok=True)
+    with open(users / "lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield users
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _other_live_users(users: Path) -> list[int]:
+    """Return the PIDs of other live test sessions using the cluster (forgetting dead ones)."""
+    from mpiburst.server import pid_alive
+
+    live = []
+    for entry in users.iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            if pid_alive(int(entry.name)):
+                live.append(int(entry.name))
+            else:
+                entry.unlink(missing_ok=True)
+    return live
+
+
+@contextlib.contextmanager
+def cluster(up_timeout: float = 300) -> Iterator[SlurmCluster]:
     """Bring the test cluster up, yield a :class:`SlurmCluster`, then stop it.
 
     A cluster that was already up before (started by hand or by CI) is left
-    running at the end; one started here is stopped with
-    ``.ci/slurm-cluster down``. Use it from a session-scoped fixture so the
-    cluster starts once per test session.
+    running at the end. One started by a test session is stopped with
+    ``.ci/slurm-cluster down`` by the last test session that uses it: several
+    sessions may share the one cluster of a machine, and none stops it under
+    the jobs of another. Use it from a session-scoped fixture so the cluster
+    starts once per test session.
 
-    The test is skipped (never failed) only when Slurm cannot be had at all:
-    not root, or slurm-wlm/munge missing and not installable. Setting
-    ``MPIBURST_REQUIRE_SLURM=1`` turns that skip into a failure, for CI.
+    The test is skipped when Slurm cannot be had: not root, or slurm-wlm or
+    munge not installed (the tests never install packages; ``.ci/run`` does,
+    from ``tests/system-packages.txt``). ``MPIBURST_REQUIRE_TOOLS=1`` (set by
+    ``.ci/run``) turns that skip into a failure.
 
     Parameters
     ----------
     up_timeout
-        Seconds allowed for ``up``, including a first-time apt-get install.
+        Seconds allowed for ``up``.
     """
-    def unavailable(reason: str) -> None:
-        if os.environ.get("MPIBURST_REQUIRE_SLURM") == "1":
-            pytest.fail(f"{reason} (MPIBURST_REQUIRE_SLURM=1)", pytrace=False)
-        pytest.skip(reason)
-
     if os.geteuid() != 0:
-        unavailable("the test Slurm cluster needs root (SlurmUser=root)")
-    if shutil.which("sbatch") is None and shutil.which("apt-get") is None:
-        unavailable("Slurm is not installed and apt-get is not available")
+        missing_tool("the test Slurm cluster needs root (SlurmUser=root)")
+    for tool in ("sbatch", "srun", "scontrol", "slurmctld", "slurmd", "munged", "mungekey"):
+        require_tool(tool)
 
-    was_up = _cluster_status()
-    proc = subprocess.run(["bash", str(SCRIPT), "up"], capture_output=True,
-                          text=True, timeout=up_timeout)
-    if proc.returncode == EXIT_PREREQUISITES:
-        unavailable(f"Slurm unavailable: {proc.stderr.strip()}")
-    if proc.returncode != 0:
-        raise RuntimeError(f".ci/slurm-cluster up failed ({proc.returncode}):\n"
-                           f"{proc.stderr}")
+    with _users_locked() as users:
+        me, started = users / str(os.getpid()), users / "started"
+        was_up = _cluster_status()
+        proc = subprocess.run(["bash", str(SCRIPT), "up"], capture_output=True,
+                              text=True, timeout=up_timeout)
+        if proc.returncode == EXIT_PREREQUISITES:
+            missing_tool(f"Slurm unavailable: {proc.stderr.strip()}")
+        if proc.returncode != 0:
+            raise RuntimeError(f".ci/slurm-cluster up failed ({proc.returncode}):\n"
+                               f"{proc.stderr}")
+        if not was_up:
+            started.touch()   # a test session started it: the last one out stops it
+        me.touch()
     # stdout is "export SLURM_CONF=<path>".
     conf = proc.stdout.strip().rpartition("SLURM_CONF=")[2]
     try:
         yield SlurmCluster(conf)
     finally:
-        if not was_up:
-            subprocess.run(["bash", str(SCRIPT), "down"], capture_output=True,
-                           timeout=120, check=False)
+        with _users_locked():
+            me.unlink(missing_ok=True)
+            if started.exists() and not _other_live_users(users):
+                subprocess.run(["bash", str(SCRIPT), "down"], capture_output=True,
+                               timeout=120, check=False)
+                started.unlink(missing_ok=True)

@@ -8,14 +8,19 @@ limit (the mechanism mpiburst's time-limit commit uses).
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from slurm_cluster import SlurmCluster, cluster
+from slurm_cluster import SCRIPT, SlurmCluster, cluster
 
 pytestmark = pytest.mark.slurm
 
@@ -86,3 +91,40 @@ def test_signal_option_warns_batch_shell_before_time_limit(slurm: SlurmCluster,
     word, job_id, elapsed = (tmp_path / "marker.txt").read_text().split()
     assert (word, job_id) == ("USR1", job)
     assert int(elapsed) < 60
+
+
+@pytest.mark.timeout(300)
+def test_a_session_leaving_never_stops_the_cluster_under_another(tmp_path: Path, monkeypatch) -> None:
+    """Test sessions share a machine's one cluster: it stops when the last session that uses it leaves.
+
+    A private cluster (own directory and ports), so the machine's shared one is
+    not touched: session A (a subprocess) starts it, this session B joins, A
+    leaves while B still uses it, then B leaves.
+    """
+    private = tempfile.mkdtemp(prefix="mpiburst-slurm-test-", dir="/tmp")   # munged (user munge) must reach it
+    os.chmod(private, 0o755)
+    monkeypatch.setenv("MPIBURST_SLURM_DIR", os.path.join(private, "slurm"))
+    monkeypatch.setenv("MPIBURST_SLURM_PORT", "16917")
+
+    def up() -> bool:
+        return subprocess.run(["bash", str(SCRIPT), "status"], capture_output=True, timeout=60).returncode == 0
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    a = subprocess.Popen([sys.executable, "-c", "import sys; from slurm_cluster import cluster\n"
+                          "with cluster():\n    print('in', flush=True); sys.stdin.readline()"],
+                         cwd=tests, env=dict(os.environ, PYTHONPATH=tests), stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert a.stdout.readline() == "in\n"      # A started the cluster and uses it
+        with cluster() as b:
+            a.communicate("leave\n", timeout=120)  # A leaves while B uses the cluster
+            assert a.returncode == 0
+            assert up(), "session A stopped the cluster under session B"
+            job = b.submit(_script(tmp_path / "ok.sh", "true\n"), cwd=tmp_path, extra_args=("-o", "ok.log"))
+            assert b.wait(job, timeout=120) == ("COMPLETED", 0, 0)
+        assert not up(), "the last session out left the cluster it had not found running"
+    finally:
+        if a.poll() is None:
+            a.kill()
+        subprocess.run(["bash", str(SCRIPT), "down"], capture_output=True, timeout=120)
+        shutil.rmtree(private, ignore_errors=True)
