@@ -175,7 +175,7 @@ def processes_gone(path: Path | str, timeout: float = 15.0) -> bool:
 def make_readonly_dir(path: Path) -> None:
     """Make ``path`` unwritable even for root (chattr +i as root, mode 0500 otherwise)."""
     if os.geteuid() == 0:
-        subprocess.run(["chattr", "+i", str(path)], check=True, timeout=10)
+        subprocess.run([require_tool("chattr"), "+i", str(path)], check=True, timeout=10)
     else:
         path.chmod(0o500)
 

@@ -4,8 +4,12 @@
 #   bash tests/run.sh [extra pytest args for the serial part]
 #
 # 1. bootstraps / reuses the venv (scripts/bootstrap-venv.sh);
-# 2. runs every test file except those named *_mpi*.py in one process;
-# 3. runs every tests/*_mpi*.py under `mpiexec -n 2` and `mpiexec -n 4` with
+# 2. says which system packages of tests/system-packages.txt are not installed:
+#    it installs nothing itself; the tests that need a missing tool are skipped,
+#    each with a reason naming its package (listed at the end of the run), and
+#    with MPIBURST_REQUIRE_TOOLS=1 (CI: .ci/run installs them) that is an error;
+# 3. runs every test file except those named *_mpi*.py in one process;
+# 4. runs every tests/*_mpi*.py under `mpiexec -n 2` and `mpiexec -n 4` with
 #    `python -m mpi4py -m pytest --with-mpi -x` (a failing rank aborts the job),
 #    per-test timeouts, and an outer `timeout`.
 # The server engine is $MPIBURST_SERVER if set, else the normal discovery order.
@@ -21,11 +25,26 @@ cd "$repo"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="$bin:$PATH"
 
+missing=()
+while read -r package tools; do
+    for tool in $tools; do
+        path=$(command -v "$tool") && [[ -x $path ]] || { missing+=("$package"); break; }
+    done
+done < <(sed 's/#.*//' tests/system-packages.txt | awk 'NF')
+if ((${#missing[@]})); then
+    echo "tests/run.sh: not installed: ${missing[*]}; the tests that need them are skipped" \
+         "(to run them: apt-get install ${missing[*]}, as root)"
+    if [[ ${MPIBURST_REQUIRE_TOOLS:-} == 1 ]]; then
+        echo "tests/run.sh: MPIBURST_REQUIRE_TOOLS=1: every test must run; install the packages above" >&2
+        exit 1
+    fi
+fi
+
 engine=$("$python" -c 'from mpiburst.server import find_server; print(find_server())')
 echo "tests/run.sh: server engine $engine ($("$engine" --version | head -1))"
 
 echo "tests/run.sh: serial tests"
-timeout "${MPIBURST_SERIAL_TIMEOUT:-3600}" "$python" -m pytest -x -q --timeout=300 -m "not mpi" \
+timeout "${MPIBURST_SERIAL_TIMEOUT:-3600}" "$python" -m pytest -x -q -rs --timeout=300 -m "not mpi" \
     --ignore-glob='*_mpi*' tests "$@"
 
 shopt -s nullglob
@@ -33,7 +52,7 @@ mpi_files=(tests/*_mpi*.py)
 for n in 2 4; do
     [[ ${#mpi_files[@]} -gt 0 ]] || break
     echo "tests/run.sh: MPI tests with $n ranks: ${mpi_files[*]}"
-    timeout "${MPIBURST_MPI_TIMEOUT:-1800}" "$mpiexec" -n "$n" "$python" -m mpi4py -m pytest --with-mpi -x -q \
+    timeout "${MPIBURST_MPI_TIMEOUT:-1800}" "$mpiexec" -n "$n" "$python" -m mpi4py -m pytest --with-mpi -x -q -rs \
         --timeout=300 --timeout-method=thread "${mpi_files[@]}"
 done
 echo "tests/run.sh: all passed"

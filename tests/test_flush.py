@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import shutil
 import subprocess
 import sys
 import tracemalloc
@@ -20,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import require_tool
 from mpiburst import flush, perms, residency
 from mpiburst.errors import PathError
 from mpiburst.store import MAX_EXTENT, Store
@@ -328,8 +328,7 @@ def test_memory_per_flusher_is_bounded(atier, small_writes):
 @pytest.mark.timeout(60)
 def test_bfs_write_calls_seen_by_strace(atier, tmp_path):
     """strace confirms the flush's pwrite64 calls are aligned 4-stripe batches (3000 fragments, 12 calls)."""
-    strace = shutil.which("strace")
-    assert strace, "strace is required for this test"
+    strace = require_tool("strace")
     store = Store(atier.redis)
     path = bfs_file(atier, "traced.dat")
     store.create(path, None)

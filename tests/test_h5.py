@@ -19,11 +19,10 @@ import pytest
 import mpiburst
 from mpiburst import h5 as mh5
 
-from conftest import REPO, cli_env
+from conftest import REPO, cli_env, require_tool
 
 pytestmark = pytest.mark.timeout(120)
 
-H5DUMP = "/usr/bin/h5dump"
 COMPOUND = np.dtype([("id", "<i8"), ("x", "<f4"), ("tag", "S4")])
 
 
@@ -70,8 +69,8 @@ def _check_sample(f: h5py.File, data: dict[str, np.ndarray]) -> None:
     assert isinstance(f["empty/nested"], h5py.Group)
 
 
-def _h5dump(path: str) -> str:
-    done = subprocess.run([H5DUMP, path], capture_output=True, text=True, timeout=60)
+def _h5dump(h5dump: str, path: str) -> str:
+    done = subprocess.run([h5dump, path], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     assert "error" not in done.stdout.lower()
@@ -79,6 +78,7 @@ def _h5dump(path: str) -> str:
 
 
 def test_serial_write_read_before_and_after_flush(tier):
+    h5dump = require_tool("h5dump")
     data = _write_sample("burst://out/sample.h5", tier)
     bfs_path = os.path.join(tier.bfs_root, "out", "sample.h5")
     assert not os.path.exists(bfs_path)  # only in the tier: the reads below come from it
@@ -92,11 +92,12 @@ def test_serial_write_read_before_and_after_flush(tier):
     assert report.size == os.path.getsize(bfs_path)
     with h5py.File(bfs_path, "r") as f:  # plain h5py on the BFS file
         _check_sample(f, data)
-    text = _h5dump(bfs_path)
+    text = _h5dump(h5dump, bfs_path)
     assert 'DATASET "f8"' in text and '"sample run"' in text and 'GROUP "nested"' in text
 
 
 def test_reads_see_the_newest_data(tier):
+    h5dump = require_tool("h5dump")
     with mh5.File("burst://new.h5", "w", tier=tier) as f:
         f["u"] = np.zeros(1000)
         f.attrs["step"] = 0
@@ -113,7 +114,7 @@ def test_reads_see_the_newest_data(tier):
     mpiburst.sync("burst://new.h5", tier=tier)
     with h5py.File(os.path.join(tier.bfs_root, "new.h5"), "r") as f:
         assert f.attrs["step"] == 1 and f["u"][15] == 7.0
-    _h5dump(os.path.join(tier.bfs_root, "new.h5"))
+    _h5dump(h5dump, os.path.join(tier.bfs_root, "new.h5"))
 
 
 def test_modes_and_bad_arguments(tier):
