@@ -9,6 +9,7 @@ The helpers at the top are reused by the other flush/residency test modules.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import random
 import subprocess
@@ -26,6 +27,7 @@ from mpiburst.store import MAX_EXTENT, Store
 
 ALIGN = 64 << 10
 RECORD = 47008
+_EXAMPLE = itertools.count()
 
 
 class Model:
@@ -182,7 +184,7 @@ def test_n_to_n_files(atier):
 def test_random_writes_truncations_and_syncs(atier, ops, initial, seed):
     """Random writes (overlapping, unaligned), Set_size truncations and syncs over an existing or new file."""
     rnd = random.Random(seed)
-    name = f"rand/{seed}-{len(ops)}-{initial}"
+    name = f"rand/{next(_EXAMPLE)}"   # one file per example: replayed and shrunk examples repeat their arguments
     path = bfs_file(atier, name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     start = rnd.randbytes(initial) if initial else None
