@@ -22,7 +22,7 @@ from typing import Iterator, Mapping, NamedTuple, Sequence
 
 import pytest
 
-from conftest import missing_tool, require_tool
+from conftest import missing_tool, require_root, require_tool
 
 #: The script that starts and stops the cluster.
 SCRIPT = Path(__file__).resolve().parent.parent / ".ci" / "slurm-cluster"
@@ -225,8 +225,7 @@ def cluster(up_timeout: float = 300) -> Iterator[SlurmCluster]:
     up_timeout
         Seconds allowed for ``up``.
     """
-    if os.geteuid() != 0:
-        missing_tool("the test Slurm cluster needs root (SlurmUser=root)")
+    require_root("the test Slurm cluster runs as root (SlurmUser=root)")
     for tool in ("sbatch", "srun", "scontrol", "slurmctld", "slurmd", "munged", "mungekey"):
         require_tool(tool)
 

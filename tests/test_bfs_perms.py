@@ -20,7 +20,7 @@ from typing import Iterator
 import pytest
 
 import mpiburst
-from conftest import require_tool
+from conftest import require_root, require_tool
 from mpiburst import flush, perms
 from mpiburst.tier import Tier
 
@@ -135,9 +135,9 @@ def test_existing_file_keeps_mode_owner_and_group(tier):
     assert Path(path).read_bytes() == b"o" * 10 + b"new" + b"o" * (50_000 - 13)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file another owner needs root")
 def test_a_file_written_aside_takes_the_replaced_files_mode_owner_group_and_acl(tmp_path):
     """The attributes a flush that writes aside and renames gives its temporary file: all the old file's."""
+    require_root("giving a file another owner")
     setfacl = require_tool("setfacl", "acl")
     target, aside = tmp_path / "f.dat", tmp_path / ".f.dat.mpiburst-x"
     target.write_bytes(b"old")
