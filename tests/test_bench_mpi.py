@@ -17,7 +17,7 @@ import pytest
 from mpiburst.bench.report import METHODS
 from mpiburst.cli import main
 
-PATTERNS = ["segmented", "strided", "nn"]
+PATTERNS = ["segmented", "strided", "nn"]  # without ckpt: its record differs
 TRANSFERS = [4096, 47008, 65536]
 
 
@@ -38,7 +38,7 @@ def test_tiny_bench_run_has_every_method_and_pattern(mpi_tmp_path, server_binary
         return
 
     table = capsys.readouterr().out
-    assert "abs/ing" in table and "targets:" in table
+    assert "abs/ing" in table and "bfs-sh" in table and "targets (local filesystem targets):" in table
     doc = json.loads(out_json.read_text())
     assert doc["params"]["ranks"] == comm.size
     assert doc["params"]["repeat"] == 2
@@ -67,4 +67,43 @@ def test_bench_rejects_size_below_transfer(cli):
     result = cli("bench", "--size", "4k", "--transfer", "1m")
     assert result.returncode == 2
     assert "smaller than the largest transfer size" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(240)
+def test_checkpoint_loop_measures_every_way_and_has_no_target_on_a_local_disk(mpi_tmp_path, server_binary, capsys):
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    out_json = mpi_tmp_path / "bench.json"
+    status = main(["bench", "--pattern", "ckpt", "--transfer", "4k", "--size", "128k", "--steps", "3",
+                   "--work", "0.01", "--repeat", "2", "--bfs-dir", str(mpi_tmp_path), "--server", server_binary,
+                   "--json", str(out_json)])
+    assert status == 0
+    comm.Barrier()
+    if comm.rank != 0:
+        return
+
+    table = capsys.readouterr().out
+    assert "mpiburst/direct" in table and "targets (local filesystem targets):" in table
+    doc = json.loads(out_json.read_text())
+    assert doc["params"]["steps"] == 3 and doc["params"]["work_iterations"] >= 1
+    (r,) = doc["results"]
+    assert r["pattern"] == "ckpt" and r["steps"] == 3
+    assert r["total_bytes"] == 3 * (128 * 1024 // 3 // 4096) * 4096 * comm.size
+    for key, m in r["methods"].items():
+        assert m["verified"] is True, key
+        assert 0 < m["seconds"]["min"] <= m["seconds"]["median"] <= m["seconds"]["max"], key
+    assert 0 < r["ratios"]["job_time_vs_mpiio"] < math.inf
+    (target,) = doc["targets"]
+    assert target["met"] is None and "job time / direct MPI-IO" in target["target"]
+    assert not list(mpi_tmp_path.glob("mpiburst-bench-*")), "the scratch directory was left behind"
+
+
+@pytest.mark.timeout(60)
+def test_bench_rejects_checkpoints_smaller_than_a_transfer(cli):
+    result = cli("bench", "--pattern", "ckpt", "--size", "1m", "--transfer", "512k", "--steps", "4")
+    assert result.returncode == 2
+    assert "split into 4 checkpoints" in result.stderr
     assert "Traceback" not in result.stderr

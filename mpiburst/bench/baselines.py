@@ -11,7 +11,10 @@ Limits (no mpiburst logic at all):
 * :func:`tier_ingest` / :func:`tier_readout`: each rank a plain redis-py
   client sending pipelined ``SET`` / ``GET`` of transfer-sized values;
 * :func:`bfs_write`: one large-block sequential writer per rank with
-  ``fdatasync``, like ``dd bs=8M conv=fdatasync``.
+  ``fdatasync``, like ``dd bs=8M conv=fdatasync``: the limit of file-per-rank;
+* :func:`bfs_shared_write`: the best raw write into one shared file: each
+  rank writes its payload as one contiguous domain of the file in 8 MiB
+  blocks, then ``fdatasync``: the limit a flush of a shared file is held to.
 
 Peer: :func:`mpiio_write`, ``mpi4py.MPI.File`` on the BFS with ``Write_at`` or
 ``Write_at_all`` per record, then ``Sync`` and ``Close``.
@@ -119,6 +122,43 @@ def bfs_write(comm: Any, path: str, data: np.ndarray, check: bool) -> tuple[floa
             ok = np.array_equal(np.frombuffer(f.read(), dtype=np.uint8), data)
     os.unlink(path)
     return seconds, agree(comm, ok)
+
+
+def bfs_shared_write(comm: Any, path: str, data: np.ndarray, check: bool) -> tuple[float, bool]:
+    """Return the seconds for every rank to write its payload into its own domain of one shared file.
+
+    Rank ``r`` writes ``[r*S, (r+1)*S)`` in 8 MiB ``pwrite`` blocks and
+    ``fdatasync``s; every rank opens the file itself (``O_CREAT``, no
+    truncation). The file is removed before and afterwards; with ``check`` each
+    rank compares its domain first.
+    """
+    start = comm.rank * len(data)
+    if comm.rank == 0 and os.path.exists(path):
+        os.unlink(path)
+    comm.Barrier()
+
+    def phase() -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            view = memoryview(data)
+            pos = 0
+            while pos < len(view):
+                pos += os.pwrite(fd, view[pos : pos + BFS_BLOCK], start + pos)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    seconds, _ = collective_time(comm, phase)
+    ok = True
+    if check:
+        with open(path, "rb") as f:
+            f.seek(start)
+            ok = np.array_equal(np.frombuffer(f.read(len(data)), dtype=np.uint8), data)
+    ok = agree(comm, ok)
+    if comm.rank == 0:
+        os.unlink(path)
+    comm.Barrier()
+    return seconds, ok
 
 
 def remove_output(comm: Any, layout: Layout, path: str) -> None:

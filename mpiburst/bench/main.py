@@ -24,7 +24,7 @@ from ..client import buffer_size
 from ..errors import ConfigError
 from ..server import connect_redis
 from ..sizes import format_size, parse_size
-from . import baselines, burst, report
+from . import baselines, burst, ckpt, report
 from .patterns import PATTERNS, Layout, rank_data, records
 
 DEFAULT_TRANSFERS = ("4k", "47008", "1m", "16m")
@@ -45,6 +45,8 @@ class Options:
     bfs_dir: str
     capacity: str
     server: str | None
+    steps: int = 4
+    work: float = 0.25
 
 
 def _split(values: list[str] | None, default: tuple[str, ...]) -> list[str]:
@@ -54,7 +56,8 @@ def _split(values: list[str] | None, default: tuple[str, ...]) -> list[str]:
 
 
 def options(patterns: list[str] | None, transfers: list[str] | None, size: str, repeat: int,
-            json: str | None, plot: str | None, bfs_dir: str, capacity: str, server: str | None) -> Options:
+            json: str | None, plot: str | None, bfs_dir: str, capacity: str, server: str | None,
+            steps: int = 4, work: float = 0.25) -> Options:
     """Check the command line's values and return them as :class:`Options` (raises :class:`ConfigError`)."""
     pats = _split(patterns, PATTERNS)
     for p in pats:
@@ -69,6 +72,16 @@ def options(patterns: list[str] | None, transfers: list[str] | None, size: str, 
             f"--size {size} is smaller than the largest transfer size ({max(sizes)} bytes); "
             "give a --size of at least one transfer."
         )
+    if "ckpt" in pats:
+        if steps < 1:
+            raise ConfigError(f"--steps must be at least 1 (got {steps}).")
+        if not 0 <= work <= 3600:
+            raise ConfigError(f"--work must be between 0 and 3600 seconds of work per step (got {work}).")
+        if per_rank // steps < max(sizes):
+            raise ConfigError(
+                f"--size {size} split into {steps} checkpoints is smaller than the largest transfer size "
+                f"({max(sizes)} bytes); give a --size of at least {steps} transfers, or fewer --steps."
+            )
     if repeat < 1:
         raise ConfigError(f"--repeat must be at least 1 (got {repeat}).")
     if not os.path.isdir(bfs_dir):
@@ -82,7 +95,8 @@ def options(patterns: list[str] | None, transfers: list[str] | None, size: str, 
             import matplotlib  # noqa: F401 - only checking that --plot can work
         except ImportError:
             raise ConfigError("--plot needs matplotlib; install it with 'pip install mpiburst[bench]'.") from None
-    return Options(pats, sizes, per_rank, repeat, json, plot, os.path.abspath(bfs_dir), capacity, server)
+    return Options(pats, sizes, per_rank, repeat, json, plot, os.path.abspath(bfs_dir), capacity, server,
+                   steps, work)
 
 
 def check_capacity(opts: Options, nranks: int) -> None:
@@ -95,18 +109,25 @@ def check_capacity(opts: Options, nranks: int) -> None:
         )
 
 
-def _filesystem(path: str) -> str:
-    """Return the type and device of the filesystem holding ``path`` (from /proc/mounts)."""
-    best = ("", "unknown", "unknown")
+def filesystem(path: str) -> dict[str, str]:
+    """Return the type, device, mount point and mount options of the filesystem holding ``path``.
+
+    From /proc/mounts: the entry with the longest mount point containing
+    ``path`` (the last one when a mount point is mounted over).
+    """
+    best = {"type": "unknown", "device": "unknown", "mount": "", "options": ""}
+    path = os.path.realpath(path)
     try:
         with open("/proc/mounts", encoding="utf-8") as f:
             for line in f:
-                dev, mnt, fstype = line.split()[:3]
-                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
-                    best = (mnt, fstype, dev)
+                dev, mnt, fstype, opts = line.split()[:4]
+                mnt = mnt.replace("\\040", " ")
+                inside = path == mnt or path.startswith(mnt.rstrip("/") + "/")
+                if inside and len(mnt) >= len(best["mount"]):
+                    best = {"type": fstype, "device": dev, "mount": mnt, "options": opts}
     except OSError:
         pass
-    return f"{best[1]} on {best[2]} (mounted at {best[0] or '?'})"
+    return best
 
 
 def machine(opts: Options, admin: Any) -> dict[str, Any]:
@@ -126,6 +147,7 @@ def machine(opts: Options, admin: Any) -> dict[str, Any]:
         "host": socket.gethostname(),
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
         "memory": format_size(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
         "os": platform.platform(),
         "python": platform.python_version(),
@@ -133,7 +155,7 @@ def machine(opts: Options, admin: Any) -> dict[str, Any]:
         "mpi4py": mpi4py.__version__,
         "mpi": MPI.Get_library_version().splitlines()[0].strip(),
         "server": f"{info.get('server_name', 'redis')} {info.get('valkey_version', info.get('redis_version'))}",
-        "bfs": _filesystem(opts.bfs_dir),
+        "bfs": filesystem(opts.bfs_dir),
     }
 
 
@@ -148,6 +170,7 @@ def _run_config(comm: Any, tier: Any, admin: Any, client: Any, layout: Layout, r
     direct = {kind: os.path.join(scratch, "direct", layout.file_name(f"{stem}-{kind}"))
               for kind in ("independent", "collective")}
     raw_file = os.path.join(scratch, "raw", f"{layout.rank}.dat")
+    raw_shared = os.path.join(scratch, "raw", "shared.dat")
 
     seconds: dict[str, list[float]] = {key: [] for key, _, _ in report.METHODS}
     verified: dict[str, bool] = {}
@@ -162,6 +185,9 @@ def _run_config(comm: Any, tier: Any, admin: Any, client: Any, layout: Layout, r
         s, ok = baselines.bfs_write(comm, raw_file, data, check)
         seconds["bfs_write"].append(s)
         verified["bfs_write"] = verified.get("bfs_write", True) and ok
+        s, ok = baselines.bfs_shared_write(comm, raw_shared, data, check)
+        seconds["bfs_shared_write"].append(s)
+        verified["bfs_shared_write"] = verified.get("bfs_shared_write", True) and ok
         for kind, path in direct.items():
             s, ok = baselines.mpiio_write(comm, layout, path, recs, kind == "collective", check)
             seconds[f"mpiio_{kind}"].append(s)
@@ -227,7 +253,10 @@ def run(opts: Options) -> int:
         "capacity": opts.capacity,
         "write_buffer": buffer_size(),
         "command": shlex.join(["mpiexec", "-n", str(comm.size), "mpiburst", *sys.argv[1:]]),
+        "bfs": filesystem(opts.bfs_dir),
     }
+    if "ckpt" in opts.patterns:
+        params |= {"steps": opts.steps, "work_seconds": opts.work, "ckpt_size": format_size(opts.size // opts.steps)}
     scratch, rundir = _scratch(comm, opts.bfs_dir)
     results = []
     try:
@@ -235,9 +264,16 @@ def run(opts: Options) -> int:
             admin = tier.admin() if comm.rank == 0 else None
             client = connect_redis(tier.conf)  # the raw baselines' own plain connection
             for pattern in opts.patterns:
+                if pattern == "ckpt":  # the same work in every method and size: calibrated once
+                    params["work_iterations"] = ckpt.calibrate(comm, opts.work)
                 for transfer in opts.transfers:
-                    layout = Layout(pattern, transfer, opts.size, comm.size, comm.rank)
-                    raw = _run_config(comm, tier, admin, client, layout, opts.repeat, scratch)
+                    if pattern == "ckpt":
+                        layout = ckpt.checkpoint_layout(transfer, opts.size, opts.steps, comm.size, comm.rank)
+                        loop = ckpt.Loop(layout, opts.steps, params["work_iterations"])
+                        raw = ckpt.run_config(comm, tier, loop, opts.repeat, scratch)
+                    else:
+                        layout = Layout(pattern, transfer, opts.size, comm.size, comm.rank)
+                        raw = _run_config(comm, tier, admin, client, layout, opts.repeat, scratch)
                     if comm.rank == 0:
                         results.append(report.summarize(raw))
                         print(f"done: {pattern} {report.short_size(transfer)}", file=sys.stderr, flush=True)
@@ -255,7 +291,7 @@ def run(opts: Options) -> int:
         if opts.json:
             report.write_json(opts.json, results, params, about)
         if opts.plot:
-            report.plot(opts.plot, results, params)
+            report.plot(opts.plot, [(results, params, about)])
         bad = [f"{r['pattern']} {report.short_size(r['transfer'])} {k}"
                for r in results for k, m in r["methods"].items() if not m["verified"]]
         if bad:

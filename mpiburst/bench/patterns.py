@@ -24,7 +24,10 @@ import numpy as np
 
 from ..errors import ConfigError
 
-PATTERNS = ("segmented", "strided", "nn")
+#: Where the records of one file (or one file per rank) go.
+LAYOUTS = ("segmented", "strided", "nn")
+#: What ``--pattern`` takes: the layouts and the checkpoint loop (:mod:`.ckpt`, strided checkpoints).
+PATTERNS = LAYOUTS + ("ckpt",)
 
 #: Period of the content tape: odd and just below 1 MiB, so no power-of-two
 #: shift or transfer size maps a record onto the bytes of another one.
@@ -40,7 +43,7 @@ class Layout:
     Attributes
     ----------
     pattern
-        One of :data:`PATTERNS`.
+        One of :data:`LAYOUTS`.
     transfer
         Bytes per record (one write call).
     size
@@ -56,8 +59,8 @@ class Layout:
     rank: int
 
     def __post_init__(self) -> None:
-        if self.pattern not in PATTERNS:
-            raise ConfigError(f"unknown pattern {self.pattern!r}; choose from {', '.join(PATTERNS)}.")
+        if self.pattern not in LAYOUTS:
+            raise ConfigError(f"unknown layout {self.pattern!r}; choose from {', '.join(LAYOUTS)}.")
         if self.transfer <= 0:
             raise ConfigError("the transfer size must be at least 1 byte; give e.g. --transfer 4k.")
         if self.size < self.transfer:

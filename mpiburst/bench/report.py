@@ -24,15 +24,25 @@ METHODS: tuple[tuple[str, str, bool], ...] = (
     ("memcpy", "memcpy", True),
     ("tier_ingest", "tier raw ingest", True),
     ("tier_readout", "tier raw read-out", True),
-    ("bfs_write", "BFS raw write + fsync", True),
+    ("bfs_write", "BFS raw write + fsync, file per rank", True),
+    ("bfs_shared_write", "BFS raw write + fsync, shared file", True),
     ("mpiio_independent", "MPI-IO Write_at", False),
     ("mpiio_collective", "MPI-IO Write_at_all", False),
     ("mpiburst_write", "mpiburst absorb (Open..Close)", False),
     ("mpiburst_flush", "mpiburst flush", False),
     ("mpiburst_end_to_end", "mpiburst end-to-end", False),
 )
+#: (key, label, is a limit) of the checkpoint loop's methods (see :mod:`.ckpt`).
+CKPT_METHODS: tuple[tuple[str, str, bool], ...] = (
+    ("compute", "work alone, no checkpoint", True),
+    ("mpiio_ckpt", "checkpoints by direct MPI-IO", False),
+    ("mpiburst_ckpt", "checkpoints by mpiburst, flushed in the background", False),
+)
 #: Transfer sizes below this count as "small records" for the strided target.
 SMALL_RECORD = 1 << 20
+#: Filesystem types (from /proc/mounts) judged by the network-filesystem targets, set on GlusterFS.
+NETWORK_FS = frozenset({"fuse.glusterfs", "glusterfs", "lustre", "gpfs", "nfs", "nfs4", "beegfs", "ceph",
+                        "fuse.ceph", "cephfs", "panfs", "wekafs"})
 
 
 def stats(values: Sequence[float]) -> dict[str, float]:
@@ -40,8 +50,29 @@ def stats(values: Sequence[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def _summarize_ckpt(raw: dict[str, Any]) -> dict[str, Any]:
+    """Return the JSON record of one checkpoint loop: per-method job seconds and the ratios."""
+    methods = {key: {"seconds": stats(raw["seconds"][key]), "verified": raw["verified"][key]}
+               for key, _, _ in CKPT_METHODS}
+    med = {key: methods[key]["seconds"]["median"] for key in methods}
+    ratios = {
+        "job_time_vs_mpiio": med["mpiburst_ckpt"] / med["mpiio_ckpt"],
+        "job_time_vs_compute": med["mpiburst_ckpt"] / med["compute"],
+        "io_share_of_direct_job": max(0.0, 1 - med["compute"] / med["mpiio_ckpt"]),
+    }
+    keys = ("pattern", "transfer", "ranks", "steps", "work_iterations", "bytes_per_rank", "total_bytes")
+    return {key: raw[key] for key in keys} | {"methods": methods, "ratios": ratios}
+
+
+def raw_limit(pattern: str) -> str:
+    """Return the method key of the raw BFS write a flush of ``pattern`` is held to (shared file or per rank)."""
+    return "bfs_write" if pattern == "nn" else "bfs_shared_write"
+
+
 def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     """Return the JSON record of one configuration: per-method seconds and GB/s, ratios, mpiburst details."""
+    if raw["pattern"] == "ckpt":
+        return _summarize_ckpt(raw)
     total = raw["total_bytes"]
     methods = {}
     for key, _, _ in METHODS:
@@ -56,7 +87,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     burst = raw["mpiburst"]
     ratios = {
         "absorb_vs_tier_ingest": med["tier_ingest"] / med["mpiburst_write"],
-        "flush_vs_bfs_write": med["bfs_write"] / med["mpiburst_flush"],
+        "flush_vs_bfs_write": med[raw_limit(raw["pattern"])] / med["mpiburst_flush"],
         "write_time_vs_mpiio": med["mpiburst_write"] / direct,
         "end_to_end_time_vs_mpiio": med["mpiburst_end_to_end"] / direct,
         "server_bytes_per_payload_byte": statistics.median(burst["server_bytes"]) / total,
@@ -97,34 +128,58 @@ def short_size(n: int) -> str:
     return str(n)
 
 
+def network(params: dict[str, Any]) -> bool:
+    """True when the run's BFS is a network filesystem (judged by the targets set on GlusterFS)."""
+    return params.get("bfs", {}).get("type") in NETWORK_FS
+
+
 def targets(results: Sequence[dict[str, Any]], params: dict[str, Any]) -> list[tuple[str, bool | None]]:
     """Return (description with the figure, met) for each of the issue's targets.
 
-    ``met`` is None for the client-memory target, which one run cannot judge:
-    compare the figure across runs with different ``--size``.
+    On a network filesystem (:data:`NETWORK_FS`, from ``params["bfs"]``) the
+    strided write-time target is 0.10 instead of 0.50, and time to durable
+    data and the checkpoint loop have targets too. ``met`` is None for what
+    one run cannot judge (client memory: compare across ``--size``) and for the
+    checkpoint loop on a local filesystem (no target there).
     """
     out: list[tuple[str, bool | None]] = []
+    net = network(params)
     absorb_1m = {
-        r["pattern"]: r["methods"]["mpiburst_write"]["gbps"]["median"] for r in results if r["transfer"] == 1 << 20
+        r["pattern"]: r["methods"]["mpiburst_write"]["gbps"]["median"]
+        for r in results if r["transfer"] == 1 << 20 and r["pattern"] != "ckpt"
     }
     for r in results:
         where = f"{r['pattern']} {short_size(r['transfer'])}"
         ra = r["ratios"]
+        small = r["transfer"] < SMALL_RECORD
+        if r["pattern"] == "ckpt":
+            job = ra["job_time_vs_mpiio"]
+            out.append((f"{where}: job time / direct MPI-IO = {job:.2f} (<= 0.60; direct spends "
+                        f"{ra['io_share_of_direct_job']:.0%} of its time in I/O)", job <= 0.6 if net else None))
+            continue
         out.append((f"{where}: absorb / tier raw ingest = {ra['absorb_vs_tier_ingest']:.2f} (>= 0.80)",
                     ra["absorb_vs_tier_ingest"] >= 0.8))
-        if r["transfer"] < SMALL_RECORD and r["pattern"] in absorb_1m:
+        if small and r["pattern"] in absorb_1m:
             share = r["methods"]["mpiburst_write"]["gbps"]["median"] / absorb_1m[r["pattern"]]
             out.append((f"{where}: absorb / absorb at 1m = {share:.2f} (>= 0.50)", share >= 0.5))
-        out.append((f"{where}: flush / BFS raw write = {ra['flush_vs_bfs_write']:.2f} (>= 0.90)",
+        raw = "shared" if raw_limit(r["pattern"]) == "bfs_shared_write" else "file-per-rank"
+        out.append((f"{where}: flush / BFS raw {raw} write = {ra['flush_vs_bfs_write']:.2f} (>= 0.90)",
                     ra["flush_vs_bfs_write"] >= 0.9))
-        limit = 0.5 if r["pattern"] == "strided" and r["transfer"] < SMALL_RECORD else 1.0
+        limit = 1.0
+        if r["pattern"] == "strided" and small:
+            limit = 0.1 if net else 0.5
         out.append((f"{where}: write time / direct MPI-IO = {ra['write_time_vs_mpiio']:.2f} (<= {limit:.2f})",
                     ra["write_time_vs_mpiio"] <= limit))
+        if net:
+            limit = 0.5 if small else 1.1
+            e2e = ra["end_to_end_time_vs_mpiio"]
+            out.append((f"{where}: time to durable / direct MPI-IO = {e2e:.2f} (<= {limit:.2f})", e2e <= limit))
         if r["transfer"] == 1 << 20:
             spb = ra["server_bytes_per_payload_byte"]
             out.append((f"{where}: server memory per payload byte = {spb:.2f} (<= 1.10)", spb <= 1.1))
-    if results:
-        peak = max(r["mpiburst"]["client_peak_bytes"]["max"] for r in results)
+    plain = [r for r in results if r["pattern"] != "ckpt"]
+    if plain:
+        peak = max(r["mpiburst"]["client_peak_bytes"]["max"] for r in plain)
         out.append((f"client peak memory growth {peak / (1 << 20):.1f} MiB with a {params['write_buffer'] / (1 << 20):.1f} "
                     f"MiB write-back buffer and {params['size']} per rank (must not grow with --size)", None))
     return out
@@ -150,28 +205,67 @@ def _cells(r: dict[str, Any]) -> list[str]:
     return cells
 
 
-HEADER = ["pattern", "xfer", "memcpy", "ingest", "readout", "bfs", "mpiio-i", "mpiio-c", "absorb", "flush",
-          "e2e", "abs/ing", "fl/bfs", "wr/mpiio", "e2e/mpiio", "writes", "wsize", "srv B/B", "cli MiB"]
+HEADER = ["pattern", "xfer", "memcpy", "ingest", "readout", "bfs", "bfs-sh", "mpiio-i", "mpiio-c", "absorb",
+          "flush", "e2e", "abs/ing", "fl/bfs", "wr/mpiio", "e2e/mpiio", "writes", "wsize", "srv B/B", "cli MiB"]
+CKPT_HEADER = ["pattern", "xfer", "steps", "compute s", "direct s", "mpiburst s", "mpiburst/direct",
+               "direct I/O share"]
 
 LEGEND = """\
 GB/s (10^9 B/s), median of {repeat} runs, {ranks} ranks, {size} per rank; min/max are in the JSON; server {server}.
-limits: memcpy, ingest/readout = tier raw SET/GET pipelined, bfs = one 8 MiB-block writer per rank + fdatasync.
+BFS: {fs}.
+limits: memcpy, ingest/readout = tier raw SET/GET pipelined, bfs = one 8 MiB-block writer per rank + fdatasync,
+each its own file; bfs-sh = the same into one shared file, each rank its own contiguous domain.
 peer: mpiio-i = MPI.File Write_at, mpiio-c = Write_at_all (each + Sync + Close).
 mpiburst: absorb = Open..Close, flush = mpiburst.sync, e2e = both.
-abs/ing = absorb / ingest bandwidth; fl/bfs = flush / bfs bandwidth; wr/mpiio and e2e/mpiio = time over the
+abs/ing = absorb / ingest bandwidth; fl/bfs = flush / bfs-sh bandwidth (nn: / bfs); wr/mpiio and e2e/mpiio = time over the
 faster direct MPI-IO; writes and wsize = BFS write calls of the flush and their median size; srv B/B = server
 memory growth per payload byte; cli MiB = largest client RSS growth during the write phase.
 '!' after a figure: that method's output was WRONG (verification failed)."""
 
 
-def table(results: Sequence[dict[str, Any]], params: dict[str, Any]) -> str:
-    """Return the text table of all configurations with its legend and the targets' status."""
-    rows = [HEADER] + [_cells(r) for r in results]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
+def _table(rows: list[list[str]]) -> str:
+    """Return rows as aligned text, the first row a header (two text columns, then numbers)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines += ["", LEGEND.format(**params), "", "targets:"]
+    return "\n".join(lines)
+
+
+def _ckpt_cells(r: dict[str, Any]) -> list[str]:
+    """Return the table cells of one checkpoint loop."""
+    m, ra = r["methods"], r["ratios"]
+    cells = [r["pattern"], short_size(r["transfer"]), str(r["steps"])]
+    for key, _, _ in CKPT_METHODS:
+        cells.append(f"{m[key]['seconds']['median']:.3f}" + ("" if m[key]["verified"] else "!"))
+    return cells + [f"{ra['job_time_vs_mpiio']:.2f}", f"{ra['io_share_of_direct_job']:.0%}"]
+
+
+CKPT_LEGEND = """\
+checkpoint loop: {steps} steps of {work_seconds} s of numpy work ({work_iterations} stencil sweeps) each followed
+by a checkpoint of {ckpt_size} per rank (strided records, a new shared file each); job seconds, median of {repeat}.
+compute = the work alone; direct = each checkpoint by MPI.File Write_at + Sync + Close before the next step;
+mpiburst = each checkpoint absorbed, then flushed by the tier's engine while the ranks compute, the job ending
+when every checkpoint is durable on the BFS; direct I/O share = 1 - compute / direct."""
+
+
+def describe_fs(bfs: dict[str, Any]) -> str:
+    """Return one line naming the BFS's filesystem (type, device, mount point, options)."""
+    if not bfs:
+        return "unknown"
+    return f"{bfs['type']} on {bfs['device']} mounted at {bfs['mount']} ({bfs['options']})"
+
+
+def table(results: Sequence[dict[str, Any]], params: dict[str, Any]) -> str:
+    """Return the text table of all configurations with its legend and the targets' status."""
+    plain = [r for r in results if r["pattern"] != "ckpt"]
+    ckpt = [r for r in results if r["pattern"] == "ckpt"]
+    lines = [_table([HEADER] + [_cells(r) for r in plain])] if plain else []
+    lines += ["", LEGEND.format(fs=describe_fs(params.get("bfs", {})), **params)]
+    if ckpt:
+        lines += ["", _table([CKPT_HEADER] + [_ckpt_cells(r) for r in ckpt]), "", CKPT_LEGEND.format(**params)]
+    net = "network filesystem targets" if network(params) else "local filesystem targets"
+    lines += ["", f"targets ({net}):"]
     verdict = {True: "met   ", False: "MISSED", None: "info  "}
     lines += [f"  {verdict[met]}  {text}" for text, met in targets(results, params)]
     return "\n".join(lines)
@@ -190,35 +284,65 @@ def write_json(path: str, results: Sequence[dict[str, Any]], params: dict[str, A
         f.write("\n")
 
 
-def plot(path: str, results: Iterable[dict[str, Any]], params: dict[str, Any]) -> None:
-    """Write a PNG: GB/s against transfer size, one panel per pattern, one line per method, limits dashed."""
+def _label(params: dict[str, Any], machine: dict[str, Any]) -> str:
+    """Return a run's plot label: its BFS type, ranks and size per rank."""
+    fs = params.get("bfs", {}).get("type") or machine.get("bfs", {}).get("type", "unknown")
+    return f"{fs}, {params['ranks']} ranks, {params['size']} per rank"
+
+
+def plot(path: str, runs: Sequence[tuple[Sequence[dict[str, Any]], dict[str, Any], dict[str, Any]]]) -> None:
+    """Write a PNG with one row of panels per run (``(results, params, machine)``, e.g. one per filesystem).
+
+    A panel per pattern: GB/s against transfer size, one line per method,
+    limits dashed, min-max error bars; the checkpoint loop gets a panel of job
+    seconds against transfer size.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_pattern: dict[str, list[dict[str, Any]]] = {}
-    for r in results:
-        by_pattern.setdefault(r["pattern"], []).append(r)
-    fig, axes = plt.subplots(1, len(by_pattern), figsize=(6 * len(by_pattern), 6), squeeze=False, sharey=True)
-    for ax, (pattern, rows) in zip(axes[0], by_pattern.items()):
-        rows = sorted(rows, key=lambda r: r["transfer"])
-        xs = [r["transfer"] for r in rows]
-        for key, label, limit in METHODS:
-            g = [r["methods"][key]["gbps"] for r in rows]
-            med = [v["median"] for v in g]
-            err = [[v["median"] - v["min"] for v in g], [v["max"] - v["median"] for v in g]]
-            ax.errorbar(xs, med, yerr=err, label=label, linestyle="--" if limit else "-",
-                        marker="" if limit else "o", capsize=3)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xticks(xs, [short_size(x) for x in xs])
-        ax.set_xlabel("transfer size (bytes per write call)")
-        ax.set_title(f"{pattern}, {params['ranks']} ranks, {params['size']} per rank")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel("bandwidth (GB/s), median with min-max")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize="small")
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    fig.savefig(path, dpi=120)
+    grouped = []
+    for results, params, machine in runs:
+        by_pattern: dict[str, list[dict[str, Any]]] = {}
+        for r in results:
+            by_pattern.setdefault(r["pattern"], []).append(r)
+        grouped.append((by_pattern, params, machine))
+    ncols = max(len(g[0]) for g in grouped)
+    fig, axes = plt.subplots(len(grouped), ncols, figsize=(5.5 * ncols, 5 * len(grouped)), squeeze=False)
+    handles: dict[str, Any] = {}
+    for row, (by_pattern, params, machine) in zip(axes, grouped):
+        for ax in row[len(by_pattern):]:
+            ax.set_visible(False)
+        for ax, (pattern, rows) in zip(row, by_pattern.items()):
+            rows = sorted(rows, key=lambda r: r["transfer"])
+            xs = [r["transfer"] for r in rows]
+            ckpt = pattern == "ckpt"
+            unit = "seconds" if ckpt else "gbps"
+            for i, (key, label, limit) in enumerate(CKPT_METHODS if ckpt else METHODS):
+                g = [r["methods"][key][unit] for r in rows]
+                med = [v["median"] for v in g]
+                err = [[v["median"] - v["min"] for v in g], [v["max"] - v["median"] for v in g]]
+                color = ("black", "tab:red", "tab:green")[i] if ckpt else f"C{i}"
+                line = ax.errorbar(xs, med, yerr=err, label=label, linestyle="--" if limit else "-",
+                                   marker="" if limit else "o", capsize=3, color=color)
+                handles.setdefault(label, line)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(xs, [short_size(x) for x in xs])
+            ax.set_xlabel("transfer size (bytes per write call)")
+            ax.set_ylabel("job time (s), median with min-max" if ckpt else "bandwidth (GB/s), median with min-max")
+            title = f"checkpoint loop, {rows[0]['steps']} steps" if ckpt else pattern
+            ax.set_title(f"{title}\n{_label(params, machine)}", fontsize="medium")
+            ax.grid(True, which="both", alpha=0.3)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=4, fontsize="small")
+    fig.tight_layout(rect=(0, 0.25 / len(grouped), 1, 1))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def load(path: str) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """Read a run's JSON (from ``--json``) as ``(results, params, machine)`` for :func:`plot`."""
+    with open(path, encoding="utf-8") as f:
+        doc = json.load(f)
+    return doc["results"], doc["params"], doc["machine"]

@@ -9,9 +9,10 @@ other ranks would otherwise wait in a collective forever.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from ..errors import MpiburstError
+from ..errors import ConfigError, MpiburstError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "with bandwidths (GB/s, median of --repeat runs) and ratios.",
     )
     p.add_argument("--pattern", action="append", metavar="P",
-                   help="segmented, strided or nn; repeat or comma-separate (default: all three)")
+                   help="segmented, strided, nn or ckpt (the checkpoint loop); repeat or comma-separate "
+                   "(default: all four)")
     p.add_argument("--transfer", action="append", metavar="SIZE",
                    help="bytes per write call; repeat or comma-separate (default: 4k,47008,1m,16m)")
     p.add_argument("--size", default="64m", help="bytes written by each rank per measurement (default: 64m)")
@@ -37,7 +39,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--capacity", default="4G", help="memory of the benchmark's tier (default: 4G)")
     p.add_argument("--server", metavar="PATH",
                    help="redis-server or valkey-server binary for the tier (default: found as 'mpiburst start' does)")
+    p.add_argument("--steps", type=int, default=4,
+                   help="ckpt: checkpoints per job, each of --size / STEPS per rank (default: 4)")
+    p.add_argument("--work", type=float, default=0.25, metavar="SECONDS",
+                   help="ckpt: numpy work before each checkpoint, calibrated once to about SECONDS (default: 0.25)")
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser(
+        "bench-plot",
+        help="plot one or more 'mpiburst bench --json' runs (e.g. one per filesystem) into one PNG",
+        description="Plot the runs saved by 'mpiburst bench --json', one row of panels per run, "
+        "e.g. the same benchmark on a local disk and on a network filesystem.",
+    )
+    p.add_argument("png", metavar="OUT.png", help="the PNG to write")
+    p.add_argument("runs", nargs="+", metavar="RUN.json", help="JSON files written by 'mpiburst bench --json'")
+    p.set_defaults(func=_bench_plot)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -45,7 +61,7 @@ def _bench(args: argparse.Namespace) -> int:
     from ..bench import main
 
     opts = main.options(args.pattern, args.transfer, args.size, args.repeat, args.json, args.plot,
-                        args.bfs_dir, args.capacity, args.server)
+                        args.bfs_dir, args.capacity, args.server, args.steps, args.work)
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
@@ -66,3 +82,25 @@ def _bench(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         comm.Abort(1)
     return 1  # not reached: Abort ends the process
+
+
+def _bench_plot(args: argparse.Namespace) -> int:
+    """Plot the given runs' JSON into one PNG."""
+    from ..bench import report
+
+    runs = []
+    for path in args.runs:
+        try:
+            runs.append(report.load(path))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path} is not a JSON file written by 'mpiburst bench --json' ({exc}); "
+                              "give the files that option wrote.") from None
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.png))):
+        raise ConfigError(f"{args.png}: its directory does not exist; create it or give another path.")
+    try:
+        import matplotlib  # noqa: F401 - only checking that the plot can work
+    except ImportError:
+        raise ConfigError("bench-plot needs matplotlib; install it with 'pip install mpiburst[bench]'.") from None
+    report.plot(args.png, runs)
+    print(f"wrote {args.png} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
+    return 0

@@ -1,0 +1,75 @@
+"""The benchmark's figures from raw timings: which limit a flush is held to, which targets a filesystem gets."""
+
+from __future__ import annotations
+
+from mpiburst.bench import report
+from mpiburst.bench.main import filesystem
+
+
+def _raw(pattern: str, transfer: int, **seconds: float) -> dict:
+    """Return a raw configuration dict with every method at 1 s unless given."""
+    times = {key: [seconds.get(key, 1.0)] for key, _, _ in report.METHODS}
+    return {
+        "pattern": pattern, "transfer": transfer, "ranks": 2, "bytes_per_rank": 1 << 20, "total_bytes": 2 << 20,
+        "seconds": times, "verified": {},
+        "mpiburst": {"flush_bytes": [2 << 20], "flush_writes": [1], "write_sizes": {2 << 20: 1},
+                     "client_peak": [0], "server_bytes": [2 << 20]},
+    }
+
+
+def _ckpt(compute: float, direct: float, burst: float) -> dict:
+    return {"pattern": "ckpt", "transfer": 4096, "ranks": 2, "steps": 4, "work_iterations": 10,
+            "bytes_per_rank": 1 << 20, "total_bytes": 2 << 20,
+            "seconds": {"compute": [compute], "mpiio_ckpt": [direct], "mpiburst_ckpt": [burst]},
+            "verified": {"compute": True, "mpiio_ckpt": True, "mpiburst_ckpt": True}}
+
+
+PARAMS = {"write_buffer": 4 << 20, "size": "1.0 MiB"}
+GLUSTER = PARAMS | {"bfs": {"type": "fuse.glusterfs", "device": "127.0.0.2:/dfsvol", "mount": "/m", "options": "rw"}}
+EXT4 = PARAMS | {"bfs": {"type": "ext4", "device": "/dev/vda", "mount": "/", "options": "rw"}}
+
+
+def test_flush_of_a_shared_file_is_held_to_the_shared_write_and_nn_to_file_per_rank():
+    strided = report.summarize(_raw("strided", 4096, bfs_write=1.0, bfs_shared_write=2.0, mpiburst_flush=4.0))
+    nn = report.summarize(_raw("nn", 4096, bfs_write=1.0, bfs_shared_write=2.0, mpiburst_flush=4.0))
+    assert strided["ratios"]["flush_vs_bfs_write"] == 0.5
+    assert nn["ratios"]["flush_vs_bfs_write"] == 0.25
+
+
+def _verdicts(results, params):
+    return {text.split(" = ")[0]: (text, met) for text, met in report.targets(results, params)}
+
+
+def test_network_filesystem_gets_the_strict_write_and_durable_targets():
+    # write 0.2 s and write + flush 0.4 s against 1 s of direct MPI-IO: 0.20 and 0.40
+    raw = [_raw("strided", 4096, mpiburst_write=0.2, mpiburst_flush=0.2, mpiburst_end_to_end=0.4),
+           _raw("strided", 1 << 20, mpiburst_write=0.2, mpiburst_flush=1.0, mpiburst_end_to_end=1.2)]
+    results = [report.summarize(r) for r in raw]
+    net = _verdicts(results, GLUSTER)
+    assert net["strided 4k: write time / direct MPI-IO"] == (
+        "strided 4k: write time / direct MPI-IO = 0.20 (<= 0.10)", False)
+    assert net["strided 4k: time to durable / direct MPI-IO"][1] is True      # 0.40 <= 0.50
+    assert net["strided 1m: time to durable / direct MPI-IO"][1] is False     # 1.20 > 1.10
+    local = _verdicts(results, EXT4)
+    assert local["strided 4k: write time / direct MPI-IO"][1] is True         # 0.20 <= 0.50
+    assert not any("time to durable" in key for key in local)
+
+
+def test_checkpoint_loop_is_judged_on_a_network_filesystem_only():
+    results = [report.summarize(_ckpt(compute=1.0, direct=4.0, burst=2.0))]
+    assert results[0]["ratios"]["job_time_vs_mpiio"] == 0.5
+    assert results[0]["ratios"]["io_share_of_direct_job"] == 0.75
+    (text, met), = report.targets(results, GLUSTER)
+    assert met is True and "job time / direct MPI-IO = 0.50 (<= 0.60" in text and "75%" in text
+    (_, met), = report.targets(results, EXT4)
+    assert met is None
+    table = report.table(results, GLUSTER | {"repeat": 1, "ranks": 2, "server": "redis", "steps": 4,
+                                             "work_seconds": 0.25, "work_iterations": 10, "ckpt_size": "256 KiB"})
+    assert "mpiburst/direct" in table and "fuse.glusterfs on 127.0.0.2:/dfsvol" in table
+
+
+def test_filesystem_names_the_innermost_mount(tmp_path):
+    fs = filesystem(str(tmp_path))
+    assert fs["type"] != "unknown" and fs["options"]
+    assert str(tmp_path.resolve()).startswith(fs["mount"])
+    assert filesystem("/proc/self")["type"] == "proc"
