@@ -2,7 +2,7 @@
 
 The volume is the one ``scripts/dfs.sh up`` brings up (.ci/run does it and
 exports its mount point as ``$MPIBURST_DFS``). Without one the test is
-skipped; ``MPIBURST_REQUIRE_DFS=1`` (set by .ci/run) turns that skip into a
+skipped; ``MPIBURST_REQUIRE_TOOLS=1`` (set by .ci/run) turns that skip into a
 failure. Checks the shape of what the run produces on that filesystem (the
 filesystem recorded, the network targets judged, the checkpoint loop and the
 shared-file limit measured, every output verified), never the figures.
@@ -17,13 +17,14 @@ import json
 import os
 
 import pytest
+from conftest import missing_tool
 
 from mpiburst.bench.main import filesystem
 from mpiburst.cli import main
 
 
 def _volume() -> str:
-    """Return the GlusterFS mount point from ``$MPIBURST_DFS``, or skip (fail under MPIBURST_REQUIRE_DFS=1)."""
+    """Return the GlusterFS mount point from ``$MPIBURST_DFS``, or skip (fail under MPIBURST_REQUIRE_TOOLS=1)."""
     path = os.environ.get("MPIBURST_DFS", "")
     if not path:
         reason = "no GlusterFS volume: set MPIBURST_DFS to the mount point 'scripts/dfs.sh up' prints"
@@ -31,9 +32,8 @@ def _volume() -> str:
         reason = f"MPIBURST_DFS={path} is not a mounted GlusterFS volume (run 'scripts/dfs.sh up' as root)"
     else:
         return path
-    if os.environ.get("MPIBURST_REQUIRE_DFS") == "1":
-        pytest.fail(f"{reason} (MPIBURST_REQUIRE_DFS=1)", pytrace=False)
-    pytest.skip(reason)
+    missing_tool(reason)
+    raise AssertionError("not reached: missing_tool skips or fails")
 
 
 @pytest.mark.mpi(min_size=2)
