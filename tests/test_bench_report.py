@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from mpiburst.bench import report
 from mpiburst.bench.main import filesystem
 
@@ -73,3 +75,12 @@ def test_filesystem_names_the_innermost_mount(tmp_path):
     assert fs["type"] != "unknown" and fs["options"]
     assert str(tmp_path.resolve()).startswith(fs["mount"])
     assert filesystem("/proc/self")["type"] == "proc"
+
+
+@pytest.mark.timeout(60)
+def test_bench_rejects_checkpoints_the_tier_cannot_hold(cli):
+    # a singleton MPI process: run from this serial file, never under mpiexec (the child would inherit its PMI)
+    result = cli("bench", "--pattern", "ckpt", "--size", "64m", "--steps", "40", "--capacity", "1G")
+    assert result.returncode == 2
+    assert "cannot hold 40 checkpoints of 1 ranks x 64.0 MiB" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,7 +1,7 @@
 """The checkpoint loop: the whole job's time, what a user of a burst buffer waits for.
 
 A job of ``K`` steps, each a fixed amount of numpy work followed by a
-checkpoint: every rank writes ``--size / K`` bytes in transfer-sized records
+checkpoint: every rank writes ``--size`` bytes in transfer-sized records
 into a new shared file, in the ``strided`` layout (the records of the ranks
 interleave, as a domain-decomposed array does in a shared file). Three ways:
 
@@ -53,9 +53,9 @@ class Loop:
         return f"ckpt-{self.layout.transfer}-{method}-{step}.dat"
 
 
-def checkpoint_layout(transfer: int, size: int, steps: int, nranks: int, rank: int) -> Layout:
-    """Return the layout of one checkpoint: ``size // steps`` bytes per rank, strided records of ``transfer``."""
-    return Layout("strided", transfer, size // steps, nranks, rank)
+def checkpoint_layout(transfer: int, size: int, nranks: int, rank: int) -> Layout:
+    """Return the layout of one checkpoint: ``size`` bytes per rank, strided records of ``transfer`` bytes."""
+    return Layout("strided", transfer, size, nranks, rank)
 
 
 def _stencil(u: np.ndarray, tmp: np.ndarray, iterations: int) -> None:

@@ -77,11 +77,6 @@ def options(patterns: list[str] | None, transfers: list[str] | None, size: str, 
             raise ConfigError(f"--steps must be at least 1 (got {steps}).")
         if not 0 <= work <= 3600:
             raise ConfigError(f"--work must be between 0 and 3600 seconds of work per step (got {work}).")
-        if per_rank // steps < max(sizes):
-            raise ConfigError(
-                f"--size {size} split into {steps} checkpoints is smaller than the largest transfer size "
-                f"({max(sizes)} bytes); give a --size of at least {steps} transfers, or fewer --steps."
-            )
     if repeat < 1:
         raise ConfigError(f"--repeat must be at least 1 (got {repeat}).")
     if not os.path.isdir(bfs_dir):
@@ -101,11 +96,13 @@ def options(patterns: list[str] | None, transfers: list[str] | None, size: str, 
 
 def check_capacity(opts: Options, nranks: int) -> None:
     """Raise :class:`ConfigError` if the tier cannot hold one configuration's payload of ``nranks`` ranks."""
-    largest = opts.size * nranks
+    files = opts.steps if "ckpt" in opts.patterns else 1  # a checkpoint loop keeps all its checkpoints
+    largest = opts.size * nranks * files
     if largest * CAPACITY_HEADROOM > parse_size(opts.capacity):
+        what = f"{files} checkpoints of " if files > 1 else ""
         raise ConfigError(
-            f"--capacity {opts.capacity} cannot hold {nranks} ranks x {format_size(opts.size)} with room to spare; "
-            f"give --capacity {-(-2 * largest // (1 << 30))}G or a smaller --size."
+            f"--capacity {opts.capacity} cannot hold {what}{nranks} ranks x {format_size(opts.size)} with room to "
+            f"spare; give --capacity {-(-2 * largest // (1 << 30))}G or a smaller --size."
         )
 
 
@@ -256,7 +253,7 @@ def run(opts: Options) -> int:
         "bfs": filesystem(opts.bfs_dir),
     }
     if "ckpt" in opts.patterns:
-        params |= {"steps": opts.steps, "work_seconds": opts.work, "ckpt_size": format_size(opts.size // opts.steps)}
+        params |= {"steps": opts.steps, "work_seconds": opts.work, "ckpt_size": format_size(opts.size)}
     scratch, rundir = _scratch(comm, opts.bfs_dir)
     results = []
     try:
@@ -268,7 +265,7 @@ def run(opts: Options) -> int:
                     params["work_iterations"] = ckpt.calibrate(comm, opts.work)
                 for transfer in opts.transfers:
                     if pattern == "ckpt":
-                        layout = ckpt.checkpoint_layout(transfer, opts.size, opts.steps, comm.size, comm.rank)
+                        layout = ckpt.checkpoint_layout(transfer, opts.size, comm.size, comm.rank)
                         loop = ckpt.Loop(layout, opts.steps, params["work_iterations"])
                         raw = ckpt.run_config(comm, tier, loop, opts.repeat, scratch)
                     else:

@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--server", metavar="PATH",
                    help="redis-server or valkey-server binary for the tier (default: found as 'mpiburst start' does)")
     p.add_argument("--steps", type=int, default=4,
-                   help="ckpt: checkpoints per job, each of --size / STEPS per rank (default: 4)")
+                   help="ckpt: checkpoints per job, each of --size per rank (default: 4)")
     p.add_argument("--work", type=float, default=0.25, metavar="SECONDS",
                    help="ckpt: numpy work before each checkpoint, calibrated once to about SECONDS (default: 0.25)")
     p.set_defaults(func=_bench)
