@@ -28,7 +28,6 @@ setup(
             "pytest-timeout>=2.1",
             "hypothesis>=6",
             "h5py>=3.8",
-            "fakeredis[lua]>=2.20",
             "matplotlib",
         ],
     },

@@ -13,12 +13,8 @@ kept exactly:
 * a channel left open by a crashed writer is reset with :func:`reset`;
 * reading is non-destructive; open and empty channels are reported.
 
-Keys (each channel's keys share the hash tag ``{chan:<C>}``, so Redis Cluster
-could spread channels over shards)::
-
-    mpb:{chan:C}:d   list    the channel's bytes, in pieces of at most CHUNK bytes (RPUSH)
-    mpb:{chan:C}:m   hash    bytes, stores (closed stores; present = the channel was used)
-    mpb:{chan:C}:w   string  writer token; present = the channel is open
+The channels live in the run's store (:meth:`mpiburst.store.Store.channel_open`
+and the other ``channel_*`` methods), which owns their layout.
 
 Cost: a store sends one RPUSH per ``CHUNK`` (1 MiB) of input, pipelined
 ``PIPELINE`` at a time; a retrieve reads ``BATCH`` pieces per LRANGE, so each
@@ -34,10 +30,9 @@ import secrets
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator
 
-import redis
-
 from .errors import ChannelBusyError, ChannelError, TierFullError
 from .runconf import create_private
+from .store import Store
 
 #: Largest piece of a channel's data in one list element.
 CHUNK = 1 << 20
@@ -45,10 +40,6 @@ CHUNK = 1 << 20
 PIPELINE = 8
 #: Pieces fetched per LRANGE by a retrieve (at most BATCH * CHUNK bytes per reply).
 BATCH = 64
-
-
-def _key(channel: int, part: str) -> str:
-    return f"mpb:{{chan:{channel}}}:{part}"
 
 
 @dataclass
@@ -81,80 +72,54 @@ def store(tier, channel: int, stream: BinaryIO) -> int:
         If the tier is full; what was stored before stays and the channel is closed.
     """
     check(tier, channel)
-    r = tier.redis
-    token = secrets.token_hex(8)
-    if not r.set(_key(channel, "w"), token, nx=True):
+    store = tier.store
+    token = store.channel_open(channel)
+    if token is None:
         raise ChannelBusyError(
             f"channel {channel} of run {tier.id} is open (another writer is storing to it); wait for it, "
             f"or reset the channel with 'mpiburst channel-reset --channel {channel}' if that writer crashed.")
     total = 0
     try:
-        pipe = r.pipeline(transaction=False)
-        queued = 0
+        pieces: list[bytes] = []
         while True:
             piece = stream.read(CHUNK)
+            if piece:
+                pieces.append(piece)
+                total += len(piece)
+            if not piece or len(pieces) == PIPELINE:
+                _append(store, channel, pieces, stored=not piece)
+                pieces = []
             if not piece:
                 break
-            pipe.rpush(_key(channel, "d"), piece)
-            pipe.hincrby(_key(channel, "m"), "bytes", len(piece))
-            total += len(piece)
-            queued += 1
-            if queued == PIPELINE:
-                _execute(pipe)
-                queued = 0
-        pipe.hincrby(_key(channel, "m"), "stores", 1)
-        _execute(pipe)
     finally:
-        _release(r, channel, token)
+        store.channel_close(channel, token)
     return total
 
 
-def _execute(pipe: redis.client.Pipeline) -> None:
+def _append(store: Store, channel: int, pieces: list[bytes], stored: bool) -> None:
     try:
-        pipe.execute()
-    except redis.OutOfMemoryError:  # redis-py strips the server's "OOM" prefix into this type
+        store.channel_append(channel, pieces, stored=stored)
+    except TierFullError:
         raise TierFullError("the tier is full; retrieve and reset channels, or start the run with a larger "
                             "--capacity.") from None
 
 
-def _release(r: redis.Redis, channel: int, token: str) -> None:
-    """Close the channel if this writer still holds it (a reset may have taken it meanwhile)."""
-    key = _key(channel, "w")
-    pipe = r.pipeline(transaction=True)
-    try:
-        pipe.watch(key)
-        if pipe.get(key) == token.encode():
-            pipe.multi()
-            pipe.delete(key)
-            pipe.execute()
-    except redis.WatchError:
-        pass
-    finally:
-        pipe.reset()
-
-
 def info(tier, channel: int | None = None) -> list[ChannelInfo]:
     """Return the state of every channel (or of one), in channel order, in one round trip."""
-    chans = range(tier.channels) if channel is None else [check(tier, channel)]
-    pipe = tier.redis.pipeline(transaction=False)
-    for c in chans:
-        pipe.exists(_key(c, "w"))
-        pipe.hgetall(_key(c, "m"))
-    replies = pipe.execute()
+    chans = list(range(tier.channels)) if channel is None else [check(tier, channel)]
     out = []
-    for c, is_open, meta in zip(chans, replies[0::2], replies[1::2]):
-        state = "open" if is_open else "closed" if meta else "unused"
-        out.append(ChannelInfo(c, state, int(meta.get(b"bytes", 0)), int(meta.get(b"stores", 0))))
+    for c, st in zip(chans, tier.store.channel_states(chans)):
+        state = "open" if st.open else "closed" if st.bytes or st.stores else "unused"
+        out.append(ChannelInfo(c, state, st.bytes, st.stores))
     return out
 
 
 def read(tier, channel: int, batch: int = BATCH) -> Iterator[bytes]:
     """Yield the bytes of ``channel`` in pieces, ``batch`` list elements per round trip (non-destructive)."""
     check(tier, channel)
-    key = _key(channel, "d")
     start = 0
     while True:
-        pieces = tier.redis.lrange(key, start, start + batch - 1)
+        pieces = tier.store.channel_read(channel, start, batch)
         yield from pieces
         if len(pieces) < batch:
             return
@@ -167,11 +132,8 @@ def reset(tier, channel: int | None = None) -> list[int]:
     Their data is kept; a channel reset while a writer is still running keeps
     what that writer stores, but the one-writer rule no longer protects it.
     """
-    chans = range(tier.channels) if channel is None else [check(tier, channel)]
-    pipe = tier.redis.pipeline(transaction=False)
-    for c in chans:
-        pipe.delete(_key(c, "w"))
-    return [c for c, n in zip(chans, pipe.execute()) if n]
+    chans = list(range(tier.channels)) if channel is None else [check(tier, channel)]
+    return [c for c, was_open in zip(chans, tier.store.channel_reset(chans)) if was_open]
 
 
 def retrieve(tier, out: BinaryIO, channel: int | None = None, print_id: bool = False, sep: str = " ",

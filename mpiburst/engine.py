@@ -5,7 +5,7 @@ Started by whoever starts the server (:func:`spawn`, or
 (:func:`stop`). Every ``interval`` (0.5 s) it:
 
 * serves the queued requests of non-blocking ``sync`` and ``prestage``
-  (:data:`mpiburst.flush.QUEUE`);
+  (the store's request queue, :meth:`mpiburst.store.Store.dequeue`);
 * reads the server's memory use (``INFO memory``: ``used_memory`` against
   ``maxmemory``); at or above the run's ``sync_threshold`` (default 0.5) it
   syncs the dirty unpinned files, the longest-dirty first; at or above
@@ -28,10 +28,8 @@ import sys
 import time
 from typing import Any, Sequence
 
-import redis
-
 from . import flush, residency
-from .errors import MpiburstError
+from .errors import MpiburstError, TierConnectionError
 from .runconf import RunConf, engine_log_name
 from .server import pid_alive
 
@@ -144,11 +142,7 @@ class Engine:
         for k in range(REQUESTS_PER_ROUND):
             if self.stopping:
                 return
-            if k == 0:
-                item = self.tier.redis.blpop([flush.QUEUE], timeout=self.interval)
-                raw = item[1] if item else None
-            else:
-                raw = self.tier.redis.lpop(flush.QUEUE)
+            raw = self.tier.store.dequeue(timeout=self.interval if k == 0 else 0)
             if raw is None:
                 return
             self._serve(raw)
@@ -202,7 +196,7 @@ class Engine:
                 self.serve_queue()
                 if not self.stopping:
                     self.thresholds()
-            except redis.ConnectionError as exc:
+            except TierConnectionError as exc:
                 self.log.warning("server connection lost (%s)", exc)
                 time.sleep(self.interval)
             except Exception:  # never die on a transient error: log it and go on

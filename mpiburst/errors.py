@@ -25,6 +25,12 @@ class ServerError(MpiburstError):
     exit_code = 13
 
 
+class TierConnectionError(ServerError):
+    """The connection to the tier's server was lost, refused or timed out."""
+
+    exit_code = 13
+
+
 class AuthenticationError(ServerError):
     """The server refused the credentials in the run's conf file."""
 

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 from mpi4py import MPI
 
-from .client import TierFile, buffer_size, register, store_of
+from .writeback import TierFile, buffer_size, register
 from .errors import MpiburstError
 from .messages import Message, message
 from .paths import is_burst, resolve
@@ -62,7 +62,7 @@ class _SharedPointer:
     """The shared file pointer of one open file, a counter in the tier (etype units)."""
 
     def __init__(self, tier: Tier, path: str, token: str):
-        self._store = store_of(tier)
+        self._store = tier.store
         self._path, self._token = path, token
 
     def advance(self, delta: int) -> int:
@@ -170,7 +170,7 @@ class File:
             return MPI.File.Delete(filename, info)
         tier = Tier.current()
         path = resolve(filename, tier.bfs_root)
-        if store_of(tier).meta(path) is None and not os.path.exists(path):
+        if tier.store.meta(path) is None and not os.path.exists(path):
             raise _mpi_error(MPI.ERR_NO_SUCH_FILE)
         _delete(tier, path)
 
@@ -765,7 +765,7 @@ def _open_on_rank0(tier: Tier, path: str, amode: int) -> int | tuple[str, int]:
         return {"exists": MPI.ERR_FILE_EXISTS, "missing": MPI.ERR_NO_SUCH_FILE}[outcome]
     start = 0
     if amode & MPI.MODE_APPEND:
-        meta = store_of(tier).meta(path)
+        meta = tier.store.meta(path)
         start = meta.size if meta else 0
     token = uuid.uuid4().hex
     _SharedPointer(tier, path, token).set(start)
@@ -774,7 +774,7 @@ def _open_on_rank0(tier: Tier, path: str, amode: int) -> int | tuple[str, int]:
 
 def _delete(tier: Tier, path: str) -> None:
     """Remove ``path``'s tier data and its BFS file."""
-    store_of(tier).drop(path)
+    tier.store.drop(path)
     try:
         os.remove(path)
     except FileNotFoundError:

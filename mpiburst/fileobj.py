@@ -3,7 +3,7 @@
 Any code that takes a file object (h5py, numpy, zipfile, pickle, tarfile)
 can read and write a file of the tier through it. It is the serial
 counterpart of :class:`mpiburst.File`, built on the same
-:class:`~mpiburst.client.TierFile`: writes go to a write-back buffer that is
+:class:`~mpiburst.writeback.TierFile`: writes go to a write-back buffer that is
 pushed to the tier as large batches (on :meth:`BurstIO.flush`, on
 :meth:`BurstIO.close`, when it fills, and before every read of the tier);
 reads take the tier's bytes where it has them, else the BFS file's.
@@ -25,8 +25,8 @@ import os
 from collections import OrderedDict
 from typing import Any
 
-from .client import TierFile, buffer_size, register, store_of
 from .errors import MpiburstError
+from .writeback import TierFile, buffer_size, register
 from .paths import resolve
 
 #: Bytes per read-cache page (a read-ahead unit: one tier round trip serves it).
@@ -107,7 +107,7 @@ def _register(tier: Any, target: str, flags: tuple, name: str | os.PathLike) -> 
     if outcome == "exists":
         raise FileExistsError(errno.EEXIST, "File exists in the tier or on the BFS", os.fspath(name))
     if truncate:
-        store_of(tier).set_size(target, 0)
+        tier.store.set_size(target, 0)
 
 
 class BurstIO(io.BufferedIOBase):

@@ -29,12 +29,12 @@ so a half-written new file never appears under its final name. The file and
 any directories the flush creates get the permissions a direct write by the
 application would have given them (:mod:`mpiburst.perms`). Only after
 every flusher's bytes are fsync'd is the snapshot marked clean
-(:meth:`~mpiburst.store.Store.mark_clean`, which checks the flush still holds
-the file's lease). Any failure releases the lease, leaves the data dirty and
+(:meth:`~mpiburst.store.FlushLease.mark_clean`, which checks the flush still
+holds the file's lease). Any failure releases the lease, leaves the data dirty and
 raises :class:`~mpiburst.errors.FlushError`; a later sync completes the job.
 
-Non-blocking syncs (``block=False``) are queued on :data:`QUEUE` for the
-automatic engine (:mod:`mpiburst.engine`).
+Non-blocking syncs (``block=False``) are queued in the store's request queue
+for the automatic engine (:mod:`mpiburst.engine`).
 """
 
 from __future__ import annotations
@@ -52,17 +52,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import redis
-
 from .buffers import borrowed
-from .errors import FlushError, MpiburstError, PathError
+from .errors import FlushError, MpiburstError, PathError, TierConnectionError
 from .overlay import Extent, gaps
 from .paths import resolve
 from .perms import create_aside, current_umask, give_final_attrs, make_dirs
-from .store import Store, store_of
+from .store import FlushLease, Store
 
-#: Redis list of queued requests (JSON objects ``{"op", "path", ...}``) for the engine.
-QUEUE = "mpb:queue"
 #: Largest write call of a flush: adjacent dirty stripes are assembled into one
 #: buffer of up to this many bytes (rounded down to whole stripes, at least one).
 WRITE_SIZE = 8 << 20
@@ -224,7 +220,7 @@ def sync(path: str | os.PathLike, *, tier: Any = None, comm: Any = None, block: 
         enqueue(tier, "sync", target)
         return None
     comm = comm if comm is not None else _Solo()
-    store = store_of(tier)
+    store = tier.store
     started = time.monotonic()
 
     plan: _Plan | MpiburstError | None = None
@@ -247,12 +243,12 @@ def sync(path: str | os.PathLike, *, tier: Any = None, comm: Any = None, block: 
     tally = _Tally(progress, verify)
     error: str | None = None
     try:
-        _write_run(store, plan, first, last, tally, max(1, workers))
-        if verify:
-            _verify_stripes(plan.work, tally.crcs)
+        with FlushLease(store, plan.target, plan.token, LEASE_SECONDS):  # a failure gives the lease back,
+            _write_run(store, plan, first, last, tally, max(1, workers))  # so the other flushers stop soon
+            if verify:
+                _verify_stripes(plan.work, tally.crcs)
     except Exception as exc:  # every cause becomes one line; the data stays dirty
         error = _cause(exc)
-        _quiet(lambda: store.release(plan.target, plan.token))  # makes the other flushers stop soon
     outcomes = comm.allgather((error, tally.bytes, dict(tally.sizes)))
 
     result: FlushReport | str | None = None
@@ -284,8 +280,8 @@ def sync(path: str | os.PathLike, *, tier: Any = None, comm: Any = None, block: 
 
 
 def enqueue(tier: Any, op: str, path: str, **fields: Any) -> None:
-    """Queue a request (``op`` = ``"sync"`` or ``"prestage"``) on :data:`QUEUE` for the engine."""
-    tier.redis.rpush(QUEUE, json.dumps(dict(op=op, path=path, time=time.time(), **fields)))
+    """Queue a request (``op`` = ``"sync"`` or ``"prestage"``) in the tier for the engine."""
+    tier.store.enqueue(json.dumps(dict(op=op, path=path, time=time.time(), **fields)).encode())
 
 
 def assemble(store: Store, path: str, lo: int, hi: int, upto: int | None, fd: int | None, limit: int,
@@ -330,9 +326,10 @@ def _prepare(store: Store, target: str, align: int) -> _Plan:
     """Take the lease, snapshot the file, and make the file to write (rank 0 only)."""
     if store.meta(target) is None:
         raise PathError(f"{target} is not in the tier; there is nothing to sync.")
-    token = _take_lease(store, target)
+    lease = _take_lease(store, target)
+    token = lease.token
     try:
-        snap = store.begin(target)
+        snap = lease.begin()
         umask = snap.umask if snap.umask is not None else current_umask()
         directory, name = os.path.split(target)
         make_dirs(directory, umask)
@@ -352,20 +349,20 @@ def _prepare(store: Store, target: str, align: int) -> _Plan:
             work, new, base = os.path.join(directory, f".{name}.mpiburst-{token}"), True, 0
             create_aside(work)
     except Exception as exc:
-        _quiet(lambda: store.release(target, token))
+        lease.release()
         raise FlushError(f"sync of {target} failed: {_cause(exc)}; the data stays dirty in the tier, "
                          f"fix the cause and run the sync again.") from None
     return _Plan(target=target, work=work, token=token, upto=snap.seq, clean=snap.clean, size=snap.size,
                  trunc=snap.trunc, align=align, base=base, new=new, umask=umask)
 
 
-def _take_lease(store: Store, target: str) -> str:
+def _take_lease(store: Store, target: str) -> FlushLease:
     """Return the file's flush lease, waiting up to :data:`LEASE_WAIT` for another flusher."""
     deadline = time.monotonic() + LEASE_WAIT
     while True:
-        token = store.lease(target, LEASE_SECONDS)
-        if token is not None:
-            return token
+        lease = store.flush_lease(target, LEASE_SECONDS)
+        if lease is not None:
+            return lease
         if time.monotonic() > deadline:
             raise FlushError(f"another flush of {target} has held it for over {LEASE_WAIT:.0f} s; "
                              "wait for it to finish and try again.")
@@ -523,7 +520,7 @@ def _finish(store: Store, plan: _Plan, verify: bool) -> FlushReport:
         if actual != plan.size:
             raise FlushError(f"verification found {actual} bytes on the BFS instead of {plan.size}")
         checksum = file_sha256(plan.target, plan.align)
-    if not store.mark_clean(plan.target, plan.token, plan.upto, plan.trunc):
+    if not FlushLease(store, plan.target, plan.token, LEASE_SECONDS).mark_clean(plan.upto, plan.trunc):
         raise _LeaseLost()
     return FlushReport(path=plan.target, size=plan.size, checksum=checksum, upto=plan.upto)
 
@@ -532,7 +529,7 @@ def _abort(store: Store, plan: _Plan) -> None:
     """Undo what a failed flush can undo: remove its temporary file and give the lease back."""
     if plan.new:
         _quiet(lambda: os.unlink(plan.work))
-    _quiet(lambda: store.release(plan.target, plan.token))
+    FlushLease(store, plan.target, plan.token, LEASE_SECONDS).release()
 
 
 def file_sha256(path: str, chunk: int = 1 << 20) -> str:
@@ -549,10 +546,8 @@ def _cause(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno is not None:
         where = f" ({exc.filename})" if exc.filename else ""
         return f"{exc.strerror or os.strerror(exc.errno)} [{errno.errorcode.get(exc.errno, exc.errno)}]{where}"
-    if isinstance(exc, redis.ConnectionError):
+    if isinstance(exc, TierConnectionError):
         return "the connection to the tier's server was lost"
-    if isinstance(exc, redis.RedisError):
-        return f"the tier's server failed ({exc})"
     if isinstance(exc, _LeaseLost):
         return _LEASE_LOST
     if isinstance(exc, MpiburstError):
@@ -564,5 +559,5 @@ def _quiet(action: Callable[[], Any]) -> None:
     """Run a clean-up step whose failure must not hide the original error."""
     try:
         action()
-    except (OSError, redis.RedisError):
+    except (OSError, MpiburstError):
         pass

@@ -46,7 +46,7 @@ from .policy import Policy, Rule
 from .runconf import RunConf, conf_path, log_name, rdb_name, resolve_id
 from .server import StartOptions
 from .server.runlock import RunLock
-from .store import Store, store_of
+from .store import Store
 from .tier import Tier
 
 #: What to do with the tier's data when the command fails.
@@ -135,7 +135,7 @@ def stage_out(tier: Tier, policy: Policy, paths: Sequence[str] = (), commit: boo
     PathError
         If a path is outside the root or names nothing in the tier.
     """
-    store = store_of(tier)
+    store = tier.store
     targets = residency.expand(paths, recursive=True, tier=tier) if paths else sorted(store.files())
     done: list[Staged] = []
     failed: list[str] = []
@@ -232,7 +232,7 @@ def finish_saved(id: str | None = None, dir: str | None = None, log: Log | None 
 
 def close_run(tier: Tier, keep: bool, log: Log | None = None) -> None:
     """Stop a server this process started: saved to ``redis_<id>.rdb`` when ``keep`` and it holds data."""
-    keep = keep and tier.redis.dbsize() > 0
+    keep = keep and not tier.store.empty()
     rdb = os.path.join(tier.conf.dir, rdb_name(tier.id))
     tier.disconnect()
     # discard also removes a snapshot this run was reloaded from: its data is now on the BFS

@@ -29,11 +29,10 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 from . import flush
-from .client import store_of
 from .errors import FlushError, MpiburstError, PathError
 from .overlay import gaps, visible
 from .paths import resolve
-from .store import MAX_EXTENT, FileMeta, Store, file_id
+from .store import MAX_EXTENT, FileMeta, Store
 
 #: Bytes of the BFS file read and committed per prestage batch.
 PRESTAGE_CHUNK = 8 << 20
@@ -62,7 +61,7 @@ def _tier(tier: Any) -> Any:
 def _locate(path: str | os.PathLike, tier: Any) -> tuple[Any, Store, str]:
     """Return the tier (default: the current one), its store and the BFS path ``path`` names."""
     tier = _tier(tier)
-    return tier, store_of(tier), resolve(path, tier.bfs_root)
+    return tier, tier.store, resolve(path, tier.bfs_root)
 
 
 def _known(store: Store, target: str) -> FileMeta:
@@ -106,7 +105,7 @@ def purge(path: str | os.PathLike, *, clean_only: bool = False, force: bool = Fa
     if meta.dirty and not force:
         raise MpiburstError(f"{target} holds data not yet on the BFS; sync it first, purge with -k to keep it, "
                             f"or purge with --force to lose it.")
-    freed = sum(b[3] for b in store.blobs(target))
+    freed = sum(b.bytes for b in store.blobs(target))
     store.drop(target)
     return freed
 
@@ -158,7 +157,7 @@ def prestage(path: str | os.PathLike, *, keep: bool = False, block: bool = True,
     if not block:
         flush.enqueue(tier, "prestage", target, keep=keep)
         return None
-    store = store_of(tier)
+    store = tier.store
     size = os.path.getsize(target)
     meta = store.create(target, size)
     if not keep:
@@ -219,7 +218,7 @@ def _frag_stat(store: Store, meta: FileMeta) -> FragStat:
 def ls(path: str | os.PathLike | None = None, *, tier: Any = None) -> list[FileMeta]:
     """Return the records of the tier's files, sorted by path: all, or those at or under ``path``."""
     tier = _tier(tier)
-    store = store_of(tier)
+    store = tier.store
     paths = sorted(store.files())
     if path is not None:
         target = resolve(path, tier.bfs_root)
@@ -242,7 +241,7 @@ def stat(path: str | os.PathLike, *, tier: Any = None) -> dict[str, Any]:
     info.update(_frag_stat(store, meta).as_dict())
     info["dirty_file"] = meta.dirty
     info["bfs_size"] = _bfs_size(target)
-    info["lease"] = store.r.exists(store.key(file_id(target), "lock")) == 1
+    info["lease"] = store.leased(target)
     return info
 
 
@@ -290,7 +289,7 @@ def rm(path: str | os.PathLike, *, tier: Any = None) -> None:
         raise PathError(f"{target} is neither in the tier nor on the BFS; check the path.")
     if on_bfs and os.path.isdir(target):
         raise PathError(f"{target} is a directory; rm removes files only.")
-    if store.r.exists(store.key(file_id(target), "lock")):
+    if store.leased(target):
         raise MpiburstError(f"a flush of {target} is running; wait for it to end and try again.")
     if known:
         store.drop(target)
@@ -314,7 +313,7 @@ def expand(paths: Iterable[str | os.PathLike], *, recursive: bool, tier: Any = N
         If a directory is given without ``recursive``, or holds no file.
     """
     tier = _tier(tier)
-    files = sorted(store_of(tier).files()) if source == "tier" else []
+    files = sorted(tier.store.files()) if source == "tier" else []
     out: list[str] = []
     for path in paths:
         target = resolve(path, tier.bfs_root)
@@ -343,7 +342,7 @@ def expand(paths: Iterable[str | os.PathLike], *, recursive: bool, tier: Any = N
 
 def dirty_files(tier: Any, include_pinned: bool = False) -> list[FileMeta]:
     """Return the records of the tier's files holding data not on the BFS (unpinned unless asked)."""
-    store = store_of(tier)
+    store = tier.store
     out = []
     for p in sorted(store.files()):
         meta = store.meta(p)
@@ -373,7 +372,7 @@ def auto_sync(tier: Any, order: Callable[[list[FileMeta]], list[FileMeta]] | Non
 
 def auto_purge(tier: Any) -> int:
     """Drop the clean data of every unpinned file; return the bytes freed."""
-    store = store_of(tier)
+    store = tier.store
     freed = 0
     for p in sorted(store.files()):
         meta = store.meta(p)

@@ -1,13 +1,15 @@
 """class Tier: a run's fast tier as seen by one process (start, connect, stop, status).
 
-Everything above this layer (store, client, file driver, CLI) talks to the
-tier only through :class:`Tier`: ``tier.redis`` for data as the ordinary user,
-``tier.admin()`` for lifecycle commands, and the run's settings as properties.
+Everything above this layer talks to the tier's data only through
+``tier.store`` (a :class:`~mpiburst.store.Store`); ``tier.admin()`` gives the
+admin connection for lifecycle commands, and the run's settings are
+properties.
 
 ``Tier.start`` is collective over an mpi4py communicator: rank 0 starts the
-server, broadcasts the run conf (or the error it met, so no rank hangs), and
-every rank connects. ``Tier.memory`` is an in-process fakeredis tier for unit
-tests only; it is never a stand-in for a real server in an integration test.
+server and every rank gets the run conf or the error rank 0 met
+(:func:`mpiburst.collective.on_root`), then connects. ``Tier.memory`` is an
+in-process tier over a :class:`~mpiburst.store.MemoryStore`, for unit tests
+only; it is never a stand-in for a real server in an integration test.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from . import server
 from .errors import ConfigError, MpiburstError
 from .runconf import RunConf, conf_path, find_conf_path
 from .server import StartOptions
+from .store import MemoryStore, RedisStore, Store
 
 
 class Tier:
@@ -32,14 +35,18 @@ class Tier:
 
     _current: "Tier | None" = None
 
-    def __init__(self, conf: RunConf, client: redis.Redis, owner: bool = False, comm: Any = None,
-                 admin_client: redis.Redis | None = None) -> None:
+    def __init__(self, conf: RunConf, store: Store, client: redis.Redis | None = None, owner: bool = False,
+                 comm: Any = None) -> None:
         self.conf = conf
         self.id = conf.id
+        #: The run's data, through the store interface (the only way the layers above reach it).
+        self.store = store
+        #: The raw connection to a real server as the ordinary user (None for a memory tier); for
+        #: tests of the server's own behaviour, never for data.
         self.redis = client
         self._owner = owner
         self._comm = comm
-        self._admin = admin_client
+        self._admin: redis.Redis | None = None
         self._stopped = False
         Tier._current = self
 
@@ -90,7 +97,8 @@ class Tier:
     @classmethod
     def _attach(cls, conf: RunConf, owner: bool = False, comm: Any = None) -> "Tier":
         """Connect to the server described by ``conf`` as the ordinary user."""
-        return cls(conf, server.connect_redis(conf), owner=owner, comm=comm)
+        client = server.connect_redis(conf)
+        return cls(conf, RedisStore(client), client, owner=owner, comm=comm)
 
     @classmethod
     def connect(cls, id: str | None = None, conf: RunConf | str | None = None, dir: str | None = None) -> "Tier":
@@ -127,17 +135,17 @@ class Tier:
 
     @classmethod
     def memory(cls, bfs_root: str, channels: int = 1, capacity: int | None = None, align: int = 1 << 20) -> "Tier":
-        """Return an in-process tier backed by fakeredis (unit tests only: no server, no MPI)."""
-        import fakeredis
+        """Return an in-process tier over a :class:`~mpiburst.store.MemoryStore` (unit tests only: no server, no MPI).
 
+        ``capacity`` bounds its data, as ``maxmemory`` bounds a server's.
+        """
         conf = RunConf(
             id="memory", dir=os.path.abspath(bfs_root), host="memory", port=0, socket="", user="memory",
             password="memory", channels=channels,
             bfs_root=os.path.abspath(bfs_root), capacity=capacity or (1 << 30), align=align, pid=None,
-            server="fakeredis",
+            server="memory",
         )
-        fake = fakeredis.FakeRedis()
-        return cls(conf, fake, admin_client=fake)
+        return cls(conf, MemoryStore(capacity))
 
     # ------------------------------------------------------------------ use
 
@@ -163,11 +171,19 @@ class Tier:
 
     @property
     def is_memory(self) -> bool:
-        """True for a fakeredis tier made by :meth:`memory`."""
-        return self.conf.server == "fakeredis"
+        """True for an in-process tier made by :meth:`memory`."""
+        return self.redis is None
 
     def admin(self) -> redis.Redis:
-        """Return a connection as the admin user (INFO, SAVE, SHUTDOWN); opened on first use."""
+        """Return a connection as the admin user (INFO, SAVE, SHUTDOWN); opened on first use.
+
+        Raises
+        ------
+        ConfigError
+            For a memory tier, which has no server.
+        """
+        if self.is_memory:
+            raise ConfigError("a memory tier has no server to administer; start a real run with Tier.start.")
         if self._admin is None:
             self._admin = server.connect_redis(self.conf, admin=True)
         return self._admin
@@ -176,14 +192,16 @@ class Tier:
         """Return the run's state (see :func:`mpiburst.server.status`)."""
         if self.is_memory:
             return dict(id=self.id, up=not self._stopped, pid=None, channels=self.channels, capacity=self.capacity,
-                        used_memory=None, clients=None, engine="fakeredis",
+                        used_memory=None, clients=None, engine="memory",
                         bfs_root=self.bfs_root, align=self.align)
         return server.status(self.conf)
 
     def disconnect(self) -> None:
         """Close this process's connections (the server keeps running)."""
-        for client in {id(c): c for c in (self.redis, self._admin) if c is not None}.values():
-            client.close()
+        self.store.close()
+        for client in (self.redis, self._admin):
+            if client is not None:
+                client.close()
         self._admin = None
         self._stopped = True
         if Tier._current is self:

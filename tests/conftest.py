@@ -6,7 +6,7 @@ Reusable by every test module:
   else the normal discovery order); ``.ci/run`` runs the suite once per engine.
 * ``tier``: a real started :class:`~mpiburst.tier.Tier` (one process, a real
   server) in a fresh tmp dir with ``bfs_root = tmp/bfs``; stopped at teardown.
-* ``mem_tier``: the fakeredis memory tier, for unit tests only.
+* ``mem_tier``: the in-process memory tier (a MemoryStore), for unit tests only.
 * ``cli``: run the ``mpiburst`` command in a subprocess (``cli("status", "--id", X)``).
 * ``server_pids_in``: PIDs of live server processes whose working directory
   is under a path (to assert that nothing was left running).
@@ -108,7 +108,7 @@ def tier(tmp_path: Path, server_binary: str) -> Iterator[Tier]:
 
 @pytest.fixture
 def mem_tier(tmp_path: Path) -> Tier:
-    """The in-process fakeredis tier (unit tests only), ``bfs_root = tmp_path/bfs``."""
+    """The in-process memory tier (unit tests only), ``bfs_root = tmp_path/bfs``."""
     bfs = tmp_path / "bfs"
     bfs.mkdir(exist_ok=True)
     return Tier.memory(str(bfs))

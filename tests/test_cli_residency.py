@@ -13,7 +13,6 @@ import pytest
 
 from mpiburst import residency, server
 from mpiburst.server import lifecycle
-from mpiburst.store import Store
 
 from conftest import cli_env
 
@@ -23,7 +22,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def _file(tier, name: str, size: int = 200_000) -> tuple[str, Model]:
-    store = Store(tier.redis)
+    store = tier.store
     path = bfs_file(tier, name)
     store.create(path, None)
     model = Model()
@@ -64,18 +63,18 @@ def test_sync_non_blocking_queues_and_warns_without_engine(atier, cli):
     _file(atier, "q.dat")
     proc = cli("sync", "--id", atier.id, "burst://q.dat")
     assert proc.returncode == 0 and "no engine runs" in proc.stderr
-    assert atier.redis.llen("mpb:queue") == 1
+    assert atier.store.queued() == 1
 
 
 def test_purge_refuses_dirty_without_force_and_k_keeps_it(atier, cli):
     path, _ = _file(atier, "p.dat")
     _one_line_error(cli("purge", "--id", atier.id, path), 1, "--force")
-    assert Store(atier.redis).meta(path).dirty
+    assert atier.store.meta(path).dirty
     assert cli("purge", "-k", "--id", atier.id, path).returncode == 0
-    assert Store(atier.redis).meta(path).dirty
+    assert atier.store.meta(path).dirty
     proc = cli("purge", "--force", "--id", atier.id, path)
     assert proc.returncode == 0 and "freed" in proc.stdout
-    assert Store(atier.redis).meta(path) is None
+    assert atier.store.meta(path) is None
 
 
 def test_pin_ls_stat_cat_prestage_rm(atier, cli):
@@ -95,9 +94,9 @@ def test_pin_ls_stat_cat_prestage_rm(atier, cli):
         f.write(b"s" * 70_000)
     proc = cli("prestage", "-b", "--id", atier.id, src)
     assert proc.returncode == 0 and "staged" in proc.stdout
-    assert Store(atier.redis).meta(src) is not None
+    assert atier.store.meta(src) is not None
     assert cli("rm", "--id", atier.id, src).returncode == 0
-    assert not os.path.exists(src) and Store(atier.redis).meta(src) is None
+    assert not os.path.exists(src) and atier.store.meta(src) is None
 
 
 @pytest.mark.parametrize("args,code,words", [

@@ -16,7 +16,7 @@ from mpi4py import MPI
 
 import mpiburst
 from mpiburst import File, Request
-from mpiburst.client import BLOB_SLACK, DEFAULT_BUFFER, store_of
+from mpiburst.writeback import BLOB_SLACK, DEFAULT_BUFFER
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -76,7 +76,7 @@ def test_plain_path_goes_to_mpi_file(tier, tmp_path):
     finally:
         f.Close()
     assert (tmp_path / "plain.dat").read_bytes() == b"plain"
-    assert store_of(tier).files() == {}
+    assert tier.store.files() == {}
 
 
 def test_buffer_specs_write_the_named_bytes(tier):
@@ -176,7 +176,7 @@ def test_range_read_fetches_only_overlapping_extents(tier, monkeypatch):
             f.Write_at(i * 100, bytes([i % 251]) * 50)   # 2000 separate extents
         f.Sync()
         fetched = []
-        store = store_of(tier)
+        store = tier.store
         real_fetch = store.fetch_into
 
         def counting(path, extents, lo, out):
@@ -201,7 +201,7 @@ def test_batches_fill_the_buffer_less_the_slack_and_keep_small_writes_whole(tier
     with open_("fill.dat") as f:
         for i in range(10):
             f.Write_at(i << 20, big[i << 20:(i + 1) << 20])
-    store = store_of(tier)
+    store = tier.store
     sizes = [b[3] for b in sorted(store.blobs(bfs(tier, "fill.dat")))]
     assert sizes == [room, room, (10 << 20) - 2 * room]
     small = 200 << 10
@@ -237,7 +237,7 @@ def test_last_write_wins_within_rank(tier):
 
 
 def test_small_writes_are_coalesced_until_sync(tier):
-    store = store_of(tier)
+    store = tier.store
     with open_("coal.dat") as f:
         for i in range(1000):
             f.Write_at(i * 100, bytes([i % 256]) * 100)
@@ -279,7 +279,7 @@ def test_buffer_overflow_pushes_and_keeps_order(tier):
         f.Write_at(0, b"Z" * 10)
         got, _ = read_all(f, 0, len(data))
     assert got == b"Z" * 10 + data[10:]
-    assert len(store_of(tier).blobs(bfs(tier, "ovf.dat"))) > 10
+    assert len(tier.store.blobs(bfs(tier, "ovf.dat"))) > 10
 
 
 def test_atomic_mode_pushes_each_write(tier):
@@ -423,7 +423,7 @@ def test_mode_delete_on_close(tier):
     with open_("doc.dat", MPI.MODE_RDWR | MPI.MODE_DELETE_ON_CLOSE) as f:
         f.Write_at(0, b"scratch")
     assert not os.path.exists(path)
-    assert store_of(tier).meta(path) is None
+    assert tier.store.meta(path) is None
     with pytest.raises(MPI.Exception) as exc:
         open_("doc.dat", MPI.MODE_RDONLY)
     assert exc.value.Get_error_class() == MPI.ERR_NO_SUCH_FILE
@@ -434,7 +434,7 @@ def test_delete(tier):
     with open_("del.dat") as f:
         f.Write_at(0, b"x")
     File.Delete("burst://del.dat")
-    assert store_of(tier).meta(path) is None and not os.path.exists(path)
+    assert tier.store.meta(path) is None and not os.path.exists(path)
     with pytest.raises(MPI.Exception) as exc:
         File.Delete("burst://del.dat")
     assert exc.value.Get_error_class() == MPI.ERR_NO_SUCH_FILE
@@ -459,7 +459,7 @@ def test_sync_then_flush_makes_the_bfs_file(tier):
         mpiburst.sync("burst://ck.dat", tier=tier)
         assert open(bfs(tier, "ck.dat"), "rb").read() == data
         assert mpiburst.purge("burst://ck.dat", clean_only=True, tier=tier) >= len(data)
-        assert store_of(tier).blobs(bfs(tier, "ck.dat")) == []
+        assert tier.store.blobs(bfs(tier, "ck.dat")) == []
         got, n = read_all(f, 0, len(data))                      # now from the BFS
     assert n == len(data) and got == data
 

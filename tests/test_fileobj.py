@@ -1,6 +1,6 @@
 """mpiburst.open(): the Python file object over the tier.
 
-Tests named ``test_unit_*`` use the fakeredis memory tier (fast, no server);
+Tests named ``test_unit_*`` use the memory tier (fast, no server);
 the others run against a real server (the ``tier`` fixture).
 """
 

@@ -104,7 +104,7 @@ def small_writes(monkeypatch):
 @pytest.mark.timeout(60)
 def test_segmented_new_file(atier, writes_seen):
     """Four writers, each a contiguous segment in 47,008-byte transfers: the whole file in one write."""
-    store = Store(atier.redis)
+    store = atier.store
     path = bfs_file(atier, "seg/out.dat")
     store.create(path, None)
     model = Model()
@@ -128,7 +128,7 @@ def test_segmented_new_file(atier, writes_seen):
 @pytest.mark.timeout(60)
 def test_strided_unaligned_records(atier, writes_seen):
     """Strided 47,008-byte records of 3 writers interleaved: identical file, bytes / WRITE_SIZE writes."""
-    store = Store(atier.redis)
+    store = atier.store
     path = bfs_file(atier, "strided.dat")
     store.create(path, None)
     model = Model()
@@ -145,7 +145,7 @@ def test_strided_unaligned_records(atier, writes_seen):
 @pytest.mark.timeout(60)
 def test_writes_are_batches_of_whole_stripes(atier, writes_seen, small_writes):
     """With WRITE_SIZE of 4 stripes (plus change), a 64-stripe file takes 16 writes of exactly 4 stripes."""
-    store = Store(atier.redis)
+    store = atier.store
     path = bfs_file(atier, "batches.dat")
     store.create(path, None)
     model = Model()
@@ -161,7 +161,7 @@ def test_writes_are_batches_of_whole_stripes(atier, writes_seen, small_writes):
 @pytest.mark.timeout(60)
 def test_n_to_n_files(atier):
     """One file per writer (N-N): each flushed on its own, each identical."""
-    store = Store(atier.redis)
+    store = atier.store
     models = {}
     for rank in range(4):
         path = bfs_file(atier, f"nn/out.{rank}")
@@ -191,7 +191,7 @@ def test_random_writes_truncations_and_syncs(atier, ops, initial, seed):
     if start is not None:
         with open(path, "wb") as f:
             f.write(start)
-    store = Store(atier.redis)
+    store = atier.store
     store.create(path, initial if start is not None else None)
     model = Model(start or b"")
     for op, a, b in ops:
@@ -218,7 +218,7 @@ def test_partial_overwrite_keeps_existing_bytes_and_writes_only_dirty_stripes(at
     original = random.Random(3).randbytes(2 << 20)
     with open(path, "wb") as f:
         f.write(original)
-    store = Store(atier.redis)
+    store = atier.store
     store.create(path, len(original))
     model = Model(original)
     put(store, path, model, [(100_000, b"a" * 5000), (1_000_000, b"b" * 70_000), (2_097_000, b"c" * 10_000)])
@@ -237,7 +237,7 @@ def test_truncation_of_existing_file_then_regrowth(atier):
     original = random.Random(4).randbytes(1 << 20)
     with open(path, "wb") as f:
         f.write(original)
-    store = Store(atier.redis)
+    store = atier.store
     store.create(path, len(original))
     model = Model(original)
     store.set_size(path, 300_000)
@@ -255,7 +255,7 @@ def test_truncation_of_existing_file_then_regrowth(atier):
 
 @pytest.mark.timeout(60)
 def test_nothing_dirty_writes_nothing(atier, writes_seen):
-    store = Store(atier.redis)
+    store = atier.store
     path = bfs_file(atier, "twice.dat")
     store.create(path, None)
     put(store, path, None, [(0, b"x" * 300_000)])
@@ -270,7 +270,7 @@ def test_nothing_dirty_writes_nothing(atier, writes_seen):
 @pytest.mark.timeout(60)
 def test_new_file_appears_only_complete(atier, writes_seen):
     """While a new file is being written, its final name does not exist; a temp file beside it does."""
-    store = Store(atier.redis)
+    store = atier.store
     path = bfs_file(atier, "deep/new/dir/file.dat")    # missing parents are created
     store.create(path, None)
     put(store, path, None, [(0, b"q" * 500_000)])
@@ -285,7 +285,7 @@ def test_new_file_appears_only_complete(atier, writes_seen):
 @pytest.mark.timeout(60)
 def test_writes_during_flush_stay_dirty(atier):
     """A write that arrives while a flush runs is not in its snapshot: still dirty, flushed next time."""
-    store = Store(atier.redis)
+    store = atier.store
     path = bfs_file(atier, "concurrent.dat")
     store.create(path, None)
     model = Model()
@@ -311,7 +311,7 @@ def test_writes_during_flush_stay_dirty(atier):
 @pytest.mark.timeout(60)
 def test_memory_per_flusher_is_bounded(atier, small_writes):
     """Flushing 16 MiB allocates a few WRITE_SIZE batches' worth of memory, not the file."""
-    store = Store(atier.redis)
+    store = atier.store
     path = bfs_file(atier, "big.dat")
     store.create(path, None)
     rnd = random.Random(5)
@@ -331,7 +331,7 @@ def test_memory_per_flusher_is_bounded(atier, small_writes):
 def test_bfs_write_calls_seen_by_strace(atier, tmp_path):
     """strace confirms the flush's pwrite64 calls are aligned 4-stripe batches (3000 fragments, 12 calls)."""
     strace = require_tool("strace")
-    store = Store(atier.redis)
+    store = atier.store
     path = bfs_file(atier, "traced.dat")
     store.create(path, None)
     rnd = random.Random(6)
@@ -357,18 +357,18 @@ def test_bad_paths_and_non_blocking(atier, tmp_path):
         flush.sync(bfs_file(atier, "never-written"), tier=atier)
     with pytest.raises(PathError, match="outside the run's BFS root"):
         flush.sync(str(tmp_path / "elsewhere"), tier=atier)
-    store = Store(atier.redis)
+    store = atier.store
     path = bfs_file(atier, "queued.dat")
     store.create(path, None)
     assert flush.sync("burst://queued.dat", tier=atier, block=False) is None
-    assert atier.redis.llen(flush.QUEUE) == 1
+    assert atier.store.queued() == 1
     assert store.meta(path).dirty is False and not os.path.exists(path)  # only queued, nothing written
 
 
 @pytest.mark.timeout(60)
 def test_reads_after_flush_see_newest_bytes(atier):
     """After a flush and a purge of clean data, reads take the tier's newer bytes and the BFS for the rest."""
-    store = Store(atier.redis)
+    store = atier.store
     path = bfs_file(atier, "reads.dat")
     store.create(path, None)
     model = Model()
@@ -381,7 +381,7 @@ def test_reads_after_flush_see_newest_bytes(atier):
 
 @pytest.mark.timeout(60)
 def test_workers_split_the_stripes(atier, writes_seen):
-    store = Store(atier.redis)
+    store = atier.store
     path = bfs_file(atier, "workers.dat")
     store.create(path, None)
     model = Model()

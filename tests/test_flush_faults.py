@@ -18,7 +18,6 @@ import pytest
 
 from mpiburst import flush
 from mpiburst.errors import FlushError
-from mpiburst.store import Store, file_id
 from mpiburst.tier import Tier
 
 from test_flush import ALIGN, Model, atier, bfs_file, put  # noqa: F401  (atier is a fixture)
@@ -34,7 +33,7 @@ def _one_stripe_writes(monkeypatch):
 
 
 def _dirty_file(tier, name: str, model: Model | None = None, seed: int = 0) -> tuple[str, Model]:
-    store = Store(tier.redis)
+    store = tier.store
     path = bfs_file(tier, name)
     store.create(path, len(model.data) if model else None)
     model = model or Model()
@@ -44,9 +43,9 @@ def _dirty_file(tier, name: str, model: Model | None = None, seed: int = 0) -> t
 
 
 def _assert_still_dirty(tier, path: str) -> None:
-    meta = Store(tier.redis).meta(path)
+    meta = tier.store.meta(path)
     assert meta.dirty and meta.clean == 0 and meta.pending == 0
-    assert tier.redis.exists(Store.key(file_id(path), "lock")) == 0
+    assert not tier.store.leased(path)
 
 
 def _mounted_tmpfs(where: str, size: str) -> bool:
@@ -136,7 +135,7 @@ def test_flusher_killed_mid_flush(atier, existing, monkeypatch):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-    meta = Store(atier.redis).meta(path)
+    meta = atier.store.meta(path)
     assert meta.dirty and meta.clean == 0
     if existing:
         assert os.path.getsize(path) == len(before)      # in place: the old file, partly rewritten, not shortened
@@ -176,7 +175,7 @@ def test_server_stopped_mid_flush(tmp_path, server_binary, monkeypatch):
             flush.write_observers.clear()
         assert not os.path.exists(path)
         tier = Tier.start(restart=True, **run)
-        meta = Store(tier.redis).meta(path)              # the snapshot survived the restart: nothing lost
+        meta = tier.store.meta(path)              # the snapshot survived the restart: nothing lost
         assert meta.dirty and meta.clean == 0
         flush.sync(path, tier=tier)
         assert open(path, "rb").read() == bytes(model.data)

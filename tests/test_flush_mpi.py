@@ -15,7 +15,6 @@ import pytest
 
 from mpiburst import flush
 from mpiburst.errors import FlushError
-from mpiburst.store import Store
 from mpiburst.tier import Tier
 
 from test_flush import ALIGN, RECORD, Model, check_aligned, put
@@ -35,7 +34,7 @@ def run(mpi_tmp_path, server_binary):
     comm.Barrier()
     with Tier.start(comm, id=f"m{os.getppid()}", dir=str(mpi_tmp_path), bfs_root=str(bfs), capacity="256M",
                     server=server_binary, align="64K") as tier:
-        yield comm, tier, Store(tier.redis)
+        yield comm, tier, tier.store
         flush.write_observers.clear()
 
 

@@ -82,7 +82,7 @@ def test_pbs_prologue_epilogue(tmp_path: Path, server_binary: str) -> None:
     conf = tmp_path / "s" / job / f"mpiburst_{job}.conf"
     data = json.loads(conf.read_text())
     assert data["channels"] == 2 and server.pid_alive(data["pid"])
-    writer = (f"import mpiburst.client as c, mpiburst.tier as t, os; tier = t.Tier.current(); "
+    writer = (f"import mpiburst.writeback as c, mpiburst.tier as t, os; tier = t.Tier.current(); "
               f"p = os.path.join(tier.bfs_root, 'pbs.dat'); f = c.TierFile(tier, p, 1); f.store.create(p, None); "
               f"f.write(0, memoryview(b'pbs!' * 4096)); f.push()")
     subprocess.run([sys.executable, "-c", writer], env=dict(env, MPIBURST_CONF=str(conf)), check=True, timeout=60)

@@ -148,7 +148,7 @@ def test_prolog_job_epilog(site: dict, tmp_path: Path) -> None:
     assert f"export MPIBURST_CONF={conf}" in exports
     # the job: joins the prolog's tier through MPIBURST_CONF, writes and exits with an error (not staged out)
     job_env_ = dict(site, MPIBURST_CONF=str(conf))
-    code = (f"import mpiburst.client as c, mpiburst.tier as t, os; tier = t.Tier.current(); "
+    code = (f"import mpiburst.writeback as c, mpiburst.tier as t, os; tier = t.Tier.current(); "
             f"p = os.path.join(tier.bfs_root, 'out.dat'); f = c.TierFile(tier, p, 0); f.store.create(p, None); "
             f"f.write(0, memoryview(b'epilog' * 999)); f.push()")
     done = subprocess.run([sys.executable, "-m", "mpiburst", "run", "--dir", str(run_dir), "--id", "990001", "--",

@@ -81,7 +81,7 @@ def test_mem_io_busy_channel_and_reset(memio, tmp_path: Path) -> None:
     assert memio("start", "-nr_channels", "2").returncode == 0
     tier = Tier.connect(id="4711.pbs", dir=str(tmp_path))
     try:
-        tier.redis.set("mpb:{chan:1}:w", "crashed-writer")    # what a killed mem_io_store leaves behind
+        assert tier.store.channel_open(1)    # what a killed mem_io_store leaves behind
         busy = memio("store", "-channel_id", "1", input=b"x")
         assert busy.returncode == 24 and b"open" in busy.stderr
         assert b"0 closed, 1 open, 1 unused" in memio("status").stdout

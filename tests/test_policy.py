@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from mpiburst import policy as policies
-from mpiburst.client import TierFile
+from mpiburst.writeback import TierFile
 from mpiburst.errors import PathError, PolicyError
-from mpiburst.store import Store
 
 ROOT = "/bfs"
 
@@ -94,7 +93,7 @@ def test_stage_out_applies_every_keyword(cli, tier, tmp_path: Path) -> None:
     assert lines == {str(bfs / "res/a.dat"): "sync", str(bfs / "res/sub/b.dat"): "sync",
                      str(bfs / "ckpt/c1.bin"): "purge", str(bfs / "scratch/s.dat"): "retain",
                      str(bfs / "tmp/t.dat"): "discard", str(bfs / "plain.dat"): "sync"}
-    store = Store(tier.redis)
+    store = tier.store
     for rel in ("res/a.dat", "res/sub/b.dat", "ckpt/c1.bin", "plain.dat"):
         assert (bfs / rel).read_bytes() == files[rel]
     assert not (bfs / "scratch/s.dat").exists() and store.meta(str(bfs / "scratch/s.dat")).dirty
@@ -120,7 +119,7 @@ def test_stage_in_prestages_paths_and_in_rules(cli, tier, tmp_path: Path) -> Non
     assert done.returncode == 0, done.stderr
     staged = sorted(line.split()[1] for line in done.stdout.splitlines())
     assert staged == sorted(str(bfs / r) for r in ("in/mesh.h5", "in/tables/t1", "in/tables/t2", "extra.dat"))
-    store = Store(tier.redis)
+    store = tier.store
     for rel in ("in/mesh.h5", "in/tables/t1", "extra.dat"):
         meta = store.meta(str(bfs / rel))
         assert meta is not None and not meta.dirty and sum(b[3] for b in store.blobs(str(bfs / rel), 0, 0)) == \
@@ -136,7 +135,7 @@ def test_stage_in_of_a_missing_input_does_nothing(cli, tier, tmp_path: Path) -> 
     done = cli("stage-in", "--id", tier.id, "-f", "in.policy")
     assert done.returncode == PathError.exit_code
     assert "in.policy:2" in done.stderr and "Traceback" not in done.stderr
-    assert Store(tier.redis).meta(str(bfs / "present")) is None
+    assert tier.store.meta(str(bfs / "present")) is None
 
 
 @pytest.mark.timeout(60)
@@ -145,4 +144,4 @@ def test_stage_out_bad_policy_changes_nothing(cli, tier, tmp_path: Path) -> None
     (tmp_path / "bad.policy").write_text("DISCARD keep.dat\nSYNK x\n")
     done = cli("stage-out", "--id", tier.id, "-f", "bad.policy")
     assert done.returncode == PolicyError.exit_code and "bad.policy:2" in done.stderr
-    assert Store(tier.redis).meta(path).dirty and not os.path.exists(path)
+    assert tier.store.meta(path).dirty and not os.path.exists(path)

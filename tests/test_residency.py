@@ -11,14 +11,13 @@ import pytest
 
 from mpiburst import engine, flush, residency
 from mpiburst.errors import MpiburstError, PathError
-from mpiburst.store import Store
 from mpiburst.tier import Tier
 
 from test_flush import ALIGN, Model, atier, bfs_file, put  # noqa: F401  (atier is a fixture)
 
 
 def _file(tier, name: str, size: int = 300_000, seed: int = 0) -> tuple[str, Model]:
-    store = Store(tier.redis)
+    store = tier.store
     path = bfs_file(tier, name)
     store.create(path, None)
     model = Model()
@@ -31,9 +30,9 @@ def test_purge_of_dirty_data_needs_force(atier):
     path, _ = _file(atier, "dirty.dat")
     with pytest.raises(MpiburstError, match="not yet on the BFS.*--force"):
         residency.purge(path, tier=atier)
-    assert Store(atier.redis).meta(path).dirty
+    assert atier.store.meta(path).dirty
     assert residency.purge(path, force=True, tier=atier) == 300_000
-    assert Store(atier.redis).meta(path) is None
+    assert atier.store.meta(path) is None
     assert not os.path.exists(path)
 
 
@@ -41,7 +40,7 @@ def test_purge_of_dirty_data_needs_force(atier):
 def test_purge_clean_only_keeps_dirty_data(atier):
     path, model = _file(atier, "mixed.dat")
     flush.sync(path, tier=atier)
-    store = Store(atier.redis)
+    store = atier.store
     put(store, path, model, [(1000, b"d" * 2000)])
     freed = residency.purge(path, clean_only=True, tier=atier)
     assert freed == 300_000
@@ -57,7 +56,7 @@ def test_purge_clean_only_keeps_dirty_data(atier):
 def test_frag_stat_states(atier):
     """dirty / pending / clean / deletable add up to the tier's bytes and follow the flush."""
     path, _ = _file(atier, "states.dat", size=100_000)
-    store = Store(atier.redis)
+    store = atier.store
     put(store, path, None, [(0, b"n" * 40_000)])          # shadows 40,000 older bytes
     fs = residency.frag_stat(path, tier=atier)
     assert fs == residency.FragStat(dirty=100_000, pending=0, clean=0, deletable=40_000)
@@ -87,7 +86,7 @@ def test_prestage_then_reads_come_from_the_tier(atier):
     with open(path, "r+b") as f:
         f.write(b"X" * 5000)                              # the BFS changes behind the tier's back
     assert b"".join(residency.read(path, tier=atier)) == data
-    put(Store(atier.redis), path, None, [(10, b"W" * 10)])
+    put(atier.store, path, None, [(10, b"W" * 10)])
     assert b"".join(residency.read(path, tier=atier))[:30] == data[:10] + b"W" * 10 + data[20:30]
     assert residency.prestage(path, keep=True, tier=atier) == 0    # -K: everything is already there
     assert residency.prestage(path, tier=atier) == len(data) - 10  # refresh clean data; the write stays
@@ -118,7 +117,7 @@ def test_ls_stat_cat_rm_and_expand(atier):
         residency.expand(["burst://d"], recursive=False, tier=atier)
     assert residency.expand(["burst://d"], recursive=True, tier=atier) == [a, b]
     residency.rm(b, tier=atier)
-    assert not os.path.exists(b) and Store(atier.redis).meta(b) is None
+    assert not os.path.exists(b) and atier.store.meta(b) is None
     with pytest.raises(PathError, match="neither in the tier nor on the BFS"):
         residency.rm(b, tier=atier)
 
@@ -131,7 +130,7 @@ def test_make_room_syncs_and_frees_unpinned_files(atier):
     assert residency.make_room(atier) is True
     assert open(a, "rb").read() == bytes(model.data)
     assert residency.frag_stat(a, tier=atier) == residency.FragStat()
-    assert Store(atier.redis).meta(p).dirty and not os.path.exists(p)
+    assert atier.store.meta(p).dirty and not os.path.exists(p)
     assert residency.make_room(atier) is False
 
 
@@ -167,7 +166,7 @@ def test_engine_syncs_and_purges_unpinned_files_only(small_run):
     can bring the memory down (the test never syncs or purges itself).
     """
     tier, pid = small_run
-    store = Store(tier.redis)
+    store = tier.store
     admin = tier.admin()
 
     def used() -> float:
@@ -207,11 +206,11 @@ def test_engine_serves_queued_sync_and_prestage_and_exits_with_the_server(small_
     residency.prestage(src, tier=tier, block=False)
     assert residency.wait_clean(path, tier=tier, timeout=30)
     assert open(path, "rb").read() == bytes(model.data)
-    assert _wait(lambda: residency.frag_stat(src, tier=tier).clean == 200_000 if Store(tier.redis).meta(src)
+    assert _wait(lambda: residency.frag_stat(src, tier=tier).clean == 200_000 if tier.store.meta(src)
                  else False)
-    tier.redis.rpush(flush.QUEUE, b"not json")              # a bad request is logged, the engine goes on
+    tier.store.enqueue(b"not json")              # a bad request is logged, the engine goes on
     flush.sync(path, tier=tier, block=False)
-    assert _wait(lambda: tier.redis.llen(flush.QUEUE) == 0)
+    assert _wait(lambda: tier.store.queued() == 0)
     assert engine.pid_alive(pid)
     assert _wait(lambda: "malformed request" in open(engine.log_path(tier.conf)).read())
     tier.stop()

@@ -2,7 +2,7 @@
 
 ``read_bulks_into`` is tested over a real socket pair with hand-written
 server bytes (every odd reply a real server can send: short, error, nil,
-split anywhere); ``Store.fetch_into`` against a real server, compared with a
+split anywhere); ``RedisStore.fetch_into`` against a real server, compared with a
 byte model, for the three ways it reads (large pieces in place, small pieces
 gathered per blob, overlapping pieces one by one in sequence order).
 """
@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mpiburst.overlay import Extent, gaps
-from mpiburst.resp import read_bulks_into, resp_frames
-from mpiburst.store import Store, _coalesce, _overlapping, file_id
+from mpiburst.store import file_id
+from mpiburst.store.redis_store import _coalesce, _key, _overlapping
+from mpiburst.store.resp import read_bulks_into, resp_frames
 
 from test_flush import Model, atier, bfs_file, put  # noqa: F401  (atier is a fixture)
 
@@ -124,7 +125,7 @@ def test_overlapping():
        window=st.tuples(st.integers(0, 400_000), st.integers(1, 400_000)))
 def test_fetch_into_matches_a_byte_model(atier, writes, window):
     """Random batches (small and large pieces, overlaps) read through any window equal the model."""
-    store = Store(atier.redis)
+    store = atier.store
     path = bfs_file(atier, f"fetch-{random.getrandbits(40)}.dat")
     store.create(path, None)
     model = Model()
@@ -150,12 +151,12 @@ def test_fetch_into_matches_a_byte_model(atier, writes, window):
 
 @pytest.mark.timeout(30)
 def test_fetch_into_reports_a_vanished_blob(atier):
-    store = Store(atier.redis)
+    store = atier.store
     path = bfs_file(atier, "vanish.dat")
     store.create(path, None)
     put(store, path, None, [(0, b"a" * 1000), (5000, b"b" * 100_000)])
     extents = store.extents(path, 0, 200_000)
-    atier.redis.unlink(*{store.key(file_id(path), f"b:{e.blob}") for e in extents})   # what a purge does
+    atier.redis.unlink(*{_key(file_id(path), f"b:{e.blob}") for e in extents})   # what a purge does
     assert store.fetch_into(path, extents, 0, memoryview(bytearray(200_000))) is False
     assert store.fetch_into(path, extents, 0, memoryview(bytearray(200_000))) is False   # connection still fine
 

@@ -26,7 +26,7 @@ from mpiburst import server
 JOB = textwrap.dedent("""\
     import os, sys, time
     from mpiburst.tier import Tier
-    from mpiburst.client import TierFile
+    from mpiburst.writeback import TierFile
     tier = Tier.current()
     open("conf_seen", "w").write(os.environ["MPIBURST_CONF"])
     status = int(sys.argv[1])

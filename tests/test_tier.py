@@ -1,4 +1,4 @@
-"""The Tier API in one process: real servers, plus the fakeredis memory tier (unit tests, named as such)."""
+"""The Tier API in one process: real servers, plus the memory tier (unit tests, named as such)."""
 
 from __future__ import annotations
 
@@ -22,12 +22,15 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def test_memory_tier_unit(mem_tier, tmp_path):
-    """Unit test of the fakeredis memory tier: same interface, no server."""
+    """Unit test of the memory tier: same interface, no server."""
     assert mem_tier.is_memory and mem_tier.channels == 1 and mem_tier.align == 1 << 20
     assert mem_tier.bfs_root == str(tmp_path / "bfs")
-    mem_tier.redis.set(b"a", b"1")
-    assert mem_tier.admin().get(b"a") == b"1"
-    assert mem_tier.status()["engine"] == "fakeredis"
+    assert mem_tier.redis is None and mem_tier.store.empty()
+    mem_tier.store.create("/x", None)
+    assert not mem_tier.store.empty()
+    with pytest.raises(ConfigError, match="no server"):
+        mem_tier.admin()
+    assert mem_tier.status()["engine"] == "memory"
     assert Tier.current() is mem_tier
     mem_tier.stop()
     assert mem_tier.status()["up"] is False

@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from ..client import buffer_size
+from ..writeback import buffer_size
 from ..errors import ConfigError
 from ..server import connect_redis
 from ..sizes import format_size, parse_size

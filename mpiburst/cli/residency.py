@@ -18,7 +18,6 @@ from typing import Any, Callable
 from ..errors import MpiburstError
 from ..runconf import find_conf_path
 from ..sizes import format_size
-from ..store import Store
 from .lifecycle import add_locator
 
 
@@ -171,7 +170,7 @@ def _purge(args: argparse.Namespace) -> int:
     def one(path: str, tier: Any) -> None:
         force = args.force
         if not args.clean_only and not force and sys.stdin.isatty():
-            meta = Store(tier.redis).meta(path)
+            meta = tier.store.meta(path)
             if meta is not None and meta.dirty:
                 answer = input(f"{path} holds data not yet on the BFS; purge it and lose that data? [y/N] ")
                 if answer.strip().lower() not in ("y", "yes"):

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import os
 
-import redis
-
-from .errors import ServerError, TierFullError
+from .errors import ServerError, TierConnectionError, TierFullError
 from .overlay import gaps
 from .perms import current_umask
 from .sizes import parse_size
-from .store import MAX_BLOB, MAX_EXTENT, FileMeta, RecordGone, store_of
+from .store import MAX_BLOB, MAX_EXTENT, FileMeta, RecordGone
 
 #: Default size of a handle's write-back buffer (``MPIBURST_WR_BUFFER`` overrides); 4 MiB
 #: measured best here between 1 and 8 MiB (see docs/benchmarks.md).
@@ -58,14 +56,14 @@ class TierFile:
 
     def __init__(self, tier, path: str, channel: int, buffer: int = DEFAULT_BUFFER):
         self.tier = tier
-        self.store = store_of(tier)
+        self.store = tier.store
         self.path = path
         self.channel = channel
         self.limit = buffer
         self._payload = bytearray()
         self._extents: list[list[int]] = []
         self._inflight: tuple | None = None
-        self._conn = _dedicated_connection(self.store.r)
+        self._writer = self.store.writer()
 
     # -- writes -------------------------------------------------------------
     @property
@@ -154,15 +152,11 @@ class TierFile:
         sending it again.
         """
         self._await()
-        if self._conn is None:
-            self._commit(payload, extents)
-            return
-        tmp, commands = self.store.pack_commit(self.path, self.channel, payload, extents)
         try:
-            self.store.send_commit(self._conn, commands)
-        except redis.ConnectionError as exc:
+            self._writer.send(self.path, self.channel, payload, extents)
+        except TierConnectionError as exc:
             raise _lost(exc) from None
-        self._inflight = (tmp, payload, extents)
+        self._inflight = (True, payload, extents)
 
     def _await(self) -> None:
         """Wait for the batch in flight, if any; retry it through :meth:`_commit` if it did not land.
@@ -172,16 +166,16 @@ class TierFile:
         """
         if self._inflight is None:
             return
-        tmp, payload, extents = self._inflight
-        if tmp is not None:
-            self._inflight = (None, payload, extents)  # its replies are read now: no longer on the wire
+        on_wire, payload, extents = self._inflight
+        if on_wire:
+            self._inflight = (False, payload, extents)  # its replies are read now: no longer on the wire
             try:
-                self.store.finish_commit(self._conn, tmp)
+                self._writer.finish()
                 self._inflight = None
                 return
             except (TierFullError, RecordGone):
                 pass
-            except redis.ConnectionError as exc:
+            except TierConnectionError as exc:
                 raise _lost(exc) from None
         self._commit(payload, extents)
         self._inflight = None
@@ -200,7 +194,7 @@ class TierFile:
                         f"the tier is full and nothing more can be flushed or freed to take "
                         f"{len(payload)} bytes for {self.path}; unpin files, purge data or restart "
                         "the run with a larger --capacity.") from None
-            except redis.ConnectionError as exc:
+            except TierConnectionError as exc:
                 raise _lost(exc) from None
 
     def close(self) -> None:
@@ -208,9 +202,7 @@ class TierFile:
         try:
             self.push()
         finally:
-            if self._conn is not None:
-                self.store.r.connection_pool.release(self._conn)
-                self._conn = None
+            self._writer.close()
 
     # -- reads --------------------------------------------------------------
     def meta(self) -> FileMeta | None:
@@ -280,7 +272,7 @@ def register(tier, path: str, create: bool, exclusive: bool) -> str | None:
         size starts at the BFS file's size, and the record keeps this
         process's umask for the flush).
     """
-    store = store_of(tier)
+    store = tier.store
     meta = store.meta(path)
     try:
         bfs_size: int | None = os.stat(path).st_size
@@ -305,18 +297,9 @@ def _bfs_meta(path: str) -> FileMeta | None:
     return FileMeta(path=path, size=size, seq=0, clean=0, pending=0, trunc=None, pinned=False, bfs=True)
 
 
-def _dedicated_connection(client: redis.Redis):
-    """Return a connection of its own for pipelined commits, or None for an in-process fake tier."""
-    conn = client.connection_pool.get_connection()
-    if isinstance(conn, (redis.Connection, redis.UnixDomainSocketConnection)):
-        return conn
-    client.connection_pool.release(conn)
-    return None
-
-
 def _lost(exc: Exception) -> ServerError:
-    return ServerError(f"lost the connection to the tier's server ({exc}); data this process had not "
-                       "yet pushed was not stored — check `mpiburst status` and the server log.")
+    return TierConnectionError(f"{str(exc).split(';')[0]}; data this process had not yet pushed was not stored: "
+                               "check the run with `mpiburst status` and read its server log.")
 
 
 def _make_room(tier) -> bool:

@@ -1,0 +1,433 @@
+"""The interface of a tier store: what the layers above may ask of the tier, grouped by concern.
+
+A :class:`Store` holds a run's data and bookkeeping. Everything above this
+package (the write-back file, the flush, residency, the engine, channels)
+talks to the tier only through these methods; key names, scripts and the
+server's exceptions stay inside the implementations. Two implementations:
+
+* :class:`~mpiburst.store.redis_store.RedisStore` over a real Redis or Valkey
+  server (production, integration tests);
+* :class:`~mpiburst.store.memory.MemoryStore`, pure Python in one process
+  (fast unit tests).
+
+Both must pass the same contract suite, :class:`mpiburst.testing.StoreTests`.
+
+Concerns:
+
+file records
+    :meth:`~Store.meta`, :meth:`~Store.create`, :meth:`~Store.files`,
+    :meth:`~Store.drop`, :meth:`~Store.set_pinned`, :meth:`~Store.set_size`
+data
+    :meth:`~Store.commit`, :meth:`~Store.writer` (pipelined commits),
+    :meth:`~Store.extents`, :meth:`~Store.window`, :meth:`~Store.all_extents`,
+    :meth:`~Store.fetch_into`, :meth:`~Store.blobs`, :meth:`~Store.drop_clean`
+the flush lease
+    :meth:`~Store.flush_lease` (a :class:`FlushLease` context manager) over
+    :meth:`~Store.lease`, :meth:`~Store.renew`, :meth:`~Store.begin`,
+    :meth:`~Store.mark_clean`, :meth:`~Store.release`, :meth:`~Store.leased`
+channels (mem_io's streams)
+    :meth:`~Store.channel_open`, :meth:`~Store.channel_append`,
+    :meth:`~Store.channel_close`, :meth:`~Store.channel_states`,
+    :meth:`~Store.channel_read`, :meth:`~Store.channel_reset`
+request queue (for the engine)
+    :meth:`~Store.enqueue`, :meth:`~Store.dequeue`, :meth:`~Store.queued`
+shared file pointers (``mpiburst.File``, one per open of a file)
+    :meth:`~Store.shared_pointer`, :meth:`~Store.set_shared_pointer`,
+    :meth:`~Store.drop_shared_pointer`
+
+Errors: a store raises only :mod:`mpiburst.errors` exceptions
+(:class:`~mpiburst.errors.TierFullError` when the tier is out of memory,
+:class:`~mpiburst.errors.TierConnectionError` when the server cannot be
+reached, :class:`~mpiburst.errors.ServerError` for anything else the server
+refuses), plus :class:`RecordGone` from commits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Iterable, Iterator, NamedTuple, Sequence
+
+from ..errors import MpiburstError
+from ..overlay import Extent
+
+#: Longest extent in the index, in bytes; bounds the slack of range queries.
+MAX_EXTENT = 256 << 10
+#: Largest blob one commit carries (well below the server's 512 MB bulk limit).
+MAX_BLOB = 64 << 20
+
+#: A batch's bytes: anything exposing the buffer protocol as bytes.
+Payload = bytes | bytearray | memoryview
+
+
+class RecordGone(Exception):
+    """A commit did not run and can simply be sent again: its file has no record (purged or
+    deleted meanwhile: register it first) or the server had lost the commit script."""
+
+
+def file_id(path: str) -> str:
+    """Return the tier's identifier of the BFS file ``path`` (an absolute path)."""
+    return hashlib.sha1(path.encode()).hexdigest()[:20]
+
+
+@dataclass
+class FileMeta:
+    """What the tier knows about one file, beside its extents.
+
+    Attributes
+    ----------
+    path : str
+        Absolute BFS path.
+    size : int
+        Logical size (writes, ``Set_size`` and the BFS size at creation).
+    seq : int
+        Last sequence number handed out.
+    clean : int
+        Every extent with ``seq <= clean`` is on the BFS.
+    pending : int
+        Snapshot being flushed now (0 when none).
+    trunc : int or None
+        BFS bytes at or past this offset are stale (a truncation to apply).
+    pinned : bool
+        Exempt from automatic sync and purge.
+    bfs : bool
+        The BFS file is known to hold this file's clean data.
+    umask : int or None
+        The umask of the process that first created or opened the file
+        through mpiburst: the flush gives new BFS files and directories the
+        mode it gives (:mod:`mpiburst.perms`). None if not recorded.
+    """
+
+    path: str
+    size: int
+    seq: int
+    clean: int
+    pending: int
+    trunc: int | None
+    pinned: bool
+    bfs: bool
+    umask: int | None = None
+
+    @property
+    def dirty(self) -> bool:
+        """True if the tier holds writes, or a truncation, not yet on the BFS."""
+        return self.seq > self.clean or self.trunc is not None
+
+
+class Blob(NamedTuple):
+    """One committed batch of a file: its id, last sequence number, extents, bytes and channel."""
+
+    blob: int
+    last: int
+    extents: int
+    bytes: int
+    channel: int
+
+
+class ChannelState(NamedTuple):
+    """One mem_io channel: whether a writer has it open, its bytes and its completed stores."""
+
+    open: bool
+    bytes: int
+    stores: int
+
+
+class BatchWriter(ABC):
+    """One writer's pipelined commits: a batch is sent, and its answer read later.
+
+    At most one batch is in flight: :meth:`send` it, fill the next one, then
+    :meth:`finish`. Obtained from :meth:`Store.writer`; :meth:`close` it.
+    """
+
+    @abstractmethod
+    def send(self, path: str, channel: int, payload: Payload, extents: Sequence[tuple[int, int, int]]) -> None:
+        """Send one batch (see :meth:`Store.commit`) without waiting for the answer."""
+
+    @abstractmethod
+    def finish(self) -> int:
+        """Wait for the batch sent last; return its first sequence number.
+
+        Raises
+        ------
+        TierFullError, RecordGone
+            The batch was not stored; the caller still holds it and may
+            commit it again.
+        """
+
+    @abstractmethod
+    def close(self) -> None:
+        """Give the writer's resources back (its connection)."""
+
+
+class FlushLease:
+    """A file's flush lease, as a context manager: leaving the block by an exception gives it back.
+
+    The flush that holds it :meth:`begin` s a snapshot, :meth:`renew` s the
+    lease while it writes, and ends it with :meth:`mark_clean` (which only
+    succeeds while the lease is still held). Other flushers of the same
+    snapshot (the ranks of a collective sync) join it with the same token.
+
+    Parameters
+    ----------
+    store
+        The store holding the file.
+    path
+        The file's BFS path.
+    token
+        The lease's token (from :meth:`Store.lease`).
+    seconds
+        How long each :meth:`renew` extends the lease.
+    """
+
+    def __init__(self, store: "Store", path: str, token: str, seconds: float) -> None:
+        self.store = store
+        self.path = path
+        self.token = token
+        self.seconds = seconds
+        self.ended = False
+
+    def begin(self) -> FileMeta:
+        """Record that a flush of everything written so far started; return the snapshot's record."""
+        return self.store.begin(self.path)
+
+    def renew(self) -> bool:
+        """Extend the lease; False if it was lost (expired, or released by a failing flusher)."""
+        return self.store.renew(self.path, self.token, self.seconds)
+
+    def mark_clean(self, upto: int, trunc: int | None) -> bool:
+        """Declare extents up to ``upto`` clean (and ``trunc`` applied) and end the lease; False if lost."""
+        done = self.store.mark_clean(self.path, self.token, upto, trunc)
+        self.ended = self.ended or done
+        return done
+
+    def release(self) -> None:
+        """Give the lease back (the data stays dirty); a failure to do so is ignored."""
+        if self.ended:
+            return
+        self.ended = True
+        try:
+            self.store.release(self.path, self.token)
+        except MpiburstError:
+            pass  # the lease then expires by itself
+
+    def __enter__(self) -> "FlushLease":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is not None:
+            self.release()
+
+
+class Store(ABC):
+    """A run's data and bookkeeping in the tier (see the module docstring for the concerns)."""
+
+    # -- file records -------------------------------------------------------
+    @abstractmethod
+    def meta(self, path: str) -> FileMeta | None:
+        """Return the tier's record of ``path``, or None if the tier does not know it."""
+
+    @abstractmethod
+    def create(self, path: str, bfs_size: int | None, umask: int | None = None) -> FileMeta:
+        """Make the tier's record of ``path`` unless it exists; return the record.
+
+        ``bfs_size`` is the size of the BFS file (None when there is none):
+        the logical size starts there. ``umask`` is the creating process's
+        umask, kept for the flush (:attr:`FileMeta.umask`).
+        """
+
+    @abstractmethod
+    def files(self) -> dict[str, str]:
+        """Return ``{path: file id}`` of every file the tier holds."""
+
+    @abstractmethod
+    def drop(self, path: str) -> None:
+        """Remove the record and every byte of ``path`` from the tier (its data is lost)."""
+
+    @abstractmethod
+    def set_pinned(self, path: str, pinned: bool) -> None:
+        """Pin (exempt from automatic sync and purge) or unpin ``path``."""
+
+    @abstractmethod
+    def set_size(self, path: str, size: int) -> int:
+        """Set the logical size of ``path`` (which has a record), clipping extents past it; return the old size.
+
+        Records ``trunc``, the offset past which the BFS bytes are stale,
+        until a flush applies it.
+        """
+
+    # -- data ---------------------------------------------------------------
+    @abstractmethod
+    def commit(self, path: str, channel: int, payload: Payload, extents: Sequence[tuple[int, int, int]],
+               staged: bool = False) -> int:
+        """Store one batch: ``payload`` and its ``(file offset, payload offset, length)`` extents.
+
+        Extents are listed in write order; each gets the next sequence number
+        of the file, so later ones win. Every length must be at most
+        :data:`MAX_EXTENT` and the payload at most :data:`MAX_BLOB`. With
+        ``staged`` the batch is a copy of BFS bytes (prestage): sequence
+        number 0, clean, older than every write.
+
+        Returns
+        -------
+        int
+            The sequence number of the first extent (0 when staged).
+
+        Raises
+        ------
+        TierFullError
+            If the tier is out of memory; nothing of the batch was stored.
+        RecordGone
+            If the file has no record; nothing was stored.
+        """
+
+    @abstractmethod
+    def writer(self) -> BatchWriter:
+        """Return a :class:`BatchWriter` for pipelined commits of one writer."""
+
+    @abstractmethod
+    def extents(self, path: str, lo: int, hi: int, upto: int | None = None) -> list[Extent]:
+        """Return the extents of ``path`` that overlap ``[lo, hi)``, in offset order.
+
+        With ``upto``, only those with ``seq <= upto`` (a flush snapshot).
+        """
+
+    @abstractmethod
+    def window(self, path: str, lo: int, hi: int) -> tuple[FileMeta | None, list[Extent]]:
+        """Return the file's record and the extents overlapping ``[lo, hi)``, at one instant."""
+
+    @abstractmethod
+    def all_extents(self, path: str) -> Iterator[Extent]:
+        """Yield every extent of ``path`` in offset order."""
+
+    @abstractmethod
+    def fetch_into(self, path: str, extents: Iterable[Extent], lo: int, out: memoryview) -> bool:
+        """Paint ``extents`` into ``out``, the window ``[lo, lo + len(out))`` of ``path``; the newest wins.
+
+        Each extent is clipped to the window; bytes no extent covers are left
+        as they were.
+
+        Returns
+        -------
+        bool
+            False if an extent's bytes vanished meanwhile (a purge): ``out``
+            is then incomplete and the caller must look again.
+        """
+
+    @abstractmethod
+    def blobs(self, path: str, lo_seq: float = 0, hi_seq: float = float("inf")) -> list[Blob]:
+        """Return the batches of ``path`` whose last sequence number is in ``[lo_seq, hi_seq]``.
+
+        Ordered by last sequence number (staged batches, all 0, first).
+        """
+
+    @abstractmethod
+    def drop_clean(self, path: str) -> int:
+        """Free the batches of ``path`` whose extents are all clean; return the bytes freed.
+
+        The file's record stays, so reads fall through to the BFS copy.
+        """
+
+    # -- the flush lease ----------------------------------------------------
+    @abstractmethod
+    def lease(self, path: str, seconds: float) -> str | None:
+        """Take the flush lease of ``path`` for ``seconds``; return its token, or None if it is held."""
+
+    @abstractmethod
+    def renew(self, path: str, token: str, seconds: float) -> bool:
+        """Extend the lease ``token`` holds to ``seconds`` from now; False if it was lost."""
+
+    @abstractmethod
+    def begin(self, path: str) -> FileMeta:
+        """Record that a flush of everything written so far started (``pending = seq``); return the record."""
+
+    @abstractmethod
+    def mark_clean(self, path: str, token: str, upto: int, trunc: int | None) -> bool:
+        """If ``token`` holds the lease: extents up to ``upto`` are clean, ``trunc`` is applied, the lease ends.
+
+        Returns False (and changes nothing) when the lease was lost.
+        """
+
+    @abstractmethod
+    def release(self, path: str, token: str) -> None:
+        """Give the lease back after a failed flush, if ``token`` still holds it; the data stays dirty."""
+
+    @abstractmethod
+    def leased(self, path: str) -> bool:
+        """True while some flush holds the lease of ``path``."""
+
+    def flush_lease(self, path: str, seconds: float) -> FlushLease | None:
+        """Take the flush lease of ``path``; return it as a :class:`FlushLease`, or None if it is held."""
+        token = self.lease(path, seconds)
+        return None if token is None else FlushLease(self, path, token, seconds)
+
+    # -- channels -----------------------------------------------------------
+    @abstractmethod
+    def channel_open(self, channel: int) -> str | None:
+        """Open ``channel`` for one writer; return the writer's token, or None if it is open already."""
+
+    @abstractmethod
+    def channel_append(self, channel: int, pieces: Sequence[bytes], stored: bool = False) -> None:
+        """Append ``pieces`` to ``channel``'s data; ``stored``: a store to it completed (counted).
+
+        Raises
+        ------
+        TierFullError
+            If the tier is out of memory (pieces appended before stay).
+        """
+
+    @abstractmethod
+    def channel_close(self, channel: int, token: str) -> None:
+        """Close ``channel`` if the writer with ``token`` still has it open."""
+
+    @abstractmethod
+    def channel_states(self, channels: Sequence[int]) -> list[ChannelState]:
+        """Return the state of each of ``channels``, at one instant."""
+
+    @abstractmethod
+    def channel_read(self, channel: int, start: int, count: int) -> list[bytes]:
+        """Return up to ``count`` pieces of ``channel``'s data from piece number ``start`` on."""
+
+    @abstractmethod
+    def channel_reset(self, channels: Sequence[int]) -> list[bool]:
+        """Close each of ``channels`` whoever holds it; return which of them were open."""
+
+    # -- request queue ------------------------------------------------------
+    @abstractmethod
+    def enqueue(self, request: bytes) -> None:
+        """Append a request (for the automatic engine) to the queue."""
+
+    @abstractmethod
+    def dequeue(self, timeout: float = 0.0) -> bytes | None:
+        """Remove and return the oldest request; wait up to ``timeout`` seconds for one (None if none)."""
+
+    @abstractmethod
+    def queued(self) -> int:
+        """Return the number of requests waiting."""
+
+    # -- shared file pointers -----------------------------------------------
+    @abstractmethod
+    def shared_pointer(self, path: str, token: str, delta: int = 0) -> int:
+        """Add ``delta`` to the shared file pointer of open ``token`` of ``path`` atomically; return its value before.
+
+        A pointer never set starts at 0.
+        """
+
+    @abstractmethod
+    def set_shared_pointer(self, path: str, token: str, value: int) -> None:
+        """Set the shared file pointer of open ``token`` of ``path``."""
+
+    @abstractmethod
+    def drop_shared_pointer(self, path: str, token: str) -> None:
+        """Forget the shared file pointer of open ``token`` (the file is closed)."""
+
+    # -- the whole store ----------------------------------------------------
+    @abstractmethod
+    def empty(self) -> bool:
+        """True if the store holds nothing at all (no file, channel or request)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close the store's connections; the data stays."""

@@ -1,0 +1,407 @@
+"""The tier store in this process's memory: plain Python structures, no server, for fast unit tests.
+
+It implements the same interface, with the same behaviour, as
+:class:`~mpiburst.store.redis_store.RedisStore` (the contract suite
+:class:`mpiburst.testing.StoreTests` checks both), so code above the store
+runs its production paths on it. A lock makes each method atomic, as a
+script or a transaction is on the server. ``capacity`` bounds the bytes of
+committed batches and channel data: past it commits raise
+:class:`~mpiburst.errors.TierFullError`, like a server at ``maxmemory``.
+
+It is never a stand-in for the server in a test that claims to test the
+server.
+"""
+
+from __future__ import annotations
+
+import bisect
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Iterator, Sequence
+
+from ..errors import TierFullError
+from ..overlay import Extent
+from .base import MAX_EXTENT, BatchWriter, Blob, ChannelState, FileMeta, Payload, RecordGone, Store, file_id
+
+_FULL = ("the tier is full (its memory limit was reached); sync and purge data, "
+         "or start the run with a larger --capacity.")
+
+
+@dataclass
+class _File:
+    """One file: its record, its index (sorted by offset) and its batches."""
+
+    meta: FileMeta
+    staged: int = 0
+    index: list[tuple[int, bytes, Extent]] = field(default_factory=list)   # (start, member, extent)
+    blobs: dict[int, tuple[Blob, bytes]] = field(default_factory=dict)
+
+
+@dataclass
+class _Channel:
+    pieces: list[bytes] = field(default_factory=list)
+    used: bool = False
+    bytes: int = 0
+    stores: int = 0
+    writer: str | None = None
+
+
+def _member(e: Extent) -> bytes:
+    """The extent's index member as the server orders it (ties at one offset sort by it)."""
+    return f"{e.seq}:{e.boff}:{e.length}:{e.blob}".encode()
+
+
+class MemoryStore(Store):
+    """A :class:`~mpiburst.store.base.Store` in this process's memory (see the module docstring).
+
+    Parameters
+    ----------
+    capacity
+        Bytes of data the store takes before commits raise ``TierFullError``
+        (None: no limit).
+    """
+
+    def __init__(self, capacity: int | None = None) -> None:
+        self.capacity = capacity
+        self._files: dict[str, _File] = {}
+        self._leases: dict[str, tuple[str, float]] = {}
+        self._channels: dict[int, _Channel] = {}
+        self._queue: deque[bytes] = deque()
+        self._pointers: dict[tuple[str, str], int] = {}
+        self._lock = threading.RLock()
+        self._arrived = threading.Condition(self._lock)
+        self._used = 0
+
+    # -- file records -------------------------------------------------------
+    def meta(self, path: str) -> FileMeta | None:
+        with self._lock:
+            f = self._files.get(path)
+            return None if f is None else replace(f.meta)
+
+    def create(self, path: str, bfs_size: int | None, umask: int | None = None) -> FileMeta:
+        with self._lock:
+            if path not in self._files:
+                meta = FileMeta(path=path, size=bfs_size or 0, seq=0, clean=0, pending=0, trunc=None,
+                                pinned=False, bfs=bfs_size is not None, umask=umask)
+                self._files[path] = _File(meta)
+            return replace(self._files[path].meta)
+
+    def files(self) -> dict[str, str]:
+        with self._lock:
+            return {p: file_id(p) for p in self._files}
+
+    def drop(self, path: str) -> None:
+        with self._lock:
+            f = self._files.pop(path, None)
+            if f is not None:
+                self._used -= sum(len(data) for _, data in f.blobs.values())
+            self._leases.pop(path, None)
+            for key in [k for k in self._pointers if k[0] == path]:
+                del self._pointers[key]
+
+    def set_pinned(self, path: str, pinned: bool) -> None:
+        with self._lock:
+            f = self._files.get(path)
+            if f is not None:
+                f.meta.pinned = pinned
+
+    def set_size(self, path: str, size: int) -> int:
+        with self._lock:
+            f = self._files.get(path)
+            if f is None:
+                return 0
+            old = f.meta.size
+            kept = []
+            for start, member, e in f.index:
+                if start >= size:
+                    continue
+                if e.end > size:
+                    e = e._replace(length=size - start)
+                    member = _member(e)
+                kept.append((start, member, e))
+            f.index = sorted(kept)
+            cut = min(old, size)
+            if f.meta.trunc is None or f.meta.trunc > cut:
+                f.meta.trunc = cut
+            f.meta.size = size
+            return old
+
+    # -- data ---------------------------------------------------------------
+    def commit(self, path: str, channel: int, payload: Payload, extents: Sequence[tuple[int, int, int]],
+               staged: bool = False) -> int:
+        data = bytes(payload)
+        with self._lock:
+            f = self._files.get(path)
+            if f is None:
+                raise RecordGone(path)
+            if self.capacity is not None and self._used + len(data) > self.capacity:
+                raise TierFullError(_FULL)
+            n = len(extents)
+            if staged:
+                base = last = 0
+                f.staged += 1
+                blob = -f.staged
+            else:
+                f.meta.seq += n
+                last = f.meta.seq
+                base = blob = last - n + 1
+            for i, (off, boff, ln) in enumerate(extents):
+                e = Extent(base + i if base > 0 else 0, off, ln, blob, boff)
+                bisect.insort(f.index, (off, _member(e), e))
+            f.blobs[blob] = (Blob(blob, last, n, len(data), channel), data)
+            self._used += len(data)
+            end = max(off + ln for off, _, ln in extents)
+            f.meta.size = max(f.meta.size, end)
+            return base
+
+    def writer(self) -> BatchWriter:
+        return MemoryBatchWriter(self)
+
+    def extents(self, path: str, lo: int, hi: int, upto: int | None = None) -> list[Extent]:
+        top = float("inf") if upto is None else upto
+        return [e for e in self._overlapping(path, lo, hi) if e.seq <= top]
+
+    def _overlapping(self, path: str, lo: int, hi: int) -> list[Extent]:
+        with self._lock:
+            f = self._files.get(path)
+            if f is None:
+                return []
+            first = bisect.bisect_right(f.index, (lo - MAX_EXTENT, b"\xff"))
+            out = []
+            for start, _, e in f.index[first:]:
+                if start >= hi:
+                    break
+                if e.end > lo:
+                    out.append(e)
+            return out
+
+    def window(self, path: str, lo: int, hi: int) -> tuple[FileMeta | None, list[Extent]]:
+        with self._lock:
+            meta = self.meta(path)
+            return (None, []) if meta is None else (meta, self._overlapping(path, lo, hi))
+
+    def all_extents(self, path: str) -> Iterator[Extent]:
+        with self._lock:
+            f = self._files.get(path)
+            found = [] if f is None else [e for _, _, e in f.index]
+        yield from found
+
+    def fetch_into(self, path: str, extents: Iterable[Extent], lo: int, out: memoryview) -> bool:
+        hi = lo + len(out)
+        complete = True
+        with self._lock:
+            f = self._files.get(path)
+            for e in sorted(extents, key=lambda e: e.seq):   # newest last: it wins
+                a, b = max(lo, e.start), min(hi, e.end)
+                if a >= b:
+                    continue
+                held = None if f is None else f.blobs.get(e.blob)
+                if held is None:
+                    complete = False
+                    continue
+                data = held[1]
+                src = e.boff + a - e.start
+                out[a - lo:b - lo] = data[src:src + b - a]
+        return complete
+
+    def blobs(self, path: str, lo_seq: float = 0, hi_seq: float = float("inf")) -> list[Blob]:
+        with self._lock:
+            f = self._files.get(path)
+            if f is None:
+                return []
+            found = [b for b, _ in f.blobs.values() if lo_seq <= b.last <= hi_seq]
+        return sorted(found, key=lambda b: (b.last, f"{b.blob}:{b.extents}:{b.bytes}:{b.channel}"))
+
+    def drop_clean(self, path: str) -> int:
+        with self._lock:
+            f = self._files.get(path)
+            if f is None:
+                return 0
+            gone = {b.blob for b, _ in f.blobs.values() if 0 <= b.last <= f.meta.clean}
+            if not gone:
+                return 0
+            f.index = [item for item in f.index if item[2].blob not in gone]
+            freed = sum(f.blobs.pop(blob)[0].bytes for blob in gone)
+            self._used -= freed
+            return freed
+
+    # -- the flush lease ----------------------------------------------------
+    def _holder(self, path: str) -> str | None:
+        held = self._leases.get(path)
+        if held is None:
+            return None
+        if held[1] <= time.monotonic():
+            del self._leases[path]
+            return None
+        return held[0]
+
+    def lease(self, path: str, seconds: float) -> str | None:
+        with self._lock:
+            if self._holder(path) is not None:
+                return None
+            token = secrets.token_hex(8)
+            self._leases[path] = (token, time.monotonic() + seconds)
+            return token
+
+    def renew(self, path: str, token: str, seconds: float) -> bool:
+        with self._lock:
+            if self._holder(path) != token:
+                return False
+            self._leases[path] = (token, time.monotonic() + seconds)
+            return True
+
+    def begin(self, path: str) -> FileMeta:
+        with self._lock:
+            f = self._files.get(path)
+            if f is None:
+                return FileMeta(path="", size=0, seq=0, clean=0, pending=0, trunc=None, pinned=False, bfs=False)
+            f.meta.pending = f.meta.seq
+            return replace(f.meta)
+
+    def mark_clean(self, path: str, token: str, upto: int, trunc: int | None) -> bool:
+        with self._lock:
+            if self._holder(path) != token:
+                return False
+            del self._leases[path]
+            f = self._files.get(path)
+            if f is not None:
+                f.meta.clean = max(f.meta.clean, upto)
+                if trunc is not None and f.meta.trunc == trunc:
+                    f.meta.trunc = None
+                f.meta.bfs = True
+                f.meta.pending = 0
+            return True
+
+    def release(self, path: str, token: str) -> None:
+        with self._lock:
+            if self._holder(path) == token:
+                del self._leases[path]
+                f = self._files.get(path)
+                if f is not None:
+                    f.meta.pending = 0
+
+    def leased(self, path: str) -> bool:
+        with self._lock:
+            return self._holder(path) is not None
+
+    # -- channels -----------------------------------------------------------
+    def _channel(self, channel: int) -> _Channel:
+        return self._channels.setdefault(channel, _Channel())
+
+    def channel_open(self, channel: int) -> str | None:
+        with self._lock:
+            c = self._channel(channel)
+            if c.writer is not None:
+                return None
+            c.writer = secrets.token_hex(8)
+            return c.writer
+
+    def channel_append(self, channel: int, pieces: Sequence[bytes], stored: bool = False) -> None:
+        with self._lock:
+            c = self._channel(channel)
+            for piece in pieces:
+                if self.capacity is not None and self._used + len(piece) > self.capacity:
+                    raise TierFullError(_FULL)
+                c.pieces.append(bytes(piece))
+                c.bytes += len(piece)
+                c.used = True
+                self._used += len(piece)
+            if stored:
+                c.stores += 1
+                c.used = True
+
+    def channel_close(self, channel: int, token: str) -> None:
+        with self._lock:
+            c = self._channel(channel)
+            if c.writer == token:
+                c.writer = None
+
+    def channel_states(self, channels: Sequence[int]) -> list[ChannelState]:
+        with self._lock:
+            out = []
+            for n in channels:
+                c = self._channels.get(n) or _Channel()
+                out.append(ChannelState(c.writer is not None, c.bytes, c.stores))
+            return out
+
+    def channel_read(self, channel: int, start: int, count: int) -> list[bytes]:
+        with self._lock:
+            c = self._channels.get(channel)
+            return [] if c is None else c.pieces[start:start + count]
+
+    def channel_reset(self, channels: Sequence[int]) -> list[bool]:
+        with self._lock:
+            out = []
+            for n in channels:
+                c = self._channels.get(n)
+                out.append(c is not None and c.writer is not None)
+                if c is not None:
+                    c.writer = None
+            return out
+
+    # -- request queue ------------------------------------------------------
+    def enqueue(self, request: bytes) -> None:
+        with self._arrived:
+            self._queue.append(bytes(request))
+            self._arrived.notify_all()
+
+    def dequeue(self, timeout: float = 0.0) -> bytes | None:
+        deadline = time.monotonic() + timeout
+        with self._arrived:
+            while not self._queue:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._arrived.wait(left)
+            return self._queue.popleft()
+
+    def queued(self) -> int:
+        with self._lock:
+            return len(self._queue)
+
+    # -- shared file pointers -----------------------------------------------
+    def shared_pointer(self, path: str, token: str, delta: int = 0) -> int:
+        with self._lock:
+            before = self._pointers.get((path, token), 0)
+            self._pointers[(path, token)] = before + delta
+            return before
+
+    def set_shared_pointer(self, path: str, token: str, value: int) -> None:
+        with self._lock:
+            self._pointers[(path, token)] = value
+
+    def drop_shared_pointer(self, path: str, token: str) -> None:
+        with self._lock:
+            self._pointers.pop((path, token), None)
+
+    # -- the whole store ----------------------------------------------------
+    def empty(self) -> bool:
+        with self._lock:
+            return not self._files and not self._queue and not self._pointers and not any(
+                c.used or c.writer is not None for c in self._channels.values())
+
+    def close(self) -> None:
+        """Nothing to close: the data stays for other users of this store."""
+
+
+class MemoryBatchWriter(BatchWriter):
+    """Pipelined commits on the memory store: the batch is stored when its answer is asked for."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+        self._batch: tuple[str, int, Payload, Sequence[tuple[int, int, int]]] | None = None
+
+    def send(self, path: str, channel: int, payload: Payload, extents: Sequence[tuple[int, int, int]]) -> None:
+        self._batch = (path, channel, payload, extents)
+
+    def finish(self) -> int:
+        batch, self._batch = self._batch, None
+        if batch is None:
+            raise RuntimeError("finish() without a batch in flight")
+        return self.store.commit(*batch)
+
+    def close(self) -> None:
+        self._batch = None

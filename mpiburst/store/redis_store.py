@@ -1,0 +1,675 @@
+"""The tier store over a real Redis or Valkey server: plain keys, seven small Lua scripts, raw RESP for bulk bytes.
+
+Layout (every key of one file shares the hash tag ``{fid}``, every key of one
+channel the tag ``{chan:C}``, so Redis Cluster could shard by file later)::
+
+    mpb:files            hash   fid -> BFS path          (registry, for ls / auto engine)
+    mpb:{fid}:m          hash   path, size, seq, clean, pending, trunc, pinned, bfs, staged, umask
+    mpb:{fid}:x          zset   extents scored by file offset;
+                                member "seq:boff:len:blob" (ASCII decimals)
+    mpb:{fid}:B          zset   blobs scored by their last seq;
+                                member "blob:nextents:nbytes:channel"
+    mpb:{fid}:b:<blob>   string payload of one client batch (many extents)
+    mpb:{fid}:t:<token>  string a batch in flight (renamed by the commit script)
+    mpb:{fid}:lock       string the flush lease of the file
+    mpb:{fid}:sfp:<tok>  string the shared file pointer of one open of the file (INCRBY)
+    mpb:{chan:C}:d       list   a channel's bytes, in pieces
+    mpb:{chan:C}:m       hash   bytes, stores (present = the channel was used)
+    mpb:{chan:C}:w       string writer token; present = the channel is open
+    mpb:queue            list   requests for the automatic engine (JSON)
+
+Every extent is at most :data:`MAX_EXTENT` bytes long, so the extents that
+overlap ``[a, b)`` are exactly those with ``a - MAX_EXTENT < start < b`` and
+one ``ZRANGEBYSCORE`` finds them without scanning the file.
+
+A batch is committed in one round trip: ``SET`` of the payload under a
+temporary key, then the commit script, which takes the batch's sequence
+numbers from the file's counter, renames the payload to its blob key and
+indexes its extents. The payload never passes through Lua (that cost 30-45 %,
+see docs/architecture.md), and is sent from the caller's memory as RESP frames
+(:mod:`mpiburst.store.resp`); fetches land straight in the destination buffer.
+
+Only this module knows redis-py: every public method turns the server's
+exceptions into :mod:`mpiburst.errors` ones (:func:`_as_mpiburst_error`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import secrets
+import socket
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+
+import redis
+
+from ..buffers import borrowed
+from ..errors import AuthenticationError, MpiburstError, ServerError, TierConnectionError, TierFullError
+from ..overlay import Extent
+from .base import (MAX_EXTENT, BatchWriter, Blob, ChannelState, FileMeta, Payload, RecordGone, Store,
+                   file_id)
+from .resp import read_bulks_into, resp_frames
+
+#: Members per ZADD inside Lua (stays far below Lua's stack limit).
+_ZADD_CHUNK = 1000
+#: Pieces shorter than this are fetched together with their neighbours in the blob.
+_SMALL_PIECE = 64 << 10
+#: Largest unwanted stretch of a blob read to fetch two small pieces with one ``GETRANGE``.
+_MERGE_GAP = 64 << 10
+#: Largest read that gathers small pieces.
+_MERGE_SPAN = 1 << 20
+#: The registry of files and the engine's request queue.
+_FILES = "mpb:files"
+_QUEUE = "mpb:queue"
+
+_COMMIT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('NOFILE the file has no record in the tier') end
+local n = tonumber(ARGV[2])
+local base, last, blob
+if ARGV[6] == '1' then
+  base, last = 0, 0
+  blob = -redis.call('HINCRBY', KEYS[1], 'staged', 1)
+else
+  last = redis.call('HINCRBY', KEYS[1], 'seq', n)
+  base = last - n + 1
+  blob = base
+end
+redis.call('RENAME', KEYS[4], ARGV[1] .. blob)
+local args = {}
+for i = 0, n - 1 do
+  local seq = base
+  if base > 0 then seq = base + i end
+  args[#args + 1] = ARGV[7 + 3 * i]
+  args[#args + 1] = seq .. ':' .. ARGV[8 + 3 * i] .. ':' .. ARGV[9 + 3 * i] .. ':' .. blob
+  if #args >= %d then
+    redis.call('ZADD', KEYS[2], unpack(args))
+    args = {}
+  end
+end
+if #args > 0 then redis.call('ZADD', KEYS[2], unpack(args)) end
+redis.call('ZADD', KEYS[3], last, blob .. ':' .. n .. ':' .. ARGV[4] .. ':' .. ARGV[5])
+local size = tonumber(redis.call('HGET', KEYS[1], 'size') or '0')
+if tonumber(ARGV[3]) > size then redis.call('HSET', KEYS[1], 'size', ARGV[3]) end
+return base
+""" % (2 * _ZADD_CHUNK)
+
+# Clip the index at a new size: drop extents past it, shorten the one across it.
+_TRUNCATE = """
+local n = tonumber(ARGV[1])
+local maxext = tonumber(ARGV[2])
+local old = tonumber(redis.call('HGET', KEYS[1], 'size') or '0')
+local hit = redis.call('ZRANGEBYSCORE', KEYS[2], n - maxext, '+inf', 'WITHSCORES')
+for i = 1, #hit, 2 do
+  local m = hit[i]
+  local start = tonumber(hit[i + 1])
+  local seq, boff, len, blob = string.match(m, '^(%d+):(%d+):(%d+):(-?%d+)$')
+  len = tonumber(len)
+  if start >= n then
+    redis.call('ZREM', KEYS[2], m)
+  elseif start + len > n then
+    redis.call('ZREM', KEYS[2], m)
+    redis.call('ZADD', KEYS[2], start, seq .. ':' .. boff .. ':' .. (n - start) .. ':' .. blob)
+  end
+end
+local cut = math.min(old, n)
+local trunc = redis.call('HGET', KEYS[1], 'trunc')
+if trunc == false or tonumber(trunc) > cut then redis.call('HSET', KEYS[1], 'trunc', cut) end
+redis.call('HSET', KEYS[1], 'size', n)
+return old
+"""
+
+# The flush's bookkeeping must run when the tier is full (noeviction refuses every write
+# then, and the flush is what makes room): these scripts carry the allow-oom flag.
+_ALLOW_OOM = "#!lua flags=allow-oom\n"
+
+# Take a file's flush lease.
+_LEASE = """
+return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+"""
+
+# Extend a lease, only for its holder.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+# Record the snapshot a flush takes; return the file's record.
+_BEGIN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
+redis.call('HSET', KEYS[1], 'pending', redis.call('HGET', KEYS[1], 'seq') or '0')
+return redis.call('HGETALL', KEYS[1])
+"""
+
+# Mark a flush snapshot clean, but only for the flush that holds the lease.
+_MARK_CLEAN = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+local upto = tonumber(ARGV[2])
+local clean = tonumber(redis.call('HGET', KEYS[1], 'clean') or '0')
+if upto > clean then redis.call('HSET', KEYS[1], 'clean', upto) end
+if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'trunc') == ARGV[3] then
+  redis.call('HDEL', KEYS[1], 'trunc')
+end
+redis.call('HSET', KEYS[1], 'bfs', '1')
+redis.call('HDEL', KEYS[1], 'pending')
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
+# Release a lease only if we still hold it.
+_RELEASE = """
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+  redis.call('HDEL', KEYS[1], 'pending')
+  return 1
+end
+return 0
+"""
+
+
+# Close a channel only for the writer that opened it (a reset may have taken it meanwhile).
+_CHANNEL_CLOSE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+_FULL = ("the tier is full (the server reached its memory limit); sync and purge data, "
+         "or start the run with a larger --capacity.")
+
+
+def _as_mpiburst_error(exc: BaseException) -> MpiburstError:
+    """Return the mpiburst error that tells a person what a redis-py (or socket) exception means."""
+    if isinstance(exc, redis.AuthenticationError):
+        return AuthenticationError(f"the tier's server refused the run's credentials ({exc}); "
+                                   "check that the conf file belongs to the running server.")
+    if isinstance(exc, redis.OutOfMemoryError) or (isinstance(exc, redis.ResponseError)
+                                                    and str(exc).startswith("OOM")):
+        return TierFullError(_FULL)
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError)):
+        return TierConnectionError(f"lost the connection to the tier's server ({exc or type(exc).__name__}); "
+                                   "check that the run is up with 'mpiburst status' and read its server log.")
+    return ServerError(f"the tier's server refused a request ({exc}); read its server log.")
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _translated(fn: _F) -> _F:
+    """Wrap ``fn`` (a function or generator function) so it raises mpiburst errors, never redis-py's."""
+    raw = (redis.RedisError, OSError)
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def generator(*args: Any, **kwargs: Any) -> Any:
+            try:
+                yield from fn(*args, **kwargs)
+            except raw as exc:
+                raise _as_mpiburst_error(exc) from exc
+        return generator  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except raw as exc:
+            raise _as_mpiburst_error(exc) from exc
+    return call  # type: ignore[return-value]
+
+
+_C = TypeVar("_C", bound=type)
+
+
+def _public_methods_translated(cls: _C) -> _C:
+    """Class decorator: apply :func:`_translated` to every public method ``cls`` defines."""
+    for name, value in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.isfunction(value):
+            setattr(cls, name, _translated(value))
+    return cls
+
+
+def _key(fid: str, part: str) -> str:
+    """Return the key of one part of file ``fid`` (``m``, ``x``, ``B``, ``lock``, ``b:<n>``, ``t:<t>``)."""
+    return f"mpb:{{{fid}}}:{part}"
+
+
+def _chan_key(channel: int, part: str) -> str:
+    """Return the key of one part of channel ``channel`` (``d``, ``m``, ``w``)."""
+    return f"mpb:{{chan:{channel}}}:{part}"
+
+
+@_public_methods_translated
+class RedisStore(Store):
+    """The tier store on a Redis or Valkey server (see the module docstring).
+
+    Parameters
+    ----------
+    client
+        A redis-py client connected as the run's ordinary user (RESP2 or RESP3).
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+        self._commit = client.register_script(_COMMIT)
+        self._truncate = client.register_script(_TRUNCATE)
+        # The flush's bookkeeping must run when the tier is full (it is what makes room).
+        self._lease = client.register_script(_ALLOW_OOM + _LEASE)
+        self._renew = client.register_script(_ALLOW_OOM + _RENEW)
+        self._begin = client.register_script(_ALLOW_OOM + _BEGIN)
+        self._mark_clean = client.register_script(_ALLOW_OOM + _MARK_CLEAN)
+        self._release = client.register_script(_ALLOW_OOM + _RELEASE)
+        self._channel_close = client.register_script(_ALLOW_OOM + _CHANNEL_CLOSE)
+        self._loaded = False
+
+    # -- file records -------------------------------------------------------
+    def meta(self, path: str) -> FileMeta | None:
+        raw = self.r.hgetall(_key(file_id(path), "m"))
+        if not raw:
+            return None
+        return _meta_from(raw)
+
+    def create(self, path: str, bfs_size: int | None, umask: int | None = None) -> FileMeta:
+        fid = file_id(path)
+        mkey = _key(fid, "m")
+        fields: dict[str, str | int] = {"path": path, "size": bfs_size or 0, "seq": 0, "clean": 0,
+                                        "bfs": 1 if bfs_size is not None else 0}
+        if umask is not None:
+            fields["umask"] = umask
+        pipe = self.r.pipeline(transaction=True)
+        for name, value in fields.items():
+            pipe.hsetnx(mkey, name, value)
+        pipe.hset(_FILES, fid, path)
+        pipe.hgetall(mkey)
+        return _meta_from(pipe.execute()[-1])
+
+    def files(self) -> dict[str, str]:
+        return {p.decode(): f.decode() for f, p in self.r.hgetall(_FILES).items()}
+
+    def drop(self, path: str) -> None:
+        fid = file_id(path)
+        pipe = self.r.pipeline(transaction=False)
+        for key in self.r.scan_iter(match=f"mpb:{{{fid}}}:*", count=1000):
+            pipe.unlink(key)
+        pipe.hdel(_FILES, fid)
+        pipe.execute()
+
+    def set_pinned(self, path: str, pinned: bool) -> None:
+        mkey = _key(file_id(path), "m")
+        if pinned:
+            self.r.hset(mkey, "pinned", 1)
+        else:
+            self.r.hdel(mkey, "pinned")
+
+    def set_size(self, path: str, size: int) -> int:
+        fid = file_id(path)
+        return int(self._truncate(keys=[_key(fid, "m"), _key(fid, "x")], args=[size, MAX_EXTENT]))
+
+    # -- data ---------------------------------------------------------------
+    def commit(self, path: str, channel: int, payload: Payload, extents: Sequence[tuple[int, int, int]],
+               staged: bool = False) -> int:
+        tmp, commands = self._pack_commit(path, channel, payload, extents, staged)
+        self._ensure_loaded()
+        pipe = self.r.pipeline(transaction=False)
+        pipe.execute_command("SET", tmp, bytes(payload))  # redis-py with hiredis takes no memoryview
+        pipe.execute_command(*commands[1])
+        return self._commit_result(tmp, pipe.execute(raise_on_error=False))
+
+    def writer(self) -> BatchWriter:
+        return RedisBatchWriter(self)
+
+    def _pack_commit(self, path: str, channel: int, payload: Payload, extents: Sequence[tuple[int, int, int]],
+                     staged: bool = False) -> tuple[str, list[tuple]]:
+        """Return the temporary key and the two commands that commit one batch (see :meth:`commit`)."""
+        fid = file_id(path)
+        tmp = _key(fid, "t:" + secrets.token_hex(8))
+        end = max(off + ln for off, _, ln in extents)
+        args: list = [_key(fid, "b:"), len(extents), end, len(payload), channel, int(staged)]
+        for off, boff, ln in extents:
+            args += (off, boff, ln)
+        keys = [_key(fid, "m"), _key(fid, "x"), _key(fid, "B"), tmp]
+        return tmp, [("SET", tmp, payload), ("EVALSHA", self._commit.sha, len(keys), *keys, *args)]
+
+    def _ensure_loaded(self) -> None:
+        if not self._loaded:
+            self.r.script_load(_COMMIT)
+            self._loaded = True
+
+    def _commit_result(self, tmp: str, replies: list) -> int:
+        errors = [r for r in replies if isinstance(r, Exception)]
+        if not errors:
+            return int(replies[1])
+        self.r.unlink(tmp)
+        if any(str(e).startswith("NOFILE") for e in errors):
+            raise RecordGone(tmp)
+        if any(isinstance(e, redis.exceptions.NoScriptError) for e in errors):
+            self._loaded = False  # the server lost its script cache (restarted): load and retry
+            raise RecordGone(tmp)
+        raise errors[0]
+
+    def extents(self, path: str, lo: int, hi: int, upto: int | None = None) -> list[Extent]:
+        raw = self.r.execute_command("ZRANGEBYSCORE", _key(file_id(path), "x"), f"({lo - MAX_EXTENT}",
+                                     f"({hi}", "WITHSCORES")
+        top = float("inf") if upto is None else upto
+        return [e for e in _parse_extents(raw) if e.start + e.length > lo and e.seq <= top]
+
+    def window(self, path: str, lo: int, hi: int) -> tuple[FileMeta | None, list[Extent]]:
+        fid = file_id(path)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(_key(fid, "m"))
+        pipe.execute_command("ZRANGEBYSCORE", _key(fid, "x"), f"({lo - MAX_EXTENT}", f"({hi}", "WITHSCORES")
+        raw_meta, raw = pipe.execute()
+        if not raw_meta:
+            return None, []
+        return _meta_from(raw_meta), [e for e in _parse_extents(raw) if e.start + e.length > lo]
+
+    def all_extents(self, path: str, batch: int = 10000) -> Iterator[Extent]:
+        key = _key(file_id(path), "x")
+        start = 0
+        while True:
+            found = list(_parse_extents(self.r.execute_command("ZRANGE", key, start, start + batch - 1,
+                                                               "WITHSCORES")))
+            yield from found
+            if len(found) < batch:
+                return
+            start += batch
+
+    def fetch_into(self, path: str, extents: Iterable[Extent], lo: int, out: memoryview) -> bool:
+        """Paint ``extents`` into ``out`` (see :meth:`Store.fetch_into`), received in place.
+
+        The reads go out as one pipeline of ``GETRANGE``: a large piece is
+        received straight into ``out``; small pieces lying close together in
+        one blob (a batch of small records) share one read into a scratch
+        buffer and are copied out from there. When pieces overlap in the
+        file, each is read on its own, in sequence order, so the newest write
+        wins byte for byte.
+        """
+        hi = lo + len(out)
+        pieces = [e if lo <= e.start and e.start + e.length <= hi else _clip(e, lo, hi)
+                  for e in extents if e.start < hi and e.start + e.length > lo]
+        if not pieces:
+            return True
+        if _overlapping(pieces):
+            reads = [(e, [e]) for e in sorted(pieces, key=lambda e: e.seq)]   # newest last: it wins
+        else:
+            reads = _coalesce(pieces)
+        with borrowed(sum(span.length for span, group in reads if len(group) > 1)) as scratch:
+            return self._read_into(path, reads, lo, out, scratch)
+
+    def _read_into(self, path: str, reads: list[tuple[Extent, list[Extent]]], lo: int, out: memoryview,
+                   scratch: memoryview) -> bool:
+        """Send the planned ``reads`` on a connection of the pool and land their bytes in ``out``."""
+        views, used = [], 0
+        for span, group in reads:
+            if len(group) == 1:
+                views.append(out[span.start - lo:span.end - lo])
+            else:
+                views.append(scratch[used:used + span.length])
+                used += span.length
+        key = _key(file_id(path), "b:")
+        commands = [("GETRANGE", f"{key}{span.blob}", span.boff, span.boff + span.length - 1) for span, _ in reads]
+        conn = self.r.connection_pool.get_connection()
+        try:
+            conn.send_packed_command(resp_frames(commands), check_health=False)
+            lengths = read_bulks_into(_socket_of(conn), views)
+        except BaseException:
+            conn.disconnect()  # a half-read reply stream must not be reused
+            raise
+        finally:
+            self.r.connection_pool.release(conn)
+        if any(n != span.length for n, (span, _) in zip(lengths, reads)):
+            return False
+        for (span, group), view in zip(reads, views):
+            if len(group) > 1:
+                for e in group:
+                    out[e.start - lo:e.end - lo] = view[e.boff - span.boff:e.boff - span.boff + e.length]
+        return True
+
+    def blobs(self, path: str, lo_seq: float = 0, hi_seq: float = float("inf")) -> list[Blob]:
+        raw = self.r.zrangebyscore(_key(file_id(path), "B"), lo_seq,
+                                   "+inf" if hi_seq == float("inf") else hi_seq, withscores=True)
+        out = []
+        for member, score in raw:
+            blob, n, nbytes, chan = (int(v) for v in member.split(b":"))
+            out.append(Blob(blob, int(score), n, nbytes, chan))
+        return out
+
+    def drop_clean(self, path: str) -> int:
+        meta = self.meta(path)
+        if meta is None:
+            return 0
+        fid = file_id(path)
+        clean_blobs = self.blobs(path, 0, meta.clean)
+        if not clean_blobs:
+            return 0
+        gone = {b.blob for b in clean_blobs}
+        xkey = _key(fid, "x")
+        pipe = self.r.pipeline(transaction=False)
+        members = []
+        for member in self.r.zscan_iter(xkey, count=5000):
+            name = member[0]
+            if int(name.rsplit(b":", 1)[1]) in gone:
+                members.append(name)
+                if len(members) >= _ZADD_CHUNK:
+                    pipe.zrem(xkey, *members)
+                    members = []
+        if members:
+            pipe.zrem(xkey, *members)
+        for b in clean_blobs:
+            pipe.unlink(_key(fid, f"b:{b.blob}"))
+            pipe.zrem(_key(fid, "B"), f"{b.blob}:{b.extents}:{b.bytes}:{b.channel}")
+        pipe.execute()
+        return sum(b.bytes for b in clean_blobs)
+
+    # -- the flush lease ----------------------------------------------------
+    def lease(self, path: str, seconds: float) -> str | None:
+        token = secrets.token_hex(8)
+        ok = self._lease(keys=[_key(file_id(path), "lock")], args=[token, max(1, int(seconds * 1000))])
+        return token if ok else None
+
+    def renew(self, path: str, token: str, seconds: float) -> bool:
+        return bool(self._renew(keys=[_key(file_id(path), "lock")], args=[token, max(1, int(seconds * 1000))]))
+
+    def begin(self, path: str) -> FileMeta:
+        flat = self._begin(keys=[_key(file_id(path), "m")])
+        if isinstance(flat, dict):  # RESP3
+            return _meta_from(flat)
+        return _meta_from(dict(zip(flat[::2], flat[1::2])))
+
+    def mark_clean(self, path: str, token: str, upto: int, trunc: int | None) -> bool:
+        fid = file_id(path)
+        done = self._mark_clean(keys=[_key(fid, "m"), _key(fid, "lock")],
+                                args=[token, upto, "" if trunc is None else trunc])
+        return bool(done)
+
+    def release(self, path: str, token: str) -> None:
+        fid = file_id(path)
+        self._release(keys=[_key(fid, "m"), _key(fid, "lock")], args=[token])
+
+    def leased(self, path: str) -> bool:
+        return self.r.exists(_key(file_id(path), "lock")) == 1
+
+    # -- channels -----------------------------------------------------------
+    def channel_open(self, channel: int) -> str | None:
+        token = secrets.token_hex(8)
+        return token if self.r.set(_chan_key(channel, "w"), token, nx=True) else None
+
+    def channel_append(self, channel: int, pieces: Sequence[bytes], stored: bool = False) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        for piece in pieces:
+            pipe.rpush(_chan_key(channel, "d"), piece)
+            pipe.hincrby(_chan_key(channel, "m"), "bytes", len(piece))
+        if stored:
+            pipe.hincrby(_chan_key(channel, "m"), "stores", 1)
+        pipe.execute()
+
+    def channel_close(self, channel: int, token: str) -> None:
+        self._channel_close(keys=[_chan_key(channel, "w")], args=[token])
+
+    def channel_states(self, channels: Sequence[int]) -> list[ChannelState]:
+        pipe = self.r.pipeline(transaction=False)
+        for c in channels:
+            pipe.exists(_chan_key(c, "w"))
+            pipe.hgetall(_chan_key(c, "m"))
+        replies = pipe.execute()
+        return [ChannelState(bool(is_open), int(meta.get(b"bytes", 0)), int(meta.get(b"stores", 0)))
+                for is_open, meta in zip(replies[0::2], replies[1::2])]
+
+    def channel_read(self, channel: int, start: int, count: int) -> list[bytes]:
+        return self.r.lrange(_chan_key(channel, "d"), start, start + count - 1)
+
+    def channel_reset(self, channels: Sequence[int]) -> list[bool]:
+        pipe = self.r.pipeline(transaction=False)
+        for c in channels:
+            pipe.delete(_chan_key(c, "w"))
+        return [bool(n) for n in pipe.execute()]
+
+    # -- request queue ------------------------------------------------------
+    def enqueue(self, request: bytes) -> None:
+        self.r.rpush(_QUEUE, request)
+
+    def dequeue(self, timeout: float = 0.0) -> bytes | None:
+        if timeout > 0:
+            item = self.r.blpop([_QUEUE], timeout=timeout)
+            return item[1] if item else None
+        return self.r.lpop(_QUEUE)
+
+    def queued(self) -> int:
+        return int(self.r.llen(_QUEUE))
+
+    # -- shared file pointers -----------------------------------------------
+    def shared_pointer(self, path: str, token: str, delta: int = 0) -> int:
+        return int(self.r.incrby(_key(file_id(path), f"sfp:{token}"), delta)) - delta
+
+    def set_shared_pointer(self, path: str, token: str, value: int) -> None:
+        self.r.set(_key(file_id(path), f"sfp:{token}"), value)
+
+    def drop_shared_pointer(self, path: str, token: str) -> None:
+        self.r.delete(_key(file_id(path), f"sfp:{token}"))
+
+    # -- the whole store ----------------------------------------------------
+    def empty(self) -> bool:
+        return self.r.dbsize() == 0
+
+    def close(self) -> None:
+        self.r.close()
+
+
+@_public_methods_translated
+class RedisBatchWriter(BatchWriter):
+    """Pipelined commits on a connection of their own (see :class:`~mpiburst.store.base.BatchWriter`).
+
+    The payload goes from the caller's memory to ``sendall`` untouched
+    (:func:`~mpiburst.store.resp.resp_frames`), so a writer can fill its next
+    batch while the server stores this one.
+    """
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self._conn: Any = store.r.connection_pool.get_connection()
+        self._tmp: str | None = None
+
+    def send(self, path: str, channel: int, payload: Payload, extents: Sequence[tuple[int, int, int]]) -> None:
+        tmp, commands = self.store._pack_commit(path, channel, payload, extents)
+        self.store._ensure_loaded()
+        try:
+            self._conn.send_packed_command(resp_frames(commands), check_health=False)
+        except BaseException:
+            self._conn.disconnect()
+            raise
+        self._tmp = tmp
+
+    def finish(self) -> int:
+        tmp, self._tmp = self._tmp, None
+        if tmp is None:
+            raise RuntimeError("finish() without a batch in flight")
+        replies: list = []
+        try:
+            for _ in range(2):
+                try:
+                    replies.append(self._conn.read_response())
+                except redis.ResponseError as exc:
+                    replies.append(exc)
+        except BaseException:
+            self._conn.disconnect()  # a half-read reply stream must not be reused
+            raise
+        return self.store._commit_result(tmp, replies)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self.store.r.connection_pool.release(self._conn)
+            self._conn = None
+
+
+def _socket_of(conn: Any) -> socket.socket:
+    """Return the socket of a redis-py connection (connected on first use)."""
+    if getattr(conn, "_sock", None) is None:
+        conn.connect()
+    return conn._sock
+
+def _meta_from(raw: dict) -> FileMeta:
+    g = {k.decode(): v.decode() for k, v in raw.items()}
+    return FileMeta(
+        path=g.get("path", ""),
+        size=int(g.get("size", 0)),
+        seq=int(g.get("seq", 0)),
+        clean=int(g.get("clean", 0)),
+        pending=int(g.get("pending", 0)),
+        trunc=int(g["trunc"]) if "trunc" in g else None,
+        pinned=g.get("pinned") == "1",
+        bfs=g.get("bfs") == "1",
+        umask=int(g["umask"]) if "umask" in g else None,
+    )
+
+
+def _parse_extents(raw: list) -> Iterator[Extent]:
+    """Yield the extents of a raw ``ZRANGE…WITHSCORES`` reply on an index (RESP2 or RESP3).
+
+    Parsed here, not by redis-py's score callback, which cost a third of a
+    flush's index reads: this runs once per extent of every read and flush.
+    """
+    pairs = raw if raw and isinstance(raw[0], list) else zip(raw[::2], raw[1::2])
+    for member, score in pairs:
+        seq, boff, length, blob = member.split(b":")
+        yield Extent(int(seq), int(score), int(length), int(blob), int(boff))
+
+
+def _clip(e: Extent, lo: int, hi: int) -> Extent:
+    """Return the part of extent ``e`` inside ``[lo, hi)``."""
+    a, b = max(lo, e.start), min(hi, e.end)
+    return Extent(e.seq, a, b - a, e.blob, e.boff + a - e.start)
+
+
+def _overlapping(pieces: Sequence[Extent]) -> bool:
+    """True if any two of ``pieces`` share a file byte."""
+    end = -1
+    for e in sorted(pieces, key=lambda e: e.start):
+        if e.start < end:
+            return True
+        end = e.start + e.length
+    return False
+
+
+def _coalesce(pieces: Sequence[Extent]) -> list[tuple[Extent, list[Extent]]]:
+    """Plan the reads of non-overlapping ``pieces``: ``(span, pieces it carries)``.
+
+    A large piece is its own read (``span`` is the piece, received in place).
+    Small pieces close together in one blob share a read whose ``span``
+    covers them (only its ``blob``, ``boff`` and ``length`` matter).
+    """
+    reads: list[tuple[Extent, list[Extent]]] = []
+    group: list[Extent] = []
+
+    def close() -> None:
+        if group:
+            first, last = group[0], group[-1]
+            span = Extent(0, first.start, last.boff + last.length - first.boff, first.blob, first.boff)
+            reads.append((first if len(group) == 1 else span, list(group)))
+            group.clear()
+
+    for e in sorted(pieces, key=lambda e: (e.blob, e.boff)):
+        if e.length >= _SMALL_PIECE:
+            reads.append((e, [e]))
+            continue
+        if group and (e.blob != group[0].blob or e.boff - (group[-1].boff + group[-1].length) > _MERGE_GAP
+                      or e.boff + e.length - group[0].boff > _MERGE_SPAN):
+            close()
+        group.append(e)
+    close()
+    return reads
