@@ -1,0 +1,51 @@
+"""Helpers for testing mpiburst and its stores: a reference model of a file, and the store contract suite.
+
+* :class:`Model`: the bytes a file must hold, as a plain ``bytearray``
+  updated by the same writes in the same order;
+* :func:`put`: commit writes to a store as one batch, as the write-back
+  file's batches do, and apply them to a model;
+* :class:`~mpiburst.testing.store.StoreTests`: every behaviour of the
+  :class:`~mpiburst.store.Store` interface, for any implementation (import it
+  from :mod:`mpiburst.testing.store`; it needs pytest and hypothesis).
+"""
+
+from __future__ import annotations
+
+from ..store import MAX_EXTENT, Store
+
+
+class Model:
+    """The reference image of one file: writes in arrival order, truncations."""
+
+    def __init__(self, initial: bytes = b"") -> None:
+        self.data = bytearray(initial)
+
+    def write(self, off: int, data: bytes) -> None:
+        """Apply a write of ``data`` at ``off`` (the file grows with zeros as needed)."""
+        if len(self.data) < off + len(data):
+            self.data.extend(bytes(off + len(data) - len(self.data)))
+        self.data[off:off + len(data)] = data
+
+    def truncate(self, size: int) -> None:
+        """Cut the file to ``size`` bytes, or extend it with zeros."""
+        if size < len(self.data):
+            del self.data[size:]
+        else:
+            self.data.extend(bytes(size - len(self.data)))
+
+
+def put(store: Store, path: str, model: Model | None, writes: list[tuple[int, bytes]], channel: int = 0) -> int:
+    """Commit ``writes`` as one batch (split into extents of at most MAX_EXTENT) and apply them to ``model``.
+
+    Returns the batch's first sequence number.
+    """
+    payload = bytearray()
+    extents = []
+    for off, data in writes:
+        for s in range(0, len(data), MAX_EXTENT):
+            piece = data[s:s + MAX_EXTENT]
+            extents.append((off + s, len(payload), len(piece)))
+            payload += piece
+        if model is not None:
+            model.write(off, data)
+    return store.commit(path, channel, payload, extents)

@@ -1,0 +1,374 @@
+"""The store contract suite: every behaviour of :class:`mpiburst.store.Store`, for any implementation.
+
+Subclass :class:`StoreTests` in a test module and give it a ``store`` fixture
+that yields an empty store::
+
+    class TestMemoryStore(StoreTests):
+        @pytest.fixture
+        def store(self):
+            yield MemoryStore()
+
+The data tests compare what the store returns with a :class:`~mpiburst.testing.Model`
+(a ``bytearray`` image of the file) under random batches, overlaps,
+truncations and windows (hypothesis). A new store (a cluster store, say)
+is correct when it passes this suite unchanged.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Callable
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ..errors import TierFullError
+from ..overlay import gaps
+from ..store import MAX_EXTENT, FileMeta, FlushLease, RecordGone, Store, file_id
+from . import Model, put
+
+#: Hypothesis settings of the data tests: few examples, each on a fresh file of the same store
+#: (every subclass runs them on its own store, hence ``differing_executors``).
+_EXAMPLES = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.differing_executors])
+
+_write = st.tuples(st.integers(0, 600_000), st.integers(1, 300_000))
+_batch = st.lists(_write, min_size=1, max_size=4)
+
+
+def _path() -> str:
+    """A fresh absolute path (each hypothesis example gets a file of its own)."""
+    return f"/bfs/contract/{random.getrandbits(64):016x}.dat"
+
+
+def current(store: Store, path: str, lo: int, hi: int) -> bytes:
+    """Return the tier's bytes of ``[lo, hi)`` of ``path`` as a read sees them, zeros where no extent is."""
+    meta, found = store.window(path, lo, hi)
+    out = memoryview(bytearray(hi - lo))
+    assert store.fetch_into(path, found, lo, out)
+    for a, b in gaps(lo, hi, found):
+        assert out[a - lo:b - lo] == bytes(b - a)        # fetch_into leaves uncovered bytes alone
+    return bytes(out)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll ``condition`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+class StoreTests:
+    """Every behaviour of the store interface; subclasses provide the ``store`` fixture (an empty store)."""
+
+    # -- file records -------------------------------------------------------
+    def test_create_meta_files_drop(self, store: Store) -> None:
+        assert store.empty() and store.files() == {} and store.meta("/bfs/a") is None
+        meta = store.create("/bfs/a", None)
+        assert meta == FileMeta(path="/bfs/a", size=0, seq=0, clean=0, pending=0, trunc=None, pinned=False,
+                                bfs=False)
+        assert store.meta("/bfs/a") == meta and not meta.dirty and not store.empty()
+        on_bfs = store.create("/bfs/b", 1234)
+        assert on_bfs.size == 1234 and on_bfs.bfs
+        assert store.files() == {"/bfs/a": file_id("/bfs/a"), "/bfs/b": file_id("/bfs/b")}
+        store.drop("/bfs/a")
+        assert store.meta("/bfs/a") is None and set(store.files()) == {"/bfs/b"}
+        store.drop("/bfs/nothing")                           # dropping an unknown file is no error
+
+    def test_create_keeps_an_existing_record(self, store: Store) -> None:
+        store.create("/bfs/a", 10)
+        put(store, "/bfs/a", None, [(0, b"x" * 100)])
+        again = store.create("/bfs/a", 5)
+        assert again.size == 100 and again.seq == 1 and again.bfs
+
+    def test_pin_and_unpin(self, store: Store) -> None:
+        store.create("/bfs/p", None)
+        store.set_pinned("/bfs/p", True)
+        assert store.meta("/bfs/p").pinned
+        store.set_pinned("/bfs/p", False)
+        assert not store.meta("/bfs/p").pinned
+
+    # -- data ---------------------------------------------------------------
+    def test_sequence_numbers_follow_arrival(self, store: Store) -> None:
+        store.create("/bfs/s", None)
+        assert put(store, "/bfs/s", None, [(0, b"a"), (10, b"b"), (20, b"c")]) == 1
+        assert put(store, "/bfs/s", None, [(0, b"d")]) == 4
+        meta = store.meta("/bfs/s")
+        assert meta.seq == 4 and meta.size == 21 and meta.dirty
+        assert [e.seq for e in store.all_extents("/bfs/s")] == [1, 4, 2, 3]     # offset order, then seq
+        assert current(store, "/bfs/s", 0, 21) == b"d" + bytes(9) + b"b" + bytes(9) + b"c"
+
+    def test_commit_without_a_record_is_refused(self, store: Store) -> None:
+        with pytest.raises(RecordGone):
+            put(store, "/bfs/none", None, [(0, b"x")])
+        assert store.meta("/bfs/none") is None and store.blobs("/bfs/none") == []
+
+    @_EXAMPLES
+    @given(batches=st.lists(_batch, min_size=1, max_size=5), window=_write)
+    def test_reads_match_the_model(self, store: Store, batches: list, window: tuple[int, int]) -> None:
+        """Random batches with overlaps; every window reads what the model holds."""
+        path = _path()
+        store.create(path, None)
+        model = Model()
+        rnd = random.Random(len(batches))
+        for batch in batches:
+            put(store, path, model, [(off, rnd.randbytes(n)) for off, n in batch], channel=rnd.randrange(4))
+        assert store.meta(path).size == len(model.data)
+        lo, n = window
+        assert current(store, path, lo, lo + n) == bytes(model.data[lo:lo + n].ljust(n, b"\0"))
+        size = len(model.data)
+        assert current(store, path, 0, size) == bytes(model.data)
+        store.drop(path)
+
+    @_EXAMPLES
+    @given(batches=st.lists(_batch, min_size=1, max_size=4), window=_write, upto=st.integers(0, 30))
+    def test_extent_queries(self, store: Store, batches: list, window: tuple[int, int], upto: int) -> None:
+        """extents / window / all_extents agree, in offset order, and find exactly the overlapping extents."""
+        path = _path()
+        store.create(path, None)
+        rnd = random.Random(upto)
+        for batch in batches:
+            put(store, path, None, [(off, rnd.randbytes(n)) for off, n in batch])
+        every = list(store.all_extents(path))
+        assert [e.start for e in every] == sorted(e.start for e in every)
+        assert all(0 < e.length <= MAX_EXTENT for e in every)
+        lo, hi = window[0], window[0] + window[1]
+        overlapping = [e for e in every if e.start < hi and e.end > lo]
+        assert sorted(store.extents(path, lo, hi)) == sorted(overlapping)
+        assert [e.start for e in store.extents(path, lo, hi)] == sorted(e.start for e in overlapping)
+        assert sorted(store.extents(path, lo, hi, upto=upto)) == sorted(e for e in overlapping if e.seq <= upto)
+        meta, found = store.window(path, lo, hi)
+        assert meta == store.meta(path) and sorted(found) == sorted(overlapping)
+        store.drop(path)
+
+    def test_window_of_an_unknown_file(self, store: Store) -> None:
+        assert store.window("/bfs/unknown", 0, 100) == (None, [])
+        assert store.extents("/bfs/unknown", 0, 100) == [] and list(store.all_extents("/bfs/unknown")) == []
+
+    @_EXAMPLES
+    @given(batches=st.lists(_batch, min_size=1, max_size=3), size=st.integers(0, 900_000), window=_write)
+    def test_set_size_clips_and_records_the_truncation(self, store: Store, batches: list, size: int,
+                                                       window: tuple[int, int]) -> None:
+        path = _path()
+        store.create(path, None)
+        model = Model()
+        rnd = random.Random(size)
+        for batch in batches:
+            put(store, path, model, [(off, rnd.randbytes(n)) for off, n in batch])
+        old = len(model.data)
+        assert store.set_size(path, size) == old
+        model.truncate(size)
+        meta = store.meta(path)
+        assert meta.size == size and meta.trunc == min(old, size) and meta.dirty
+        assert all(e.end <= size for e in store.all_extents(path))
+        lo, n = window
+        assert current(store, path, lo, lo + n) == bytes(model.data[lo:lo + n].ljust(n, b"\0"))
+        store.drop(path)
+
+    def test_a_later_truncation_keeps_the_lowest_cut(self, store: Store) -> None:
+        store.create("/bfs/t", 1000)
+        store.set_size("/bfs/t", 100)
+        store.set_size("/bfs/t", 500)
+        meta = store.meta("/bfs/t")
+        assert meta.size == 500 and meta.trunc == 100
+
+    def test_staged_data_is_clean_and_older_than_writes(self, store: Store) -> None:
+        store.create("/bfs/st", 300)
+        put(store, "/bfs/st", None, [(100, b"W" * 50)])
+        assert store.commit("/bfs/st", 0, b"S" * 300, [(0, 0, 300)], staged=True) == 0
+        meta = store.meta("/bfs/st")
+        assert meta.seq == 1 and meta.size == 300
+        assert current(store, "/bfs/st", 0, 300) == b"S" * 100 + b"W" * 50 + b"S" * 150
+        assert [b.last for b in store.blobs("/bfs/st", 0, 0)] == [0]
+        assert {e.seq for e in store.all_extents("/bfs/st")} == {0, 1}
+
+    def test_blobs_record_each_batch(self, store: Store) -> None:
+        store.create("/bfs/bl", None)
+        put(store, "/bfs/bl", None, [(0, b"a" * 10), (50, b"b" * 5)], channel=2)
+        put(store, "/bfs/bl", None, [(0, b"c" * 7)], channel=3)
+        blobs = store.blobs("/bfs/bl")
+        assert [(b.last, b.extents, b.bytes, b.channel) for b in blobs] == [(2, 2, 15, 2), (3, 1, 7, 3)]
+        assert [b.last for b in store.blobs("/bfs/bl", 3)] == [3]
+        assert [b.last for b in store.blobs("/bfs/bl", 0, 2)] == [2]
+
+    def test_pipelined_writer(self, store: Store) -> None:
+        store.create("/bfs/w", None)
+        writer = store.writer()
+        try:
+            writer.send("/bfs/w", 1, memoryview(b"hello"), [(0, 0, 5)])
+            assert writer.finish() == 1
+            writer.send("/bfs/w", 1, bytearray(b"J"), [(0, 0, 1)])
+            assert writer.finish() == 2
+            writer.send("/bfs/none", 1, b"x", [(0, 0, 1)])
+            with pytest.raises(RecordGone):
+                writer.finish()
+            writer.send("/bfs/w", 1, b"!", [(5, 0, 1)])         # still usable after a refused batch
+            assert writer.finish() == 3
+        finally:
+            writer.close()
+        assert current(store, "/bfs/w", 0, 6) == b"Jello!"
+
+    def test_drop_clean_frees_only_clean_batches(self, store: Store) -> None:
+        store.create("/bfs/dc", None)
+        put(store, "/bfs/dc", None, [(0, b"a" * 1000)])
+        put(store, "/bfs/dc", None, [(500, b"b" * 1000)])
+        assert store.drop_clean("/bfs/dc") == 0                # nothing clean yet
+        lease = store.flush_lease("/bfs/dc", 30)
+        assert lease is not None and lease.begin().pending == 2
+        put(store, "/bfs/dc", None, [(2000, b"c" * 10)])         # arrives during the flush: stays dirty
+        assert lease.mark_clean(1, None)
+        assert store.drop_clean("/bfs/dc") == 1000
+        assert sorted(e.seq for e in store.all_extents("/bfs/dc")) == [2, 3]
+        assert [b.last for b in store.blobs("/bfs/dc")] == [2, 3]
+        assert current(store, "/bfs/dc", 500, 1500) == b"b" * 1000
+        meta = store.meta("/bfs/dc")
+        assert meta is not None and meta.clean == 1 and meta.dirty
+        assert store.drop_clean("/bfs/none") == 0
+
+    def test_fetch_reports_vanished_bytes(self, store: Store) -> None:
+        store.create("/bfs/v", None)
+        put(store, "/bfs/v", None, [(0, b"a" * 1000), (5000, b"b" * 100_000)])
+        found = store.extents("/bfs/v", 0, 200_000)
+        lease = store.flush_lease("/bfs/v", 30)
+        assert lease is not None and lease.mark_clean(store.meta("/bfs/v").seq, None)
+        assert store.drop_clean("/bfs/v") == 101_000          # what a purge does
+        out = memoryview(bytearray(200_000))
+        assert store.fetch_into("/bfs/v", found, 0, out) is False
+        assert store.fetch_into("/bfs/v", [], 0, out) is True  # the store is still usable
+
+    # -- the flush lease ----------------------------------------------------
+    def test_the_lease_has_one_holder(self, store: Store) -> None:
+        store.create("/bfs/l", None)
+        put(store, "/bfs/l", None, [(0, b"x" * 10)])
+        assert not store.leased("/bfs/l")
+        token = store.lease("/bfs/l", 30)
+        assert token and store.leased("/bfs/l") and store.lease("/bfs/l", 30) is None
+        assert store.renew("/bfs/l", token, 30) and not store.renew("/bfs/l", "not-the-token", 30)
+        assert not store.mark_clean("/bfs/l", "not-the-token", 1, None)
+        store.release("/bfs/l", "not-the-token")              # not the holder: nothing happens
+        assert store.leased("/bfs/l")
+        store.release("/bfs/l", token)
+        assert not store.leased("/bfs/l") and not store.renew("/bfs/l", token, 30)
+        assert not store.mark_clean("/bfs/l", token, 1, None)
+        assert store.meta("/bfs/l").clean == 0
+
+    def test_a_flush_marks_its_snapshot_clean(self, store: Store) -> None:
+        store.create("/bfs/f", 100)
+        put(store, "/bfs/f", None, [(0, b"x" * 10), (20, b"y")])
+        store.set_size("/bfs/f", 50)
+        with store.flush_lease("/bfs/f", 30) as lease:
+            snap = lease.begin()
+            assert snap.pending == snap.seq == 2 and snap.trunc == 50
+            assert store.meta("/bfs/f").pending == 2
+            assert lease.renew()
+            put(store, "/bfs/f", None, [(30, b"z")])
+            assert lease.mark_clean(snap.seq, snap.trunc)
+        meta = store.meta("/bfs/f")
+        assert (meta.clean, meta.pending, meta.trunc, meta.bfs, meta.seq) == (2, 0, None, True, 3)
+        assert meta.dirty and not store.leased("/bfs/f")
+        assert not lease.mark_clean(3, None)                   # the lease ended with the mark
+
+    def test_mark_clean_keeps_a_newer_truncation(self, store: Store) -> None:
+        store.create("/bfs/nt", 100)
+        store.set_size("/bfs/nt", 80)
+        lease = store.flush_lease("/bfs/nt", 30)
+        snap = lease.begin()
+        store.set_size("/bfs/nt", 40)                          # a second, lower cut during the flush
+        assert lease.mark_clean(snap.seq, snap.trunc)
+        assert store.meta("/bfs/nt").trunc == 40
+
+    def test_an_exception_gives_the_lease_back(self, store: Store) -> None:
+        store.create("/bfs/e", None)
+        put(store, "/bfs/e", None, [(0, b"x")])
+        with pytest.raises(OSError):
+            with store.flush_lease("/bfs/e", 30) as lease:
+                lease.begin()
+                raise OSError("the BFS failed")
+        meta = store.meta("/bfs/e")
+        assert not store.leased("/bfs/e") and meta.pending == 0 and meta.clean == 0 and meta.dirty
+        other = FlushLease(store, "/bfs/e", "someone-else", 30)
+        other.release()                                        # a stranger's release changes nothing
+
+    def test_a_lease_expires(self, store: Store) -> None:
+        store.create("/bfs/x", None)
+        token = store.lease("/bfs/x", 0.2)
+        assert token and store.lease("/bfs/x", 30) is None
+        assert wait_for(lambda: not store.leased("/bfs/x"), timeout=10)
+        assert not store.renew("/bfs/x", token, 30)
+        assert store.lease("/bfs/x", 30) is not None
+
+    # -- channels -----------------------------------------------------------
+    def test_a_channel_has_one_writer(self, store: Store) -> None:
+        assert store.channel_states([0, 1]) == [(False, 0, 0), (False, 0, 0)]
+        token = store.channel_open(1)
+        assert token and store.channel_open(1) is None
+        assert store.channel_states([1]) == [(True, 0, 0)]
+        store.channel_close(1, "not-the-token")
+        assert store.channel_states([1])[0].open
+        store.channel_close(1, token)
+        assert not store.channel_states([1])[0].open
+        assert store.channel_open(1) is not None
+
+    def test_channel_data_and_reset(self, store: Store) -> None:
+        token = store.channel_open(3)
+        pieces = [bytes([i]) * (i + 1) for i in range(10)]
+        store.channel_append(3, pieces[:4])
+        store.channel_append(3, pieces[4:], stored=True)
+        store.channel_close(3, token)
+        assert store.channel_states([3, 2]) == [(False, sum(map(len, pieces)), 1), (False, 0, 0)]
+        assert store.channel_read(3, 0, 100) == pieces
+        assert store.channel_read(3, 8, 5) == pieces[8:] and store.channel_read(3, 20, 5) == []
+        store.channel_append(3, [], stored=True)                 # an empty store still counts
+        assert store.channel_states([3])[0].stores == 2
+        assert store.channel_open(2) and store.channel_open(3)
+        assert store.channel_reset([1, 2, 3]) == [False, True, True]
+        assert not any(s.open for s in store.channel_states([1, 2, 3]))
+        assert store.channel_read(3, 0, 100) == pieces           # a reset keeps the data
+        assert not store.empty()
+
+    # -- request queue ------------------------------------------------------
+    def test_the_queue_is_first_in_first_out(self, store: Store) -> None:
+        assert store.queued() == 0 and store.dequeue() is None
+        for i in range(3):
+            store.enqueue(b"request %d" % i)
+        assert store.queued() == 3 and not store.empty()
+        assert [store.dequeue(), store.dequeue(timeout=1)] == [b"request 0", b"request 1"]
+        assert store.dequeue() == b"request 2" and store.queued() == 0
+
+    def test_dequeue_waits_at_most_its_timeout(self, store: Store) -> None:
+        started = time.monotonic()
+        assert store.dequeue(timeout=0.2) is None
+        assert 0.1 <= time.monotonic() - started < 5
+
+    # -- the whole store ----------------------------------------------------
+    def test_empty(self, store: Store) -> None:
+        assert store.empty()
+        store.enqueue(b"x")
+        assert not store.empty()
+        store.dequeue()
+        assert store.empty()
+
+
+class FullStoreTests:
+    """Behaviour of a store at its memory limit; subclasses provide ``small_store`` (an empty store of ~8 MiB)."""
+
+    def test_a_full_store_refuses_commits_and_keeps_what_it_has(self, small_store: Store) -> None:
+        small_store.create("/bfs/full", None)
+        model = Model()
+        block = random.Random(0).randbytes(1 << 20)
+        with pytest.raises(TierFullError, match="--capacity"):
+            for i in range(64):
+                put(small_store, "/bfs/full", model, [(i << 20, block)])
+        kept = small_store.meta("/bfs/full").size
+        assert kept >= 1 << 20
+        assert current(small_store, "/bfs/full", 0, kept) == bytes(model.data[:kept])
+        # the flush's bookkeeping still works on a full store: it is what makes room
+        with small_store.flush_lease("/bfs/full", 30) as lease:
+            assert lease.mark_clean(lease.begin().seq, None)
+        assert small_store.drop_clean("/bfs/full") == kept
+        put(small_store, "/bfs/full", None, [(0, block)])       # room again

@@ -1,0 +1,102 @@
+"""The store contract suite (mpiburst.testing.store) on the memory store and on a real server.
+
+The real server is whatever ``server_binary`` gives (``$MPIBURST_SERVER``;
+CI runs the suite once with Valkey 9 and once with Redis 7.0). Beside the
+contract: what only a server can show (a dead server, a full server) raises
+mpiburst's errors, never redis-py's.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from mpiburst.errors import TierConnectionError
+from mpiburst.overlay import Extent
+from mpiburst.server import pid_alive
+from mpiburst.store import MemoryStore, Store
+from mpiburst.testing.store import FullStoreTests, StoreTests, wait_for
+from mpiburst.tier import Tier
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class TestMemoryStore(StoreTests, FullStoreTests):
+    """The contract on the pure-Python store (unit tests)."""
+
+    @pytest.fixture
+    def store(self) -> Iterator[Store]:
+        yield MemoryStore()
+
+    @pytest.fixture
+    def small_store(self) -> Iterator[Store]:
+        yield MemoryStore(capacity=8 << 20)
+
+
+def _quiet_tier(directory: Path, server_binary: str, capacity: str) -> Tier:
+    """A real tier whose engine is stopped, so nothing but the test touches the store (its queue)."""
+    bfs = directory / "bfs"
+    bfs.mkdir(exist_ok=True)
+    tier = Tier.start(id=f"s{os.getpid()}", dir=str(directory), bfs_root=str(bfs), capacity=capacity,
+                      server=server_binary)
+    pid = tier.conf.engine_pid
+    if pid:
+        os.kill(pid, signal.SIGTERM)
+        assert wait_for(lambda: not pid_alive(pid), timeout=15)
+    return tier
+
+
+def _wipe(tier: Tier) -> None:
+    """Remove every key, as the ordinary user (SCAN and UNLINK; FLUSHALL is the admin's)."""
+    keys = list(tier.redis.scan_iter(count=1000))
+    if keys:
+        tier.redis.unlink(*keys)
+
+
+@pytest.fixture(scope="module")
+def server_tier(tmp_path_factory: pytest.TempPathFactory, server_binary: str) -> Iterator[Tier]:
+    """One real server for the contract tests of this module."""
+    tier = _quiet_tier(tmp_path_factory.mktemp("store"), server_binary, "256M")
+    try:
+        yield tier
+    finally:
+        tier.stop()
+
+
+class TestRedisStore(StoreTests, FullStoreTests):
+    """The contract on a real server: one server for the class, emptied before each test."""
+
+    @pytest.fixture
+    def store(self, server_tier: Tier) -> Iterator[Store]:
+        _wipe(server_tier)
+        yield server_tier.store
+
+    @pytest.fixture
+    def small_store(self, tmp_path: Path, server_binary: str) -> Iterator[Store]:
+        tier = _quiet_tier(tmp_path, server_binary, "8M")
+        try:
+            yield tier.store
+        finally:
+            tier.stop()
+
+
+def test_a_dead_server_raises_tier_connection_errors(tmp_path, server_binary):
+    """Every kind of call on a store whose server died raises TierConnectionError with what to do."""
+    tier = _quiet_tier(tmp_path, server_binary, "64M")
+    store = tier.store
+    store.create("/bfs/a", None)
+    os.kill(tier.conf.pid, signal.SIGKILL)
+    assert wait_for(lambda: not pid_alive(tier.conf.pid, tier.conf.server), timeout=15)
+    calls = [lambda: store.meta("/bfs/a"), lambda: store.commit("/bfs/a", 0, b"x", [(0, 0, 1)]),
+             lambda: list(store.all_extents("/bfs/a")), lambda: store.lease("/bfs/a", 1),
+             lambda: store.enqueue(b"x"), lambda: store.dequeue(0.1), lambda: store.channel_open(0),
+             lambda: store.fetch_into("/bfs/a", [Extent(1, 0, 1, 1, 0)], 0, memoryview(bytearray(1))),
+             store.writer]
+    for call in calls:
+        with pytest.raises(TierConnectionError, match="mpiburst status"):
+            call()
+    tier.stop()
