@@ -7,6 +7,8 @@ Reusable by every test module:
 * ``tier``: a real started :class:`~mpiburst.tier.Tier` (one process, a real
   server) in a fresh tmp dir with ``bfs_root = tmp/bfs``; stopped at teardown.
 * ``mem_tier``: the in-process memory tier (a MemoryStore), for unit tests only.
+* ``atier``: ``tier`` with a 64 KiB flush alignment (:data:`ALIGN`); ``bfs_file``
+  and ``check_aligned`` help the flush and residency tests.
 * ``cli``: run the ``mpiburst`` command in a subprocess (``cli("status", "--id", X)``).
 * ``server_pids_in``: PIDs of live server processes whose working directory
   is under a path (to assert that nothing was left running).
@@ -42,7 +44,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mpiburst import server  # noqa: E402
+from mpiburst import flush, server  # noqa: E402
 from mpiburst.tier import Tier  # noqa: E402
 
 
@@ -112,6 +114,31 @@ def mem_tier(tmp_path: Path) -> Tier:
     bfs = tmp_path / "bfs"
     bfs.mkdir(exist_ok=True)
     return Tier.memory(str(bfs))
+
+
+#: The flush alignment of ``atier``: small, so small test files span many stripes.
+ALIGN = 64 << 10
+
+
+@pytest.fixture
+def atier(tier: Tier) -> Tier:
+    """The real-server ``tier`` with a 64 KiB flush alignment (saved in its conf for subprocesses)."""
+    tier.conf.align = ALIGN
+    tier.conf.save()
+    return tier
+
+
+def bfs_file(tier: Tier, name: str) -> str:
+    """Return the real BFS path of ``name`` under the tier's root."""
+    return os.path.join(os.path.realpath(tier.bfs_root), name)
+
+
+def check_aligned(seen: list[tuple[str, int, int]], size: int, align: int = ALIGN) -> None:
+    """Every write starts on a stripe and is whole stripes, at most WRITE_SIZE; only the file's last may be short."""
+    top = max(align, flush.WRITE_SIZE // align * align)
+    for _, off, n in seen:
+        assert off % align == 0, (off, n)
+        assert (n % align == 0 or off + n == size) and n <= top, (off, n, size)
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ from mpiburst.server import lifecycle
 
 from conftest import cli_env
 
-from test_flush import Model, atier, bfs_file, put  # noqa: F401  (atier is a fixture)
+from conftest import bfs_file
+from mpiburst.testing import Model, put
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -3,7 +3,8 @@
 Every test compares the BFS file with a reference model (a bytearray image
 of the file, updated by the same writes in the same order). Writes go into
 the tier with ``Store.commit`` directly, as the driver's batches do.
-The helpers at the top are reused by the other flush/residency test modules.
+The reference model and ``put`` come from :mod:`mpiburst.testing`; ``atier``
+and ``bfs_file`` from conftest.py.
 """
 
 from __future__ import annotations
@@ -23,56 +24,12 @@ from hypothesis import strategies as st
 from conftest import require_tool
 from mpiburst import flush, perms, residency
 from mpiburst.errors import PathError
-from mpiburst.store import MAX_EXTENT, Store
+from mpiburst.testing import Model, put
 
-ALIGN = 64 << 10
+from conftest import ALIGN, bfs_file, check_aligned
+
 RECORD = 47008
 _EXAMPLE = itertools.count()
-
-
-class Model:
-    """The reference image of one file: writes in arrival order, truncations."""
-
-    def __init__(self, initial: bytes = b"") -> None:
-        self.data = bytearray(initial)
-
-    def write(self, off: int, data: bytes) -> None:
-        if len(self.data) < off + len(data):
-            self.data.extend(bytes(off + len(data) - len(self.data)))
-        self.data[off:off + len(data)] = data
-
-    def truncate(self, size: int) -> None:
-        if size < len(self.data):
-            del self.data[size:]
-        else:
-            self.data.extend(bytes(size - len(self.data)))
-
-
-def put(store: Store, path: str, model: Model | None, writes: list[tuple[int, bytes]], channel: int = 0) -> None:
-    """Commit ``writes`` as one batch (split into extents of at most MAX_EXTENT) and apply them to ``model``."""
-    payload = bytearray()
-    extents = []
-    for off, data in writes:
-        for s in range(0, len(data), MAX_EXTENT):
-            piece = data[s:s + MAX_EXTENT]
-            extents.append((off + s, len(payload), len(piece)))
-            payload += piece
-        if model is not None:
-            model.write(off, data)
-    store.commit(path, channel, payload, extents)
-
-
-def bfs_file(tier, name: str) -> str:
-    """Return the real BFS path of ``name`` under the tier's root."""
-    return os.path.join(os.path.realpath(tier.bfs_root), name)
-
-
-@pytest.fixture
-def atier(tier):
-    """The real-server ``tier`` with a 64 KiB flush alignment (saved in its conf for subprocesses)."""
-    tier.conf.align = ALIGN
-    tier.conf.save()
-    return tier
 
 
 @pytest.fixture
@@ -82,14 +39,6 @@ def writes_seen():
     flush.write_observers.append(lambda p, o, n: seen.append((p, o, n)))
     yield seen
     flush.write_observers.clear()
-
-
-def check_aligned(seen, size: int, align: int = ALIGN) -> None:
-    """Every write starts on a stripe and is whole stripes, at most WRITE_SIZE; only the file's last may be short."""
-    top = max(align, flush.WRITE_SIZE // align * align)
-    for _, off, n in seen:
-        assert off % align == 0, (off, n)
-        assert (n % align == 0 or off + n == size) and n <= top, (off, n, size)
 
 
 @pytest.fixture

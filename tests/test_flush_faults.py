@@ -20,8 +20,8 @@ from mpiburst import flush
 from mpiburst.errors import FlushError
 from mpiburst.tier import Tier
 
-from test_flush import ALIGN, Model, atier, bfs_file, put  # noqa: F401  (atier is a fixture)
-from conftest import cli_env
+from mpiburst.testing import Model, put
+from conftest import ALIGN, bfs_file, cli_env
 
 SIZE = 3 << 20
 

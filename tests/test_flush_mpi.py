@@ -17,7 +17,11 @@ from mpiburst import flush
 from mpiburst.errors import FlushError
 from mpiburst.tier import Tier
 
-from test_flush import ALIGN, RECORD, Model, check_aligned, put
+from mpiburst.testing import Model, put
+
+from conftest import ALIGN, check_aligned
+
+RECORD = 47008
 
 pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.timeout(120)]
 

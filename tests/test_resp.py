@@ -23,7 +23,9 @@ from mpiburst.store import file_id
 from mpiburst.store.redis_store import _coalesce, _key, _overlapping
 from mpiburst.store.resp import read_bulks_into, resp_frames
 
-from test_flush import Model, atier, bfs_file, put  # noqa: F401  (atier is a fixture)
+from mpiburst.testing import Model, put
+
+from conftest import bfs_file
 
 
 def _bulk(data: bytes) -> bytes:
