@@ -1,8 +1,8 @@
 """The automatic residency engine: a process beside a run's server that syncs and purges by thresholds.
 
-Started by whoever starts the server (:func:`spawn`, or
-``python -m mpiburst.engine --conf PATH``) and stopped with SIGTERM by its PID
-(:func:`stop`). Every ``interval`` (0.5 s) it:
+Started by whoever starts the server (:func:`mpiburst.engine_process.attach`
+runs ``python -m mpiburst.engine --conf PATH``) and stopped with SIGTERM by
+its PID (``server.stop_run``). Every ``interval`` (0.5 s) it:
 
 * serves the queued requests of non-blocking ``sync`` and ``prestage``
   (the store's request queue, :meth:`mpiburst.store.Store.dequeue`);
@@ -23,96 +23,20 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from typing import Any, Sequence
 
 from . import flush, residency
+from .engine_process import log_path, open_log
 from .errors import MpiburstError, TierConnectionError
-from .runconf import RunConf, engine_log_name
 from .server import pid_alive
+from .tier import Tier
 
 #: Seconds between two rounds of the engine (also the longest wait for a queued request).
 INTERVAL = 0.5
 #: Queued requests served per round, so the thresholds are checked often even with a long queue.
 REQUESTS_PER_ROUND = 16
-#: Seconds :func:`stop` waits after SIGTERM before SIGKILL.
-STOP_TIMEOUT = 10.0
-
-_children: dict[int, subprocess.Popen] = {}
-
-
-def log_path(conf: RunConf) -> str:
-    """Return the engine's log file of a run: ``mpiburst_<id>.engine.log`` in the run directory."""
-    return os.path.join(conf.dir, engine_log_name(conf.id))
-
-
-def _open_log(path: str) -> int:
-    """Open the log for appending, creating it 0600 from the first byte."""
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
-
-
-def spawn(conf: RunConf) -> int:
-    """Start the engine of a run in the background and return its PID.
-
-    Call it right after the server started and the conf was saved; record the
-    PID as ``conf.engine_pid``. The engine's output goes to its log file.
-    """
-    fd = _open_log(log_path(conf))
-    env = dict(os.environ)
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([here] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    try:
-        proc = subprocess.Popen([sys.executable, "-m", "mpiburst.engine", "--conf", conf.path],
-                                stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, cwd=conf.dir, env=env,
-                                start_new_session=True)
-    finally:
-        os.close(fd)
-    _children[proc.pid] = proc
-    return proc.pid
-
-
-def attach(conf: RunConf) -> RunConf:
-    """Start the engine beside a run's freshly started server and record its PID in the conf.
-
-    Every way of starting a run (``Tier.start``, ``mpiburst start``, ``mpiburst
-    run``, ``mem_io_start``) calls this; ``server.stop_run`` stops the engine
-    by that PID, and the engine also exits by itself once the server is gone.
-    """
-    conf.engine_pid = spawn(conf)
-    conf.save()
-    return conf
-
-
-def stop(pid: int | None, timeout: float = STOP_TIMEOUT) -> None:
-    """Stop the engine with PID ``pid`` (SIGTERM, then SIGKILL after ``timeout``); None does nothing."""
-    if not pid:
-        return
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        _children.pop(pid, None)
-        return
-    child = _children.pop(pid, None)
-    if child is not None:
-        try:
-            child.wait(timeout)
-            return
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-            return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            return
-        time.sleep(0.05)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
 
 class Engine:
     """One run's engine loop (see the module docstring).
@@ -208,8 +132,6 @@ class Engine:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the engine of the run whose conf file is given (``--conf PATH``)."""
-    from .tier import Tier
-
     parser = argparse.ArgumentParser(prog="python -m mpiburst.engine",
                                      description="The automatic sync/purge engine of an mpiburst run.")
     parser.add_argument("--conf", required=True, help="the run's conf file mpiburst_<id>.conf")
@@ -221,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mpiburst engine: {exc}", file=sys.stderr)
         return exc.exit_code
     log = logging.getLogger("mpiburst.engine")
-    handler = logging.StreamHandler(os.fdopen(_open_log(log_path(tier.conf)), "a", buffering=1))
+    handler = logging.StreamHandler(os.fdopen(open_log(log_path(tier.conf)), "a", buffering=1))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)

@@ -52,12 +52,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .assembly import BfsBytes, current_bytes
 from .buffers import borrowed
+from .collective import on_root
 from .errors import FlushError, MpiburstError, PathError, TierConnectionError
-from .overlay import Extent, gaps
 from .paths import resolve
 from .perms import create_aside, current_umask, give_final_attrs, make_dirs
 from .store import FlushLease, Store
+from .tier import Tier
 
 #: Largest write call of a flush: adjacent dirty stripes are assembled into one
 #: buffer of up to this many bytes (rounded down to whole stripes, at least one).
@@ -212,8 +214,6 @@ def sync(path: str | os.PathLike, *, tier: Any = None, comm: Any = None, block: 
     PathError
         If the path is outside the root or the tier does not hold the file.
     """
-    from .tier import Tier
-
     tier = tier or Tier.current()
     target = resolve(path, tier.bfs_root)
     if not block:
@@ -223,19 +223,15 @@ def sync(path: str | os.PathLike, *, tier: Any = None, comm: Any = None, block: 
     store = tier.store
     started = time.monotonic()
 
-    plan: _Plan | MpiburstError | None = None
-    if comm.Get_rank() == 0:
+    def prepare() -> _Plan:
         try:
-            plan = _prepare(store, target, tier.align)
-        except MpiburstError as exc:
-            plan = exc
-        except Exception as exc:  # e.g. the server is gone: every rank must hear it
-            plan = FlushError(f"sync of {target} failed: {_cause(exc)}; the data stays dirty in the tier, "
-                              f"fix the cause and run the sync again.")
-    plan = comm.bcast(plan, root=0)
-    if isinstance(plan, MpiburstError):
-        raise plan
-    assert isinstance(plan, _Plan)
+            return _prepare(store, target, tier.align)
+        except (PathError, FlushError):
+            raise
+        except Exception as exc:   # a lost server, say: the data stays dirty, say so
+            raise _failed(target, _cause(exc)) from None
+
+    plan = on_root(comm, prepare)       # rank 0 plans; every rank gets the plan or the error
 
     nstripes = -(-plan.size // plan.align)
     rank, nprocs = comm.Get_rank(), comm.Get_size()
@@ -251,24 +247,19 @@ def sync(path: str | os.PathLike, *, tier: Any = None, comm: Any = None, block: 
         error = _cause(exc)
     outcomes = comm.allgather((error, tally.bytes, dict(tally.sizes)))
 
-    result: FlushReport | str | None = None
-    if comm.Get_rank() == 0:
+    def finish() -> FlushReport:
         # The root cause first: the other flushers only saw the lease the failing one released.
         failures = sorted((e for e, _, _ in outcomes if e), key=lambda e: e == _LEASE_LOST)
         if failures:
             _abort(store, plan)
-            result = failures[0]
-        else:
-            try:
-                result = _finish(store, plan, verify)
-            except Exception as exc:
-                _abort(store, plan)
-                result = _cause(exc)
-    result = comm.bcast(result, root=0)
-    if isinstance(result, str):
-        raise FlushError(f"sync of {target} failed: {result}; the data stays dirty in the tier, "
-                         f"fix the cause and run the sync again.")
-    assert isinstance(result, FlushReport)
+            raise _failed(target, failures[0])
+        try:
+            return _finish(store, plan, verify)
+        except Exception as exc:
+            _abort(store, plan)
+            raise _failed(target, _cause(exc)) from None
+
+    result = on_root(comm, finish)      # rank 0 publishes and marks clean; every rank gets the outcome
     sizes: Counter[int] = Counter()
     for _, _, s in outcomes:
         sizes.update(s)
@@ -282,42 +273,6 @@ def sync(path: str | os.PathLike, *, tier: Any = None, comm: Any = None, block: 
 def enqueue(tier: Any, op: str, path: str, **fields: Any) -> None:
     """Queue a request (``op`` = ``"sync"`` or ``"prestage"``) in the tier for the engine."""
     tier.store.enqueue(json.dumps(dict(op=op, path=path, time=time.time(), **fields)).encode())
-
-
-def assemble(store: Store, path: str, lo: int, hi: int, upto: int | None, fd: int | None, limit: int,
-             out: memoryview, extents: list[Extent] | None = None) -> list[Extent]:
-    """Fill ``out`` with the logical bytes of ``[lo, hi)`` of ``path``: tier extents over BFS bytes.
-
-    Extents with ``seq <= upto`` (all with None) are painted newest-last;
-    the rest comes from ``fd`` (the BFS file) below ``limit``, else zeros.
-    The same assembly serves flushes and ``mpiburst cat``.
-
-    Parameters
-    ----------
-    extents
-        The extents overlapping the range if the caller listed them already.
-
-    Returns
-    -------
-    list of Extent
-        The extents that were painted.
-
-    Raises
-    ------
-    FlushError
-        If an extent's bytes vanished from the tier meanwhile (a purge).
-    """
-    if extents is None:
-        extents = store.extents(path, lo, hi, upto=upto)
-    if not store.fetch_into(path, extents, lo, out):
-        raise FlushError(f"the tier's bytes of {path} in [{lo}, {hi}) vanished during the operation "
-                         f"(purged meanwhile?); run it again.")
-    for a, b in gaps(lo, hi, extents):
-        out[a - lo:b - lo] = bytes(b - a)
-        end = min(b, limit)
-        if fd is not None and a < end:
-            _pread_into(fd, out[a - lo:end - lo], a)
-    return extents
 
 
 # ----------------------------------------------------------------------------- the steps
@@ -435,7 +390,9 @@ def _assemble_runs(store: Store, plan: _Plan, first: int, last: int, fd: int,
         rlo, rhi = a * align, min(hi, b * align)
         view = buf[rlo - lo:rhi - lo]
         inside = [e for e in extents if e.start < rhi and e.start + e.length > rlo]
-        assemble(store, plan.target, rlo, rhi, plan.upto, fd, plan.base, view, inside)
+        if not current_bytes(store, plan.target, rlo, view, extents=inside, bfs=BfsBytes(fd=fd, limit=plan.base)):
+            raise FlushError(f"the tier's bytes of {plan.target} in [{rlo}, {rhi}) vanished during the flush "
+                             f"(purged meanwhile?); run it again.")
         out.append((rlo, view))
     return out
 
@@ -530,6 +487,12 @@ def _abort(store: Store, plan: _Plan) -> None:
     if plan.new:
         _quiet(lambda: os.unlink(plan.work))
     FlushLease(store, plan.target, plan.token, LEASE_SECONDS).release()
+
+
+def _failed(target: str, cause: str) -> FlushError:
+    """The error of a failed sync: its cause, and that nothing was lost."""
+    return FlushError(f"sync of {target} failed: {cause}; the data stays dirty in the tier, "
+                      f"fix the cause and run the sync again.")
 
 
 def file_sha256(path: str, chunk: int = 1 << 20) -> str:

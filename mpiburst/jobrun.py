@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from . import engine, flush, residency, server
+from . import engine_process, flush, residency, server
 from .channels import any_data
 from .errors import ConfigError, FlushError, MpiburstError, PathError, ServerError
 from .policy import Policy, Rule
@@ -205,7 +205,7 @@ def open_run(options: StartOptions, log: Log | None = None) -> tuple[Tier, bool]
     restart = os.path.exists(os.path.join(directory, rdb_name(run_id)))
     if restart and log:
         log(f"reloading the data run {run_id} saved in {os.path.join(directory, rdb_name(run_id))}")
-    conf = engine.attach(server.start_run(options.replace(id=run_id, dir=directory, restart=restart)))
+    conf = engine_process.attach(server.start_run(options.replace(id=run_id, dir=directory, restart=restart)))
     tier = Tier.connect(conf=conf)
     if log:
         log(f"started the tier of run {run_id} (PID {tier.conf.pid}, {tier.channels} channels, "
@@ -226,7 +226,7 @@ def finish_saved(id: str | None = None, dir: str | None = None, log: Log | None 
         raise ConfigError(f"run {run_id} is neither running nor saved in {directory}; check --id and --dir.")
     if log:
         log(f"reloading the data run {run_id} saved in {os.path.join(directory, rdb_name(run_id))}")
-    conf = engine.attach(server.start_run(StartOptions(id=run_id, dir=directory, restart=True)))
+    conf = engine_process.attach(server.start_run(StartOptions(id=run_id, dir=directory, restart=True)))
     return Tier.connect(conf=conf), True
 
 

@@ -20,7 +20,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from . import channels, engine, server
+from . import channels, engine_process, server
 from .errors import MpiburstError
 from .runconf import RunConf, find_conf_path
 
@@ -51,7 +51,7 @@ def start(argv: Sequence[str] | None = None) -> int:
         print(f"mem_io_start: the number of channels must be at least 1 (got {args.channels}); "
               "give -nr_channels N.", file=sys.stderr)
         return EXIT_CHANNEL_COUNT
-    return _guard("mem_io_start", lambda: engine.attach(server.start_run(server.StartOptions(
+    return _guard("mem_io_start", lambda: engine_process.attach(server.start_run(server.StartOptions(
         id=args.id, dir=os.getcwd(), channels=args.channels, port=args.port, restart=args.restart))))
 
 

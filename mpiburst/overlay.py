@@ -1,7 +1,7 @@
-"""Assemble a byte range from overlapping extents: the newest sequence number wins, byte by byte.
+"""Extents of a file in the tier and pure functions over them: the holes they leave, the bytes still visible.
 
-Pure functions with no I/O, shared by tier-first reads and by the flush, so the
-two can never disagree about which bytes a file holds.
+No I/O here: :mod:`mpiburst.assembly` assembles the bytes themselves, and the
+stores (:mod:`mpiburst.store`) paint extents newest-last.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ class Extent(NamedTuple):
     """One fragment of a file in the tier.
 
     ``seq`` orders fragments of one file (higher wins); ``start``/``length``
-    place it in the file; ``blob``/``boff`` say where its bytes are stored;
-    ``channel`` is the writer's channel.
+    place it in the file; ``blob``/``boff`` say which batch holds its bytes
+    and where in it.
     """
 
     seq: int
@@ -29,41 +29,6 @@ class Extent(NamedTuple):
     def end(self) -> int:
         """The file offset one past the fragment's last byte."""
         return self.start + self.length
-
-
-def paint(lo: int, hi: int, extents: Sequence[Extent], payloads: Sequence[bytes | memoryview],
-          out: bytearray | memoryview | None = None) -> tuple[bytearray | memoryview, list[tuple[int, int]]]:
-    """Overlay ``extents`` (with their ``payloads``) onto the window ``[lo, hi)``.
-
-    Extents are applied in increasing ``seq`` order, so a later write always
-    wins over an earlier one at byte granularity.
-
-    Parameters
-    ----------
-    lo, hi
-        The window, in file offsets.
-    extents, payloads
-        Extents overlapping the window and their full bytes (same order).
-    out
-        A buffer of ``hi - lo`` bytes to paint into; a new zeroed one if None.
-
-    Returns
-    -------
-    (buffer, gaps)
-        The painted buffer and the sorted list of ``[a, b)`` file ranges inside
-        the window that no extent covers (to be filled from the BFS or zeros).
-    """
-    if out is None:
-        out = bytearray(hi - lo)
-    order = sorted(range(len(extents)), key=lambda i: extents[i].seq)
-    for i in order:
-        e = extents[i]
-        a, b = max(lo, e.start), min(hi, e.end)
-        if a >= b:
-            continue
-        src = payloads[i]
-        out[a - lo:b - lo] = src[a - e.start:b - e.start]
-    return out, gaps(lo, hi, extents)
 
 
 def gaps(lo: int, hi: int, extents: Iterable[Extent]) -> list[tuple[int, int]]:

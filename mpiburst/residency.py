@@ -29,10 +29,12 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 from . import flush
+from .assembly import BfsBytes, current_bytes
 from .errors import FlushError, MpiburstError, PathError
 from .overlay import gaps, visible
 from .paths import resolve
 from .store import MAX_EXTENT, FileMeta, Store
+from .tier import Tier
 
 #: Bytes of the BFS file read and committed per prestage batch.
 PRESTAGE_CHUNK = 8 << 20
@@ -52,9 +54,7 @@ class FragStat:
         return asdict(self)
 
 
-def _tier(tier: Any) -> Any:
-    from .tier import Tier
-
+def _tier(tier: Tier | None) -> Tier:
     return tier or Tier.current()
 
 
@@ -256,20 +256,15 @@ def read(path: str | os.PathLike, *, tier: Any = None, chunk: int | None = None)
     tier, store, target = _locate(path, tier)
     meta = _known(store, target)
     chunk = chunk or tier.align
-    fd = os.open(target, os.O_RDONLY) if os.path.exists(target) else None
-    try:
-        limit = os.fstat(fd).st_size if fd is not None else 0
-        if meta.trunc is not None:
-            limit = min(limit, meta.trunc)
-        buf = memoryview(bytearray(chunk))
+    buf = memoryview(bytearray(chunk))
+    with BfsBytes(target, limit=meta.trunc) as bfs:
         for lo in range(0, meta.size, chunk):
             hi = min(meta.size, lo + chunk)
             view = buf[:hi - lo]
-            flush.assemble(store, target, lo, hi, None, fd, limit, view)
+            if not current_bytes(store, target, lo, view, bfs=bfs):
+                raise MpiburstError(f"the tier's bytes of {target} in [{lo}, {hi}) were purged while they were "
+                                    "read; run the command again.")
             yield bytes(view)
-    finally:
-        if fd is not None:
-            os.close(fd)
 
 
 def rm(path: str | os.PathLike, *, tier: Any = None) -> None:

@@ -19,8 +19,9 @@ from typing import Any
 
 import redis
 
-from . import server
-from .errors import ConfigError, MpiburstError
+from . import engine_process, server
+from .collective import on_root, together
+from .errors import ConfigError
 from .runconf import RunConf, conf_path, find_conf_path
 from .server import StartOptions
 from .store import MemoryStore, RedisStore, Store
@@ -74,23 +75,16 @@ class Tier:
         Raises
         ------
         MpiburstError
-            On every rank, if an option is wrong or rank 0 could not start the server.
+            On every rank, if an option is wrong, rank 0 could not start the
+            server or a rank could not connect to it.
         """
         opts = StartOptions.of(options, **changes)
         if opts.channels is None and not opts.restart:
             opts = opts.replace(channels=comm.Get_size() if comm is not None else 1)
+        conf = on_root(comm, lambda: _start_run(opts))
         if comm is None:
-            return cls._attach(_start_run(opts), owner=True)
-        result: Any = None
-        if comm.Get_rank() == 0:
-            try:
-                result = _start_run(opts)
-            except MpiburstError as exc:
-                result = exc
-        result = comm.bcast(result, root=0)
-        if isinstance(result, MpiburstError):
-            raise result
-        tier = cls._attach(result, owner=comm.Get_rank() == 0, comm=comm)
+            return cls._attach(conf, owner=True)
+        tier = together(comm, lambda: cls._attach(conf, owner=comm.Get_rank() == 0, comm=comm))
         comm.Barrier()
         return tier
 
@@ -237,6 +231,4 @@ class Tier:
 
 def _start_run(options: StartOptions) -> RunConf:
     """Start a run's server, tied to this process, and the automatic engine beside it."""
-    from . import engine  # the engine sits above this layer (it flushes through Tier)
-
-    return engine.attach(server.start_run(options, tied=True))
+    return engine_process.attach(server.start_run(options, tied=True))

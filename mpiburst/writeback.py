@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 
 from .errors import ServerError, TierConnectionError, TierFullError
-from .overlay import gaps
+from .assembly import BfsBytes, current_bytes
 from .perms import current_umask
+from .residency import make_room
 from .sizes import parse_size
 from .store import MAX_BLOB, MAX_EXTENT, FileMeta, RecordGone
 
@@ -189,7 +190,7 @@ class TierFile:
             except RecordGone:
                 register(self.tier, self.path, create=True, exclusive=False)
             except TierFullError:
-                if attempt == _ROOM_TRIES or not _make_room(self.tier):
+                if attempt == _ROOM_TRIES or not make_room(self.tier):
                     raise TierFullError(
                         f"the tier is full and nothing more can be flushed or freed to take "
                         f"{len(payload)} bytes for {self.path}; unpin files, purge data or restart "
@@ -226,32 +227,11 @@ class TierFile:
             hi = min(offset + len(out), meta.size)
             if hi <= offset:
                 return 0
-            window = out[:hi - offset]
-            if not self.store.fetch_into(self.path, found, offset, window):
-                continue  # a purge freed a blob under us: its bytes are on the BFS now, look again
-            holes = gaps(offset, hi, found)
-            if holes:
-                self._fill_from_bfs(meta, offset, window, holes)
-            return hi - offset
+            with BfsBytes(self.path if meta.bfs else None, limit=meta.trunc) as bfs:
+                if current_bytes(self.store, self.path, offset, out[:hi - offset], extents=found, bfs=bfs):
+                    return hi - offset
+            # a purge freed a blob under us: its bytes are on the BFS now, look again
         raise ServerError(f"reading {self.path} kept racing with purges of its data; try again.")
-
-    def _fill_from_bfs(self, meta: FileMeta, lo: int, window: memoryview, holes) -> None:
-        """Fill the ``holes`` of ``window`` (which starts at ``lo``) with BFS bytes, zeros past them."""
-        limit = meta.trunc if meta.trunc is not None else None
-        try:
-            fd = os.open(self.path, os.O_RDONLY) if meta.bfs else -1
-        except FileNotFoundError:
-            fd = -1
-        try:
-            for a, b in holes:
-                got = 0
-                top = b if limit is None else min(b, limit)
-                if fd >= 0 and top > a:
-                    got = os.preadv(fd, [window[a - lo:top - lo]], a)
-                window[a - lo + got:b - lo] = bytes(b - a - got)
-        finally:
-            if fd >= 0:
-                os.close(fd)
 
     # -- size ---------------------------------------------------------------
     def set_size(self, size: int) -> None:
@@ -302,8 +282,3 @@ def _lost(exc: Exception) -> ServerError:
                                "check the run with `mpiburst status` and read its server log.")
 
 
-def _make_room(tier) -> bool:
-    """Ask the residency layer to flush and free tier data; True if anything was freed."""
-    from .residency import make_room
-
-    return make_room(tier)

@@ -9,11 +9,13 @@ import time
 
 import pytest
 
-from mpiburst import engine, flush, residency
+from mpiburst import engine_process, flush, residency, server
 from mpiburst.errors import MpiburstError, PathError
 from mpiburst.tier import Tier
 
-from test_flush import ALIGN, Model, atier, bfs_file, put  # noqa: F401  (atier is a fixture)
+from mpiburst.testing import Model, put
+
+from conftest import ALIGN, bfs_file
 
 
 def _file(tier, name: str, size: int = 300_000, seed: int = 0) -> tuple[str, Model]:
@@ -190,7 +192,7 @@ def test_engine_syncs_and_purges_unpinned_files_only(small_run):
     assert open(free, "rb").read() == bytes(model.data)
     assert residency.frag_stat(pinned, tier=tier).dirty == 4 << 20    # never synced, never purged
     assert not os.path.exists(pinned)
-    log = engine.log_path(tier.conf)
+    log = engine_process.log_path(tier.conf)
     assert statmod.S_IMODE(os.stat(log).st_mode) == 0o600
     assert "purged" in open(log).read()
 
@@ -211,7 +213,7 @@ def test_engine_serves_queued_sync_and_prestage_and_exits_with_the_server(small_
     tier.store.enqueue(b"not json")              # a bad request is logged, the engine goes on
     flush.sync(path, tier=tier, block=False)
     assert _wait(lambda: tier.store.queued() == 0)
-    assert engine.pid_alive(pid)
-    assert _wait(lambda: "malformed request" in open(engine.log_path(tier.conf)).read())
+    assert server.pid_alive(pid)
+    assert _wait(lambda: "malformed request" in open(engine_process.log_path(tier.conf)).read())
     tier.stop()
-    assert _wait(lambda: not engine.pid_alive(pid), 10)
+    assert _wait(lambda: not server.pid_alive(pid), 10)

@@ -15,7 +15,7 @@ import signal
 import sys
 from typing import Any
 
-from .. import engine, server
+from .. import engine_process, server
 from ..errors import ServerError
 from ..runconf import RunConf, find_conf_path, log_name, rdb_name
 from ..server import StartOptions
@@ -91,7 +91,7 @@ def _load(args: argparse.Namespace) -> RunConf:
 
 
 def _start(args: argparse.Namespace) -> int:
-    conf = engine.attach(server.start_run(start_options(args)))
+    conf = engine_process.attach(server.start_run(start_options(args)))
     if args.foreground:  # handlers first: a signal may come as soon as the lines are out
         def _on_signal(signum: int, frame: Any) -> None:
             print(server.stop_run(conf), file=sys.stderr)

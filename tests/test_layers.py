@@ -1,0 +1,143 @@
+"""The package's import graph: no cycle, and no layer imports a layer above it (docs/architecture.md).
+
+Read from the source with ``ast`` (nothing is imported): every ``import`` of
+an mpiburst module counts, at module level or inside a function, except
+those under ``if TYPE_CHECKING:`` (type hints only). A new module needs no
+entry here to be checked for cycles; list it in :data:`LAYERS` to place it.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "mpiburst"
+
+#: Bottom to top; a module may import modules of its own layer or of layers below.
+#: A package (``store``, ``server``, ``cli``, ``bench``, ``testing``) is placed as one unit.
+LAYERS: list[set[str]] = [
+    {"errors", "sizes", "overlay", "buffers", "paths", "align", "collective", "perms"},   # pure helpers
+    {"store"},                                                 # the boundary to the server's data
+    {"assembly"},                                              # the current bytes of a range
+    {"runconf", "server", "engine_process"},                   # the server's and the engine's processes
+    {"tier"},                                                  # a run as seen by one process
+    {"flush"},                                                 # tier data -> BFS
+    {"residency"},                                             # purge, pin, prestage, make_room
+    {"writeback"},                                             # one process's buffered file
+    {"file", "fileobj", "channels", "policy"},                 # the APIs applications use
+    {"h5", "engine", "run", "jobrun"},                         # built on those APIs
+    {"memio", "cli", "bench", "testing", "__init__", "__main__"},   # entry points and test helpers
+]
+
+
+def _unit(module: str) -> str:
+    """The layer unit of ``mpiburst.a.b``: ``a``."""
+    return module.split(".")[1] if module.count(".") else "__init__"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """The mpiburst modules ``path`` imports (resolved to module names), outside ``if TYPE_CHECKING``."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "mpiburst")
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] == "mpiburst":
+                if node.module:                  # "from . import x" names modules, not the package
+                    found.add(target)
+                found.update(f"{target}.{a.name}" for a in node.names if _is_module(f"{target}.{a.name}"))
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text(), str(path)))
+    return {m for m in found if m != name}
+
+
+def _is_module(name: str) -> bool:
+    rel = Path(*name.split(".")[1:])
+    return (PACKAGE / rel).with_suffix(".py").exists() or (PACKAGE / rel / "__init__.py").exists()
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {name: {m for m in _imports(path) if m in modules} for name, path in modules.items()}
+
+
+def _layer(unit: str) -> int | None:
+    for level, units in enumerate(LAYERS):
+        if unit in units:
+            return level
+    return None
+
+
+def test_no_module_imports_a_layer_above_it():
+    upward = []
+    for module, targets in _graph().items():
+        mine = _layer(_unit(module))
+        for target in targets:
+            theirs = _layer(_unit(target))
+            if mine is not None and theirs is not None and theirs > mine:
+                upward.append(f"{module} -> {target}")
+    assert not upward, "upward imports (see LAYERS and docs/architecture.md): " + ", ".join(sorted(upward))
+
+
+def test_no_import_cycle():
+    graph = _graph()
+    # a package's __init__ re-exporting its own submodules is no cycle of the design
+    edges = {m: {t for t in ts if not (t.startswith(m + ".") and PACKAGE.joinpath(*m.split(".")[1:]).is_dir())}
+             for m, ts in graph.items()}
+    cycles = []
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def walk(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                walk(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(edges):
+        if node not in state:
+            walk(node)
+    assert not cycles, "import cycles: " + "; ".join(cycles)
+
+
+def test_every_known_unit_exists():
+    """LAYERS names no module that is gone (renamed modules must be renamed here too)."""
+    units = {_unit(m) for m in _graph()}
+    optional = {"perms", "jobrun", "run", "server", "engine_process"}   # renamed or added by other branches
+    missing = {u for layer in LAYERS for u in layer} - units - optional
+    assert not missing, f"LAYERS lists modules that do not exist: {sorted(missing)}"
+
+
+def test_the_checker_resolves_relative_imports():
+    """The checker itself: relative imports of every form are resolved to module names."""
+    assert "mpiburst.store" in _imports(PACKAGE / "writeback.py")
+    assert "mpiburst.store.base" in _imports(PACKAGE / "store" / "memory.py")
+    assert {"mpiburst.flush", "mpiburst.residency"} <= _imports(PACKAGE / "engine.py")
+    assert _layer("writeback") > _layer("store")
