@@ -31,6 +31,12 @@ class TierConnectionError(ServerError):
     exit_code = 13
 
 
+class CollectiveError(MpiburstError):
+    """Another rank failed in a collective call with an error that could not travel as it was."""
+
+    exit_code = 1
+
+
 class AuthenticationError(ServerError):
     """The server refused the credentials in the run's conf file."""
 

@@ -28,6 +28,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a test that hides 
     raise ImportError("mpiburst.h5 needs h5py; install it with 'pip install mpiburst[h5py]'.") from exc
 import numpy as np
 
+from .collective import on_root
 from .errors import MpiburstError
 from .fileobj import BurstIO
 from .fileobj import open as burst_open
@@ -215,21 +216,12 @@ def parallel_create(name: str | os.PathLike, comm: Any, datasets: Mapping[str, A
     from .tier import Tier
 
     specs = {path: _dataset_spec(path, spec) for path, spec in datasets.items()}
-    layout: dict[str, DatasetLayout] | str | None = None
-    failure: BaseException | None = None
-    if comm.Get_rank() == 0:
-        try:
-            step = align if align is not None else Tier.current().align
-            layout = _create_layout(name, specs, attrs or {}, max(int(step), 1))
-        except Exception as exc:  # every rank must hear of it, in one sentence
-            failure, layout = exc, f"{type(exc).__name__}: {exc}"
-    layout = comm.bcast(layout, root=0)
-    if failure is not None:
-        raise failure
-    if isinstance(layout, str):
-        raise MpiburstError(f"rank 0 could not create {os.fspath(name)!r} ({layout}); see rank 0's error.")
-    assert isinstance(layout, dict)
-    return ParallelFile(name, comm, layout)
+
+    def create() -> dict[str, DatasetLayout]:
+        step = align if align is not None else Tier.current().align
+        return _create_layout(name, specs, attrs or {}, max(int(step), 1))
+
+    return ParallelFile(name, comm, on_root(comm, create))   # rank 0's failure raises on every rank
 
 
 def _dataset_spec(path: str, spec: Any) -> tuple[tuple[int, ...], np.dtype, Mapping[str, Any]]:
