@@ -12,6 +12,7 @@ setup(
     license="BSD-3-Clause",
     python_requires=">=3.10",
     packages=find_packages(include=["mpiburst", "mpiburst.*"]),
+    package_data={"mpiburst": ["py.typed"]},
     install_requires=[
         "mpi4py>=3.1",
         "numpy>=1.22",

@@ -58,7 +58,7 @@ def open(path: str | os.PathLike, mode: str = "rb", *, tier: Any = None,
         The run's :class:`~mpiburst.tier.Tier`; default :meth:`Tier.current`.
     buffer
         Write-back buffer size (``"8M"`` or bytes); default
-        ``$MPIBURST_WR_BUFFER``, else 8 MiB.
+        ``$MPIBURST_WR_BUFFER``, else 4 MiB.
 
     Returns
     -------

@@ -1,4 +1,4 @@
-"""The tier store over a real Redis or Valkey server: plain keys, seven small Lua scripts, raw RESP for bulk bytes.
+"""The tier store over a real Redis or Valkey server: plain keys, eight small Lua scripts, raw RESP for bulk bytes.
 
 Layout (every key of one file shares the hash tag ``{fid}``, every key of one
 channel the tag ``{chan:C}``, so Redis Cluster could shard by file later)::

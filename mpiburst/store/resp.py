@@ -22,17 +22,18 @@ _SMALL = 64 << 10
 _READ_AHEAD = 256 << 10
 
 
-def resp_frames(commands: Iterable[tuple]) -> list[bytes | memoryview]:
+def resp_frames(commands: Iterable[tuple]) -> list[bytes | bytearray | memoryview]:
     """Encode ``commands`` in RESP, passing large payloads through as they are (no copy).
 
     The frames are meant for ``Connection.send_packed_command``, whose
     ``sendall`` takes each payload straight from the caller's memory.
     """
-    frames: list[bytes | memoryview] = []
-    head: list[bytes] = []
+    frames: list[bytes | bytearray | memoryview] = []
+    head: list[bytes | bytearray | memoryview] = []
     for command in commands:
         head.append(b"*%d\r\n" % len(command))
         for arg in command:
+            data: bytes | bytearray | memoryview
             if isinstance(arg, (bytes, bytearray, memoryview)):
                 data = arg
             else:
