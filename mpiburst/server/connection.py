@@ -36,7 +36,7 @@ def connect_redis(conf: RunConf, admin: bool | AdminCredentials = False) -> redi
     # INCRBY or SHUTDOWN would run twice or hang on reconnect back-off).
     options: dict[str, Any] = dict(username=user, password=password, socket_connect_timeout=10,
                                    retry=Retry(NoBackoff(), 0))
-    targets = []
+    targets: list[dict[str, Any]] = []
     if conf.socket and os.path.exists(conf.socket):
         targets.append(dict(unix_socket_path=conf.socket))
     if conf.port:
