@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import redis
 
-from mpiburst.errors import TierConnectionError
+from mpiburst.errors import MpiburstError, TierConnectionError
 from mpiburst.overlay import Extent
 from mpiburst.server import pid_alive
 from mpiburst.store import MemoryStore, Store
@@ -100,3 +101,21 @@ def test_a_dead_server_raises_tier_connection_errors(tmp_path, server_binary):
         with pytest.raises(TierConnectionError, match="mpiburst status"):
             call()
     tier.stop()
+
+
+@pytest.mark.parametrize("raw, expected, words", [
+    (redis.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."), "TierFullError", "--capacity"),
+    (redis.ResponseError("OOM command not allowed"), "TierFullError", "--capacity"),
+    (redis.TimeoutError("Timeout reading from socket"), "TierConnectionError", "mpiburst status"),
+    (redis.ConnectionError("Connection refused"), "TierConnectionError", "mpiburst status"),
+    (ConnectionResetError(104, "Connection reset by peer"), "TierConnectionError", "mpiburst status"),
+    (redis.AuthenticationError("invalid password"), "AuthenticationError", "conf file"),
+    (redis.ResponseError("WRONGTYPE Operation against a key"), "ServerError", "server log"),
+])
+def test_every_server_error_becomes_an_mpiburst_error(raw, expected, words):
+    """What redis-py raises (a full tier, a stalled or dead server, ...) reaches nobody as such (#13 item 14)."""
+    from mpiburst.store.redis_store import _as_mpiburst_error
+
+    error = _as_mpiburst_error(raw)
+    assert type(error).__name__ == expected and isinstance(error, MpiburstError)
+    assert words in str(error) and str(error).endswith(".")
