@@ -24,6 +24,7 @@ LAYERS: list[set[str]] = [
     {"flush"},                                                 # tier data -> BFS
     {"residency"},                                             # purge, pin, prestage, make_room
     {"writeback"},                                             # one process's buffered file
+    {"datatypes", "views", "messages"},                        # mpiburst.File's datatypes, views, buffers
     {"file", "fileobj", "channels", "policy"},                 # the APIs applications use
     {"h5", "engine", "run", "jobrun"},                         # built on those APIs
     {"memio", "cli", "bench", "testing", "__init__", "__main__"},   # entry points and test helpers

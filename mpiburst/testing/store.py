@@ -345,6 +345,20 @@ class StoreTests:
         assert store.dequeue(timeout=0.2) is None
         assert 0.1 <= time.monotonic() - started < 5
 
+    # -- shared file pointers -----------------------------------------------
+    def test_shared_pointers(self, store: Store) -> None:
+        assert store.shared_pointer("/bfs/sp", "open1") == 0             # starts at 0
+        assert store.shared_pointer("/bfs/sp", "open1", 100) == 0        # the value before the move
+        assert store.shared_pointer("/bfs/sp", "open1", 50) == 100
+        assert store.shared_pointer("/bfs/sp", "open2", 7) == 0          # one pointer per open
+        store.set_shared_pointer("/bfs/sp", "open1", 5)
+        assert store.shared_pointer("/bfs/sp", "open1") == 5
+        store.drop_shared_pointer("/bfs/sp", "open1")
+        assert store.shared_pointer("/bfs/sp", "open1") == 0
+        store.drop_shared_pointer("/bfs/sp", "open1")
+        store.drop_shared_pointer("/bfs/sp", "open2")
+        assert store.empty()
+
     # -- the whole store ----------------------------------------------------
     def test_empty(self, store: Store) -> None:
         assert store.empty()
