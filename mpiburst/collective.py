@@ -7,10 +7,11 @@ Two shapes cover every collective step mpiburst takes:
 * :func:`together`: every rank acts (pushes its buffer, writes its stripes),
   then all agree: if one rank failed, every rank raises.
 
-An exception travels to the other ranks as it is when it survives pickling
-with its type; otherwise (a type that does not pickle, an unpicklable
-argument) as a :class:`~mpiburst.errors.CollectiveError` carrying the
-original type and message. Only :class:`Exception` is caught: an interrupt
+The rank where an exception happened raises it unchanged (its traceback
+included). The other ranks raise the same exception when it is one of
+mpiburst's errors or an ``mpi4py.MPI.Exception`` (same error class), and
+otherwise a :class:`~mpiburst.errors.CollectiveError` (an mpiburst error)
+naming the failing rank, the original type and its message. Only :class:`Exception` is caught: an interrupt
 or ``SystemExit`` ends the process, and the MPI job with it.
 
 ``comm`` may be None for a single process (mpi4py is then never imported):
@@ -22,7 +23,7 @@ from __future__ import annotations
 import pickle
 from typing import Any, Callable, TypeVar
 
-from .errors import CollectiveError
+from .errors import CollectiveError, MpiburstError
 
 T = TypeVar("T")
 
@@ -45,9 +46,8 @@ def on_root(comm: Any, action: Callable[[], T], root: int = 0) -> T:
     ------
     Exception
         On every rank, what ``action`` raised: the original exception on the
-        root; on the others the same exception, or a
-        :class:`~mpiburst.errors.CollectiveError` with its type and message
-        when it cannot travel.
+        root; on the others the same mpiburst or MPI error, else a
+        :class:`~mpiburst.errors.CollectiveError` with its type and message.
     """
     if comm is None:
         return action()
@@ -100,13 +100,14 @@ def together(comm: Any, action: Callable[[], T]) -> T:
 
 
 def _portable(exc: Exception, rank: int) -> Exception:
-    """Return ``exc`` if it survives pickling with its type, else a CollectiveError telling what it was."""
-    try:
-        copy = pickle.loads(pickle.dumps(exc))
-        if type(copy) is type(exc) and str(copy) == str(exc):
-            return exc
-    except Exception:
-        pass
+    """What the other ranks raise for ``exc``: itself (an mpiburst or MPI error that pickles), else a CollectiveError."""
+    if isinstance(exc, MpiburstError) or type(exc).__module__ == "mpi4py.MPI":
+        try:
+            copy = pickle.loads(pickle.dumps(exc))
+            if type(copy) is type(exc) and str(copy) == str(exc):
+                return exc
+        except Exception:
+            pass
     return CollectiveError(f"rank {rank} failed with {type(exc).__name__}: {exc}")
 
 

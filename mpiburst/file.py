@@ -19,8 +19,8 @@ from typing import Any, Callable
 import numpy as np
 from mpi4py import MPI
 
+from .collective import on_root, together
 from .writeback import TierFile, buffer_size, register
-from .errors import MpiburstError
 from .messages import Message, message
 from .paths import is_burst, resolve
 from .tier import Tier
@@ -136,16 +136,10 @@ class File:
         tier = Tier.current()
         path = resolve(filename, tier.bfs_root)
         outcome: Any = _check_amode(amode)
-        if outcome is None and comm.Get_rank() == 0:
-            try:
-                outcome = _open_on_rank0(tier, path, amode)
-            except Exception as exc:  # e.g. the server is gone: fail every rank, not only rank 0
-                outcome = _portable(exc)
-        outcome = comm.bcast(outcome, root=0)
+        if outcome is None:  # rank 0 registers the file; its failure (a dead server) raises on every rank
+            outcome = on_root(comm, lambda: _open_on_rank0(tier, path, amode))
         if isinstance(outcome, int):
             raise _mpi_error(outcome)
-        if isinstance(outcome, BaseException):
-            raise outcome
         token, start = outcome
         return cls(comm.Dup(), tier, path, amode, hints, token, start)
 
@@ -652,48 +646,12 @@ class File:
         self._handle().push()
 
     def _together(self, action: Callable[[], Any]) -> Any:
-        """Run ``action`` on every rank; if it fails on any, raise on every rank (no hang).
-
-        The failing rank raises its own exception; the others raise the same
-        ``MPI.Exception`` class, the same mpiburst error type, or an
-        :class:`~mpiburst.errors.MpiburstError` naming the failed rank.
-        """
-        failure: BaseException | None = None
-        result = None
-        try:
-            result = action()
-        except Exception as exc:
-            failure = exc
-        if self._comm.Get_size() == 1:
-            if failure is not None:
-                raise failure
-            return result
-        if not self._comm.allreduce(failure is not None, op=MPI.LOR):
-            return result
-        reports = self._comm.allgather(None if failure is None else _portable(failure))
-        if failure is not None:
-            raise failure
-        rank, first = next((r, e) for r, e in enumerate(reports) if e is not None)
-        if isinstance(first, int):
-            raise _mpi_error(first)
-        raise type(first)(f"rank {rank}: {first}") if isinstance(first, MpiburstError) else \
-            MpiburstError(f"rank {rank} failed in a collective mpiburst.File call: {first!r}")
+        """Run ``action`` on every rank; if it fails on any, raise on every rank (no hang)."""
+        return together(self._comm, action)
 
     def _rank0(self, action: Callable[[], Any]) -> Any:
         """Run ``action`` on rank 0 only; every rank returns its result or raises its exception."""
-        outcome: Any = None
-        failure: BaseException | None = None
-        if self._comm.Get_rank() == 0:
-            try:
-                outcome = action()
-            except Exception as exc:
-                failure, outcome = exc, _portable(exc)
-        failed, outcome = self._comm.bcast((failure is not None, outcome), root=0)
-        if failure is not None:
-            raise failure
-        if failed:
-            raise _mpi_error(outcome) if isinstance(outcome, int) else outcome
-        return outcome
+        return on_root(self._comm, action)
 
 
 def _read_runs(tf: TierFile, offs: np.ndarray, lens: np.ndarray, stream: memoryview) -> int:
@@ -725,15 +683,6 @@ def _read_runs(tf: TierFile, offs: np.ndarray, lens: np.ndarray, stream: memoryv
             got += max(0, min(ln, top - o))
         i = j
     return got
-
-
-def _portable(exc: BaseException) -> Any:
-    """Return what travels to other ranks for ``exc``: its MPI error class, or an exception that pickles."""
-    if isinstance(exc, MPI.Exception):
-        return exc.Get_error_class()
-    if isinstance(exc, MpiburstError):
-        return exc
-    return MpiburstError(f"{type(exc).__name__}: {exc}")
 
 
 def _hints(info: MPI.Info) -> dict[str, str]:

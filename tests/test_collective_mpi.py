@@ -45,18 +45,39 @@ def test_on_root_gives_every_rank_the_result():
 
 
 def test_on_root_raises_any_exception_on_every_rank():
+    """Rank 0 keeps its own exception; the others get mpiburst and MPI errors as they are, others wrapped."""
+    from mpi4py import MPI
+
     comm = _comm()
-    with pytest.raises(TypeError, match="takes no keyword arguments"):
+    root = comm.Get_rank() == 0
+    with pytest.raises(TypeError if root else CollectiveError, match="takes no keyword arguments"):
         on_root(comm, lambda: dict.fromkeys([], bogus=1))
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError if root else CollectiveError, match="missing"):
         on_root(comm, lambda: {}["missing"])
-    if comm.Get_rank() == 0:
-        with pytest.raises(_Unpicklable):             # the root keeps its own exception
-            on_root(comm, _raise_unpicklable)
-    else:
+    with pytest.raises(_Unpicklable if root else CollectiveError, match="held a lock"):
+        on_root(comm, _raise_unpicklable)
+    with pytest.raises(TierConnectionError, match="lost"):
+        on_root(comm, _raise_lost)
+    with pytest.raises(MPI.Exception) as info:
+        on_root(comm, _raise_mpi)
+    assert info.value.Get_error_class() == MPI.ERR_FILE_EXISTS
+    if not root:
         with pytest.raises(CollectiveError, match="rank 0 failed with _Unpicklable: held a lock"):
             on_root(comm, _raise_unpicklable)
+    else:
+        with pytest.raises(_Unpicklable):
+            on_root(comm, _raise_unpicklable)
     comm.Barrier()
+
+
+def _raise_lost():
+    raise TierConnectionError("lost the connection to the tier's server")
+
+
+def _raise_mpi():
+    from mpi4py import MPI
+
+    raise MPI.Exception(MPI.ERR_FILE_EXISTS)
 
 
 def _raise_unpicklable():
@@ -72,14 +93,15 @@ def test_together_raises_on_every_rank_when_one_fails():
             raise ValueError(f"rank {last} could not")
         return comm.Get_rank()
 
-    with pytest.raises(ValueError, match=f"rank {last} could not"):
+    failing = comm.Get_rank() == last
+    with pytest.raises(ValueError if failing else CollectiveError, match=f"rank {last} could not"):
         together(comm, act)
     assert together(comm, comm.Get_rank) == comm.Get_rank()
 
 
 def test_misspelled_start_option_raises_on_every_rank(mpi_tmp_path, server_binary):
     comm = _comm()
-    with pytest.raises(TypeError, match="capcity"):
+    with pytest.raises(TypeError if comm.Get_rank() == 0 else CollectiveError, match="capcity"):
         Tier.start(comm, id="typo", dir=str(mpi_tmp_path), capcity="64M", server=server_binary)
     comm.Barrier()
     assert os.listdir(mpi_tmp_path) == []          # nothing was started
