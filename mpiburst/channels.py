@@ -33,6 +33,7 @@ from typing import BinaryIO, Callable, Iterator
 from .errors import ChannelBusyError, ChannelError, TierFullError
 from .runconf import create_private
 from .store import Store
+from .tier import Tier
 
 #: Largest piece of a channel's data in one list element.
 CHUNK = 1 << 20
@@ -52,14 +53,14 @@ class ChannelInfo:
     stores: int
 
 
-def check(tier, channel: int) -> int:
+def check(tier: Tier, channel: int) -> int:
     """Return ``channel`` if it is a channel of the run, else raise :class:`ChannelError` (exit 21)."""
     if isinstance(channel, bool) or not isinstance(channel, int) or not 0 <= channel < tier.channels:
         raise ChannelError(f"channel {channel} does not exist: run {tier.id} has channels 0 to {tier.channels - 1}.")
     return channel
 
 
-def store(tier, channel: int, stream: BinaryIO) -> int:
+def store(tier: Tier, channel: int, stream: BinaryIO) -> int:
     """Append everything read from ``stream`` to ``channel``; return the bytes stored.
 
     Raises
@@ -104,7 +105,7 @@ def _append(store: Store, channel: int, pieces: list[bytes], stored: bool) -> No
                             "--capacity.") from None
 
 
-def info(tier, channel: int | None = None) -> list[ChannelInfo]:
+def info(tier: Tier, channel: int | None = None) -> list[ChannelInfo]:
     """Return the state of every channel (or of one), in channel order, in one round trip."""
     chans = list(range(tier.channels)) if channel is None else [check(tier, channel)]
     out = []
@@ -114,7 +115,7 @@ def info(tier, channel: int | None = None) -> list[ChannelInfo]:
     return out
 
 
-def read(tier, channel: int, batch: int = BATCH) -> Iterator[bytes]:
+def read(tier: Tier, channel: int, batch: int = BATCH) -> Iterator[bytes]:
     """Yield the bytes of ``channel`` in pieces, ``batch`` list elements per round trip (non-destructive)."""
     check(tier, channel)
     start = 0
@@ -126,7 +127,7 @@ def read(tier, channel: int, batch: int = BATCH) -> Iterator[bytes]:
         start += batch
 
 
-def reset(tier, channel: int | None = None) -> list[int]:
+def reset(tier: Tier, channel: int | None = None) -> list[int]:
     """Close the channels left open by crashed writers (all, or one); return those that were open.
 
     Their data is kept; a channel reset while a writer is still running keeps
@@ -136,7 +137,7 @@ def reset(tier, channel: int | None = None) -> list[int]:
     return [c for c, was_open in zip(chans, tier.store.channel_reset(chans)) if was_open]
 
 
-def retrieve(tier, out: BinaryIO, channel: int | None = None, print_id: bool = False, sep: str = " ",
+def retrieve(tier: Tier, out: BinaryIO, channel: int | None = None, print_id: bool = False, sep: str = " ",
              warn: Callable[[str], None] | None = None) -> int:
     """Write channels to ``out`` in channel order (or one channel), mem_io style; return the bytes written.
 
@@ -158,7 +159,7 @@ def retrieve(tier, out: BinaryIO, channel: int | None = None, print_id: bool = F
     return total
 
 
-def split(tier, directory: str, warn: Callable[[str], None] | None = None) -> list[str]:
+def split(tier: Tier, directory: str, warn: Callable[[str], None] | None = None) -> list[str]:
     """Write each channel to ``directory/data_<id>_<C>.dat`` (C zero-padded to the digits of the count).
 
     Files hold exactly the channel's bytes (no newline added) and are created
@@ -193,6 +194,6 @@ def _report(channels: list[ChannelInfo], warn: Callable[[str], None] | None) -> 
     return channels
 
 
-def any_data(tier) -> bool:
+def any_data(tier: Tier) -> bool:
     """Return True if any channel of the run holds data or is open."""
     return any(c.state != "unused" for c in info(tier))

@@ -49,7 +49,7 @@ class Engine:
         Where to report what it did and what failed.
     """
 
-    def __init__(self, tier: Any, log: logging.Logger, interval: float = INTERVAL) -> None:
+    def __init__(self, tier: Tier, log: logging.Logger, interval: float = INTERVAL) -> None:
         self.tier = tier
         self.log = log
         self.interval = interval

@@ -177,7 +177,7 @@ _LEASE_LOST = "the flush lease was lost (another flusher failed, or this one sta
 
 # ----------------------------------------------------------------------------- public API
 
-def sync(path: str | os.PathLike, *, tier: Any = None, comm: Any = None, block: bool = True,
+def sync(path: str | os.PathLike, *, tier: Tier | None = None, comm: Any = None, block: bool = True,
          verify: bool = False, workers: int = 1,
          progress: Callable[[int], None] | None = None) -> FlushReport | None:
     """Write the dirty data of one file from the tier to the BFS.
@@ -270,7 +270,7 @@ def sync(path: str | os.PathLike, *, tier: Any = None, comm: Any = None, block: 
     return result
 
 
-def enqueue(tier: Any, op: str, path: str, **fields: Any) -> None:
+def enqueue(tier: Tier, op: str, path: str, **fields: Any) -> None:
     """Queue a request (``op`` = ``"sync"`` or ``"prestage"``) in the tier for the engine."""
     tier.store.enqueue(json.dumps(dict(op=op, path=path, time=time.time(), **fields)).encode())
 

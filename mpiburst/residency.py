@@ -58,7 +58,7 @@ def _tier(tier: Tier | None) -> Tier:
     return tier or Tier.current()
 
 
-def _locate(path: str | os.PathLike, tier: Any) -> tuple[Any, Store, str]:
+def _locate(path: str | os.PathLike, tier: Tier | None) -> tuple[Tier, Store, str]:
     """Return the tier (default: the current one), its store and the BFS path ``path`` names."""
     tier = _tier(tier)
     return tier, tier.store, resolve(path, tier.bfs_root)
@@ -81,7 +81,7 @@ def _bfs_size(target: str) -> int | None:
 
 # ----------------------------------------------------------------------------- residency controls
 
-def purge(path: str | os.PathLike, *, clean_only: bool = False, force: bool = False, tier: Any = None) -> int:
+def purge(path: str | os.PathLike, *, clean_only: bool = False, force: bool = False, tier: Tier | None = None) -> int:
     """Drop a file's data from the tier; return the bytes freed.
 
     Parameters
@@ -110,17 +110,17 @@ def purge(path: str | os.PathLike, *, clean_only: bool = False, force: bool = Fa
     return freed
 
 
-def pin(path: str | os.PathLike, *, tier: Any = None) -> None:
+def pin(path: str | os.PathLike, *, tier: Tier | None = None) -> None:
     """Exempt a file from automatic sync and purge (a file only on the BFS is registered first)."""
     _set_pinned(path, True, tier)
 
 
-def unpin(path: str | os.PathLike, *, tier: Any = None) -> None:
+def unpin(path: str | os.PathLike, *, tier: Tier | None = None) -> None:
     """Make a file subject to automatic sync and purge again."""
     _set_pinned(path, False, tier)
 
 
-def _set_pinned(path: str | os.PathLike, pinned: bool, tier: Any) -> None:
+def _set_pinned(path: str | os.PathLike, pinned: bool, tier: Tier | None) -> None:
     tier, store, target = _locate(path, tier)
     if store.meta(target) is None:
         size = _bfs_size(target)
@@ -130,7 +130,7 @@ def _set_pinned(path: str | os.PathLike, pinned: bool, tier: Any) -> None:
     store.set_pinned(target, pinned)
 
 
-def prestage(path: str | os.PathLike, *, keep: bool = False, block: bool = True, tier: Any = None) -> int | None:
+def prestage(path: str | os.PathLike, *, keep: bool = False, block: bool = True, tier: Tier | None = None) -> int | None:
     """Copy a BFS file's bytes into the tier as clean fragments; return the bytes staged.
 
     Bytes the tier holds newer data for are not copied (writes always win).
@@ -187,7 +187,7 @@ def prestage(path: str | os.PathLike, *, keep: bool = False, block: bool = True,
 
 # ----------------------------------------------------------------------------- inspection
 
-def frag_stat(path: str | os.PathLike, *, tier: Any = None) -> FragStat:
+def frag_stat(path: str | os.PathLike, *, tier: Tier | None = None) -> FragStat:
     """Return the bytes of a file in the tier per state: dirty, pending, clean, deletable.
 
     Raises
@@ -215,7 +215,7 @@ def _frag_stat(store: Store, meta: FileMeta) -> FragStat:
     return stat
 
 
-def ls(path: str | os.PathLike | None = None, *, tier: Any = None) -> list[FileMeta]:
+def ls(path: str | os.PathLike | None = None, *, tier: Tier | None = None) -> list[FileMeta]:
     """Return the records of the tier's files, sorted by path: all, or those at or under ``path``."""
     tier = _tier(tier)
     store = tier.store
@@ -227,7 +227,7 @@ def ls(path: str | os.PathLike | None = None, *, tier: Any = None) -> list[FileM
     return [m for m in metas if m is not None]
 
 
-def stat(path: str | os.PathLike, *, tier: Any = None) -> dict[str, Any]:
+def stat(path: str | os.PathLike, *, tier: Tier | None = None) -> dict[str, Any]:
     """Return what the tier knows of a file: its record, its bytes per state, the BFS file's size.
 
     Raises
@@ -245,7 +245,7 @@ def stat(path: str | os.PathLike, *, tier: Any = None) -> dict[str, Any]:
     return info
 
 
-def read(path: str | os.PathLike, *, tier: Any = None, chunk: int | None = None) -> Iterator[bytes]:
+def read(path: str | os.PathLike, *, tier: Tier | None = None, chunk: int | None = None) -> Iterator[bytes]:
     """Yield the current bytes of a tier file (newest writes over the BFS copy), ``chunk`` at a time.
 
     Raises
@@ -267,7 +267,7 @@ def read(path: str | os.PathLike, *, tier: Any = None, chunk: int | None = None)
             yield bytes(view)
 
 
-def rm(path: str | os.PathLike, *, tier: Any = None) -> None:
+def rm(path: str | os.PathLike, *, tier: Tier | None = None) -> None:
     """Remove a file: its data in the tier and its BFS file.
 
     Raises
@@ -292,7 +292,7 @@ def rm(path: str | os.PathLike, *, tier: Any = None) -> None:
         os.unlink(target)
 
 
-def expand(paths: Iterable[str | os.PathLike], *, recursive: bool, tier: Any = None,
+def expand(paths: Iterable[str | os.PathLike], *, recursive: bool, tier: Tier | None = None,
            source: str = "tier") -> list[str]:
     """Return the BFS paths of the files named by ``paths``, directories expanded with ``recursive``.
 
@@ -335,7 +335,7 @@ def expand(paths: Iterable[str | os.PathLike], *, recursive: bool, tier: Any = N
 
 # ----------------------------------------------------------------------------- threshold actions
 
-def dirty_files(tier: Any, include_pinned: bool = False) -> list[FileMeta]:
+def dirty_files(tier: Tier, include_pinned: bool = False) -> list[FileMeta]:
     """Return the records of the tier's files holding data not on the BFS (unpinned unless asked)."""
     store = tier.store
     out = []
@@ -346,7 +346,7 @@ def dirty_files(tier: Any, include_pinned: bool = False) -> list[FileMeta]:
     return out
 
 
-def auto_sync(tier: Any, order: Callable[[list[FileMeta]], list[FileMeta]] | None = None,
+def auto_sync(tier: Tier, order: Callable[[list[FileMeta]], list[FileMeta]] | None = None,
               log: Callable[[str], None] | None = None) -> int:
     """Sync every dirty unpinned file (in ``order``, default by path); return how many succeeded.
 
@@ -365,7 +365,7 @@ def auto_sync(tier: Any, order: Callable[[list[FileMeta]], list[FileMeta]] | Non
     return done
 
 
-def auto_purge(tier: Any) -> int:
+def auto_purge(tier: Tier) -> int:
     """Drop the clean data of every unpinned file; return the bytes freed."""
     store = tier.store
     freed = 0
@@ -376,7 +376,7 @@ def auto_purge(tier: Any) -> int:
     return freed
 
 
-def make_room(tier: Any) -> bool:
+def make_room(tier: Tier) -> bool:
     """Free tier memory when the tier is full: sync the dirty unpinned files, then drop clean data.
 
     Returns
@@ -388,7 +388,7 @@ def make_room(tier: Any) -> bool:
     return auto_purge(tier) > 0
 
 
-def wait_clean(path: str, *, tier: Any = None, timeout: float = 30.0) -> bool:
+def wait_clean(path: str, *, tier: Tier | None = None, timeout: float = 30.0) -> bool:
     """Wait until the tier holds nothing dirty of ``path`` (a queued sync done); True if it happened."""
     tier, store, target = _locate(path, tier)
     deadline = time.monotonic() + timeout

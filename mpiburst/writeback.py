@@ -17,6 +17,7 @@ from .perms import current_umask
 from .residency import make_room
 from .sizes import parse_size
 from .store import MAX_BLOB, MAX_EXTENT, FileMeta, RecordGone
+from .tier import Tier
 
 #: Default size of a handle's write-back buffer (``MPIBURST_WR_BUFFER`` overrides); 4 MiB
 #: measured best here between 1 and 8 MiB (see docs/benchmarks.md).
@@ -55,7 +56,7 @@ class TierFile:
         Write-back buffer size in bytes.
     """
 
-    def __init__(self, tier, path: str, channel: int, buffer: int = DEFAULT_BUFFER):
+    def __init__(self, tier: Tier, path: str, channel: int, buffer: int = DEFAULT_BUFFER) -> None:
         self.tier = tier
         self.store = tier.store
         self.path = path
@@ -240,7 +241,7 @@ class TierFile:
         self.store.set_size(self.path, size)
 
 
-def register(tier, path: str, create: bool, exclusive: bool) -> str | None:
+def register(tier: Tier, path: str, create: bool, exclusive: bool) -> str | None:
     """Make sure the tier knows ``path`` before it is opened; no MPI involved.
 
     Returns
