@@ -9,6 +9,7 @@ Reusable by every test module:
 * ``mem_tier``: the in-process memory tier (a MemoryStore), for unit tests only.
 * ``atier``: ``tier`` with a 64 KiB flush alignment (:data:`ALIGN`); ``bfs_file``
   and ``check_aligned`` help the flush and residency tests.
+* job scripts: ``EXAMPLES``, ``expected_file``, ``job_env``, ``server_pids_logged``.
 * ``cli``: run the ``mpiburst`` command in a subprocess (``cli("status", "--id", X)``).
 * ``server_pids_in``: PIDs of live server processes whose working directory
   is under a path (to assert that nothing was left running).
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -139,6 +141,40 @@ def check_aligned(seen: list[tuple[str, int, int]], size: int, align: int = ALIG
     for _, off, n in seen:
         assert off % align == 0, (off, n)
         assert (n % align == 0 or off + n == size) and n <= top, (off, n, size)
+
+
+#: The example programs the job-script tests run.
+EXAMPLES = REPO / "examples"
+
+
+def expected_state(rank: int, size: int, steps: int):
+    """The state examples/checkpoint_restart.py holds on ``rank`` after ``steps`` steps (a numpy array)."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import checkpoint_restart as app
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    state = app.initial(rank, size)
+    for n in range(1, steps + 1):
+        state = app.step(state, n)
+    return state
+
+
+def expected_file(ranks: int, size: int, steps: int) -> bytes:
+    """The checkpoint file examples/checkpoint_restart.py writes with ``ranks`` ranks after ``steps`` steps."""
+    return b"".join(expected_state(r, size, steps).tobytes() for r in range(ranks))
+
+
+def job_env(server_binary: str, **extra: str) -> dict:
+    """The environment of a job script: the checkout's package, the venv's python and mpiexec first on PATH."""
+    env = cli_env(MPIBURST_SERVER=server_binary, MPIBURST_PYTHON=sys.executable, **extra)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    return env
+
+
+def server_pids_logged(log: str) -> list[int]:
+    """The server PIDs 'mpiburst run' reported starting in a job's log."""
+    return [int(p) for p in re.findall(r"started the tier of run \S+ \(PID (\d+)", log)]
 
 
 @pytest.fixture

@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, _server_pids_in, processes_gone
+from conftest import EXAMPLES, REPO, _server_pids_in, expected_file, job_env, processes_gone, server_pids_logged
 from mpiburst import server
-from test_jobscripts_slurm import EXAMPLES, expected_file, job_env, server_pids_logged
 
 SCRIPTS = REPO / "jobscripts" / "pbs"
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,40 +20,11 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from conftest import REPO, _server_pids_in, processes_gone, cli_env
+from conftest import (EXAMPLES, REPO, _server_pids_in, cli_env, expected_file, expected_state, job_env,  # noqa: F401
+                      processes_gone, server_pids_logged)
 from mpiburst import server
 
 SCRIPTS = REPO / "jobscripts" / "slurm"
-EXAMPLES = REPO / "examples"
-VENV_BIN = str(Path(sys.executable).parent)
-
-
-def expected_state(rank: int, size: int, steps: int) -> np.ndarray:
-    """The state examples/checkpoint_restart.py holds on ``rank`` after ``steps`` steps."""
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import checkpoint_restart as app
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    state = app.initial(rank, size)
-    for n in range(1, steps + 1):
-        state = app.step(state, n)
-    return state
-
-
-def expected_file(ranks: int, size: int, steps: int) -> bytes:
-    return b"".join(expected_state(r, size, steps).tobytes() for r in range(ranks))
-
-
-def job_env(server_binary: str, **extra: str) -> dict:
-    env = cli_env(MPIBURST_SERVER=server_binary, MPIBURST_PYTHON=sys.executable, **extra)
-    env["PATH"] = VENV_BIN + os.pathsep + env["PATH"]
-    return env
-
-
-def server_pids_logged(log: str) -> list[int]:
-    """The server PIDs 'mpiburst run' reported starting in a job's log."""
-    return [int(p) for p in re.findall(r"started the tier of run \S+ \(PID (\d+)", log)]
 
 
 @pytest.fixture(scope="module")
