@@ -58,8 +58,8 @@ class Engine:
 
     def memory(self) -> tuple[int, int]:
         """Return ``(used_memory, capacity)`` of the server in bytes."""
-        info = self.tier.redis.info("memory")
-        return int(info["used_memory"]), int(info.get("maxmemory") or self.tier.capacity)
+        used, limit = self.tier.store.memory()
+        return used, limit or self.tier.capacity
 
     def serve_queue(self) -> None:
         """Carry out queued requests; wait up to one interval for the first one."""

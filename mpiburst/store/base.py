@@ -34,6 +34,8 @@ request queue (for the engine)
 shared file pointers (``mpiburst.File``, one per open of a file)
     :meth:`~Store.shared_pointer`, :meth:`~Store.set_shared_pointer`,
     :meth:`~Store.drop_shared_pointer`
+the whole store
+    :meth:`~Store.memory`, :meth:`~Store.empty`, :meth:`~Store.close`
 
 Errors: a store raises only :mod:`mpiburst.errors` exceptions
 (:class:`~mpiburst.errors.TierFullError` when the tier is out of memory,
@@ -424,6 +426,10 @@ class Store(ABC):
         """Forget the shared file pointer of open ``token`` (the file is closed)."""
 
     # -- the whole store ----------------------------------------------------
+    @abstractmethod
+    def memory(self) -> tuple[int, int]:
+        """Return ``(bytes used, limit)`` of the tier's memory; a limit of 0 means none."""
+
     @abstractmethod
     def empty(self) -> bool:
         """True if the store holds nothing at all (no file, channel or request)."""

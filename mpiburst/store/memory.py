@@ -378,6 +378,10 @@ class MemoryStore(Store):
             self._pointers.pop((path, token), None)
 
     # -- the whole store ----------------------------------------------------
+    def memory(self) -> tuple[int, int]:
+        with self._lock:
+            return self._used, self.capacity or 0
+
     def empty(self) -> bool:
         with self._lock:
             return not self._files and not self._queue and not self._pointers and not any(

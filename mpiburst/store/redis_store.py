@@ -544,6 +544,10 @@ class RedisStore(Store):
         self.r.delete(_key(file_id(path), f"sfp:{token}"))
 
     # -- the whole store ----------------------------------------------------
+    def memory(self) -> tuple[int, int]:
+        info = self.r.info("memory")
+        return int(info["used_memory"]), int(info.get("maxmemory") or 0)
+
     def empty(self) -> bool:
         return self.r.dbsize() == 0
 

@@ -360,6 +360,13 @@ class StoreTests:
         assert store.empty()
 
     # -- the whole store ----------------------------------------------------
+    def test_memory_grows_with_data(self, store: Store) -> None:
+        used, limit = store.memory()
+        assert used >= 0 and limit >= 0
+        store.create("/bfs/m", None)
+        put(store, "/bfs/m", None, [(0, b"m" * (2 << 20))])
+        assert store.memory()[0] >= used + (1 << 20)
+
     def test_empty(self, store: Store) -> None:
         assert store.empty()
         store.enqueue(b"x")
