@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 #: (key, label, is a limit) of every method, in table and plot order.
 METHODS: tuple[tuple[str, str, bool], ...] = (
