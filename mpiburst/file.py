@@ -184,6 +184,7 @@ class File:
             self.Close()
             return
         tf, self._tf = self._tf, None
+        self._view.release()
         tf.close()
 
     # -- explicit offsets -----------------------------------------------------------
