@@ -556,7 +556,8 @@ class File:
         return self._whole_etypes(message(buf, writable=True))
 
     def _whole_etypes(self, msg: Message) -> Message:
-        if msg.nbytes % self._view.esize:
+        esize = self._view.esize
+        if esize != 1 and msg.nbytes % esize:
             raise _mpi_error(MPI.ERR_IO)  # MPICH: "Only an integral number of etypes can be accessed"
         return msg
 

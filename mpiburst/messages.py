@@ -12,7 +12,6 @@ and from the contiguous stream the file sees. Device buffers are refused.
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,23 +27,23 @@ _DLPACK_CPU = 1
 _BYTES = layout(MPI.BYTE)
 
 
-@dataclass
 class Message:
-    """The bytes a buffer spec selects: ``count`` instances of ``lay`` from byte ``base`` of ``raw``."""
+    """The bytes a buffer spec selects: ``count`` instances of ``lay`` from byte ``base`` of ``raw``.
 
-    raw: memoryview
-    base: int
-    count: int
-    lay: Layout
+    ``nbytes`` is the data it carries (count times the datatype's size).
+    """
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of data the message carries (count times the datatype's size)."""
-        return self.count * self.lay.size
+    __slots__ = ("raw", "base", "count", "lay", "nbytes")
+
+    def __init__(self, raw: memoryview, base: int, count: int, lay: Layout):
+        self.raw, self.base, self.count, self.lay = raw, base, count, lay
+        self.nbytes = count * lay.size
 
     def contiguous(self) -> memoryview | None:
         """Return the selected bytes as one slice of the buffer, or None if they have holes."""
         if self.lay.contiguous:
+            if self.base == 0 and self.nbytes == len(self.raw):
+                return self.raw
             return self.raw[self.base:self.base + self.nbytes]
         offs, lens = self.lay.tiled(self.count, self.base)
         if len(offs) == 1:
@@ -208,7 +207,10 @@ def message(buf: Any, writable: bool) -> Message:
     if count < 0:
         raise ValueError(f"message: negative count {count}")
     msg = Message(raw, displ * lay.extent, count, lay)
-    if msg.nbytes:
+    if lay.contiguous:
+        if msg.base + msg.nbytes > len(raw):
+            raise ValueError("message: buffer is too small for the count and displacement given")
+    elif msg.nbytes:
         offs, lens = lay.tiled(count, msg.base)
         if int(offs.min()) < 0 or int((offs + lens).max()) > len(raw):
             raise ValueError("message: buffer is too small for the count and displacement given")
