@@ -8,24 +8,48 @@
 # Site settings may live in /etc/mpiburst/site.sh (sourced when present):
 #   MPIBURST_SITE_DIR, MPIBURST_BFS_ROOT (default: the user's home),
 #   MPIBURST_CAPACITY (default 50%), MPIBURST_PYTHON.
-# A prolog that fails drains the node: this one always exits 0 and logs
-# problems to the job's run directory (prolog.log).
+#
+# Root touches no path the job's user can change: the site directory must be
+# root's own (not a symlink, writable by root only), the run directory is made
+# there with mkdir (exclusive) and only then handed to the user, and everything
+# written into it, the log included, is written by the user's own processes.
+# A prolog that fails drains the node: this one always exits 0; problems go to
+# the job's run directory (prolog.log) or, before it exists, to stderr (slurmd's log).
 [[ -f ${MPIBURST_SITE_CONF:-/etc/mpiburst/site.sh} ]] && . "${MPIBURST_SITE_CONF:-/etc/mpiburst/site.sh}"
 SITE_DIR=${MPIBURST_SITE_DIR:-/tmp/mpiburst}
 JOB=${SLURM_JOB_ID:?prolog.sh: SLURM_JOB_ID is not set}
 USER_NAME=${SLURM_JOB_USER:-$(id -un)}
 BFS_ROOT=${MPIBURST_BFS_ROOT:-$(getent passwd "$USER_NAME" | cut -d: -f6)}
-MPIBURST="${MPIBURST_PYTHON:+$MPIBURST_PYTHON -m }mpiburst"
+if [[ -n ${MPIBURST_PYTHON:-} ]]; then MPIBURST=("$MPIBURST_PYTHON" -m mpiburst); else MPIBURST=(mpiburst); fi
 RUN_DIR=$SITE_DIR/$JOB
+LOG=$RUN_DIR/prolog.log
 
+say() { echo "mpiburst prolog: job $JOB: $*" >&2; }
 as_user() {
     if [[ $(id -u) -eq 0 && $USER_NAME != root ]]; then runuser -u "$USER_NAME" -- "$@"; else "$@"; fi
 }
+# Run a command as the user with its output appended to the run's log, opened by the user's shell.
+logged() { as_user bash -c 'log=$1; shift; "$@" >>"$log" 2>&1' logged "$LOG" "$@"; }
 
-install -d -m 0755 "$SITE_DIR"
-install -d -m 0700 -o "$USER_NAME" "$RUN_DIR"
-# shellcheck disable=SC2086
-as_user timeout 120 $MPIBURST start --id "$JOB" --dir "$RUN_DIR" --bfs-root "$BFS_ROOT" \
+if [[ ! $JOB =~ ^[A-Za-z0-9._-]+$ || $JOB == . || $JOB == .. ]]; then
+    say "the job ID is not usable as a directory name; not starting the tier"; exit 0
+fi
+USER_ID=$(id -u "$USER_NAME" 2>/dev/null) || { say "no user $USER_NAME; not starting the tier"; exit 0; }
+# The site directory: made here if missing (mkdir does not follow a planted symlink), else it must be root's.
+mkdir -m 0755 "$SITE_DIR" 2>/dev/null
+read -r owner mode kind < <(stat -c '%u %a %F' -- "$SITE_DIR" 2>/dev/null)
+if [[ $kind != directory || $owner != "$(id -u)" || $(( 8#${mode:-777} & 8#022 )) -ne 0 ]]; then
+    say "site directory $SITE_DIR is not a directory of $(id -un) writable by it alone; not starting the tier"; exit 0
+fi
+# The run directory: created exclusively (a requeued job finds its own), then handed to the user.
+if mkdir -m 0700 "$RUN_DIR" 2>/dev/null; then
+    chown -h "$USER_NAME:" "$RUN_DIR"
+fi
+read -r owner kind < <(stat -c '%u %F' -- "$RUN_DIR" 2>/dev/null)
+if [[ $kind != directory || $owner != "$USER_ID" ]]; then
+    say "run directory $RUN_DIR is not a directory of $USER_NAME; not starting the tier"; exit 0
+fi
+logged timeout 120 "${MPIBURST[@]}" start --id "$JOB" --dir "$RUN_DIR" --bfs-root "$BFS_ROOT" \
     --capacity "${MPIBURST_CAPACITY:-50%}" --channels "${SLURM_NTASKS:-${SLURM_JOB_CPUS_PER_NODE:-1}}" \
-    >>"$RUN_DIR/prolog.log" 2>&1 || echo "prolog: mpiburst start failed for job $JOB" >>"$RUN_DIR/prolog.log"
+    || logged echo "prolog: mpiburst start failed for job $JOB"
 exit 0
