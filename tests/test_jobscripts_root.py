@@ -5,7 +5,7 @@ user (``second_user``, made with useradd). That user controls the run
 directory, so it can plant symlinks to root's files, FIFOs, and a conf naming
 any PID and binary. Each test checks that root followed no such trap: root's
 files and directories are unchanged, root's processes alive, and the script
-returned promptly. Not root: skipped (CI, with ``MPIBURST_REQUIRE_ROOT=1``, fails).
+returned promptly. Not root: skipped (CI, with ``MPIBURST_REQUIRE_TOOLS=1``, fails).
 """
 
 from __future__ import annotations
