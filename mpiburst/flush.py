@@ -43,6 +43,7 @@ import errno
 import glob
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -68,6 +69,10 @@ WRITE_SIZE = 8 << 20
 LEASE_SECONDS = 30.0
 #: How long a blocking sync waits for another flusher of the same file to finish.
 LEASE_WAIT = 120.0
+#: Seconds a flush waits for a lease before it says so (a dead flusher's lease lasts up to LEASE_SECONDS).
+LEASE_NOTE_AFTER = 1.0
+
+_log = logging.getLogger(__name__)
 #: Called as ``observer(path, offset, length)`` for every write call made on the BFS
 #: (after it succeeded); tests and benchmarks use it to count and check writes.
 write_observers: list[Callable[[str, int, int], None]] = []
@@ -313,11 +318,17 @@ def _prepare(store: Store, target: str, align: int) -> _Plan:
 
 def _take_lease(store: Store, target: str) -> FlushLease:
     """Return the file's flush lease, waiting up to :data:`LEASE_WAIT` for another flusher."""
-    deadline = time.monotonic() + LEASE_WAIT
+    started = time.monotonic()
+    deadline = started + LEASE_WAIT
+    noted = False
     while True:
         lease = store.flush_lease(target, LEASE_SECONDS)
         if lease is not None:
             return lease
+        if not noted and time.monotonic() > started + LEASE_NOTE_AFTER:
+            _log.warning("sync of %s waits for its flush lease: another flush holds it, or one that died left "
+                         "it, and then it expires within %.0f s.", target, LEASE_SECONDS)
+            noted = True
         if time.monotonic() > deadline:
             raise FlushError(f"another flush of {target} has held it for over {LEASE_WAIT:.0f} s; "
                              "wait for it to finish and try again.")

@@ -11,6 +11,7 @@ see. The root-side Slurm scripts are tested in ``test_jobscripts_root.py``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import pytest
 import redis
+
+import mpiburst
 
 from conftest import cli_env, processes_gone
 from mpiburst import server
@@ -377,3 +380,17 @@ def test_save_failure_names_its_cause(tier: Tier) -> None:
     assert "failed ()" not in message and ("Permission denied" in message or "Operation not permitted" in message)
     assert server.pid_alive(tier.conf.pid, tier.conf.server)  # nothing was stopped
 
+
+
+@pytest.mark.timeout(60)
+def test_a_flush_waiting_for_an_expired_lease_says_so(tier: Tier, caplog) -> None:
+    from mpiburst import flush
+
+    path = os.path.join(tier.bfs_root, "leased.dat")
+    with mpiburst.open(path, "wb", tier=tier) as f:
+        f.write(b"lease" * 999)
+    assert tier.store.lease(path, 3.0) is not None  # a flusher that died holding the lease
+    with caplog.at_level(logging.WARNING, logger="mpiburst.flush"):
+        flush.sync(path, tier=tier)
+    assert "waits for its flush lease" in caplog.text and "expires within" in caplog.text
+    assert Path(path).read_bytes() == b"lease" * 999
