@@ -145,3 +145,18 @@ def test_error_in_a_collective_reaches_every_rank(tier):
 def test_atomic_mode_needs_no_sync(run):
     seen = run(parity.atomic_body(seed=13), comm)
     assert seen[0] is True and all(count > 0 for count in seen[1:-1:2])
+
+
+def test_subarray_writer_example(tier):
+    """examples/subarray_writer.py: a 2-D decomposition through one subarray view and one Write_all."""
+    import importlib.util
+
+    t, _ = tier
+    if rank == 0:
+        os.makedirs(os.path.join(t.bfs_root, "grid"), exist_ok=True)
+    comm.Barrier()
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "subarray_writer.py")
+    spec = importlib.util.spec_from_file_location("subarray_writer", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.write_and_check(comm, 37, 23) is None
