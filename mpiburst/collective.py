@@ -14,8 +14,8 @@ otherwise a :class:`~mpiburst.errors.CollectiveError` (an mpiburst error)
 naming the failing rank, the original type and its message. Only :class:`Exception` is caught: an interrupt
 or ``SystemExit`` ends the process, and the MPI job with it.
 
-``comm`` may be None for a single process (mpi4py is then never imported):
-the action simply runs.
+``comm`` may be None for a single process (mpi4py is then never imported);
+with None or a communicator of one rank the action simply runs.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def on_root(comm: Any, action: Callable[[], T], root: int = 0) -> T:
         root; on the others the same mpiburst or MPI error, else a
         :class:`~mpiburst.errors.CollectiveError` with its type and message.
     """
-    if comm is None:
+    if comm is None or comm.Get_size() == 1:
         return action()
     failure: Exception | None = None
     message: bytes | None = None
@@ -81,7 +81,7 @@ def together(comm: Any, action: Callable[[], T]) -> T:
         the first failing rank's exception (or a
         :class:`~mpiburst.errors.CollectiveError` naming it).
     """
-    if comm is None:
+    if comm is None or comm.Get_size() == 1:
         return action()
     failure: Exception | None = None
     result: Any = None
