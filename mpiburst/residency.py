@@ -382,10 +382,12 @@ def make_room(tier: Tier) -> bool:
     Returns
     -------
     bool
-        True if any bytes were freed (the caller may retry its write).
+        True if this call flushed or freed anything (the caller retries its
+        write). False when it found nothing to do: either another process
+        freed the memory first (a retry will tell) or nothing can be freed.
     """
-    auto_sync(tier)
-    return auto_purge(tier) > 0
+    synced = auto_sync(tier)
+    return auto_purge(tier) > 0 or synced > 0
 
 
 def wait_clean(path: str, *, tier: Tier | None = None, timeout: float = 30.0) -> bool:

@@ -27,7 +27,7 @@ DEFAULT_BUFFER = 4 << 20
 #: 4 MiB needs a 5 MiB allocator class (1.25-1.4 bytes of memory per byte),
 #: 64 bytes less fits the 4 MiB class.
 BLOB_SLACK = 64
-#: How often a full tier is answered by flushing and freeing before giving up.
+#: Rounds in a row of flushing and freeing that free nothing before a full tier is reported.
 _ROOM_TRIES = 3
 #: How often a read is retried when a purge freed its data while it ran.
 _READ_TRIES = 5
@@ -183,15 +183,24 @@ class TierFile:
         self._inflight = None
 
     def _commit(self, payload: memoryview, extents) -> None:
-        """Commit one batch and wait; when the tier is full, flush and free data, then retry."""
-        for attempt in range(_ROOM_TRIES + 1):
+        """Commit one batch and wait; when the tier is full, flush and free data, then retry.
+
+        Another writer, or the engine, may free the memory first, so a round
+        of :func:`~mpiburst.residency.make_room` that freed nothing here is no
+        proof that nothing can be freed: the batch is sent again, and only
+        after :data:`_ROOM_TRIES` rounds in a row that neither flushed nor
+        freed anything while the tier stayed full does the write fail.
+        """
+        stalled = 0
+        while True:
             try:
                 self.store.commit(self.path, self.channel, payload, extents)
                 return
             except RecordGone:
                 register(self.tier, self.path, create=True, exclusive=False)
             except TierFullError:
-                if attempt == _ROOM_TRIES or not make_room(self.tier):
+                stalled = 0 if make_room(self.tier) else stalled + 1
+                if stalled >= _ROOM_TRIES:
                     raise TierFullError(
                         f"the tier is full and nothing more can be flushed or freed to take "
                         f"{len(payload)} bytes for {self.path}; unpin files, purge data or restart "

@@ -1,0 +1,100 @@
+"""Fault tests of docs/reliability.md that need real MPI ranks (``mpiexec -n 2`` and ``-n 4``).
+
+Each test names the promise it checks; see docs/reliability.md for the list.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+import mpiburst
+from mpiburst.errors import MpiburstError, TierFullError
+from mpiburst.file import File
+from mpiburst.tier import Tier
+
+pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.timeout(300)]
+
+WRONLY = MPI.MODE_WRONLY | MPI.MODE_CREATE
+MIB = 1 << 20
+
+
+def _tier(mpi_tmp_path, server_binary, capacity: str) -> Tier:
+    comm = MPI.COMM_WORLD
+    bfs = mpi_tmp_path / "bfs"
+    if comm.Get_rank() == 0:
+        bfs.mkdir()
+    comm.Barrier()
+    return Tier.start(comm, id=f"rel{os.getppid()}", dir=str(mpi_tmp_path), bfs_root=str(bfs),
+                      capacity=capacity, server=server_binary)
+
+
+def _block(i: int) -> bytes:
+    return np.random.default_rng(i).integers(0, 256, MIB, dtype=np.uint8).tobytes()
+
+
+def test_full_tier_rounds_never_report_full_while_synced_data_can_be_freed(mpi_tmp_path, server_binary):
+    """Promise: TierFullError only when nothing can be flushed or freed (#13 item 6).
+
+    A 64 MiB tier, three rounds of 96 MiB written by all ranks together in
+    1 MiB writes, each round closed and synced: the earlier rounds' synced
+    data can always be freed, so no rank may see TierFullError, and every
+    byte reaches the BFS.
+    """
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    total = 96
+    with _tier(mpi_tmp_path, server_binary, "64M") as tier:
+        for r in range(3):
+            info = MPI.Info.Create()
+            info.Set("mpiburst_wr_buffer", "1M")
+            f = File.Open(comm, f"burst://round{r}.dat", WRONLY, info)
+            info.Free()
+            try:
+                for i in range(rank, total, size):
+                    f.Write_at_all(i * MIB, _block(1000 * r + i))
+                f.Close()
+            except TierFullError as exc:
+                pytest.fail(f"round {r}, rank {rank}: false TierFullError: {exc}")
+            report = mpiburst.sync(f"burst://round{r}.dat", tier=tier, comm=comm)
+            assert report.size == total * MIB
+        if rank == 0:
+            for r in range(3):
+                with open(os.path.join(tier.bfs_root, f"round{r}.dat"), "rb") as fh:
+                    for i in range(total):
+                        assert fh.read(MIB) == _block(1000 * r + i), f"round {r} block {i} differs on the BFS"
+        comm.Barrier()
+
+
+def test_a_really_full_tier_is_reported_on_every_rank(mpi_tmp_path, server_binary):
+    """Promise: a full tier with nothing to free fails a collective on every rank, no rank waits.
+
+    One pinned file fills a 16 MiB tier; the collective writes of every rank
+    then fail on every rank with TierFullError (or the collective's error),
+    within the test's timeout.
+    """
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    with _tier(mpi_tmp_path, server_binary, "16M") as tier:
+        info = MPI.Info.Create()
+        info.Set("mpiburst_wr_buffer", "1M")
+        f = File.Open(comm, "burst://pinned.dat", WRONLY, info)
+        info.Free()
+        if rank == 0:
+            mpiburst.pin("burst://pinned.dat", tier=tier)
+        comm.Barrier()
+        failed = None
+        try:
+            for i in range(rank, 64, size):
+                f.Write_at_all(i * MIB, _block(i) if rank == 0 else b"x" * 16)
+            f.Sync()
+        except MpiburstError as exc:
+            failed = exc
+        assert failed is not None, "a tier full of pinned data accepted 64 MiB"
+        errors = comm.allgather(type(failed).__name__)
+        assert "TierFullError" in errors
+        f._tf = None  # the handle is unusable after the failure; leave without a collective Close
+        comm.Barrier()
