@@ -55,6 +55,12 @@ class PathError(MpiburstError):
     exit_code = 2
 
 
+class OffsetError(MpiburstError):
+    """An offset or size lies beyond what the tier can store exactly (see :data:`mpiburst.client.MAX_OFFSET`)."""
+
+    exit_code = 27  # EFBIG
+
+
 class FlushError(MpiburstError):
     """A flush to the backing filesystem failed; the data stays dirty in the tier."""
 

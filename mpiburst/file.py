@@ -20,7 +20,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .collective import on_root, together
-from .writeback import TierFile, buffer_size, register
+from .writeback import TierFile, buffer_size, check_offset, register
 from .messages import Message, message
 from .paths import is_burst, resolve
 from .tier import Tier
@@ -383,6 +383,7 @@ class File:
         """Truncate or extend the file to ``size`` bytes (collective)."""
         if size < 0:
             raise _mpi_error(MPI.ERR_ARG)
+        check_offset(size, f"set the size {size} of")  # same argument on every rank: all refuse together
         tf = self._handle()
         self._together(tf.push)
         self._rank0(lambda: tf.set_size(size))
@@ -391,6 +392,7 @@ class File:
         """Make the file at least ``size`` bytes long (collective)."""
         if size < 0:
             raise _mpi_error(MPI.ERR_ARG)
+        check_offset(size, f"preallocate {size} bytes of")
         tf = self._handle()
         self._together(tf.push)
 

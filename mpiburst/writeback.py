@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import ServerError, TierConnectionError, TierFullError
+from .errors import OffsetError, ServerError, TierConnectionError, TierFullError
 from .assembly import BfsBytes, current_bytes
 from .perms import current_umask
 from .residency import make_room
@@ -19,6 +19,10 @@ from .sizes import parse_size
 from .store import MAX_BLOB, MAX_EXTENT, FileMeta, RecordGone
 from .tier import Tier
 
+#: End of the largest file the tier stores exactly: the index keeps extent offsets as
+#: the server's sorted-set scores, doubles exact up to 2**53, and range queries reach
+#: MAX_EXTENT below their start. Writes and sizes past it are refused (8 PiB).
+MAX_OFFSET = 2**53 - MAX_EXTENT
 #: Default size of a handle's write-back buffer (``MPIBURST_WR_BUFFER`` overrides); 4 MiB
 #: measured best here between 1 and 8 MiB (see docs/benchmarks.md).
 DEFAULT_BUFFER = 4 << 20
@@ -84,6 +88,7 @@ class TierFile:
         n = len(data)
         if n == 0:
             return
+        check_offset(offset + n, f"write {n} bytes at offset {offset} of")
         if n >= self.limit:
             self.push()
             self._send_direct(offset, data)
@@ -246,8 +251,17 @@ class TierFile:
     # -- size ---------------------------------------------------------------
     def set_size(self, size: int) -> None:
         """Set the file's logical size (truncate or extend with zeros)."""
+        check_offset(size, f"set the size {size} of")
         self.push()
         self.store.set_size(self.path, size)
+
+
+def check_offset(end: int, what: str) -> None:
+    """Refuse a file end past :data:`MAX_OFFSET` with an :class:`OffsetError` (``what`` names the act)."""
+    if end > MAX_OFFSET:
+        raise OffsetError(f"cannot {what} a tier file: the tier stores files only up to {MAX_OFFSET} bytes "
+                          "(2**53 - 256 KiB, 8 PiB); keep offsets below that, or write such a file directly with "
+                          "mpi4py.MPI.File.")
 
 
 def register(tier: Tier, path: str, create: bool, exclusive: bool) -> str | None:
