@@ -22,13 +22,21 @@ So the BFS sees about ``bytes / WRITE_SIZE`` write calls, each aligned and a
 whole number of stripes, whatever the number of fragments, and a flusher holds
 two buffers of :data:`WRITE_SIZE` bytes.
 
-Durability: a file that already exists on the BFS is updated in place (after
-applying a pending ``Set_size`` truncation); a new file is written aside as
-``.<name>.mpiburst-<token>``, fsync'd and renamed, and the directory fsync'd,
-so a half-written new file never appears under its final name. The file and
-any directories the flush creates get the permissions a direct write by the
-application would have given them (:mod:`mpiburst.perms`). Only after
-every flusher's bytes are fsync'd is the snapshot marked clean
+Only stripes holding dirty data are planned: the flusher walks the file's
+index, not its logical size, so a 5-byte write at offset 2**52 costs one
+stripe of memory, and holes are never allocated on the BFS.
+
+Durability: a flush never changes the BFS file in place. It writes a new
+version aside as ``.<name>.mpiburst-<token>`` (for a file that exists, the
+unchanged bytes are copied into it in the kernel, hole-aware, with
+``copy_file_range``: a reflink on XFS or Btrfs, a server-side copy on NFS
+4.2), fsyncs it and renames it over the final name, then fsyncs the
+directory: a reader, or a crash, sees the old file or the new one, never a
+mix. The new version gets the permissions a direct write by the application
+would have given it, or the replaced file's (:mod:`mpiburst.perms`). A lock
+file beside the target (``.<name>.mpiburst.lock``, ``flock``)
+serialises flushes of one BFS path by different runs. Only after every
+flusher's bytes are fsync'd is the snapshot marked clean
 (:meth:`~mpiburst.store.FlushLease.mark_clean`, which checks the flush still
 holds the file's lease). Any failure releases the lease, leaves the data dirty and
 raises :class:`~mpiburst.errors.FlushError`; a later sync completes the job.
@@ -40,23 +48,27 @@ for the automatic engine (:mod:`mpiburst.engine`).
 from __future__ import annotations
 
 import errno
+import fcntl
 import glob
 import hashlib
 import json
 import logging
 import os
+import secrets
+import stat
 import threading
 import time
 import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 from .assembly import BfsBytes, current_bytes
 from .buffers import borrowed
 from .collective import on_root
 from .errors import FlushError, MpiburstError, PathError, TierConnectionError
+from .overlay import Extent
 from .paths import resolve
 from .perms import create_aside, current_umask, give_final_attrs, make_dirs
 from .store import FlushLease, Store
@@ -118,15 +130,15 @@ class _Plan:
     """The snapshot and target of one flush, decided by rank 0 and shared with every flusher."""
 
     target: str
-    work: str          # the file written: ``target`` (in place) or a temporary name beside it
+    work: str          # the new version, written aside and renamed over ``target`` at the end
     token: str
     upto: int
     clean: int
     size: int
     trunc: int | None
     align: int
-    base: int          # BFS bytes that may fill gaps (0 for a new file)
-    new: bool
+    base: int          # bytes of the existing BFS file kept (0 for a new file)
+    new: bool          # no BFS file existed: every extent up to ``upto`` is written
     umask: int         # of the application: new files and directories get the modes it gives
 
 
@@ -230,6 +242,7 @@ def sync(path: str | os.PathLike, *, tier: Tier | None = None, comm: Any = None,
 
     def prepare() -> _Plan:
         try:
+            recover(tier.bfs_root)   # a commit killed while renaming: finish it before touching its files
             return _prepare(store, target, tier.align)
         except (PathError, FlushError):
             raise
@@ -238,9 +251,7 @@ def sync(path: str | os.PathLike, *, tier: Tier | None = None, comm: Any = None,
 
     plan = on_root(comm, prepare)       # rank 0 plans; every rank gets the plan or the error
 
-    nstripes = -(-plan.size // plan.align)
-    rank, nprocs = comm.Get_rank(), comm.Get_size()
-    first, last = rank * nstripes // nprocs, (rank + 1) * nstripes // nprocs
+    first, last = _stripe_range(plan, comm.Get_rank(), comm.Get_size())
     tally = _Tally(progress, verify)
     error: str | None = None
     try:
@@ -275,6 +286,212 @@ def sync(path: str | os.PathLike, *, tier: Tier | None = None, comm: Any = None,
     return result
 
 
+def commit(paths: Iterable[str] | None = None, *, tier: Tier | None = None, include_pinned: bool = True,
+           select: Callable[[str], bool] | None = None,
+           log: Callable[[str], None] | None = None) -> list[FlushReport]:
+    """Flush a consistent cut of the tier's files to the BFS, all or nothing.
+
+    Every file's watermark is taken in one atomic step (:meth:`Store.cut
+    <mpiburst.store.Store.cut>`), each dirty file is flushed exactly up to its
+    mark (newer writes stay dirty), and the new versions are renamed into
+    place only when all of them are written and fsync'd, under a journal
+    (``.mpiburst-commit-<token>.json`` in the BFS root) that the next sync or
+    commit completes if this one is killed while renaming. So if write B
+    was issued after write A had completed (its file closed or synced), B on
+    the BFS implies A on the BFS.
+
+    Parameters
+    ----------
+    paths
+        BFS paths to commit (files the tier does not hold are skipped);
+        default every file of the tier.
+    tier
+        The run's :class:`~mpiburst.tier.Tier`; default :meth:`Tier.current`.
+    include_pinned
+        False: leave pinned files out (the automatic engine).
+    select
+        Called with each BFS path of the cut: only those it returns True for
+        are committed. Choose files this way, not by a list made before the
+        call: a file created after such a list but before the cut would be
+        left out while later writes that depend on it are in.
+    log
+        Called with one line per file committed.
+
+    Returns
+    -------
+    list of FlushReport
+        One per file that was dirty in the cut, in path order.
+
+    Raises
+    ------
+    FlushError
+        If any file fails: nothing of the commit is published, every file
+        stays dirty (or, if the commit failed while renaming, the next sync
+        or commit finishes publishing it).
+    """
+    tier = tier or Tier.current()
+    store = tier.store
+    started = time.monotonic()
+    try:
+        recover(tier.bfs_root)
+        cut = store.cut()
+    except Exception as exc:
+        raise FlushError(f"commit failed: {_cause(exc)}; the data stays dirty in the tier, fix the cause and "
+                         f"commit again.") from None
+    wanted = cut if paths is None else {p: cut[p] for p in paths if p in cut}
+    chosen = sorted(p for p, m in wanted.items()
+                    if m.dirty and (include_pinned or not m.pinned) and (select is None or select(p)))
+    plans: list[_Plan] = []
+    tallies: list[_Tally] = []
+    keeper = _LeaseKeeper(store)
+    published = False
+    try:
+        for target in chosen:           # locks and leases in path order: two commits never deadlock
+            plan = _prepare(store, target, tier.align, cut=cut[target])
+            plans.append(plan)
+            keeper.hold(plan)
+        for plan in plans:
+            tally = _Tally()
+            _write_run(store, plan, *_stripe_range(plan, 0, 1), tally, 1)
+            _seal(plan)
+            tallies.append(tally)
+        keeper.check()
+        journal = _write_journal(tier.bfs_root, plans)
+        published = True
+        _publish(plans)
+        os.unlink(journal)
+        keeper.stop()
+        reports = [_settle(store, plan, False) for plan in plans]
+    except Exception as exc:
+        keeper.stop()
+        for plan in plans:
+            if published:   # the journal completes the renames at the next sync or commit
+                FlushLease(store, plan.target, plan.token, LEASE_SECONDS).release()
+                _release_lock(plan.token)
+            else:
+                _abort(store, plan)
+        cause = exc if isinstance(exc, MpiburstError) else _cause(exc)
+        raise FlushError(f"commit of {len(chosen)} files failed: {str(cause).rstrip('.')}; nothing of it was "
+                         "published and the data stays dirty in the tier, fix the cause and commit again."
+                         if not published else
+                         f"commit of {len(chosen)} files failed while publishing them: {_cause(exc)}; the next "
+                         "sync or commit completes it.") from None
+    for report, tally in zip(reports, tallies):
+        report.bytes, report.writes = tally.bytes, sum(tally.sizes.values())
+        report.write_sizes = dict(sorted(tally.sizes.items()))
+        report.seconds = time.monotonic() - started
+        if log is not None:
+            log(f"committed {report.path}: {report.bytes} bytes in {report.writes} writes")
+    return reports
+
+
+class _LeaseKeeper:
+    """Renews the leases of every file a commit holds, from a thread, until stopped."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._plans: list[_Plan] = []
+        self._lost: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="mpiburst-lease-keeper")
+        self._thread.start()
+
+    def hold(self, plan: _Plan) -> None:
+        self._plans.append(plan)
+
+    def check(self) -> None:
+        """Raise if a lease was lost meanwhile."""
+        if self._lost is not None:
+            raise _LeaseLost()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(LEASE_SECONDS / 4):
+            for plan in list(self._plans):
+                try:
+                    ok = self._store.renew(plan.target, plan.token, LEASE_SECONDS)
+                except Exception:  # noqa: BLE001 - the commit reports the cause when it next talks to the tier
+                    ok = True
+                if not ok:
+                    self._lost = plan.target
+
+
+_JOURNAL = ".mpiburst-commit-{}.json"
+
+
+def _write_journal(bfs_root: str, plans: list[_Plan]) -> str:
+    """Write and fsync the list of renames a commit is about to make; return its path."""
+    path = os.path.join(bfs_root, _JOURNAL.format(secrets.token_hex(8)))
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, json.dumps({"renames": [[p.work, p.target] for p in plans]}).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    _fsync_dir(bfs_root)
+    return path
+
+
+def recover(bfs_root: str) -> int:
+    """Finish the renames of commits killed while publishing; return how many journals were completed.
+
+    A journal whose files are locked belongs to a commit still running and
+    is left to it. Run by every sync and commit before it starts.
+    """
+    done = 0
+    for journal in glob.glob(os.path.join(glob.escape(bfs_root), _JOURNAL.format("*"))):
+        try:
+            with open(journal, "rb") as f:
+                renames = [(str(w), str(t)) for w, t in json.load(f)["renames"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not all(_journal_entry_ok(bfs_root, w, t) for w, t in renames):
+            continue                      # not one of ours: leave it alone
+        locks: list[BfsLock] = []
+        try:
+            for _, target in renames:
+                locks.append(BfsLock.take(target, wait=0))
+        except (FlushError, OSError):
+            for lock in locks:
+                lock.release()
+            continue                      # its commit is still running
+        try:
+            for work, target in renames:
+                try:
+                    os.rename(work, target)
+                except FileNotFoundError:
+                    pass                  # renamed before the commit was killed
+            for directory in dict.fromkeys(os.path.dirname(t) for _, t in renames):
+                _fsync_dir(directory)
+            os.unlink(journal)
+            done += 1
+        finally:
+            for lock in locks:
+                lock.release()
+    return done
+
+
+def _journal_entry_ok(bfs_root: str, work: str, target: str) -> bool:
+    """True if ``work`` is a flush's new version of ``target``, beside it, inside ``bfs_root``."""
+    root = os.path.join(os.path.realpath(bfs_root), "")
+    directory, name = os.path.split(target)
+    return (target.startswith(root) and os.path.dirname(work) == directory
+            and os.path.basename(work).startswith(f".{name}.mpiburst-"))
+
+
+def _fsync_dir(directory: str) -> None:
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 def enqueue(tier: Tier, op: str, path: str, **fields: Any) -> None:
     """Queue a request (``op`` = ``"sync"`` or ``"prestage"``) in the tier for the engine."""
     tier.store.enqueue(json.dumps(dict(op=op, path=path, time=time.time(), **fields)).encode())
@@ -282,38 +499,127 @@ def enqueue(tier: Tier, op: str, path: str, **fields: Any) -> None:
 
 # ----------------------------------------------------------------------------- the steps
 
-def _prepare(store: Store, target: str, align: int) -> _Plan:
-    """Take the lease, snapshot the file, and make the file to write (rank 0 only)."""
-    if store.meta(target) is None:
+def _prepare(store: Store, target: str, align: int, cut: Any = None) -> _Plan:
+    """Lock the BFS path, take the lease, snapshot the file and create its new version aside (rank 0 only).
+
+    ``cut`` (a :class:`~mpiburst.store.FileMeta` taken by a commit) fixes the
+    snapshot; without it the snapshot is the file's state now.
+    """
+    meta = store.meta(target)
+    if meta is None:
         raise PathError(f"{target} is not in the tier; there is nothing to sync.")
-    lease = _take_lease(store, target)
-    token = lease.token
+    umask = meta.umask if meta.umask is not None else current_umask()
+    directory, name = os.path.split(target)
     try:
-        snap = lease.begin()
-        umask = snap.umask if snap.umask is not None else current_umask()
-        directory, name = os.path.split(target)
         make_dirs(directory, umask)
-        if os.path.exists(target):
-            fd = os.open(target, os.O_RDWR)
-            try:
-                base = os.fstat(fd).st_size
-                if snap.trunc is not None and snap.trunc < base:
-                    os.ftruncate(fd, snap.trunc)
-                    base = snap.trunc
-            finally:
-                os.close(fd)
-            work, new = target, False
-        else:
-            for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.mpiburst-*")):
-                _quiet(lambda: os.unlink(stale))  # left by a killed flusher whose lease expired
-            work, new, base = os.path.join(directory, f".{name}.mpiburst-{token}"), True, 0
-            create_aside(work)
-    except Exception as exc:
-        lease.release()
+        lock = BfsLock.take(target)
+    except OSError as exc:
         raise FlushError(f"sync of {target} failed: {_cause(exc)}; the data stays dirty in the tier, "
                          f"fix the cause and run the sync again.") from None
+    lease: FlushLease | None = None
+    try:
+        lease = _take_lease(store, target)
+        token = lease.token
+        snap = lease.begin()
+        if cut is not None:
+            snap = cut
+        for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.mpiburst-*")):
+            _quiet(lambda: os.unlink(stale))  # left by a killed flusher: we hold the lock and the lease
+        try:
+            old: os.stat_result | None = os.stat(target, follow_symlinks=False)
+        except FileNotFoundError:
+            old = None
+        if old is not None and not stat.S_ISREG(old.st_mode):
+            raise FlushError(f"{target} on the BFS is not a regular file (a link or a directory); remove it "
+                             "or sync the data to another path.")
+        base = 0
+        if old is not None:
+            base = old.st_size if snap.trunc is None else min(old.st_size, snap.trunc)
+        work = os.path.join(directory, f".{name}.mpiburst-{token}")
+        create_aside(work)
+    except BaseException as exc:
+        if lease is not None:
+            lease.release()
+        lock.release()
+        if isinstance(exc, MpiburstError):
+            raise
+        raise FlushError(f"sync of {target} failed: {_cause(exc)}; the data stays dirty in the tier, "
+                         f"fix the cause and run the sync again.") from None
+    _LOCKS[token] = lock
     return _Plan(target=target, work=work, token=token, upto=snap.seq, clean=snap.clean, size=snap.size,
-                 trunc=snap.trunc, align=align, base=base, new=new, umask=umask)
+                 trunc=snap.trunc, align=align, base=base, new=old is None, umask=umask)
+
+
+class BfsLock:
+    """An exclusive ``flock`` on ``.<name>.mpiburst.lock`` beside a BFS file, held while it is flushed.
+
+    Flushes of one BFS path by different runs (different tiers, whose leases
+    do not see each other) take turns. The lock file is removed on release;
+    a taker that locked a file already removed (its inode is no longer at
+    the path) tries again.
+    """
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    @staticmethod
+    def path_for(target: str) -> str:
+        """Return the lock file's path for the BFS file ``target``."""
+        directory, name = os.path.split(target)
+        return os.path.join(directory, f".{name}.mpiburst.lock")
+
+    @classmethod
+    def take(cls, target: str, wait: float | None = None) -> "BfsLock":
+        """Lock ``target``, waiting up to ``wait`` seconds (default :data:`LEASE_WAIT`).
+
+        Raises
+        ------
+        FlushError
+            If another flush of the same BFS path held it all that time.
+        """
+        path = cls.path_for(target)
+        deadline = time.monotonic() + (LEASE_WAIT if wait is None else wait)
+        while True:
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                if time.monotonic() > deadline:
+                    raise FlushError(f"another run has been flushing {target} for over "
+                                     f"{LEASE_WAIT if wait is None else wait:.0f} s (it holds {path}); wait for it to "
+                                     "finish and try again.") from None
+                time.sleep(0.05)
+                continue
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+            except FileNotFoundError:
+                same = False
+            if same:
+                return cls(path, fd)
+            os.close(fd)  # locked a file its holder removed meanwhile: take the new one
+
+    def release(self) -> None:
+        """Remove the lock file and unlock (once; later calls do nothing)."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(fd)
+
+
+#: Locks held by flushes this process prepared, by lease token (released by _finish / _abort).
+_LOCKS: dict[str, BfsLock] = {}
+
+
+def _release_lock(token: str) -> None:
+    lock = _LOCKS.pop(token, None)
+    if lock is not None:
+        lock.release()
 
 
 def _take_lease(store: Store, target: str) -> FlushLease:
@@ -335,77 +641,144 @@ def _take_lease(store: Store, target: str) -> FlushLease:
         time.sleep(0.05)
 
 
+def _stripe_range(plan: _Plan, rank: int, nprocs: int) -> tuple[int, int]:
+    """Return the stripes ``[first, last)`` flusher ``rank`` of ``nprocs`` writes."""
+    nstripes = -(-plan.size // plan.align)
+    return rank * nstripes // nprocs, (rank + 1) * nstripes // nprocs
+
+
 def _write_run(store: Store, plan: _Plan, first: int, last: int, tally: _Tally, workers: int) -> None:
-    """Write stripes ``[first, last)``, split among ``workers`` threads, then fsync."""
+    """Copy the kept bytes of stripes ``[first, last)``, write their dirty runs (in ``workers`` threads), fsync."""
     if first >= last:
         return
-    if workers == 1 or last - first < 2:
-        _write_stripes(store, plan, first, last, tally)
-        return
-    n = min(workers, last - first)
-    bounds = [first + k * (last - first) // n for k in range(n + 1)]
-    with ThreadPoolExecutor(n) as pool:
-        for f in [pool.submit(_write_stripes, store, plan, a, b, tally) for a, b in zip(bounds, bounds[1:])]:
-            f.result()
+    src = os.open(plan.target, os.O_RDONLY | os.O_NOFOLLOW) if plan.base else None
+    fd = os.open(plan.work, os.O_RDWR | os.O_NOFOLLOW)
+    try:
+        if src is not None:
+            copy_data(src, fd, first * plan.align, min(last * plan.align, plan.base))
+        runs = list(_dirty_runs(store, plan, first, last))
+        total = sum(b - a for a, b in runs)
+        if workers == 1 or total < 2:
+            _write_stripes(store, plan, runs, src, fd, tally)
+        else:
+            n = min(workers, total)
+            parts = list(_batches(runs, -(-total // n)))
+            with ThreadPoolExecutor(len(parts)) as pool:
+                for f in [pool.submit(_write_stripes, store, plan, part, src, fd, tally) for part in parts]:
+                    f.result()
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        if src is not None:
+            os.close(src)
 
 
-def _write_stripes(store: Store, plan: _Plan, first: int, last: int, tally: _Tally) -> None:
-    """Write the dirty stripes of ``[first, last)``, :data:`WRITE_SIZE` bytes at a time, then fsync.
+def _dirty_runs(store: Store, plan: _Plan, first: int, last: int) -> Iterator[tuple[int, int]]:
+    """Yield the runs ``[a, b)`` of adjacent stripes of ``[first, last)`` holding data to write, in order.
+
+    A stripe is written when an extent of the snapshot in it is dirty (newer
+    than the clean watermark), or, for a new file, when any extent lies in
+    it. The runs come from a walk of the file's index (in pages, so memory
+    stays bounded), never from the file's size: holes cost nothing.
+    """
+    align = plan.align
+    lo, hi = first * align, min(plan.size, last * align)
+    run: list[int] | None = None
+    for e in _walk_extents(store, plan.target, lo, hi):
+        if e.seq > plan.upto or not (plan.new or e.seq > plan.clean):
+            continue
+        a, b = max(e.start, lo) // align, (min(e.start + e.length, hi) - 1) // align + 1
+        if run is not None and a <= run[1]:
+            run[1] = max(run[1], b)
+            continue
+        if run is not None:
+            yield run[0], run[1]
+        run = [a, b]
+    if run is not None:
+        yield run[0], run[1]
+
+
+def _walk_extents(store: Store, path: str, lo: int, hi: int, page: int = 4096) -> Iterator[Extent]:
+    """Yield the extents of ``path`` overlapping ``[lo, hi)`` in offset order, a page at a time.
+
+    Pages are taken by offset, not by rank in the index, so extents removed
+    meanwhile (a purge of clean data) make none of the others be skipped; an
+    extent may be yielded twice, which the callers do not mind.
+    """
+    yield from store.extents(path, lo, lo + 1)       # those that start before ``lo`` and reach into it
+    pos = lo
+    while pos < hi:
+        found = store.extents_from(path, pos, page)
+        for e in found:
+            if e.start >= hi:
+                return
+            yield e
+        if len(found) < page:
+            return
+        if found[-1].start == pos:                    # a page of extents that all start at ``pos``
+            page *= 2
+        pos = found[-1].start
+
+
+def _batches(runs: list[tuple[int, int]], per: int) -> Iterator[list[tuple[int, int]]]:
+    """Group stripe runs into batches of at most ``per`` stripes (a long run is cut into pieces)."""
+    batch: list[tuple[int, int]] = []
+    used = 0
+    for a, b in runs:
+        while a < b:
+            take = min(b - a, per - used)
+            batch.append((a, a + take))
+            used += take
+            a += take
+            if used == per:
+                yield batch
+                batch, used = [], 0
+    if batch:
+        yield batch
+
+
+def _write_stripes(store: Store, plan: _Plan, runs: list[tuple[int, int]], src: int | None, fd: int,
+                   tally: _Tally) -> None:
+    """Write the stripe ``runs`` into the new version, :data:`WRITE_SIZE` bytes at a time.
 
     A helper thread assembles the next batch of stripes into one buffer while
     this one writes the previous batch from the other.
     """
+    if not runs:
+        return
     per = max(1, WRITE_SIZE // plan.align)
-    batches = [(k, min(k + per, last)) for k in range(first, last, per)]
-    size = min(per, last - first) * plan.align
-    fd = os.open(plan.work, os.O_RDWR)
-    try:
-        with borrowed(size) as one, borrowed(size) as two, ThreadPoolExecutor(1) as helper:
-            buffers = [one, two]
-            ahead = helper.submit(_assemble_runs, store, plan, *batches[0], fd, buffers[0])
-            for i in range(len(batches)):
-                runs = ahead.result()
-                if i + 1 < len(batches):
-                    ahead = helper.submit(_assemble_runs, store, plan, *batches[i + 1], fd,
-                                          buffers[(i + 1) % 2])
-                for lo, view in runs:
-                    _pwrite_all(fd, view, lo, plan.target, tally)
-                if not store.renew(plan.target, plan.token, LEASE_SECONDS):
-                    raise _LeaseLost()
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    batches = list(_batches(runs, per))
+    size = min(per, sum(b - a for a, b in runs)) * plan.align
+    with borrowed(size) as one, borrowed(size) as two, ThreadPoolExecutor(1) as helper:
+        buffers = [one, two]
+        ahead = helper.submit(_assemble_runs, store, plan, batches[0], src, buffers[0])
+        for i in range(len(batches)):
+            pieces = ahead.result()
+            if i + 1 < len(batches):
+                ahead = helper.submit(_assemble_runs, store, plan, batches[i + 1], src, buffers[(i + 1) % 2])
+            for lo, view in pieces:
+                _pwrite_all(fd, view, lo, plan.target, tally)
+            if not store.renew(plan.target, plan.token, LEASE_SECONDS):
+                raise _LeaseLost()
 
 
-def _assemble_runs(store: Store, plan: _Plan, first: int, last: int, fd: int,
+def _assemble_runs(store: Store, plan: _Plan, runs: list[tuple[int, int]], src: int | None,
                    buf: memoryview) -> list[tuple[int, memoryview]]:
-    """Assemble the runs of adjacent dirty stripes of ``[first, last)`` into ``buf``.
-
-    Returns ``(offset, bytes)`` of each run, ready to be written; stripes with
-    nothing to write (nothing newer than the clean watermark, or no data at
-    all in a new file) split the runs and are skipped.
-    """
+    """Assemble the stripe ``runs`` (at most one buffer's worth) into ``buf``; return ``(offset, bytes)`` of each."""
     align = plan.align
-    lo, hi = first * align, min(plan.size, last * align)
-    extents = store.extents(plan.target, lo, hi, upto=plan.upto)   # in offset order
-    runs: list[list[int]] = []      # [first, last) stripes; extents in offset order give them in order
-    for e in extents:
-        if plan.new or e.seq > plan.clean:
-            a, b = max(e.start, lo) // align, (min(e.start + e.length, hi) - 1) // align + 1
-            if runs and a <= runs[-1][1]:
-                runs[-1][1] = max(runs[-1][1], b)
-            else:
-                runs.append([a, b])
     out = []
+    used = 0
     for a, b in runs:
-        rlo, rhi = a * align, min(hi, b * align)
-        view = buf[rlo - lo:rhi - lo]
-        inside = [e for e in extents if e.start < rhi and e.start + e.length > rlo]
-        if not current_bytes(store, plan.target, rlo, view, extents=inside, bfs=BfsBytes(fd=fd, limit=plan.base)):
+        rlo, rhi = a * align, min(plan.size, b * align)
+        view = buf[used:used + rhi - rlo]
+        used += rhi - rlo
+        bfs = BfsBytes(fd=src, limit=plan.base) if src is not None else None
+        if not current_bytes(store, plan.target, rlo, view, upto=plan.upto, bfs=bfs):
             raise FlushError(f"the tier's bytes of {plan.target} in [{rlo}, {rhi}) vanished during the flush "
                              f"(purged meanwhile?); run it again.")
         out.append((rlo, view))
     return out
+
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int, path: str, tally: _Tally) -> None:
@@ -464,40 +837,104 @@ def _verify_stripes(work: str, crcs: list[tuple[int, int, int]]) -> None:
         os.close(fd)
 
 
+def copy_data(src: int, dst: int, lo: int, hi: int) -> None:
+    """Copy the bytes ``[lo, hi)`` of ``src`` to the same offsets of ``dst``, holes left as holes.
+
+    Data segments are found with ``SEEK_DATA`` / ``SEEK_HOLE`` and copied in
+    the kernel (``copy_file_range``: a reflink on XFS and Btrfs, a
+    server-side copy on NFS 4.2); where that is not available, through a
+    bounded buffer.
+    """
+    pos = lo
+    while pos < hi:
+        try:
+            start = os.lseek(src, pos, os.SEEK_DATA)
+            end = min(os.lseek(src, start, os.SEEK_HOLE), hi)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:      # only a hole is left
+                return
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            start, end = pos, hi              # no hole detection here: copy it all
+        if start >= hi:
+            return
+        _copy_range(src, dst, start, end)
+        pos = end
+
+
+def _copy_range(src: int, dst: int, lo: int, hi: int) -> None:
+    """Copy ``[lo, hi)`` of ``src`` to ``dst`` at the same offsets (short only at the source's end)."""
+    pos = lo
+    try:
+        while pos < hi:
+            n = os.copy_file_range(src, dst, min(hi - pos, 1 << 30), pos, pos)
+            if n == 0:
+                return
+            pos += n
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    with borrowed(min(WRITE_SIZE, hi - pos)) as buf:
+        while pos < hi:
+            view = buf[:min(len(buf), hi - pos)]
+            n = os.preadv(src, [view], pos)
+            if n == 0:
+                return
+            done = 0
+            while done < n:
+                done += os.pwrite(dst, view[done:n], pos + done)
+            pos += n
+
+
 def _finish(store: Store, plan: _Plan, verify: bool) -> FlushReport:
-    """Set the final size, fsync, publish a new file, verify, and mark the snapshot clean (rank 0)."""
-    fd = os.open(plan.work, os.O_RDWR)
+    """Set the final size, fsync, rename the new version into place, verify, mark the snapshot clean (rank 0)."""
+    _seal(plan)
+    _publish([plan])
+    return _settle(store, plan, verify)
+
+
+def _seal(plan: _Plan) -> None:
+    """Give the new version its final size and attributes, and fsync it."""
+    fd = os.open(plan.work, os.O_RDWR | os.O_NOFOLLOW)
     try:
         if os.fstat(fd).st_size != plan.size:
             os.ftruncate(fd, plan.size)
-        if plan.work != plan.target:
-            give_final_attrs(fd, plan.target, plan.umask)   # visible only with its final mode
+        give_final_attrs(fd, plan.target, plan.umask)   # visible only with its final mode (mpiburst.perms)
         os.fsync(fd)
     finally:
         os.close(fd)
-    if plan.new:
+
+
+def _publish(plans: list[_Plan]) -> None:
+    """Rename each new version over its final name, then fsync the directories."""
+    for plan in plans:
         os.rename(plan.work, plan.target)
-        dfd = os.open(os.path.dirname(plan.target), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    checksum = None
-    if verify:
-        actual = os.stat(plan.target).st_size
-        if actual != plan.size:
-            raise FlushError(f"verification found {actual} bytes on the BFS instead of {plan.size}")
-        checksum = file_sha256(plan.target, plan.align)
-    if not FlushLease(store, plan.target, plan.token, LEASE_SECONDS).mark_clean(plan.upto, plan.trunc):
-        raise _LeaseLost()
+    for directory in dict.fromkeys(os.path.dirname(p.target) for p in plans):
+        _fsync_dir(directory)
+
+
+def _settle(store: Store, plan: _Plan, verify: bool) -> FlushReport:
+    """After the rename: verify, mark the snapshot clean, and unlock the BFS path."""
+    try:
+        checksum = None
+        if verify:
+            actual = os.stat(plan.target).st_size
+            if actual != plan.size:
+                raise FlushError(f"verification found {actual} bytes on the BFS instead of {plan.size}")
+            checksum = file_sha256(plan.target, plan.align)
+        if not FlushLease(store, plan.target, plan.token, LEASE_SECONDS).mark_clean(plan.upto, plan.trunc):
+            raise _LeaseLost()
+    finally:
+        _release_lock(plan.token)
     return FlushReport(path=plan.target, size=plan.size, checksum=checksum, upto=plan.upto)
 
 
 def _abort(store: Store, plan: _Plan) -> None:
-    """Undo what a failed flush can undo: remove its temporary file and give the lease back."""
-    if plan.new:
-        _quiet(lambda: os.unlink(plan.work))
+    """Undo what a failed flush can undo: remove its new version, give the lease and the lock back."""
+    _quiet(lambda: os.unlink(plan.work))
     FlushLease(store, plan.target, plan.token, LEASE_SECONDS).release()
+    _release_lock(plan.token)
 
 
 def _failed(target: str, cause: str) -> FlushError:

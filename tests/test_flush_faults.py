@@ -118,9 +118,9 @@ flush.sync(sys.argv[1], tier=Tier.connect(conf=sys.argv[2]))
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("existing", [False, True], ids=["new-file", "in-place"])
+@pytest.mark.parametrize("existing", [False, True], ids=["new-file", "existing-file"])
 def test_flusher_killed_mid_flush(atier, existing, monkeypatch):
-    """SIGKILL after 5 stripes: data stays dirty, no half file at the final name; a second sync completes."""
+    """SIGKILL after 5 stripes: data stays dirty, the final name holds the old file or nothing; a second sync completes."""
     original = Model(random.Random(9).randbytes(SIZE + 12345)) if existing else None
     name = "killed.dat"
     if existing:
@@ -138,7 +138,8 @@ def test_flusher_killed_mid_flush(atier, existing, monkeypatch):
     meta = atier.store.meta(path)
     assert meta.dirty and meta.clean == 0
     if existing:
-        assert os.path.getsize(path) == len(before)      # in place: the old file, partly rewritten, not shortened
+        assert open(path, "rb").read() == before          # the old version, whole: never half new, half old
+        assert any(".killed.dat.mpiburst-" in n for n in os.listdir(os.path.dirname(path)))
     else:
         assert not os.path.exists(path)
         assert any(".killed.dat.mpiburst-" in n for n in os.listdir(os.path.dirname(path)))

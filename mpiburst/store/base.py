@@ -245,6 +245,20 @@ class Store(ABC):
         """Return ``{path: file id}`` of every file the tier holds."""
 
     @abstractmethod
+    def cut(self) -> dict[str, FileMeta]:
+        """Return every file's record, all read in one atomic step: a consistent cut of the tier.
+
+        A write acknowledged before the cut has a sequence number at most its
+        file's ``seq`` in the cut; a write issued after it, a higher one. So
+        a flush of each file up to its mark (:func:`mpiburst.flush.commit`)
+        lands exactly the writes completed before the cut. ``pending`` is
+        not part of the cut (0). A Redis Cluster store cannot read every
+        file's record atomically: it needs a global sequence number taken by
+        every commit, or every node paused for writes while the records are
+        read.
+        """
+
+    @abstractmethod
     def drop(self, path: str) -> None:
         """Remove the record and every byte of ``path`` from the tier (its data is lost)."""
 
@@ -294,6 +308,15 @@ class Store(ABC):
         """Return the extents of ``path`` that overlap ``[lo, hi)``, in offset order.
 
         With ``upto``, only those with ``seq <= upto`` (a flush snapshot).
+        """
+
+    @abstractmethod
+    def extents_from(self, path: str, start: int, count: int) -> list[Extent]:
+        """Return the first ``count`` extents of ``path`` that start at or after ``start``, in offset order.
+
+        A walk of the index by offset (a flush plans its stripes this way, so
+        holes cost nothing): extents removed meanwhile never make others be
+        skipped, as paging by rank would.
         """
 
     @abstractmethod

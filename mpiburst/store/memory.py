@@ -93,6 +93,10 @@ class MemoryStore(Store):
         with self._lock:
             return {p: file_id(p) for p in self._files}
 
+    def cut(self) -> dict[str, FileMeta]:
+        with self._lock:
+            return {p: replace(f.meta, pending=0) for p, f in self._files.items()}
+
     def drop(self, path: str) -> None:
         with self._lock:
             f = self._files.pop(path, None)
@@ -182,6 +186,14 @@ class MemoryStore(Store):
         with self._lock:
             meta = self.meta(path)
             return (None, []) if meta is None else (meta, self._overlapping(path, lo, hi))
+
+    def extents_from(self, path: str, start: int, count: int) -> list[Extent]:
+        with self._lock:
+            f = self._files.get(path)
+            if f is None:
+                return []
+            first = bisect.bisect_left(f.index, (start, b""))
+            return [e for _, _, e in f.index[first:first + count]]
 
     def all_extents(self, path: str) -> Iterator[Extent]:
         with self._lock:

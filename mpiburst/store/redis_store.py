@@ -166,6 +166,19 @@ return 0
 """
 
 
+# A consistent cut: every file's record, read in one atomic step over the registry (KEYS[1]);
+# ARGV[1] is the prefix of the record keys. Read-only, so it runs on a full tier too. A
+# Redis Cluster store cannot do this in one script (the records live in many slots).
+_CUT = """
+local files = redis.call('HGETALL', KEYS[1])
+local out = {}
+for i = 1, #files, 2 do
+  local m = redis.call('HGETALL', ARGV[1] .. '{' .. files[i] .. '}:m')
+  if #m > 0 then out[#out + 1] = m end
+end
+return out
+"""
+
 # Close a channel only for the writer that opened it (a reset may have taken it meanwhile).
 _CHANNEL_CLOSE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -256,6 +269,7 @@ class RedisStore(Store):
         self._mark_clean = client.register_script(_ALLOW_OOM + _MARK_CLEAN)
         self._release = client.register_script(_ALLOW_OOM + _RELEASE)
         self._channel_close = client.register_script(_ALLOW_OOM + _CHANNEL_CLOSE)
+        self._cut = client.register_script(_CUT)
         self._loaded = False
 
     # -- file records -------------------------------------------------------
@@ -281,6 +295,14 @@ class RedisStore(Store):
 
     def files(self) -> dict[str, str]:
         return {p.decode(): f.decode() for f, p in self.r.hgetall(_FILES).items()}
+
+    def cut(self) -> dict[str, FileMeta]:
+        out = {}
+        for flat in self._cut(keys=[_FILES], args=["mpb:"]):
+            meta = _meta_from(dict(zip(flat[::2], flat[1::2])))
+            meta.pending = 0
+            out[meta.path] = meta
+        return out
 
     def drop(self, path: str) -> None:
         fid = file_id(path)
@@ -348,6 +370,11 @@ class RedisStore(Store):
                                      f"({hi}", "WITHSCORES")
         top = float("inf") if upto is None else upto
         return [e for e in _parse_extents(raw) if e.start + e.length > lo and e.seq <= top]
+
+    def extents_from(self, path: str, start: int, count: int) -> list[Extent]:
+        raw = self.r.execute_command("ZRANGEBYSCORE", _key(file_id(path), "x"), start, "+inf",
+                                     "WITHSCORES", "LIMIT", 0, count)
+        return list(_parse_extents(raw))
 
     def window(self, path: str, lo: int, hi: int) -> tuple[FileMeta | None, list[Extent]]:
         fid = file_id(path)

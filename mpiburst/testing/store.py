@@ -146,6 +146,35 @@ class StoreTests:
         assert meta == store.meta(path) and sorted(found) == sorted(overlapping)
         store.drop(path)
 
+    def test_extents_from_walks_the_index_by_offset(self, store: Store) -> None:
+        """extents_from pages through the index by offset: a page ends where the next one starts."""
+        store.create("/bfs/walk", None)
+        starts = [0, 5, 5, 700_000, 2**52]
+        for off in starts:
+            put(store, "/bfs/walk", None, [(off, b"x" * 3)])
+        every = list(store.all_extents("/bfs/walk"))
+        assert [e.start for e in store.extents_from("/bfs/walk", 0, 100)] == starts
+        assert store.extents_from("/bfs/walk", 1, 2) == every[1:3]
+        assert store.extents_from("/bfs/walk", 6, 1) == every[3:4]
+        assert store.extents_from("/bfs/walk", 2**52 + 1, 10) == []
+        assert store.extents_from("/bfs/none", 0, 10) == []
+
+    def test_cut_reads_every_record(self, store: Store) -> None:
+        """cut returns every file's record (as meta does, without pending), one entry per file."""
+        assert store.cut() == {}
+        store.create("/bfs/c1", None)
+        store.create("/bfs/c2", 7, umask=0o022)
+        put(store, "/bfs/c1", None, [(0, b"abc"), (10, b"d")])
+        with store.flush_lease("/bfs/c1", 30) as lease:
+            lease.begin()                                     # pending is set in the record, not in the cut
+            cut = store.cut()
+            lease.release()
+        assert set(cut) == {"/bfs/c1", "/bfs/c2"}
+        assert cut["/bfs/c1"].seq == 2 and cut["/bfs/c1"].size == 11 and cut["/bfs/c1"].pending == 0
+        assert cut["/bfs/c2"] == store.meta("/bfs/c2")
+        store.drop("/bfs/c2")
+        assert set(store.cut()) == {"/bfs/c1"}
+
     def test_window_of_an_unknown_file(self, store: Store) -> None:
         assert store.window("/bfs/unknown", 0, 100) == (None, [])
         assert store.extents("/bfs/unknown", 0, 100) == [] and list(store.all_extents("/bfs/unknown")) == []

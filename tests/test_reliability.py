@@ -1,0 +1,190 @@
+"""Fault tests of docs/reliability.md with a real server (one process, subprocesses, real kills).
+
+Each test names the promise it checks; docs/reliability.md lists them all.
+MPI versions of some promises are in ``test_reliability_mpi.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import pytest
+from mpi4py import MPI
+
+import mpiburst
+from mpiburst.client import MAX_OFFSET
+from mpiburst.errors import OffsetError
+from mpiburst.file import File
+from mpiburst.tier import Tier
+
+from conftest import cli_env
+
+RW = MPI.MODE_RDWR | MPI.MODE_CREATE
+
+
+def _mount_tmpfs(where, size: str) -> None:
+    os.makedirs(where, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True, timeout=30)
+
+
+# ----------------------------------------------------------------------------- offsets (#13 item 4)
+
+@pytest.mark.timeout(60)
+def test_offsets_past_the_exact_limit_are_refused_everywhere(tier):
+    """Promise: an offset the tier cannot store exactly is refused with OffsetError, never stored wrong."""
+    for offset in (2**53 + 1, MAX_OFFSET - 4, 2**62, 2**63 - 10, 2**63 + 10):
+        with mpiburst.open("burst://far.bin", "w+b", tier=tier) as f:
+            f.seek(offset)
+            with pytest.raises(OffsetError, match="only up to"):
+                f.write(b"HELLO")
+            with pytest.raises(OffsetError):
+                f.truncate(offset + 5)
+    fh = File.Open(MPI.COMM_SELF, "burst://far.dat", RW)
+    try:
+        with pytest.raises(OffsetError):
+            fh.Write_at(2**53 + 1, b"HELLO")
+        with pytest.raises(OffsetError):
+            fh.Write_at_all(2**62, b"HELLO")
+        with pytest.raises(OffsetError):
+            fh.Set_size(2**63 - 1)
+        assert fh.Get_size() == 0                  # nothing of the refused writes was stored
+    finally:
+        fh.Close()
+
+
+@pytest.mark.timeout(60)
+def test_offsets_up_to_the_limit_read_back_exact(tier):
+    """Promise: every offset below the limit is exact (2**52 + 1 and the last 5 bytes the tier takes)."""
+    fh = File.Open(MPI.COMM_SELF, "burst://edge.dat", RW)
+    try:
+        for offset in (2**52 + 1, 2**53 - 2**18 - 2**17 + 3, MAX_OFFSET - 5):
+            fh.Write_at(offset, b"HELLO")
+            fh.Sync()
+            before, buf = bytearray(1), bytearray(5)
+            fh.Read_at(offset - 1, before)
+            fh.Read_at(offset, buf)
+            assert (bytes(before), bytes(buf)) == (b"\0", b"HELLO"), offset
+        assert fh.Get_size() == MAX_OFFSET
+    finally:
+        fh.Close()
+
+
+_FAR_SYNC = """
+import resource, sys
+from mpiburst import flush
+from mpiburst.tier import Tier
+flush.sync(sys.argv[1], tier=Tier.connect(conf=sys.argv[2]))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(os.geteuid() != 0, reason="a file of 2**52 bytes needs a tmpfs BFS (ext4 stops at 16 TiB)")
+@pytest.mark.parametrize("offset", [2**52, MAX_OFFSET - 5], ids=["2**52", "limit"])
+def test_sync_memory_does_not_grow_with_the_logical_size(tmp_path, server_binary, offset):
+    """Promise: a sync plans stripes only around dirty data: a 5-byte write far out syncs in little memory.
+
+    The flusher runs in a subprocess limited to 1 GiB of address space (the
+    old planner allocated a list entry per 8 MiB of logical size: 12 GB at
+    2**62); its peak RSS is reported, and the BFS file is sparse.
+    """
+    bfs = tmp_path / "bfs"
+    _mount_tmpfs(bfs, "64m")
+    try:
+        with Tier.start(id=f"far{os.getpid()}", dir=str(tmp_path), bfs_root=str(bfs), capacity="64M",
+                        server=server_binary) as t:
+            with mpiburst.open("burst://sparse.bin", "wb", tier=t) as f:
+                f.write(b"head")
+                f.seek(offset)
+                f.write(b"HELLO")
+            path = str(bfs / "sparse.bin")
+
+            def limit() -> None:
+                resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+            proc = subprocess.run([sys.executable, "-c", _FAR_SYNC, path, t.conf.path], env=cli_env(),
+                                  capture_output=True, text=True, timeout=100, preexec_fn=limit)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            peak_kib = int(proc.stdout.split()[-1])
+            print(f"peak RSS of the sync of a 5-byte write at {offset}: {peak_kib / 1024:.0f} MiB")
+            assert peak_kib < 256 << 10
+            assert os.path.getsize(path) == offset + 5
+            assert os.stat(path).st_blocks * 512 < 8 << 20      # the holes were not allocated
+            with open(path, "rb") as fh:
+                assert fh.read(4) == b"head"
+                fh.seek(offset - 1)
+                assert fh.read() == b"\0HELLO"
+    finally:
+        subprocess.run(["umount", "-l", str(bfs)], check=False, timeout=30)
+
+
+# ----------------------------------------------------------------------------- torn files (#13 item 5)
+
+_SLOW_SYNC = """
+import sys, time
+from mpiburst import flush
+from mpiburst.tier import Tier
+flush.WRITE_SIZE = 1                 # one stripe per write call
+delay = float(sys.argv[3])
+def slow(p, o, n, seen=[]):
+    if not seen:
+        print("WRITING", flush=True)
+    seen.append(n)
+    time.sleep(delay)
+flush.write_observers.append(slow)
+rep = flush.sync(sys.argv[1], tier=Tier.connect(conf=sys.argv[2]))
+print("OK", rep.upto, flush=True)
+"""
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("pattern", ["whole", "halves"])
+def test_concurrent_syncs_of_one_bfs_path_from_two_runs_are_serialised(tmp_path, server_binary, pattern):
+    """Promise: two runs syncing one BFS path take turns; both succeed and the file is their serial result.
+
+    ``whole``: each run rewrote every stripe (A's bytes, B's bytes), B's
+    sync started while A's was writing: the file is entirely B's, never a
+    mix. ``halves``: A rewrote the
+    first half, B the second: both halves are there (no lost update).
+    """
+    bfs = tmp_path / "bfs"
+    bfs.mkdir()
+    size = 40 << 16                  # 40 stripes of 64 KiB
+    path = str(bfs / "shared.dat")
+    with open(path, "wb") as f:
+        f.write(b"o" * size)
+    tiers = []
+    for k in range(2):
+        (tmp_path / f"run{k}").mkdir()
+        tiers.append(Tier.start(id=f"r{k}{os.getpid()}", dir=str(tmp_path / f"run{k}"), bfs_root=str(bfs),
+                                capacity="64M", server=server_binary, align="64K"))
+    try:
+        for k, t in enumerate(tiers):
+            with mpiburst.open("burst://shared.dat", "r+b", tier=t) as f:
+                if pattern == "whole":
+                    f.write(b"AB"[k:k + 1] * size)
+                else:
+                    f.seek(k * size // 2)
+                    f.write(b"AB"[k:k + 1] * (size // 2))
+        # A writes slowly; B starts once A is writing and writes fast: unserialised, B overtakes A
+        # midway and the file ends half B, half A.
+        procs = [subprocess.Popen([sys.executable, "-c", _SLOW_SYNC, path, tiers[0].conf.path, "0.05"],
+                                  env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+        assert procs[0].stdout.readline().strip() == "WRITING"
+        procs.append(subprocess.Popen([sys.executable, "-c", _SLOW_SYNC, path, tiers[1].conf.path, "0.005"],
+                                      env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outs = [p.communicate(timeout=150) for p in procs]
+        for p, (out, err) in zip(procs, outs):
+            assert p.returncode == 0 and out.split()[-2] == "OK", err[-2000:]
+        data = open(path, "rb").read()
+        assert len(data) == size
+        if pattern == "whole":
+            assert data == b"B" * size, f"mixed file: {data.count(b'A')} A, {data.count(b'B')} B"
+        else:
+            assert data == b"A" * (size // 2) + b"B" * (size // 2)
+        assert sorted(os.listdir(bfs)) == ["shared.dat"]      # no temp or lock file left behind
+    finally:
+        for t in tiers:
+            t.stop()
