@@ -315,6 +315,19 @@ class ParallelFile:
         ``numpy.s_[a:b, c:d]``. ``array`` is converted to the dataset's dtype
         and must have the box's shape (or its number of elements).
         """
+        failure: Exception | None = None
+        try:
+            self._write(name, selection, array)
+        except Exception as exc:   # a full tier, a bad selection: every rank must hear of it
+            failure = exc
+        failed = self.comm.allreduce(failure is not None)
+        if failure is not None:
+            raise failure
+        if failed:
+            raise MpiburstError(f"another rank failed to write {name!r} of {self.name}; see its message.")
+
+    def _write(self, name: str, selection: Any, array: Any) -> None:
+        """This rank's part of :meth:`write` (independent writes at the runs' offsets)."""
         try:
             dset = self.datasets[name]
         except KeyError:
