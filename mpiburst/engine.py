@@ -54,7 +54,6 @@ class Engine:
         self.log = log
         self.interval = interval
         self.stopping = False
-        self._dirty_since: dict[str, float] = {}
 
     def memory(self) -> tuple[int, int]:
         """Return ``(used_memory, capacity)`` of the server in bytes."""
@@ -92,13 +91,10 @@ class Engine:
         """Sync above the sync threshold, drop clean data above the purge threshold."""
         used, cap = self.memory()
         conf = self.tier.conf
-        now = time.monotonic()
         dirty = residency.dirty_files(self.tier)
-        self._dirty_since = {m.path: self._dirty_since.get(m.path, now) for m in dirty}
         if used >= conf.sync_threshold * cap and dirty:
             self.log.info("memory %d of %d bytes: syncing %d dirty files", used, cap, len(dirty))
-            residency.auto_sync(self.tier, order=lambda ms: sorted(ms, key=lambda m: self._dirty_since[m.path]),
-                                log=self.log.error)
+            residency.auto_sync(self.tier, log=self.log.error)
             used, cap = self.memory()
         if used >= conf.purge_threshold * cap:
             freed = residency.auto_purge(self.tier)

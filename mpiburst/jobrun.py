@@ -42,6 +42,7 @@ from typing import Any, Callable, Sequence
 from . import engine_process, flush, residency, server
 from .channels import any_data
 from .errors import ConfigError, FlushError, MpiburstError, PathError, ServerError
+from .paths import resolve
 from .policy import Policy, Rule
 from .runconf import RunConf, conf_path, log_name, rdb_name, resolve_id
 from .server import StartOptions
@@ -82,6 +83,7 @@ def stage_in(tier: Tier, policy: Policy, paths: Sequence[str] = (), log: Log | N
     PathError
         If a path or an ``IN`` pattern names no file on the BFS.
     """
+    flush.recover(tier.bfs_root)  # a commit killed while publishing is completed before anything is read
     targets = residency.expand(paths, recursive=True, tier=tier, source="bfs") if paths else []
     for rule in policy.inputs():
         found = _bfs_matches(rule, tier.bfs_root)
@@ -117,6 +119,10 @@ def stage_out(tier: Tier, policy: Policy, paths: Sequence[str] = (), commit: boo
               log: Log | None = None) -> list[Staged]:
     """Apply the policy's stage-out action to the tier's files (all, or those at or under ``paths``).
 
+    The SYNC and PURGE files are flushed together as one consistent cut
+    (:func:`mpiburst.flush.commit`): if the application wrote file B after
+    it had closed file A, B on the BFS implies A on the BFS.
+
     Parameters
     ----------
     commit
@@ -131,31 +137,45 @@ def stage_out(tier: Tier, policy: Policy, paths: Sequence[str] = (), commit: boo
     Raises
     ------
     FlushError
-        After every file was tried, if any sync failed (those files stay dirty).
+        If the flush failed (the SYNC and PURGE files stay dirty; RETAIN and
+        DISCARD files were still handled).
     PathError
         If a path is outside the root or names nothing in the tier.
     """
     store = tier.store
-    targets = residency.expand(paths, recursive=True, tier=tier) if paths else sorted(store.files())
+    named = residency.expand(paths, recursive=True, tier=tier) if paths else None
+    roots = [resolve(p, tier.bfs_root) for p in paths]
+
+    def chosen(path: str) -> bool:
+        """A SYNC or PURGE file at or under a named path (the cut decides which files exist)."""
+        inside = not roots or any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+        return inside and policy.action(path, tier.bfs_root) in ("SYNC", "PURGE")
+
+    failure: MpiburstError | None = None
+    reports: dict[str, flush.FlushReport] = {}
+    try:
+        reports = {r.path: r for r in flush.commit(tier=tier, select=chosen)}
+    except MpiburstError as exc:
+        failure = exc
+    targets = sorted(set(named if named is not None else store.files()) | set(reports))
     done: list[Staged] = []
-    failed: list[str] = []
     for target in targets:
         action = policy.action(target, tier.bfs_root)
         try:
-            entry = _stage_out_one(tier, store, target, action, commit)
+            entry = _stage_out_one(tier, store, target, action, commit, reports.get(target), failure)
         except MpiburstError as exc:
-            failed.append(str(exc))
+            failure = failure or exc
             entry = Staged(target, action, f"FAILED: {exc}")
         if entry is not None:
             done.append(_note(entry, log))
-    if failed:
-        raise FlushError(f"stage-out of {len(failed)} of {len(targets)} files failed (their data stays in the "
-                         f"tier; run stage-out again): {failed[0]}")
+    if failure is not None:
+        raise FlushError(f"stage-out failed (the data stays in the tier; run stage-out again): {failure}")
     return done
 
 
-def _stage_out_one(tier: Tier, store: Store, target: str, action: str, commit: bool) -> Staged | None:
-    """Do ``action`` to one file; return what was done (None: nothing to say during a commit)."""
+def _stage_out_one(tier: Tier, store: Store, target: str, action: str, commit: bool,
+                   report: flush.FlushReport | None, failure: MpiburstError | None) -> Staged | None:
+    """Report one file of the stage-out and do the rest of ``action`` to it (None: nothing to say)."""
     meta = store.meta(target)
     if meta is None:  # removed meanwhile
         return None
@@ -167,10 +187,9 @@ def _stage_out_one(tier: Tier, store: Store, target: str, action: str, commit: b
     if action == "RETAIN":
         dirty = residency.frag_stat(target, tier=tier).dirty
         return Staged(target, action, f"left in the tier, {dirty} bytes dirty")
-    detail = "already clean"
-    if meta.dirty:
-        report = flush.sync(target, tier=tier)
-        detail = f"{report.bytes} bytes in {report.writes} writes"
+    if failure is not None:
+        return Staged(target, action, f"FAILED: {failure}")
+    detail = "already clean" if report is None else f"{report.bytes} bytes in {report.writes} writes"
     if action == "PURGE" and not commit:
         freed = residency.purge(target, tier=tier)
         detail += f", {freed} bytes freed"
@@ -333,6 +352,8 @@ def _run_locked(command: Sequence[str], opts: StartOptions, policy: Policy, on_f
     signals.install()
     closing = False
     try:
+        if flush.recover(tier.bfs_root):
+            say("completed the publication of a commit that was killed while renaming its files")
         status = _supervise(command, tier, policy, signals, say)
         failed = status != 0 or signals.aborted is not None
         if failed:

@@ -346,23 +346,21 @@ def dirty_files(tier: Tier, include_pinned: bool = False) -> list[FileMeta]:
     return out
 
 
-def auto_sync(tier: Tier, order: Callable[[list[FileMeta]], list[FileMeta]] | None = None,
-              log: Callable[[str], None] | None = None) -> int:
-    """Sync every dirty unpinned file (in ``order``, default by path); return how many succeeded.
+def auto_sync(tier: Tier, log: Callable[[str], None] | None = None) -> int:
+    """Commit every dirty unpinned file (one consistent cut, see :func:`mpiburst.flush.commit`).
 
-    A file another flusher is working on, or whose flush fails, is skipped
-    (and reported to ``log``): its data stays dirty for a later attempt.
+    Returns
+    -------
+    int
+        The number of files flushed; 0 when the commit failed (reported to
+        ``log``; the data stays dirty for a later attempt).
     """
-    metas = dirty_files(tier)
-    done = 0
-    for meta in (order(metas) if order else metas):
-        try:
-            flush.sync(meta.path, tier=tier)
-            done += 1
-        except (FlushError, PathError) as exc:
-            if log:
-                log(str(exc))
-    return done
+    try:
+        return len(flush.commit(tier=tier, include_pinned=False))
+    except (FlushError, PathError) as exc:
+        if log:
+            log(str(exc))
+        return 0
 
 
 def auto_purge(tier: Tier) -> int:

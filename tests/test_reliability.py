@@ -10,6 +10,7 @@ import os
 import resource
 import subprocess
 import sys
+from pathlib import Path
 import pytest
 from mpi4py import MPI
 
@@ -188,3 +189,137 @@ def test_concurrent_syncs_of_one_bfs_path_from_two_runs_are_serialised(tmp_path,
     finally:
         for t in tiers:
             t.stop()
+
+
+# ----------------------------------------------------------------------------- consistent cut (#13 item 1)
+
+_CKPT_WRITER = """
+import sys
+import mpiburst
+from mpiburst.tier import Tier
+t = Tier.connect(conf=sys.argv[1])
+n = 0
+while True:
+    n += 1
+    with mpiburst.open(f"burst://sim/ckpt_{n:06d}.bin", "wb", tier=t, buffer="64K") as f:
+        f.write(bytes([n % 251]) * (192 << 10))
+    with mpiburst.open("burst://sim/latest", "r+b" if n > 1 else "wb", tier=t) as f:
+        f.write(n.to_bytes(8, "little"))   # in place, one 8-byte write: no moment with an empty latest
+    if n == 3:
+        print("WRITING", flush=True)
+"""
+
+
+def _check_latest(bfs) -> int:
+    """Assert that the checkpoint the BFS's ``latest`` names is on the BFS, complete; return its step."""
+    latest = bfs / "sim" / "latest"
+    if not latest.exists():
+        return 0
+    n = int.from_bytes(latest.read_bytes(), "little")
+    ckpt = bfs / "sim" / f"ckpt_{n:06d}.bin"
+    assert ckpt.exists(), f"the BFS's latest names step {n}, whose checkpoint the BFS does not have"
+    assert ckpt.read_bytes() == bytes([n % 251]) * (192 << 10), f"checkpoint {n} on the BFS is not complete"
+    return n
+
+
+@pytest.mark.timeout(240)
+def test_commit_while_the_application_writes_is_a_consistent_cut(tier):
+    """Promise: a commit (SIGUSR1, stage-out) is a consistent cut: ``latest`` never names a missing checkpoint.
+
+    A writer process loops: checkpoint N (written, closed), then ``latest =
+    N``. Twenty commits are taken while it runs, each checked on the BFS.
+    Before the fix, stage-out synced a file list taken at its start, one
+    file after another, and ``latest`` named a checkpoint the BFS lacked.
+    """
+    from mpiburst.jobrun import stage_out
+    from mpiburst.policy import Policy
+
+    bfs = Path(tier.bfs_root)
+    writer = subprocess.Popen([sys.executable, "-c", _CKPT_WRITER, tier.conf.path], env=cli_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "WRITING", writer.stderr.read()[-2000:]
+        seen = []
+        for _ in range(20):
+            stage_out(tier, Policy(), commit=True)
+            seen.append(_check_latest(bfs))
+        assert writer.poll() is None, writer.stderr.read()[-2000:]
+    finally:
+        writer.kill()
+        writer.wait(10)
+    assert seen[-1] > seen[0] >= 3        # the commits did follow the writer
+
+
+_KILLED_COMMIT = """
+import os, sys, time
+from mpiburst import flush
+from mpiburst.tier import Tier
+flush.LEASE_SECONDS = 2.0
+flush.WRITE_SIZE = 1
+where = sys.argv[2]
+if where == "writing":
+    def pause(p, o, n, seen=[]):
+        seen.append(n)
+        if len(seen) == 2:
+            print("HERE", flush=True)
+            time.sleep(60)
+    flush.write_observers.append(pause)
+else:
+    rename = os.rename
+    def pause(src, dst, seen=[]):
+        rename(src, dst)
+        if ".mpiburst-commit-" not in dst:
+            print("HERE", flush=True)
+            time.sleep(60)
+    flush.os.rename = pause
+flush.commit(tier=Tier.connect(conf=sys.argv[1]))
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("where", ["writing", "renaming"])
+def test_a_killed_commit_leaves_no_later_file_without_an_earlier_one(tier, where):
+    """Promise: a commit killed midway publishes nothing, or (killed while renaming) all once completed.
+
+    The application writes ``data/step`` (closed), then ``a_index`` naming
+    it: the later file sorts first, so a one-by-one sync publishes it first.
+    The commit is SIGKILLed while writing (nothing may be visible) or after
+    its first rename (the journal lets the next sync, commit or stage-in
+    finish the publication: then everything is visible).
+    """
+    from mpiburst import flush
+
+    bfs = Path(tier.bfs_root)
+
+    def write(step: int) -> None:
+        with mpiburst.open("burst://data/step", "wb", tier=tier) as f:
+            f.write(bytes([step]) * (1 << 20))
+        with mpiburst.open("burst://a_index", "wb", tier=tier) as f:
+            f.write(bytes([step]))
+
+    def consistent() -> int:
+        index = (bfs / "a_index").read_bytes()[0]
+        assert (bfs / "data" / "step").read_bytes() == bytes([index]) * (1 << 20), \
+            f"a_index on the BFS names step {index}, data/step on the BFS is another"
+        return index
+
+    write(1)
+    flush.commit(tier=tier)
+    assert consistent() == 1
+    write(2)
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_COMMIT, tier.conf.path, where], env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "HERE", proc.stderr.read()[-2000:]
+    finally:
+        proc.kill()
+        proc.wait(10)
+    if where == "writing":
+        assert consistent() == 1                   # nothing of the killed commit is visible
+    else:
+        assert flush.recover(tier.bfs_root) == 1    # what the next sync, commit or stage-in does first
+        assert consistent() == 2
+    reports = flush.commit(tier=tier)               # the data stayed dirty: the next commit lands it again
+    assert {os.path.basename(r.path) for r in reports} == {"step", "a_index"}
+    assert consistent() == 2
+    assert sorted(os.listdir(bfs)) == ["a_index", "data"] and os.listdir(bfs / "data") == ["step"]
