@@ -56,7 +56,7 @@ class PathError(MpiburstError):
 
 
 class OffsetError(MpiburstError):
-    """An offset or size lies beyond what the tier can store exactly (see :data:`mpiburst.client.MAX_OFFSET`)."""
+    """An offset or size lies beyond what the tier can store exactly (see :data:`mpiburst.writeback.MAX_OFFSET`)."""
 
     exit_code = 27  # EFBIG
 

@@ -15,7 +15,7 @@ import pytest
 from mpi4py import MPI
 
 import mpiburst
-from mpiburst.client import MAX_OFFSET
+from mpiburst.writeback import MAX_OFFSET
 from mpiburst.errors import OffsetError
 from mpiburst.file import File
 from mpiburst.tier import Tier
