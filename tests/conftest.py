@@ -246,7 +246,7 @@ def make_readonly_dir(path: Path) -> None:
 def undo_readonly_dir(path: Path) -> None:
     """Undo :func:`make_readonly_dir` so pytest can remove ``path``."""
     if os.geteuid() == 0:
-        subprocess.run(["chattr", "-i", str(path)], check=True, timeout=10)
+        subprocess.run([require_tool("chattr"), "-i", str(path)], check=True, timeout=10)
     else:
         path.chmod(0o700)
 

@@ -26,7 +26,7 @@ import redis
 
 import mpiburst
 
-from conftest import cli_env, processes_gone
+from conftest import cli_env, make_readonly_dir, processes_gone, undo_readonly_dir
 from mpiburst import server
 from mpiburst.errors import ConfigError, ServerError
 from mpiburst.runconf import AdminCredentials, RunConf
@@ -367,15 +367,12 @@ def test_run_errors_are_prefixed_by_mpiburst_run(cli, tmp_path: Path) -> None:
 
 
 def test_save_failure_names_its_cause(tier: Tier) -> None:
-    os.chmod(tier.conf.dir, 0o500)  # the server cannot create its temporary snapshot file
+    make_readonly_dir(Path(tier.conf.dir))  # the server cannot create its temporary snapshot file
     try:
-        if os.access(tier.conf.dir, os.W_OK):  # root ignores the mode bits: make the directory immutable
-            subprocess.run(["chattr", "+i", tier.conf.dir], check=True, timeout=10)
         with pytest.raises(ServerError) as caught:
             server.stop_run(tier.conf, save=True)
     finally:
-        subprocess.run(["chattr", "-i", tier.conf.dir], check=False, timeout=10)
-        os.chmod(tier.conf.dir, 0o700)
+        undo_readonly_dir(Path(tier.conf.dir))
     message = str(caught.value)
     assert "failed ()" not in message and ("Permission denied" in message or "Operation not permitted" in message)
     assert server.pid_alive(tier.conf.pid, tier.conf.server)  # nothing was stopped
