@@ -13,9 +13,7 @@ import subprocess
 import sys
 
 from .runconf import RunConf, engine_log_name
-
-#: The engines this process started, by PID: their Popen objects stay alive while they run.
-_children: dict[int, subprocess.Popen] = {}
+from .server.process import adopt
 
 
 def log_path(conf: RunConf) -> str:
@@ -44,8 +42,7 @@ def spawn(conf: RunConf) -> int:
                                 start_new_session=True)
     finally:
         os.close(fd)
-    _children[proc.pid] = proc
-    return proc.pid
+    return adopt(proc)  # one registry of this process's children, servers and engines alike
 
 
 def attach(conf: RunConf) -> RunConf:

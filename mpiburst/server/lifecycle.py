@@ -100,13 +100,13 @@ def _launch(conf: RunConf, admin: AdminCredentials, bind: str, maxclients: int, 
         raise ServerError(f"cannot run server {conf.server} ({exc.strerror}); give a working one with --server.") from None
     finally:
         os.close(log_fd)
-    process._children[proc.pid] = proc
+    process.adopt(proc)
     conf.pid = proc.pid
     conf.save()
     deadline = time.monotonic() + START_TIMEOUT
     while True:
         if proc.poll() is not None:
-            process._children.pop(proc.pid, None)
+            process.forget(proc.pid)
             tail = log_tail(log)
             if "already in use" in tail:
                 raise _PortInUse(tail)

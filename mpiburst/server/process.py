@@ -1,7 +1,8 @@
-"""The server's process: liveness by PID (never by name), waiting, killing, its log's tail.
+"""A run's processes: liveness by PID (never by name), waiting, killing, the server log's tail.
 
-Servers this process started are kept in :data:`_children` so they can be
-reaped: a dead child stays a zombie until its parent waits for it.
+The servers and engines this process started are kept in one registry,
+:data:`_children` (see :func:`adopt`), so they can be reaped: a dead child
+stays a zombie until its parent waits for it.
 """
 
 from __future__ import annotations
@@ -11,8 +12,19 @@ import signal
 import subprocess
 import time
 
-# Servers this process started, so it can reap them (a dead child is a zombie until waited for).
+# Servers and engines this process started, so it can reap them (a dead child is a zombie until waited for).
 _children: dict[int, subprocess.Popen] = {}
+
+
+def adopt(proc: subprocess.Popen) -> int:
+    """Register a server or engine this process started (for :func:`pid_alive` to reap); return its PID."""
+    _children[proc.pid] = proc
+    return proc.pid
+
+
+def forget(pid: int) -> None:
+    """Drop ``pid`` from the registry (it was reaped)."""
+    _children.pop(pid, None)
 
 
 def pid_alive(pid: int | None, binary: str | None = None) -> bool:
