@@ -134,3 +134,34 @@ def test_epilog_is_not_blocked_by_a_fifo_conf(base: Path, second_user) -> None:
     os.chown(run_dir / f"mpiburst_{JOB}.conf", second_user.pw_uid, second_user.pw_gid)
     done = _run("epilog.sh", _env(base, site, second_user), timeout=90)
     assert done.elapsed < 30  # type: ignore[attr-defined]
+
+
+@pytest.mark.timeout(120)
+def test_epilog_kills_the_users_server_that_will_not_stop_and_nothing_else(base: Path, second_user) -> None:
+    """A server of the job's user that stage-out and stop cannot end is killed, as the user; the user's
+    other process running the same binary elsewhere is left alone."""
+    site = base / "site"
+    run_dir = _user_run_dir(site, second_user)
+    elsewhere = base / "elsewhere"
+    elsewhere.mkdir()
+    ids = dict(user=second_user.pw_uid, group=second_user.pw_gid)
+    stuck = subprocess.Popen(["sleep", "300"], cwd=run_dir, **ids)      # stands for a hung server
+    other = subprocess.Popen(["sleep", "300"], cwd=elsewhere, **ids)    # the user's, not the job's server
+    try:
+        for name, pid in (("server", stuck.pid), ("other", other.pid)):
+            conf = run_dir / f"mpiburst_{JOB}.conf"
+            conf.write_text(json.dumps(dict(id=JOB, dir=str(run_dir), host="", port=0, socket=str(run_dir / "s"),
+                                            user="mpiburst", password="p" * 64, channels=1, bfs_root=str(base),
+                                            capacity=1 << 25, align=1 << 20, pid=pid,
+                                            server=shutil.which("sleep"))))
+            conf.chmod(0o600)
+            os.chown(conf, second_user.pw_uid, second_user.pw_gid)
+            _run("epilog.sh", _env(base, site, second_user))
+        assert stuck.wait(timeout=10) == -signal.SIGKILL
+        assert other.poll() is None
+        assert "killing it" in (run_dir / "epilog.log").read_text()
+    finally:
+        for proc in (stuck, other):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
