@@ -316,3 +316,17 @@ def test_bottom_with_absolute_addresses(run):
 
     count, back = run(body)
     assert count == 32 and back == parity.ramp(12, 30).tobytes() + parity.ramp(20, 31).tobytes()
+
+
+def test_requests_mix_with_other_mpi_requests(tier):
+    """The nonblocking calls return MPI.Request objects: Waitall/Testany take them with any other request."""
+    with File.Open(MPI.COMM_SELF, "burst://mixed-requests.dat", MPI.MODE_CREATE | MPI.MODE_RDWR) as f:
+        got = bytearray(3)
+        reqs = [MPI.COMM_SELF.Irecv(got, source=0, tag=7), f.Iwrite_at(0, b"abcdef"),
+                MPI.COMM_SELF.Isend(b"xyz", dest=0, tag=7)]
+        statuses = [MPI.Status() for _ in reqs]
+        MPI.Request.Waitall(reqs, statuses)
+        assert bytes(got) == b"xyz" and statuses[1].Get_count(MPI.BYTE) == 6
+        out = bytearray(6)
+        req = f.Iread_at(0, out)
+        assert MPI.Request.Testany([req])[1] and bytes(out) == b"abcdef"
