@@ -64,6 +64,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
+from . import iostats
 from .assembly import BfsBytes, current_bytes
 from .buffers import borrowed
 from .collective import on_root
@@ -283,6 +284,7 @@ def sync(path: str | os.PathLike, *, tier: Tier | None = None, comm: Any = None,
     result.writes = sum(sizes.values())
     result.write_sizes = dict(sorted(sizes.items()))
     result.seconds = time.monotonic() - started
+    iostats.record_flush(store, result, plan.align, rank, time.time() - result.seconds)
     return result
 
 

@@ -10,7 +10,9 @@ and :func:`mpiburst.open` are built on :class:`TierFile`.
 from __future__ import annotations
 
 import os
+from time import perf_counter_ns
 
+from . import iostats
 from .errors import OffsetError, ServerError, TierConnectionError, TierFullError
 from .assembly import BfsBytes, current_bytes
 from .perms import current_umask
@@ -70,6 +72,9 @@ class TierFile:
         self._extents: list[list[int]] = []
         self._inflight: tuple | None = None
         self._writer = self.store.writer()
+        self.stats = iostats.Recorder()
+        if not iostats.enabled():
+            self.write, self.read = self._write, self._read  # type: ignore[method-assign]
 
     # -- writes -------------------------------------------------------------
     @property
@@ -78,6 +83,12 @@ class TierFile:
         return self.limit - BLOB_SLACK if self.limit > 2 * BLOB_SLACK else self.limit
 
     def write(self, offset: int, data: memoryview) -> None:
+        """Buffer ``data`` for file offset ``offset`` (see :meth:`_write`), counted in :attr:`stats`."""
+        t0 = perf_counter_ns()
+        self._write(offset, data)
+        self.stats.writes.add(offset, len(data), perf_counter_ns() - t0)
+
+    def _write(self, offset: int, data: memoryview) -> None:
         """Buffer ``data`` (a byte memoryview) for file offset ``offset``.
 
         A full buffer is pushed. A write of at most :data:`MAX_EXTENT` bytes
@@ -214,9 +225,10 @@ class TierFile:
                 raise _lost(exc) from None
 
     def close(self) -> None:
-        """Push what is buffered and give the connection back."""
+        """Push what is buffered, add this handle's counters to the tier's and give the connection back."""
         try:
             self.push()
+            self.stats.merge(self.store, self.path)
         finally:
             self._writer.close()
 
@@ -232,6 +244,13 @@ class TierFile:
         return meta.size if meta else 0
 
     def read(self, offset: int, out: memoryview) -> int:
+        """Fill ``out`` from file offset ``offset`` (see :meth:`_read`), counted in :attr:`stats`."""
+        t0 = perf_counter_ns()
+        got = self._read(offset, out)
+        self.stats.reads.add(offset, got, perf_counter_ns() - t0)
+        return got
+
+    def _read(self, offset: int, out: memoryview) -> int:
         """Fill ``out`` from file offset ``offset``; return the bytes read (short at end of file)."""
         self.push()
         for _ in range(_READ_TRIES):

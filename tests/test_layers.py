@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mpiburst"
 LAYERS: list[set[str]] = [
     {"errors", "sizes", "overlay", "buffers", "paths", "align", "collective", "perms"},   # pure helpers
     {"store"},                                                 # the boundary to the server's data
-    {"assembly"},                                              # the current bytes of a range
+    {"assembly", "iostats"},                                   # the current bytes of a range; I/O counters
     {"runconf", "server", "engine_process"},                   # the server's and the engine's processes
     {"tier"},                                                  # a run as seen by one process
     {"flush"},                                                 # tier data -> BFS
@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"writeback"},                                             # one process's buffered file
     {"datatypes", "views", "messages"},                        # mpiburst.File's datatypes, views, buffers
     {"file", "fileobj", "channels", "policy"},                 # the APIs applications use
-    {"h5", "engine", "run", "jobrun"},                         # built on those APIs
+    {"h5", "engine", "run", "jobrun", "report"},               # built on those APIs
     {"memio", "cli", "bench", "testing", "__init__", "__main__"},   # entry points and test helpers
 ]
 

@@ -15,7 +15,7 @@ from typing import Sequence
 
 from ..errors import MpiburstError
 
-AREAS = ("lifecycle", "residency", "jobs", "channels", "bench")
+AREAS = ("lifecycle", "residency", "jobs", "channels", "bench", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,6 +34,8 @@ request queue (for the engine)
 shared file pointers (``mpiburst.File``, one per open of a file)
     :meth:`~Store.shared_pointer`, :meth:`~Store.set_shared_pointer`,
     :meth:`~Store.drop_shared_pointer`
+I/O statistics (``mpiburst report``; not data: they survive ``drop`` and do not count in ``empty``)
+    :meth:`~Store.stats_add`, :meth:`~Store.stats_log`, :meth:`~Store.stats`
 the whole store
     :meth:`~Store.memory`, :meth:`~Store.empty`, :meth:`~Store.close`
 
@@ -50,7 +52,7 @@ import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 from ..errors import MpiburstError
 from ..overlay import Extent
@@ -448,6 +450,21 @@ class Store(ABC):
     def drop_shared_pointer(self, path: str, token: str) -> None:
         """Forget the shared file pointer of open ``token`` (the file is closed)."""
 
+    # -- I/O statistics -----------------------------------------------------
+    @abstractmethod
+    def stats_add(self, path: str, who: str, counters: Mapping[str, int]) -> None:
+        """Add ``counters`` (name -> integer) to those of file ``path`` and process ``who``, in one call.
+
+        Runs even when the tier is full (a close must not fail for its counters)."""
+
+    @abstractmethod
+    def stats_log(self, event: Mapping[str, Any]) -> None:
+        """Append ``event`` (JSON-serialisable) to the run's event log (one per flush, say)."""
+
+    @abstractmethod
+    def stats(self) -> tuple[dict[str, dict[str, dict[str, int]]], list[dict[str, Any]]]:
+        """Return every file's counters (path -> process -> name -> value) and the event log, oldest first."""
+
     # -- the whole store ----------------------------------------------------
     @abstractmethod
     def memory(self) -> tuple[int, int]:
@@ -455,7 +472,7 @@ class Store(ABC):
 
     @abstractmethod
     def empty(self) -> bool:
-        """True if the store holds nothing at all (no file, channel or request)."""
+        """True if the store holds nothing at all (no file, channel or request; statistics do not count)."""
 
     @abstractmethod
     def close(self) -> None:

@@ -15,12 +15,13 @@ server.
 from __future__ import annotations
 
 import bisect
+import json
 import secrets
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from ..errors import TierFullError
 from ..overlay import Extent
@@ -71,6 +72,8 @@ class MemoryStore(Store):
         self._channels: dict[int, _Channel] = {}
         self._queue: deque[bytes] = deque()
         self._pointers: dict[tuple[str, str], int] = {}
+        self._stats: dict[str, dict[str, dict[str, int]]] = {}
+        self._log: list[str] = []
         self._lock = threading.RLock()
         self._arrived = threading.Condition(self._lock)
         self._used = 0
@@ -388,6 +391,22 @@ class MemoryStore(Store):
     def drop_shared_pointer(self, path: str, token: str) -> None:
         with self._lock:
             self._pointers.pop((path, token), None)
+
+    # -- I/O statistics -----------------------------------------------------
+    def stats_add(self, path: str, who: str, counters: Mapping[str, int]) -> None:
+        with self._lock:
+            mine = self._stats.setdefault(path, {}).setdefault(who, {})
+            for name, value in counters.items():
+                mine[name] = mine.get(name, 0) + int(value)
+
+    def stats_log(self, event: Mapping[str, Any]) -> None:
+        with self._lock:
+            self._log.append(json.dumps(event))   # as the server keeps it: later changes to event do not show
+
+    def stats(self) -> tuple[dict[str, dict[str, dict[str, int]]], list[dict[str, Any]]]:
+        with self._lock:
+            counters = {p: {w: dict(c) for w, c in by.items()} for p, by in self._stats.items()}
+            return counters, [json.loads(e) for e in self._log]
 
     # -- the whole store ----------------------------------------------------
     def memory(self) -> tuple[int, int]:

@@ -17,6 +17,8 @@ channel the tag ``{chan:C}``, so Redis Cluster could shard by file later)::
     mpb:{chan:C}:m       hash   bytes, stores (present = the channel was used)
     mpb:{chan:C}:w       string writer token; present = the channel is open
     mpb:queue            list   requests for the automatic engine (JSON)
+    mpb:stats            hash   "path\0process\0counter" -> integer (I/O statistics)
+    mpb:stats:log        list   events (JSON), one per flush
 
 Every extent is at most :data:`MAX_EXTENT` bytes long, so the extents that
 overlap ``[a, b)`` are exactly those with ``a - MAX_EXTENT < start < b`` and
@@ -37,9 +39,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import secrets
 import socket
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import redis
 
@@ -61,6 +64,9 @@ _MERGE_SPAN = 1 << 20
 #: The registry of files and the engine's request queue.
 _FILES = "mpb:files"
 _QUEUE = "mpb:queue"
+#: I/O statistics: counters and the event log (not data: ``empty`` ignores them).
+_STATS = "mpb:stats"
+_STATS_LOG = "mpb:stats:log"
 
 _COMMIT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('NOFILE the file has no record in the tier') end
@@ -121,6 +127,12 @@ return old
 # The flush's bookkeeping must run when the tier is full (noeviction refuses every write
 # then, and the flush is what makes room): these scripts carry the allow-oom flag.
 _ALLOW_OOM = "#!lua flags=allow-oom\n"
+
+# Add counters (ARGV: name, value, name, value, ...) to the statistics hash.
+_STATS_ADD = """
+for i = 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 0
+"""
 
 # Take a file's flush lease.
 _LEASE = """
@@ -270,6 +282,7 @@ class RedisStore(Store):
         self._release = client.register_script(_ALLOW_OOM + _RELEASE)
         self._channel_close = client.register_script(_ALLOW_OOM + _CHANNEL_CLOSE)
         self._cut = client.register_script(_CUT)
+        self._stats_add = client.register_script(_ALLOW_OOM + _STATS_ADD)   # a close on a full tier
         self._loaded = False
 
     # -- file records -------------------------------------------------------
@@ -570,13 +583,39 @@ class RedisStore(Store):
     def drop_shared_pointer(self, path: str, token: str) -> None:
         self.r.delete(_key(file_id(path), f"sfp:{token}"))
 
+    # -- I/O statistics -----------------------------------------------------
+    def stats_add(self, path: str, who: str, counters: Mapping[str, int]) -> None:
+        args: list = []
+        for name, value in counters.items():
+            args += [f"{path}\0{who}\0{name}", int(value)]
+        if args:
+            self._stats_add(keys=[_STATS], args=args)
+
+    def stats_log(self, event: Mapping[str, Any]) -> None:
+        self.r.rpush(_STATS_LOG, json.dumps(event))
+
+    def stats(self) -> tuple[dict[str, dict[str, dict[str, int]]], list[dict[str, Any]]]:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hgetall(_STATS)
+        pipe.lrange(_STATS_LOG, 0, -1)
+        raw, log = pipe.execute()
+        counters: dict[str, dict[str, dict[str, int]]] = {}
+        for field, value in raw.items():
+            path, who, name = field.decode().split("\0")
+            counters.setdefault(path, {}).setdefault(who, {})[name] = int(value)
+        return counters, [json.loads(e) for e in log]
+
     # -- the whole store ----------------------------------------------------
     def memory(self) -> tuple[int, int]:
         info = self.r.info("memory")
         return int(info["used_memory"]), int(info.get("maxmemory") or 0)
 
     def empty(self) -> bool:
-        return self.r.dbsize() == 0
+        pipe = self.r.pipeline(transaction=True)
+        pipe.dbsize()
+        pipe.exists(_STATS, _STATS_LOG)
+        keys, stats = pipe.execute()
+        return keys == stats
 
     def close(self) -> None:
         self.r.close()

@@ -388,6 +388,36 @@ class StoreTests:
         store.drop_shared_pointer("/bfs/sp", "open2")
         assert store.empty()
 
+    # -- I/O statistics -----------------------------------------------------
+    def test_stats_add_up_per_file_and_process(self, store: Store) -> None:
+        assert store.stats() == ({}, [])
+        store.stats_add("/bfs/s", "rank 0", {"write_calls": 3, "write_bytes": 12288})
+        store.stats_add("/bfs/s", "rank 0", {"write_calls": 1, "write_bytes": 4096, "read_calls": 2})
+        store.stats_add("/bfs/s", "rank 1", {"write_calls": 5})
+        store.stats_add("/bfs/t u", "pid 7", {"read_bytes": 1 << 40})
+        store.stats_add("/bfs/s", "rank 1", {})
+        counters, log = store.stats()
+        assert counters == {"/bfs/s": {"rank 0": {"write_calls": 4, "write_bytes": 16384, "read_calls": 2},
+                                       "rank 1": {"write_calls": 5}},
+                            "/bfs/t u": {"pid 7": {"read_bytes": 1 << 40}}}
+        assert log == []
+
+    def test_stats_log_keeps_events_in_order(self, store: Store) -> None:
+        event = {"kind": "flush", "path": "/bfs/s", "bytes": 10, "sizes": {"4096": 2}}
+        store.stats_log(event)
+        event["bytes"] = 99                    # the store keeps what was logged, not the caller's dict
+        store.stats_log({"kind": "flush", "path": "/bfs/t", "seconds": 0.5})
+        assert store.stats()[1] == [{"kind": "flush", "path": "/bfs/s", "bytes": 10, "sizes": {"4096": 2}},
+                                    {"kind": "flush", "path": "/bfs/t", "seconds": 0.5}]
+
+    def test_stats_are_not_data(self, store: Store) -> None:
+        store.stats_add("/bfs/s", "rank 0", {"write_calls": 1})
+        store.stats_log({"kind": "flush"})
+        assert store.empty()
+        store.create("/bfs/s", None)
+        store.drop("/bfs/s")
+        assert store.stats()[0] == {"/bfs/s": {"rank 0": {"write_calls": 1}}}
+
     # -- the whole store ----------------------------------------------------
     def test_memory_grows_with_data(self, store: Store) -> None:
         used, limit = store.memory()

@@ -1,0 +1,51 @@
+"""``mpiburst report``: a run's I/O report (terminal summary, ``--json``, ``--html``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+from ..runconf import find_conf_path
+from .lifecycle import add_locator
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``report`` sub-command."""
+    p = sub.add_parser("report", help="show what the job wrote through mpiburst and what reached the BFS",
+                       description="Report a run's I/O (live or finished, while its server is up): per file, the "
+                       "application's writes and reads through mpiburst (calls, bytes, access sizes, patterns, "
+                       "time) against the flush's writes to the BFS. Counters reach the tier when files are "
+                       "closed.")
+    add_locator(p)
+    p.add_argument("--json", metavar="FILE", help="also write every figure as JSON to FILE")
+    p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page with plots to FILE")
+    p.add_argument("-q", "--quiet", action="store_true", help="print no summary")
+    p.set_defaults(func=_report)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .. import report
+    from ..tier import Tier
+
+    tier = Tier.connect(conf=find_conf_path(args.id, args.dir))
+    try:
+        data = report.build(tier.store, run=tier.conf.id)
+    finally:
+        tier.disconnect()
+    if args.json:
+        _write(args.json, json.dumps(data, indent=1) + "\n")
+    if args.html:
+        _write(args.html, report.html(data))
+    if not args.quiet:
+        print(report.summary(data))
+    return 0
+
+
+def _write(path: str, text: Any) -> None:
+    """Write ``text`` to ``path`` through a temporary name (a reader never sees half a report)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as out:
+        out.write(text)
+    os.replace(tmp, path)

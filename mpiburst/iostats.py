@@ -1,0 +1,129 @@
+"""I/O counters of one process's open file, kept in memory and merged into the tier once, at close.
+
+Each :class:`~mpiburst.writeback.TierFile` (under :class:`mpiburst.File` and
+:func:`mpiburst.open`) owns a :class:`Recorder`. A write or read adds a few
+integers to it (bytes, the access-size bin, the access pattern, nanoseconds
+inside the call): no server round trip. At close, :meth:`Recorder.merge`
+adds the counters to the tier's with one store call
+(:meth:`mpiburst.store.Store.stats_add`), under the file and the process
+(``rank N`` under MPI, else ``pid N``). A flush records its BFS writes with
+:func:`record_flush` (one store call, :meth:`~mpiburst.store.Store.stats_log`).
+
+``MPIBURST_IOSTATS=0`` turns recording off (to measure its cost).
+
+Counters of one direction (``write_`` or ``read_`` prefix): ``bytes``,
+``calls``, ``ns`` (time inside the calls), ``consecutive`` (the access starts
+where the previous one of this handle ended; the first at offset 0 too),
+``sequential`` (it starts further on: a forward gap), ``other`` (it starts
+before), and ``hist_0`` .. ``hist_9``: calls per access size in Darshan's
+bins (:data:`BINS`). Darshan's "sequential" count is consecutive + sequential.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from bisect import bisect_left
+from typing import Any
+
+from .errors import MpiburstError
+from .store import Store
+
+#: Upper bounds (inclusive) of the access-size bins but the last, as Darshan's.
+EDGES = (100, 1 << 10, 10 << 10, 100 << 10, 1 << 20, 4 << 20, 10 << 20, 100 << 20, 1 << 30)
+#: Names of the access-size bins (Darshan's).
+BINS = ("0-100", "100-1K", "1K-10K", "10K-100K", "100K-1M", "1M-4M", "4M-10M", "10M-100M",
+        "100M-1G", "1G+")
+
+
+def enabled() -> bool:
+    """Return whether recording is on (``MPIBURST_IOSTATS`` is not ``0``)."""
+    return os.environ.get("MPIBURST_IOSTATS", "1") != "0"
+
+
+def size_bin(n: int) -> int:
+    """Return the index in :data:`BINS` of an access of ``n`` bytes."""
+    return bisect_left(EDGES, n)
+
+
+def process_name() -> str:
+    """Name this process in the counters: ``rank N`` (MPI's world rank), else ``pid N``."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        return f"rank {mpi.COMM_WORLD.Get_rank()}"
+    for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return f"rank {os.environ[var]}"
+    return f"pid {os.getpid()}"
+
+
+class _Direction:
+    """The counters of one direction (writes or reads) of one handle."""
+
+    __slots__ = ("bytes", "ns", "consecutive", "sequential", "other", "end", "hist")
+
+    def __init__(self) -> None:
+        self.bytes = self.ns = self.consecutive = self.sequential = self.other = self.end = 0
+        self.hist = [0] * len(BINS)
+
+    def add(self, offset: int, n: int, ns: int) -> None:
+        self.hist[bisect_left(EDGES, n)] += 1
+        self.bytes += n
+        self.ns += ns
+        end = self.end
+        if offset == end:
+            self.consecutive += 1
+        elif offset > end:
+            self.sequential += 1
+        else:
+            self.other += 1
+        self.end = offset + n
+
+    def counters(self, prefix: str) -> dict[str, int]:
+        calls = sum(self.hist)
+        if not calls:
+            return {}
+        out = {f"{prefix}calls": calls, f"{prefix}bytes": self.bytes, f"{prefix}ns": self.ns,
+               f"{prefix}consecutive": self.consecutive, f"{prefix}sequential": self.sequential,
+               f"{prefix}other": self.other}
+        out.update({f"{prefix}hist_{i}": c for i, c in enumerate(self.hist) if c})
+        return out
+
+
+class Recorder:
+    """The counters of one process's open file (see the module's docstring)."""
+
+    __slots__ = ("writes", "reads")
+
+    def __init__(self) -> None:
+        self.writes = _Direction()
+        self.reads = _Direction()
+
+    def counters(self) -> dict[str, int]:
+        """Return every nonzero counter, named as in the tier."""
+        return {**self.writes.counters("write_"), **self.reads.counters("read_")}
+
+    def merge(self, store: Store, path: str) -> None:
+        """Add the counters to the tier's for ``path`` and this process (one store call), then zero them."""
+        counters = self.counters()
+        if counters:
+            store.stats_add(path, process_name(), counters)
+        self.writes = _Direction()
+        self.reads = _Direction()
+
+
+def record_flush(store: Store, report: Any, align: int, rank: int, started: float) -> None:
+    """Log one finished flush in the tier (rank 0 only; one store call).
+
+    ``report`` is the flush's :class:`~mpiburst.flush.FlushReport`; ``started``
+    its start on the wall clock (``time.time()``).
+    """
+    if rank != 0 or not enabled():
+        return
+    sizes = report.write_sizes
+    with contextlib.suppress(MpiburstError):   # the flush is done: a lost server must not say it failed
+            store.stats_log({"kind": "flush", "path": report.path, "start": started, "seconds": report.seconds,
+                         "bytes": report.bytes, "writes": report.writes, "align": align,
+                         "aligned_writes": sum(c for s, c in sizes.items() if s % align == 0),
+                         "sizes": {str(s): c for s, c in sizes.items()}})

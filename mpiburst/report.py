@@ -1,0 +1,200 @@
+"""A run's I/O report: what the application wrote and read through mpiburst, what the flush wrote to the BFS.
+
+:func:`build` turns the tier's statistics (:meth:`mpiburst.store.Store.stats`:
+counters merged at each close, one event per flush, see :mod:`mpiburst.iostats`)
+into one JSON-serialisable dict; :func:`summary` renders it for a terminal and
+:func:`html` as one self-contained page whose plots are inline SVG.
+"""
+
+from __future__ import annotations
+
+import html as _html
+import math
+import time
+from typing import Any
+
+from .iostats import BINS, size_bin
+from .sizes import format_size
+from .store import Store
+
+_DIRECTIONS = ("write", "read")
+_PATTERN = ("consecutive", "sequential", "other")
+
+
+def build(store: Store, run: str = "") -> dict[str, Any]:
+    """Return the report of the run whose tier is ``store`` (see ``docs/report.md`` for every field)."""
+    counters, log = store.stats()
+    flushes = [e for e in log if e.get("kind") == "flush"]
+    paths = sorted(set(counters) | {e["path"] for e in flushes})
+    files = [_file(path, counters.get(path, {}), [e for e in flushes if e["path"] == path]) for path in paths]
+    return {"run": run, "generated": time.time(), "bins": list(BINS), "files": files, "flushes": flushes,
+            "totals": {"app_write_calls": sum(f["app"]["write"]["calls"] for f in files),
+                       "app_write_bytes": sum(f["app"]["write"]["bytes"] for f in files),
+                       "app_read_calls": sum(f["app"]["read"]["calls"] for f in files),
+                       "app_read_bytes": sum(f["app"]["read"]["bytes"] for f in files),
+                       "bfs_write_calls": sum(f["bfs"]["writes"] for f in files),
+                       "bfs_write_bytes": sum(f["bfs"]["bytes"] for f in files)}}
+
+
+def _file(path: str, by_process: dict[str, dict[str, int]], flushes: list[dict[str, Any]]) -> dict[str, Any]:
+    app = {d: _direction(d, by_process.values()) for d in _DIRECTIONS}
+    processes = {who: {f"{d}_{k}": c.get(f"{d}_{k}", 0) for d in _DIRECTIONS for k in ("calls", "bytes", "ns")}
+                 for who, c in sorted(by_process.items(), key=lambda item: _process_key(item[0]))}
+    hist = [0] * len(BINS)
+    sizes: dict[str, int] = {}
+    for e in flushes:
+        for size, count in e["sizes"].items():
+            hist[size_bin(int(size))] += count
+            sizes[size] = sizes.get(size, 0) + count
+    writes = sum(e["writes"] for e in flushes)
+    bfs = {"flushes": len(flushes), "writes": writes, "bytes": sum(e["bytes"] for e in flushes),
+           "seconds": sum(e["seconds"] for e in flushes),
+           "aligned_writes": sum(e["aligned_writes"] for e in flushes),
+           "align": sorted({e["align"] for e in flushes}), "hist": hist,
+           "sizes": dict(sorted(sizes.items(), key=lambda item: int(item[0])))}
+    calls = app["write"]["calls"]
+    return {"path": path, "app": app, "processes": processes, "bfs": bfs,
+            "write_call_reduction": calls / writes if writes else None}
+
+
+def _direction(d: str, counters: Any) -> dict[str, Any]:
+    counters = list(counters)
+
+    def total(name: str) -> int:
+        return sum(c.get(f"{d}_{name}", 0) for c in counters)
+
+    ns = [c.get(f"{d}_ns", 0) for c in counters]
+    return {"calls": total("calls"), "bytes": total("bytes"),
+            "seconds": total("ns") / 1e9, "max_process_seconds": max(ns, default=0) / 1e9,
+            **{k: total(k) for k in _PATTERN},
+            "hist": [total(f"hist_{i}") for i in range(len(BINS))]}
+
+
+def _process_key(who: str) -> tuple[str, int]:
+    kind, _, number = who.partition(" ")
+    return kind, int(number) if number.isdigit() else 0
+
+
+# -- the terminal -------------------------------------------------------------------
+def summary(report: dict[str, Any]) -> str:
+    """Return the report as lines for a terminal: per file, the application's I/O against the BFS's."""
+    lines = [f"I/O report of run {report['run'] or '?'}: {len(report['files'])} file(s)"]
+    if not report["files"]:
+        lines.append("  nothing recorded yet (counters reach the tier when files are closed)")
+    for f in report["files"]:
+        w, r, bfs = f["app"]["write"], f["app"]["read"], f["bfs"]
+        lines.append(f"{f['path']}")
+        lines.append(f"  application writes: {w['calls']} calls, {format_size(w['bytes'])}, "
+                     f"{w['seconds']:.3f} s in mpiburst (longest process {w['max_process_seconds']:.3f} s); "
+                     f"consecutive {w['consecutive']}, sequential {w['sequential']}, other {w['other']}")
+        if r["calls"]:
+            lines.append(f"  application reads:  {r['calls']} calls, {format_size(r['bytes'])}, "
+                         f"{r['seconds']:.3f} s in mpiburst")
+        if bfs["flushes"]:
+            reduction = f"{f['write_call_reduction']:.1f}x fewer write calls" if f["write_call_reduction"] else ""
+            lines.append(f"  BFS writes (flush): {bfs['writes']} calls, {format_size(bfs['bytes'])} in "
+                         f"{bfs['flushes']} flush(es), {bfs['seconds']:.3f} s, "
+                         f"{bfs['aligned_writes']} of {bfs['writes']} a multiple of the alignment "
+                         f"{'/'.join(format_size(a) for a in bfs['align'])}; {reduction}".rstrip("; "))
+        else:
+            lines.append("  BFS writes (flush): none yet")
+        lines.append(f"  processes: {len(f['processes'])}")
+    return "\n".join(lines)
+
+
+# -- the page -------------------------------------------------------------------------
+_COLOURS = ("#4e79a7", "#f28e2b")
+
+
+def _bars(title: str, labels: list[str], series: list[tuple[str, list[float]]], ylabel: str,
+          log: bool = False, plot_id: str = "") -> str:
+    """Return one inline SVG bar chart: ``series`` (name, values) as grouped bars over ``labels``."""
+    width, height, left, bottom, top = 760, 300, 70, 60, 40
+    inner_w, inner_h = width - left - 20, height - bottom - top
+    peak = max((v for _, values in series for v in values), default=0) or 1
+
+    def scale(v: float) -> float:
+        if v <= 0:
+            return 0.0
+        if log:
+            return math.log10(v + 1) / math.log10(peak + 1) * inner_h
+        return v / peak * inner_h
+
+    group = inner_w / max(len(labels), 1)
+    bar = group * 0.8 / max(len(series), 1)
+    out = [f'<svg class="plot" id="{plot_id}" xmlns="http://www.w3.org/2000/svg" width="{width}" '
+           f'height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{_html.escape(title)}">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="15">{_html.escape(title)}</text>',
+           f'<line x1="{left}" y1="{top + inner_h}" x2="{left + inner_w}" y2="{top + inner_h}" stroke="black"/>',
+           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + inner_h}" stroke="black"/>',
+           f'<text x="14" y="{top + inner_h / 2}" font-size="12" transform="rotate(-90 14 {top + inner_h / 2})" '
+           f'text-anchor="middle">{_html.escape(ylabel)}{" (log scale)" if log else ""}</text>',
+           f'<text x="{left - 4}" y="{top + 4}" font-size="11" text-anchor="end">{_number(peak)}</text>',
+           f'<text x="{left - 4}" y="{top + inner_h}" font-size="11" text-anchor="end">0</text>']
+    for i, label in enumerate(labels):
+        x0 = left + i * group + group * 0.1
+        for j, (name, values) in enumerate(series):
+            h = scale(values[i])
+            out.append(f'<rect class="bar" x="{x0 + j * bar:.1f}" y="{top + inner_h - h:.1f}" width="{bar:.1f}" '
+                       f'height="{h:.1f}" fill="{_COLOURS[j % 2]}"><title>{_html.escape(name)} '
+                       f'{_html.escape(label)}: {_number(values[i])}</title></rect>')
+        out.append(f'<text x="{x0 + group * 0.4:.1f}" y="{top + inner_h + 16}" font-size="11" '
+                   f'text-anchor="middle">{_html.escape(label)}</text>')
+    for j, (name, _) in enumerate(series):
+        y = height - 14
+        x = left + j * 200
+        out.append(f'<rect x="{x}" y="{y - 10}" width="12" height="12" fill="{_COLOURS[j % 2]}"/>'
+                   f'<text x="{x + 18}" y="{y}" font-size="12">{_html.escape(name)}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _number(v: float) -> str:
+    return f"{v:,.0f}" if float(v).is_integer() else f"{v:,.2f}"
+
+
+def html(report: dict[str, Any]) -> str:
+    """Return the report as one self-contained HTML page (inline SVG plots, no external resource)."""
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>mpiburst I/O report "
+             f"{_html.escape(report['run'])}</title><style>body{{font-family:sans-serif;margin:2em}}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+             "td:first-child,th:first-child{text-align:left}</style></head><body>",
+             f"<h1>I/O report of run {_html.escape(report['run'] or '?')}</h1>",
+             f"<pre>{_html.escape(summary(report))}</pre>"]
+    t = report["totals"]
+    app_hist = [sum(f["app"]["write"]["hist"][i] for f in report["files"]) for i in range(len(BINS))]
+    bfs_hist = [sum(f["bfs"]["hist"][i] for f in report["files"]) for i in range(len(BINS))]
+    parts.append("<h2>Write sizes: application vs BFS</h2>")
+    parts.append(_bars(f"Write calls per size ({t['app_write_calls']} by the application, "
+                       f"{t['bfs_write_calls']} to the BFS)", list(BINS),
+                       [("application (into the tier)", app_hist), ("flush (to the BFS)", bfs_hist)],
+                       "write calls", log=True, plot_id="plot-sizes"))
+    per_process: dict[str, list[float]] = {}
+    for f in report["files"]:
+        for who, c in f["processes"].items():
+            mine = per_process.setdefault(who, [0.0, 0.0])
+            mine[0] += c["write_bytes"] / 2**20
+            mine[1] += c["read_bytes"] / 2**20
+    names = sorted(per_process, key=_process_key)
+    parts.append("<h2>Bytes per process</h2>")
+    parts.append(_bars("MiB written and read per process", names,
+                       [("written", [per_process[n][0] for n in names]),
+                        ("read", [per_process[n][1] for n in names])], "MiB", plot_id="plot-ranks"))
+    flushes = sorted(report["flushes"], key=lambda e: e["start"])
+    if flushes:
+        t0 = flushes[0]["start"]
+        parts.append("<h2>Flush bandwidth</h2>")
+        parts.append(_bars("Flush bandwidth (MiB/s) per flush, by start time", 
+                           [f"+{e['start'] - t0:.1f}s" for e in flushes],
+                           [("flush", [e["bytes"] / 2**20 / max(e["seconds"], 1e-9) for e in flushes])],
+                           "MiB/s", plot_id="plot-flush"))
+    parts.append("<h2>Files</h2><table><tr><th>file</th><th>app write calls</th><th>app bytes</th>"
+                 "<th>BFS write calls</th><th>BFS bytes</th><th>reduction</th></tr>")
+    for f in report["files"]:
+        red = f["write_call_reduction"]
+        parts.append(f"<tr><td>{_html.escape(f['path'])}</td><td>{f['app']['write']['calls']}</td>"
+                     f"<td>{f['app']['write']['bytes']}</td><td>{f['bfs']['writes']}</td><td>{f['bfs']['bytes']}</td>"
+                     f"<td>{f'{red:.1f}x' if red else '-'}</td></tr>")
+    parts.append("</table></body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,136 @@
+"""The I/O report: counters recorded by mpiburst.File / mpiburst.open and the flush, `mpiburst report`.
+
+A known workload on a real server gives exactly its call counts, sizes and
+patterns in ``--json``; the ``--html`` page is opened in a real headless
+Chromium, every plot must be in its DOM and the screenshot must not be blank.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import tempfile
+
+import pytest
+from mpi4py import MPI
+
+import mpiburst
+from mpiburst import flush, iostats
+from mpiburst.file import File
+from mpiburst.iostats import BINS, Recorder, size_bin
+from mpiburst.store import MemoryStore
+
+from conftest import bfs_file, require_tool
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_size_bins_are_darshans() -> None:
+    assert len(BINS) == 10
+    edges = {0: 0, 100: 0, 101: 1, 1024: 1, 1025: 2, 10 << 10: 2, (10 << 10) + 1: 3, 100 << 10: 3,
+             1 << 20: 4, (1 << 20) + 1: 5, 4 << 20: 5, 10 << 20: 6, 100 << 20: 7, 1 << 30: 8, (1 << 30) + 1: 9}
+    assert {n: size_bin(n) for n in edges} == edges
+
+
+def test_recorder_counts_patterns_and_merges_once() -> None:
+    rec = Recorder()
+    for off, n in [(0, 10), (10, 10), (50, 10), (0, 4096)]:   # consecutive, consecutive, forward gap, backwards
+        rec.writes.add(off, n, 5)
+    rec.reads.add(0, 2000, 7)
+    store = MemoryStore()
+    rec.merge(store, "/bfs/f")
+    rec.merge(store, "/bfs/f")                                  # nothing new: no second call adds anything
+    (who, counters), = store.stats()[0]["/bfs/f"].items()
+    assert who == iostats.process_name()
+    assert counters == {"write_calls": 4, "write_bytes": 4126, "write_ns": 20, "write_consecutive": 2,
+                        "write_sequential": 1, "write_other": 1, "write_hist_0": 3, "write_hist_2": 1,
+                        "read_calls": 1, "read_bytes": 2000, "read_ns": 7, "read_consecutive": 1,
+                        "read_sequential": 0, "read_other": 0, "read_hist_2": 1}
+
+
+def _workload(tier) -> tuple[str, str]:
+    """Write a known pattern through both APIs; return the two BFS paths."""
+    with mpiburst.open("burst://app/a.dat", "wb", tier=tier) as f:
+        for _ in range(100):
+            f.write(b"a" * 4096)              # 100 consecutive 4 KiB writes
+        f.seek(1 << 20)
+        f.write(b"b" * 200)                   # one forward jump, 200 B
+    with mpiburst.open("burst://app/a.dat", "rb", tier=tier) as f:
+        assert f.readinto(bytearray(1 << 20)) == 1 << 20   # one 1 MiB read (larger than a cache page: direct)
+    fh = File.Open(MPI.COMM_SELF, "burst://app/b.dat", MPI.MODE_CREATE | MPI.MODE_RDWR)
+    fh.Write_at(2 << 20, b"c" * (2 << 20))    # one 2 MiB write at 2 MiB: a forward gap
+    fh.Write_at(0, b"d" * 50)                 # one 50 B write before it
+    fh.Close()
+    return bfs_file(tier, "app/a.dat"), bfs_file(tier, "app/b.dat")
+
+
+def test_a_known_workload_gives_exactly_its_numbers(atier, cli, tmp_path) -> None:
+    a, b = _workload(atier)
+    flushed = flush.sync(a, tier=atier)
+    out = tmp_path / "r.json"
+    proc = cli("report", "--id", atier.id, "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    files = {f["path"]: f for f in report["files"]}
+    assert set(files) == {a, b}
+    w, r = files[a]["app"]["write"], files[a]["app"]["read"]
+    assert (w["calls"], w["bytes"]) == (101, 100 * 4096 + 200)
+    assert (w["consecutive"], w["sequential"], w["other"]) == (100, 1, 0)
+    assert w["hist"] == [0, 1, 100, 0, 0, 0, 0, 0, 0, 0]
+    assert (r["calls"], r["bytes"], r["hist"][4]) == (1, 1 << 20, 1)
+    assert w["seconds"] > 0 and r["seconds"] > 0
+    assert list(files[a]["processes"]) == [iostats.process_name()]
+    bfs = files[a]["bfs"]
+    assert bfs["flushes"] == 1 and bfs["writes"] == flushed.writes and bfs["bytes"] == flushed.bytes
+    assert bfs["sizes"] == {str(s): c for s, c in flushed.write_sizes.items()}
+    assert bfs["align"] == [64 << 10] and sum(bfs["hist"]) == flushed.writes
+    assert files[a]["write_call_reduction"] == pytest.approx(101 / flushed.writes)
+    wb = files[b]["app"]["write"]
+    assert (wb["calls"], wb["bytes"], wb["sequential"], wb["other"]) == (2, (2 << 20) + 50, 1, 1)
+    assert wb["hist"] == [1, 0, 0, 0, 0, 1, 0, 0, 0, 0] and files[b]["bfs"]["flushes"] == 0
+    assert report["totals"]["app_write_calls"] == 103
+    assert a in proc.stdout and "101 calls" in proc.stdout and "x fewer write calls" in proc.stdout
+
+
+def test_recording_off_records_nothing(atier, monkeypatch) -> None:
+    monkeypatch.setenv("MPIBURST_IOSTATS", "0")
+    a, _ = _workload(atier)
+    flush.sync(a, tier=atier)
+    assert atier.store.stats() == ({}, [])
+
+
+def test_html_report_renders_every_plot_in_chromium(atier, cli, tmp_path) -> None:
+    chromium = require_tool("chromium")
+    a, _ = _workload(atier)
+    flush.sync(a, tier=atier)
+    page = tmp_path / "r.html"
+    proc = cli("report", "--id", atier.id, "--html", str(page), "-q")
+    assert proc.returncode == 0 and proc.stdout == "", proc.stderr
+    text = page.read_text()
+    assert not re.search(r"""(src|href)=["']?(https?:|//)""", text)     # self-contained
+    with tempfile.TemporaryDirectory() as profile:
+        base = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                f"--user-data-dir={profile}"]
+        dom = subprocess.run(base + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=90)
+        shot = tmp_path / "r.png"
+        subprocess.run(base + [f"--screenshot={shot}", "--window-size=1000,1600", page.as_uri()],
+                       capture_output=True, timeout=90)
+    for plot in ("plot-sizes", "plot-ranks", "plot-flush"):
+        svg = re.search(rf'<svg[^>]*id="{plot}".*?</svg>', dom.stdout, re.S)
+        assert svg, (plot, dom.stderr[-2000:])
+        assert len(re.findall(r'class="bar"', svg.group(0))) >= 1
+    _assert_not_blank(shot)
+
+
+def _assert_not_blank(png) -> None:
+    """The screenshot decodes and has many colours (a blank or failed page has one or two)."""
+    from PIL import Image
+
+    with Image.open(png) as img:
+        img.load()
+        colours = img.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is None or len(colours) > 20, colours[:5] if colours else None
+    blue = sum(c for c, rgb in (colours or []) if rgb == (0x4e, 0x79, 0xa7))
+    assert colours is None or blue > 100                                  # the application's bars are drawn
