@@ -284,7 +284,7 @@ def sync(path: str | os.PathLike, *, tier: Tier | None = None, comm: Any = None,
     result.writes = sum(sizes.values())
     result.write_sizes = dict(sorted(sizes.items()))
     result.seconds = time.monotonic() - started
-    iostats.record_flush(store, result, plan.align, rank, time.time() - result.seconds)
+    iostats.record_flush(store, result, plan.align, comm.Get_rank(), time.time() - result.seconds)
     return result
 
 
