@@ -204,6 +204,13 @@ def _other_live_users(users: Path) -> list[int]:
     return live
 
 
+def require_slurm() -> None:
+    """Skip the calling test (CI: fail) unless the test cluster can run: root, slurm-wlm and munge installed."""
+    require_root("the test Slurm cluster runs as root (SlurmUser=root)")
+    for tool in ("sbatch", "srun", "scontrol", "slurmctld", "slurmd", "munged", "mungekey"):
+        require_tool(tool)
+
+
 @contextlib.contextmanager
 def cluster(up_timeout: float = 300) -> Iterator[SlurmCluster]:
     """Bring the test cluster up, yield a :class:`SlurmCluster`, then stop it.
@@ -225,10 +232,7 @@ def cluster(up_timeout: float = 300) -> Iterator[SlurmCluster]:
     up_timeout
         Seconds allowed for ``up``.
     """
-    require_root("the test Slurm cluster runs as root (SlurmUser=root)")
-    for tool in ("sbatch", "srun", "scontrol", "slurmctld", "slurmd", "munged", "mungekey"):
-        require_tool(tool)
-
+    require_slurm()
     with _users_locked() as users:
         me, started = users / str(os.getpid()), users / "started"
         was_up = _cluster_status()
