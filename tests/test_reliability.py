@@ -323,3 +323,50 @@ def test_a_killed_commit_leaves_no_later_file_without_an_earlier_one(tier, where
     assert {os.path.basename(r.path) for r in reports} == {"step", "a_index"}
     assert consistent() == 2
     assert sorted(os.listdir(bfs)) == ["a_index", "data"] and os.listdir(bfs / "data") == ["step"]
+
+
+@pytest.mark.timeout(120)
+def test_server_killed_during_a_sync_of_an_existing_file_leaves_it_whole(tmp_path, server_binary):
+    """Promise: a server SIGKILLed in the middle of a sync leaves the BFS file's old version, whole.
+
+    Before the fix an existing file was updated in place: the kill left it
+    half new, half old, and the last good version was gone.
+    """
+    import signal
+
+    from mpiburst import flush
+    from mpiburst.errors import FlushError
+
+    bfs = tmp_path / "bfs"
+    bfs.mkdir()
+    old = os.urandom(3 << 20)
+    path = str(bfs / "results.dat")
+    with open(path, "wb") as f:
+        f.write(old)
+    tier = Tier.start(id=f"kill{os.getpid()}", dir=str(tmp_path), bfs_root=str(bfs), capacity="64M",
+                      server=server_binary, align="64K")
+    try:
+        with mpiburst.open("burst://results.dat", "r+b", tier=tier) as f:
+            f.write(b"N" * len(old))
+        writes = []
+
+        def kill_server(p, off, n):
+            writes.append(n)
+            if len(writes) == 3:
+                os.kill(tier.conf.pid, signal.SIGKILL)
+
+        flush.write_observers.append(kill_server)
+        old_size, flush.WRITE_SIZE = flush.WRITE_SIZE, 64 << 10
+        try:
+            with pytest.raises(FlushError):
+                flush.sync(path, tier=tier)
+        finally:
+            flush.write_observers.remove(kill_server)
+            flush.WRITE_SIZE = old_size
+        assert len(writes) >= 3
+        assert open(path, "rb").read() == old                 # the last good version, byte for byte
+    finally:
+        try:
+            tier.stop()
+        except Exception:  # noqa: BLE001 - the server is dead: only its files are left to clean
+            pass
