@@ -98,3 +98,22 @@ def test_a_really_full_tier_is_reported_on_every_rank(mpi_tmp_path, server_binar
         assert "TierFullError" in errors
         f._tf = None  # the handle is unusable after the failure; leave without a collective Close
         comm.Barrier()
+
+
+def test_an_offset_past_the_limit_is_refused_on_every_rank(mpi_tmp_path, server_binary):
+    """Promise: a collective write past the exact-offset limit raises on every rank, none waits (#13 item 4)."""
+    from mpiburst.writeback import MAX_OFFSET
+
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    with _tier(mpi_tmp_path, server_binary, "64M"):
+        f = File.Open(comm, "burst://far.dat", WRONLY)
+        offset = 2**62 if rank == comm.Get_size() - 1 else rank * 16
+        with pytest.raises(MpiburstError) as exc:
+            f.Write_at_all(offset, b"HELLO")
+        if rank == comm.Get_size() - 1:
+            assert type(exc.value).__name__ == "OffsetError" and str(MAX_OFFSET) in str(exc.value)
+        with pytest.raises(MpiburstError):
+            f.Set_size(2**63 - 1)                  # the same argument on every rank: all refuse at once
+        f.Close()
+        comm.Barrier()
