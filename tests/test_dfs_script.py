@@ -11,7 +11,9 @@ failure under ``MPIBURST_REQUIRE_TOOLS=1``).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 from typing import Iterator
 
 import pytest
@@ -24,10 +26,10 @@ PIDFILE = "/tmp/mpiburst-dfs/run/glusterd.pid"   # under the default DFS_ROOT
 
 
 def dfs(*args: str, env: dict[str, str] | None = None, timeout: float = 900,
-        user: str | None = None) -> subprocess.CompletedProcess:
+        user: str | None = None, script: str = SCRIPT) -> subprocess.CompletedProcess:
     """Run ``dfs.sh *args`` (as ``user`` via util-linux setpriv, essential on Debian) with only the given DFS_* settings."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("DFS_")}
-    cmd = [SCRIPT, *args]
+    cmd = [script, *args]
     if user:
         cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
     return subprocess.run(cmd, env=base | (env or {}), capture_output=True, text=True, timeout=timeout)
@@ -76,7 +78,12 @@ def test_one_line_errors_for_a_wrong_command_or_a_user_who_is_not_root():
     require_root("setpriv to another user")
     usage = dfs("sideways")
     assert usage.returncode == 1 and usage.stderr.startswith("dfs.sh: usage:") and usage.stderr.count("\n") == 1
-    nobody = dfs("up", user="65534")
+    # A copy another user can reach: the checkout may sit in a private directory (a mktemp -d clone).
+    with tempfile.TemporaryDirectory(dir="/tmp") as reachable:
+        os.chmod(reachable, 0o755)
+        copy = shutil.copy(SCRIPT, os.path.join(reachable, "dfs.sh"))
+        os.chmod(copy, 0o755)
+        nobody = dfs("up", user="65534", script=copy)
     assert nobody.returncode == 1 and nobody.stdout == ""
     assert nobody.stderr == "dfs.sh: must run as root (GlusterFS daemons and the FUSE mount need it); " \
                             "run it with sudo.\n"
