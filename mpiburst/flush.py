@@ -61,7 +61,7 @@ import time
 import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator
 
 from . import iostats
@@ -244,7 +244,9 @@ def sync(path: str | os.PathLike, *, tier: Tier | None = None, comm: Any = None,
     def prepare() -> _Plan:
         try:
             recover(tier.bfs_root)   # a commit killed while renaming: finish it before touching its files
-            return _prepare(store, target, tier.align)
+            plan = _prepare(store, target, tier.align)
+            assert plan is not None      # without a cut there is always a plan
+            return plan
         except (PathError, FlushError):
             raise
         except Exception as exc:   # a lost server, say: the data stays dirty, say so
@@ -350,6 +352,8 @@ def commit(paths: Iterable[str] | None = None, *, tier: Tier | None = None, incl
     try:
         for target in chosen:           # locks and leases in path order: two commits never deadlock
             plan = _prepare(store, target, tier.align, cut=cut[target])
+            if plan is None:            # a later flush already put this file's cut on the BFS
+                continue
             plans.append(plan)
             keeper.hold(plan)
         for plan in plans:
@@ -501,13 +505,22 @@ def enqueue(tier: Tier, op: str, path: str, **fields: Any) -> None:
 
 # ----------------------------------------------------------------------------- the steps
 
-def _prepare(store: Store, target: str, align: int, cut: Any = None) -> _Plan:
+def _prepare(store: Store, target: str, align: int, cut: Any = None) -> _Plan | None:
     """Lock the BFS path, take the lease, snapshot the file and create its new version aside (rank 0 only).
 
     ``cut`` (a :class:`~mpiburst.store.FileMeta` taken by a commit) fixes the
-    snapshot; without it the snapshot is the file's state now.
+    snapshot's upper mark; without it the snapshot is the file's state now.
+    Another flush (the engine's, another commit) may have run between the
+    cut and this lease: what is clean, and the truncation still to apply,
+    are then taken from the file's record now, since the extents it made
+    clean may already be purged and their bytes are on the BFS. Returns None
+    (lock and lease given back) when that flush already went past the cut:
+    rewriting the file from the older cut would replace newer bytes on the
+    BFS with older ones.
     """
     meta = store.meta(target)
+    if meta is None and cut is not None:
+        return None                     # purged or removed since the cut: nothing of it to publish
     if meta is None:
         raise PathError(f"{target} is not in the tier; there is nothing to sync.")
     umask = meta.umask if meta.umask is not None else current_umask()
@@ -524,7 +537,14 @@ def _prepare(store: Store, target: str, align: int, cut: Any = None) -> _Plan:
         token = lease.token
         snap = lease.begin()
         if cut is not None:
-            snap = cut
+            if snap.clean >= cut.seq and (snap.clean > cut.clean or cut.trunc is None):
+                lease.release()
+                lock.release()
+                return None
+            if snap.clean > cut.clean:
+                snap = replace(cut, clean=snap.clean, trunc=snap.trunc)
+            else:
+                snap = cut
         for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.mpiburst-*")):
             _quiet(lambda: os.unlink(stale))  # left by a killed flusher: we hold the lock and the lease
         try:
