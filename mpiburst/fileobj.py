@@ -26,7 +26,7 @@ from collections import OrderedDict
 from typing import Any
 
 from .errors import MpiburstError
-from .writeback import TierFile, buffer_size, register
+from .writeback import TierFile, buffer_size, register, with_room
 from .paths import resolve
 
 #: Bytes per read-cache page (a read-ahead unit: one tier round trip serves it).
@@ -107,7 +107,7 @@ def _register(tier: Any, target: str, flags: tuple, name: str | os.PathLike) -> 
     if outcome == "exists":
         raise FileExistsError(errno.EEXIST, "File exists in the tier or on the BFS", os.fspath(name))
     if truncate:
-        tier.store.set_size(target, 0)
+        with_room(tier, lambda: tier.store.set_size(target, 0), f"truncate {target}")
 
 
 class BurstIO(io.BufferedIOBase):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from time import perf_counter_ns
+from typing import Callable, TypeVar
 
 from . import iostats
 from .errors import OffsetError, ServerError, TierConnectionError, TierFullError
@@ -20,6 +21,8 @@ from .residency import make_room
 from .sizes import parse_size
 from .store import MAX_BLOB, MAX_EXTENT, FileMeta, RecordGone
 from .tier import Tier
+
+T = TypeVar("T")
 
 #: End of the largest file the tier stores exactly: the index keeps extent offsets as
 #: the server's sorted-set scores, doubles exact up to 2**53, and range queries reach
@@ -199,28 +202,14 @@ class TierFile:
         self._inflight = None
 
     def _commit(self, payload: memoryview, extents) -> None:
-        """Commit one batch and wait; when the tier is full, flush and free data, then retry.
-
-        Another writer, or the engine, may free the memory first, so a round
-        of :func:`~mpiburst.residency.make_room` that freed nothing here is no
-        proof that nothing can be freed: the batch is sent again, and only
-        after :data:`_ROOM_TRIES` rounds in a row that neither flushed nor
-        freed anything while the tier stayed full does the write fail.
-        """
-        stalled = 0
+        """Commit one batch and wait; when the tier is full, flush and free data, then retry (:func:`with_room`)."""
         while True:
             try:
-                self.store.commit(self.path, self.channel, payload, extents)
+                with_room(self.tier, lambda: self.store.commit(self.path, self.channel, payload, extents),
+                          f"take {len(payload)} bytes for {self.path}")
                 return
             except RecordGone:
                 register(self.tier, self.path, create=True, exclusive=False)
-            except TierFullError:
-                stalled = 0 if make_room(self.tier) else stalled + 1
-                if stalled >= _ROOM_TRIES:
-                    raise TierFullError(
-                        f"the tier is full and nothing more can be flushed or freed to take "
-                        f"{len(payload)} bytes for {self.path}; unpin files, purge data or restart "
-                        "the run with a larger --capacity.") from None
             except TierConnectionError as exc:
                 raise _lost(exc) from None
 
@@ -272,7 +261,29 @@ class TierFile:
         """Set the file's logical size (truncate or extend with zeros)."""
         check_offset(size, f"set the size {size} of")
         self.push()
-        self.store.set_size(self.path, size)
+        with_room(self.tier, lambda: self.store.set_size(self.path, size), f"set the size of {self.path}")
+
+
+def with_room(tier: Tier, action: Callable[[], T], what: str) -> T:
+    """Run a store ``action`` that adds to the tier; when the tier is full, flush and free data, then retry.
+
+    Another writer, or the engine, may free the memory first, so a round of
+    :func:`~mpiburst.residency.make_room` that freed nothing here is no proof
+    that nothing can be freed: the action runs again, and only after
+    :data:`_ROOM_TRIES` rounds in a row that neither flushed nor freed
+    anything while the tier stayed full does it fail, saying it could not
+    ``what``.
+    """
+    stalled = 0
+    while True:
+        try:
+            return action()
+        except TierFullError:
+            stalled = 0 if make_room(tier) else stalled + 1
+            if stalled >= _ROOM_TRIES:
+                raise TierFullError(
+                    f"the tier is full and nothing more can be flushed or freed to {what}; unpin files, "
+                    "purge data or restart the run with a larger --capacity.") from None
 
 
 def check_offset(end: int, what: str) -> None:
@@ -307,7 +318,7 @@ def register(tier: Tier, path: str, create: bool, exclusive: bool) -> str | None
     if not exists and not create:
         return "missing"
     if meta is None:
-        store.create(path, bfs_size, umask=current_umask())
+        with_room(tier, lambda: store.create(path, bfs_size, umask=current_umask()), f"create {path}")
     return None
 
 

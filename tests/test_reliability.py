@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -189,6 +190,42 @@ def test_concurrent_syncs_of_one_bfs_path_from_two_runs_are_serialised(tmp_path,
     finally:
         for t in tiers:
             t.stop()
+
+
+def test_opening_a_file_in_a_full_tier_makes_room(tmp_path, server_binary):
+    """Promise: creating or truncating a file in a full tier flushes and frees data first, as a write does.
+
+    The tier is filled to its last byte with dirty data through the store
+    itself (no room made, the engine stopped). Opening a new file with "wb"
+    then creates its record and truncates it: before the fix that was a
+    TierFullError (seen in a writer loop that opened its next checkpoint
+    while the tier was full), though the dirty data could be synced and freed.
+    """
+    bfs = tmp_path / "bfs"
+    bfs.mkdir()
+    with Tier.start(id=f"full{os.getpid()}", dir=str(tmp_path), bfs_root=str(bfs), capacity="16M",
+                    server=server_binary) as t:
+        assert t.conf.engine_pid
+        os.kill(t.conf.engine_pid, signal.SIGSTOP)     # the engine must not make the room for us
+        try:
+            target = str(bfs / "filler.bin")
+            t.store.create(target, None)
+            data = os.urandom(32 << 20)
+            offset = 0
+            for size in (1 << 20, 4 << 10, 64):  # big pieces, then small ones up to the last byte the server takes
+                with pytest.raises(mpiburst.errors.TierFullError):
+                    while offset + size <= len(data):
+                        t.store.commit(target, 0, data[offset:offset + size],
+                                       [(offset + k, k, min(size, 256 << 10)) for k in range(0, size, 256 << 10)])
+                        offset += size
+            with mpiburst.open("burst://next.bin", "wb", tier=t) as f:
+                f.write(b"checkpoint")
+            mpiburst.sync("burst://next.bin", tier=t)
+            assert (bfs / "next.bin").read_bytes() == b"checkpoint"
+            mpiburst.sync("burst://filler.bin", tier=t)
+            assert (bfs / "filler.bin").read_bytes() == data[:offset]   # nothing of the filler was lost
+        finally:
+            os.kill(t.conf.engine_pid, signal.SIGCONT)
 
 
 # ----------------------------------------------------------------------------- consistent cut (#13 item 1)
