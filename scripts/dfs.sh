@@ -79,9 +79,14 @@ install_packages() {
 
 # --- state ------------------------------------------------------------------
 
+alive() { # a process that runs: a zombie (left when its parent was killed; PID 1 here reaps no orphans) is gone
+    local state
+    state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) && [[ -n $state && $state != Z ]]
+}
+
 glusterd_pid() { # our glusterd's pid, if it runs
     local pid
-    [[ -f $PIDFILE ]] && pid=$(cat "$PIDFILE") && [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null && echo "$pid"
+    [[ -f $PIDFILE ]] && pid=$(cat "$PIDFILE") && [[ -n $pid ]] && alive "$pid" && echo "$pid"
 }
 
 mounted() { grep -qs " $MNT fuse.glusterfs " /proc/mounts; }
@@ -180,8 +185,10 @@ up() {
     [[ -e /dev/fuse ]] || die "/dev/fuse is missing: this machine (or container) cannot mount FUSE filesystems."
     install_packages
     if [[ -z $(glusterd_pid) ]]; then
-        if pgrep -x glusterd >/dev/null; then
-            die "a glusterd not started by dfs.sh runs (pid $(pgrep -x glusterd | head -1)); there is one per machine: stop it, or use its volumes."
+        local other
+        other=$(pgrep -x -r R,S,D,T glusterd | head -1 || true)   # running, sleeping, in I/O or stopped: not a zombie
+        if [[ -n $other ]]; then
+            die "a glusterd not started by dfs.sh runs (pid $other); there is one per machine: stop it, or use its volumes."
         fi
         mounted && umount -l "$MNT" 2>/dev/null || true # a client of a previous, dead server
         clean_state
@@ -230,7 +237,7 @@ down() {
         $G volume delete "$VOL" >/dev/null 2>&1 || true
         kill "$pid"
         local i
-        for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        for i in $(seq 50); do alive "$pid" || break; sleep 0.1; done
     fi
     clean_state
     rmdir "$MNT" 2>/dev/null || true
