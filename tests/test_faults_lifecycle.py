@@ -10,6 +10,7 @@ see. The root-side Slurm scripts are tested in ``test_jobscripts_root.py``.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -69,6 +70,21 @@ def _wait_for(path: Path, timeout: float = 30) -> None:
         time.sleep(0.005)
 
 
+def _start_lock_held(path: Path) -> bool:
+    """Return True if some process holds the run's start lock at ``path`` (never takes it for long)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return False  # released: the last holder removes the file
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops the shared lock if we got it
+    return False
+
+
 def _clean_error(done: subprocess.CompletedProcess, prefix: str, *needles: str) -> None:
     """One line on stderr starting with ``prefix``, naming every needle; non-zero exit; no traceback."""
     assert done.returncode != 0, done.stderr
@@ -114,17 +130,19 @@ def test_second_run_of_the_same_id_is_refused_and_the_first_loses_nothing(workdi
 
 @pytest.mark.timeout(120)
 def test_a_start_during_another_start_is_refused_and_leaves_no_orphan(tmp_path: Path, server_binary: str) -> None:
-    """Stop the first ``mpiburst start`` (SIGSTOP) after it wrote its conf but before its server answers."""
+    """Stop the first ``mpiburst start`` (SIGSTOP) after it wrote its conf but before its server answers.
+
+    "Before its server answers" is checked where the starter says so: it
+    still holds the run's start lock (released only once the server answered).
+    The window is the server's whole start-up, not a few statements.
+    """
     for attempt in range(5):
         first = _mpiburst("start", "--id", "dup", "--capacity", "32M", cwd=tmp_path, server_binary=server_binary,
                           wait=False)
         conf = tmp_path / "mpiburst_dup.conf"
         _wait_for(conf, timeout=60)
         first.send_signal(signal.SIGSTOP)
-        try:
-            mid_start = json.loads(conf.read_text())["pid"] is None
-        except (ValueError, OSError):
-            mid_start = True  # replaced while read: still starting
+        mid_start = _start_lock_held(tmp_path / ".mpiburst_dup.lock")
         try:
             if mid_start:
                 second = _mpiburst("start", "--id", "dup", "--capacity", "32M", cwd=tmp_path,
