@@ -14,6 +14,11 @@ named after the ID:
 * ``.mpiburst_<id>/``     a 0700 directory holding the server's unix socket
 * ``.mpiburst_<id>.lock`` held while the run is started (and during ``mpiburst run``)
 
+A run spanning several nodes has one server per node (:attr:`RunConf.nodes`);
+node ``k``'s server files carry ``<id>@<k>`` instead of ``<id>`` (``@`` is
+not allowed in an ID, so no run's names collide with a node's), plus the
+cluster state file ``nodes_<id>@<k>.conf`` the server writes itself.
+
 Files holding secrets are written 0600 from the first byte (a temporary file
 opened with ``O_EXCL`` in the same directory, then renamed) and are read the
 way ssh reads a private key: refused when group/world-accessible, owned by
@@ -30,7 +35,7 @@ import re
 import secrets
 import stat
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .errors import ConfigError
@@ -82,6 +87,16 @@ def resolve_id(explicit: str | None = None, *, warn: bool = False) -> str:
 def conf_path(directory: str, run_id: str) -> str:
     """Return the path of the client conf file ``mpiburst_<id>.conf`` in ``directory``."""
     return os.path.join(directory, f"mpiburst_{run_id}.conf")
+
+
+def node_member(run_id: str, node: int | None) -> str:
+    """Return the name part of node ``node``'s server files: ``<id>@<node>`` (``run_id`` itself for None)."""
+    return run_id if node is None else f"{run_id}@{node}"
+
+
+def cluster_conf_name(member: str) -> str:
+    """Return the file name of a cluster-mode server's own state file, ``nodes_<member>.conf``."""
+    return f"nodes_{member}.conf"
 
 
 def server_conf_path(directory: str, run_id: str) -> str:
@@ -151,6 +166,29 @@ class RunConf:
     engine_pid: int | None = None
     sync_threshold: float = 0.5
     purge_threshold: float = 0.8
+    #: One entry per node of a multi-node run, in node order (empty: one plain server):
+    #: ``{"host", "port", "socket", "pid", "ranks": [lo, hi), "slots": [first, last], "hostname", "bus_port"}``.
+    #: ``host``/``port``/``socket``/``pid`` above are node 0's.
+    nodes: list = field(default_factory=list)
+
+    def node(self, index: int) -> "RunConf":
+        """Return the single-server view of node ``index`` (its address, socket and PID; never saved).
+
+        What a connection to, or a status of, one node's server needs.
+        """
+        entry = self.nodes[index]
+        return self.view(entry["host"], entry["port"], entry["socket"], entry["pid"], index)
+
+    def view(self, host: str, port: int, socket: str, pid: int | None, node: int) -> "RunConf":
+        """Return a copy of this conf for one node's server at ``host:port`` / ``socket`` (its :meth:`save` refuses)."""
+        view = dataclasses.replace(self, host=host, port=port, socket=socket, pid=pid, nodes=[])
+        view._view_of = node  # type: ignore[attr-defined]
+        return view
+
+    @property
+    def node_count(self) -> int:
+        """The number of servers of the run (1 for a plain run)."""
+        return max(1, len(self.nodes))
 
     @property
     def path(self) -> str:
@@ -179,10 +217,17 @@ class RunConf:
             if not _has_type(value, _FIELD_TYPES[name]):
                 raise ConfigError(f"{source} has a wrong {name} ({value!r:.40}); it was not written by mpiburst: "
                                   f"remove it and start the run again.")
+        for node in fields.get("nodes", []):
+            if not _is_node(node):
+                raise ConfigError(f"{source} has a wrong node entry ({node!r:.60}); it was not written by mpiburst: "
+                                  f"remove it and start the run again.")
         return cls(**fields)
 
     def save(self) -> None:
         """Write the conf to :attr:`path` securely (0600 from the first byte, atomic replace)."""
+        if hasattr(self, "_view_of"):
+            raise ConfigError(f"node {getattr(self, '_view_of')}'s view of run {self.id} cannot be saved; this is a "
+                              f"bug in mpiburst, please report it.")
         write_secure(self.path, self.to_json())
 
     @classmethod
@@ -197,8 +242,19 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     **{name: (str,) for name in ("id", "dir", "host", "socket", "user", "password", "bfs_root", "server")},
     **{name: (int,) for name in ("port", "channels", "capacity", "align")},
     "pid": (int, type(None)), "engine_pid": (int, type(None)),
-    "sync_threshold": (int, float), "purge_threshold": (int, float),
+    "sync_threshold": (int, float), "purge_threshold": (int, float), "nodes": (list,),
 }
+
+#: The fields of a node entry and their JSON types.
+_NODE_TYPES: dict[str, tuple[type, ...]] = {"host": (str,), "port": (int,), "socket": (str,), "pid": (int, type(None)),
+                                           "ranks": (list,), "slots": (list,)}
+
+
+def _is_node(entry: Any) -> bool:
+    """Return True if ``entry`` is a well-formed node entry of :attr:`RunConf.nodes`."""
+    if not isinstance(entry, dict) or not all(_has_type(entry.get(k), t) for k, t in _NODE_TYPES.items()):
+        return False
+    return all(len(entry[k]) == 2 and all(_has_type(v, (int,)) for v in entry[k]) for k in ("ranks", "slots"))
 
 
 def _has_type(value: Any, types: tuple[type, ...]) -> bool:

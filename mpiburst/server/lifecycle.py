@@ -12,9 +12,7 @@ from __future__ import annotations
 import os
 import shlex
 import signal
-import subprocess
-import sys
-import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -22,106 +20,46 @@ import redis
 from ..align import detect_align
 from ..errors import ConfigError, ServerError
 from ..runconf import (AdminCredentials, RunConf, admin_path, conf_path, create_private, engine_log_name, log_name,
-                       new_password, rdb_name, resolve_id, server_conf_path, socket_dir_path, write_secure)
-from . import process
-from .config import ADMIN_USER, USER, render_config
+                       new_password, rdb_name, resolve_id, server_conf_path, socket_dir_path)
+from . import cluster
+from .config import ADMIN_USER, USER
 from .connection import connect_redis
 from .discovery import default_bind, find_server, free_port, host_address, job_nodes
 from .options import StartOptions, parse_capacity
+from .launch import MAX_SOCKET_PATH, SOCKET_NAME, PortInUse, launch, make_socket_dir, remove_file
 from .process import kill, log_tail, pid_alive, wait_gone
 from .runlock import RunLock
 
-#: sun_path holds 108 bytes including the terminating NUL.
-MAX_SOCKET_PATH = 107
-SOCKET_NAME = "redis.sock"
-START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
 PORT_ATTEMPTS = 5
 
 
-def _remove(path: str) -> None:
-    """Remove a file if it exists."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _make_socket_dir(path: str) -> None:
-    """Create the socket directory with mode 0700, or check an existing one is ours and private."""
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise ConfigError(f"cannot create socket directory {path} ({exc.strerror}); choose another with --socket-dir.") from None
-    st = os.lstat(path)
-    if not os.path.isdir(path) or os.path.islink(path) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        raise ConfigError(f"socket directory {path} is not a private directory of yours (mode 0700); remove it or use --socket-dir.")
-
-
 def clean_run(conf: RunConf, keep_snapshot: bool) -> None:
-    """Remove a stopped run's files: socket, server config, logs, and (unless kept) conf and snapshot."""
+    """Remove a stopped run's files: socket, server config, logs, and (unless kept) conf and snapshot.
+
+    For a multi-node run, every node's files too (a node's snapshot is never kept).
+    """
+    for k in range(len(conf.nodes)):
+        cluster.clean_node(conf, k)
     sockdir = os.path.dirname(conf.socket)
-    _remove(conf.socket)
+    remove_file(conf.socket)
     try:
         os.rmdir(sockdir)
     except OSError:
         pass
-    _remove(server_conf_path(conf.dir, conf.id))
-    _remove(os.path.join(conf.dir, log_name(conf.id)))
-    _remove(os.path.join(conf.dir, engine_log_name(conf.id)))
-    _remove(admin_path(conf.dir, conf.id))
+    remove_file(server_conf_path(conf.dir, conf.id))
+    remove_file(os.path.join(conf.dir, log_name(conf.id)))
+    remove_file(os.path.join(conf.dir, engine_log_name(conf.id)))
+    remove_file(admin_path(conf.dir, conf.id))
     if keep_snapshot:
         conf.pid = None
         conf.save()
     else:
-        _remove(os.path.join(conf.dir, rdb_name(conf.id)))
-        _remove(conf.path)
+        remove_file(os.path.join(conf.dir, rdb_name(conf.id)))
+        remove_file(conf.path)
 
 
 # ----------------------------------------------------------------------------- start
-
-class _PortInUse(Exception):
-    """The server could not bind its TCP port (another process took it)."""
-
-
-def _launch(conf: RunConf, admin: AdminCredentials, bind: str, maxclients: int, tied: bool) -> subprocess.Popen:
-    """Write the server config, start the server and wait until an authenticated PING answers."""
-    write_secure(server_conf_path(conf.dir, conf.id), render_config(conf, admin, bind, maxclients))
-    log = os.path.join(conf.dir, log_name(conf.id))
-    log_fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
-    try:
-        proc = subprocess.Popen([conf.server, server_conf_path(conf.dir, conf.id)], cwd=conf.dir,
-                                stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
-                                umask=0o077, start_new_session=True, close_fds=True,
-                                preexec_fn=process.die_with_parent if tied and sys.platform.startswith("linux") else None)
-    except OSError as exc:
-        raise ServerError(f"cannot run server {conf.server} ({exc.strerror}); give a working one with --server.") from None
-    finally:
-        os.close(log_fd)
-    process.adopt(proc)
-    conf.pid = proc.pid
-    conf.save()
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        if proc.poll() is not None:
-            process.forget(proc.pid)
-            tail = log_tail(log)
-            if "already in use" in tail:
-                raise _PortInUse(tail)
-            raise ServerError(f"the server of run {conf.id} exited during start-up (status {proc.returncode}); its log ends: {tail}")
-        if os.path.exists(conf.socket):
-            try:
-                connect_redis(conf).close()
-                return proc
-            except ServerError:
-                pass
-        if time.monotonic() > deadline:
-            kill(proc.pid, conf.server)
-            raise ServerError(f"the server of run {conf.id} did not answer within {START_TIMEOUT:.0f} s; its log ends: {log_tail(log)}")
-        time.sleep(0.05)
-
 
 def _check_existing(directory: str, run_id: str, restart: bool) -> RunConf | None:
     """Refuse to start over a live run; clean a stale one; return the old conf when restarting."""
@@ -192,13 +130,30 @@ def run_directory(directory: str | None) -> str:
     return path
 
 
-def _start_locked(opts: StartOptions, run_id: str, directory: str, tied: bool) -> RunConf:
-    """Start the run's server; the caller holds the run's start lock."""
-    old = _check_existing(directory, run_id, opts.restart)
+def _new_conf(opts: StartOptions, run_id: str, directory: str, old: RunConf | None, sock: str) -> RunConf:
+    """Return the conf of a run about to start (fresh ranks' password, no server yet)."""
     channels = opts.channels or (old.channels if old else 1)
     bfs_root = os.path.abspath(opts.bfs_root or (old.bfs_root if old else directory))
     if not os.path.isdir(bfs_root):
         raise ConfigError(f"BFS root {bfs_root} is not a directory; create it or give another with --bfs-root.")
+    return RunConf(
+        id=run_id, dir=directory, host="", port=0, socket=sock, user=USER, password=new_password(),
+        channels=channels, bfs_root=bfs_root,
+        capacity=parse_capacity(opts.capacity), align=detect_align(bfs_root, opts.align), pid=None,
+        server=find_server(opts.server),
+    )
+
+
+def _maxclients(opts: StartOptions, channels: int) -> int:
+    """Return the server's ``maxclients``: the option (checked against ``channels``), else ``max(1024, 4 x channels)``."""
+    if opts.maxclients:
+        opts.replace(channels=channels)  # a restart's channel count may need more clients
+    return opts.maxclients or max(1024, 4 * channels)
+
+
+def _start_locked(opts: StartOptions, run_id: str, directory: str, tied: bool) -> RunConf:
+    """Start the run's server; the caller holds the run's start lock."""
+    old = _check_existing(directory, run_id, opts.restart)
     sockdir = socket_dir_path(directory, run_id, opts.socket_dir)
     sock = os.path.join(sockdir, SOCKET_NAME)
     if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
@@ -206,22 +161,15 @@ def _start_locked(opts: StartOptions, run_id: str, directory: str, tied: bool) -
             f"unix socket path {sock} is {len(os.fsencode(sock))} bytes, more than the OS allows "
             f"({MAX_SOCKET_PATH}); give a shorter directory with --socket-dir (e.g. under /tmp)."
         )
-    if opts.maxclients:
-        opts = opts.replace(channels=channels)  # a restart's channel count may need more clients
-    maxclients = opts.maxclients or max(1024, 4 * channels)
-    conf = RunConf(
-        id=run_id, dir=directory, host="", port=0, socket=sock, user=USER, password=new_password(),
-        channels=channels, bfs_root=bfs_root,
-        capacity=parse_capacity(opts.capacity), align=detect_align(bfs_root, opts.align), pid=None,
-        server=find_server(opts.server),
-    )
+    conf = _new_conf(opts, run_id, directory, old, sock)
+    maxclients = _maxclients(opts, conf.channels)
     tcp = opts.bind is not None or opts.port is not None or job_nodes() > 1
     bind = opts.bind or default_bind()
     if tcp:
         conf.host = host_address() if bind in ("0.0.0.0", "*") else bind
-    _make_socket_dir(sockdir)
+    make_socket_dir(sockdir)
     log = os.path.join(directory, log_name(run_id))
-    _remove(log)
+    remove_file(log)
     os.close(create_private(log))
     admin = AdminCredentials(ADMIN_USER, new_password())
     conf.save()
@@ -235,9 +183,9 @@ def _start_locked(opts: StartOptions, run_id: str, directory: str, tied: bool) -
                     raise ConfigError(f"cannot listen on address {bind!r} ({exc.strerror}); "
                                       f"give another with --bind.") from None
             try:
-                _launch(conf, admin, bind, maxclients, tied)
+                launch(conf, admin, bind, maxclients, tied)
                 return conf
-            except _PortInUse:
+            except PortInUse:
                 continue
         raise ServerError(f"the server of run {run_id} found no free port after {PORT_ATTEMPTS} attempts; "
                           f"give one with --port.")
@@ -246,8 +194,119 @@ def _start_locked(opts: StartOptions, run_id: str, directory: str, tied: bool) -
             kill(conf.pid, conf.server)
         clean_run(conf, keep_snapshot=opts.restart)
         if not opts.restart:
-            _remove(conf.path)
+            remove_file(conf.path)
         raise
+
+
+# ----------------------------------------------------------------------------- several nodes
+
+@dataclass
+class ClusterPlan:
+    """What the starting process decides before any node's server runs, sent to every node's first rank.
+
+    ``conf`` is the run's conf without nodes (saved with ``pid`` None);
+    ``admin`` the one admin user of every node; ``bind`` the address the
+    servers listen on (``None``: each node's own address).
+    """
+
+    conf: RunConf
+    admin: AdminCredentials
+    maxclients: int
+    bind: str | None
+    socket_dir: str | None
+
+
+def plan_cluster(opts: StartOptions, nodes_here: bool) -> ClusterPlan:
+    """Check and write down a multi-node run before its servers start (the caller holds the run's start lock).
+
+    Parameters
+    ----------
+    nodes_here
+        Every node is this host (simulated nodes): the servers and their
+        cluster buses listen on loopback only; otherwise on each node's
+        address (or ``opts.bind``).
+
+    Raises
+    ------
+    ConfigError
+        On a bad option, a live run with the same ID, or ``restart`` (a
+        multi-node run cannot be saved and reloaded yet).
+    """
+    if opts.restart:
+        raise ConfigError("a run over several nodes cannot be reloaded from a snapshot yet; start it without --restart.")
+    if opts.port is not None:
+        raise ConfigError("a run over several nodes picks a free port on each node; leave --port out.")
+    run_id = resolve_id(opts.id, warn=True)
+    directory = run_directory(opts.dir)
+    old = _check_existing(directory, run_id, False)
+    conf = _new_conf(opts, run_id, directory, old, "")
+    admin = AdminCredentials(ADMIN_USER, new_password())
+    conf.save()
+    try:
+        admin.save(conf)
+    except BaseException:
+        abandon_cluster(conf)
+        raise
+    bind = opts.bind or ("127.0.0.1" if nodes_here else None)
+    return ClusterPlan(conf, admin, _maxclients(opts, conf.channels), bind,
+                       os.path.abspath(opts.socket_dir) if opts.socket_dir else None)
+
+
+def launch_planned_node(plan: ClusterPlan, index: int, count: int, ranks: tuple[int, int], tied: bool) -> dict[str, Any]:
+    """Start node ``index`` of a planned run on this host (its first rank calls this); return its node entry."""
+    bind = plan.bind or host_address()
+    return cluster.launch_node(plan.conf, plan.admin, index, count, ranks, bind, plan.maxclients, tied, plan.socket_dir)
+
+
+def form_planned(plan: ClusterPlan, entries: list[dict[str, Any]]) -> RunConf:
+    """Join the started nodes into one cluster, record them in the run conf, save it and return it."""
+    conf = plan.conf
+    conf.nodes = list(entries)
+    conf.host, conf.port, conf.socket, conf.pid = (entries[0][k] for k in ("host", "port", "socket", "pid"))
+    cluster.form(conf, plan.admin)
+    conf.save()
+    return conf
+
+
+def abandon_cluster(conf: RunConf) -> None:
+    """Remove the run-wide files of a multi-node run that failed to start (each node cleans its own)."""
+    remove_file(admin_path(conf.dir, conf.id))
+    remove_file(conf.path)
+
+
+def start_cluster(options: StartOptions | None = None, nodes: int = 3, *, tied: bool = False,
+                  **changes: Any) -> RunConf:
+    """Start a run of ``nodes`` cluster-mode servers on this machine, joined into one cluster (one process).
+
+    For tests and tools that need a real cluster without MPI: node ``k``
+    serves ranks ``[k*c/n, (k+1)*c/n)`` of the run's ``c`` channels. The
+    servers listen on loopback (or ``bind``) and their unix sockets. Stop it
+    with :func:`stop_run`.
+
+    Raises
+    ------
+    ConfigError, ServerError
+        As :func:`start_run`; no server is left running.
+    """
+    opts = StartOptions.of(options, **changes)
+    if nodes < 2:
+        raise ConfigError(f"a cluster run needs at least 2 nodes, not {nodes}; use start_run for one server.")
+    directory = run_directory(opts.dir)
+    with RunLock(directory, resolve_id(opts.id), "mpiburst start"):
+        plan = plan_cluster(opts, nodes_here=True)
+        channels = plan.conf.channels
+        entries: list[dict[str, Any]] = []
+        try:
+            for k in range(nodes):
+                ranks = (k * channels // nodes, (k + 1) * channels // nodes)
+                entries.append(launch_planned_node(plan, k, nodes, ranks, tied))
+            return form_planned(plan, entries)
+        except BaseException:
+            for k, entry in enumerate(entries):
+                kill(entry["pid"], plan.conf.server)
+                cluster.clean_node(plan.conf, k, entry["socket"])
+            abandon_cluster(plan.conf)
+            raise
 
 
 # ----------------------------------------------------------------------------- stop / status
@@ -278,6 +337,8 @@ def stop_run(conf: RunConf, save: bool = False, discard: bool = False, timeout: 
     """
     if save and discard:
         raise ConfigError("choose either --save or --discard, not both.")
+    if conf.nodes:
+        return _stop_cluster(conf, save, timeout, exposed_ok)
     rdb = os.path.join(conf.dir, rdb_name(conf.id))
     if not pid_alive(conf.pid, conf.server):
         if conf.pid is None and not discard:
@@ -308,6 +369,28 @@ def stop_run(conf: RunConf, save: bool = False, discard: bool = False, timeout: 
     if save:
         return f"run {conf.id} stopped; snapshot saved in {rdb} (reload with 'mpiburst start --restart --id {conf.id}')."
     return f"run {conf.id} stopped."
+
+
+def _stop_cluster(conf: RunConf, save: bool, timeout: float, exposed_ok: bool) -> str:
+    """Stop every node's server of a multi-node run, then its engine, and remove the run's files."""
+    if save:
+        raise ConfigError(f"run {conf.id} spans {len(conf.nodes)} nodes and cannot be saved to a snapshot yet; copy "
+                          f"its files to the BFS with 'mpiburst stage-out --id {conf.id}', then stop it.")
+    _end_engine(conf.engine_pid)
+    try:
+        admin = AdminCredentials.load(conf, exposed_ok=exposed_ok)
+    except ConfigError:
+        admin = None
+    alive = [k for k in range(len(conf.nodes)) if cluster.node_alive(conf, k)]
+    if alive and admin is None:
+        AdminCredentials.load(conf, exposed_ok=exposed_ok)  # raises the admin file's own error
+    gone = cluster.stop_nodes(conf, admin, timeout) if admin is not None else list(range(len(conf.nodes)))
+    clean_run(conf, keep_snapshot=False)
+    if not alive:
+        return f"run {conf.id} was not running (its {len(conf.nodes)} servers are gone); its files were removed."
+    lost = sorted(set(gone) | (set(range(len(conf.nodes))) - set(alive)))
+    note = f" (node{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))} had already ended)" if lost else ""
+    return f"run {conf.id} stopped: {len(conf.nodes)} servers{note}."
 
 
 def _save_failed(conf: RunConf, exc: Exception) -> str:
@@ -341,7 +424,19 @@ def _end_engine(pid: int | None) -> None:
 
 
 def status(conf: RunConf) -> dict[str, Any]:
-    """Return a run's state: up, pid, memory used / capacity, channels, clients, engine, addresses."""
+    """Return a run's state: up, pid, memory used / capacity, channels, clients, engine, addresses.
+
+    For a multi-node run the top level is node 0's, with ``used_memory`` and
+    ``clients`` summed over the nodes that answer, ``up`` true only when every
+    node's server runs, and ``nodes``: one :func:`cluster.node_status` per node.
+    """
+    if conf.nodes:
+        whole = status(conf.node(0))
+        nodes = [cluster.node_status(conf, k) for k in range(len(conf.nodes))]
+        whole.update(up=all(n["up"] for n in nodes), nodes=nodes,
+                     used_memory=sum(n["used_memory"] or 0 for n in nodes) if any(n["up"] for n in nodes) else None,
+                     clients=sum(n["clients"] or 0 for n in nodes) if any(n["up"] for n in nodes) else None)
+        return whole
     info: dict[str, Any] = dict(
         id=conf.id, up=pid_alive(conf.pid, conf.server), pid=conf.pid, host=conf.host, port=conf.port,
         socket=conf.socket, channels=conf.channels, capacity=conf.capacity, bfs_root=conf.bfs_root,

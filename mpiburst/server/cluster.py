@@ -1,0 +1,259 @@
+"""A run over several nodes: one cluster-mode server per node, joined into one Redis / Valkey cluster.
+
+Each node's first rank starts its node's server with :func:`launch_node`
+(the same hardening as a plain run's: umask 077, 0600 config with password
+hashes only, ACL users, a private socket directory, an authenticated PING
+before it counts as started, tied to the starting process); the process that
+starts the run then joins them with :func:`form`: node ``k`` takes the
+``k``-th of ``n`` even slot ranges (``CLUSTER ADDSLOTSRANGE``, Redis >= 7.0,
+Valkey >= 7.2), node 0 meets every other node (``CLUSTER MEET`` with the
+node's cluster bus port), and the wait ends once every node sees ``n`` nodes,
+all 16384 slots assigned and ``cluster_state:ok``, or after
+:data:`FORM_TIMEOUT` with an error naming the node that is not there yet.
+
+Only the admin user may form the cluster; the ranks' user can run no CLUSTER
+command. The cluster bus (``cluster_port``) is not authenticated by Redis or
+Valkey: it binds where the server binds, loopback when every node is this
+host (see :mod:`.config`).
+
+Single-process helpers for tests and tools: :func:`mpiburst.server.start_cluster`
+starts ``n`` nodes on this machine and forms them (see :mod:`.lifecycle`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import redis
+
+from ..errors import ConfigError, ServerError
+from ..runconf import (AdminCredentials, RunConf, cluster_conf_name, create_private, log_name, node_member, rdb_name,
+                       server_conf_path, socket_dir_path)
+from .connection import connect_redis
+from .discovery import free_port
+from .launch import MAX_SOCKET_PATH, SOCKET_NAME, PortInUse, launch, make_socket_dir, remove_file
+from .process import kill, pid_alive, wait_gone
+
+#: Hash slots of a Redis / Valkey cluster.
+SLOTS = 16384
+#: How long forming the cluster may take before it counts as failed.
+FORM_TIMEOUT = 30.0
+PORT_ATTEMPTS = 5
+
+
+def slot_ranges(count: int) -> list[tuple[int, int]]:
+    """Return ``count`` even, contiguous slot ranges ``(first, last)`` (inclusive) covering all :data:`SLOTS`."""
+    if not 1 <= count <= SLOTS:
+        raise ConfigError(f"a cluster has 1 to {SLOTS} nodes, not {count}.")
+    bounds = [k * SLOTS // count for k in range(count + 1)]
+    return [(bounds[k], bounds[k + 1] - 1) for k in range(count)]
+
+
+def node_socket_dir(conf: RunConf, index: int, socket_dir: str | None = None) -> str:
+    """Return node ``index``'s 0700 socket directory: ``DIR/.mpiburst_<id>@<k>``, or ``socket_dir/node<k>``."""
+    base = os.path.join(socket_dir, f"node{index}") if socket_dir else None
+    return socket_dir_path(conf.dir, node_member(conf.id, index), base)
+
+
+def is_here(entry: dict[str, Any]) -> bool:
+    """Return True if the node's server runs on this host (its PID means something here)."""
+    return entry.get("hostname", socket.gethostname()) == socket.gethostname()
+
+
+def launch_node(conf: RunConf, admin: AdminCredentials, index: int, count: int, ranks: tuple[int, int], bind: str,
+                maxclients: int, tied: bool, socket_dir: str | None = None) -> dict[str, Any]:
+    """Start node ``index``'s cluster-mode server on this host and return its entry for :attr:`RunConf.nodes`.
+
+    Parameters
+    ----------
+    conf
+        The run's conf (its ID, directory, binary, credentials, capacity); not changed or saved.
+    admin
+        The run's admin user (the same on every node).
+    index, count
+        This node's index and the number of nodes (they fix the node's slot range).
+    ranks
+        The half-open range of ranks (channels) on this node.
+    bind
+        The address the server and its cluster bus listen on.
+    tied
+        The server gets SIGTERM when this process dies.
+
+    Raises
+    ------
+    ConfigError
+        If the socket directory cannot be made or its path is too long.
+    ServerError
+        If the server does not come up (its log's tail is in the message).
+    """
+    member = node_member(conf.id, index)
+    sockdir = node_socket_dir(conf, index, socket_dir)
+    sock = os.path.join(sockdir, SOCKET_NAME)
+    if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
+        raise ConfigError(f"unix socket path {sock} is {len(os.fsencode(sock))} bytes, more than the OS allows "
+                          f"({MAX_SOCKET_PATH}); give a shorter directory with --socket-dir (e.g. under /tmp).")
+    make_socket_dir(sockdir)
+    log = os.path.join(conf.dir, log_name(member))
+    remove_file(log)
+    remove_file(os.path.join(conf.dir, cluster_conf_name(member)))  # a stale cluster state would rejoin an old cluster
+    os.close(create_private(log))
+    view = conf.view(bind, 0, sock, None, index)
+    try:
+        for _ in range(PORT_ATTEMPTS):
+            try:
+                view.port = free_port(bind)
+                bus = free_port(bind)
+            except OSError as exc:
+                raise ConfigError(f"cannot listen on address {bind!r} ({exc.strerror}); give another with --bind.") from None
+            if bus == view.port:
+                continue
+            try:
+                launch(view, admin, bind, maxclients, tied, member, bus)
+            except PortInUse:
+                continue
+            first, last = slot_ranges(count)[index]
+            return dict(host=bind, port=view.port, socket=sock, pid=view.pid, ranks=list(ranks), slots=[first, last],
+                        hostname=socket.gethostname(), bus_port=bus)
+        raise ServerError(f"the server of node {index} of run {conf.id} found no free port after {PORT_ATTEMPTS} "
+                          f"attempts; try again.")
+    except BaseException:
+        if view.pid:
+            kill(view.pid, conf.server)
+        clean_node(conf, index, sock)
+        raise
+
+
+def form(conf: RunConf, admin: AdminCredentials, timeout: float | None = None) -> None:
+    """Join the servers of ``conf.nodes`` into one cluster and wait until it serves every slot.
+
+    Node ``k`` adds its slot range (``entry["slots"]``), node 0 meets every
+    other node, then every node must see all nodes, all slots assigned and
+    ``cluster_state:ok``.
+
+    Raises
+    ------
+    ServerError
+        If a node refuses (a server older than Redis 7.0 / Valkey 7.2 lacks
+        ADDSLOTSRANGE) or the cluster is not whole within ``timeout`` seconds
+        (default :data:`FORM_TIMEOUT`).
+    """
+    clients = []
+    try:
+        for k in range(len(conf.nodes)):
+            clients.append(connect_redis(conf.node(k), admin=admin))
+        try:
+            for client, entry in zip(clients, conf.nodes):
+                client.execute_command("CLUSTER", "ADDSLOTSRANGE", *entry["slots"])
+            for entry in conf.nodes[1:]:
+                clients[0].execute_command("CLUSTER", "MEET", entry["host"], entry["port"], entry["bus_port"])
+        except redis.RedisError as exc:
+            raise ServerError(f"the servers of run {conf.id} cannot form a cluster ({exc}); a run over several nodes "
+                              f"needs Redis >= 7.0 or Valkey >= 7.2.") from None
+        timeout = FORM_TIMEOUT if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            missing = _not_formed(conf, clients)
+            if missing is None:
+                return
+            if time.monotonic() > deadline:
+                raise ServerError(f"the servers of run {conf.id} did not form one cluster within {timeout:.0f} s "
+                                  f"({missing}); see the logs {log_name(node_member(conf.id, 0))} etc. in {conf.dir}.")
+            time.sleep(0.05)
+    finally:
+        for client in clients:
+            client.close()
+
+
+def _not_formed(conf: RunConf, clients: list[redis.Redis]) -> str | None:
+    """Return what is still missing from the cluster (which node, what it sees), or None when it is whole."""
+    count = len(clients)
+    for k, client in enumerate(clients):
+        try:
+            info = client.execute_command("CLUSTER", "INFO")
+        except redis.RedisError as exc:
+            return f"node {k} does not answer: {exc}"
+        if isinstance(info, bytes):
+            info = info.decode()
+        fields = dict(line.split(":", 1) for line in str(info).split() if ":" in line)
+        known, assigned = int(fields.get("cluster_known_nodes", 0)), int(fields.get("cluster_slots_assigned", 0))
+        if known != count or assigned != SLOTS or fields.get("cluster_state") != "ok":
+            return (f"node {k} sees {known} of {count} nodes, {assigned} of {SLOTS} slots assigned, "
+                    f"cluster_state:{fields.get('cluster_state')}")
+    return None
+
+
+def clean_node(conf: RunConf, index: int, sock: str | None = None, keep_snapshot: bool = False) -> None:
+    """Remove node ``index``'s server files: socket (and its directory), config, log, cluster state, snapshot."""
+    member = node_member(conf.id, index)
+    sock = sock or (conf.nodes[index]["socket"] if index < len(conf.nodes) else "")
+    if sock:
+        remove_file(sock)
+        try:
+            os.rmdir(os.path.dirname(sock))
+        except OSError:
+            pass
+    for name in (server_conf_path(conf.dir, member), os.path.join(conf.dir, log_name(member)),
+                 os.path.join(conf.dir, cluster_conf_name(member))):
+        remove_file(name)
+    if not keep_snapshot:
+        remove_file(os.path.join(conf.dir, rdb_name(member)))
+
+
+def node_alive(conf: RunConf, index: int) -> bool:
+    """Return True if node ``index``'s server runs: by PID on its own host, else by an answer to PING."""
+    entry = conf.nodes[index]
+    if is_here(entry):
+        return pid_alive(entry["pid"], conf.server)
+    try:
+        connect_redis(conf.node(index)).close()
+        return True
+    except ServerError:
+        return False
+
+
+def stop_nodes(conf: RunConf, admin: AdminCredentials, timeout: float) -> list[int]:
+    """SHUTDOWN NOSAVE every node's server and wait for each to end; return the nodes that were already gone."""
+    gone = []
+    for k, entry in enumerate(conf.nodes):
+        if not node_alive(conf, k):
+            gone.append(k)
+            continue
+        try:
+            client = connect_redis(conf.node(k), admin=admin)
+        except ServerError:
+            gone.append(k)
+            continue
+        try:
+            client.shutdown(nosave=True)
+        except redis.RedisError:
+            pass  # the connection closes while the server exits; the check below decides
+        finally:
+            client.close()
+        if is_here(entry):
+            if not wait_gone(entry["pid"], conf.server, timeout):
+                kill(entry["pid"], conf.server)
+        else:
+            deadline = time.monotonic() + timeout
+            while node_alive(conf, k) and time.monotonic() < deadline:
+                time.sleep(0.05)
+    return gone
+
+
+def node_status(conf: RunConf, index: int) -> dict[str, Any]:
+    """Return node ``index``'s state: up, pid, host, port, ranks, slots, used memory, clients."""
+    entry = conf.nodes[index]
+    info: dict[str, Any] = dict(node=index, up=node_alive(conf, index), pid=entry["pid"], host=entry["host"],
+                                port=entry["port"], hostname=entry.get("hostname"), ranks=entry["ranks"],
+                                slots=entry["slots"], used_memory=None, clients=None)
+    if info["up"]:
+        client = connect_redis(conf.node(index))
+        try:
+            stats = client.info()
+        finally:
+            client.close()
+        info["used_memory"] = stats.get("used_memory")
+        info["clients"] = max(0, int(stats.get("connected_clients", 1)) - 1)
+    return info
