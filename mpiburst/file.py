@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 from mpi4py import MPI
 
+from . import drain
 from .collective import on_root, together
 from .writeback import TierFile, buffer_size, check_offset, register
 from .messages import Message, message
@@ -88,7 +89,7 @@ class File:
     """
 
     def __init__(self, comm: MPI.Comm, tier: Tier, path: str, amode: int, hints: dict[str, str],
-                 token: str, start: int):
+                 token: str, start: int, drained: bool = False):
         self._comm = comm
         self._tier = tier
         self._amode = amode
@@ -102,6 +103,9 @@ class File:
         self._shared = _SharedPointer(tier, path, token)
         self._split: int | None = None
         self._errhandler = MPI.ERRORS_RETURN
+        # Full chunks of a new file go to the BFS while it is written (mpiburst.drain).
+        self._drain = drain.start(tier.store, path, token if drained else None, tier.align, rank,
+                                  comm.Get_size())
 
     # -- open / close / delete ------------------------------------------------
     @classmethod
@@ -140,14 +144,24 @@ class File:
             outcome = on_root(comm, lambda: _open_on_rank0(tier, path, amode))
         if isinstance(outcome, int):
             raise _mpi_error(outcome)
-        token, start = outcome
-        return cls(comm.Dup(), tier, path, amode, hints, token, start)
+        token, start, drained = outcome
+        return cls(comm.Dup(), tier, path, amode, hints, token, start, drained)
 
     def Close(self) -> None:
         """Push this rank's buffered writes and close the file (collective)."""
         tf = self._handle()
-        self._together(tf.close)
-        self._comm.Barrier()
+        try:
+            self._together(tf.close)
+        except BaseException:
+            if self._drain is not None:
+                self._drain.abandon()
+            raise
+        if self._drain is not None:
+            self._drain.stop()
+        self._comm.Barrier()   # no rank drains any more: the records may go out
+        if self._drain is not None:
+            self._drain.publish()
+            self._drain = None
         if self._comm.Get_rank() == 0:
             self._shared.drop()
             if self._amode & MPI.MODE_DELETE_ON_CLOSE:
@@ -185,6 +199,9 @@ class File:
             return
         tf, self._tf = self._tf, None
         self._view.release()
+        if self._drain is not None:
+            self._drain.abandon()
+            self._drain = None
         tf.close()
 
     # -- explicit offsets -----------------------------------------------------------
@@ -707,12 +724,14 @@ def _check_amode(amode: int) -> int | None:
     return None
 
 
-def _open_on_rank0(tier: Tier, path: str, amode: int) -> int | tuple[str, int]:
+def _open_on_rank0(tier: Tier, path: str, amode: int) -> int | tuple[str, int, bool]:
     """Check existence, register the file in the tier and start its shared file pointer.
 
-    Returns an MPI error class, or the shared pointer's token and the file
-    pointers' start (0, or the file size with ``MODE_APPEND``).
+    Returns an MPI error class, or the shared pointer's token (which also
+    names a drain's data file), the file pointers' start (0, or the file
+    size with ``MODE_APPEND``) and whether the file is drained while written.
     """
+    drained = bool(amode & (MPI.MODE_WRONLY | MPI.MODE_RDWR)) and drain.wanted(path)
     outcome = register(tier, path, bool(amode & MPI.MODE_CREATE), bool(amode & MPI.MODE_EXCL))
     if outcome is not None:
         return {"exists": MPI.ERR_FILE_EXISTS, "missing": MPI.ERR_NO_SUCH_FILE}[outcome]
@@ -722,12 +741,13 @@ def _open_on_rank0(tier: Tier, path: str, amode: int) -> int | tuple[str, int]:
         start = meta.size if meta else 0
     token = uuid.uuid4().hex
     _SharedPointer(tier, path, token).set(start)
-    return token, start
+    return token, start, drained
 
 
 def _delete(tier: Tier, path: str) -> None:
     """Remove ``path``'s tier data and its BFS file."""
     tier.store.drop(path)
+    drain.remove_leftovers(path)
     try:
         os.remove(path)
     except FileNotFoundError:

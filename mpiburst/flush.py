@@ -64,7 +64,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator
 
-from . import iostats
+from . import drain, iostats
 from .assembly import BfsBytes, current_bytes
 from .buffers import borrowed
 from .collective import on_root
@@ -114,6 +114,9 @@ class FlushReport:
         SHA-256 (hex) of the whole BFS file after the flush, when verified.
     upto : int
         The snapshot: every write with a sequence number up to this is now clean.
+    drained : int
+        Bytes of the file the drain had already written while the application
+        wrote it (:mod:`mpiburst.drain`) and this flush kept (not counted in ``bytes``).
     """
 
     path: str
@@ -124,6 +127,7 @@ class FlushReport:
     seconds: float = 0.0
     checksum: str | None = None
     upto: int = 0
+    drained: int = 0
 
 
 @dataclass
@@ -141,6 +145,7 @@ class _Plan:
     base: int          # bytes of the existing BFS file kept (0 for a new file)
     new: bool          # no BFS file existed: every extent up to ``upto`` is written
     umask: int         # of the application: new files and directories get the modes it gives
+    claimed: drain.Claim | None = None   # a finished drain's data file, now ``work``
 
 
 class _Tally:
@@ -148,6 +153,7 @@ class _Tally:
 
     def __init__(self, progress: Callable[[int], None] | None = None, verify: bool = False) -> None:
         self.bytes = 0
+        self.drained = 0
         self.sizes: Counter[int] = Counter()
         self.crcs: list[tuple[int, int, int]] = []   # (offset, length, crc32) of writes, to verify
         self._lock = threading.Lock()
@@ -254,21 +260,21 @@ def sync(path: str | os.PathLike, *, tier: Tier | None = None, comm: Any = None,
 
     plan = on_root(comm, prepare)       # rank 0 plans; every rank gets the plan or the error
 
-    first, last = _stripe_range(plan, comm.Get_rank(), comm.Get_size())
+    ranges = _my_stripes(plan, comm.Get_rank(), comm.Get_size())
     tally = _Tally(progress, verify)
     error: str | None = None
     try:
         with FlushLease(store, plan.target, plan.token, LEASE_SECONDS):  # a failure gives the lease back,
-            _write_run(store, plan, first, last, tally, max(1, workers))  # so the other flushers stop soon
+            _write_run(store, plan, ranges, tally, max(1, workers))  # so the other flushers stop soon
             if verify:
                 _verify_stripes(plan.work, tally.crcs)
     except Exception as exc:  # every cause becomes one line; the data stays dirty
         error = _cause(exc)
-    outcomes = comm.allgather((error, tally.bytes, dict(tally.sizes)))
+    outcomes = comm.allgather((error, tally.bytes, dict(tally.sizes), tally.drained))
 
     def finish() -> FlushReport:
         # The root cause first: the other flushers only saw the lease the failing one released.
-        failures = sorted((e for e, _, _ in outcomes if e), key=lambda e: e == _LEASE_LOST)
+        failures = sorted((e for e, *_ in outcomes if e), key=lambda e: e == _LEASE_LOST)
         if failures:
             _abort(store, plan)
             raise _failed(target, failures[0])
@@ -280,9 +286,10 @@ def sync(path: str | os.PathLike, *, tier: Tier | None = None, comm: Any = None,
 
     result = on_root(comm, finish)      # rank 0 publishes and marks clean; every rank gets the outcome
     sizes: Counter[int] = Counter()
-    for _, _, s in outcomes:
+    for _, _, s, _ in outcomes:
         sizes.update(s)
-    result.bytes = sum(b for _, b, _ in outcomes)
+    result.bytes = sum(o[1] for o in outcomes)
+    result.drained = sum(o[3] for o in outcomes)
     result.writes = sum(sizes.values())
     result.write_sizes = dict(sorted(sizes.items()))
     result.seconds = time.monotonic() - started
@@ -358,7 +365,7 @@ def commit(paths: Iterable[str] | None = None, *, tier: Tier | None = None, incl
             keeper.hold(plan)
         for plan in plans:
             tally = _Tally()
-            _write_run(store, plan, *_stripe_range(plan, 0, 1), tally, 1)
+            _write_run(store, plan, [_stripe_range(plan, 0, 1)], tally, 1)
             _seal(plan)
             tallies.append(tally)
         keeper.check()
@@ -383,7 +390,7 @@ def commit(paths: Iterable[str] | None = None, *, tier: Tier | None = None, incl
                          f"commit of {len(chosen)} files failed while publishing them: {_cause(exc)}; the next "
                          "sync or commit completes it.") from None
     for report, tally in zip(reports, tallies):
-        report.bytes, report.writes = tally.bytes, sum(tally.sizes.values())
+        report.bytes, report.writes, report.drained = tally.bytes, sum(tally.sizes.values()), tally.drained
         report.write_sizes = dict(sorted(tally.sizes.items()))
         report.seconds = time.monotonic() - started
         if log is not None:
@@ -545,20 +552,24 @@ def _prepare(store: Store, target: str, align: int, cut: Any = None) -> _Plan | 
                 snap = replace(cut, clean=snap.clean, trunc=snap.trunc)
             else:
                 snap = cut
-        for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.mpiburst-*")):
-            _quiet(lambda: os.unlink(stale))  # left by a killed flusher: we hold the lock and the lease
         try:
             old: os.stat_result | None = os.stat(target, follow_symlinks=False)
         except FileNotFoundError:
             old = None
+        work = os.path.join(directory, f".{name}.mpiburst-{token}")
+        # A new file's chunks written ahead by a drain while the application wrote it (mpiburst.drain).
+        claimed = drain.claim(target, work, align) if old is None and snap.trunc is None else None
+        for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.mpiburst-*")):
+            if stale != work:   # left by a killed flusher or an unclaimed drain: we hold the lock and the lease
+                _quiet(lambda: os.unlink(stale))
         if old is not None and not stat.S_ISREG(old.st_mode):
             raise FlushError(f"{target} on the BFS is not a regular file (a link or a directory); remove it "
                              "or sync the data to another path.")
         base = 0
         if old is not None:
             base = old.st_size if snap.trunc is None else min(old.st_size, snap.trunc)
-        work = os.path.join(directory, f".{name}.mpiburst-{token}")
-        create_aside(work)
+        if claimed is None:
+            create_aside(work)
     except BaseException as exc:
         if lease is not None:
             lease.release()
@@ -569,7 +580,7 @@ def _prepare(store: Store, target: str, align: int, cut: Any = None) -> _Plan | 
                          f"fix the cause and run the sync again.") from None
     _LOCKS[token] = lock
     return _Plan(target=target, work=work, token=token, upto=snap.seq, clean=snap.clean, size=snap.size,
-                 trunc=snap.trunc, align=align, base=base, new=old is None, umask=umask)
+                 trunc=snap.trunc, align=align, base=base, new=old is None, umask=umask, claimed=claimed)
 
 
 class BfsLock:
@@ -669,16 +680,41 @@ def _stripe_range(plan: _Plan, rank: int, nprocs: int) -> tuple[int, int]:
     return rank * nstripes // nprocs, (rank + 1) * nstripes // nprocs
 
 
-def _write_run(store: Store, plan: _Plan, first: int, last: int, tally: _Tally, workers: int) -> None:
-    """Copy the kept bytes of stripes ``[first, last)``, write their dirty runs (in ``workers`` threads), fsync."""
-    if first >= last:
+def _my_stripes(plan: _Plan, rank: int, nprocs: int) -> list[tuple[int, int]]:
+    """Return the stripe ranges flusher ``rank`` of ``nprocs`` writes.
+
+    A contiguous share (:func:`_stripe_range`), except into a drain's claimed
+    data file: there the drain's chunks are dealt out as the drain dealt
+    them (chunk ``c`` to rank ``c % nprocs``), so what the drain left undone
+    is shared evenly.
+    """
+    if plan.claimed is None or nprocs == 1:
+        return [_stripe_range(plan, rank, nprocs)]
+    per = plan.claimed.chunk // plan.align
+    nstripes = -(-plan.size // plan.align)
+    return [(c * per, min(nstripes, (c + 1) * per)) for c in range(rank, -(-nstripes // per), nprocs)]
+
+
+def _write_run(store: Store, plan: _Plan, ranges: list[tuple[int, int]], tally: _Tally, workers: int) -> None:
+    """Copy the kept bytes of the stripe ``ranges``, write their dirty runs (in ``workers`` threads), fsync."""
+    ranges = [(first, last) for first, last in ranges if first < last]
+    if not ranges:
         return
     src = os.open(plan.target, os.O_RDONLY | os.O_NOFOLLOW) if plan.base else None
     fd = os.open(plan.work, os.O_RDWR | os.O_NOFOLLOW)
     try:
-        if src is not None:
-            copy_data(src, fd, first * plan.align, min(last * plan.align, plan.base))
-        runs = list(_dirty_runs(store, plan, first, last))
+        runs: list[tuple[int, int]] = []
+        for first, last in ranges:
+            if src is not None:
+                copy_data(src, fd, first * plan.align, min(last * plan.align, plan.base))
+            mine = list(_dirty_runs(store, plan, first, last))
+            if plan.claimed is not None:
+                fresh = drain.fresh_chunks(store, plan.target, plan.claimed, plan.upto, plan.size,
+                                           first * plan.align, last * plan.align)
+                mine = drain.runs_to_write(mine, plan.claimed, fresh, plan.align, first, last)
+                tally.drained += sum(min(last * plan.align, plan.size, (c + 1) * plan.claimed.chunk)
+                                     - max(first * plan.align, c * plan.claimed.chunk) for c in fresh)
+            runs.extend(mine)
         total = sum(b - a for a, b in runs)
         if workers == 1 or total < 2:
             _write_stripes(store, plan, runs, src, fd, tally)

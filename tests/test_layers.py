@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"assembly", "iostats"},                                   # the current bytes of a range; I/O counters
     {"runconf", "server", "engine_process"},                   # the server's and the engine's processes
     {"tier"},                                                  # a run as seen by one process
-    {"flush"},                                                 # tier data -> BFS
+    {"flush", "drain"},                                        # tier data -> BFS (drain: while it is written)
     {"residency"},                                             # purge, pin, prestage, make_room
     {"writeback"},                                             # one process's buffered file
     {"datatypes", "views", "messages"},                        # mpiburst.File's datatypes, views, buffers

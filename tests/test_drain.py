@@ -1,0 +1,160 @@
+"""The drain (mpiburst.drain): full chunks of a new file written to the BFS while it is written.
+
+Real server (the ``tier`` fixture), ``mpiburst.File`` on ``COMM_SELF``. The
+chunk is made small (two stripes) so a few hundred KiB exercise it; each test
+waits, bounded, for the drain to have written a chunk before it goes on.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from mpiburst import File, drain, flush
+
+pytestmark = pytest.mark.timeout(60)
+
+RW = MPI.MODE_CREATE | MPI.MODE_RDWR
+
+
+@pytest.fixture
+def chunk(tier, monkeypatch) -> int:
+    """Make the drain's chunk two stripes of the tier; return its size in bytes."""
+    monkeypatch.setattr(drain, "CHUNK", 2 * tier.align)
+    monkeypatch.delenv(drain.ENV, raising=False)
+    return drain.chunk_bytes(tier.align)
+
+
+def pattern(n: int, seed: int) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
+def bfs(tier, name: str) -> str:
+    return os.path.join(os.path.realpath(tier.bfs_root), name)
+
+
+def leftovers(tier, name: str) -> list[str]:
+    return glob.glob(os.path.join(os.path.realpath(tier.bfs_root), f".{name}.mpiburst-*"))
+
+
+def wait_drained(f: File, chunks: set[int], timeout: float = 20.0) -> None:
+    """Wait until the file's drain has written ``chunks`` (a bounded wait for that condition)."""
+    deadline = time.monotonic() + timeout
+    while not chunks <= set(f._drain.done):
+        assert time.monotonic() < deadline, f"the drain wrote {sorted(f._drain.done)}, not {sorted(chunks)}"
+        time.sleep(0.01)
+
+
+def test_drained_chunks_are_kept_and_the_rest_is_flushed(tier, chunk):
+    data = pattern(3 * chunk + 1000, 1)        # three full chunks and a partial one
+    f = File.Open(MPI.COMM_SELF, "burst://d.dat", RW)
+    assert f._drain is not None
+    f.Write_at(0, data[:2 * chunk])
+    f.Sync()
+    wait_drained(f, {0, 1})
+    f.Write_at(2 * chunk, data[2 * chunk:])
+    f.Close()
+    rep = flush.sync("burst://d.dat", tier=tier)
+    assert open(bfs(tier, "d.dat"), "rb").read() == data
+    assert rep.drained >= 2 * chunk            # the flush kept what the drain wrote ...
+    assert rep.bytes + rep.drained == len(data)  # ... and wrote only the rest
+    assert leftovers(tier, "d.dat") == []
+    assert not tier.store.meta(bfs(tier, "d.dat")).dirty
+
+
+def test_a_chunk_written_again_after_it_was_drained_is_flushed_with_the_new_bytes(tier, chunk):
+    old, new = pattern(2 * chunk, 2), pattern(100, 3)
+    f = File.Open(MPI.COMM_SELF, "burst://w.dat", RW)
+    f.Write_at(0, old)
+    f.Sync()
+    wait_drained(f, {0, 1})
+    f._drain.stop()                            # chunk 0 must stay as drained, with the older bytes
+    f.Write_at(chunk + 10, new)                # chunk 1 again
+    f.Close()
+    rep = flush.sync("burst://w.dat", tier=tier)
+    want = bytearray(old)
+    want[chunk + 10:chunk + 110] = new
+    assert open(bfs(tier, "w.dat"), "rb").read() == bytes(want)
+    assert rep.drained == chunk                # chunk 0 kept, chunk 1 written again
+
+
+def test_a_cut_older_than_the_drained_bytes_is_published_as_cut(tier, chunk):
+    """A commit whose cut precedes the drain's bytes must not publish them (docs/reliability.md)."""
+    first, second = pattern(2 * chunk, 4), pattern(2 * chunk, 5)
+    target = bfs(tier, "c.dat")
+    f = File.Open(MPI.COMM_SELF, "burst://c.dat", RW)
+    f.Write_at(0, first)
+    f.Sync()
+    cut = tier.store.cut()[target]             # the consistent cut: the first bytes
+    f._drain._next = 0
+    f._drain.done.clear()
+    f._drain.stop()
+    f.Write_at(0, second)                      # newer than the cut ...
+    f.Sync()
+    again = drain.Drain(tier.store, target, "t" * 16, tier.align, 0, 1)
+    deadline = time.monotonic() + 20
+    while len(again.done) < 2:                 # ... and drained (a drain of another open, say)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    again.stop()
+    again.publish()
+    f.Close()
+    plan = flush._prepare(tier.store, target, tier.align, cut=cut)
+    assert plan is not None and plan.claimed is not None and plan.upto < max(u for u, _, _ in plan.claimed.done.values())
+    tally = flush._Tally()
+    flush._write_run(tier.store, plan, [flush._stripe_range(plan, 0, 1)], tally, 1)
+    flush._finish(tier.store, plan, False)
+    assert open(target, "rb").read() == first  # the cut, not the drained newer bytes
+    assert tally.drained == 0
+    assert tier.store.meta(target).dirty       # the newer writes stay dirty
+
+
+def test_a_file_on_the_bfs_already_is_not_drained(tier, chunk):
+    with open(bfs(tier, "e.dat"), "wb") as out:
+        out.write(b"x" * 10)
+    f = File.Open(MPI.COMM_SELF, "burst://e.dat", RW)
+    assert f._drain is None
+    f.Close()
+
+
+def test_turned_off_by_the_environment(tier, chunk, monkeypatch):
+    monkeypatch.setenv(drain.ENV, "0")
+    f = File.Open(MPI.COMM_SELF, "burst://off.dat", RW)
+    assert f._drain is None
+    f.Write_at(0, pattern(3 * chunk, 6))
+    f.Close()
+    assert leftovers(tier, "off.dat") == []
+
+
+def test_delete_removes_what_the_drain_left(tier, chunk):
+    f = File.Open(MPI.COMM_SELF, "burst://del.dat", RW)
+    f.Write_at(0, pattern(2 * chunk, 7))
+    f.Sync()
+    wait_drained(f, {0})
+    f.Close()
+    assert leftovers(tier, "del.dat")          # the data file and its record wait for a flush
+    File.Delete("burst://del.dat")
+    assert leftovers(tier, "del.dat") == []
+
+
+def test_a_data_file_replaced_meanwhile_is_not_claimed(tier, chunk):
+    data = pattern(2 * chunk, 8)
+    f = File.Open(MPI.COMM_SELF, "burst://r.dat", RW)
+    f.Write_at(0, data)
+    f.Sync()
+    wait_drained(f, {0, 1})
+    f.Close()
+    [record] = glob.glob(os.path.join(os.path.realpath(tier.bfs_root), ".r.dat.mpiburst-drain-*.json"))
+    path = record[:-len(".0.json")]
+    os.unlink(path)
+    with open(path, "wb") as out:              # another file at the data file's path: never trusted
+        out.write(b"\0" * len(data))
+    rep = flush.sync("burst://r.dat", tier=tier)
+    assert rep.drained == 0
+    assert open(bfs(tier, "r.dat"), "rb").read() == data
+    assert leftovers(tier, "r.dat") == []

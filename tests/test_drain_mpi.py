@@ -1,0 +1,66 @@
+"""The drain with real MPI ranks (``mpiexec -n 2`` and ``-n 4``): strided records into one new shared file.
+
+Every rank drains its own chunks (``c % size == rank``) while the file is
+open; the collective sync afterwards keeps them and writes the rest. The
+chunk is made two stripes so the test stays small.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from mpiburst import File, drain, flush
+
+pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.timeout(120)]
+
+comm = MPI.COMM_WORLD
+rank, size = comm.Get_rank(), comm.Get_size()
+RECORD = 47008
+
+
+@pytest.fixture
+def tier(mpi_tmp_path, server_binary, monkeypatch):
+    """A real server started by rank 0 for all ranks; BFS root ``mpi_tmp_path/bfs``; drain chunk = 2 stripes."""
+    bfs = mpi_tmp_path / "bfs"
+    if rank == 0:
+        bfs.mkdir()
+    comm.Barrier()
+    monkeypatch.delenv(drain.ENV, raising=False)
+    t = Tier.start(comm, id="drn", dir=str(mpi_tmp_path), bfs_root=str(bfs), capacity="256M",
+                   server=server_binary)
+    monkeypatch.setattr(drain, "CHUNK", 2 * t.align)
+    with t:
+        yield t
+
+
+def test_strided_records_drained_by_every_rank_then_flushed(tier):
+    chunk = drain.chunk_bytes(tier.align)
+    rounds = -(-(size * 2 + 1) * chunk // (RECORD * size))      # over two chunks per rank, and a partial one
+    total = rounds * size * RECORD
+    data = np.random.default_rng(1).integers(0, 256, total, dtype=np.uint8).tobytes()
+    f = File.Open(comm, "burst://s.dat", MPI.MODE_CREATE | MPI.MODE_WRONLY)
+    assert f._drain is not None
+    for i in range(rounds):
+        off = (i * size + rank) * RECORD
+        f.Write_at(off, data[off:off + RECORD])
+    f.Sync()                                   # every record is in the tier: every full chunk can go
+    deadline = time.monotonic() + 60
+    while rank not in f._drain.done:           # this rank's first chunk (a bounded wait)
+        assert time.monotonic() < deadline, "the drain wrote nothing"
+        time.sleep(0.01)
+    f.Close()
+    rep = flush.sync("burst://s.dat", comm=comm)
+    assert rep.drained >= size * chunk         # each rank's first chunk at least, whoever flushes it
+    assert rep.bytes + rep.drained == total
+    target = os.path.join(os.path.realpath(tier.bfs_root), "s.dat")
+    if rank == 0:
+        assert open(target, "rb").read() == data
+        assert glob.glob(os.path.join(os.path.realpath(tier.bfs_root), ".s.dat.mpiburst-*")) == []
+        assert not tier.store.meta(target).dirty
+    comm.Barrier()
