@@ -27,8 +27,14 @@ written and fsync'd before the rename as always (docs/reliability.md).
 
 The drain is an optimisation, never a requirement: any failure (a full BFS,
 a lost connection, another flush deleting the data file meanwhile) stops it
-quietly and leaves the whole file to the flush. ``MPIBURST_DRAIN=0`` turns
-it off. A run discarded without a flush leaves its data file and records
+quietly and leaves the whole file to the flush.
+
+It is off unless ``MPIBURST_DRAIN=1``: measured on a 2-core node where the
+ranks, the tier's server and the filesystem's client share the cores, the
+drain slowed the application's writes about twice as much as it shortened
+the time to durable data (docs/benchmarks.md). It pays where the node has
+cores to spare, or where the application writes over a longer time than the
+filesystem needs to take the bytes (output written between computations). A run discarded without a flush leaves its data file and records
 beside the target; the next flush of that path removes them, and
 ``File.Delete`` does too.
 """
@@ -50,18 +56,18 @@ from .store import Store
 #: Bytes of one drained chunk (rounded down to whole stripes, at least one): the flush's write size.
 CHUNK = 8 << 20
 #: Seconds between two looks at the tier when no chunk is ready.
-POLL = 0.01
-#: Chunks not yet covered looked at per round, beyond the first one (segmented writers fill several at once).
-LOOKAHEAD = 4
-#: The environment variable that turns the drain off (``0``, ``off``, ``no``, ``false``).
+POLL = 0.02
+#: Niceness of the drain thread: the application's own threads come first on a busy node.
+NICE = 10
+#: The environment variable that turns the drain on (``1``, ``on``, ``yes``, ``true``).
 ENV = "MPIBURST_DRAIN"
 
 _log = logging.getLogger(__name__)
 
 
 def enabled() -> bool:
-    """True unless ``$MPIBURST_DRAIN`` turns the drain off."""
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "off", "no", "false")
+    """True if ``$MPIBURST_DRAIN`` turns the drain on."""
+    return os.environ.get(ENV, "").strip().lower() in ("1", "on", "yes", "true")
 
 
 def chunk_bytes(align: int) -> int:
@@ -116,6 +122,7 @@ class Drain:
         #: chunk index -> (sequence number assembled up to, extents used, sum of their sequence numbers)
         self.done: dict[int, tuple[int, int, int]] = {}
         self._next = rank
+        self._looked = -1               # the file's sequence number at the last look that found no ready chunk
         self._fd: int | None = None
         self._ok = True
         self._stop = threading.Event()
@@ -124,6 +131,10 @@ class Drain:
 
     # -- the thread ---------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)   # this thread only (Linux)
+        except (OSError, AttributeError):
+            pass
         try:
             with borrowed(self.chunk) as buf:
                 while not self._stop.wait(POLL):
@@ -134,26 +145,23 @@ class Drain:
             self._ok = False
 
     def _round(self, buf: memoryview) -> bool:
-        """Drain the ready chunks among the next few of this rank; True if one was written."""
+        """Drain this rank's next chunk if the writes cover it now; True if it was written.
+
+        The index is looked at only when the file has new writes since the
+        last look (its sequence number moved) and has reached past the chunk.
+        """
         meta = self.store.meta(self.target)
         if meta is None or meta.trunc is not None or meta.clean > 0:
             self._stop.set()            # deleted, truncated, or flushed meanwhile: leave it to the flush
             return False
-        wrote = False
-        c, looked = self._next, 0
-        while looked <= LOOKAHEAD and not self._stop.is_set():
-            lo = c * self.chunk
-            if lo + self.chunk > meta.size:
-                break
-            if c not in self.done:
-                if self._drain_chunk(c, meta.seq, buf):
-                    wrote = True
-                else:
-                    looked += 1
-            c += self.nprocs
-        while self._next in self.done:
-            self._next += self.nprocs
-        return wrote
+        if meta.seq == self._looked or (self._next + 1) * self.chunk > meta.size:
+            return False
+        self._looked = meta.seq
+        if not self._drain_chunk(self._next, meta.seq, buf):
+            return False
+        self._next += self.nprocs
+        self._looked = -1
+        return True
 
     def _drain_chunk(self, c: int, upto: int, buf: memoryview) -> bool:
         """Write chunk ``c`` as of sequence number ``upto`` if the writes cover it; True if written."""

@@ -41,6 +41,13 @@ flusher's bytes are fsync'd is the snapshot marked clean
 holds the file's lease). Any failure releases the lease, leaves the data dirty and
 raises :class:`~mpiburst.errors.FlushError`; a later sync completes the job.
 
+A new file may already be partly on the BFS when its flush starts: the drain
+(:mod:`mpiburst.drain`) writes its full chunks into a data file while the
+application writes. The flush claims that file as its new version (under its
+lock and lease), keeps each drained chunk whose extents in the snapshot are
+exactly the drained ones, and writes the rest; the chunks are then dealt out
+to the flushers as the drain dealt them.
+
 Non-blocking syncs (``block=False``) are queued in the store's request queue
 for the automatic engine (:mod:`mpiburst.engine`).
 """

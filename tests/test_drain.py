@@ -24,9 +24,9 @@ RW = MPI.MODE_CREATE | MPI.MODE_RDWR
 
 @pytest.fixture
 def chunk(tier, monkeypatch) -> int:
-    """Make the drain's chunk two stripes of the tier; return its size in bytes."""
+    """Turn the drain on and make its chunk two stripes of the tier; return its size in bytes."""
     monkeypatch.setattr(drain, "CHUNK", 2 * tier.align)
-    monkeypatch.delenv(drain.ENV, raising=False)
+    monkeypatch.setenv(drain.ENV, "1")
     return drain.chunk_bytes(tier.align)
 
 
@@ -122,8 +122,12 @@ def test_a_file_on_the_bfs_already_is_not_drained(tier, chunk):
     f.Close()
 
 
-def test_turned_off_by_the_environment(tier, chunk, monkeypatch):
-    monkeypatch.setenv(drain.ENV, "0")
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_off_by_default_and_when_turned_off(tier, chunk, monkeypatch, setting):
+    if setting is None:
+        monkeypatch.delenv(drain.ENV, raising=False)
+    else:
+        monkeypatch.setenv(drain.ENV, setting)
     f = File.Open(MPI.COMM_SELF, "burst://off.dat", RW)
     assert f._drain is None
     f.Write_at(0, pattern(3 * chunk, 6))

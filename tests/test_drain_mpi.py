@@ -16,6 +16,7 @@ import pytest
 from mpi4py import MPI
 
 from mpiburst import File, drain, flush
+from mpiburst.tier import Tier
 
 pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.timeout(120)]
 
@@ -31,7 +32,7 @@ def tier(mpi_tmp_path, server_binary, monkeypatch):
     if rank == 0:
         bfs.mkdir()
     comm.Barrier()
-    monkeypatch.delenv(drain.ENV, raising=False)
+    monkeypatch.setenv(drain.ENV, "1")
     t = Tier.start(comm, id="drn", dir=str(mpi_tmp_path), bfs_root=str(bfs), capacity="256M",
                    server=server_binary)
     monkeypatch.setattr(drain, "CHUNK", 2 * t.align)
