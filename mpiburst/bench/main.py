@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
+from .. import drain
 from ..writeback import buffer_size
 from ..errors import ConfigError
 from ..server import connect_redis
@@ -249,6 +250,7 @@ def run(opts: Options) -> int:
         "transfers": opts.transfers,
         "capacity": opts.capacity,
         "write_buffer": buffer_size(),
+        "drain": drain.enabled(),
         "command": shlex.join(["mpiexec", "-n", str(comm.size), "mpiburst", *sys.argv[1:]]),
         "bfs": filesystem(opts.bfs_dir),
     }

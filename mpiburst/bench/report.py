@@ -262,6 +262,8 @@ def table(results: Sequence[dict[str, Any]], params: dict[str, Any]) -> str:
     ckpt = [r for r in results if r["pattern"] == "ckpt"]
     lines = [_table([HEADER] + [_cells(r) for r in plain])] if plain else []
     lines += ["", LEGEND.format(fs=describe_fs(params.get("bfs", {})), **params)]
+    if params.get("drain"):
+        lines += ["drain on (MPIBURST_DRAIN=1): full chunks written to the BFS while the file is written."]
     if ckpt:
         lines += ["", _table([CKPT_HEADER] + [_ckpt_cells(r) for r in ckpt]), "", CKPT_LEGEND.format(**params)]
     net = "network filesystem targets" if network(params) else "local filesystem targets"
