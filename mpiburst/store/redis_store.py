@@ -1,10 +1,14 @@
 """The tier store over a real Redis or Valkey server: plain keys, eight small Lua scripts, raw RESP for bulk bytes.
 
-Layout (every key of one file shares the hash tag ``{fid}``, every key of one
-channel the tag ``{chan:C}``, so Redis Cluster could shard by file later)::
+Layout of a single-server run (every key of one file shares the hash tag
+``{fid}``, every key of one channel the tag ``{chan:C}``). Every name starts
+with the store's prefix, ``mpb:`` here; a shard of a cluster store
+(:mod:`mpiburst.store.cluster_store`) uses ``mpb:{<node tag>}:`` instead, so
+all of its keys hash to one slot of its own server::
 
     mpb:files            hash   fid -> BFS path          (registry, for ls / auto engine)
-    mpb:{fid}:m          hash   path, size, seq, clean, pending, trunc, pinned, bfs, staged, umask
+    mpb:{fid}:m          hash   path, size, seq, clean, pending, trunc, pinned, bfs, staged, umask,
+                                fence (a cluster shard: lowest sequence number it accepts, minus one)
     mpb:{fid}:x          zset   extents scored by file offset;
                                 member "seq:boff:len:blob" (ASCII decimals)
     mpb:{fid}:B          zset   blobs scored by their last seq;
@@ -61,12 +65,8 @@ _SMALL_PIECE = 64 << 10
 _MERGE_GAP = 64 << 10
 #: Largest read that gathers small pieces.
 _MERGE_SPAN = 1 << 20
-#: The registry of files and the engine's request queue.
-_FILES = "mpb:files"
-_QUEUE = "mpb:queue"
-#: I/O statistics: counters and the event log (not data: ``empty`` ignores them).
-_STATS = "mpb:stats"
-_STATS_LOG = "mpb:stats:log"
+#: The key prefix of a single-server run.
+PREFIX = "mpb:"
 
 _COMMIT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('NOFILE the file has no record in the tier') end
@@ -75,6 +75,14 @@ local base, last, blob
 if ARGV[6] == '1' then
   base, last = 0, 0
   blob = -redis.call('HINCRBY', KEYS[1], 'staged', 1)
+elseif ARGV[7] ~= '' then
+  base = tonumber(ARGV[7])
+  if base <= tonumber(redis.call('HGET', KEYS[1], 'fence') or '0') then
+    return redis.error_reply('STALE sequence numbers taken before a flush or truncation began')
+  end
+  last = base + n - 1
+  if last > tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') then redis.call('HSET', KEYS[1], 'seq', last) end
+  blob = base
 else
   last = redis.call('HINCRBY', KEYS[1], 'seq', n)
   base = last - n + 1
@@ -85,8 +93,8 @@ local args = {}
 for i = 0, n - 1 do
   local seq = base
   if base > 0 then seq = base + i end
-  args[#args + 1] = ARGV[7 + 3 * i]
-  args[#args + 1] = seq .. ':' .. ARGV[8 + 3 * i] .. ':' .. ARGV[9 + 3 * i] .. ':' .. blob
+  args[#args + 1] = ARGV[8 + 3 * i]
+  args[#args + 1] = seq .. ':' .. ARGV[9 + 3 * i] .. ':' .. ARGV[10 + 3 * i] .. ':' .. blob
   if #args >= %d then
     redis.call('ZADD', KEYS[2], unpack(args))
     args = {}
@@ -250,16 +258,6 @@ def _public_methods_translated(cls: _C) -> _C:
     return cls
 
 
-def _key(fid: str, part: str) -> str:
-    """Return the key of one part of file ``fid`` (``m``, ``x``, ``B``, ``lock``, ``b:<n>``, ``t:<t>``)."""
-    return f"mpb:{{{fid}}}:{part}"
-
-
-def _chan_key(channel: int, part: str) -> str:
-    """Return the key of one part of channel ``channel`` (``d``, ``m``, ``w``)."""
-    return f"mpb:{{chan:{channel}}}:{part}"
-
-
 @_public_methods_translated
 class RedisStore(Store):
     """The tier store on a Redis or Valkey server (see the module docstring).
@@ -268,10 +266,21 @@ class RedisStore(Store):
     ----------
     client
         A redis-py client connected as the run's ordinary user (RESP2 or RESP3).
+    prefix
+        Put before every key name (default ``mpb:``). A shard of a cluster
+        store gives ``mpb:{tag}:`` with a hash tag of a slot its server owns:
+        the first ``{...}`` of a key is then the tag, so all its keys live on
+        that server (see :mod:`mpiburst.store.cluster_store`).
     """
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, prefix: str = PREFIX) -> None:
         self.r = client
+        self.prefix = prefix
+        #: The registry of files, the engine's request queue, the I/O statistics (not data: ``empty`` ignores them).
+        self._files = prefix + "files"
+        self._queue = prefix + "queue"
+        self._stats = prefix + "stats"
+        self._stats_log = prefix + "stats:log"
         self._commit = client.register_script(_COMMIT)
         self._truncate = client.register_script(_TRUNCATE)
         # The flush's bookkeeping must run when the tier is full (it is what makes room).
@@ -285,16 +294,24 @@ class RedisStore(Store):
         self._stats_add = client.register_script(_ALLOW_OOM + _STATS_ADD)   # a close on a full tier
         self._loaded = False
 
+    def _key(self, fid: str, part: str) -> str:
+        """Return the key of one part of file ``fid`` (``m``, ``x``, ``B``, ``lock``, ``b:<n>``, ``t:<t>``)."""
+        return f"{self.prefix}{{{fid}}}:{part}"
+
+    def _chan_key(self, channel: int, part: str) -> str:
+        """Return the key of one part of channel ``channel`` (``d``, ``m``, ``w``)."""
+        return f"{self.prefix}{{chan:{channel}}}:{part}"
+
     # -- file records -------------------------------------------------------
     def meta(self, path: str) -> FileMeta | None:
-        raw = self.r.hgetall(_key(file_id(path), "m"))
+        raw = self.r.hgetall(self._key(file_id(path), "m"))
         if not raw:
             return None
         return _meta_from(raw)
 
     def create(self, path: str, bfs_size: int | None, umask: int | None = None) -> FileMeta:
         fid = file_id(path)
-        mkey = _key(fid, "m")
+        mkey = self._key(fid, "m")
         fields: dict[str, str | int] = {"path": path, "size": bfs_size or 0, "seq": 0, "clean": 0,
                                         "bfs": 1 if bfs_size is not None else 0}
         if umask is not None:
@@ -302,16 +319,16 @@ class RedisStore(Store):
         pipe = self.r.pipeline(transaction=True)
         for name, value in fields.items():
             pipe.hsetnx(mkey, name, value)
-        pipe.hset(_FILES, fid, path)
+        pipe.hset(self._files, fid, path)
         pipe.hgetall(mkey)
         return _meta_from(pipe.execute()[-1])
 
     def files(self) -> dict[str, str]:
-        return {p.decode(): f.decode() for f, p in self.r.hgetall(_FILES).items()}
+        return {p.decode(): f.decode() for f, p in self.r.hgetall(self._files).items()}
 
     def cut(self) -> dict[str, FileMeta]:
         out = {}
-        for flat in self._cut(keys=[_FILES], args=["mpb:"]):
+        for flat in self._cut(keys=[self._files], args=[self.prefix]):
             meta = _meta_from(dict(zip(flat[::2], flat[1::2])))
             meta.pending = 0
             out[meta.path] = meta
@@ -320,13 +337,13 @@ class RedisStore(Store):
     def drop(self, path: str) -> None:
         fid = file_id(path)
         pipe = self.r.pipeline(transaction=False)
-        for key in self.r.scan_iter(match=f"mpb:{{{fid}}}:*", count=1000):
+        for key in self.r.scan_iter(match=f"{self.prefix}{{{fid}}}:*", count=1000):
             pipe.unlink(key)
-        pipe.hdel(_FILES, fid)
+        pipe.hdel(self._files, fid)
         pipe.execute()
 
     def set_pinned(self, path: str, pinned: bool) -> None:
-        mkey = _key(file_id(path), "m")
+        mkey = self._key(file_id(path), "m")
         if pinned:
             self.r.hset(mkey, "pinned", 1)
         else:
@@ -334,7 +351,7 @@ class RedisStore(Store):
 
     def set_size(self, path: str, size: int) -> int:
         fid = file_id(path)
-        return int(self._truncate(keys=[_key(fid, "m"), _key(fid, "x")], args=[size, MAX_EXTENT]))
+        return int(self._truncate(keys=[self._key(fid, "m"), self._key(fid, "x")], args=[size, MAX_EXTENT]))
 
     # -- data ---------------------------------------------------------------
     def commit(self, path: str, channel: int, payload: Payload, extents: Sequence[tuple[int, int, int]],
@@ -350,15 +367,22 @@ class RedisStore(Store):
         return RedisBatchWriter(self)
 
     def _pack_commit(self, path: str, channel: int, payload: Payload, extents: Sequence[tuple[int, int, int]],
-                     staged: bool = False) -> tuple[str, list[tuple]]:
-        """Return the temporary key and the two commands that commit one batch (see :meth:`commit`)."""
+                     staged: bool = False, base: int | None = None) -> tuple[str, list[tuple]]:
+        """Return the temporary key and the two commands that commit one batch (see :meth:`commit`).
+
+        ``base``: the batch's first sequence number, taken elsewhere (a
+        cluster store's global counter) instead of from the file's record;
+        the script then refuses it (``STALE``) if it is not above the
+        record's ``fence`` (see :mod:`mpiburst.store.cluster_store`).
+        """
         fid = file_id(path)
-        tmp = _key(fid, "t:" + secrets.token_hex(8))
+        tmp = self._key(fid, "t:" + secrets.token_hex(8))
         end = max(off + ln for off, _, ln in extents)
-        args: list = [_key(fid, "b:"), len(extents), end, len(payload), channel, int(staged)]
+        args: list = [self._key(fid, "b:"), len(extents), end, len(payload), channel, int(staged),
+                      "" if base is None else base]
         for off, boff, ln in extents:
             args += (off, boff, ln)
-        keys = [_key(fid, "m"), _key(fid, "x"), _key(fid, "B"), tmp]
+        keys = [self._key(fid, "m"), self._key(fid, "x"), self._key(fid, "B"), tmp]
         return tmp, [("SET", tmp, payload), ("EVALSHA", self._commit.sha, len(keys), *keys, *args)]
 
     def _ensure_loaded(self) -> None:
@@ -379,28 +403,28 @@ class RedisStore(Store):
         raise errors[0]
 
     def extents(self, path: str, lo: int, hi: int, upto: int | None = None) -> list[Extent]:
-        raw = self.r.execute_command("ZRANGEBYSCORE", _key(file_id(path), "x"), f"({lo - MAX_EXTENT}",
+        raw = self.r.execute_command("ZRANGEBYSCORE", self._key(file_id(path), "x"), f"({lo - MAX_EXTENT}",
                                      f"({hi}", "WITHSCORES")
         top = float("inf") if upto is None else upto
         return [e for e in _parse_extents(raw) if e.start + e.length > lo and e.seq <= top]
 
     def extents_from(self, path: str, start: int, count: int) -> list[Extent]:
-        raw = self.r.execute_command("ZRANGEBYSCORE", _key(file_id(path), "x"), start, "+inf",
+        raw = self.r.execute_command("ZRANGEBYSCORE", self._key(file_id(path), "x"), start, "+inf",
                                      "WITHSCORES", "LIMIT", 0, count)
         return list(_parse_extents(raw))
 
     def window(self, path: str, lo: int, hi: int) -> tuple[FileMeta | None, list[Extent]]:
         fid = file_id(path)
         pipe = self.r.pipeline(transaction=False)
-        pipe.hgetall(_key(fid, "m"))
-        pipe.execute_command("ZRANGEBYSCORE", _key(fid, "x"), f"({lo - MAX_EXTENT}", f"({hi}", "WITHSCORES")
+        pipe.hgetall(self._key(fid, "m"))
+        pipe.execute_command("ZRANGEBYSCORE", self._key(fid, "x"), f"({lo - MAX_EXTENT}", f"({hi}", "WITHSCORES")
         raw_meta, raw = pipe.execute()
         if not raw_meta:
             return None, []
         return _meta_from(raw_meta), [e for e in _parse_extents(raw) if e.start + e.length > lo]
 
     def all_extents(self, path: str, batch: int = 10000) -> Iterator[Extent]:
-        key = _key(file_id(path), "x")
+        key = self._key(file_id(path), "x")
         start = 0
         while True:
             found = list(_parse_extents(self.r.execute_command("ZRANGE", key, start, start + batch - 1,
@@ -442,7 +466,7 @@ class RedisStore(Store):
             else:
                 views.append(scratch[used:used + span.length])
                 used += span.length
-        key = _key(file_id(path), "b:")
+        key = self._key(file_id(path), "b:")
         commands = [("GETRANGE", f"{key}{span.blob}", span.boff, span.boff + span.length - 1) for span, _ in reads]
         conn = self.r.connection_pool.get_connection()
         try:
@@ -462,7 +486,7 @@ class RedisStore(Store):
         return True
 
     def blobs(self, path: str, lo_seq: float = 0, hi_seq: float = float("inf")) -> list[Blob]:
-        raw = self.r.zrangebyscore(_key(file_id(path), "B"), lo_seq,
+        raw = self.r.zrangebyscore(self._key(file_id(path), "B"), lo_seq,
                                    "+inf" if hi_seq == float("inf") else hi_seq, withscores=True)
         out = []
         for member, score in raw:
@@ -474,12 +498,16 @@ class RedisStore(Store):
         meta = self.meta(path)
         if meta is None:
             return 0
+        return self._free_clean(path, meta.clean)
+
+    def _free_clean(self, path: str, clean: int) -> int:
+        """Free the batches of ``path`` whose last sequence number is at most ``clean``; return the bytes freed."""
         fid = file_id(path)
-        clean_blobs = self.blobs(path, 0, meta.clean)
+        clean_blobs = self.blobs(path, 0, clean)
         if not clean_blobs:
             return 0
         gone = {b.blob for b in clean_blobs}
-        xkey = _key(fid, "x")
+        xkey = self._key(fid, "x")
         pipe = self.r.pipeline(transaction=False)
         members = []
         for member in self.r.zscan_iter(xkey, count=5000):
@@ -492,96 +520,96 @@ class RedisStore(Store):
         if members:
             pipe.zrem(xkey, *members)
         for b in clean_blobs:
-            pipe.unlink(_key(fid, f"b:{b.blob}"))
-            pipe.zrem(_key(fid, "B"), f"{b.blob}:{b.extents}:{b.bytes}:{b.channel}")
+            pipe.unlink(self._key(fid, f"b:{b.blob}"))
+            pipe.zrem(self._key(fid, "B"), f"{b.blob}:{b.extents}:{b.bytes}:{b.channel}")
         pipe.execute()
         return sum(b.bytes for b in clean_blobs)
 
     # -- the flush lease ----------------------------------------------------
     def lease(self, path: str, seconds: float) -> str | None:
         token = secrets.token_hex(8)
-        ok = self._lease(keys=[_key(file_id(path), "lock")], args=[token, max(1, int(seconds * 1000))])
+        ok = self._lease(keys=[self._key(file_id(path), "lock")], args=[token, max(1, int(seconds * 1000))])
         return token if ok else None
 
     def renew(self, path: str, token: str, seconds: float) -> bool:
-        return bool(self._renew(keys=[_key(file_id(path), "lock")], args=[token, max(1, int(seconds * 1000))]))
+        return bool(self._renew(keys=[self._key(file_id(path), "lock")], args=[token, max(1, int(seconds * 1000))]))
 
     def begin(self, path: str) -> FileMeta:
-        flat = self._begin(keys=[_key(file_id(path), "m")])
+        flat = self._begin(keys=[self._key(file_id(path), "m")])
         if isinstance(flat, dict):  # RESP3
             return _meta_from(flat)
         return _meta_from(dict(zip(flat[::2], flat[1::2])))
 
     def mark_clean(self, path: str, token: str, upto: int, trunc: int | None) -> bool:
         fid = file_id(path)
-        done = self._mark_clean(keys=[_key(fid, "m"), _key(fid, "lock")],
+        done = self._mark_clean(keys=[self._key(fid, "m"), self._key(fid, "lock")],
                                 args=[token, upto, "" if trunc is None else trunc])
         return bool(done)
 
     def release(self, path: str, token: str) -> None:
         fid = file_id(path)
-        self._release(keys=[_key(fid, "m"), _key(fid, "lock")], args=[token])
+        self._release(keys=[self._key(fid, "m"), self._key(fid, "lock")], args=[token])
 
     def leased(self, path: str) -> bool:
-        return self.r.exists(_key(file_id(path), "lock")) == 1
+        return self.r.exists(self._key(file_id(path), "lock")) == 1
 
     # -- channels -----------------------------------------------------------
     def channel_open(self, channel: int) -> str | None:
         token = secrets.token_hex(8)
-        return token if self.r.set(_chan_key(channel, "w"), token, nx=True) else None
+        return token if self.r.set(self._chan_key(channel, "w"), token, nx=True) else None
 
     def channel_append(self, channel: int, pieces: Sequence[bytes], stored: bool = False) -> None:
         pipe = self.r.pipeline(transaction=False)
         for piece in pieces:
-            pipe.rpush(_chan_key(channel, "d"), piece)
-            pipe.hincrby(_chan_key(channel, "m"), "bytes", len(piece))
+            pipe.rpush(self._chan_key(channel, "d"), piece)
+            pipe.hincrby(self._chan_key(channel, "m"), "bytes", len(piece))
         if stored:
-            pipe.hincrby(_chan_key(channel, "m"), "stores", 1)
+            pipe.hincrby(self._chan_key(channel, "m"), "stores", 1)
         pipe.execute()
 
     def channel_close(self, channel: int, token: str) -> None:
-        self._channel_close(keys=[_chan_key(channel, "w")], args=[token])
+        self._channel_close(keys=[self._chan_key(channel, "w")], args=[token])
 
     def channel_states(self, channels: Sequence[int]) -> list[ChannelState]:
         pipe = self.r.pipeline(transaction=False)
         for c in channels:
-            pipe.exists(_chan_key(c, "w"))
-            pipe.hgetall(_chan_key(c, "m"))
+            pipe.exists(self._chan_key(c, "w"))
+            pipe.hgetall(self._chan_key(c, "m"))
         replies = pipe.execute()
         return [ChannelState(bool(is_open), int(meta.get(b"bytes", 0)), int(meta.get(b"stores", 0)))
                 for is_open, meta in zip(replies[0::2], replies[1::2])]
 
     def channel_read(self, channel: int, start: int, count: int) -> list[bytes]:
-        return self.r.lrange(_chan_key(channel, "d"), start, start + count - 1)
+        return self.r.lrange(self._chan_key(channel, "d"), start, start + count - 1)
 
     def channel_reset(self, channels: Sequence[int]) -> list[bool]:
         pipe = self.r.pipeline(transaction=False)
         for c in channels:
-            pipe.delete(_chan_key(c, "w"))
+            pipe.delete(self._chan_key(c, "w"))
         return [bool(n) for n in pipe.execute()]
 
     # -- request queue ------------------------------------------------------
     def enqueue(self, request: bytes) -> None:
-        self.r.rpush(_QUEUE, request)
+        self.r.rpush(self._queue, request)
 
     def dequeue(self, timeout: float = 0.0) -> bytes | None:
         if timeout > 0:
-            item = self.r.blpop([_QUEUE], timeout=timeout)
+            item = self.r.blpop([self._queue], timeout=timeout)
             return item[1] if item else None
-        return self.r.lpop(_QUEUE)
+        return self.r.lpop(self._queue)
 
     def queued(self) -> int:
-        return int(self.r.llen(_QUEUE))
+        return int(self.r.llen(self._queue))
 
     # -- shared file pointers -----------------------------------------------
     def shared_pointer(self, path: str, token: str, delta: int = 0) -> int:
-        return int(self.r.incrby(_key(file_id(path), f"sfp:{token}"), delta)) - delta
+        return int(self.r.incrby(self._key(file_id(path), f"sfp:{token}"), delta)) - delta
 
     def set_shared_pointer(self, path: str, token: str, value: int) -> None:
-        self.r.set(_key(file_id(path), f"sfp:{token}"), value)
+        self.r.set(self._key(file_id(path), f"sfp:{token}"), value)
 
     def drop_shared_pointer(self, path: str, token: str) -> None:
-        self.r.delete(_key(file_id(path), f"sfp:{token}"))
+        self.r.delete(self._key(file_id(path), f"sfp:{token}"))
 
     # -- I/O statistics -----------------------------------------------------
     def stats_add(self, path: str, who: str, counters: Mapping[str, int]) -> None:
@@ -589,15 +617,15 @@ class RedisStore(Store):
         for name, value in counters.items():
             args += [f"{path}\0{who}\0{name}", int(value)]
         if args:
-            self._stats_add(keys=[_STATS], args=args)
+            self._stats_add(keys=[self._stats], args=args)
 
     def stats_log(self, event: Mapping[str, Any]) -> None:
-        self.r.rpush(_STATS_LOG, json.dumps(event))
+        self.r.rpush(self._stats_log, json.dumps(event))
 
     def stats(self) -> tuple[dict[str, dict[str, dict[str, int]]], list[dict[str, Any]]]:
         pipe = self.r.pipeline(transaction=True)
-        pipe.hgetall(_STATS)
-        pipe.lrange(_STATS_LOG, 0, -1)
+        pipe.hgetall(self._stats)
+        pipe.lrange(self._stats_log, 0, -1)
         raw, log = pipe.execute()
         counters: dict[str, dict[str, dict[str, int]]] = {}
         for field, value in raw.items():
@@ -613,7 +641,7 @@ class RedisStore(Store):
     def empty(self) -> bool:
         pipe = self.r.pipeline(transaction=True)
         pipe.dbsize()
-        pipe.exists(_STATS, _STATS_LOG)
+        pipe.exists(self._stats, self._stats_log)
         keys, stats = pipe.execute()
         return keys == stats
 
