@@ -68,6 +68,11 @@ _MERGE_SPAN = 1 << 20
 #: The key prefix of a single-server run.
 PREFIX = "mpb:"
 
+
+def _key(fid: str, part: str, prefix: str = PREFIX) -> str:
+    """Return the key of one part of file ``fid`` (``m``, ``x``, ``B``, ``lock``, ``b:<n>``, ``t:<t>``)."""
+    return f"{prefix}{{{fid}}}:{part}"
+
 _COMMIT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('NOFILE the file has no record in the tier') end
 local n = tonumber(ARGV[2])
@@ -295,8 +300,8 @@ class RedisStore(Store):
         self._loaded = False
 
     def _key(self, fid: str, part: str) -> str:
-        """Return the key of one part of file ``fid`` (``m``, ``x``, ``B``, ``lock``, ``b:<n>``, ``t:<t>``)."""
-        return f"{self.prefix}{{{fid}}}:{part}"
+        """Return the key of one part of file ``fid`` under this store's prefix (see :func:`_key`)."""
+        return _key(fid, part, self.prefix)
 
     def _chan_key(self, channel: int, part: str) -> str:
         """Return the key of one part of channel ``channel`` (``d``, ``m``, ``w``)."""
@@ -367,16 +372,18 @@ class RedisStore(Store):
         return RedisBatchWriter(self)
 
     def _pack_commit(self, path: str, channel: int, payload: Payload, extents: Sequence[tuple[int, int, int]],
-                     staged: bool = False, base: int | None = None) -> tuple[str, list[tuple]]:
+                     staged: bool = False, base: int | None = None,
+                     tmp: str | None = None) -> tuple[str, list[tuple]]:
         """Return the temporary key and the two commands that commit one batch (see :meth:`commit`).
 
         ``base``: the batch's first sequence number, taken elsewhere (a
         cluster store's global counter) instead of from the file's record;
         the script then refuses it (``STALE``) if it is not above the
         record's ``fence`` (see :mod:`mpiburst.store.cluster_store`).
+        ``tmp``: the temporary key of a payload sent already.
         """
         fid = file_id(path)
-        tmp = self._key(fid, "t:" + secrets.token_hex(8))
+        tmp = tmp or self._key(fid, "t:" + secrets.token_hex(8))
         end = max(off + ln for off, _, ln in extents)
         args: list = [self._key(fid, "b:"), len(extents), end, len(payload), channel, int(staged),
                       "" if base is None else base]
