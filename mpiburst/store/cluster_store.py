@@ -1,0 +1,663 @@
+"""The tier store of a multi-node run: one Valkey/Redis cluster, one server per node, writes kept on their node.
+
+A :class:`ClusterStore` holds one :class:`~mpiburst.store.redis_store.RedisStore`
+per node (a *shard*) over that node's server, plus the *home*: the file
+records, on node 0. The cluster routes nothing for us: every key carries the
+hash tag of a slot its server owns, so each client talks to its own server
+only and every script stays inside one slot.
+
+Layout (``T<i>``: node ``i``'s tag, the first of ``n<i>.0``, ``n<i>.1``, ...
+whose slot server ``i`` owns, found by asking it; every process finds the
+same one)::
+
+    node 0, the home (records, leases, queue, statistics, shared pointers):
+    mpb:{T0}:seq              string the global sequence counter
+    mpb:{T0}:g:files          hash   fid -> BFS path (the registry)
+    mpb:{T0}:g:{fid}:m        hash   the file's record (as a single server's) plus
+                                     "@<i>" = 1 for every node i that took sequence numbers for it
+    mpb:{T0}:g:{fid}:lock     string the flush lease
+    mpb:{T0}:g:{fid}:sfp:<t>  string a shared file pointer
+    mpb:{T0}:g:queue, mpb:{T0}:g:stats, mpb:{T0}:g:stats:log
+
+    every node i, the shard (the data its ranks wrote):
+    mpb:{Ti}:{fid}:m          hash   path, seq (highest here), fence, staged
+    mpb:{Ti}:{fid}:x, B, b:<blob>, t:<token>    as a single server's index, batches and payloads
+    mpb:{Ti}:{chan:C}:d, m, w                   the channels of node i's ranks
+
+**Node-local writes.** A batch's payload goes to the writer's own server
+(``SET`` of a temporary key); then the home hands out its sequence numbers
+(one small script: ``INCRBY`` of the global counter, the record's ``seq``
+and ``size``, the node's ``@i`` mark); then the shard's commit script indexes
+it at those numbers. No payload byte crosses nodes when written; a shared
+file's data lies on the nodes that wrote it, and reads, the flush and
+residency ask just the nodes its record marks.
+
+**Arrival order.** Sequence numbers come from one counter: a batch issued
+after another completed takes a higher number, whichever nodes they went to,
+so later writes win as on one server. Blob ids are the batch's first number
+(staged batches: a per-node negative count), so :class:`Extent` and
+:class:`Blob` ids here are ``local id * nodes + node``: they name the node.
+
+**Fences.** Taking numbers and indexing are two steps on two servers, so a
+batch may be indexed after a flush began or a truncation ran although its
+numbers are older. Each shard record has a *fence*: its commit script
+refuses numbers at or below it (``STALE``) and the writer takes new numbers
+(the batch then counts as arriving after). :meth:`ClusterStore.begin` fences
+every marked node at the snapshot ``pending`` before the flush reads any
+index, :meth:`ClusterStore.mark_clean` at ``upto``, :meth:`ClusterStore.set_size`
+at the record's ``seq`` (atomically with the clip), and a shard record is
+created with the fence at the counter's value. So no extent with a number at
+or below a snapshot appears on any node once its flush has begun: a flush
+never marks clean what it did not read.
+
+**The consistent cut.** Every record lives on the home and the home's
+numbering script updates the record as it hands the numbers out, so
+:meth:`ClusterStore.cut` is the single server's one-script read of every
+record: a batch completed before the cut took its numbers before it, so they
+are at most its file's ``seq`` in the cut; a batch issued after takes higher
+ones. A batch in flight during the cut either was indexed before its file's
+flush began (and is flushed) or is refused by the fence and numbered anew
+(above the cut): either is a valid place for a write concurrent with the
+cut. Hence if a batch B issued after A completed is in the cut, so is A.
+
+**Errors.** A server that cannot be reached raises
+:class:`~mpiburst.errors.TierConnectionError` naming its node, and for a
+node other than 0 the files whose data it held (node 0 holds every record).
+"""
+
+from __future__ import annotations
+
+import heapq
+import secrets
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import redis
+
+from ..errors import MpiburstError, ServerError, TierConnectionError
+from ..overlay import Extent
+from .base import MAX_EXTENT, BatchWriter, Blob, ChannelState, FileMeta, Payload, RecordGone, Store, file_id
+from .redis_store import (_ALLOW_OOM, RedisStore, _as_mpiburst_error, _meta_from, _overlapping,
+                          _public_methods_translated)
+from .resp import resp_frames
+
+#: How many times a batch is numbered anew when flushes or truncations keep overtaking it.
+RETRIES = 100
+#: Candidate tags asked of a server at once when looking for one of its slots.
+_PROBE = 64
+
+# The home hands out a batch's sequence numbers: KEYS[1] the record, KEYS[2] the global counter;
+# ARGV: number of extents, end offset, the node's mark ("@<i>"), staged ("1": no numbers, 0).
+# Metadata may grow on a full home: the data's memory is the writer's node's.
+_RESERVE = _ALLOW_OOM + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('NOFILE the file has no record in the tier') end
+redis.call('HSET', KEYS[1], ARGV[3], '1')
+local size = tonumber(redis.call('HGET', KEYS[1], 'size') or '0')
+if tonumber(ARGV[2]) > size then redis.call('HSET', KEYS[1], 'size', ARGV[2]) end
+if ARGV[4] == '1' then return 0 end
+local last = redis.call('INCRBY', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[1], 'seq', last)
+return last - tonumber(ARGV[1]) + 1
+"""
+
+# Raise a shard record's fence (KEYS[1]) to ARGV[1]; nothing if the node has no record of the file.
+_FENCE = _ALLOW_OOM + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if tonumber(ARGV[1]) > tonumber(redis.call('HGET', KEYS[1], 'fence') or '0') then
+  redis.call('HSET', KEYS[1], 'fence', ARGV[1])
+end
+return 1
+"""
+
+
+def node_tag(client: redis.Redis, node: int) -> str:
+    """Return node ``node``'s hash tag: the first ``n<node>.<k>`` whose slot ``client``'s server owns.
+
+    Asked of the server (a key of a slot it does not own gets a ``MOVED``
+    reply), so any slot assignment works and every process finds the same tag.
+
+    Raises
+    ------
+    ServerError
+        If the server owns none of the slots tried (it owns no slot at all).
+    """
+    for first in range(0, 16 * _PROBE * 64, _PROBE):
+        tags = [f"n{node}.{k}" for k in range(first, first + _PROBE)]
+        pipe = client.pipeline(transaction=False)
+        for tag in tags:
+            pipe.exists(f"mpb:{{{tag}}}:probe")
+        for tag, reply in zip(tags, pipe.execute(raise_on_error=False)):
+            if not isinstance(reply, Exception):
+                return tag
+            if not isinstance(reply, redis.exceptions.AskError):    # MOVED (a subclass) or ASK: not its slot
+                raise reply
+    raise ServerError(f"the server of node {node} owns no hash slot of the cluster; form the cluster again.")
+
+
+@_public_methods_translated
+class ClusterStore(Store):
+    """The tier store over a cluster of one server per node (see the module docstring).
+
+    Parameters
+    ----------
+    clients
+        One authenticated redis-py client per node, in node order (node 0
+        holds the file records).
+    local
+        This process's node index: its writes go to that node's server.
+        None for a process on no node (the CLI): its writes go to node 0.
+    ranks
+        Optionally ``[lo, hi)`` of the ranks (channels) of each node: a
+        channel lives on its rank's node. Without it channel ``C`` lives on
+        node ``C mod nodes``.
+    """
+
+    def __init__(self, clients: Sequence[redis.Redis], local: int | None,
+                 ranks: Sequence[Sequence[int]] | None = None) -> None:
+        if not clients:
+            raise ValueError("a cluster store needs at least one server")
+        self.clients = list(clients)
+        self.local = local
+        self.ranks = [tuple(r) for r in ranks] if ranks else None
+        self.tags: list[str] = []
+        for i, client in enumerate(self.clients):
+            with self._on(i):
+                self.tags.append(node_tag(client, i))
+        self.shards = [RedisStore(c, prefix=f"mpb:{{{t}}}:") for c, t in zip(self.clients, self.tags)]
+        self.home = RedisStore(self.clients[0], prefix=f"mpb:{{{self.tags[0]}}}:g:")
+        self._counter = f"mpb:{{{self.tags[0]}}}:seq"
+        self._reserve = self.clients[0].register_script(_RESERVE)
+        self._fence = [c.register_script(_FENCE) for c in self.clients]
+
+    @property
+    def nodes(self) -> int:
+        """The number of nodes (servers)."""
+        return len(self.clients)
+
+    # -- helpers ------------------------------------------------------------
+    def _writer_node(self) -> int:
+        """Return the node this process's batches go to."""
+        return self.local if self.local is not None else 0
+
+    def _where(self, node: int) -> str:
+        """Return a server's address for messages."""
+        kw = self.clients[node].connection_pool.connection_kwargs
+        return kw.get("path") or f"{kw.get('host')}:{kw.get('port')}"
+
+    @contextmanager
+    def _on(self, node: int) -> Iterator[None]:
+        """Turn a lost connection to ``node``'s server into an error naming the node (and its files)."""
+        try:
+            yield
+        except (redis.ConnectionError, redis.TimeoutError, OSError, TierConnectionError) as exc:
+            raise self._lost(node, exc) from None
+        except redis.RedisError as exc:
+            raise _as_mpiburst_error(exc) from None
+
+    def _lost(self, node: int, exc: BaseException) -> TierConnectionError:
+        """Return the error for an unreachable ``node``, naming the files whose data it held when known."""
+        cause = str(exc).split(" (")[0] if isinstance(exc, MpiburstError) else (str(exc) or type(exc).__name__)
+        where = f"the tier server of node {node} ({self._where(node)})"
+        if node == 0:
+            return TierConnectionError(f"lost the connection to {where}, which holds every file's record ({cause}); "
+                                       "check that the run is up with 'mpiburst status' and read its server log.")
+        try:
+            lost = self.files_on(node)
+        except (MpiburstError, redis.RedisError, OSError):
+            lost = None
+        held = ("; it held no file's data" if lost == [] else
+                f"; it held data of {', '.join(lost)}" if lost else "")
+        return TierConnectionError(f"lost the connection to {where} ({cause}){held}; check that the run is up "
+                                   "with 'mpiburst status' and read its server log.")
+
+    def files_on(self, node: int) -> list[str]:
+        """Return the paths of the files whose record marks data on ``node``, sorted."""
+        registry = self.home.r.hgetall(self.home._files)
+        fids = list(registry)
+        pipe = self.home.r.pipeline(transaction=False)
+        for fid in fids:
+            pipe.hexists(self.home._key(fid.decode(), "m"), f"@{node}")
+        return sorted(registry[f].decode() for f, on in zip(fids, pipe.execute()) if on)
+
+    def _record(self, path: str) -> tuple[FileMeta | None, list[int]]:
+        """Return the file's record and the nodes it marks, in one read of the home."""
+        with self._on(0):
+            raw = self.home.r.hgetall(self.home._key(file_id(path), "m"))
+        if not raw:
+            return None, []
+        return _meta_from(raw), sorted(int(k[1:]) for k in raw if k.startswith(b"@"))
+
+    def _global(self, node: int, blob: int) -> int:
+        return blob * len(self.clients) + node
+
+    def _extents_of(self, node: int, found: Iterable[Extent]) -> list[Extent]:
+        """Return a shard's extents with cluster-wide blob ids."""
+        n = len(self.clients)
+        return [e._replace(blob=e.blob * n + node) for e in found]
+
+    def _fence_nodes(self, path: str, nodes: Iterable[int], value: int) -> None:
+        """Raise the fence of ``path`` on ``nodes`` to ``value`` (see the module docstring)."""
+        fid = file_id(path)
+        for node in nodes:
+            with self._on(node):
+                self._fence[node](keys=[self.shards[node]._key(fid, "m")], args=[value])
+
+    # -- file records -------------------------------------------------------
+    def meta(self, path: str) -> FileMeta | None:
+        with self._on(0):
+            return self.home.meta(path)
+
+    def create(self, path: str, bfs_size: int | None, umask: int | None = None) -> FileMeta:
+        with self._on(0):
+            return self.home.create(path, bfs_size, umask)
+
+    def files(self) -> dict[str, str]:
+        with self._on(0):
+            return self.home.files()
+
+    def cut(self) -> dict[str, FileMeta]:
+        """Return every file's record in one atomic read of the home (see the module docstring for why it is a cut)."""
+        with self._on(0):
+            return self.home.cut()
+
+    def drop(self, path: str) -> None:
+        _, nodes = self._record(path)
+        with self._on(0):
+            self.home.drop(path)
+        for node in nodes:
+            with self._on(node):
+                self.shards[node].drop(path)
+
+    def set_pinned(self, path: str, pinned: bool) -> None:
+        with self._on(0):
+            self.home.set_pinned(path, pinned)
+
+    def set_size(self, path: str, size: int) -> int:
+        with self._on(0):
+            old = self.home.set_size(path, size)
+        meta, nodes = self._record(path)
+        fid = file_id(path)
+        for node in nodes:
+            shard = self.shards[node]
+            with self._on(node):
+                pipe = shard.r.pipeline(transaction=True)   # fence and clip at one instant
+                self._fence[node](keys=[shard._key(fid, "m")], args=[meta.seq if meta else 0], client=pipe)
+                shard._truncate(keys=[shard._key(fid, "m"), shard._key(fid, "x")], args=[size, MAX_EXTENT],
+                                client=pipe)
+                pipe.execute()
+        return old
+
+    # -- data ---------------------------------------------------------------
+    def commit(self, path: str, channel: int, payload: Payload, extents: Sequence[tuple[int, int, int]],
+               staged: bool = False) -> int:
+        node = self._writer_node()
+        shard = self.shards[node]
+        tmp = shard._key(file_id(path), "t:" + secrets.token_hex(8))
+        with self._on(node):
+            try:
+                shard.r.execute_command("SET", tmp, bytes(payload))
+            except redis.ResponseError as exc:
+                raise _as_mpiburst_error(exc) from None
+        return self._number_and_index(path, node, tmp, channel, payload, extents, staged)
+
+    def _number_and_index(self, path: str, node: int, tmp: str, channel: int, payload: Payload,
+                          extents: Sequence[tuple[int, int, int]], staged: bool) -> int:
+        """Take the numbers of a batch whose payload is at ``tmp`` on ``node`` and index it there; return its first.
+
+        Raises RecordGone (and removes the payload) if the file has no record.
+        """
+        shard = self.shards[node]
+        fid = file_id(path)
+        end = max(off + ln for off, _, ln in extents)
+        base: int | None = None
+        for _ in range(RETRIES):
+            if base is None:
+                base = self._number(path, fid, node, len(extents), end, staged)
+                if base < 0:
+                    with self._on(node):
+                        shard.r.unlink(tmp)
+                    raise RecordGone(path)
+            _, commands = shard._pack_commit(path, channel, payload, extents, staged,
+                                             None if staged else base, tmp=tmp)
+            with self._on(node):
+                shard._ensure_loaded()
+                try:
+                    shard.r.execute_command(*commands[1])
+                    return base
+                except redis.exceptions.NoScriptError:
+                    shard._loaded = False
+                except redis.ResponseError as exc:
+                    if str(exc).startswith("NOFILE"):     # the node's first batch of the file: same numbers
+                        self._open_shard(path, node, None if staged else base - 1)
+                    elif str(exc).startswith("STALE"):    # overtaken by a flush or truncation: new numbers
+                        base = None
+                    else:
+                        shard.r.unlink(tmp)
+                        raise _as_mpiburst_error(exc) from None
+        with self._on(node):
+            shard.r.unlink(tmp)
+        raise ServerError(f"a batch of {path} was overtaken by {RETRIES} flushes or truncations in a row; "
+                          "write it again.")
+
+    def _number(self, path: str, fid: str, node: int, count: int, end: int, staged: bool) -> int:
+        """Have the home hand out ``count`` sequence numbers for a batch on ``node``; return the first (-1: no record)."""
+        with self._on(0):
+            try:
+                return int(self._reserve(keys=[self.home._key(fid, "m"), self._counter],
+                                         args=[count, end, f"@{node}", int(staged)]))
+            except redis.ResponseError as exc:
+                if not str(exc).startswith("NOFILE"):
+                    raise
+                return -1
+
+    def _open_shard(self, path: str, node: int, fence: int | None) -> None:
+        """Create ``node``'s record of ``path`` (unless it exists) with its fence at ``fence``.
+
+        ``fence`` is just below the numbers of the batch that opens it (None:
+        the global counter's value): batches numbered earlier are refused
+        and numbered anew, so none numbered for a dropped file of the same
+        name lands here.
+        """
+        if fence is None:
+            with self._on(0):
+                fence = int(self.clients[0].get(self._counter) or 0)
+        shard = self.shards[node]
+        mkey = shard._key(file_id(path), "m")
+        with self._on(node):
+            pipe = shard.r.pipeline(transaction=True)
+            pipe.hsetnx(mkey, "path", path)
+            pipe.hsetnx(mkey, "fence", fence)
+            pipe.execute()
+
+    def writer(self) -> BatchWriter:
+        return ClusterBatchWriter(self)
+
+    def extents(self, path: str, lo: int, hi: int, upto: int | None = None) -> list[Extent]:
+        _, nodes = self._record(path)
+        return self._gather(nodes, lambda s: s.extents(path, lo, hi, upto))
+
+    def _gather(self, nodes: Iterable[int], ask: Any) -> list[Extent]:
+        """Ask each of ``nodes``' shards for extents; return them all in offset order (then sequence)."""
+        found: list[Extent] = []
+        for node in nodes:
+            with self._on(node):
+                found += self._extents_of(node, ask(self.shards[node]))
+        found.sort(key=lambda e: (e.start, e.seq))
+        return found
+
+    def extents_from(self, path: str, start: int, count: int) -> list[Extent]:
+        _, nodes = self._record(path)
+        pages = []
+        for node in nodes:
+            with self._on(node):
+                pages.append(self._extents_of(node, self.shards[node].extents_from(path, start, count)))
+        found = sorted((e for page in pages for e in page), key=lambda e: (e.start, e.seq))
+        full = [page for page in pages if len(page) == count]
+        if full:
+            # Past the lowest last start of a full page some node's extents may be missing: keep what
+            # lies before it, then take every extent starting exactly there from every node.
+            bound = min(page[-1].start for page in full)
+            found = [e for e in found if e.start < bound]
+            if len(found) < count:
+                found += self._gather(nodes, lambda s: [e for e in s.extents(path, bound, bound + 1)
+                                                        if e.start == bound])
+        return found[:count]
+
+    def window(self, path: str, lo: int, hi: int) -> tuple[FileMeta | None, list[Extent]]:
+        meta, nodes = self._record(path)
+        if meta is None:
+            return None, []
+        return meta, self._gather(nodes, lambda s: s.extents(path, lo, hi))
+
+    def all_extents(self, path: str) -> Iterator[Extent]:
+        _, nodes = self._record(path)
+        streams = [self._stream(node, path) for node in nodes]
+        yield from heapq.merge(*streams, key=lambda e: (e.start, e.seq))
+
+    def _stream(self, node: int, path: str) -> Iterator[Extent]:
+        """Yield a shard's extents of ``path`` in (offset, sequence) order, a run of equal offsets at a time."""
+        run: list[Extent] = []
+        with self._on(node):
+            for e in self.shards[node].all_extents(path):
+                if run and e.start != run[0].start:
+                    yield from self._extents_of(node, sorted(run, key=lambda x: x.seq))
+                    run = []
+                run.append(e)
+        yield from self._extents_of(node, sorted(run, key=lambda x: x.seq))
+
+    def fetch_into(self, path: str, extents: Iterable[Extent], lo: int, out: memoryview) -> bool:
+        """Paint ``extents`` into ``out`` from the nodes that hold them (see :meth:`Store.fetch_into`).
+
+        Extents of different nodes that overlap are painted in sequence
+        order, a run of one node's extents at a time, so the newest wins.
+        """
+        hi = lo + len(out)
+        n = len(self.clients)
+        pieces = [e for e in extents if e.start < hi and e.start + e.length > lo]
+        if not pieces:
+            return True
+        runs: list[tuple[int, list[Extent]]] = []
+        if _overlapping(pieces):
+            for e in sorted(pieces, key=lambda e: e.seq):
+                if runs and runs[-1][0] == e.blob % n:
+                    runs[-1][1].append(e)
+                else:
+                    runs.append((e.blob % n, [e]))
+        else:
+            by_node: dict[int, list[Extent]] = {}
+            for e in pieces:
+                by_node.setdefault(e.blob % n, []).append(e)
+            runs = sorted(by_node.items())
+        for node, run in runs:
+            with self._on(node):
+                if not self.shards[node].fetch_into(path, [e._replace(blob=e.blob // n) for e in run], lo, out):
+                    return False
+        return True
+
+    def blobs(self, path: str, lo_seq: float = 0, hi_seq: float = float("inf")) -> list[Blob]:
+        _, nodes = self._record(path)
+        found = []
+        for node in nodes:
+            with self._on(node):
+                found += [b._replace(blob=self._global(node, b.blob))
+                          for b in self.shards[node].blobs(path, lo_seq, hi_seq)]
+        return sorted(found, key=lambda b: (b.last, b.blob))
+
+    def drop_clean(self, path: str) -> int:
+        meta, nodes = self._record(path)
+        if meta is None:
+            return 0
+        freed = 0
+        for node in nodes:
+            with self._on(node):
+                freed += self.shards[node]._free_clean(path, meta.clean)
+        return freed
+
+    # -- the flush lease ----------------------------------------------------
+    def lease(self, path: str, seconds: float) -> str | None:
+        with self._on(0):
+            return self.home.lease(path, seconds)
+
+    def renew(self, path: str, token: str, seconds: float) -> bool:
+        with self._on(0):
+            return self.home.renew(path, token, seconds)
+
+    def begin(self, path: str) -> FileMeta:
+        """Record the snapshot on the home, then fence every node of the file at it (before any index is read)."""
+        with self._on(0):
+            meta = self.home.begin(path)
+        _, nodes = self._record(path)
+        self._fence_nodes(path, nodes, meta.pending)
+        return meta
+
+    def mark_clean(self, path: str, token: str, upto: int, trunc: int | None) -> bool:
+        _, nodes = self._record(path)
+        self._fence_nodes(path, nodes, upto)     # raising a fence is always safe: a late batch is numbered anew
+        with self._on(0):
+            return self.home.mark_clean(path, token, upto, trunc)
+
+    def release(self, path: str, token: str) -> None:
+        with self._on(0):
+            self.home.release(path, token)
+
+    def leased(self, path: str) -> bool:
+        with self._on(0):
+            return self.home.leased(path)
+
+    # -- channels -----------------------------------------------------------
+    def _channel_node(self, channel: int) -> int:
+        """Return the node channel ``channel`` lives on (its rank's node)."""
+        if self.ranks:
+            for node, (lo, hi) in enumerate(self.ranks):
+                if lo <= channel < hi:
+                    return node
+        return channel % len(self.clients)
+
+    def channel_open(self, channel: int) -> str | None:
+        node = self._channel_node(channel)
+        with self._on(node):
+            return self.shards[node].channel_open(channel)
+
+    def channel_append(self, channel: int, pieces: Sequence[bytes], stored: bool = False) -> None:
+        node = self._channel_node(channel)
+        with self._on(node):
+            self.shards[node].channel_append(channel, pieces, stored)
+
+    def channel_close(self, channel: int, token: str) -> None:
+        node = self._channel_node(channel)
+        with self._on(node):
+            self.shards[node].channel_close(channel, token)
+
+    def _per_node(self, channels: Sequence[int], ask: Any) -> list:
+        """Ask each node about its own ``channels``; return the answers in the order of ``channels``."""
+        by_node: dict[int, list[int]] = {}
+        for i, c in enumerate(channels):
+            by_node.setdefault(self._channel_node(c), []).append(i)
+        out: list = [None] * len(channels)
+        for node, where in by_node.items():
+            with self._on(node):
+                for i, answer in zip(where, ask(self.shards[node], [channels[i] for i in where])):
+                    out[i] = answer
+        return out
+
+    def channel_states(self, channels: Sequence[int]) -> list[ChannelState]:
+        return self._per_node(channels, lambda shard, mine: shard.channel_states(mine))
+
+    def channel_read(self, channel: int, start: int, count: int) -> list[bytes]:
+        node = self._channel_node(channel)
+        with self._on(node):
+            return self.shards[node].channel_read(channel, start, count)
+
+    def channel_reset(self, channels: Sequence[int]) -> list[bool]:
+        return self._per_node(channels, lambda shard, mine: shard.channel_reset(mine))
+
+    # -- request queue, shared file pointers, statistics: on the home ---------
+    def enqueue(self, request: bytes) -> None:
+        with self._on(0):
+            self.home.enqueue(request)
+
+    def dequeue(self, timeout: float = 0.0) -> bytes | None:
+        with self._on(0):
+            return self.home.dequeue(timeout)
+
+    def queued(self) -> int:
+        with self._on(0):
+            return self.home.queued()
+
+    def shared_pointer(self, path: str, token: str, delta: int = 0) -> int:
+        with self._on(0):
+            return self.home.shared_pointer(path, token, delta)
+
+    def set_shared_pointer(self, path: str, token: str, value: int) -> None:
+        with self._on(0):
+            self.home.set_shared_pointer(path, token, value)
+
+    def drop_shared_pointer(self, path: str, token: str) -> None:
+        with self._on(0):
+            self.home.drop_shared_pointer(path, token)
+
+    def stats_add(self, path: str, who: str, counters: Mapping[str, int]) -> None:
+        with self._on(0):
+            self.home.stats_add(path, who, counters)
+
+    def stats_log(self, event: Mapping[str, Any]) -> None:
+        with self._on(0):
+            self.home.stats_log(event)
+
+    def stats(self) -> tuple[dict[str, dict[str, dict[str, int]]], list[dict[str, Any]]]:
+        with self._on(0):
+            return self.home.stats()
+
+    # -- the whole store ----------------------------------------------------
+    def node_memory(self) -> list[tuple[int, int]]:
+        """Return ``(bytes used, limit)`` of each node's server, in node order."""
+        out = []
+        for node, shard in enumerate(self.shards):
+            with self._on(node):
+                out.append(shard.memory())
+        return out
+
+    def memory(self) -> tuple[int, int]:
+        """Return the cluster's ``(bytes used, limit)``: the sums over the nodes (0 if any node has no limit)."""
+        each = self.node_memory()
+        limit = 0 if any(lim == 0 for _, lim in each) else sum(lim for _, lim in each)
+        return sum(used for used, _ in each), limit
+
+    def empty(self) -> bool:
+        keys = 0
+        for node, client in enumerate(self.clients):
+            with self._on(node):
+                keys += int(client.dbsize())
+        with self._on(0):   # neither statistics nor the counter are data
+            other = int(self.clients[0].exists(self.home._stats, self.home._stats_log, self._counter))
+        return keys == other
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+
+class ClusterBatchWriter(BatchWriter):
+    """Pipelined commits to this process's node: the payload streams while the caller fills the next batch.
+
+    :meth:`send` writes the payload under a temporary key on a connection of
+    its own; :meth:`finish` reads that reply, then has the batch numbered by
+    the home and indexed on the node (two small round trips).
+    """
+
+    def __init__(self, store: ClusterStore) -> None:
+        self.store = store
+        self.node = store._writer_node()
+        with store._on(self.node):
+            self._conn: Any = store.clients[self.node].connection_pool.get_connection()
+        self._sent: tuple[str, int, Payload, list[tuple[int, int, int]], str] | None = None
+
+    def send(self, path: str, channel: int, payload: Payload, extents: Sequence[tuple[int, int, int]]) -> None:
+        tmp = self.store.shards[self.node]._key(file_id(path), "t:" + secrets.token_hex(8))
+        with self.store._on(self.node):
+            try:
+                self._conn.send_packed_command(resp_frames([("SET", tmp, payload)]), check_health=False)
+            except BaseException:
+                self._conn.disconnect()
+                raise
+        self._sent = (path, channel, payload, list(extents), tmp)
+
+    def finish(self) -> int:
+        sent, self._sent = self._sent, None
+        if sent is None:
+            raise RuntimeError("finish() without a batch in flight")
+        path, channel, payload, extents, tmp = sent
+        with self.store._on(self.node):
+            try:
+                self._conn.read_response()
+            except redis.ResponseError as exc:
+                raise _as_mpiburst_error(exc) from None
+            except BaseException:
+                self._conn.disconnect()   # a half-read reply stream must not be reused
+                raise
+        return self.store._number_and_index(path, self.node, tmp, channel, payload, extents, False)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self.store.clients[self.node].connection_pool.release(self._conn)
+            self._conn = None

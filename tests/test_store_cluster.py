@@ -1,0 +1,207 @@
+"""The store contract suite on a real three-server cluster (mpiburst.store.cluster_store), and what only a cluster shows.
+
+The servers are whatever ``server_binary`` gives (CI: Valkey 9 and Redis 7),
+started in cluster mode with the run's ACLs and joined into one cluster
+(:func:`mpiburst.testing.cluster.start_cluster`), once per module.
+
+* ``TestClusterStore``: the contract with this process on node 1 (not the
+  home): every batch crosses to node 1's server, every record to node 0's.
+* ``TestSpreadClusterStore``: the contract with each batch sent to the next
+  node in turn, so every file's data is spread over the three servers and
+  overlapping writes of different nodes must resolve in arrival order.
+* Beside the contract: node-local placement, fences (a batch numbered before
+  a flush began lands above its snapshot), the consistent cut under
+  concurrent writers on several nodes, and errors naming a dead node's files.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from mpiburst.errors import TierConnectionError
+from mpiburst.store import Store, file_id
+from mpiburst.store.cluster_store import ClusterStore
+from mpiburst.testing import Model, put
+from mpiburst.testing.cluster import Cluster, start_cluster
+from mpiburst.testing.store import FullStoreTests, StoreTests, current
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, server_binary: str) -> Iterator[Cluster]:
+    """Three cluster-mode servers joined into one cluster, for the whole module."""
+    started = start_cluster(str(tmp_path_factory.mktemp("cluster")), server_binary, 3)
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.fixture(scope="module")
+def small_cluster(tmp_path_factory: pytest.TempPathFactory, server_binary: str) -> Iterator[Cluster]:
+    """Three servers of 8 MiB each (a full tier)."""
+    started = start_cluster(str(tmp_path_factory.mktemp("small")), server_binary, 3, capacity="8mb")
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+class SpreadClusterStore(ClusterStore):
+    """A cluster store whose batches go to each node in turn (one process playing every node's ranks)."""
+
+    turn = 0
+
+    def _writer_node(self) -> int:
+        self.turn += 1
+        return self.turn % self.nodes
+
+
+class TestClusterStore(StoreTests, FullStoreTests):
+    """The contract on the cluster, writing from node 1."""
+
+    @pytest.fixture
+    def store(self, cluster: Cluster) -> Iterator[Store]:
+        cluster.wipe()
+        yield ClusterStore(cluster.clients, local=1)
+
+    @pytest.fixture
+    def small_store(self, small_cluster: Cluster) -> Iterator[Store]:
+        small_cluster.wipe()
+        yield ClusterStore(small_cluster.clients, local=1)
+
+
+class TestSpreadClusterStore(StoreTests):
+    """The contract on the cluster, each batch to the next node."""
+
+    @pytest.fixture
+    def store(self, cluster: Cluster) -> Iterator[Store]:
+        cluster.wipe()
+        yield SpreadClusterStore(cluster.clients, local=None)
+
+
+def _keys_of(cluster: Cluster, node: int, path: str) -> list[bytes]:
+    """The keys of ``path``'s data on server ``node`` (its payloads: ``...:{fid}:b:<n>``)."""
+    return [k for k in cluster.clients[node].scan_iter(match=f"*{{{file_id(path)}}}:b:*", count=1000)]
+
+
+def test_each_node_keeps_its_own_ranks_bytes(cluster: Cluster) -> None:
+    """A shared file written from three nodes: each server holds exactly the bytes its node wrote."""
+    cluster.wipe()
+    stores = [ClusterStore(cluster.clients, local=i) for i in range(3)]
+    path = "/bfs/shared.dat"
+    stores[2].create(path, None)
+    model = Model()
+    for i, store in enumerate(stores):
+        put(store, path, model, [(i * 1000, bytes([65 + i]) * 1000)])
+    for i in range(3):
+        keys = _keys_of(cluster, i, path)
+        assert len(keys) == 1 and cluster.clients[i].get(keys[0]) == bytes([65 + i]) * 1000
+    for store in stores:
+        assert current(store, path, 0, 3000) == bytes(model.data)
+    assert stores[0].home.r is cluster.clients[0]
+    record = cluster.clients[0].hgetall(stores[0].home._key(file_id(path), "m"))
+    assert {k for k in record if k.startswith(b"@")} == {b"@0", b"@1", b"@2"}
+
+
+def test_overlapping_writes_of_different_nodes_resolve_in_arrival_order(cluster: Cluster) -> None:
+    cluster.wipe()
+    stores = [ClusterStore(cluster.clients, local=i) for i in range(3)]
+    path = "/bfs/overlap.dat"
+    stores[0].create(path, None)
+    model = Model()
+    for step, i in enumerate([2, 0, 1, 2, 1, 0]):            # each write issued after the last one completed
+        put(stores[i], path, model, [(step * 100, bytes([97 + step]) * 700)])
+    seqs = [e.seq for e in stores[1].all_extents(path)]
+    assert sorted(seqs) == list(range(1, 7))
+    assert current(stores[1], path, 0, 1200) == bytes(model.data)
+
+
+def test_a_batch_numbered_before_a_flush_began_lands_above_its_snapshot(cluster: Cluster) -> None:
+    """The fence: numbers taken before ``begin`` but indexed after it are refused and taken anew.
+
+    Without the fence the batch would land with a number at or below the
+    snapshot after the flush read the index, and mark_clean would call it clean.
+    """
+    cluster.wipe()
+    store = ClusterStore(cluster.clients, local=2)
+    path = "/bfs/fence.dat"
+    store.create(path, None)
+    put(store, path, None, [(0, b"a" * 10)])
+    lease = store.flush_lease(path, 30)
+    assert lease is not None
+    begun = []
+
+    class Overtaken(ClusterStore):
+        """Runs the flush's begin between numbering the first batch and indexing it."""
+
+        def _number(self, *args: object) -> int:
+            base = super()._number(*args)  # type: ignore[arg-type]
+            if not begun:
+                begun.append(lease.begin())
+            return base
+
+    late = Overtaken(cluster.clients, local=2)
+    first = put(late, path, None, [(5, b"b" * 10)])
+    snap = begun[0]
+    assert snap.pending == 2 and first > snap.pending         # numbered anew, above the snapshot
+    assert all(e.seq <= snap.pending for e in store.extents(path, 0, 100, upto=snap.pending))
+    assert lease.mark_clean(snap.pending, None)
+    assert store.meta(path).dirty                              # the late batch is not called clean
+    assert current(store, path, 0, 15) == b"aaaaa" + b"b" * 10
+
+
+def test_the_cut_is_consistent_under_writers_on_several_nodes(cluster: Cluster) -> None:
+    """Writers on nodes 1 and 2 write X then Y, step after step; any cut holding Y's step k holds X's step k."""
+    cluster.wipe()
+    reader = ClusterStore(cluster.clients, local=0)
+    for name in ("x", "y"):
+        reader.create(f"/bfs/{name}", None)
+    seqs: dict[tuple[str, int], int] = {}
+
+    def writer(node: int) -> None:
+        store = ClusterStore(cluster.clients[:], local=node)
+        for k in range(node - 1, 200, 2):
+            seqs["x", k] = put(store, "/bfs/x", None, [(k * 8, b"x" * 8)])
+            seqs["y", k] = put(store, "/bfs/y", None, [(k * 8, b"y" * 8)])
+
+    cuts = []
+    threads = [threading.Thread(target=writer, args=(n,)) for n in (1, 2)]
+    for t in threads:
+        t.start()
+    while not all(not t.is_alive() for t in threads):
+        cuts.append(reader.cut())
+    for t in threads:
+        t.join()
+    assert len(cuts) > 3
+    for cut in cuts:
+        for k in range(200):
+            if seqs["y", k] <= cut["/bfs/y"].seq:
+                assert seqs["x", k] <= cut["/bfs/x"].seq, (k, cut)
+
+
+def test_a_dead_node_is_named_with_the_files_it_held(tmp_path: Path, server_binary: str) -> None:
+    """Node 2 dies: its files' reads name node 2 and those files; data on the other nodes stays readable."""
+    dead = start_cluster(str(tmp_path / "c"), server_binary, 3)
+    try:
+        stores = [ClusterStore(dead.clients, local=i) for i in range(3)]
+        stores[0].create("/bfs/spread", None)
+        stores[0].create("/bfs/safe", None)
+        put(stores[0], "/bfs/spread", None, [(0, b"0" * 100)])
+        put(stores[2], "/bfs/spread", None, [(100, b"2" * 100)])
+        put(stores[1], "/bfs/safe", None, [(0, b"1" * 100)])
+        dead.procs[2].kill()
+        dead.procs[2].wait(timeout=30)
+        with pytest.raises(TierConnectionError, match=r"node 2 .*it held data of /bfs/spread; check"):
+            current(stores[0], "/bfs/spread", 0, 200)
+        assert current(stores[0], "/bfs/safe", 0, 100) == b"1" * 100
+        with pytest.raises(TierConnectionError, match="node 2"):
+            put(stores[2], "/bfs/safe", None, [(0, b"x")])
+        assert stores[0].meta("/bfs/safe").seq == 3                   # the refused batch took no number
+    finally:
+        dead.stop()
