@@ -11,7 +11,9 @@
 # 3. runs every test file except those named *_mpi*.py in one process;
 # 4. runs every tests/*_mpi*.py under `mpiexec -n 2` and `mpiexec -n 4` with
 #    `python -m mpi4py -m pytest --with-mpi -x` (a failing rank aborts the job),
-#    per-test timeouts, and an outer `timeout`.
+#    per-test timeouts, and an outer `timeout`;
+# 5. runs every tests/*cluster*_mpi*.py once more under `mpiexec -n 6` with
+#    MPIBURST_RANKS_PER_NODE=2: three simulated nodes, one server each.
 # The server engine is $MPIBURST_SERVER if set, else the normal discovery order.
 # Exits non-zero on the first failing part.
 set -euo pipefail
@@ -55,4 +57,10 @@ for n in 2 4; do
     timeout "${MPIBURST_MPI_TIMEOUT:-1800}" "$mpiexec" -n "$n" "$python" -m mpi4py -m pytest --with-mpi -x -q -rs \
         --timeout=300 --timeout-method=thread "${mpi_files[@]}"
 done
+cluster_files=(tests/*cluster*_mpi*.py)
+if [[ ${#cluster_files[@]} -gt 0 ]]; then
+    echo "tests/run.sh: MPI tests with 6 ranks as 3 nodes: ${cluster_files[*]}"
+    MPIBURST_RANKS_PER_NODE=2 timeout "${MPIBURST_MPI_TIMEOUT:-1800}" "$mpiexec" -n 6 "$python" -m mpi4py -m pytest \
+        --with-mpi -x -q -rs --timeout=300 --timeout-method=thread "${cluster_files[@]}"
+fi
 echo "tests/run.sh: all passed"
