@@ -31,6 +31,28 @@ class TierConnectionError(ServerError):
     exit_code = 13
 
 
+class NodeLostError(TierConnectionError):
+    """The server of one node of a multi-node run cannot be reached.
+
+    Attributes
+    ----------
+    node : int
+        The node's index (node 0 holds every file's record).
+    files : tuple of str
+        The files whose data that server held, when known.
+    """
+
+    exit_code = 13
+
+    def __init__(self, message: str, node: int = -1, files: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.node = node
+        self.files = tuple(files)
+
+    def __reduce__(self) -> tuple:
+        return type(self), (str(self), self.node, self.files)
+
+
 class CollectiveError(MpiburstError):
     """Another rank failed in a collective call with an error that could not travel as it was."""
 

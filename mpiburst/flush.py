@@ -75,7 +75,7 @@ from . import drain, iostats
 from .assembly import BfsBytes, current_bytes
 from .buffers import borrowed
 from .collective import on_root
-from .errors import FlushError, MpiburstError, PathError, TierConnectionError
+from .errors import FlushError, MpiburstError, NodeLostError, PathError, TierConnectionError
 from .overlay import Extent
 from .paths import resolve
 from .perms import create_aside, current_umask, give_final_attrs, make_dirs
@@ -1022,6 +1022,9 @@ def _cause(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno is not None:
         where = f" ({exc.filename})" if exc.filename else ""
         return f"{exc.strerror or os.strerror(exc.errno)} [{errno.errorcode.get(exc.errno, exc.errno)}]{where}"
+    if isinstance(exc, NodeLostError):   # a multi-node run: say which server, and whose data it held
+        held = f" holding data of {', '.join(exc.files)}" if exc.files else ""
+        return f"the connection to the tier server of node {exc.node}{held} was lost"
     if isinstance(exc, TierConnectionError):
         return "the connection to the tier's server was lost"
     if isinstance(exc, _LeaseLost):

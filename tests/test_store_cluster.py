@@ -16,18 +16,23 @@ started in cluster mode with the run's ACLs and joined into one cluster
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from mpiburst.errors import TierConnectionError
+from mpiburst import flush
+from mpiburst.errors import FlushError, NodeLostError, TierConnectionError
+from mpiburst.runconf import RunConf
+from mpiburst.server.config import USER
 from mpiburst.store import Store, file_id
 from mpiburst.store.cluster_store import ClusterStore
 from mpiburst.testing import Model, put
 from mpiburst.testing.cluster import Cluster, start_cluster
-from mpiburst.testing.store import FullStoreTests, StoreTests, current
+from mpiburst.testing.store import FullStoreTests, StoreTests, current, wait_for
+from mpiburst.tier import Tier
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -186,22 +191,39 @@ def test_the_cut_is_consistent_under_writers_on_several_nodes(cluster: Cluster) 
 
 
 def test_a_dead_node_is_named_with_the_files_it_held(tmp_path: Path, server_binary: str) -> None:
-    """Node 2 dies: its files' reads name node 2 and those files; data on the other nodes stays readable."""
-    dead = start_cluster(str(tmp_path / "c"), server_binary, 3)
+    """Node 2 dies: reads and flushes of the file it held part of name node 2 and that file, and mark nothing
+    clean; a file held on other nodes stays readable and flushable."""
+    dead = start_cluster(str(tmp_path / "c"), server_binary, 3, node_timeout=1000)
     try:
         stores = [ClusterStore(dead.clients, local=i) for i in range(3)]
-        stores[0].create("/bfs/spread", None)
-        stores[0].create("/bfs/safe", None)
-        put(stores[0], "/bfs/spread", None, [(0, b"0" * 100)])
-        put(stores[2], "/bfs/spread", None, [(100, b"2" * 100)])
-        put(stores[1], "/bfs/safe", None, [(0, b"1" * 100)])
+        bfs = tmp_path / "bfs"
+        bfs.mkdir()
+        spread, safe = str(bfs / "spread"), str(bfs / "safe")
+        stores[0].create(spread, None)
+        stores[0].create(safe, None)
+        put(stores[0], spread, None, [(0, b"0" * 100)])
+        put(stores[2], spread, None, [(100, b"2" * 100)])
+        put(stores[1], safe, None, [(0, b"1" * 100)])
         dead.procs[2].kill()
         dead.procs[2].wait(timeout=30)
-        with pytest.raises(TierConnectionError, match=r"node 2 .*it held data of /bfs/spread; check"):
-            current(stores[0], "/bfs/spread", 0, 200)
-        assert current(stores[0], "/bfs/safe", 0, 100) == b"1" * 100
+        assert wait_for(lambda: dead.failed(0, 2) and dead.failed(1, 2), timeout=30)   # the others know it now
+        with pytest.raises(NodeLostError, match=rf"node 2 .*it held data of {spread}; check") as lost:
+            current(stores[0], spread, 0, 200)
+        assert lost.value.node == 2 and lost.value.files == (spread,)
+        assert current(stores[0], safe, 0, 100) == b"1" * 100
         with pytest.raises(TierConnectionError, match="node 2"):
-            put(stores[2], "/bfs/safe", None, [(0, b"x")])
-        assert stores[0].meta("/bfs/safe").seq == 3                   # the refused batch took no number
+            put(stores[2], safe, None, [(0, b"x")])
+        assert stores[0].meta(safe).seq == 3                          # the refused batch took no number
+        conf = RunConf(id="dead", dir=str(tmp_path), host="127.0.0.1", port=dead.ports[0], socket=dead.sockets[0],
+                       user=USER, password=dead.password, channels=1, bfs_root=str(bfs), capacity=64 << 20,
+                       align=64 << 10, pid=None, server=server_binary)
+        tier = Tier(conf, stores[0], dead.clients[0])
+        with pytest.raises(FlushError, match=f"node 2 holding data of {spread} was lost"):
+            flush.sync(spread, tier=tier)
+        meta = stores[0].meta(spread)
+        assert meta.clean == 0 and meta.dirty and not stores[0].leased(spread) and not os.path.exists(spread)
+        assert flush.sync(safe, tier=tier).size == 100 and open(safe, "rb").read() == b"1" * 100
+        assert not stores[0].meta(safe).dirty
+        tier.disconnect()
     finally:
         dead.stop()

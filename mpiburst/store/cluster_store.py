@@ -61,8 +61,9 @@ flush began (and is flushed) or is refused by the fence and numbered anew
 cut. Hence if a batch B issued after A completed is in the cut, so is A.
 
 **Errors.** A server that cannot be reached raises
-:class:`~mpiburst.errors.TierConnectionError` naming its node, and for a
-node other than 0 the files whose data it held (node 0 holds every record).
+:class:`~mpiburst.errors.NodeLostError` (a ``TierConnectionError``) naming
+its node, and for a node other than 0 the files whose data it held (node 0
+holds every record).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import redis
 
-from ..errors import MpiburstError, ServerError, TierConnectionError
+from ..errors import MpiburstError, NodeLostError, ServerError, TierConnectionError
 from ..overlay import Extent
 from .base import MAX_EXTENT, BatchWriter, Blob, ChannelState, FileMeta, Payload, RecordGone, Store, file_id
 from .redis_store import (_ALLOW_OOM, RedisStore, _as_mpiburst_error, _meta_from, _overlapping,
@@ -194,21 +195,23 @@ class ClusterStore(Store):
         except redis.RedisError as exc:
             raise _as_mpiburst_error(exc) from None
 
-    def _lost(self, node: int, exc: BaseException) -> TierConnectionError:
+    def _lost(self, node: int, exc: BaseException) -> NodeLostError:
         """Return the error for an unreachable ``node``, naming the files whose data it held when known."""
+        if isinstance(exc, NodeLostError):
+            return exc
         cause = str(exc).split(" (")[0] if isinstance(exc, MpiburstError) else (str(exc) or type(exc).__name__)
         where = f"the tier server of node {node} ({self._where(node)})"
         if node == 0:
-            return TierConnectionError(f"lost the connection to {where}, which holds every file's record ({cause}); "
-                                       "check that the run is up with 'mpiburst status' and read its server log.")
+            return NodeLostError(f"lost the connection to {where}, which holds every file's record ({cause}); "
+                                 "check that the run is up with 'mpiburst status' and read its server log.", node)
         try:
             lost = self.files_on(node)
         except (MpiburstError, redis.RedisError, OSError):
             lost = None
         held = ("; it held no file's data" if lost == [] else
                 f"; it held data of {', '.join(lost)}" if lost else "")
-        return TierConnectionError(f"lost the connection to {where} ({cause}){held}; check that the run is up "
-                                   "with 'mpiburst status' and read its server log.")
+        return NodeLostError(f"lost the connection to {where} ({cause}){held}; check that the run is up "
+                             "with 'mpiburst status' and read its server log.", node, tuple(lost or ()))
 
     def files_on(self, node: int) -> list[str]:
         """Return the paths of the files whose record marks data on ``node``, sorted."""

@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from ..server.config import USER, USER_RULES, _acl_hash
 from ..server.process import die_with_parent
@@ -43,10 +45,19 @@ class Cluster:
     former_password: str
     clients: list[redis.Redis] = field(default_factory=list)
 
+    def failed(self, watcher: int, node: int) -> bool:
+        """True once server ``watcher`` counts server ``node`` as failed (``CLUSTER NODES`` flag ``fail``)."""
+        admin = redis.Redis(unix_socket_path=self.sockets[watcher], username=FORMER, password=self.former_password)
+        try:
+            lines = admin.execute_command("CLUSTER", "NODES").decode().splitlines()
+        finally:
+            admin.close()
+        return any(f":{self.ports[node]}@" in line and "fail" in line.split()[2].split(",") for line in lines)
+
     def connect(self, i: int) -> redis.Redis:
         """Return a new ordinary-user client of server ``i`` (unix socket)."""
         return redis.Redis(unix_socket_path=self.sockets[i], username=USER, password=self.password,
-                           socket_connect_timeout=10)
+                           socket_connect_timeout=10, retry=Retry(NoBackoff(), 0))   # as a run's clients
 
     def wipe(self) -> None:
         """Remove every key of every server, as the ordinary user (SCAN and UNLINK)."""
@@ -82,9 +93,13 @@ def _free_port() -> int:
         return port
 
 
-def start_cluster(directory: str, binary: str, n: int = 3, capacity: str = "256mb",
+def start_cluster(directory: str, binary: str, n: int = 3, capacity: str = "256mb", node_timeout: int = 5000,
                   timeout: float = 30.0) -> Cluster:
     """Start ``n`` cluster-mode servers under ``directory`` and join them into one cluster (see the module docstring).
+
+    As a run's servers: a node that stops answering for ``node_timeout`` ms
+    counts as failed, and the others go on serving their own slots
+    (``cluster-require-full-coverage no``).
 
     Raises
     ------
@@ -108,7 +123,8 @@ def start_cluster(directory: str, binary: str, n: int = 3, capacity: str = "256m
                 "bind 127.0.0.1", f"port {port}", "protected-mode yes", f'unixsocket "{sock}"', "unixsocketperm 700",
                 f'dir "{node_dir}"', f'logfile "{os.path.join(node_dir, "server.log")}"', 'save ""',
                 "appendonly no", f"maxmemory {capacity}", "maxmemory-policy noeviction",
-                "cluster-enabled yes", 'cluster-config-file "nodes.conf"', "cluster-require-full-coverage yes",
+                "cluster-enabled yes", 'cluster-config-file "nodes.conf"', f"cluster-node-timeout {node_timeout}",
+                "cluster-require-full-coverage no", "cluster-allow-reads-when-down yes",
                 "enable-protected-configs no", "enable-debug-command no", "enable-module-command no",
                 "user default off", f"user {USER} on {_acl_hash(password)} {USER_RULES}",
                 f"user {FORMER} on {_acl_hash(former)} ~* &* +@all", ""])
