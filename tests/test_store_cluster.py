@@ -1,8 +1,9 @@
 """The store contract suite on a real three-server cluster (mpiburst.store.cluster_store), and what only a cluster shows.
 
 The servers are whatever ``server_binary`` gives (CI: Valkey 9 and Redis 7),
-started in cluster mode with the run's ACLs and joined into one cluster
-(:func:`mpiburst.testing.cluster.start_cluster`), once per module.
+a run's cluster-mode servers joined into one cluster as a multi-node run
+starts them (:func:`mpiburst.testing.cluster.start_cluster` over
+:func:`mpiburst.server.start_cluster`), once per module.
 
 * ``TestClusterStore``: the contract with this process on node 1 (not the
   home): every batch crosses to node 1's server, every record to node 0's.
@@ -16,6 +17,7 @@ started in cluster mode with the run's ACLs and joined into one cluster
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from pathlib import Path
@@ -25,8 +27,6 @@ import pytest
 
 from mpiburst import flush
 from mpiburst.errors import FlushError, NodeLostError, TierConnectionError
-from mpiburst.runconf import RunConf
-from mpiburst.server.config import USER
 from mpiburst.store import Store, file_id
 from mpiburst.store.cluster_store import ClusterStore
 from mpiburst.testing import Model, put
@@ -50,7 +50,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, server_binary: str) -> Ite
 @pytest.fixture(scope="module")
 def small_cluster(tmp_path_factory: pytest.TempPathFactory, server_binary: str) -> Iterator[Cluster]:
     """Three servers of 8 MiB each (a full tier)."""
-    started = start_cluster(str(tmp_path_factory.mktemp("small")), server_binary, 3, capacity="8mb")
+    started = start_cluster(str(tmp_path_factory.mktemp("small")), server_binary, 3, capacity="8M")
     try:
         yield started
     finally:
@@ -193,7 +193,7 @@ def test_the_cut_is_consistent_under_writers_on_several_nodes(cluster: Cluster) 
 def test_a_dead_node_is_named_with_the_files_it_held(tmp_path: Path, server_binary: str) -> None:
     """Node 2 dies: reads and flushes of the file it held part of name node 2 and that file, and mark nothing
     clean; a file held on other nodes stays readable and flushable."""
-    dead = start_cluster(str(tmp_path / "c"), server_binary, 3, node_timeout=1000)
+    dead = start_cluster(str(tmp_path), server_binary, 3)
     try:
         stores = [ClusterStore(dead.clients, local=i) for i in range(3)]
         bfs = tmp_path / "bfs"
@@ -204,8 +204,7 @@ def test_a_dead_node_is_named_with_the_files_it_held(tmp_path: Path, server_bina
         put(stores[0], spread, None, [(0, b"0" * 100)])
         put(stores[2], spread, None, [(100, b"2" * 100)])
         put(stores[1], safe, None, [(0, b"1" * 100)])
-        dead.procs[2].kill()
-        dead.procs[2].wait(timeout=30)
+        dead.kill(2)
         assert wait_for(lambda: dead.failed(0, 2) and dead.failed(1, 2), timeout=30)   # the others know it now
         with pytest.raises(NodeLostError, match=rf"node 2 .*it held data of {spread}; check") as lost:
             current(stores[0], spread, 0, 200)
@@ -214,10 +213,7 @@ def test_a_dead_node_is_named_with_the_files_it_held(tmp_path: Path, server_bina
         with pytest.raises(TierConnectionError, match="node 2"):
             put(stores[2], safe, None, [(0, b"x")])
         assert stores[0].meta(safe).seq == 3                          # the refused batch took no number
-        conf = RunConf(id="dead", dir=str(tmp_path), host="127.0.0.1", port=dead.ports[0], socket=dead.sockets[0],
-                       user=USER, password=dead.password, channels=1, bfs_root=str(bfs), capacity=64 << 20,
-                       align=64 << 10, pid=None, server=server_binary)
-        tier = Tier(conf, stores[0], dead.clients[0])
+        tier = Tier(dataclasses.replace(dead.conf, bfs_root=str(bfs)), stores[0], dead.clients[0])
         with pytest.raises(FlushError, match=f"node 2 holding data of {spread} was lost"):
             flush.sync(spread, tier=tier)
         meta = stores[0].meta(spread)

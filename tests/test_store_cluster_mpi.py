@@ -3,8 +3,8 @@
 Run with ``MPIBURST_RANKS_PER_NODE=2 mpiexec -n 6 ... --with-mpi`` (three
 nodes of two ranks); without the variable every rank counts as a node, so the
 usual ``-n 2`` and ``-n 4`` runs exercise two and four servers. Rank 0 starts
-the servers in cluster mode (:func:`mpiburst.testing.cluster.start_cluster`)
-and every rank builds a :class:`~mpiburst.store.cluster_store.ClusterStore`
+the run's cluster-mode servers (:func:`mpiburst.testing.cluster.start_cluster`
+over :func:`mpiburst.server.start_cluster`) and every rank builds a :class:`~mpiburst.store.cluster_store.ClusterStore`
 with its own node as ``local``; the driver, the flush, residency and h5py then
 run on it through :meth:`mpiburst.tier.Tier.current`, as an application's
 ranks do. Each test checks, by asking each server directly, that the server
@@ -13,19 +13,17 @@ holds exactly the bytes its node's ranks wrote.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pytest
-import redis
-
 import mpiburst
-from mpiburst import File, flush, residency
+from mpiburst import File, flush, residency, server
 from mpiburst.collective import on_root
 from mpiburst.runconf import RunConf
-from mpiburst.server.config import USER
 from mpiburst.store import file_id
 from mpiburst.store.cluster_store import ClusterStore
 from mpiburst.testing import Model
@@ -52,20 +50,17 @@ def ctier(mpi_tmp_path: Path, server_binary: str) -> Iterator[tuple[object, Tier
     bfs = mpi_tmp_path / "bfs"
     started: list[Cluster] = []
 
-    def start() -> tuple[list[str], list[int], str]:
+    def start() -> RunConf:
         bfs.mkdir()
-        cluster = start_cluster(str(mpi_tmp_path / "servers"), server_binary, len(ranks))
+        cluster = start_cluster(str(mpi_tmp_path), server_binary, len(ranks), channels=size)
         started.append(cluster)
-        return cluster.sockets, cluster.ports, cluster.password
+        return dataclasses.replace(cluster.conf, bfs_root=str(bfs), align=64 << 10)
 
-    sockets, ports, password = on_root(comm, start)
+    conf = on_root(comm, start)
+    assert [tuple(e["ranks"]) for e in conf.nodes] == ranks
     node = rank // per
-    clients = [redis.Redis(unix_socket_path=s, username=USER, password=password, socket_connect_timeout=10)
-               for s in sockets]
+    clients = [server.connect_redis(conf.node(k)) for k in range(len(ranks))]
     store = ClusterStore(clients, local=node, ranks=ranks)
-    conf = RunConf(id="cluster", dir=str(mpi_tmp_path), host="127.0.0.1", port=ports[0], socket=sockets[0], user=USER,
-                   password=password, channels=size, bfs_root=str(bfs), capacity=256 << 20, align=64 << 10,
-                   pid=None, server=server_binary)
     tier = Tier(conf, store, clients[node], comm=comm)
     try:
         yield comm, tier, store, node
