@@ -38,6 +38,8 @@ DEFAULT_BUFFER = 4 << 20
 BLOB_SLACK = 64
 #: Rounds in a row of flushing and freeing that free nothing before a full tier is reported.
 _ROOM_TRIES = 3
+#: Length of a handle's list of write calls (two entries per call) at which it is counted (iostats).
+_DIGEST_AT = 2 * iostats.DIGEST_CALLS
 #: How often a read is retried when a purge freed its data while it ran.
 _READ_TRIES = 5
 
@@ -76,8 +78,11 @@ class TierFile:
         self._inflight: tuple | None = None
         self._writer = self.store.writer()
         self.stats = iostats.Recorder()
+        #: The write calls not yet counted (see :mod:`mpiburst.iostats`); None when recording is off.
+        self._calls: list[int] | None = self.stats.calls
         if not iostats.enabled():
-            self.write, self.read = self._write, self._read  # type: ignore[method-assign]
+            self._calls = None
+            self.read = self._read  # type: ignore[method-assign]
 
     # -- writes -------------------------------------------------------------
     @property
@@ -86,13 +91,7 @@ class TierFile:
         return self.limit - BLOB_SLACK if self.limit > 2 * BLOB_SLACK else self.limit
 
     def write(self, offset: int, data: memoryview) -> None:
-        """Buffer ``data`` for file offset ``offset`` (see :meth:`_write`), counted in :attr:`stats`."""
-        t0 = perf_counter_ns()
-        self._write(offset, data)
-        self.stats.writes.add(offset, len(data), perf_counter_ns() - t0)
-
-    def _write(self, offset: int, data: memoryview) -> None:
-        """Buffer ``data`` (a byte memoryview) for file offset ``offset``.
+        """Buffer ``data`` (a byte memoryview) for file offset ``offset``, counted in :attr:`stats`.
 
         A full buffer is pushed. A write of at most :data:`MAX_EXTENT` bytes
         always travels in one batch; a larger one fills the batch to the brim
@@ -100,6 +99,12 @@ class TierFile:
         from the caller's memory.
         """
         n = len(data)
+        calls = self._calls
+        if calls is not None:  # recording: two appends here, counted in bulk (iostats)
+            calls.append(offset)
+            calls.append(n)
+            if len(calls) >= _DIGEST_AT:
+                self.stats.digest()
         if n == 0:
             return
         check_offset(offset + n, f"write {n} bytes at offset {offset} of")
@@ -145,10 +150,14 @@ class TierFile:
         After ``push`` returns, other processes see the data.
         """
         if self._extents:
+            t0 = perf_counter_ns()
             self._send(memoryview(self._payload), self._extents)
             self._payload = bytearray()
             self._extents = []
-        self._await()
+            self._await()
+            self.stats.writes.ns += perf_counter_ns() - t0
+        else:
+            self._await()
 
     def _send_direct(self, offset: int, data: memoryview) -> None:
         """Send a write of the buffer's size or more as blobs of :attr:`room` bytes, no copy.
@@ -156,6 +165,7 @@ class TierFile:
         The caller's memory is sent as is, so this waits for the tier to
         acknowledge it before returning (the caller may reuse the buffer).
         """
+        t0 = perf_counter_ns()
         step = min(self.room, MAX_BLOB)
         for start in range(0, len(data), step):
             piece = data[start:start + step]
@@ -163,6 +173,7 @@ class TierFile:
                        for p in range(0, len(piece), MAX_EXTENT)]
             self._send(piece, extents)
         self._await()
+        self.stats.writes.ns += perf_counter_ns() - t0
 
     def _send(self, payload: memoryview, extents) -> None:
         """Send one batch without waiting for it, after the previous one is acknowledged.

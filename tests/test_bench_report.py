@@ -38,6 +38,18 @@ def test_flush_of_a_shared_file_is_held_to_the_shared_write_and_nn_to_file_per_r
     assert nn["ratios"]["flush_vs_bfs_write"] == 0.25
 
 
+def test_recording_cost_is_the_median_of_the_repeats_pairs():
+    raw = _raw("strided", 4096)
+    raw["seconds"]["mpiburst_write"] = [1.0, 2.0, 1.0]               # recorded absorb
+    raw["seconds"]["mpiburst_write_unrecorded"] = [0.99, 1.0, 1.0]   # its pair, recording off: 0.99, 0.5, 1.0
+    r = report.summarize(raw)
+    assert r["ratios"]["absorb_recorded_vs_unrecorded"] == 0.99     # the drifted pair (0.5) does not count
+    verdict = _verdicts([r], EXT4)["strided 4k: absorb with I/O recording / without"]
+    assert verdict == ("strided 4k: absorb with I/O recording / without = 0.990 (>= 0.98)", True)
+    row = report.table([r], EXT4 | {"repeat": 3, "ranks": 2, "server": "redis"}).splitlines()
+    assert "abs-norec" in row[0] and "rec/norec" in row[0] and "0.990" in row[2]
+
+
 def _verdicts(results, params):
     return {text.split(" = ")[0]: (text, met) for text, met in report.targets(results, params)}
 

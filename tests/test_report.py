@@ -8,6 +8,7 @@ Chromium, every plot must be in its DOM and the screenshot must not be blank.
 from __future__ import annotations
 
 import json
+import random
 import re
 import subprocess
 import tempfile
@@ -20,6 +21,7 @@ from mpiburst import flush, iostats
 from mpiburst.file import File
 from mpiburst.iostats import BINS, Recorder, size_bin
 from mpiburst.store import MemoryStore
+from mpiburst.writeback import TierFile
 
 from conftest import bfs_file, require_tool
 
@@ -47,6 +49,28 @@ def test_recorder_counts_patterns_and_merges_once() -> None:
                         "write_sequential": 1, "write_other": 1, "write_hist_0": 3, "write_hist_2": 1,
                         "read_calls": 1, "read_bytes": 2000, "read_ns": 7, "read_consecutive": 1,
                         "read_sequential": 0, "read_other": 0, "read_hist_2": 1}
+
+
+def test_write_calls_counted_in_bulk_match_counting_each_call(mem_tier) -> None:
+    """A handle's writes, counted in bulk (across the digest boundary too), give the per-call figures."""
+    rng = random.Random(18)
+    sizes = [0, 1, 100, 101, 1024, 1025, 4096, 10 << 10, (100 << 10) + 1, (1 << 20) + 1, 4 << 20]
+    tf = TierFile(mem_tier, bfs_file(mem_tier, "bulk.dat"), 0)
+    reference = iostats._Direction()
+    end = 0
+    for i in range(iostats.DIGEST_CALLS + 900):
+        n = sizes[i % 9] if i % 1000 else sizes[9 + i // 1000 % 2]        # a few large ones, one sent directly
+        offset = rng.choice([end, end, end + rng.randrange(1, 1 << 16), rng.randrange(0, end + 1)])
+        tf.write(offset, memoryview(bytes(n)))
+        reference.add(offset, n, 0)
+        end = offset + n
+    counted = tf.stats.counters()
+    expected = reference.counters("write_")
+    assert counted.pop("write_ns") > 0 and expected.pop("write_ns") == 0   # batches sent are timed
+    assert counted == expected
+    assert expected["write_calls"] == iostats.DIGEST_CALLS + 900 and min(expected["write_consecutive"],
+                                                                         expected["write_other"]) > 1000
+    tf.close()
 
 
 def _workload(tier) -> tuple[str, str]:

@@ -81,6 +81,35 @@ def _absorb(fcomm: Any, url: str, recs: Sequence[tuple[int, np.ndarray]]) -> Non
     f.Close()
 
 
+def absorb_unrecorded(comm: Any, layout: Layout, recs: Sequence[tuple[int, np.ndarray]], stem: str) -> float:
+    """Return the seconds (slowest rank) of one absorb like :func:`measure`'s, with I/O recording off.
+
+    The same code path, under the same memory sampler, with
+    ``MPIBURST_IOSTATS=0`` while the file is open: the pair with
+    :func:`measure`'s absorb gives recording's cost (:mod:`mpiburst.iostats`).
+    """
+    import mpiburst
+    from mpi4py import MPI
+
+    url = f"burst://{URL_DIR}/{layout.file_name(stem + '-norec')}"
+    fcomm = comm if layout.shared else MPI.COMM_SELF
+    before = os.environ.get("MPIBURST_IOSTATS")
+    os.environ["MPIBURST_IOSTATS"] = "0"
+    try:
+        with PeakRSS():
+            seconds, _ = collective_time(comm, lambda: _absorb(fcomm, url, recs))
+    finally:
+        if before is None:
+            del os.environ["MPIBURST_IOSTATS"]
+        else:
+            os.environ["MPIBURST_IOSTATS"] = before
+    comm.Barrier()
+    if not layout.shared or comm.rank == 0:
+        mpiburst.File.Delete(url)
+    comm.Barrier()
+    return seconds
+
+
 def measure(
     comm: Any,
     tier: Any,

@@ -190,7 +190,11 @@ def _run_config(comm: Any, tier: Any, admin: Any, client: Any, layout: Layout, r
             s, ok = baselines.mpiio_write(comm, layout, path, recs, kind == "collective", check)
             seconds[f"mpiio_{kind}"].append(s)
             verified[f"mpiio_{kind}"] = verified.get(f"mpiio_{kind}", True) and ok
+        if i % 2:  # recording's cost: an absorb with recording off, before or after the recorded one in turn
+            seconds["mpiburst_write_unrecorded"].append(burst.absorb_unrecorded(comm, layout, recs, stem))
         sample = burst.measure(comm, tier, admin, layout, recs, stem, check)
+        if not i % 2:
+            seconds["mpiburst_write_unrecorded"].append(burst.absorb_unrecorded(comm, layout, recs, stem))
         samples.append(sample)
         seconds["mpiburst_write"].append(sample.write)
         seconds["mpiburst_flush"].append(sample.flush)

@@ -29,6 +29,7 @@ METHODS: tuple[tuple[str, str, bool], ...] = (
     ("mpiio_independent", "MPI-IO Write_at", False),
     ("mpiio_collective", "MPI-IO Write_at_all", False),
     ("mpiburst_write", "mpiburst absorb (Open..Close)", False),
+    ("mpiburst_write_unrecorded", "mpiburst absorb, I/O recording off", False),
     ("mpiburst_flush", "mpiburst flush", False),
     ("mpiburst_end_to_end", "mpiburst end-to-end", False),
 )
@@ -91,6 +92,9 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "write_time_vs_mpiio": med["mpiburst_write"] / direct,
         "end_to_end_time_vs_mpiio": med["mpiburst_end_to_end"] / direct,
         "server_bytes_per_payload_byte": statistics.median(burst["server_bytes"]) / total,
+        # absorb bandwidth with recording / without, median of the repeats' pairs (robust to drift)
+        "absorb_recorded_vs_unrecorded": statistics.median(
+            off / on for on, off in zip(raw["seconds"]["mpiburst_write"], raw["seconds"]["mpiburst_write_unrecorded"])),
     }
     sizes = burst["write_sizes"]
     return {
@@ -162,6 +166,8 @@ def targets(results: Sequence[dict[str, Any]], params: dict[str, Any]) -> list[t
         if small and r["pattern"] in absorb_1m:
             share = r["methods"]["mpiburst_write"]["gbps"]["median"] / absorb_1m[r["pattern"]]
             out.append((f"{where}: absorb / absorb at 1m = {share:.2f} (>= 0.50)", share >= 0.5))
+        rec = ra["absorb_recorded_vs_unrecorded"]
+        out.append((f"{where}: absorb with I/O recording / without = {rec:.3f} (>= 0.98)", rec >= 0.98))
         raw = "shared" if raw_limit(r["pattern"]) == "bfs_shared_write" else "file-per-rank"
         out.append((f"{where}: flush / BFS raw {raw} write = {ra['flush_vs_bfs_write']:.2f} (>= 0.90)",
                     ra["flush_vs_bfs_write"] >= 0.9))
@@ -194,6 +200,7 @@ def _cells(r: dict[str, Any]) -> list[str]:
     ra, b = r["ratios"], r["mpiburst"]
     cells += [
         f"{ra['absorb_vs_tier_ingest']:.2f}",
+        f"{ra['absorb_recorded_vs_unrecorded']:.3f}",
         f"{ra['flush_vs_bfs_write']:.2f}",
         f"{ra['write_time_vs_mpiio']:.2f}",
         f"{ra['end_to_end_time_vs_mpiio']:.2f}",
@@ -206,7 +213,7 @@ def _cells(r: dict[str, Any]) -> list[str]:
 
 
 HEADER = ["pattern", "xfer", "memcpy", "ingest", "readout", "bfs", "bfs-sh", "mpiio-i", "mpiio-c", "absorb",
-          "flush", "e2e", "abs/ing", "fl/bfs", "wr/mpiio", "e2e/mpiio", "writes", "wsize", "srv B/B", "cli MiB"]
+          "abs-norec", "flush", "e2e", "abs/ing", "rec/norec", "fl/bfs", "wr/mpiio", "e2e/mpiio", "writes", "wsize", "srv B/B", "cli MiB"]
 CKPT_HEADER = ["pattern", "xfer", "steps", "compute s", "direct s", "mpiburst s", "mpiburst/direct",
                "direct I/O share"]
 
@@ -216,8 +223,8 @@ BFS: {fs}.
 limits: memcpy, ingest/readout = tier raw SET/GET pipelined, bfs = one 8 MiB-block writer per rank + fdatasync,
 each its own file; bfs-sh = the same into one shared file, each rank its own contiguous domain.
 peer: mpiio-i = MPI.File Write_at, mpiio-c = Write_at_all (each + Sync + Close).
-mpiburst: absorb = Open..Close, flush = mpiburst.sync, e2e = both.
-abs/ing = absorb / ingest bandwidth; fl/bfs = flush / bfs-sh bandwidth (nn: / bfs); wr/mpiio and e2e/mpiio = time over the
+mpiburst: absorb = Open..Close, flush = mpiburst.sync, e2e = both; abs-norec = absorb with I/O recording off.
+abs/ing = absorb / ingest bandwidth; rec/norec = absorb / abs-norec bandwidth (median of the repeats' pairs); fl/bfs = flush / bfs-sh bandwidth (nn: / bfs); wr/mpiio and e2e/mpiio = time over the
 faster direct MPI-IO; writes and wsize = BFS write calls of the flush and their median size; srv B/B = server
 memory growth per payload byte; cli MiB = largest client RSS growth during the write phase.
 '!' after a figure: that method's output was WRONG (verification failed)."""
