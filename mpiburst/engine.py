@@ -9,7 +9,10 @@ its PID (``server.stop_run``). Every ``interval`` (0.5 s) it:
 * reads the server's memory use (``INFO memory``: ``used_memory`` against
   ``maxmemory``); at or above the run's ``sync_threshold`` (default 0.5) it
   syncs the dirty unpinned files, the longest-dirty first; at or above
-  ``purge_threshold`` (0.8) it drops the clean data of unpinned files.
+  ``purge_threshold`` (0.8) it drops the clean data of unpinned files;
+* logs, for the run's I/O report (:mod:`mpiburst.iostats`), a tier-fill
+  sample when one is due (every second at first) and an event for each sync
+  and purge it does.
 
 A transient error never stops it: it is logged to ``mpiburst_<id>.engine.log``
 (mode 0600) in the run directory and the loop goes on. It exits when the
@@ -27,7 +30,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from . import flush, residency
+from . import flush, iostats, residency
 from .engine_process import log_path, open_log
 from .errors import MpiburstError, TierConnectionError
 from .server import pid_alive
@@ -54,6 +57,7 @@ class Engine:
         self.log = log
         self.interval = interval
         self.stopping = False
+        self.sampler = iostats.FillSampler()
 
     def memory(self) -> tuple[int, int]:
         """Return ``(used_memory, capacity)`` of the server in bytes."""
@@ -77,9 +81,12 @@ class Engine:
                 rep = flush.sync(req["path"], tier=self.tier)
                 self.log.info("sync %s: %d bytes in %d writes, %.3f s", req["path"], rep.bytes, rep.writes,
                               rep.seconds)
+                iostats.log_event(self.tier.store, "sync", trigger="request", path=req["path"], bytes=rep.bytes,
+                                  seconds=rep.seconds)
             elif req["op"] == "prestage":
                 n = residency.prestage(req["path"], keep=bool(req.get("keep")), tier=self.tier)
                 self.log.info("prestage %s: %d bytes", req["path"], n)
+                iostats.log_event(self.tier.store, "prestage", path=req["path"], bytes=n)
             else:
                 self.log.error("unknown request %r ignored", req)
         except MpiburstError as exc:
@@ -89,16 +96,35 @@ class Engine:
 
     def thresholds(self) -> None:
         """Sync above the sync threshold, drop clean data above the purge threshold."""
+        self.sample()
         used, cap = self.memory()
         conf = self.tier.conf
         dirty = residency.dirty_files(self.tier)
         if used >= conf.sync_threshold * cap and dirty:
             self.log.info("memory %d of %d bytes: syncing %d dirty files", used, cap, len(dirty))
-            residency.auto_sync(self.tier, log=self.log.error)
+            started = time.time()
+            synced = residency.auto_sync(self.tier, log=self.log.error)
+            iostats.log_event(self.tier.store, "sync", trigger="threshold", files=synced, dirty_files=len(dirty),
+                              used=used, capacity=cap, seconds=time.time() - started)
             used, cap = self.memory()
         if used >= conf.purge_threshold * cap:
             freed = residency.auto_purge(self.tier)
             self.log.info("memory %d of %d bytes: purged %d clean bytes", used, cap, freed)
+            if freed:
+                iostats.log_event(self.tier.store, "purge", trigger="threshold", bytes=freed, used=used, capacity=cap)
+
+    def sample(self, force: bool = False) -> None:
+        """Log a tier-fill sample for the I/O report when one is due (or ``force``)."""
+        now = time.time()
+        if not (force or self.sampler.due(now)):
+            return
+        used, cap = self.memory()
+        traffic = None
+        if self.tier.redis is not None:
+            info = self.tier.redis.info("stats")
+            traffic = int(info["total_net_input_bytes"]), int(info["total_net_output_bytes"])
+        self.sampler.log(self.tier.store, used, cap, residency.dirty_files(self.tier, include_pinned=True),
+                         traffic, now)
 
     def server_gone(self) -> bool:
         """True if the run's server process ended or its conf file was removed."""
@@ -122,6 +148,10 @@ class Engine:
             except Exception:  # never die on a transient error: log it and go on
                 self.log.exception("engine round failed")
                 time.sleep(self.interval)
+        try:
+            self.sample(force=True)  # the run's last sample: stop_run ends the engine before the server
+        except Exception:
+            self.log.exception("last tier-fill sample failed")
         self.log.info("engine of run %s stopped", self.tier.id)
         return 0
 

@@ -349,7 +349,7 @@ def commit(paths: Iterable[str] | None = None, *, tier: Tier | None = None, incl
     """
     tier = tier or Tier.current()
     store = tier.store
-    started = time.monotonic()
+    started, began = time.monotonic(), time.time()
     try:
         recover(tier.bfs_root)
         cut = store.cut()
@@ -400,6 +400,7 @@ def commit(paths: Iterable[str] | None = None, *, tier: Tier | None = None, incl
         report.bytes, report.writes, report.drained = tally.bytes, sum(tally.sizes.values()), tally.drained
         report.write_sizes = dict(sorted(tally.sizes.items()))
         report.seconds = time.monotonic() - started
+        iostats.record_flush(store, report, tier.align, 0, began)   # each file: the whole commit's time
         if log is not None:
             log(f"committed {report.path}: {report.bytes} bytes in {report.writes} writes")
     return reports

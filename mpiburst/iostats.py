@@ -13,6 +13,9 @@ adds the counters to the tier's with one store call
 (``rank N`` under MPI, else ``pid N``). A flush records its BFS writes with
 :func:`record_flush` (one store call, :meth:`~mpiburst.store.Store.stats_log`).
 
+The run's engine logs tier-fill samples (:class:`FillSampler`) and its sync
+and purge events (:func:`log_event`) the same way, one store call each.
+
 ``MPIBURST_IOSTATS=0`` turns recording off (to measure its cost).
 
 Counters of one direction (``write_`` or ``read_`` prefix): ``bytes``,
@@ -30,13 +33,14 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from bisect import bisect_left
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
 from .errors import MpiburstError
-from .store import Store
+from .store import FileMeta, Store
 
 #: Upper bounds (inclusive) of the access-size bins but the last, as Darshan's.
 EDGES = (100, 1 << 10, 10 << 10, 100 << 10, 1 << 20, 4 << 20, 10 << 20, 100 << 20, 1 << 30)
@@ -46,6 +50,8 @@ BINS = ("0-100", "100-1K", "1K-10K", "10K-100K", "100K-1M", "1M-4M", "4M-10M", "
 #: Write calls :attr:`Recorder.calls` holds before they are digested into the counters (bounds its memory).
 DIGEST_CALLS = 8192
 _EDGES = np.array(EDGES, dtype=np.int64)
+#: Seconds between two tier-fill samples early in a run; later one per 1/1000 of the time run so far.
+FILL_EVERY = 1.0
 
 
 def enabled() -> bool:
@@ -166,3 +172,59 @@ def record_flush(store: Store, report: Any, align: int, rank: int, started: floa
                          "bytes": report.bytes, "writes": report.writes, "align": align,
                          "aligned_writes": sum(c for s, c in sizes.items() if s % align == 0),
                          "sizes": {str(s): c for s, c in sizes.items()}})
+
+
+def log_event(store: Store, kind: str, **fields: Any) -> None:
+    """Log one event of the run (``kind``, the wall-clock time ``t`` and ``fields``) in the tier; one store call.
+
+    Recording is best effort: a lost server does not fail the caller.
+    """
+    with contextlib.suppress(MpiburstError):
+        store.stats_log({"kind": kind, "t": time.time(), **fields})
+
+
+def dirty_bytes(store: Store, dirty: Iterable[FileMeta]) -> int:
+    """Return the bytes of the batches of ``dirty`` files holding data not yet on the BFS.
+
+    A batch with one such extent counts whole, and data overwritten in the
+    tier counts once per write: an upper bound of what a sync writes.
+    """
+    return sum(b.bytes for meta in dirty for b in store.blobs(meta.path, lo_seq=meta.clean + 1))
+
+
+class FillSampler:
+    """When and what the engine logs about the tier's fill: a ``fill`` event (see ``docs/report.md``).
+
+    A sample is due every :data:`FILL_EVERY` seconds, and once the run is
+    older than 1000 of those, every 1/1000 of its age: a day-long run logs
+    about 5,500 samples (some 700 KB in the tier), not 86,400.
+    """
+
+    def __init__(self, every: float = FILL_EVERY) -> None:
+        self.every = every
+        self.first: float | None = None
+        self.last: float | None = None
+
+    def due(self, now: float) -> bool:
+        """Return whether a sample is due at ``now`` (``time.time()``)."""
+        if self.first is None or self.last is None:
+            return True
+        return now - self.last >= max(self.every, (now - self.first) / 1000)
+
+    def log(self, store: Store, used: int, capacity: int, dirty: list[FileMeta],
+            traffic: tuple[int, int] | None, now: float | None = None) -> None:
+        """Log one sample: memory ``used`` of ``capacity``, the dirty files and bytes, the server's traffic.
+
+        ``traffic`` is the server's total bytes received and sent (INFO
+        stats), from which the report draws the absorb rate; None if unknown.
+        """
+        now = time.time() if now is None else now
+        if self.first is None:
+            self.first = now
+        self.last = now
+        event: dict[str, Any] = {"used": used, "capacity": capacity, "dirty_files": len(dirty),
+                                 "dirty_bytes": dirty_bytes(store, dirty)}
+        if traffic is not None:
+            event["net_in"], event["net_out"] = traffic
+        with contextlib.suppress(MpiburstError):
+            store.stats_log({"kind": "fill", "t": now, **event})

@@ -1,8 +1,9 @@
 """A run's I/O report: what the application wrote and read through mpiburst, what the flush wrote to the BFS.
 
 :func:`build` turns the tier's statistics (:meth:`mpiburst.store.Store.stats`:
-counters merged at each close, one event per flush, see :mod:`mpiburst.iostats`)
-into one JSON-serialisable dict; :func:`summary` renders it for a terminal and
+counters merged at each close, one event per flush, the engine's tier-fill
+samples and sync / purge events, see :mod:`mpiburst.iostats`) into one
+JSON-serialisable dict; :func:`summary` renders it for a terminal and
 :func:`html` as one self-contained page whose plots are inline SVG.
 """
 
@@ -23,11 +24,17 @@ _PATTERN = ("consecutive", "sequential", "other")
 
 def build(store: Store, run: str = "") -> dict[str, Any]:
     """Return the report of the run whose tier is ``store`` (see ``docs/report.md`` for every field)."""
-    counters, log = store.stats()
+    return from_stats(store.stats(), run)
+
+
+def from_stats(stats: tuple[dict[str, Any], list[dict[str, Any]]], run: str = "") -> dict[str, Any]:
+    """Return the report of a run's statistics as :meth:`mpiburst.store.Store.stats` returns them."""
+    counters, log = stats
     flushes = [e for e in log if e.get("kind") == "flush"]
     paths = sorted(set(counters) | {e["path"] for e in flushes})
     files = [_file(path, counters.get(path, {}), [e for e in flushes if e["path"] == path]) for path in paths]
     return {"run": run, "generated": time.time(), "bins": list(BINS), "files": files, "flushes": flushes,
+            "timeline": _timeline(log),
             "totals": {"app_write_calls": sum(f["app"]["write"]["calls"] for f in files),
                        "app_write_bytes": sum(f["app"]["write"]["bytes"] for f in files),
                        "app_read_calls": sum(f["app"]["read"]["calls"] for f in files),
@@ -55,6 +62,34 @@ def _file(path: str, by_process: dict[str, dict[str, int]], flushes: list[dict[s
     calls = app["write"]["calls"]
     return {"path": path, "app": app, "processes": processes, "bfs": bfs,
             "write_call_reduction": calls / writes if writes else None}
+
+
+def _timeline(log: list[dict[str, Any]]) -> dict[str, Any]:
+    """Return the run over time: absorb and flush bandwidth, tier fill, the engine's events.
+
+    Times are seconds since ``start`` (the first sample or event, wall clock).
+    Absorb is the server's received bytes between two fill samples; flush
+    spreads each flush's bytes evenly over its duration. Both are lists of
+    ``{"from", "to", "bytes_per_second"}`` intervals.
+    """
+    fill = sorted((e for e in log if e.get("kind") == "fill"), key=lambda e: e["t"])
+    flushes = [e for e in log if e.get("kind") == "flush"]
+    events = sorted((e for e in log if e.get("kind") in ("sync", "purge", "prestage")), key=lambda e: e["t"])
+    times = [e["t"] for e in fill] + [e["start"] for e in flushes] + [e["t"] for e in events]
+    start = min(times, default=0.0)
+    absorb = [{"from": a["t"] - start, "to": b["t"] - start,
+               "bytes_per_second": max(0, b["net_in"] - a["net_in"]) / (b["t"] - a["t"])}
+              for a, b in zip(fill, fill[1:]) if "net_in" in a and "net_in" in b and b["t"] > a["t"]]
+    edges = sorted({x for e in flushes for x in (e["start"], e["start"] + e["seconds"])})
+    flush = []
+    for lo, hi in zip(edges, edges[1:]):
+        rate = sum(e["bytes"] / e["seconds"] for e in flushes
+                   if e["seconds"] > 0 and e["start"] <= lo and e["start"] + e["seconds"] >= hi)
+        flush.append({"from": lo - start, "to": hi - start, "bytes_per_second": rate})
+    samples = [{"t": e["t"] - start, **{k: e[k] for k in ("used", "capacity", "dirty_bytes", "dirty_files")}}
+               for e in fill]
+    return {"start": start, "absorb": absorb, "flush": flush, "fill": samples,
+            "events": [{**e, "t": e["t"] - start} for e in events]}
 
 
 def _direction(d: str, counters: Any) -> dict[str, Any]:
@@ -99,6 +134,19 @@ def summary(report: dict[str, Any]) -> str:
         else:
             lines.append("  BFS writes (flush): none yet")
         lines.append(f"  processes: {len(f['processes'])}")
+    tl = report.get("timeline", {})
+    if tl.get("fill"):
+        peak = max(tl["fill"], key=lambda e: e["used"] / max(e["capacity"], 1))
+        lines.append(f"tier: peak fill {format_size(peak['used'])} of {format_size(peak['capacity'])} "
+                     f"({peak['used'] / max(peak['capacity'], 1):.0%}) at +{peak['t']:.1f} s, "
+                     f"{len(tl['fill'])} samples over {tl['fill'][-1]['t']:.1f} s")
+    events = tl.get("events", [])
+    if events:
+        syncs = [e for e in events if e["kind"] == "sync"]
+        purges = [e for e in events if e["kind"] == "purge"]
+        lines.append(f"engine: {len(syncs)} sync(s), {len(purges)} purge(s) freeing "
+                     f"{format_size(sum(e['bytes'] for e in purges))}, "
+                     f"{sum(e['kind'] == 'prestage' for e in events)} prestage(s)")
     return "\n".join(lines)
 
 
@@ -150,6 +198,62 @@ def _bars(title: str, labels: list[str], series: list[tuple[str, list[float]]], 
     return "\n".join(out)
 
 
+def _lines(title: str, series: list[tuple[str, list[tuple[float, float]]]], xlabel: str, ylabel: str,
+           plot_id: str, marks: list[tuple[float, str]] | None = None) -> str:
+    """Return one inline SVG line chart: ``series`` (name, points) over a shared x axis; ``marks`` label times."""
+    width, height, left, bottom, top = 760, 300, 70, 60, 40
+    inner_w, inner_h = width - left - 20, height - bottom - top
+    xs = [x for _, pts in series for x, _ in pts] + [x for x, _ in marks or []]
+    x_hi = max(xs, default=1) or 1
+    y_hi = max((y for _, pts in series for _, y in pts), default=0) or 1
+
+    def pos(x: float, y: float) -> str:
+        return f"{left + x / x_hi * inner_w:.1f},{top + inner_h - y / y_hi * inner_h:.1f}"
+
+    out = [f'<svg class="plot" id="{plot_id}" xmlns="http://www.w3.org/2000/svg" width="{width}" '
+           f'height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{_html.escape(title)}">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="15">{_html.escape(title)}</text>',
+           f'<line x1="{left}" y1="{top + inner_h}" x2="{left + inner_w}" y2="{top + inner_h}" stroke="black"/>',
+           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + inner_h}" stroke="black"/>',
+           f'<text x="14" y="{top + inner_h / 2}" font-size="12" transform="rotate(-90 14 {top + inner_h / 2})" '
+           f'text-anchor="middle">{_html.escape(ylabel)}</text>',
+           f'<text x="{left - 4}" y="{top + 4}" font-size="11" text-anchor="end">{_number(y_hi)}</text>',
+           f'<text x="{left - 4}" y="{top + inner_h}" font-size="11" text-anchor="end">0</text>',
+           f'<text x="{left}" y="{top + inner_h + 16}" font-size="11" text-anchor="middle">0</text>',
+           f'<text x="{left + inner_w}" y="{top + inner_h + 16}" font-size="11" text-anchor="middle">'
+           f'{_number(x_hi)}</text>',
+           f'<text x="{left + inner_w / 2}" y="{top + inner_h + 30}" font-size="12" text-anchor="middle">'
+           f'{_html.escape(xlabel)}</text>']
+    for x, label in marks or []:
+        out.append(f'<line class="mark" x1="{left + x / x_hi * inner_w:.1f}" y1="{top}" '
+                   f'x2="{left + x / x_hi * inner_w:.1f}" y2="{top + inner_h}" stroke="#999" stroke-dasharray="3,3">'
+                   f'<title>{_html.escape(label)} at +{x:.1f} s</title></line>')
+    for j, (name, pts) in enumerate(series):
+        if pts:
+            out.append(f'<polyline class="line" fill="none" stroke="{_COLOURS[j % 2]}" stroke-width="2" '
+                       f'points="{" ".join(pos(x, y) for x, y in pts)}"><title>{_html.escape(name)}</title></polyline>')
+        x = left + j * 200
+        out.append(f'<rect x="{x}" y="{height - 24}" width="12" height="12" fill="{_COLOURS[j % 2]}"/>'
+                   f'<text x="{x + 18}" y="{height - 14}" font-size="12">{_html.escape(name)}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _steps(intervals: list[dict[str, float]], scale: float) -> list[tuple[float, float]]:
+    """Return ``{"from", "to", "bytes_per_second"}`` intervals as the points of a step line (0 in the gaps)."""
+    pts: list[tuple[float, float]] = []
+    for seg in intervals:
+        if pts and seg["from"] > pts[-1][0]:
+            pts += [(pts[-1][0], 0.0), (seg["from"], 0.0)]
+        elif not pts and seg["from"] > 0:
+            pts.append((0.0, 0.0))
+            pts.append((seg["from"], 0.0))
+        y = seg["bytes_per_second"] / scale
+        pts += [(seg["from"], y), (seg["to"], y)]
+    return pts
+
+
 def _number(v: float) -> str:
     return f"{v:,.0f}" if float(v).is_integer() else f"{v:,.2f}"
 
@@ -189,6 +293,24 @@ def html(report: dict[str, Any]) -> str:
                            [f"+{e['start'] - t0:.1f}s" for e in flushes],
                            [("flush", [e["bytes"] / 2**20 / max(e["seconds"], 1e-9) for e in flushes])],
                            "MiB/s", plot_id="plot-flush"))
+    tl = report.get("timeline", {})
+    if tl.get("absorb") or tl.get("flush"):
+        marks = [(e["t"], f"{e['kind']} ({e.get('trigger', '')})") for e in tl.get("events", [])
+                 if e["kind"] in ("sync", "purge")]
+        parts.append("<h2>Bandwidth over time</h2>")
+        parts.append(_lines("Absorb (bytes into the tier) and flush (to the BFS), MiB/s",
+                            [("absorb", _steps(tl.get("absorb", []), 2**20)),
+                             ("flush", _steps(tl.get("flush", []), 2**20))],
+                            "seconds since the run's first sample", "MiB/s", "plot-bandwidth", marks))
+    if tl.get("fill"):
+        fill = tl["fill"]
+        parts.append("<h2>Tier fill over time</h2>")
+        parts.append(_lines(f"Tier memory used and dirty data, % of the capacity "
+                            f"({format_size(fill[-1]['capacity'])})",
+                            [("used", [(e["t"], 100 * e["used"] / max(e["capacity"], 1)) for e in fill]),
+                             ("dirty (not yet on the BFS)",
+                              [(e["t"], 100 * e["dirty_bytes"] / max(e["capacity"], 1)) for e in fill])],
+                            "seconds since the run's first sample", "% of capacity", "plot-fill"))
     parts.append("<h2>Files</h2><table><tr><th>file</th><th>app write calls</th><th>app bytes</th>"
                  "<th>BFS write calls</th><th>BFS bytes</th><th>reduction</th></tr>")
     for f in report["files"]:

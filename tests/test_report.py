@@ -8,19 +8,26 @@ Chromium, every plot must be in its DOM and the screenshot must not be blank.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import random
 import re
+import signal
 import subprocess
 import tempfile
+import time
 
 import pytest
 from mpi4py import MPI
 
 import mpiburst
-from mpiburst import flush, iostats
+from mpiburst import flush, iostats, report
+from mpiburst.server.process import wait_gone
+from mpiburst.engine import Engine
 from mpiburst.file import File
 from mpiburst.iostats import BINS, Recorder, size_bin
 from mpiburst.store import MemoryStore
+from mpiburst.tier import Tier
 from mpiburst.writeback import TierFile
 
 from conftest import bfs_file, require_tool
@@ -128,6 +135,7 @@ def test_html_report_renders_every_plot_in_chromium(atier, cli, tmp_path) -> Non
     chromium = require_tool("chromium")
     a, _ = _workload(atier)
     flush.sync(a, tier=atier)
+    assert _wait(lambda: len(_events(atier, "fill")) >= 2), "the engine logged no two fill samples"
     page = tmp_path / "r.html"
     proc = cli("report", "--id", atier.id, "--html", str(page), "-q")
     assert proc.returncode == 0 and proc.stdout == "", proc.stderr
@@ -145,6 +153,11 @@ def test_html_report_renders_every_plot_in_chromium(atier, cli, tmp_path) -> Non
         svg = re.search(rf'<svg[^>]*id="{plot}".*?</svg>', dom.stdout, re.S)
         assert svg, (plot, dom.stderr[-2000:])
         assert len(re.findall(r'class="bar"', svg.group(0))) >= 1
+    for plot in ("plot-bandwidth", "plot-fill"):                         # over time: lines of 2+ points
+        svg = re.search(rf'<svg[^>]*id="{plot}".*?</svg>', dom.stdout, re.S)
+        assert svg, (plot, dom.stderr[-2000:])
+        lines = re.findall(r'<polyline class="line"[^>]*points="([^"]+)"', svg.group(0))
+        assert len(lines) == 2 and all(len(pts.split()) >= 2 for pts in lines), (plot, lines)
     _assert_not_blank(shot)
 
 
@@ -158,3 +171,73 @@ def _assert_not_blank(png) -> None:
     assert colours is None or len(colours) > 20, colours[:5] if colours else None
     blue = sum(c for c, rgb in (colours or []) if rgb == (0x4e, 0x79, 0xa7))
     assert colours is None or blue > 100                                  # the application's bars are drawn
+
+
+# ----------------------------------------------------------------------------- the engine's samples and events
+
+def _stop_engine(tier) -> None:
+    """End the run's engine process (SIGTERM, as stop does), so the test drives an Engine itself."""
+    pid = tier.conf.engine_pid
+    os.kill(pid, signal.SIGTERM)
+    assert wait_gone(pid, None, 30), "the engine did not exit on SIGTERM"
+
+
+def _events(tier, kind: str) -> list[dict]:
+    return [e for e in tier.store.stats()[1] if e["kind"] == kind]
+
+
+def test_engine_logs_fill_samples_and_its_sync_and_purge_exactly(tmp_path, server_binary) -> None:
+    bfs = tmp_path / "bfs"
+    bfs.mkdir()
+    with Tier.start(id=f"eng{os.getpid()}", dir=str(tmp_path), bfs_root=str(bfs), capacity="48M",
+                    server=server_binary, align="64K") as tier:
+        _stop_engine(tier)
+        with mpiburst.open("burst://big.dat", "wb", tier=tier) as f:
+            for _ in range(30):
+                f.write(b"x" * (1 << 20))                  # 30 MiB: above the sync threshold (24 MiB), below purge
+        path = bfs_file(tier, "big.dat")
+        eng = Engine(tier, logging.getLogger("test-engine"), interval=0.05)
+        eng.sample(force=True)
+        (fill,) = _events(tier, "fill")
+        assert (fill["dirty_files"], fill["dirty_bytes"], fill["capacity"]) == (1, 30 << 20, 48 << 20)
+        assert fill["used"] >= 30 << 20 and fill["net_in"] >= 30 << 20
+        eng.thresholds()                                   # syncs (used >= 0.5 x capacity), frees nothing yet
+        (sync,) = _events(tier, "sync")
+        assert (sync["trigger"], sync["files"], sync["dirty_files"]) == ("threshold", 1, 1)
+        assert _events(tier, "purge") == [] and tier.store.meta(path).dirty is False
+        tier.conf.purge_threshold = 0.1                    # now the clean 30 MiB must go
+        eng.thresholds()
+        (purge,) = _events(tier, "purge")
+        assert (purge["trigger"], purge["bytes"]) == ("threshold", 30 << 20)
+        eng.sample(force=True)
+        fills = _events(tier, "fill")
+        assert len(fills) == 2 and fills[-1]["dirty_bytes"] == 0 and fills[-1]["used"] < fill["used"] - (29 << 20)
+        data = report.build(tier.store, run=tier.id)
+        tl = data["timeline"]
+        assert [e["kind"] for e in tl["events"]] == ["sync", "purge"] and len(tl["fill"]) == 2
+        assert len(tl["absorb"]) == 1 and tl["flush"] and sum(
+            s["bytes_per_second"] * (s["to"] - s["from"]) for s in tl["flush"]) == pytest.approx(30 << 20)
+        text = report.summary(data)
+        assert "engine: 1 sync(s), 1 purge(s) freeing 30.0 MiB" in text and "tier: peak fill" in text
+
+
+def test_the_engine_process_samples_the_fill_and_logs_a_requested_sync(atier) -> None:
+    with mpiburst.open("burst://eng.dat", "wb", tier=atier) as f:
+        f.write(b"e" * (3 << 20))                          # one batch of 3 MiB
+    path = bfs_file(atier, "eng.dat")
+    assert _wait(lambda: any(e["dirty_bytes"] == 3 << 20 for e in _events(atier, "fill"))), \
+        "no fill sample saw the 3 MiB dirty"
+    flush.sync(path, tier=atier, block=False)              # served by the engine
+    assert _wait(lambda: _events(atier, "sync")), "the engine logged no sync"
+    (sync,) = _events(atier, "sync")
+    assert (sync["trigger"], sync["path"], sync["bytes"]) == ("request", path, 3 << 20)
+    assert _wait(lambda: any(e["t"] > sync["t"] and e["dirty_bytes"] == 0 for e in _events(atier, "fill")))
+
+
+def _wait(cond, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.1)
+    return False

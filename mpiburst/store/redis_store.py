@@ -147,6 +147,12 @@ for i = 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return 0
 """
 
+# Append one event to the statistics log (the engine samples a full tier too).
+_STATS_LOG_PUSH = """
+redis.call('RPUSH', KEYS[1], ARGV[1])
+return 0
+"""
+
 # Take a file's flush lease.
 _LEASE = """
 return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
@@ -297,6 +303,7 @@ class RedisStore(Store):
         self._channel_close = client.register_script(_ALLOW_OOM + _CHANNEL_CLOSE)
         self._cut = client.register_script(_CUT)
         self._stats_add = client.register_script(_ALLOW_OOM + _STATS_ADD)   # a close on a full tier
+        self._stats_push = client.register_script(_ALLOW_OOM + _STATS_LOG_PUSH)
         self._loaded = False
 
     def _key(self, fid: str, part: str) -> str:
@@ -627,7 +634,7 @@ class RedisStore(Store):
             self._stats_add(keys=[self._stats], args=args)
 
     def stats_log(self, event: Mapping[str, Any]) -> None:
-        self.r.rpush(self._stats_log, json.dumps(event))
+        self._stats_push(keys=[self._stats_log], args=[json.dumps(event)])
 
     def stats(self) -> tuple[dict[str, dict[str, dict[str, int]]], list[dict[str, Any]]]:
         pipe = self.r.pipeline(transaction=True)
