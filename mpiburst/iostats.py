@@ -31,13 +31,12 @@ bins (:data:`BINS`). Darshan's "sequential" count is consecutive + sequential.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import time
 from bisect import bisect_left
 from typing import Any, Iterable
-
-import numpy as np
 
 from .errors import MpiburstError
 from .store import FileMeta, Store
@@ -49,7 +48,6 @@ BINS = ("0-100", "100-1K", "1K-10K", "10K-100K", "100K-1M", "1M-4M", "4M-10M", "
         "100M-1G", "1G+")
 #: Write calls :attr:`Recorder.calls` holds before they are digested into the counters (bounds its memory).
 DIGEST_CALLS = 8192
-_EDGES = np.array(EDGES, dtype=np.int64)
 #: Seconds between two tier-fill samples early in a run; later one per 1/1000 of the time run so far.
 FILL_EVERY = 1.0
 
@@ -101,6 +99,8 @@ class _Direction:
         """Add the calls of a flat ``[offset, size, offset, size, ...]`` list (without time), all at once."""
         if not calls:
             return
+        import numpy as np   # here: the server's processes import this module too, and need no numpy
+
         pairs = np.array(calls, dtype=np.int64).reshape(-1, 2)
         offsets, sizes = pairs[:, 0], pairs[:, 1]
         ends = offsets + sizes
@@ -113,7 +113,7 @@ class _Direction:
         self.sequential += sequential
         self.other += len(offsets) - consecutive - sequential
         self.bytes += int(sizes.sum())
-        for i, c in enumerate(np.bincount(np.searchsorted(_EDGES, sizes), minlength=len(BINS)).tolist()):
+        for i, c in enumerate(np.bincount(np.searchsorted(np.array(EDGES, dtype=np.int64), sizes), minlength=len(BINS)).tolist()):
             self.hist[i] += c
         self.end = int(ends[-1])
 
@@ -172,6 +172,27 @@ def record_flush(store: Store, report: Any, align: int, rank: int, started: floa
                          "bytes": report.bytes, "writes": report.writes, "align": align,
                          "aligned_writes": sum(c for s, c in sizes.items() if s % align == 0),
                          "sizes": {str(s): c for s, c in sizes.items()}})
+
+
+def stats_path(directory: str, run_id: str) -> str:
+    """Return where a stopped run's statistics are saved: ``mpiburst_<id>.stats.json`` in its run directory.
+
+    ``server.stop_run`` writes it (mode 0600) before the server goes, so
+    ``mpiburst report`` can still read the run afterwards (:func:`load_stats`).
+    """
+    return os.path.join(directory, f"mpiburst_{run_id}.stats.json")
+
+
+def dump_stats(stats: tuple[dict[str, Any], list[dict[str, Any]]]) -> str:
+    """Return a run's statistics (as :meth:`mpiburst.store.Store.stats` gives them) as the saved file's JSON."""
+    return json.dumps({"counters": stats[0], "log": stats[1]}) + "\n"
+
+
+def load_stats(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Return the statistics saved in ``path`` (see :func:`stats_path`) as :meth:`~mpiburst.store.Store.stats` does."""
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    return saved["counters"], saved["log"]
 
 
 def log_event(store: Store, kind: str, **fields: Any) -> None:

@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from . import engine_process, flush, residency, server
+from . import engine_process, flush, iostats, report, residency, server
 from .channels import any_data
 from .errors import ConfigError, FlushError, MpiburstError, PathError, ServerError
 from .paths import resolve
@@ -372,9 +372,12 @@ def _run_locked(command: Sequence[str], opts: StartOptions, policy: Policy, on_f
                     status = exc.exit_code
         elif on_failure == "retain":
             keep = True
+        if not started:
+            _write_reports(tier, live=True, say=say)
         if started:
             closing = True
             close_run(tier, keep=keep, log=say)
+            _write_reports(tier, live=False, say=say)
             if keep:
                 say(f"finish it later with 'mpiburst stage-out --id {tier.id} --dir {shlex.quote(tier.conf.dir)}', "
                     f"or run the job again with the same --id")
@@ -387,9 +390,28 @@ def _run_locked(command: Sequence[str], opts: StartOptions, policy: Policy, on_f
             raise died from None
         if started and not closing:  # close_run stops the server only once its data is saved
             close_run(tier, keep=True, log=say)
+            _write_reports(tier, live=False, say=say)
         raise
     finally:
         signals.restore()
+
+
+def _write_reports(tier: Tier, live: bool, say: Log) -> None:
+    """Write the job's I/O report (``mpiburst_<id>.report.json`` / ``.html``) beside the run's files.
+
+    ``live``: from the running server; else from the statistics its stop saved.
+    A report that cannot be written is said, never an error of the job.
+    """
+    saved = iostats.stats_path(tier.conf.dir, tier.id)
+    try:
+        if live:
+            stats = tier.store.stats()
+        else:  # nothing saved: the run recorded no I/O
+            stats = iostats.load_stats(saved) if os.path.exists(saved) else ({}, [])
+        paths = report.write_beside(report.from_stats(stats, tier.id), tier.conf.dir, tier.id)
+        say(f"I/O report: {paths[0]} and {paths[1]}")
+    except (MpiburstError, OSError, ValueError) as exc:
+        say(f"no I/O report was written: {exc}")
 
 
 def _server_died(tier: Tier, started: bool) -> ServerError | None:

@@ -10,11 +10,14 @@ JSON-serialisable dict; :func:`summary` renders it for a terminal and
 from __future__ import annotations
 
 import html as _html
+import json
 import math
+import os
 import time
 from typing import Any
 
 from .iostats import BINS, size_bin
+from .runconf import write_secure
 from .sizes import format_size
 from .store import Store
 
@@ -41,6 +44,14 @@ def from_stats(stats: tuple[dict[str, Any], list[dict[str, Any]]], run: str = ""
                        "app_read_bytes": sum(f["app"]["read"]["bytes"] for f in files),
                        "bfs_write_calls": sum(f["bfs"]["writes"] for f in files),
                        "bfs_write_bytes": sum(f["bfs"]["bytes"] for f in files)}}
+
+
+def write_beside(report: dict[str, Any], directory: str, run_id: str) -> tuple[str, str]:
+    """Write ``report`` as ``mpiburst_<id>.report.json`` and ``.report.html`` in ``directory`` (0600); return both paths."""
+    base = os.path.join(directory, f"mpiburst_{run_id}.report")
+    write_secure(f"{base}.json", json.dumps(report, indent=1) + "\n")
+    write_secure(f"{base}.html", html(report))
+    return f"{base}.json", f"{base}.html"
 
 
 def _file(path: str, by_process: dict[str, dict[str, int]], flushes: list[dict[str, Any]]) -> dict[str, Any]:

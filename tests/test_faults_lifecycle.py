@@ -125,7 +125,8 @@ def test_second_run_of_the_same_id_is_refused_and_the_first_loses_nothing(workdi
     assert (workdir / "bfs/first.dat").stat().st_size == 65536  # the first job's data reached the BFS
     assert not (workdir / "bfs/second.dat").exists()
     assert processes_gone(workdir)
-    assert sorted(p.name for p in workdir.iterdir()) == ["bfs", "go", "job.py"]
+    assert sorted(p.name for p in workdir.iterdir()) == [  # the run's files are gone, its I/O report stays
+        "bfs", "go", "job.py", "mpiburst_twice.report.html", "mpiburst_twice.report.json", "mpiburst_twice.stats.json"]
 
 
 @pytest.mark.timeout(120)
@@ -376,7 +377,8 @@ def test_a_run_directory_with_spaces_works(tmp_path: Path, server_binary: str) -
                      sys.executable, "job.py", "0", "fixed.dat", cwd=tmp_path, server_binary=server_binary)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "bfs/fixed.dat").read_bytes() == b"fixed" * 999
-    assert os.listdir(run_dir) == [] and processes_gone(tmp_path)
+    assert sorted(os.listdir(run_dir)) == ["mpiburst_sp.report.html", "mpiburst_sp.report.json",  # only the report
+                                           "mpiburst_sp.stats.json"] and processes_gone(tmp_path)
 
 
 def test_run_errors_are_prefixed_by_mpiburst_run(cli, tmp_path: Path) -> None:

@@ -13,7 +13,9 @@ import os
 import random
 import re
 import signal
+import stat
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -30,7 +32,7 @@ from mpiburst.store import MemoryStore
 from mpiburst.tier import Tier
 from mpiburst.writeback import TierFile
 
-from conftest import bfs_file, require_tool
+from conftest import bfs_file, cli_env, require_tool
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -241,3 +243,62 @@ def _wait(cond, timeout: float = 30.0) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+# ----------------------------------------------------------------------------- reports after the server, and by run
+
+def test_report_reads_a_stopped_run_from_the_statistics_saved_at_stop(atier, cli, tmp_path) -> None:
+    a, _ = _workload(atier)
+    flushed = flush.sync(a, tier=atier)
+    assert _wait(lambda: _events(atier, "fill")), "the engine logged no sample"   # it is up, its handler set
+    stopped = time.time()
+    atier.stop()                                           # the engine's last sample, the statistics saved, gone
+    saved = tmp_path / f"mpiburst_{atier.id}.stats.json"
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o600
+    out = tmp_path / "after.json"
+    proc = cli("report", "--id", atier.id, "--dir", str(tmp_path), "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    files = {f["path"]: f for f in data["files"]}
+    w = files[a]["app"]["write"]
+    assert (w["calls"], w["bytes"], w["hist"]) == (101, 100 * 4096 + 200, [0, 1, 100, 0, 0, 0, 0, 0, 0, 0])
+    assert files[a]["bfs"]["writes"] == flushed.writes and data["run"] == atier.id
+    last = data["timeline"]["start"] + data["timeline"]["fill"][-1]["t"]
+    assert last >= stopped, "the engine's last sample is not in the saved statistics"
+    assert "101 calls" in proc.stdout
+    proc = cli("report", "--id", "never-ran", "--dir", str(tmp_path))
+    assert proc.returncode != 0 and "not running and left no statistics" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+REPORT_JOB = """\
+import sys
+import mpiburst
+with mpiburst.open("burst://out/r.dat", "wb") as f:
+    for _ in range(10):
+        f.write(b"r" * 4096)
+sys.exit(int(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("status", [0, 3])
+def test_run_writes_the_reports_beside_the_run_after_every_job(tmp_path, server_binary, status) -> None:
+    (tmp_path / "bfs").mkdir()
+    (tmp_path / "job.py").write_text(REPORT_JOB)
+    proc = subprocess.run([sys.executable, "-m", "mpiburst", "run", "--id", "rep", "--bfs-root", "bfs",
+                           "--capacity", "64M", "--", sys.executable, "job.py", str(status)],
+                          cwd=tmp_path, env=cli_env(MPIBURST_SERVER=server_binary), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == status, proc.stderr
+    js, page = tmp_path / "mpiburst_rep.report.json", tmp_path / "mpiburst_rep.report.html"
+    assert f"I/O report: {js} and {page}" in proc.stderr
+    assert stat.S_IMODE(js.stat().st_mode) == stat.S_IMODE(page.stat().st_mode) == 0o600
+    data = json.loads(js.read_text())
+    (f,) = data["files"]
+    assert f["path"] == os.path.realpath(tmp_path / "bfs" / "out" / "r.dat")
+    assert (f["app"]["write"]["calls"], f["app"]["write"]["bytes"], f["app"]["write"]["hist"][2]) == (10, 40960, 10)
+    if status == 0:                                        # staged out: one flush of the 40 KiB
+        assert (f["bfs"]["flushes"], f["bfs"]["bytes"]) == (1, 40960)
+    else:                                                  # retained in the saved tier: not flushed
+        assert f["bfs"]["flushes"] == 0
+    assert data["timeline"]["fill"] and "plot-sizes" in page.read_text()

@@ -17,10 +17,12 @@ from typing import Any
 
 import redis
 
+from .. import iostats
 from ..align import detect_align
-from ..errors import ConfigError, ServerError
+from ..errors import ConfigError, MpiburstError, ServerError
 from ..runconf import (AdminCredentials, RunConf, admin_path, conf_path, create_private, engine_log_name, log_name,
-                       new_password, rdb_name, resolve_id, server_conf_path, socket_dir_path)
+                       new_password, rdb_name, resolve_id, server_conf_path, socket_dir_path, write_secure)
+from ..store import RedisStore
 from . import cluster
 from .config import ADMIN_USER, USER
 from .connection import connect_redis
@@ -357,6 +359,7 @@ def stop_run(conf: RunConf, save: bool = False, discard: bool = False, timeout: 
             except redis.RedisError as exc:
                 raise ServerError(_save_failed(conf, exc)) from None
         _end_engine(conf.engine_pid)
+        _save_stats(conf)
         try:
             admin.shutdown(nosave=True)
         except redis.RedisError:
@@ -405,6 +408,26 @@ def _save_failed(conf: RunConf, exc: Exception) -> str:
             f"stopped: the data is still in the run's server (PID {conf.pid}, conf {conf.path}). Copy it to the BFS "
             f"with 'mpiburst stage-out {where}', or free space in {conf.dir} and run 'mpiburst stop --save {where}'; "
             f"'mpiburst stop --discard {where}' drops it.")
+
+
+def _save_stats(conf: RunConf) -> None:
+    """Save the run's I/O statistics beside its files (0600), for ``mpiburst report`` once the server is gone.
+
+    Only for a run that recorded I/O (a started and stopped run leaves
+    nothing behind). After the engine's last sample; read as the ranks' user (the admin user
+    may not read data). Best effort: a failure here never keeps a run from
+    stopping.
+    """
+    try:
+        client = connect_redis(conf)
+        try:
+            stats = RedisStore(client).stats()
+        finally:
+            client.close()
+        if stats[0] or any(e.get("kind") != "fill" for e in stats[1]):  # a run that did I/O through mpiburst
+            write_secure(iostats.stats_path(conf.dir, conf.id), iostats.dump_stats(stats))
+    except (MpiburstError, redis.RedisError, OSError, ValueError):
+        pass
 
 
 def _end_engine(pid: int | None) -> None:
