@@ -306,7 +306,8 @@ def sync(path: str | os.PathLike, *, tier: Tier | None = None, comm: Any = None,
 
 def commit(paths: Iterable[str] | None = None, *, tier: Tier | None = None, include_pinned: bool = True,
            select: Callable[[str], bool] | None = None,
-           log: Callable[[str], None] | None = None) -> list[FlushReport]:
+           log: Callable[[str], None] | None = None,
+           progress: Callable[[int], None] | None = None) -> list[FlushReport]:
     """Flush a consistent cut of the tier's files to the BFS, all or nothing.
 
     Every file's watermark is taken in one atomic step (:meth:`Store.cut
@@ -334,6 +335,8 @@ def commit(paths: Iterable[str] | None = None, *, tier: Tier | None = None, incl
         left out while later writes that depend on it are in.
     log
         Called with one line per file committed.
+    progress
+        Called with the bytes written to the BFS so far, over all files.
 
     Returns
     -------
@@ -370,9 +373,11 @@ def commit(paths: Iterable[str] | None = None, *, tier: Tier | None = None, incl
                 continue
             plans.append(plan)
             keeper.hold(plan)
+        written = 0
         for plan in plans:
-            tally = _Tally()
+            tally = _Tally(_from(progress, written))
             _write_run(store, plan, [_stripe_range(plan, 0, 1)], tally, 1)
+            written += tally.bytes
             _seal(plan)
             tallies.append(tally)
         keeper.check()
@@ -404,6 +409,14 @@ def commit(paths: Iterable[str] | None = None, *, tier: Tier | None = None, incl
         if log is not None:
             log(f"committed {report.path}: {report.bytes} bytes in {report.writes} writes")
     return reports
+
+
+def _from(progress: Callable[[int], None] | None, base: int) -> Callable[[int], None] | None:
+    """Return a progress callback that adds ``base`` (the bytes of the files before) to a file's bytes."""
+    if progress is None:
+        return None
+    report = progress
+    return lambda done: report(base + done)
 
 
 class _LeaseKeeper:

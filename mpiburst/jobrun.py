@@ -44,6 +44,7 @@ from .channels import any_data
 from .errors import ConfigError, FlushError, MpiburstError, PathError, ServerError
 from .paths import resolve
 from .policy import Policy, Rule
+from .progress import Meter
 from .runconf import RunConf, conf_path, log_name, rdb_name, resolve_id
 from .server import StartOptions
 from .server.runlock import RunLock
@@ -116,7 +117,7 @@ def _bfs_matches(rule: Rule, bfs_root: str) -> list[str]:
 
 
 def stage_out(tier: Tier, policy: Policy, paths: Sequence[str] = (), commit: bool = False,
-              log: Log | None = None) -> list[Staged]:
+              log: Log | None = None, progress: bool = False) -> list[Staged]:
     """Apply the policy's stage-out action to the tier's files (all, or those at or under ``paths``).
 
     The SYNC and PURGE files are flushed together as one consistent cut
@@ -128,6 +129,9 @@ def stage_out(tier: Tier, policy: Policy, paths: Sequence[str] = (), commit: boo
     commit
         Only sync (SYNC and PURGE files): nothing is purged or discarded.
         This is what SIGUSR1 does to a running job.
+    progress
+        Show the flush's bytes, rate and time left on stderr (a bar on a
+        terminal, a line every few seconds elsewhere; :mod:`mpiburst.progress`).
 
     Returns
     -------
@@ -153,10 +157,14 @@ def stage_out(tier: Tier, policy: Policy, paths: Sequence[str] = (), commit: boo
 
     failure: MpiburstError | None = None
     reports: dict[str, flush.FlushReport] = {}
+    meter = _meter(tier, "commit" if commit else "stage-out", chosen) if progress else None
     try:
-        reports = {r.path: r for r in flush.commit(tier=tier, select=chosen)}
+        reports = {r.path: r for r in flush.commit(tier=tier, select=chosen,
+                                                   progress=meter.update if meter else None)}
     except MpiburstError as exc:
         failure = exc
+    if meter is not None:
+        meter.finish()
     targets = sorted(set(named if named is not None else store.files()) | set(reports))
     done: list[Staged] = []
     for target in targets:
@@ -171,6 +179,12 @@ def stage_out(tier: Tier, policy: Policy, paths: Sequence[str] = (), commit: boo
     if failure is not None:
         raise FlushError(f"stage-out failed (the data stays in the tier; run stage-out again): {failure}")
     return done
+
+
+def _meter(tier: Tier, label: str, chosen: Callable[[str], bool]) -> Meter:
+    """Return a progress meter for flushing the tier's dirty files that ``chosen`` picks (total: their batches)."""
+    dirty = [m for m in residency.dirty_files(tier, include_pinned=True) if chosen(m.path)]
+    return Meter(f"mpiburst {label}", total=iostats.dirty_bytes(tier.store, dirty))
 
 
 def _stage_out_one(tier: Tier, store: Store, target: str, action: str, commit: bool,
@@ -342,11 +356,12 @@ def run(command: Sequence[str], options: StartOptions | None = None, *, policy: 
     # One job wrapper per run: a second one (another step of the same job) is refused, never merged.
     with RunLock(directory, run_id, "mpiburst run"):
         return _run_locked(command, opts.replace(id=run_id, dir=directory), policy or Policy(), on_failure,
-                           log or (lambda line: None))
+                           log or (lambda line: None), progress=log is not None)
 
 
-def _run_locked(command: Sequence[str], opts: StartOptions, policy: Policy, on_failure: str, say: Log) -> int:
-    """:func:`run` once the run's lock is held."""
+def _run_locked(command: Sequence[str], opts: StartOptions, policy: Policy, on_failure: str, say: Log,
+                progress: bool = False) -> int:
+    """:func:`run` once the run's lock is held (``progress``: show the stage-out's and commits' progress)."""
     tier, started = open_run(opts, log=say)
     signals = _Signals()
     signals.install()
@@ -354,7 +369,7 @@ def _run_locked(command: Sequence[str], opts: StartOptions, policy: Policy, on_f
     try:
         if flush.recover(tier.bfs_root):
             say("completed the publication of a commit that was killed while renaming its files")
-        status = _supervise(command, tier, policy, signals, say)
+        status = _supervise(command, tier, policy, signals, say, progress)
         failed = status != 0 or signals.aborted is not None
         if failed:
             say(f"the command failed (exit status {status}); applying --on-failure {on_failure}")
@@ -364,7 +379,7 @@ def _run_locked(command: Sequence[str], opts: StartOptions, policy: Policy, on_f
         keep = False
         if not failed or on_failure == "sync":
             try:
-                stage_out(tier, policy, log=say)
+                stage_out(tier, policy, log=say, progress=progress)
             except MpiburstError as exc:
                 say(f"stage-out failed: {exc}")
                 keep = True
@@ -429,7 +444,8 @@ def _server_died(tier: Tier, started: bool) -> ServerError | None:
     )
 
 
-def _supervise(command: Sequence[str], tier: Tier, policy: Policy, signals: _Signals, say: Log) -> int:
+def _supervise(command: Sequence[str], tier: Tier, policy: Policy, signals: _Signals, say: Log,
+               progress: bool = False) -> int:
     """Run the command in its own process group; commit on SIGUSR1; return its exit status."""
     env = dict(os.environ, MPIBURST_ID=tier.id, MPIBURST_CONF=tier.conf.path)
     try:
@@ -451,7 +467,7 @@ def _supervise(command: Sequence[str], tier: Tier, policy: Policy, signals: _Sig
             signals.commit = False
             say("SIGUSR1: committing (syncing the tier's SYNC and PURGE files) while the command runs")
             try:
-                stage_out(tier, policy, commit=True, log=say)
+                stage_out(tier, policy, commit=True, log=say, progress=progress)
             except MpiburstError as exc:
                 say(f"commit failed: {exc}")
         if signals.aborted is not None and not killed and time.monotonic() - signals.abort_time > KILL_AFTER:

@@ -130,7 +130,8 @@ def _set_pinned(path: str | os.PathLike, pinned: bool, tier: Tier | None) -> Non
     store.set_pinned(target, pinned)
 
 
-def prestage(path: str | os.PathLike, *, keep: bool = False, block: bool = True, tier: Tier | None = None) -> int | None:
+def prestage(path: str | os.PathLike, *, keep: bool = False, block: bool = True, tier: Tier | None = None,
+             progress: Callable[[int], None] | None = None) -> int | None:
     """Copy a BFS file's bytes into the tier as clean fragments; return the bytes staged.
 
     Bytes the tier holds newer data for are not copied (writes always win).
@@ -142,6 +143,9 @@ def prestage(path: str | os.PathLike, *, keep: bool = False, block: bool = True,
     ----------
     block
         False: queue the request for the engine and return None.
+    progress
+        Called with the bytes of the BFS file done so far (staged or already
+        newer in the tier), after each chunk.
 
     Raises
     ------
@@ -182,6 +186,8 @@ def prestage(path: str | os.PathLike, *, keep: bool = False, block: bool = True,
             if extents:
                 store.commit(target, 0, payload, extents, staged=True)
                 staged += len(payload)
+            if progress is not None:
+                progress(hi)
     return staged
 
 

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mpiburst"
 #: Bottom to top; a module may import modules of its own layer or of layers below.
 #: A package (``store``, ``server``, ``cli``, ``bench``, ``testing``) is placed as one unit.
 LAYERS: list[set[str]] = [
-    {"errors", "sizes", "overlay", "buffers", "paths", "align", "collective", "perms"},   # pure helpers
+    {"errors", "sizes", "overlay", "buffers", "paths", "align", "collective", "perms", "progress"},  # pure helpers
     {"store"},                                                 # the boundary to the server's data
     {"assembly", "iostats"},                                   # the current bytes of a range; I/O counters
     {"runconf", "server", "engine_process"},                   # the server's and the engine's processes

@@ -297,8 +297,9 @@ def test_run_writes_the_reports_beside_the_run_after_every_job(tmp_path, server_
     (f,) = data["files"]
     assert f["path"] == os.path.realpath(tmp_path / "bfs" / "out" / "r.dat")
     assert (f["app"]["write"]["calls"], f["app"]["write"]["bytes"], f["app"]["write"]["hist"][2]) == (10, 40960, 10)
-    if status == 0:                                        # staged out: one flush of the 40 KiB
+    if status == 0:                                        # staged out: one flush of the 40 KiB, its progress shown
         assert (f["bfs"]["flushes"], f["bfs"]["bytes"]) == (1, 40960)
+        assert "mpiburst stage-out: 40.0 KiB of 40.0 KiB (100%), " in proc.stderr
     else:                                                  # retained in the saved tier: not flushed
         assert f["bfs"]["flushes"] == 0
     assert data["timeline"]["fill"] and "plot-sizes" in page.read_text()

@@ -101,7 +101,7 @@ def _stage_out(args: argparse.Namespace) -> int:
     tier, started = jobs.finish_saved(id=args.id, dir=args.dir, log=_stdout if args.verbose else None)
     keep = True
     try:
-        done = jobs.stage_out(tier, policy, args.paths, log=_stdout)
+        done = jobs.stage_out(tier, policy, args.paths, log=_stdout, progress=True)
         keep = jobs.holds_unsaved(tier)
     finally:
         if started:

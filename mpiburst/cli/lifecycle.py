@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 from .. import engine_process, server
-from ..errors import ServerError
+from ..errors import ConfigError, ServerError
 from ..runconf import RunConf, find_conf_path, log_name, rdb_name
 from ..server import StartOptions
 from ..sizes import format_size
@@ -45,6 +45,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "Exits 0 when up, 3 when down.")
     add_locator(p)
     p.add_argument("--json", action="store_true", help="print the state as one JSON object")
+    p.add_argument("-w", "--watch", action="store_true",
+                   help="refresh fill, dirty data and traffic rates until Ctrl-C (or --count)")
+    p.add_argument("--interval", type=float, default=2.0, metavar="SECONDS",
+                   help="with --watch: seconds between refreshes (default 2)")
+    p.add_argument("--count", type=int, metavar="N", help="with --watch: stop after N refreshes")
     p.set_defaults(func=_status)
 
 
@@ -119,6 +124,12 @@ def _stop(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    if args.watch:
+        from .watch import watch
+
+        if args.interval <= 0 or (args.count is not None and args.count < 1):
+            raise ConfigError("--interval must be above 0 and --count at least 1.")
+        return watch(find_conf_path(args.id, args.dir), args.interval, args.count)
     state = server.status(_load(args))
     if args.json:
         print(json.dumps(state, sort_keys=True))

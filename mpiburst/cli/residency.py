@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from typing import Any, Callable
 
 from ..errors import MpiburstError
@@ -28,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                 "(the run's engine does it); -b waits and reports.")
     p.add_argument("-b", "--block", action="store_true", help="sync now and wait for the end")
     p.add_argument("-V", "--verbose", action="store_true",
-                   help="with -b: show progress (bytes/s), verify, and print bytes and SHA-256 per file")
+                   help="with -b: show progress (bytes, rate, time left), verify, and print bytes and SHA-256 per file")
     p.add_argument("--workers", type=int, default=2, metavar="N", help="threads writing each file (default 2)")
     _paths(p)
     p.set_defaults(func=_sync)
@@ -54,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                 "Copy BFS files into the tier as clean data (writes always win over it). Non-blocking by default.")
     p.add_argument("-b", "--block", action="store_true", help="copy now and wait for the end")
     p.add_argument("-K", "--keep", action="store_true", help="keep clean data already in the tier; copy the rest")
+    p.add_argument("-V", "--verbose", action="store_true", help="with -b: show progress (bytes, rate, time left)")
     _paths(p, source="bfs")
     p.set_defaults(func=_prestage)
 
@@ -138,24 +138,32 @@ def _sync(args: argparse.Namespace) -> int:
         return status
 
     def one(path: str, tier: Any) -> None:
-        started = time.monotonic()
-        show = _progress(path, started) if args.verbose else None
-        rep = flush.sync(path, tier=tier, verify=args.verbose, workers=args.workers, progress=show)
+        meter = _meter(tier, "sync", path) if args.verbose else None
+        rep = flush.sync(path, tier=tier, verify=args.verbose, workers=args.workers,
+                         progress=meter.update if meter else None)
+        if meter is not None:
+            meter.finish()
         if args.verbose:
             rate = rep.bytes / rep.seconds if rep.seconds > 0 else 0.0
-            print(file=sys.stderr)
             print(f"{rep.path}: {rep.size} bytes, {rep.bytes} written in {rep.writes} writes, "
                   f"{format_size(int(rate))}/s, sha256 {rep.checksum}")
 
     return _each(args, one)
 
 
-def _progress(path: str, started: float) -> Callable[[int], None]:
-    """Return a callback printing ``path: bytes written, bytes/s`` on one refreshed stderr line."""
-    def show(done: int) -> None:
-        rate = done / max(time.monotonic() - started, 1e-6)
-        print(f"\r{path}: {format_size(done)} written, {format_size(int(rate))}/s ", end="", file=sys.stderr)
-    return show
+def _meter(tier: Any, what: str, path: str) -> Any:
+    """Return a progress meter on stderr for syncing (total: the file's dirty batches) or prestaging ``path``."""
+    import os
+
+    from .. import iostats
+    from ..progress import Meter
+
+    if what == "sync":
+        meta = tier.store.meta(path)
+        total = iostats.dirty_bytes(tier.store, [meta]) if meta is not None and meta.dirty else 0
+    else:
+        total = os.path.getsize(path)
+    return Meter(f"{what} {path}", total=total or None)
 
 
 def _engine_alive(tier: Any) -> bool:
@@ -187,7 +195,10 @@ def _prestage(args: argparse.Namespace) -> int:
     res = _residency()
 
     def one(path: str, tier: Any) -> None:
-        n = res.prestage(path, keep=args.keep, block=args.block, tier=tier)
+        meter = _meter(tier, "prestage", path) if args.verbose and args.block else None
+        n = res.prestage(path, keep=args.keep, block=args.block, tier=tier, progress=meter.update if meter else None)
+        if meter is not None:
+            meter.finish()
         if n is not None:
             print(f"{path}: {format_size(n)} staged")
 

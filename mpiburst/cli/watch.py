@@ -1,0 +1,72 @@
+"""``mpiburst status --watch``: a run's fill, dirty data and traffic, refreshed until Ctrl-C or ``--count``."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+from ..errors import MpiburstError
+from ..sizes import format_size
+
+
+def sample(tier: Any) -> dict[str, Any]:
+    """Return what one refresh shows: memory used and capacity, dirty files and bytes, the server's traffic."""
+    from .. import iostats, residency
+
+    used, cap = tier.store.memory()
+    dirty = residency.dirty_files(tier, include_pinned=True)
+    info = tier.redis.info("stats")
+    return {"t": time.monotonic(), "used": used, "capacity": cap or tier.capacity, "dirty_files": len(dirty),
+            "dirty_bytes": iostats.dirty_bytes(tier.store, dirty), "in": int(info["total_net_input_bytes"]),
+            "out": int(info["total_net_output_bytes"])}
+
+
+def line(now: dict[str, Any], before: dict[str, Any] | None) -> str:
+    """Return one refresh as a line: fill, dirty data, and the rates into and out of the tier since ``before``."""
+    share = now["used"] / now["capacity"] if now["capacity"] else 0.0
+    text = (f"{time.strftime('%H:%M:%S')}  fill {format_size(now['used'])} of {format_size(now['capacity'])} "
+            f"({share:.0%})  dirty {format_size(now['dirty_bytes'])} in {now['dirty_files']} file(s)")
+    if before is None:
+        return text + "  in -  out -"
+    dt = max(now["t"] - before["t"], 1e-9)
+    rate_in = max(now["in"] - before["in"], 0) / dt
+    rate_out = max(now["out"] - before["out"], 0) / dt
+    return text + f"  in {format_size(int(rate_in))}/s  out {format_size(int(rate_out))}/s"
+
+
+def watch(conf_path: str, interval: float, count: int | None, stream: TextIO | None = None) -> int:
+    """Refresh the run's line every ``interval`` seconds, ``count`` times or until Ctrl-C; return the exit status.
+
+    On a terminal the line is redrawn in place; elsewhere each refresh is a
+    new line. Ctrl-C ends it cleanly (status 0); a server that goes away
+    ends it with one line and status 3.
+    """
+    from ..tier import Tier
+
+    out = stream if stream is not None else sys.stdout
+    tty = out.isatty()
+    tier = Tier.connect(conf=conf_path)
+    before = None
+    shown = 0
+    try:
+        while count is None or shown < count:
+            if shown:
+                time.sleep(interval)
+            now = sample(tier)
+            text = line(now, before)
+            out.write(f"\r{text}\x1b[K" if tty else text + "\n")
+            out.flush()
+            before = now
+            shown += 1
+    except KeyboardInterrupt:
+        pass
+    except MpiburstError as exc:
+        out.write("\n" if tty else "")
+        print(f"mpiburst status: run {tier.id}: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        tier.disconnect()
+    if tty:
+        out.write("\n")
+    return 0
