@@ -99,15 +99,16 @@ class TierFile:
         from the caller's memory.
         """
         n = len(data)
+        if n:
+            check_offset(offset + n, f"write {n} bytes at offset {offset} of")
         calls = self._calls
-        if calls is not None:  # recording: two appends here, counted in bulk (iostats)
+        if calls is not None:  # recording (a refused write is not): two appends, counted in bulk (iostats)
             calls.append(offset)
             calls.append(n)
             if len(calls) >= _DIGEST_AT:
                 self.stats.digest()
         if n == 0:
             return
-        check_offset(offset + n, f"write {n} bytes at offset {offset} of")
         if n >= self.limit:
             self.push()
             self._send_direct(offset, data)
