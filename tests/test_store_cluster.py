@@ -223,3 +223,53 @@ def test_a_dead_node_is_named_with_the_files_it_held(tmp_path: Path, server_bina
         tier.disconnect()
     finally:
         dead.stop()
+
+
+def test_commits_under_a_writer_spanning_two_nodes_are_consistent_cuts(cluster: Cluster, tmp_path: Path) -> None:
+    """flush.commit on the cluster: a writer puts checkpoint k through node 1, then ``latest = k`` through node 2;
+    after every commit taken meanwhile, the checkpoint the BFS's ``latest`` names is whole on the BFS."""
+    cluster.wipe()
+    bfs = tmp_path / "bfs"
+    bfs.mkdir()
+    on = [ClusterStore(cluster.clients, local=i) for i in range(3)]
+    tier = Tier(dataclasses.replace(cluster.conf, bfs_root=str(bfs), align=64 << 10), on[0], cluster.clients[0])
+    latest = str(bfs / "latest")
+    on[2].create(latest, None)
+    done, started = threading.Event(), threading.Event()
+    failures: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            started.wait(30)
+            for k in range(1, 400):
+                ckpt = str(bfs / f"ckpt_{k:04d}")
+                on[1].create(ckpt, None)
+                put(on[1], ckpt, None, [(0, bytes([k % 251]) * 150_000)])
+                put(on[2], latest, None, [(0, k.to_bytes(8, "little"))])
+                if done.is_set():
+                    return
+        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+            failures.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    commits = 0
+    seen: list[int] = []
+    try:
+        while not done.is_set() or commits < 3:
+            started.set()
+            flush.commit(tier=tier)
+            commits += 1
+            k = int.from_bytes(open(latest, "rb").read(), "little") if os.path.exists(latest) else 0
+            if k:
+                seen.append(k)
+                assert open(bfs / f"ckpt_{k:04d}", "rb").read() == bytes([k % 251]) * 150_000, k
+            if commits >= 12:
+                done.set()
+    finally:
+        done.set()
+        thread.join(timeout=60)
+    assert not failures and commits >= 3 and len(set(seen)) >= 2, seen     # commits landed while it wrote
+    tier.disconnect()

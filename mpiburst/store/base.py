@@ -7,6 +7,8 @@ server's exceptions stay inside the implementations. Two implementations:
 
 * :class:`~mpiburst.store.redis_store.RedisStore` over a real Redis or Valkey
   server (production, integration tests);
+* :class:`~mpiburst.store.cluster_store.ClusterStore` over one server per
+  node of a multi-node run, joined into one cluster;
 * :class:`~mpiburst.store.memory.MemoryStore`, pure Python in one process
   (fast unit tests).
 
@@ -254,10 +256,9 @@ class Store(ABC):
         file's ``seq`` in the cut; a write issued after it, a higher one. So
         a flush of each file up to its mark (:func:`mpiburst.flush.commit`)
         lands exactly the writes completed before the cut. ``pending`` is
-        not part of the cut (0). A Redis Cluster store cannot read every
-        file's record atomically: it needs a global sequence number taken by
-        every commit, or every node paused for writes while the records are
-        read.
+        not part of the cut (0). The cluster store keeps every record on one
+        node and numbers every batch there, so its cut is one read too; the
+        argument for writes in flight is in :mod:`mpiburst.store.cluster_store`.
         """
 
     @abstractmethod
