@@ -3,7 +3,7 @@
 A :class:`Store` holds a run's data and bookkeeping. Everything above this
 package (the write-back file, the flush, residency, the engine, channels)
 talks to the tier only through these methods; key names, scripts and the
-server's exceptions stay inside the implementations. Two implementations:
+server's exceptions stay inside the implementations. Three implementations:
 
 * :class:`~mpiburst.store.redis_store.RedisStore` over a real Redis or Valkey
   server (production, integration tests);
@@ -12,7 +12,7 @@ server's exceptions stay inside the implementations. Two implementations:
 * :class:`~mpiburst.store.memory.MemoryStore`, pure Python in one process
   (fast unit tests).
 
-Both must pass the same contract suite, :class:`mpiburst.testing.StoreTests`.
+All must pass the same contract suite, :class:`mpiburst.testing.StoreTests`.
 
 Concerns:
 
