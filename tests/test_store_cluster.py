@@ -273,3 +273,14 @@ def test_commits_under_a_writer_spanning_two_nodes_are_consistent_cuts(cluster: 
         thread.join(timeout=60)
     assert not failures and commits >= 3 and len(set(seen)) >= 2, seen     # commits landed while it wrote
     tier.disconnect()
+
+
+def test_a_store_made_while_a_node_is_down_names_it(tmp_path: Path, server_binary: str) -> None:
+    """Making a store asks each server for its tag: with node 1 down that fails naming node 1 (not a crash)."""
+    dead = start_cluster(str(tmp_path), server_binary, 3, run_id="down")
+    try:
+        dead.kill(1)
+        with pytest.raises(NodeLostError, match="node 1 "):
+            ClusterStore(dead.clients, local=0)
+    finally:
+        dead.stop()

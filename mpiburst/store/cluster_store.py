@@ -204,10 +204,12 @@ class ClusterStore(Store):
         if node == 0:
             return NodeLostError(f"lost the connection to {where}, which holds every file's record ({cause}); "
                                  "check that the run is up with 'mpiburst status' and read its server log.", node)
-        try:
-            lost = self.files_on(node)
-        except (MpiburstError, redis.RedisError, OSError):
-            lost = None
+        lost: list[str] | None = None
+        if hasattr(self, "home"):   # not while the store is being made
+            try:
+                lost = self.files_on(node)
+            except (MpiburstError, redis.RedisError, OSError):
+                pass
         held = ("; it held no file's data" if lost == [] else
                 f"; it held data of {', '.join(lost)}" if lost else "")
         return NodeLostError(f"lost the connection to {where} ({cause}){held}; check that the run is up "
