@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import os
 from types import TracebackType
+from typing import Sequence
 
-from .overlay import Extent, gaps
+from .overlay import Entry, gaps
 from .store import Store
 
 
@@ -76,7 +77,7 @@ class BfsBytes:
         self.close()
 
 
-def current_bytes(store: Store, path: str, lo: int, out: memoryview, *, extents: list[Extent] | None = None,
+def current_bytes(store: Store, path: str, lo: int, out: memoryview, *, extents: Sequence[Entry] | None = None,
                   upto: int | None = None, bfs: BfsBytes | None = None) -> bool:
     """Fill ``out`` with the current bytes of ``[lo, lo + len(out))`` of ``path``.
 
@@ -87,7 +88,8 @@ def current_bytes(store: Store, path: str, lo: int, out: memoryview, *, extents:
     extents
         The extents overlapping the range, if the caller listed them already
         (a read's :meth:`~mpiburst.store.Store.window`, a flush's batch);
-        else they are listed here.
+        else they are listed here, strided runs unexpanded
+        (:meth:`~mpiburst.store.Store.index`: a flush batch costs per run, not per block).
     upto
         Only extents with ``seq <= upto`` count (a flush's snapshot); applied
         when the extents are listed here.
@@ -103,7 +105,7 @@ def current_bytes(store: Store, path: str, lo: int, out: memoryview, *, extents:
     """
     hi = lo + len(out)
     if extents is None:
-        extents = store.extents(path, lo, hi, upto=upto)
+        extents = store.index(path, lo, hi, upto=upto)
     if not store.fetch_into(path, extents, lo, out):
         return False
     for a, b in gaps(lo, hi, extents):

@@ -58,6 +58,7 @@ import errno
 import fcntl
 import glob
 import hashlib
+import heapq
 import json
 import logging
 import os
@@ -69,14 +70,16 @@ import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Generator, Iterable, Iterator
+
+import numpy as np
 
 from . import drain, iostats
 from .assembly import BfsBytes, current_bytes
 from .buffers import borrowed
 from .collective import on_root
 from .errors import FlushError, MpiburstError, NodeLostError, PathError, TierConnectionError
-from .overlay import Extent
+from .overlay import Entry, Strided
 from .paths import resolve
 from .perms import create_aside, current_umask, give_final_attrs, make_dirs
 from .store import FlushLease, Store
@@ -758,33 +761,64 @@ def _dirty_runs(store: Store, plan: _Plan, first: int, last: int) -> Iterator[tu
     A stripe is written when an extent of the snapshot in it is dirty (newer
     than the clean watermark), or, for a new file, when any extent lies in
     it. The runs come from a walk of the file's index (in pages, so memory
-    stays bounded), never from the file's size: holes cost nothing.
+    stays bounded), never from the file's size: holes cost nothing. A
+    strided run costs one step when its stride is at most a stripe (it then
+    touches every stripe of its span), else one per stripe it touches.
     """
     align = plan.align
     lo, hi = first * align, min(plan.size, last * align)
     run: list[int] | None = None
+    ahead: list[tuple[int, int]] = []      # stripe runs of entries seen, not yet merged (a heap)
     for e in _walk_extents(store, plan.target, lo, hi):
         if e.seq > plan.upto or not (plan.new or e.seq > plan.clean):
             continue
-        a, b = max(e.start, lo) // align, (min(e.start + e.length, hi) - 1) // align + 1
-        if run is not None and a <= run[1]:
-            run[1] = max(run[1], b)
-            continue
-        if run is not None:
-            yield run[0], run[1]
-        run = [a, b]
+        while ahead and ahead[0][0] <= max(e.start, lo) // align:   # no later entry starts before these
+            run = yield from _merge(run, heapq.heappop(ahead))
+        for stripes in _stripes(e, lo, hi, align):
+            heapq.heappush(ahead, stripes)
+    while ahead:
+        run = yield from _merge(run, heapq.heappop(ahead))
     if run is not None:
         yield run[0], run[1]
 
 
-def _walk_extents(store: Store, path: str, lo: int, hi: int, page: int = 4096) -> Iterator[Extent]:
-    """Yield the extents of ``path`` overlapping ``[lo, hi)`` in offset order, a page at a time.
+def _merge(run: list[int] | None, stripes: tuple[int, int]) -> Generator[tuple[int, int], None, list[int]]:
+    """Add the stripes ``[a, b)`` to the open ``run``; yield the run when they do not touch it. Return the open run."""
+    a, b = stripes
+    if run is not None and a <= run[1]:
+        run[1] = max(run[1], b)
+        return run
+    if run is not None:
+        yield run[0], run[1]
+    return [a, b]
+
+
+def _stripes(e: Entry, lo: int, hi: int, align: int) -> list[tuple[int, int]]:
+    """Return the runs of stripes ``[a, b)`` that entry ``e`` has bytes in, within ``[lo, hi)``."""
+    if not isinstance(e, Strided):
+        a, b = max(e.start, lo), min(e.start + e.length, hi)
+        return [(a // align, (b - 1) // align + 1)] if a < b else []
+    i, j = e.span(lo, hi)
+    if i >= j:
+        return []
+    if e.stride <= align:                  # a block starts in every stripe of the span
+        a, b = max(e.start + i * e.stride, lo), min(e.start + (j - 1) * e.stride + e.length, hi)
+        return [(a // align, (b - 1) // align + 1)]
+    starts = e.start + np.arange(i, j, dtype=np.int64) * e.stride
+    a_s = np.maximum(starts, lo) // align
+    b_s = (np.minimum(starts + e.length, hi) - 1) // align + 1
+    return list(zip(a_s.tolist(), b_s.tolist()))
+
+
+def _walk_extents(store: Store, path: str, lo: int, hi: int, page: int = 4096) -> Iterator[Entry]:
+    """Yield the index entries of ``path`` overlapping ``[lo, hi)`` in offset order, a page at a time.
 
     Pages are taken by offset, not by rank in the index, so extents removed
     meanwhile (a purge of clean data) make none of the others be skipped; an
-    extent may be yielded twice, which the callers do not mind.
+    extent may be yielded twice, which the callers do not mind. Strided runs
+    come as one entry each.
     """
-    yield from store.extents(path, lo, lo + 1)       # those that start before ``lo`` and reach into it
+    yield from store.index(path, lo, lo + 1)         # those that start before ``lo`` and reach into it
     pos = lo
     while pos < hi:
         found = store.extents_from(path, pos, page)

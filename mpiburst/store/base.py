@@ -57,10 +57,13 @@ from types import TracebackType
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 from ..errors import MpiburstError
-from ..overlay import Extent
+from ..overlay import Entry, Extent
 
 #: Longest extent in the index, in bytes; bounds the slack of range queries.
 MAX_EXTENT = 256 << 10
+#: Longest span (first block's start to last block's end) of a strided run in the index; bounds
+#: the slack of range queries on the strided runs, which are few (one per batch and pattern).
+MAX_SPAN = 64 << 20
 #: Largest blob one commit carries (well below the server's 512 MB bulk limit).
 MAX_BLOB = 64 << 20
 
@@ -71,6 +74,11 @@ Payload = bytes | bytearray | memoryview
 class RecordGone(Exception):
     """A commit did not run and can simply be sent again: its file has no record (purged or
     deleted meanwhile: register it first) or the server had lost the commit script."""
+
+
+def batch_end(extents: Sequence[Sequence[int]]) -> int:
+    """Return the file offset one past the last byte of a batch's extents (plain or strided, see :meth:`Store.commit`)."""
+    return max(e[0] + (e[3] - 1) * e[4] + e[2] if len(e) > 3 and e[3] > 1 else e[0] + e[2] for e in extents)
 
 
 def file_id(path: str) -> str:
@@ -148,7 +156,7 @@ class BatchWriter(ABC):
     """
 
     @abstractmethod
-    def send(self, path: str, channel: int, payload: Payload, extents: Sequence[tuple[int, int, int]]) -> None:
+    def send(self, path: str, channel: int, payload: Payload, extents: Sequence[Sequence[int]]) -> None:
         """Send one batch (see :meth:`Store.commit`) without waiting for the answer."""
 
     @abstractmethod
@@ -279,13 +287,19 @@ class Store(ABC):
 
     # -- data ---------------------------------------------------------------
     @abstractmethod
-    def commit(self, path: str, channel: int, payload: Payload, extents: Sequence[tuple[int, int, int]],
+    def commit(self, path: str, channel: int, payload: Payload, extents: Sequence[Sequence[int]],
                staged: bool = False) -> int:
         """Store one batch: ``payload`` and its ``(file offset, payload offset, length)`` extents.
 
         Extents are listed in write order; each gets the next sequence number
         of the file, so later ones win. Every length must be at most
-        :data:`MAX_EXTENT` and the payload at most :data:`MAX_BLOB`. With
+        :data:`MAX_EXTENT` and the payload at most :data:`MAX_BLOB`. An
+        extent may also be a strided run ``(file offset, payload offset,
+        length, count, stride)``: ``count >= 2`` blocks of ``length`` bytes,
+        ``stride >= length`` apart in the file, packed in the payload, one
+        index entry and one sequence number for them all (see
+        :class:`~mpiburst.overlay.Strided`); its span must be at most
+        :data:`MAX_SPAN`. With
         ``staged`` the batch is a copy of BFS bytes (prestage): sequence
         number 0, clean, older than every write.
 
@@ -313,13 +327,27 @@ class Store(ABC):
         With ``upto``, only those with ``seq <= upto`` (a flush snapshot).
         """
 
+    def index(self, path: str, lo: int, hi: int, upto: int | None = None) -> list[Entry]:
+        """Return the index entries of ``path`` overlapping ``[lo, hi)`` as stored: strided runs not expanded.
+
+        Like :meth:`extents` (which a store without strided runs may simply
+        return), but a strided run comes back as one
+        :class:`~mpiburst.overlay.Strided` entry (some of whose blocks may lie
+        outside the window), so a flush costs per entry, not per block.
+        Order: by offset.
+        """
+        return list(self.extents(path, lo, hi, upto))
+
     @abstractmethod
-    def extents_from(self, path: str, start: int, count: int) -> list[Extent]:
-        """Return the first ``count`` extents of ``path`` that start at or after ``start``, in offset order.
+    def extents_from(self, path: str, start: int, count: int) -> list[Entry]:
+        """Return the first ``count`` index entries of ``path`` that start at or after ``start``, in offset order.
 
         A walk of the index by offset (a flush plans its stripes this way, so
         holes cost nothing): extents removed meanwhile never make others be
-        skipped, as paging by rank would.
+        skipped, as paging by rank would. Strided runs come back as one
+        :class:`~mpiburst.overlay.Strided` entry each (placed by their first
+        block); a run that starts before ``start`` is not listed (find it
+        with :meth:`index`).
         """
 
     @abstractmethod
@@ -331,11 +359,11 @@ class Store(ABC):
         """Yield every extent of ``path`` in offset order."""
 
     @abstractmethod
-    def fetch_into(self, path: str, extents: Iterable[Extent], lo: int, out: memoryview) -> bool:
+    def fetch_into(self, path: str, extents: Iterable[Entry], lo: int, out: memoryview) -> bool:
         """Paint ``extents`` into ``out``, the window ``[lo, lo + len(out))`` of ``path``; the newest wins.
 
-        Each extent is clipped to the window; bytes no extent covers are left
-        as they were.
+        Each extent (or block of a strided run) is clipped to the window;
+        bytes no extent covers are left as they were.
 
         Returns
         -------

@@ -76,8 +76,9 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import redis
 
 from ..errors import MpiburstError, NodeLostError, ServerError, TierConnectionError
-from ..overlay import Extent
-from .base import MAX_EXTENT, BatchWriter, Blob, ChannelState, FileMeta, Payload, RecordGone, Store, file_id
+from ..overlay import Entry, Extent, Strided
+from .base import (MAX_EXTENT, MAX_SPAN, BatchWriter, Blob, ChannelState, FileMeta, Payload, RecordGone, Store,
+                   batch_end, file_id)
 from .redis_store import (_ALLOW_OOM, RedisStore, _as_mpiburst_error, _meta_from, _overlapping,
                           _public_methods_translated)
 from .resp import resp_frames
@@ -235,7 +236,7 @@ class ClusterStore(Store):
     def _global(self, node: int, blob: int) -> int:
         return blob * len(self.clients) + node
 
-    def _extents_of(self, node: int, found: Iterable[Extent]) -> list[Extent]:
+    def _extents_of(self, node: int, found: Iterable[Any]) -> list[Any]:
         """Return a shard's extents with cluster-wide blob ids."""
         n = len(self.clients)
         return [e._replace(blob=e.blob * n + node) for e in found]
@@ -287,13 +288,13 @@ class ClusterStore(Store):
             with self._on(node):
                 pipe = shard.r.pipeline(transaction=True)   # fence and clip at one instant
                 self._fence[node](keys=[shard._key(fid, "m")], args=[meta.seq if meta else 0], client=pipe)
-                shard._truncate(keys=[shard._key(fid, "m"), shard._key(fid, "x")], args=[size, MAX_EXTENT],
+                shard._truncate(keys=shard._truncate_keys(fid), args=[size, MAX_EXTENT, MAX_SPAN],
                                 client=pipe)
                 pipe.execute()
         return old
 
     # -- data ---------------------------------------------------------------
-    def commit(self, path: str, channel: int, payload: Payload, extents: Sequence[tuple[int, int, int]],
+    def commit(self, path: str, channel: int, payload: Payload, extents: Sequence[Sequence[int]],
                staged: bool = False) -> int:
         node = self._writer_node()
         shard = self.shards[node]
@@ -306,14 +307,14 @@ class ClusterStore(Store):
         return self._number_and_index(path, node, tmp, channel, payload, extents, staged)
 
     def _number_and_index(self, path: str, node: int, tmp: str, channel: int, payload: Payload,
-                          extents: Sequence[tuple[int, int, int]], staged: bool) -> int:
+                          extents: Sequence[Sequence[int]], staged: bool) -> int:
         """Take the numbers of a batch whose payload is at ``tmp`` on ``node`` and index it there; return its first.
 
         Raises RecordGone (and removes the payload) if the file has no record.
         """
         shard = self.shards[node]
         fid = file_id(path)
-        end = max(off + ln for off, _, ln in extents)
+        end = batch_end(extents)
         base: int | None = None
         for _ in range(RETRIES):
             if base is None:
@@ -381,16 +382,20 @@ class ClusterStore(Store):
         _, nodes = self._record(path)
         return self._gather(nodes, lambda s: s.extents(path, lo, hi, upto))
 
-    def _gather(self, nodes: Iterable[int], ask: Any) -> list[Extent]:
+    def index(self, path: str, lo: int, hi: int, upto: int | None = None) -> list[Entry]:
+        _, nodes = self._record(path)
+        return self._gather(nodes, lambda s: s.index(path, lo, hi, upto))
+
+    def _gather(self, nodes: Iterable[int], ask: Any) -> list[Any]:
         """Ask each of ``nodes``' shards for extents; return them all in offset order (then sequence)."""
-        found: list[Extent] = []
+        found: list[Any] = []
         for node in nodes:
             with self._on(node):
                 found += self._extents_of(node, ask(self.shards[node]))
         found.sort(key=lambda e: (e.start, e.seq))
         return found
 
-    def extents_from(self, path: str, start: int, count: int) -> list[Extent]:
+    def extents_from(self, path: str, start: int, count: int) -> list[Entry]:
         _, nodes = self._record(path)
         pages = []
         for node in nodes:
@@ -430,7 +435,7 @@ class ClusterStore(Store):
                 run.append(e)
         yield from self._extents_of(node, sorted(run, key=lambda x: x.seq))
 
-    def fetch_into(self, path: str, extents: Iterable[Extent], lo: int, out: memoryview) -> bool:
+    def fetch_into(self, path: str, extents: Iterable[Entry], lo: int, out: memoryview) -> bool:
         """Paint ``extents`` into ``out`` from the nodes that hold them (see :meth:`Store.fetch_into`).
 
         Extents of different nodes that overlap are painted in sequence
@@ -438,18 +443,18 @@ class ClusterStore(Store):
         """
         hi = lo + len(out)
         n = len(self.clients)
-        pieces = [e for e in extents if e.start < hi and e.start + e.length > lo]
+        pieces = [e for e in extents if e.start < hi and e.end > lo]
         if not pieces:
             return True
-        runs: list[tuple[int, list[Extent]]] = []
-        if _overlapping(pieces):
+        runs: list[tuple[int, list[Entry]]] = []
+        if any(isinstance(e, Strided) for e in pieces) or _overlapping(pieces):   # type: ignore[arg-type]
             for e in sorted(pieces, key=lambda e: e.seq):
                 if runs and runs[-1][0] == e.blob % n:
                     runs[-1][1].append(e)
                 else:
                     runs.append((e.blob % n, [e]))
         else:
-            by_node: dict[int, list[Extent]] = {}
+            by_node: dict[int, list[Entry]] = {}
             for e in pieces:
                 by_node.setdefault(e.blob % n, []).append(e)
             runs = sorted(by_node.items())
@@ -635,9 +640,9 @@ class ClusterBatchWriter(BatchWriter):
         self.node = store._writer_node()
         with store._on(self.node):
             self._conn: Any = store.clients[self.node].connection_pool.get_connection()
-        self._sent: tuple[str, int, Payload, list[tuple[int, int, int]], str] | None = None
+        self._sent: tuple[str, int, Payload, list[Sequence[int]], str] | None = None
 
-    def send(self, path: str, channel: int, payload: Payload, extents: Sequence[tuple[int, int, int]]) -> None:
+    def send(self, path: str, channel: int, payload: Payload, extents: Sequence[Sequence[int]]) -> None:
         tmp = self.store.shards[self.node]._key(file_id(path), "t:" + secrets.token_hex(8))
         with self.store._on(self.node):
             try:

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from ..errors import TierFullError
-from ..overlay import Extent
-from .base import MAX_EXTENT, BatchWriter, Blob, ChannelState, FileMeta, Payload, RecordGone, Store, file_id
+from ..overlay import Entry, Extent, Strided, expand
+from .base import MAX_EXTENT, MAX_SPAN, BatchWriter, Blob, ChannelState, FileMeta, Payload, RecordGone, Store, file_id
 
 _FULL = ("the tier is full (its memory limit was reached); sync and purge data, "
          "or start the run with a larger --capacity.")
@@ -38,6 +38,7 @@ class _File:
     meta: FileMeta
     staged: int = 0
     index: list[tuple[int, bytes, Extent]] = field(default_factory=list)   # (start, member, extent)
+    strided: list[tuple[int, bytes, Strided]] = field(default_factory=list)   # (start, member, run)
     blobs: dict[int, tuple[Blob, bytes]] = field(default_factory=dict)
 
 
@@ -50,9 +51,14 @@ class _Channel:
     writer: str | None = None
 
 
-def _member(e: Extent) -> bytes:
-    """The extent's index member as the server orders it (ties at one offset sort by it)."""
+def _member(e: Entry) -> bytes:
+    """The entry's index member as the server orders it (ties at one offset sort by it)."""
     return f"{e.seq}:{e.boff}:{e.length}:{e.blob}".encode()
+
+
+def _ordered(entries: list[tuple[int, bytes, Any]]) -> list[Any]:
+    """Return the entries of ``(start, member, entry)`` items in the server's order."""
+    return [e for _, _, e in sorted(entries, key=lambda item: item[:2])]
 
 
 class MemoryStore(Store):
@@ -129,7 +135,25 @@ class MemoryStore(Store):
                     e = e._replace(length=size - start)
                     member = _member(e)
                 kept.append((start, member, e))
+            runs = []
+            for start, member, r in f.strided:
+                if start >= size:
+                    continue
+                if r.end > size:
+                    q = max(0, min(r.nblocks, (size - start - r.length) // r.stride + 1))   # whole blocks left
+                    if q >= 2:
+                        runs.append((start, member, r._replace(nblocks=q)))
+                    elif q == 1:
+                        e = Extent(r.seq, start, r.length, r.blob, r.boff)
+                        kept.append((start, _member(e), e))
+                    at = start + q * r.stride
+                    if q < r.nblocks and at < size:
+                        e = Extent(r.seq, at, size - at, r.blob, r.boff + q * r.length)
+                        kept.append((at, _member(e), e))
+                    continue
+                runs.append((start, member, r))
             f.index = sorted(kept)
+            f.strided = sorted(runs)
             cut = min(old, size)
             if f.meta.trunc is None or f.meta.trunc > cut:
                 f.meta.trunc = cut
@@ -137,7 +161,7 @@ class MemoryStore(Store):
             return old
 
     # -- data ---------------------------------------------------------------
-    def commit(self, path: str, channel: int, payload: Payload, extents: Sequence[tuple[int, int, int]],
+    def commit(self, path: str, channel: int, payload: Payload, extents: Sequence[Sequence[int]],
                staged: bool = False) -> int:
         data = bytes(payload)
         with self._lock:
@@ -155,12 +179,19 @@ class MemoryStore(Store):
                 f.meta.seq += n
                 last = f.meta.seq
                 base = blob = last - n + 1
-            for i, (off, boff, ln) in enumerate(extents):
-                e = Extent(base + i if base > 0 else 0, off, ln, blob, boff)
-                bisect.insort(f.index, (off, _member(e), e))
+            end = 0
+            for i, x in enumerate(extents):
+                seq = base + i if base > 0 else 0
+                if len(x) > 3 and x[3] > 1:
+                    r = Strided(seq, x[0], x[2], blob, x[1], x[3], x[4])
+                    bisect.insort(f.strided, (r.start, _member(r), r))
+                    end = max(end, r.end)
+                else:
+                    e = Extent(seq, x[0], x[2], blob, x[1])
+                    bisect.insort(f.index, (e.start, _member(e), e))
+                    end = max(end, e.end)
             f.blobs[blob] = (Blob(blob, last, n, len(data), channel), data)
             self._used += len(data)
-            end = max(off + ln for off, _, ln in extents)
             f.meta.size = max(f.meta.size, end)
             return base
 
@@ -168,48 +199,58 @@ class MemoryStore(Store):
         return MemoryBatchWriter(self)
 
     def extents(self, path: str, lo: int, hi: int, upto: int | None = None) -> list[Extent]:
+        return _blocks(self.index(path, lo, hi, upto), lo, hi)
+
+    def index(self, path: str, lo: int, hi: int, upto: int | None = None) -> list[Entry]:
         top = float("inf") if upto is None else upto
         return [e for e in self._overlapping(path, lo, hi) if e.seq <= top]
 
-    def _overlapping(self, path: str, lo: int, hi: int) -> list[Extent]:
+    def _overlapping(self, path: str, lo: int, hi: int) -> list[Entry]:
         with self._lock:
             f = self._files.get(path)
             if f is None:
                 return []
-            first = bisect.bisect_right(f.index, (lo - MAX_EXTENT, b"\xff"))
-            out = []
-            for start, _, e in f.index[first:]:
-                if start >= hi:
-                    break
-                if e.end > lo:
-                    out.append(e)
-            return out
+            out: list[tuple[int, bytes, Entry]] = []
+            for entries, slack in ((f.index, MAX_EXTENT), (f.strided, MAX_SPAN)):
+                first = bisect.bisect_right(entries, (lo - slack, b"\xff"))  # type: ignore[arg-type]
+                for item in entries[first:]:
+                    if item[0] >= hi:
+                        break
+                    if item[2].end > lo:
+                        out.append(item)
+            return _ordered(out)
 
     def window(self, path: str, lo: int, hi: int) -> tuple[FileMeta | None, list[Extent]]:
         with self._lock:
             meta = self.meta(path)
-            return (None, []) if meta is None else (meta, self._overlapping(path, lo, hi))
+            return (None, []) if meta is None else (meta, _blocks(self._overlapping(path, lo, hi), lo, hi))
 
-    def extents_from(self, path: str, start: int, count: int) -> list[Extent]:
+    def extents_from(self, path: str, start: int, count: int) -> list[Entry]:
         with self._lock:
             f = self._files.get(path)
             if f is None:
                 return []
-            first = bisect.bisect_left(f.index, (start, b""))
-            return [e for _, _, e in f.index[first:first + count]]
+            found: list[tuple[int, bytes, Entry]] = []
+            for entries in (f.index, f.strided):
+                first = bisect.bisect_left(entries, (start, b""))  # type: ignore[arg-type]
+                found += entries[first:first + count]
+            return _ordered(found)[:count]
 
     def all_extents(self, path: str) -> Iterator[Extent]:
         with self._lock:
             f = self._files.get(path)
             found = [] if f is None else [e for _, _, e in f.index]
+            runs = [] if f is None else [r for _, _, r in f.strided]
+        if runs:
+            found = _ordered([(e.start, _member(e), e) for e in [*found, *expand(runs)]])
         yield from found
 
-    def fetch_into(self, path: str, extents: Iterable[Extent], lo: int, out: memoryview) -> bool:
+    def fetch_into(self, path: str, extents: Iterable[Entry], lo: int, out: memoryview) -> bool:
         hi = lo + len(out)
         complete = True
         with self._lock:
             f = self._files.get(path)
-            for e in sorted(extents, key=lambda e: e.seq):   # newest last: it wins
+            for e in sorted(expand(extents, lo, hi), key=lambda e: e.seq):   # newest last: it wins
                 a, b = max(lo, e.start), min(hi, e.end)
                 if a >= b:
                     continue
@@ -239,6 +280,7 @@ class MemoryStore(Store):
             if not gone:
                 return 0
             f.index = [item for item in f.index if item[2].blob not in gone]
+            f.strided = [item for item in f.strided if item[2].blob not in gone]
             freed = sum(f.blobs.pop(blob)[0].bytes for blob in gone)
             self._used -= freed
             return freed
@@ -422,14 +464,21 @@ class MemoryStore(Store):
         """Nothing to close: the data stays for other users of this store."""
 
 
+def _blocks(entries: list[Entry], lo: int, hi: int) -> list[Extent]:
+    """Return ``entries`` (in index order) with strided runs expanded to their blocks overlapping ``[lo, hi)``."""
+    if not any(isinstance(e, Strided) for e in entries):
+        return entries  # type: ignore[return-value]
+    return _ordered([(e.start, _member(e), e) for e in expand(entries, lo, hi) if e.end > lo])
+
+
 class MemoryBatchWriter(BatchWriter):
     """Pipelined commits on the memory store: the batch is stored when its answer is asked for."""
 
     def __init__(self, store: MemoryStore) -> None:
         self.store = store
-        self._batch: tuple[str, int, Payload, Sequence[tuple[int, int, int]]] | None = None
+        self._batch: tuple[str, int, Payload, Sequence[Sequence[int]]] | None = None
 
-    def send(self, path: str, channel: int, payload: Payload, extents: Sequence[tuple[int, int, int]]) -> None:
+    def send(self, path: str, channel: int, payload: Payload, extents: Sequence[Sequence[int]]) -> None:
         self._batch = (path, channel, payload, extents)
 
     def finish(self) -> int:

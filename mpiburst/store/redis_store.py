@@ -48,13 +48,14 @@ import secrets
 import socket
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
+import numpy as np
 import redis
 
 from ..buffers import borrowed
 from ..errors import AuthenticationError, MpiburstError, ServerError, TierConnectionError, TierFullError
-from ..overlay import Extent
-from .base import (MAX_EXTENT, BatchWriter, Blob, ChannelState, FileMeta, Payload, RecordGone, Store,
-                   file_id)
+from ..overlay import Entry, Extent, Strided, expand
+from .base import (MAX_EXTENT, MAX_SPAN, BatchWriter, Blob, ChannelState, FileMeta, Payload, RecordGone, Store,
+                   batch_end, file_id)
 from .resp import read_bulks_into, resp_frames
 
 #: Members per ZADD inside Lua (stays far below Lua's stack limit).
@@ -94,23 +95,39 @@ else
   blob = base
 end
 redis.call('RENAME', KEYS[4], ARGV[1] .. blob)
-local args = {}
+local k = tonumber(ARGV[8])
+local strided = {}
+for j = 0, k - 1 do strided[tonumber(ARGV[9 + 3 * j])] = 10 + 3 * j end
+local p = 9 + 3 * k
+local args, vargs = {}, {}
 for i = 0, n - 1 do
   local seq = base
   if base > 0 then seq = base + i end
-  args[#args + 1] = ARGV[8 + 3 * i]
-  args[#args + 1] = seq .. ':' .. ARGV[9 + 3 * i] .. ':' .. ARGV[10 + 3 * i] .. ':' .. blob
-  if #args >= %d then
-    redis.call('ZADD', KEYS[2], unpack(args))
-    args = {}
+  local member = seq .. ':' .. ARGV[p + 1 + 3 * i] .. ':' .. ARGV[p + 2 + 3 * i] .. ':' .. blob
+  local at = strided[i]
+  if at == nil then
+    args[#args + 1] = ARGV[p + 3 * i]
+    args[#args + 1] = member
+    if #args >= %d then
+      redis.call('ZADD', KEYS[2], unpack(args))
+      args = {}
+    end
+  else
+    vargs[#vargs + 1] = ARGV[p + 3 * i]
+    vargs[#vargs + 1] = member .. ':' .. ARGV[at] .. ':' .. ARGV[at + 1]
+    if #vargs >= %d then
+      redis.call('ZADD', KEYS[5], unpack(vargs))
+      vargs = {}
+    end
   end
 end
 if #args > 0 then redis.call('ZADD', KEYS[2], unpack(args)) end
+if #vargs > 0 then redis.call('ZADD', KEYS[5], unpack(vargs)) end
 redis.call('ZADD', KEYS[3], last, blob .. ':' .. n .. ':' .. ARGV[4] .. ':' .. ARGV[5])
 local size = tonumber(redis.call('HGET', KEYS[1], 'size') or '0')
 if tonumber(ARGV[3]) > size then redis.call('HSET', KEYS[1], 'size', ARGV[3]) end
 return base
-""" % (2 * _ZADD_CHUNK)
+""" % (2 * _ZADD_CHUNK, 2 * _ZADD_CHUNK)
 
 # Clip the index at a new size: drop extents past it, shorten the one across it.
 _TRUNCATE = """
@@ -128,6 +145,28 @@ for i = 1, #hit, 2 do
   elseif start + len > n then
     redis.call('ZREM', KEYS[2], m)
     redis.call('ZADD', KEYS[2], start, seq .. ':' .. boff .. ':' .. (n - start) .. ':' .. blob)
+  end
+end
+local hitv = redis.call('ZRANGEBYSCORE', KEYS[3], n - tonumber(ARGV[3]), '+inf', 'WITHSCORES')
+for i = 1, #hitv, 2 do
+  local m = hitv[i]
+  local start = tonumber(hitv[i + 1])
+  local seq, boff, len, blob, count, stride = string.match(m, '^(%d+):(%d+):(%d+):(-?%d+):(%d+):(%d+)$')
+  boff, len, count, stride = tonumber(boff), tonumber(len), tonumber(count), tonumber(stride)
+  if start >= n then
+    redis.call('ZREM', KEYS[3], m)
+  elseif start + (count - 1) * stride + len > n then
+    redis.call('ZREM', KEYS[3], m)
+    local q = math.max(0, math.min(count, math.floor((n - start - len) / stride) + 1))
+    if q >= 2 then
+      redis.call('ZADD', KEYS[3], start, seq .. ':' .. boff .. ':' .. len .. ':' .. blob .. ':' .. q .. ':' .. stride)
+    elseif q == 1 then
+      redis.call('ZADD', KEYS[2], start, seq .. ':' .. boff .. ':' .. len .. ':' .. blob)
+    end
+    local at = start + q * stride
+    if q < count and at < n then
+      redis.call('ZADD', KEYS[2], at, seq .. ':' .. (boff + q * len) .. ':' .. (n - at) .. ':' .. blob)
+    end
   end
 end
 local cut = math.min(old, n)
@@ -363,10 +402,14 @@ class RedisStore(Store):
 
     def set_size(self, path: str, size: int) -> int:
         fid = file_id(path)
-        return int(self._truncate(keys=[self._key(fid, "m"), self._key(fid, "x")], args=[size, MAX_EXTENT]))
+        return int(self._truncate(keys=self._truncate_keys(fid), args=[size, MAX_EXTENT, MAX_SPAN]))
+
+    def _truncate_keys(self, fid: str) -> list[str]:
+        """Return the keys the truncation script takes (record, plain index, strided index)."""
+        return [self._key(fid, "m"), self._key(fid, "x"), self._key(fid, "v")]
 
     # -- data ---------------------------------------------------------------
-    def commit(self, path: str, channel: int, payload: Payload, extents: Sequence[tuple[int, int, int]],
+    def commit(self, path: str, channel: int, payload: Payload, extents: Sequence[Sequence[int]],
                staged: bool = False) -> int:
         tmp, commands = self._pack_commit(path, channel, payload, extents, staged)
         self._ensure_loaded()
@@ -378,7 +421,7 @@ class RedisStore(Store):
     def writer(self) -> BatchWriter:
         return RedisBatchWriter(self)
 
-    def _pack_commit(self, path: str, channel: int, payload: Payload, extents: Sequence[tuple[int, int, int]],
+    def _pack_commit(self, path: str, channel: int, payload: Payload, extents: Sequence[Sequence[int]],
                      staged: bool = False, base: int | None = None,
                      tmp: str | None = None) -> tuple[str, list[tuple]]:
         """Return the temporary key and the two commands that commit one batch (see :meth:`commit`).
@@ -391,12 +434,15 @@ class RedisStore(Store):
         """
         fid = file_id(path)
         tmp = tmp or self._key(fid, "t:" + secrets.token_hex(8))
-        end = max(off + ln for off, _, ln in extents)
-        args: list = [self._key(fid, "b:"), len(extents), end, len(payload), channel, int(staged),
-                      "" if base is None else base]
-        for off, boff, ln in extents:
-            args += (off, boff, ln)
-        keys = [self._key(fid, "m"), self._key(fid, "x"), self._key(fid, "B"), tmp]
+        strided: list = []
+        plain: list = []
+        for i, e in enumerate(extents):
+            if len(e) > 3 and e[3] > 1:
+                strided += (i, e[3], e[4])
+            plain += (e[0], e[1], e[2])
+        args: list = [self._key(fid, "b:"), len(extents), batch_end(extents), len(payload), channel, int(staged),
+                      "" if base is None else base, len(strided) // 3, *strided, *plain]
+        keys = [self._key(fid, "m"), self._key(fid, "x"), self._key(fid, "B"), tmp, self._key(fid, "v")]
         return tmp, [("SET", tmp, payload), ("EVALSHA", self._commit.sha, len(keys), *keys, *args)]
 
     def _ensure_loaded(self) -> None:
@@ -417,38 +463,63 @@ class RedisStore(Store):
         raise errors[0]
 
     def extents(self, path: str, lo: int, hi: int, upto: int | None = None) -> list[Extent]:
-        raw = self.r.execute_command("ZRANGEBYSCORE", self._key(file_id(path), "x"), f"({lo - MAX_EXTENT}",
-                                     f"({hi}", "WITHSCORES")
-        top = float("inf") if upto is None else upto
-        return [e for e in _parse_extents(raw) if e.start + e.length > lo and e.seq <= top]
+        return _blocks(self.index(path, lo, hi, upto), lo, hi)
 
-    def extents_from(self, path: str, start: int, count: int) -> list[Extent]:
-        raw = self.r.execute_command("ZRANGEBYSCORE", self._key(file_id(path), "x"), start, "+inf",
-                                     "WITHSCORES", "LIMIT", 0, count)
-        return list(_parse_extents(raw))
+    def index(self, path: str, lo: int, hi: int, upto: int | None = None) -> list[Entry]:
+        fid = file_id(path)
+        pipe = self.r.pipeline(transaction=False)
+        self._query(pipe, fid, lo, hi)
+        raw, rawv = pipe.execute()
+        top = float("inf") if upto is None else upto
+        return [e for e in _entries(raw, rawv) if e.end > lo and e.seq <= top]
+
+    def extents_from(self, path: str, start: int, count: int) -> list[Entry]:
+        fid = file_id(path)
+        pipe = self.r.pipeline(transaction=False)
+        for part in ("x", "v"):
+            pipe.execute_command("ZRANGEBYSCORE", self._key(fid, part), start, "+inf", "WITHSCORES", "LIMIT", 0, count)
+        raw, rawv = pipe.execute()
+        return _entries(raw, rawv)[:count]
 
     def window(self, path: str, lo: int, hi: int) -> tuple[FileMeta | None, list[Extent]]:
         fid = file_id(path)
         pipe = self.r.pipeline(transaction=False)
         pipe.hgetall(self._key(fid, "m"))
-        pipe.execute_command("ZRANGEBYSCORE", self._key(fid, "x"), f"({lo - MAX_EXTENT}", f"({hi}", "WITHSCORES")
-        raw_meta, raw = pipe.execute()
+        self._query(pipe, fid, lo, hi)
+        raw_meta, raw, rawv = pipe.execute()
         if not raw_meta:
             return None, []
-        return _meta_from(raw_meta), [e for e in _parse_extents(raw) if e.start + e.length > lo]
+        return _meta_from(raw_meta), _blocks([e for e in _entries(raw, rawv) if e.end > lo], lo, hi)
 
     def all_extents(self, path: str, batch: int = 10000) -> Iterator[Extent]:
         key = self._key(file_id(path), "x")
+        strided = _entries([], self.r.execute_command("ZRANGE", self._key(file_id(path), "v"), 0, -1, "WITHSCORES"))
+        if strided:   # few entries, many blocks: merged into the offset order of the plain ones
+            plain: list[Extent] = []
+            for page in self._pages(key, batch):
+                plain += page
+            yield from sorted(plain + expand(strided), key=_order)
+            return
+        for page in self._pages(key, batch):
+            yield from page
+
+    def _query(self, pipe: Any, fid: str, lo: int, hi: int) -> None:
+        """Queue the two index queries (plain, strided) that find every entry that may overlap ``[lo, hi)``."""
+        pipe.execute_command("ZRANGEBYSCORE", self._key(fid, "x"), f"({lo - MAX_EXTENT}", f"({hi}", "WITHSCORES")
+        pipe.execute_command("ZRANGEBYSCORE", self._key(fid, "v"), f"({lo - MAX_SPAN}", f"({hi}", "WITHSCORES")
+
+    def _pages(self, key: str, batch: int) -> Iterator[list[Extent]]:
+        """Yield the plain index ``key`` in pages of ``batch`` extents, in offset order."""
         start = 0
         while True:
             found = list(_parse_extents(self.r.execute_command("ZRANGE", key, start, start + batch - 1,
                                                                "WITHSCORES")))
-            yield from found
+            yield found
             if len(found) < batch:
                 return
             start += batch
 
-    def fetch_into(self, path: str, extents: Iterable[Extent], lo: int, out: memoryview) -> bool:
+    def fetch_into(self, path: str, extents: Iterable[Entry], lo: int, out: memoryview) -> bool:
         """Paint ``extents`` into ``out`` (see :meth:`Store.fetch_into`), received in place.
 
         The reads go out as one pipeline of ``GETRANGE``: a large piece is
@@ -456,19 +527,74 @@ class RedisStore(Store):
         one blob (a batch of small records) share one read into a scratch
         buffer and are copied out from there. When pieces overlap in the
         file, each is read on its own, in sequence order, so the newest write
-        wins byte for byte.
+        wins byte for byte. A strided run's blocks in the window are one read
+        (they are packed in the blob) scattered into ``out`` by numpy.
         """
         hi = lo + len(out)
+        entries = list(extents)
+        if any(isinstance(e, Strided) for e in entries):
+            return self._fetch_mixed(path, entries, lo, out)
         pieces = [e if lo <= e.start and e.start + e.length <= hi else _clip(e, lo, hi)
-                  for e in extents if e.start < hi and e.start + e.length > lo]
+                  for e in entries if isinstance(e, Extent) and e.start < hi and e.start + e.length > lo]
         if not pieces:
             return True
         if _overlapping(pieces):
-            reads = [(e, [e]) for e in sorted(pieces, key=lambda e: e.seq)]   # newest last: it wins
+            reads: list[tuple[Extent, list[Extent]]] = [(e, [e]) for e in sorted(pieces, key=lambda e: e.seq)]
         else:
             reads = _coalesce(pieces)
         with borrowed(sum(span.length for span, group in reads if len(group) > 1)) as scratch:
             return self._read_into(path, reads, lo, out, scratch)
+
+    def _fetch_mixed(self, path: str, entries: list[Entry], lo: int, out: memoryview) -> bool:
+        """:meth:`fetch_into` with strided runs: every read lands in scratch, then all paint in sequence order."""
+        hi = lo + len(out)
+        plain = [_clip(e, lo, hi) for e in entries
+                 if not isinstance(e, Strided) and e.start < hi and e.start + e.length > lo]
+        runs = []
+        for e in entries:
+            if isinstance(e, Strided):
+                i, j = e.span(lo, hi)
+                if i < j:
+                    runs.append((e, i, j))
+        reads = _coalesce(plain) if plain else []
+        spans = [span for span, _ in reads] + [Extent(e.seq, e.start, (j - i) * e.length, e.blob, e.boff + i * e.length)
+                                               for e, i, j in runs]
+        with borrowed(sum(span.length for span in spans)) as scratch:
+            views, used = [], 0
+            for span in spans:
+                views.append(scratch[used:used + span.length])
+                used += span.length
+            if not self._receive(path, spans, views):
+                return False
+            paint: list[tuple[int, Any]] = []
+            for (span, group), view in zip(reads, views):
+                for e in group:
+                    paint.append((e.seq, (e, view[e.boff - span.boff:e.boff - span.boff + e.length])))
+            for (e, i, j), view in zip(runs, views[len(reads):]):
+                paint.append((e.seq, (e, i, j, view)))
+            target = np.frombuffer(out, dtype=np.uint8)
+            for _, item in sorted(paint, key=lambda p: p[0]):   # newest last: it wins
+                if len(item) == 2:
+                    e, data = item
+                    out[e.start - lo:e.end - lo] = data
+                else:
+                    _scatter(target, lo, *item)
+        return True
+
+    def _receive(self, path: str, spans: Sequence[Extent], views: Sequence[memoryview]) -> bool:
+        """Read each span's blob bytes into its view, in one pipeline; False if a blob was gone (or short)."""
+        key = self._key(file_id(path), "b:")
+        commands = [("GETRANGE", f"{key}{span.blob}", span.boff, span.boff + span.length - 1) for span in spans]
+        conn = self.r.connection_pool.get_connection()
+        try:
+            conn.send_packed_command(resp_frames(commands), check_health=False)
+            lengths = read_bulks_into(_socket_of(conn), list(views))
+        except BaseException:
+            conn.disconnect()  # a half-read reply stream must not be reused
+            raise
+        finally:
+            self.r.connection_pool.release(conn)
+        return all(n == span.length for n, span in zip(lengths, spans))
 
     def _read_into(self, path: str, reads: list[tuple[Extent, list[Extent]]], lo: int, out: memoryview,
                    scratch: memoryview) -> bool:
@@ -480,18 +606,7 @@ class RedisStore(Store):
             else:
                 views.append(scratch[used:used + span.length])
                 used += span.length
-        key = self._key(file_id(path), "b:")
-        commands = [("GETRANGE", f"{key}{span.blob}", span.boff, span.boff + span.length - 1) for span, _ in reads]
-        conn = self.r.connection_pool.get_connection()
-        try:
-            conn.send_packed_command(resp_frames(commands), check_health=False)
-            lengths = read_bulks_into(_socket_of(conn), views)
-        except BaseException:
-            conn.disconnect()  # a half-read reply stream must not be reused
-            raise
-        finally:
-            self.r.connection_pool.release(conn)
-        if any(n != span.length for n, (span, _) in zip(lengths, reads)):
+        if not self._receive(path, [span for span, _ in reads], views):
             return False
         for (span, group), view in zip(reads, views):
             if len(group) > 1:
@@ -533,6 +648,10 @@ class RedisStore(Store):
                     members = []
         if members:
             pipe.zrem(xkey, *members)
+        vkey = self._key(fid, "v")
+        runs = [m for m, _ in self.r.zrange(vkey, 0, -1, withscores=True) if int(m.split(b":")[3]) in gone]
+        for i in range(0, len(runs), _ZADD_CHUNK):
+            pipe.zrem(vkey, *runs[i:i + _ZADD_CHUNK])
         for b in clean_blobs:
             pipe.unlink(self._key(fid, f"b:{b.blob}"))
             pipe.zrem(self._key(fid, "B"), f"{b.blob}:{b.extents}:{b.bytes}:{b.channel}")
@@ -677,7 +796,7 @@ class RedisBatchWriter(BatchWriter):
         self._conn: Any = store.r.connection_pool.get_connection()
         self._tmp: str | None = None
 
-    def send(self, path: str, channel: int, payload: Payload, extents: Sequence[tuple[int, int, int]]) -> None:
+    def send(self, path: str, channel: int, payload: Payload, extents: Sequence[Sequence[int]]) -> None:
         tmp, commands = self.store._pack_commit(path, channel, payload, extents)
         self.store._ensure_loaded()
         try:
@@ -740,6 +859,57 @@ def _parse_extents(raw: list) -> Iterator[Extent]:
     for member, score in pairs:
         seq, boff, length, blob = member.split(b":")
         yield Extent(int(seq), int(score), int(length), int(blob), int(boff))
+
+
+def _parse_strided(raw: list) -> Iterator[Strided]:
+    """Yield the strided runs of a raw ``ZRANGE…WITHSCORES`` reply on the strided index (RESP2 or RESP3)."""
+    pairs = raw if raw and isinstance(raw[0], list) else zip(raw[::2], raw[1::2])
+    for member, score in pairs:
+        seq, boff, length, blob, count, stride = member.split(b":")
+        yield Strided(int(seq), int(score), int(length), int(blob), int(boff), int(count), int(stride))
+
+
+def _entries(raw: list, rawv: list) -> list[Entry]:
+    """Return the entries of the two index replies, in offset order (plain ones only: as the server sent them)."""
+    plain = list(_parse_extents(raw))
+    if not rawv:
+        return list(plain)
+    return sorted([*plain, *_parse_strided(rawv)], key=_order)
+
+
+def _order(e: Entry) -> tuple[int, bytes]:
+    """The index order: by offset, then by member (as the server orders ties at one score)."""
+    return e.start, f"{e.seq}:{e.boff}:{e.length}:{e.blob}".encode()
+
+
+def _blocks(entries: list[Entry], lo: int, hi: int) -> list[Extent]:
+    """Return ``entries`` (in offset order) with strided runs expanded to their blocks overlapping ``[lo, hi)``."""
+    if not any(isinstance(e, Strided) for e in entries):
+        return entries  # type: ignore[return-value]
+    return sorted((b for b in expand(entries, lo, hi) if b.end > lo), key=_order)
+
+
+def _scatter(out: np.ndarray, lo: int, run: Strided, i: int, j: int, data: memoryview) -> None:
+    """Copy blocks ``[i, j)`` of ``run`` (packed in ``data``) to their places in ``out``, the window from ``lo``.
+
+    The blocks wholly inside the window go in one numpy copy through a
+    strided view of ``out``; the (at most two) cut by its edges, one by one.
+    """
+    hi = lo + len(out)
+    ln, st = run.length, run.stride
+    src = np.frombuffer(data, dtype=np.uint8)
+    first = max(i, -(-(lo - run.start) // st))           # first block starting at or after lo
+    stop = max(first, min(j, (hi - ln - run.start) // st + 1))   # blocks before it end by hi
+    if first < stop:
+        at = run.start + first * st - lo
+        dst = np.lib.stride_tricks.as_strided(out[at:], shape=(stop - first, ln), strides=(st, 1))
+        dst[...] = src[(first - i) * ln:(stop - i) * ln].reshape(stop - first, ln)
+    for k in [*range(i, min(first, j)), *range(max(stop, i), j)]:
+        b0 = run.start + k * st
+        a, b = max(lo, b0), min(hi, b0 + ln)
+        if a < b:
+            s = (k - i) * ln + a - b0
+            out[a - lo:b - lo] = src[s:s + b - a]
 
 
 def _clip(e: Extent, lo: int, hi: int) -> Extent:

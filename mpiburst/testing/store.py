@@ -25,9 +25,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ..errors import TierFullError
-from ..overlay import gaps
+from ..overlay import Strided, expand, gaps
 from ..store import MAX_EXTENT, FileMeta, FlushLease, RecordGone, Store, file_id
-from . import Model, put
+from . import Model, put, put_runs
 
 #: Hypothesis settings of the data tests: few examples, each on a fresh file of the same store
 #: (every subclass runs them on its own store, hence ``differing_executors``).
@@ -36,6 +36,10 @@ _EXAMPLES = settings(max_examples=30, deadline=None, suppress_health_check=[Heal
 
 _write = st.tuples(st.integers(0, 600_000), st.integers(1, 300_000))
 _batch = st.lists(_write, min_size=1, max_size=4)
+#: A write of a batch with strided runs: plain ``(offset, n)`` or strided ``(offset, length, count, gap)``.
+_run = st.one_of(st.tuples(st.integers(0, 300_000), st.integers(1, 70_000)),
+                 st.tuples(st.integers(0, 300_000), st.integers(1, 5_000), st.integers(2, 40), st.integers(0, 9_000)))
+_run_batch = st.lists(_run, min_size=1, max_size=4)
 
 
 def _path() -> str:
@@ -51,6 +55,34 @@ def current(store: Store, path: str, lo: int, hi: int) -> bytes:
     for a, b in gaps(lo, hi, found):
         assert out[a - lo:b - lo] == bytes(b - a)        # fetch_into leaves uncovered bytes alone
     return bytes(out)
+
+
+def current_compact(store: Store, path: str, lo: int, hi: int, upto: int | None = None) -> bytes:
+    """Return the bytes of ``[lo, hi)`` assembled from the compact index, as a flush batch does."""
+    found = store.index(path, lo, hi, upto=upto)
+    assert [e.start for e in found] == sorted(e.start for e in found)
+    out = memoryview(bytearray(hi - lo))
+    assert store.fetch_into(path, found, lo, out)
+    for a, b in gaps(lo, hi, found):
+        assert out[a - lo:b - lo] == bytes(b - a)
+    return bytes(out)
+
+
+def _blobless(entries: list) -> list:
+    """Return ``entries`` with their blob ids zeroed (a cluster store numbers blobs its own way)."""
+    return [e._replace(blob=0) for e in entries]
+
+
+def _strided_writes(rnd: random.Random, batch: list[tuple]) -> list[tuple]:
+    """Turn drawn ``_run`` tuples into :func:`~mpiburst.testing.put_runs` writes with random bytes."""
+    out: list[tuple] = []
+    for w in batch:
+        if len(w) == 2:
+            out.append((w[0], rnd.randbytes(w[1])))
+        else:
+            off, length, count, gap = w
+            out.append((off, rnd.randbytes(length * count), length, length + gap))
+    return out
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
@@ -145,6 +177,78 @@ class StoreTests:
         meta, found = store.window(path, lo, hi)
         assert meta == store.meta(path) and sorted(found) == sorted(overlapping)
         store.drop(path)
+
+    # -- strided runs (the compact index of regular views) -----------------
+    @_EXAMPLES
+    @given(batches=st.lists(_run_batch, min_size=1, max_size=5), window=_write)
+    def test_strided_runs_read_as_their_blocks(self, store: Store, batches: list, window: tuple[int, int]) -> None:
+        """Strided runs and plain writes in any order and overlap: reads, the compact index and the model agree."""
+        path = _path()
+        store.create(path, None)
+        model = Model()
+        rnd = random.Random(len(batches))
+        for batch in batches:
+            put_runs(store, path, model, _strided_writes(rnd, batch), channel=rnd.randrange(4))
+        size = len(model.data)
+        assert store.meta(path).size == size
+        lo, n = window
+        want = bytes(model.data[lo:lo + n].ljust(n, b"\0"))
+        assert current(store, path, lo, lo + n) == want
+        assert current_compact(store, path, lo, lo + n) == want
+        assert current(store, path, 0, size) == bytes(model.data) == current_compact(store, path, 0, size)
+        every = list(store.all_extents(path))                # expanded: plain extents, in offset order
+        assert all(not isinstance(e, Strided) for e in every)
+        assert [e.start for e in every] == sorted(e.start for e in every)
+        overlapping = [e for e in every if e.start < lo + n and e.end > lo]
+        assert sorted(store.extents(path, lo, lo + n)) == sorted(overlapping)
+        assert sorted(expand(store.index(path, lo, lo + n), lo, lo + n)) == sorted(overlapping)
+        store.drop(path)
+
+    def test_a_strided_run_is_one_index_entry(self, store: Store) -> None:
+        """4096 blocks of 4 KiB, 8 KiB apart: one entry, one sequence number; later writes win where they land."""
+        path = "/bfs/vec"
+        store.create(path, None)
+        model = Model()
+        block, count, stride = 4096, 4096, 8192
+        data = random.Random(1).randbytes(block * count)
+        assert put_runs(store, path, model, [(0, data, block, stride)]) == 1
+        meta = store.meta(path)
+        assert meta.seq == 1 and meta.size == (count - 1) * stride + block
+        run = Strided(1, 0, block, 0, 0, count, stride)                  # blob ids are the store's own
+        assert _blobless(store.extents_from(path, 0, 10)) == [run]
+        assert _blobless(store.index(path, 100_000, 100_001)) == [run]
+        assert [e.start for e in store.extents(path, 4000, 20_000)] == [0, 8192, 16384]
+        # a later contiguous write across three blocks and a gap, and another strided run shifted by half a block
+        put_runs(store, path, model, [(10_000, b"C" * 10_000)])
+        put_runs(store, path, model, [(2048 + 40 * stride, b"S" * (block * 30), block, stride)])
+        for lo, hi in [(0, meta.size), (9_000, 25_000), (40 * stride, 75 * stride + 1), (meta.size - 5000, meta.size)]:
+            want = bytes(model.data[lo:hi])
+            assert current(store, path, lo, hi) == want == current_compact(store, path, lo, hi)
+        assert current_compact(store, path, 0, meta.size, upto=1) == data_of_first(data, block, stride, meta.size)
+        assert len(store.blobs(path)) == 3 and store.meta(path).seq == 3
+
+    def test_truncation_cuts_a_strided_run(self, store: Store) -> None:
+        """set_size keeps the whole blocks below the cut, a partial block, and nothing past it."""
+        for size in (0, 1, 100, 4096, 4097, 8192, 8193, 12_000, 3 * 8192 + 100, 10 * 8192):
+            path = f"/bfs/trunc-{size}"
+            store.create(path, None)
+            model = Model()
+            put_runs(store, path, model, [(0, bytes(range(256)) * 16 * 8, 4096, 8192)])
+            store.set_size(path, size)
+            model.truncate(size)
+            assert all(e.end <= size for e in store.all_extents(path))
+            assert current(store, path, 0, size) == bytes(model.data) == current_compact(store, path, 0, size)
+            store.drop(path)
+
+    def test_drop_clean_frees_strided_runs(self, store: Store) -> None:
+        store.create("/bfs/dcs", None)
+        put_runs(store, "/bfs/dcs", None, [(0, b"a" * 8000, 1000, 3000)])
+        put_runs(store, "/bfs/dcs", None, [(500, b"b" * 4000, 500, 2000)])
+        with store.flush_lease("/bfs/dcs", 30) as lease:
+            assert lease.mark_clean(1, None)
+        assert store.drop_clean("/bfs/dcs") == 8000
+        assert _blobless(store.extents_from("/bfs/dcs", 0, 10)) == [Strided(2, 500, 500, 0, 0, 8, 2000)]
+        assert [b.last for b in store.blobs("/bfs/dcs")] == [2]
 
     def test_extents_from_walks_the_index_by_offset(self, store: Store) -> None:
         """extents_from pages through the index by offset: a page ends where the next one starts."""
@@ -432,6 +536,14 @@ class StoreTests:
         assert not store.empty()
         store.dequeue()
         assert store.empty()
+
+
+def data_of_first(data: bytes, block: int, stride: int, size: int) -> bytes:
+    """The image of a file holding only the strided run ``data`` of ``block``-byte blocks ``stride`` apart."""
+    image = bytearray(size)
+    for k in range(len(data) // block):
+        image[k * stride:k * stride + block] = data[k * block:(k + 1) * block]
+    return bytes(image)
 
 
 class FullStoreTests:
