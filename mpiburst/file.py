@@ -593,10 +593,8 @@ class File:
         if view.contiguous:
             tf.write(view.disp + pos, data)
         else:
-            for at, offs, lens in view.chunks(pos, n):
-                for off, ln in zip(offs.tolist(), lens.tolist()):
-                    tf.write(off, data[at:at + ln])
-                    at += ln
+            for at, offs, lens in view.chunks(pos, n):   # one call per slice of runs, not per run
+                tf.write_runs(offs, lens, data[at:at + int(lens.sum())])
         if self._atomic:
             tf.push()
         return n

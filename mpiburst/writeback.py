@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 from time import perf_counter_ns
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
+
+import numpy as np
 
 from . import iostats
 from .errors import OffsetError, ServerError, TierConnectionError, TierFullError
@@ -19,7 +21,7 @@ from .assembly import BfsBytes, current_bytes
 from .perms import current_umask
 from .residency import make_room
 from .sizes import parse_size
-from .store import MAX_BLOB, MAX_EXTENT, FileMeta, RecordGone
+from .store import MAX_BLOB, MAX_EXTENT, MAX_SPAN, FileMeta, RecordGone
 from .tier import Tier
 
 T = TypeVar("T")
@@ -124,7 +126,14 @@ class TierFile:
             pos += take
 
     def _append(self, offset: int, data: memoryview) -> None:
-        """Copy ``data`` into the buffer and index it, extending the last extent when contiguous."""
+        """Copy ``data`` into the buffer and index it, extending the last extent when contiguous.
+
+        A write of the same length as the last one, a fixed stride after it,
+        extends it into a strided run (one index entry for records written
+        at a regular stride, see :class:`~mpiburst.overlay.Strided`). Only
+        the last entry grows, so a later write still gets a later sequence
+        number than every block it may overlap.
+        """
         n = len(data)
         boff = len(self._payload)
         self._payload += data
@@ -132,13 +141,79 @@ class TierFile:
         pos = 0
         if ext:
             last = ext[-1]
-            if last[0] + last[2] == offset and last[2] < MAX_EXTENT:
+            if len(last) == 5:
+                if n == last[2] and offset == last[0] + last[3] * last[4] and offset + n - last[0] <= MAX_SPAN:
+                    last[3] += 1
+                    return
+            elif last[0] + last[2] == offset and last[2] < MAX_EXTENT:
                 pos = min(n, MAX_EXTENT - last[2])
                 last[2] += pos
+            elif n == last[2] and last[0] + n < offset and offset + n - last[0] <= MAX_SPAN:
+                ext[-1] = [last[0], last[1], n, 2, offset - last[0]]
+                return
         while pos < n:
             ln = min(MAX_EXTENT, n - pos)
             ext.append([offset + pos, boff + pos, ln])
             pos += ln
+
+    def write_runs(self, offsets: np.ndarray, lengths: np.ndarray, data: memoryview) -> None:
+        """Buffer the packed ``data`` for the file runs ``(offsets, lengths)``, in order (later runs win).
+
+        One noncontiguous write. Runs of one length at a fixed stride (a
+        vector or subarray view) become strided runs: copied into the buffer
+        as a whole, as many blocks per batch as fit, one index entry per
+        batch, in one call whatever the number of blocks; such a group counts
+        as one write call in :attr:`stats`. Irregular or long runs are
+        written (and counted) one by one, as :meth:`write` does.
+        """
+        if len(offsets) == 0:
+            return
+        check_offset(int((offsets + lengths).max()), f"write {len(data)} bytes at offset {int(offsets[0])} of")
+        at = 0
+        for i, j, length, stride in _regular(offsets, lengths):
+            if j - i == 1 or length > MAX_EXTENT or stride < length or length > self.room:
+                for off, ln in zip(offsets[i:j].tolist(), lengths[i:j].tolist()):
+                    self.write(off, data[at:at + ln])
+                    at += ln
+                continue
+            n = (j - i) * length
+            calls = self._calls
+            if calls is not None:
+                calls.append(int(offsets[i]))
+                calls.append(n)
+                if len(calls) >= _DIGEST_AT:
+                    self.stats.digest()
+            self._append_strided(int(offsets[i]), data[at:at + n], length, stride)
+            at += n
+
+    def _append_strided(self, offset: int, data: memoryview, length: int, stride: int) -> None:
+        """Buffer blocks of ``length`` bytes packed in ``data``, ``stride`` apart from ``offset``, batch by batch."""
+        count = len(data) // length
+        per_span = max(1, (MAX_SPAN - length) // stride + 1)
+        k = 0
+        while k < count:
+            fit = (self.room - len(self._payload)) // length
+            if fit <= 0:
+                if not self._payload:
+                    fit = 1
+                else:
+                    self.push()
+                    continue
+            take = min(count - k, fit, per_span)
+            off = offset + k * stride
+            if take == 1:
+                self._append(off, data[k * length:(k + 1) * length])
+            else:
+                boff = len(self._payload)
+                self._payload += data[k * length:(k + take) * length]
+                last = self._extents[-1] if self._extents else None
+                if (last is not None and len(last) == 5 and last[2] == length and last[4] == stride
+                        and off == last[0] + last[3] * stride and last[1] + last[3] * length == boff
+                        and off + (take - 1) * stride + length - last[0] <= MAX_SPAN):
+                    last[3] += take
+                else:
+                    self._extents.append([off, boff, length, take, stride])
+            k += take
 
     @property
     def buffered(self) -> int:
@@ -274,6 +349,32 @@ class TierFile:
         check_offset(size, f"set the size {size} of")
         self.push()
         with_room(self.tier, lambda: self.store.set_size(self.path, size), f"set the size of {self.path}")
+
+
+def _regular(offsets: np.ndarray, lengths: np.ndarray) -> Iterator[tuple[int, int, int, int]]:
+    """Split runs into groups ``(i, j, length, stride)``: runs ``[i, j)`` of one length at one stride.
+
+    A view of a regular pattern is one group (checked with numpy, no Python
+    loop over the runs); otherwise groups are found greedily.
+    """
+    n = len(offsets)
+    if n == 1:
+        yield 0, 1, int(lengths[0]), 0
+        return
+    steps = np.diff(offsets)
+    if (lengths == lengths[0]).all() and (steps == steps[0]).all():
+        yield 0, n, int(lengths[0]), int(steps[0])
+        return
+    offs, lens = offsets.tolist(), lengths.tolist()
+    i = 0
+    while i < n:
+        j, stride = i + 1, 0
+        if j < n and lens[j] == lens[i]:
+            stride = offs[j] - offs[i]
+            while j < n and lens[j] == lens[i] and offs[j] - offs[j - 1] == stride:
+                j += 1
+        yield i, j, lens[i], stride
+        i = j
 
 
 def with_room(tier: Tier, action: Callable[[], T], what: str) -> T:

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from conftest import require_tool
 from mpiburst import flush, perms, residency
 from mpiburst.errors import PathError
-from mpiburst.testing import Model, put
+from mpiburst.testing import Model, put, put_runs
 
 from conftest import ALIGN, bfs_file, check_aligned
 
@@ -156,6 +156,61 @@ def test_random_writes_truncations_and_syncs(atier, ops, initial, seed):
     assert b"".join(residency.read(path, tier=atier)) == bytes(model.data)
     assert not store.meta(path).dirty
     store.drop(path)
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.one_of(
+    st.tuples(st.just("w"), st.integers(0, 600_000), st.integers(1, 100_000), st.just(0), st.just(0)),
+    st.tuples(st.just("v"), st.integers(0, 600_000), st.integers(1, 9000), st.integers(2, 60),
+              st.sampled_from([0, 1, 4096, 3 * ALIGN, 5 * ALIGN + 7])),
+    st.tuples(st.just("t"), st.integers(0, 700_000), st.just(0), st.just(0), st.just(0)),
+    st.tuples(st.just("s"), st.just(0), st.just(0), st.just(0), st.just(0))), min_size=1, max_size=10),
+    initial=st.integers(0, 400_000), seed=st.integers(0, 2**32 - 1))
+def test_strided_runs_flush_byte_for_byte(atier, ops, initial, seed, writes_seen):
+    """Strided runs (strides below and above a stripe) among plain writes, truncations and syncs."""
+    rnd = random.Random(seed)
+    path = bfs_file(atier, f"strided/{next(_EXAMPLE)}")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    start = rnd.randbytes(initial) if initial else None
+    if start is not None:
+        with open(path, "wb") as f:
+            f.write(start)
+    store = atier.store
+    store.create(path, initial if start is not None else None)
+    model = Model(start or b"")
+    for op, a, b, count, gap in ops:
+        if op == "w":
+            put(store, path, model, [(a, rnd.randbytes(b))])
+        elif op == "v":
+            put_runs(store, path, model, [(a, rnd.randbytes(b * count), b, b + gap)])
+        elif op == "t":
+            store.set_size(path, a)
+            model.truncate(a)
+        else:
+            flush.sync(path, tier=atier)
+    writes_seen.clear()
+    rep = flush.sync(path, tier=atier)
+    assert open(path, "rb").read() == bytes(model.data)
+    assert not store.meta(path).dirty
+    check_aligned([w for w in writes_seen if w[0] == path], rep.size)
+    store.drop(path)
+
+
+@pytest.mark.timeout(60)
+def test_a_sparse_strided_run_writes_only_its_stripes(atier, writes_seen):
+    """Blocks 10 stripes apart: the flush writes the stripes holding blocks, not the gaps between them."""
+    path = bfs_file(atier, "sparse-strided.dat")
+    store = atier.store
+    store.create(path, None)
+    model = Model()
+    put_runs(store, path, model, [(ALIGN // 2, random.Random(5).randbytes(8 * 100), 100, 10 * ALIGN)])
+    put(store, path, model, [(3 * ALIGN, b"p" * 10)])           # a plain write between two blocks
+    assert len(store.extents_from(path, 0, 100)) == 2              # one strided entry, one plain
+    rep = flush.sync(path, tier=atier)
+    assert open(path, "rb").read() == bytes(model.data)
+    assert sorted(off // ALIGN for _, off, _ in writes_seen) == [0, 3, 10, 20, 30, 40, 50, 60, 70]
+    assert rep.writes == 9
 
 
 # ----------------------------------------------------------------------------- existing files, truncation
