@@ -100,3 +100,32 @@ def test_checkpoint_loop_measures_every_way_and_has_no_target_on_a_local_disk(mp
     assert target["met"] is None and "job time / direct MPI-IO" in target["target"]
     assert not list(mpi_tmp_path.glob("mpiburst-bench-*")), "the scratch directory was left behind"
 
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(240)
+def test_view_pattern_compares_a_vector_view_with_write_at_in_one_run(mpi_tmp_path, server_binary, capsys):
+    """--pattern view: both ways verified on the BFS, their ratio printed, a compact index for the view."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    out_json = mpi_tmp_path / "bench.json"
+    status = main(["bench", "--pattern", "view", "--transfer", "4k,47008", "--size", "1m", "--repeat", "2",
+                   "--bfs-dir", str(mpi_tmp_path), "--server", server_binary, "--json", str(out_json)])
+    assert status == 0
+    comm.Barrier()
+    if comm.rank != 0:
+        return
+    table = capsys.readouterr().out
+    assert "view/Write_at" in table and "absorb view" in table
+    doc = json.loads(out_json.read_text())
+    views = doc["params"]["view"]
+    assert [v["transfer"] for v in views] == [4096, 47008]
+    for v in views:
+        assert v["verified"] == {"write_at": True, "view": True}
+        assert all(len(s) == 2 and min(s) > 0 for s in v["seconds"].values())
+        assert 0 < v["absorb_ratio"] < math.inf
+        records = (1 << 20) // v["transfer"]
+        # one strided entry per rank and batch, not one per record (1 MiB per rank fits one batch)
+        assert v["entries"]["view"] == comm.size < records
+    assert not list(mpi_tmp_path.glob("mpiburst-bench-*")), "the scratch directory was left behind"

@@ -25,8 +25,8 @@ from ..writeback import buffer_size
 from ..errors import ConfigError
 from ..server import connect_redis
 from ..sizes import format_size, parse_size
-from . import baselines, burst, ckpt, report
-from .patterns import PATTERNS, Layout, rank_data, records
+from . import baselines, burst, ckpt, report, view
+from .patterns import DEFAULT_PATTERNS, PATTERNS, Layout, rank_data, records
 
 DEFAULT_TRANSFERS = ("4k", "47008", "1m", "16m")
 #: The tier must hold one configuration's payload with this much room to spare.
@@ -60,7 +60,7 @@ def options(patterns: list[str] | None, transfers: list[str] | None, size: str, 
             json: str | None, plot: str | None, bfs_dir: str, capacity: str, server: str | None,
             steps: int = 4, work: float = 0.25) -> Options:
     """Check the command line's values and return them as :class:`Options` (raises :class:`ConfigError`)."""
-    pats = _split(patterns, PATTERNS)
+    pats = _split(patterns, DEFAULT_PATTERNS)
     for p in pats:
         if p not in PATTERNS:
             raise ConfigError(f"unknown pattern {p!r}; choose from {', '.join(PATTERNS)}.")
@@ -262,6 +262,7 @@ def run(opts: Options) -> int:
         params |= {"steps": opts.steps, "work_seconds": opts.work, "ckpt_size": format_size(opts.size)}
     scratch, rundir = _scratch(comm, opts.bfs_dir)
     results = []
+    views: list[dict[str, Any]] = []
     try:
         with burst.start_tier(comm, os.path.join(scratch, "bfs"), opts.capacity, rundir, opts.server) as tier:
             admin = tier.admin() if comm.rank == 0 else None
@@ -270,6 +271,13 @@ def run(opts: Options) -> int:
                 if pattern == "ckpt":  # the same work in every method and size: calibrated once
                     params["work_iterations"] = ckpt.calibrate(comm, opts.work)
                 for transfer in opts.transfers:
+                    if pattern == "view":   # its own table: Write_at against a view, same run
+                        raw = view.run_config(comm, tier, Layout("strided", transfer, opts.size, comm.size,
+                                                                  comm.rank), opts.repeat)
+                        if comm.rank == 0:
+                            views.append(view.summarize(raw))
+                            print(f"done: view {report.short_size(transfer)}", file=sys.stderr, flush=True)
+                        continue
                     if pattern == "ckpt":
                         layout = ckpt.checkpoint_layout(transfer, opts.size, comm.size, comm.rank)
                         loop = ckpt.Loop(layout, opts.steps, params["work_iterations"])
@@ -290,13 +298,19 @@ def run(opts: Options) -> int:
             shutil.rmtree(rundir, ignore_errors=True)
     status = 0
     if comm.rank == 0:
-        print(report.table(results, params))
+        if views:
+            params["view"] = views
+            print(view.table(views, opts.repeat) + ("\n" if results else ""))
+        if results or not views:
+            print(report.table(results, params))
         if opts.json:
             report.write_json(opts.json, results, params, about)
         if opts.plot:
             report.plot(opts.plot, [(results, params, about)])
         bad = [f"{r['pattern']} {report.short_size(r['transfer'])} {k}"
                for r in results for k, m in r["methods"].items() if not m["verified"]]
+        bad += [f"view {report.short_size(r['transfer'])} {k}" for r in views for k, ok in r["verified"].items()
+                if not ok]
         if bad:
             print(f"mpiburst bench: wrong output from: {', '.join(bad)}; these figures are worthless.", file=sys.stderr)
             status = 1

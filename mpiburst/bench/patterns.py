@@ -26,8 +26,11 @@ from ..errors import ConfigError
 
 #: Where the records of one file (or one file per rank) go.
 LAYOUTS = ("segmented", "strided", "nn")
-#: What ``--pattern`` takes: the layouts and the checkpoint loop (:mod:`.ckpt`, strided checkpoints).
-PATTERNS = LAYOUTS + ("ckpt",)
+#: What ``--pattern`` takes: the layouts, the checkpoint loop (:mod:`.ckpt`, strided checkpoints) and the
+#: strided records through a file view against ``Write_at`` (:mod:`.view`).
+PATTERNS = LAYOUTS + ("ckpt", "view")
+#: What runs without ``--pattern``.
+DEFAULT_PATTERNS = LAYOUTS + ("ckpt",)
 
 #: Period of the content tape: odd and just below 1 MiB, so no power-of-two
 #: shift or transfer size maps a record onto the bytes of another one.

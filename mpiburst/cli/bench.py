@@ -26,8 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "with bandwidths (GB/s, median of --repeat runs) and ratios.",
     )
     p.add_argument("--pattern", action="append", metavar="P",
-                   help="segmented, strided, nn or ckpt (the checkpoint loop); repeat or comma-separate "
-                   "(default: all four)")
+                   help="segmented, strided, nn, ckpt (the checkpoint loop) or view (strided records through a "
+                   "file view against Write_at); repeat or comma-separate (default: all but view)")
     p.add_argument("--transfer", action="append", metavar="SIZE",
                    help="bytes per write call; repeat or comma-separate (default: 4k,47008,1m,16m)")
     p.add_argument("--size", default="64m", help="bytes written by each rank per measurement (default: 64m)")
