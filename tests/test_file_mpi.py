@@ -179,6 +179,48 @@ def test_overlaps_between_ranks_by_arrival_order(tier):
     assert n == len(expect) and got == bytes(expect)
 
 
+def test_vector_views_interleave_as_strided_runs_and_flush(tier):
+    """Every rank writes its interleaved blocks through a vector view with one Write_all: one strided
+    index entry per rank; a later view shifted by half a block and a later contiguous write win where
+    they land, in arrival order; reads and the flushed BFS file match the reference image."""
+    block, nblocks = 4096, 300
+    stride = size * block
+    vec = MPI.BYTE.Create_vector(nblocks, block, stride).Commit()
+    mine = pattern(block * nblocks, rank)
+    with File.Open(comm, "burst://views.dat", RW) as f:
+        f.Set_view(rank * block, MPI.BYTE, vec)
+        f.Write_all(mine)
+        sync_barrier_sync(f)
+        entries = tier.store.extents_from(bfs_path(tier, "views.dat"), 0, 100_000)
+        half = MPI.BYTE.Create_vector(50, block, stride).Commit()
+        f.Set_view(block // 2, MPI.BYTE, half)      # collective; each rank may give its own view
+        half.Free()
+        if rank == 0:                              # then rank 0 overwrites half of each of 50 slots
+            f.Write(b"H" * (50 * block))
+        sync_barrier_sync(f)
+        f.Set_view(0, MPI.BYTE, MPI.BYTE)
+        if rank == size - 1:                       # and the last rank writes across many blocks at once
+            f.Write_at(10 * stride + 100, b"C" * (5 * stride))
+        sync_barrier_sync(f)
+        got, n = read_all(f, 0, nblocks * stride)
+    vec.Free()
+    expect = bytearray(nblocks * stride)
+    for r in range(size):
+        data = pattern(block * nblocks, r)
+        for k in range(nblocks):
+            at = r * block + k * stride
+            expect[at:at + block] = data[k * block:(k + 1) * block]
+    for k in range(50):
+        at = block // 2 + k * stride
+        expect[at:at + block] = b"H" * block
+    expect[10 * stride + 100:15 * stride + 100] = b"C" * (5 * stride)
+    assert len(entries) == size and all(getattr(e, "nblocks", 1) == nblocks for e in entries)
+    assert n == len(expect) and got == bytes(expect)
+    mpiburst.sync("burst://views.dat", comm=comm)
+    with open(bfs_path(tier, "views.dat"), "rb") as out:
+        assert out.read() == bytes(expect)
+
+
 def test_concurrent_overlap_resolves_to_one_writer_per_fragment(tier):
     """Unordered writes to one range: the result is one rank's whole write (one fragment), never a mix."""
     n = 100_000                                    # below the 256 KiB fragment size: one fragment each
