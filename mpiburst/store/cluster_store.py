@@ -74,6 +74,7 @@ from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import redis
+from redis.crc import key_slot
 
 from ..errors import MpiburstError, NodeLostError, ServerError, TierConnectionError
 from ..overlay import Entry, Extent, Strided
@@ -110,6 +111,16 @@ if tonumber(ARGV[1]) > tonumber(redis.call('HGET', KEYS[1], 'fence') or '0') the
 end
 return 1
 """
+
+
+def slot_tag(node: int, slots: Sequence[int]) -> str:
+    """Return node ``node``'s hash tag computed from its slot range ``[first, last]``: what :func:`node_tag` finds."""
+    first, last = slots
+    for k in range(16 * _PROBE * 64):
+        tag = f"n{node}.{k}"
+        if first <= key_slot(tag.encode()) <= last:
+            return tag
+    raise ServerError(f"node {node} has no usable hash slot in {first}-{last}; form the cluster again.")
 
 
 def node_tag(client: redis.Redis, node: int) -> str:
@@ -152,10 +163,15 @@ class ClusterStore(Store):
         Optionally ``[lo, hi)`` of the ranks (channels) of each node: a
         channel lives on its rank's node. Without it channel ``C`` lives on
         node ``C mod nodes``.
+    slots
+        Optionally each node's slot range ``[first, last]`` (the run conf's):
+        the tags are then computed here instead of asked of every server,
+        so a store can be made while a node other than 0 is down.
     """
 
     def __init__(self, clients: Sequence[redis.Redis], local: int | None,
-                 ranks: Sequence[Sequence[int]] | None = None) -> None:
+                 ranks: Sequence[Sequence[int]] | None = None,
+                 slots: Sequence[Sequence[int]] | None = None) -> None:
         if not clients:
             raise ValueError("a cluster store needs at least one server")
         self.clients = list(clients)
@@ -163,6 +179,9 @@ class ClusterStore(Store):
         self.ranks = [tuple(r) for r in ranks] if ranks else None
         self.tags: list[str] = []
         for i, client in enumerate(self.clients):
+            if slots:  # the run conf's slot ranges: no server asked, so a dead node's tag is known too
+                self.tags.append(slot_tag(i, slots[i]))
+                continue
             with self._on(i):
                 self.tags.append(node_tag(client, i))
         self.shards = [RedisStore(c, prefix=f"mpb:{{{t}}}:") for c, t in zip(self.clients, self.tags)]
