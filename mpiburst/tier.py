@@ -7,7 +7,11 @@ properties.
 
 ``Tier.start`` is collective over an mpi4py communicator: rank 0 starts the
 server and every rank gets the run conf or the error rank 0 met
-(:func:`mpiburst.collective.on_root`), then connects. ``Tier.memory`` is an
+(:func:`mpiburst.collective.on_root`), then connects. On a communicator
+spanning several nodes (:mod:`mpiburst.nodes`) each node's first rank starts
+its node's cluster-mode server, rank 0 joins them into one cluster, and every
+rank's store is a :class:`~mpiburst.store.cluster_store.ClusterStore` writing
+to its own node's server. ``Tier.memory`` is an
 in-process tier over a :class:`~mpiburst.store.MemoryStore`, for unit tests
 only; it is never a stand-in for a real server in an integration test.
 """
@@ -15,16 +19,18 @@ only; it is never a stand-in for a real server in an integration test.
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
 import redis
 
-from . import engine_process, server
+from . import engine_process, nodes, server
 from .collective import on_root, together
 from .errors import ConfigError
-from .runconf import RunConf, conf_path, find_conf_path
+from .runconf import RunConf, conf_path, find_conf_path, resolve_id
 from .server import StartOptions
 from .store import MemoryStore, RedisStore, Store
+from .store.cluster_store import ClusterStore
 
 
 class Tier:
@@ -72,6 +78,12 @@ class Tier:
         The server is tied to the starting process: if that process dies (an
         aborted MPI job), the server gets SIGTERM and no server is left behind.
 
+        When ``comm`` spans several nodes (see :mod:`mpiburst.nodes`; or
+        ``$MPIBURST_RANKS_PER_NODE``), each node's first rank starts its
+        node's server in cluster mode (tied to that rank), rank 0 joins them
+        into one cluster, writes the conf (with ``nodes``) and starts the
+        engine; every rank then writes to its own node's server.
+
         Raises
         ------
         MpiburstError
@@ -81,22 +93,30 @@ class Tier:
         opts = StartOptions.of(options, **changes)
         if opts.channels is None and not opts.restart:
             opts = opts.replace(channels=comm.Get_size() if comm is not None else 1)
-        conf = on_root(comm, lambda: _start_run(opts))
         if comm is None:
-            return cls._attach(conf, owner=True)
-        tier = together(comm, lambda: cls._attach(conf, owner=comm.Get_rank() == 0, comm=comm))
+            return cls._attach(_start_run(opts), owner=True)
+        node, ranges = together(comm, lambda: nodes.layout(comm)) if comm.Get_size() > 1 else (0, [(0, 1)])
+        if len(ranges) == 1:
+            conf = on_root(comm, lambda: _start_run(opts))
+        else:
+            conf = start_nodes(comm, opts, node, ranges, leader=comm.Get_rank() == ranges[node][0])
+        tier = together(comm, lambda: cls._attach(conf, owner=comm.Get_rank() == 0, comm=comm,
+                                                   node=node if conf.nodes else None))
         comm.Barrier()
         return tier
 
     @classmethod
-    def _attach(cls, conf: RunConf, owner: bool = False, comm: Any = None) -> "Tier":
-        """Connect to the server described by ``conf`` as the ordinary user."""
-        client = server.connect_redis(conf)
-        return cls(conf, RedisStore(client), client, owner=owner, comm=comm)
+    def _attach(cls, conf: RunConf, owner: bool = False, comm: Any = None, node: int | None = None) -> "Tier":
+        """Connect to the run's server(s) as the ordinary user (``node``: this process's node of a multi-node run)."""
+        return cls(conf, *open_store(conf, node), owner=owner, comm=comm)
 
     @classmethod
     def connect(cls, id: str | None = None, conf: RunConf | str | None = None, dir: str | None = None) -> "Tier":
         """Join an existing run (a process that did not start it).
+
+        On a multi-node run the process writes to the server of its node
+        (:func:`mpiburst.nodes.node_of_process`: the node on this host, or
+        the one whose ranks hold this process's MPI rank), else to node 0's.
 
         Parameters
         ----------
@@ -118,7 +138,7 @@ class Tier:
             conf = RunConf.load(path)
         if conf.pid is None:
             raise ConfigError(f"run {conf.id} is not running; start it with 'mpiburst start --restart --id {conf.id}'.")
-        return cls._attach(conf)
+        return cls._attach(conf, node=nodes.node_of_process(conf.nodes) if conf.nodes else None)
 
     @classmethod
     def current(cls) -> "Tier":
@@ -229,6 +249,92 @@ class Tier:
         return f"<Tier {self.id} {self.conf.host}:{self.conf.port} channels={self.channels}>"
 
 
+def open_store(conf: RunConf, node: int | None = None) -> tuple[Store, redis.Redis]:
+    """Return the store of a run and the raw client of this process's server (node 0's on no node).
+
+    A multi-node run's store is a :class:`ClusterStore` over one client per
+    node; ``node`` is this process's node (its writes go there), None for a
+    process on no node (the CLI, the engine).
+
+    Raises
+    ------
+    AuthenticationError, ServerError
+        If a server refuses the password or cannot be reached.
+    """
+    if not conf.nodes:
+        client = server.connect_redis(conf)
+        return RedisStore(client), client
+    clients: list[redis.Redis] = []
+    try:
+        here = node or 0
+        for k in range(len(conf.nodes)):  # this process's own server is checked now; the others on first use
+            clients.append(server.connect_redis(conf.node(k), check=k in (here, 0)))
+        store = ClusterStore(clients, node, ranks=[n["ranks"] for n in conf.nodes], slots=[n["slots"] for n in conf.nodes])
+    except BaseException:
+        for client in clients:
+            client.close()
+        raise
+    return store, clients[node or 0]
+
+
 def _start_run(options: StartOptions) -> RunConf:
     """Start a run's server, tied to this process, and the automatic engine beside it."""
     return engine_process.attach(server.start_run(options, tied=True))
+
+
+def start_nodes(comm: Any, opts: StartOptions, node: int, ranges: list[tuple[int, int]], leader: bool,
+                take_lock: bool = True) -> RunConf:
+    """Start a multi-node run (collective): one server per node, formed into one cluster; return its conf.
+
+    Parameters
+    ----------
+    node
+        This rank's node index.
+    ranges
+        Every node's half-open range of the run's ranks (channels), in node order.
+    leader
+        This rank starts its node's server (exactly one rank per node).
+    take_lock
+        Rank 0 takes the run's start lock (False: the process that launched
+        this job holds it, as ``mpiburst run`` does).
+
+    Rank 0 holds the run's start lock throughout, writes the run-wide files
+    and starts the engine; each leader starts its node's server, tied to
+    itself. If anything fails anywhere, every rank raises and every started
+    server is stopped (by the rank that started it).
+    """
+    rank = comm.Get_rank()
+    hosts = comm.allgather(socket.gethostname())
+    lock: server.RunLock | None = None
+
+    def plan() -> server.ClusterPlan:
+        nonlocal lock
+        if take_lock:
+            held = server.RunLock(server.run_directory(opts.dir), resolve_id(opts.id), "Tier.start")
+            lock = held.__enter__()
+        return server.plan_cluster(opts, nodes_here=len(set(hosts)) == 1)
+
+    entry: dict | None = None
+    started: server.ClusterPlan | None = None
+
+    def launch() -> dict | None:
+        nonlocal entry
+        if leader:  # kept before the ranks agree, so a failure elsewhere still stops this node's server
+            entry = server.launch_planned_node(planned, node, len(ranges), ranges[node], tied=True)
+        return entry
+
+    try:
+        started = on_root(comm, plan)
+        planned = started
+        entries = comm.gather(together(comm, launch))
+        return on_root(comm, lambda: engine_process.attach(server.form_planned(planned, [e for e in entries if e])))
+    except BaseException:
+        if entry is not None and started is not None:
+            server.kill(entry["pid"], started.conf.server)
+            server.clean_node(started.conf, node, entry["socket"])
+        if rank == 0 and started is not None:
+            server.abandon_cluster(started.conf)
+        raise
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)

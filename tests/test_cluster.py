@@ -15,7 +15,7 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from mpiburst import server
+from mpiburst import nodes, server
 from mpiburst.errors import ConfigError, ServerError
 from mpiburst.runconf import AdminCredentials, RunConf
 from mpiburst.server import cluster
@@ -157,3 +157,14 @@ def test_conf_nodes_round_trip_and_bad_entry(three):
     data = dict(conf.__dict__, nodes=[dict(conf.nodes[0], ranks=[0])])
     with pytest.raises(ConfigError, match="wrong node entry"):
         RunConf.from_dict(data)
+
+
+def test_ranks_per_node_setting(monkeypatch):
+    monkeypatch.delenv(nodes.RANKS_PER_NODE, raising=False)
+    assert nodes.ranks_per_node() is None
+    monkeypatch.setenv(nodes.RANKS_PER_NODE, " 2 ")
+    assert nodes.ranks_per_node() == 2
+    for bad in ("0", "-1", "two", "1.5"):
+        monkeypatch.setenv(nodes.RANKS_PER_NODE, bad)
+        with pytest.raises(ConfigError, match="MPIBURST_RANKS_PER_NODE=.* is not a whole number of at least 1"):
+            nodes.ranks_per_node()

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mpiburst"
 #: Bottom to top; a module may import modules of its own layer or of layers below.
 #: A package (``store``, ``server``, ``cli``, ``bench``, ``testing``) is placed as one unit.
 LAYERS: list[set[str]] = [
-    {"errors", "sizes", "overlay", "buffers", "paths", "align", "collective", "perms", "progress"},  # pure helpers
+    {"errors", "sizes", "overlay", "buffers", "paths", "align", "collective", "perms", "progress", "nodes"},  # pure helpers
     {"store"},                                                 # the boundary to the server's data
     {"assembly", "iostats"},                                   # the current bytes of a range; I/O counters
     {"runconf", "server", "engine_process"},                   # the server's and the engine's processes
@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"writeback"},                                             # one process's buffered file
     {"datatypes", "views", "messages"},                        # mpiburst.File's datatypes, views, buffers
     {"file", "fileobj", "channels", "policy"},                 # the APIs applications use
-    {"h5", "engine", "run", "jobrun", "report"},               # built on those APIs
+    {"h5", "engine", "run", "jobrun", "report", "nodeserve"},  # built on those APIs
     {"memio", "cli", "bench", "testing", "__init__", "__main__"},   # entry points and test helpers
 ]
 

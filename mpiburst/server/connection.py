@@ -13,7 +13,7 @@ from ..errors import AuthenticationError, ServerError
 from ..runconf import AdminCredentials, RunConf
 
 
-def connect_redis(conf: RunConf, admin: bool | AdminCredentials = False) -> redis.Redis:
+def connect_redis(conf: RunConf, admin: bool | AdminCredentials = False, check: bool = True) -> redis.Redis:
     """Return an authenticated redis-py client for the run (bytes replies).
 
     ``admin`` (True: read from the run's admin file) connects as the admin
@@ -21,6 +21,10 @@ def connect_redis(conf: RunConf, admin: bool | AdminCredentials = False) -> redi
 
     The unix socket is used when it exists on this host (fast, private);
     otherwise TCP to ``conf.host:conf.port``.
+
+    With ``check`` False nothing is sent yet: the client connects on first
+    use (a multi-node run's other nodes, which a process may never need, and
+    whose loss is reported when their data is touched).
 
     Raises
     ------
@@ -41,6 +45,8 @@ def connect_redis(conf: RunConf, admin: bool | AdminCredentials = False) -> redi
         targets.append(dict(unix_socket_path=conf.socket))
     if conf.port:
         targets.append(dict(host=conf.host, port=conf.port))
+    if not check and targets:
+        return redis.Redis(**targets[0], **options)
     last: Exception | None = None
     for target in targets:
         client = redis.Redis(**target, **options)
