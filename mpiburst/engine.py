@@ -9,7 +9,9 @@ its PID (``server.stop_run``). Every ``interval`` (0.5 s) it:
 * reads the server's memory use (``INFO memory``: ``used_memory`` against
   ``maxmemory``); at or above the run's ``sync_threshold`` (default 0.5) it
   syncs the dirty unpinned files, the longest-dirty first; at or above
-  ``purge_threshold`` (0.8) it drops the clean data of unpinned files;
+  ``purge_threshold`` (0.8) it drops the clean data of unpinned files.
+  On a multi-node run the thresholds apply to each server: the fullest
+  node's fill decides (one engine, on rank 0's node, for the whole run);
 * logs, for the run's I/O report (:mod:`mpiburst.iostats`), a tier-fill
   sample when one is due (every second at first) and an event for each sync
   and purge it does.
@@ -34,6 +36,7 @@ from . import flush, iostats, residency
 from .engine_process import log_path, open_log
 from .errors import MpiburstError, TierConnectionError
 from .server import pid_alive
+from .store.cluster_store import ClusterStore
 from .tier import Tier
 
 #: Seconds between two rounds of the engine (also the longest wait for a queued request).
@@ -60,8 +63,17 @@ class Engine:
         self.sampler = iostats.FillSampler()
 
     def memory(self) -> tuple[int, int]:
-        """Return ``(used_memory, capacity)`` of the server in bytes."""
-        used, limit = self.tier.store.memory()
+        """Return ``(used_memory, capacity)`` in bytes of the server, or of the fullest node's on a cluster.
+
+        A multi-node run's nodes fill separately (each holds what its ranks
+        wrote), so the thresholds apply to each server: one full node must
+        be relieved although the cluster as a whole is not.
+        """
+        store = self.tier.store
+        if isinstance(store, ClusterStore):
+            each = [(used, limit or self.tier.capacity) for used, limit in store.node_memory()]
+            return max(each, key=lambda m: m[0] / m[1])
+        used, limit = store.memory()
         return used, limit or self.tier.capacity
 
     def serve_queue(self) -> None:
@@ -118,7 +130,8 @@ class Engine:
         now = time.time()
         if not (force or self.sampler.due(now)):
             return
-        used, cap = self.memory()
+        used, limit = self.tier.store.memory()  # the whole tier's fill (all nodes' sum on a cluster)
+        cap = limit or self.tier.capacity
         traffic = None
         if self.tier.redis is not None:
             info = self.tier.redis.info("stats")

@@ -163,7 +163,9 @@ def _run_config(comm: Any, tier: Any, admin: Any, client: Any, layout: Layout, r
     data = rank_data(layout)
     recs = records(layout, data)
     values = [bytes(buf) for _, buf in recs]  # a plain client sends bytes; built before timing
-    keys = [f"bench-raw:{layout.rank}:{i}".encode() for i in range(layout.count)]
+    # on a multi-node run the keys carry this node's hash tag, so they stay on the rank's own server
+    tag = f"{{{tier.store.tags[tier.store.local]}}}:" if tier.conf.nodes else ""
+    keys = [f"bench-raw:{tag}{layout.rank}:{i}".encode() for i in range(layout.count)]
     stem = f"{layout.pattern}-{layout.transfer}"
     direct = {kind: os.path.join(scratch, "direct", layout.file_name(f"{stem}-{kind}"))
               for kind in ("independent", "collective")}
@@ -266,7 +268,8 @@ def run(opts: Options) -> int:
     try:
         with burst.start_tier(comm, os.path.join(scratch, "bfs"), opts.capacity, rundir, opts.server) as tier:
             admin = tier.admin() if comm.rank == 0 else None
-            client = connect_redis(tier.conf)  # the raw baselines' own plain connection
+            # the raw baselines' own plain connection, to this rank's node's server on a multi-node run
+            client = connect_redis(tier.conf.node(tier.store.local) if tier.conf.nodes else tier.conf)
             for pattern in opts.patterns:
                 if pattern == "ckpt":  # the same work in every method and size: calibrated once
                     params["work_iterations"] = ckpt.calibrate(comm, opts.work)

@@ -41,8 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_stop)
 
     p = sub.add_parser("status", help="show whether a run's tier is up and how full it is",
-                       description="Show a run's state: up, PID, memory used / capacity, channels, clients. "
-                                   "Exits 0 when up, 3 when down.")
+                       description="Show a run's state: up, PID, memory used / capacity, channels, clients, "
+                                   "and one line per node of a multi-node run. Exits 0 when up (every node), 3 "
+                                   "when down.")
     add_locator(p)
     p.add_argument("--json", action="store_true", help="print the state as one JSON object")
     p.add_argument("-w", "--watch", action="store_true",
@@ -141,8 +142,15 @@ def _status(args: argparse.Namespace) -> int:
         print(f"engine     {state['engine'] or '-'}")
         tcp = f"{state['host']}:{state['port']}" if state["port"] else "no TCP"
         print(f"address    {tcp}  (socket {state['socket']})")
-        print(f"memory     {used} used of {format_size(state['capacity'])}")
+        servers = f" on {len(state['nodes'])} servers ({format_size(state['capacity'])} each)" if state.get("nodes") else ""
+        print(f"memory     {used} used of {format_size(state['capacity'] * max(1, len(state.get('nodes', []))))}{servers}")
         print(f"channels   {state['channels']}")
         print(f"clients    {state['clients'] if state['clients'] is not None else '-'}")
         print(f"bfs root   {state['bfs_root']}  (align {format_size(state['align'])})")
+        for node in state.get("nodes", []):
+            used = format_size(node["used_memory"]) if node["used_memory"] is not None else "-"
+            lo, hi = node["ranks"]
+            print(f"node {node['node']:<5} {'up  ' if node['up'] else 'DOWN'}  pid {node['pid']}  "
+                  f"{node['host']}:{node['port']}  ranks {lo}-{hi - 1}  slots {node['slots'][0]}-{node['slots'][1]}  "
+                  f"{used} used of {format_size(state['capacity'])}  clients {node['clients'] if node['up'] else '-'}")
     return 0 if state["up"] else 3
