@@ -31,10 +31,13 @@ data, and the error names the commands that get the data out. One it joined
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -42,6 +45,7 @@ from typing import Any, Callable, Sequence
 from . import engine_process, flush, iostats, report, residency, server
 from .channels import any_data
 from .errors import ConfigError, FlushError, MpiburstError, PathError, ServerError
+from .nodes import RANKS_PER_NODE
 from .paths import resolve
 from .policy import Policy, Rule
 from .progress import Meter
@@ -218,8 +222,11 @@ def _note(entry: Staged, log: Log | None) -> Staged:
 
 # ----------------------------------------------------------------------------- open a run
 
-def open_run(options: StartOptions, log: Log | None = None) -> tuple[Tier, bool]:
+def open_run(options: StartOptions, log: Log | None = None, nodes: int = 1) -> tuple[Tier, bool]:
     """Return ``(tier, started)`` for a run: join a live one, reload a saved one, or start a new one.
+
+    With ``nodes`` > 1 a new run gets one server per node, started by a
+    background server job (:mod:`mpiburst.nodeserve`, see :func:`node_launcher`).
 
     ``started`` is True when this process started (or restarted) the server
     and so must stop it. The server is not tied to this process: if the job
@@ -236,6 +243,13 @@ def open_run(options: StartOptions, log: Log | None = None) -> tuple[Tier, bool]
                 log(f"joined the running tier of run {run_id} (PID {conf.pid})")
             return Tier.connect(conf=conf), False
     restart = os.path.exists(os.path.join(directory, rdb_name(run_id)))
+    if nodes > 1 and not restart:
+        conf = _start_nodes(options.replace(id=run_id, dir=directory), nodes)
+        tier = Tier.connect(conf=conf)
+        if log:
+            log(f"started the tier of run {run_id} on {nodes} nodes (PIDs "
+                f"{', '.join(str(n['pid']) for n in conf.nodes)}, {tier.channels} channels, BFS root {tier.bfs_root})")
+        return tier, True
     if restart and log:
         log(f"reloading the data run {run_id} saved in {os.path.join(directory, rdb_name(run_id))}")
     conf = engine_process.attach(server.start_run(options.replace(id=run_id, dir=directory, restart=restart)))
@@ -244,6 +258,86 @@ def open_run(options: StartOptions, log: Log | None = None) -> tuple[Tier, bool]
         log(f"started the tier of run {run_id} (PID {tier.conf.pid}, {tier.channels} channels, "
             f"BFS root {tier.bfs_root})")
     return tier, True
+
+
+#: Seconds a multi-node run's server job may take to start every node's server and form the cluster.
+NODES_START_TIMEOUT = 120.0
+#: The server jobs of multi-node runs this process launched, by run conf path.
+_node_jobs: dict[str, subprocess.Popen] = {}
+
+
+def node_launcher(nodes: int) -> list[str]:
+    """Return the command that starts one process on each of ``nodes`` nodes.
+
+    ``$MPIBURST_NODE_LAUNCH`` (split like a shell line) if set; under Slurm
+    ``srun --nodes=N --ntasks=N --ntasks-per-node=1``; else ``mpiexec -n N -ppn 1``.
+    """
+    given = os.environ.get("MPIBURST_NODE_LAUNCH")
+    if given:
+        return shlex.split(given)
+    if os.environ.get("SLURM_JOB_ID"):
+        return ["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", "--overlap"]
+    return ["mpiexec", "-n", str(nodes), "-ppn", "1"]
+
+
+def _start_nodes(opts: StartOptions, nodes: int) -> RunConf:
+    """Start a multi-node run's server job (:mod:`mpiburst.nodeserve`) in the background; return the run's conf.
+
+    Raises
+    ------
+    ServerError
+        If the job exits before the conf is written, or does not write it within :data:`NODES_START_TIMEOUT`.
+    """
+    options = {k: v for k, v in dataclasses.asdict(opts).items() if v not in (None, False)}
+    per = os.environ.get(RANKS_PER_NODE)
+    command = [*node_launcher(nodes), sys.executable, "-m", "mpiburst.nodeserve", "--options", json.dumps(options),
+               "--lock-held"]  # run() holds the run's start lock for the whole job
+    if per:
+        command += ["--ranks-per-node", per]
+    path = conf_path(opts.dir or os.getcwd(), opts.id or "")
+    log = os.path.join(opts.dir or os.getcwd(), f"mpiburst_{opts.id}.nodes.log")
+    fd = engine_process.open_log(log)
+    env = dict(os.environ, **{RANKS_PER_NODE: "1"})  # the server job runs one rank per node
+    try:
+        job = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, env=env,
+                               start_new_session=True)
+    except OSError as exc:
+        raise ServerError(f"cannot launch the tier's server job {command[0]!r} ({exc.strerror}); set "
+                          f"MPIBURST_NODE_LAUNCH to a command that starts one process per node.") from None
+    finally:
+        os.close(fd)
+    deadline = time.monotonic() + NODES_START_TIMEOUT
+    while True:
+        if os.path.exists(path):
+            conf = RunConf.load(path)
+            if conf.nodes and conf.engine_pid is not None:
+                _node_jobs[conf.path] = job
+                return conf
+        if job.poll() is not None or time.monotonic() > deadline:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+                job.wait()
+            raise ServerError(f"the tier's server job on {nodes} nodes did not start the run "
+                              f"({'it exited with status ' + str(job.returncode) if job.returncode is not None else 'timed out'}); "
+                              f"its log {log} ends: {server.log_tail(log)}")
+        time.sleep(0.1)
+
+
+def _end_node_job(conf: RunConf) -> None:
+    """Wait (bounded) for a stopped multi-node run's server job to end; kill it if it does not."""
+    job = _node_jobs.pop(conf.path, None)
+    if job is None:
+        return
+    try:
+        job.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    if job.returncode == 0:  # a failed job's log stays for the user to read
+        try:
+            os.unlink(os.path.join(conf.dir, f"mpiburst_{conf.id}.nodes.log"))
+        except FileNotFoundError:
+            pass
 
 
 def finish_saved(id: str | None = None, dir: str | None = None, log: Log | None = None) -> tuple[Tier, bool]:
@@ -264,12 +358,17 @@ def finish_saved(id: str | None = None, dir: str | None = None, log: Log | None 
 
 
 def close_run(tier: Tier, keep: bool, log: Log | None = None) -> None:
-    """Stop a server this process started: saved to ``redis_<id>.rdb`` when ``keep`` and it holds data."""
-    keep = keep and not tier.store.empty()
+    """Stop a server this process started: saved to ``redis_<id>.rdb`` when ``keep`` and it holds data.
+
+    A multi-node run cannot be saved: its servers are stopped (the caller
+    stages its data out first, see :func:`run`).
+    """
+    keep = keep and not tier.store.empty() and not tier.conf.nodes
     rdb = os.path.join(tier.conf.dir, rdb_name(tier.id))
     tier.disconnect()
     # discard also removes a snapshot this run was reloaded from: its data is now on the BFS
-    server.stop_run(tier.conf, save=keep, discard=not keep)
+    server.stop_run(tier.conf, save=keep, discard=not keep and not tier.conf.nodes)
+    _end_node_job(tier.conf)
     if log:
         log(f"stopped the tier of run {tier.id}" + (f"; its data is saved in {rdb}" if keep else ""))
 
@@ -319,7 +418,7 @@ class _Signals:
 
 
 def run(command: Sequence[str], options: StartOptions | None = None, *, policy: Policy | None = None,
-        on_failure: str = "retain", log: Log | None = None, **changes: Any) -> int:
+        on_failure: str = "retain", log: Log | None = None, nodes: int | None = None, **changes: Any) -> int:
     """Run ``command`` with a tier around it (see the module docstring); return its exit status.
 
     Parameters
@@ -336,6 +435,10 @@ def run(command: Sequence[str], options: StartOptions | None = None, *, policy: 
         the command fails or is aborted.
     log
         Called with one line per step (start, staged files, stop).
+    nodes
+        Servers to start, one per node (default ``$MPIBURST_NODES``, else the
+        job's node count). A multi-node run cannot be saved: ``retain``
+        stages its data out as ``sync`` does.
 
     Raises
     ------
@@ -356,13 +459,27 @@ def run(command: Sequence[str], options: StartOptions | None = None, *, policy: 
     # One job wrapper per run: a second one (another step of the same job) is refused, never merged.
     with RunLock(directory, run_id, "mpiburst run"):
         return _run_locked(command, opts.replace(id=run_id, dir=directory), policy or Policy(), on_failure,
-                           log or (lambda line: None), progress=log is not None)
+                           log or (lambda line: None), progress=log is not None, nodes=nodes or run_nodes())
+
+
+def run_nodes() -> int:
+    """Return how many servers ``mpiburst run`` starts: ``$MPIBURST_NODES``, else the job's node count."""
+    text = os.environ.get("MPIBURST_NODES", "").strip()
+    if not text:
+        return server.job_nodes()
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"MPIBURST_NODES={text!r} is not a whole number of at least 1; set the number of nodes "
+                          f"to start a server on, or unset it.")
+    return int(text)
 
 
 def _run_locked(command: Sequence[str], opts: StartOptions, policy: Policy, on_failure: str, say: Log,
-                progress: bool = False) -> int:
+                progress: bool = False, nodes: int = 1) -> int:
     """:func:`run` once the run's lock is held (``progress``: show the stage-out's and commits' progress)."""
-    tier, started = open_run(opts, log=say)
+    tier, started = open_run(opts, log=say, nodes=nodes)
+    if tier.conf.nodes and on_failure == "retain":
+        on_failure = "sync"  # no snapshot of a multi-node run: a failed job's data goes to the BFS instead
+        say("a run over several nodes cannot be saved: if the command fails, its data is staged out (--on-failure sync)")
     signals = _Signals()
     signals.install()
     closing = False

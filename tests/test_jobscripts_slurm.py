@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -150,3 +151,23 @@ def test_epilog_kills_a_server_that_will_not_stop(site: dict, tmp_path: Path) ->
 def test_scripts_are_valid_bash() -> None:
     for script in sorted(SCRIPTS.iterdir()):
         assert subprocess.run(["bash", "-n", script], timeout=10).returncode == 0, script
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(300)
+def test_mpi_job_on_simulated_nodes_gets_one_server_per_node(slurm, tmp_path: Path, server_binary: str) -> None:
+    """mpi_job.sbatch on '3 nodes' (6 ranks, MPIBURST_RANKS_PER_NODE=2): three servers, one cluster, all stopped."""
+    mpiexec = str(Path(sys.executable).parent / "mpiexec")
+    app = f"python {EXAMPLES / 'checkpoint_restart.py'} --steps 4 --every 2 --size 5000"
+    env = job_env(server_binary, APP=app, MPIBURST_NODES="3", MPIBURST_RANKS_PER_NODE="2",
+                  MPIBURST_NODE_LAUNCH=f"{mpiexec} -launcher fork -n 3",
+                  LAUNCH=f"{mpiexec} -launcher fork -n 6")  # one machine: no srun steps for the "nodes"
+    job = slurm.submit(SCRIPTS / "mpi_job.sbatch", cwd=tmp_path, env=env,
+                       extra_args=("-n", "6", "--overcommit", "-o", "job.out"))
+    result = slurm.wait(job, timeout=240)
+    log = (tmp_path / "job.out").read_text()
+    assert result == ("COMPLETED", 0, 0), log
+    assert (tmp_path / "sim/result.bin").read_bytes() == expected_file(6, 5000, 4)
+    pids = [int(p) for p in re.search(r"on 3 nodes \(PIDs ([\d, ]+),", log).group(1).split(", ")]
+    assert len(set(pids)) == 3 and not any(server.pid_alive(p) for p in pids)
+    assert not (tmp_path / f"mpiburst_{job}.conf").exists() and processes_gone(tmp_path)

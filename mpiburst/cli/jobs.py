@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--on-failure", choices=jobs.ON_FAILURE, default="retain",
                    help="when COMMAND fails: retain (save the tier for a later stage-out; default), "
                         "sync (stage out anyway) or discard (drop the tier's data)")
+    p.add_argument("--nodes", type=int, default=None, metavar="N",
+                   help="start one server per node on N nodes, joined into one cluster (default: $MPIBURST_NODES, "
+                        "else the job's node count); launched with $MPIBURST_NODE_LAUNCH, else srun or mpiexec")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     # dest is not "command": that name holds the sub-command ("run"), which prefixes the run's own errors
     p.add_argument("job_command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...", help="the job's command")
@@ -74,7 +77,7 @@ def _run(args: argparse.Namespace) -> int:
     command = args.job_command[1:] if args.job_command[:1] == ["--"] else args.job_command
     policy = policies.load(args.policy)
     return jobs.run(command, start_options(args), policy=policy, on_failure=args.on_failure,
-                    log=None if args.quiet else _stderr)
+                    log=None if args.quiet else _stderr, nodes=args.nodes)
 
 
 def _stage_in(args: argparse.Namespace) -> int:
