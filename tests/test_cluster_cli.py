@@ -120,3 +120,30 @@ def test_mpiburst_run_on_three_nodes(tmp_path, server_binary, server_pids_in):
     assert len(set(pids)) == 3 and not any(server.pid_alive(p) for p in pids)
     left = sorted(n for n in os.listdir(tmp_path) if ".report." not in n)  # run writes its I/O report beside
     assert server_pids_in(tmp_path) == [] and left == ["bfs"]
+
+def test_engine_relieves_the_fullest_server(tmp_path, server_binary):
+    """Node 2 over the sync threshold, the cluster as a whole far below it: the engine syncs node 2's file."""
+    import logging
+
+    from mpiburst.engine import Engine
+
+    bfs = tmp_path / "bfs"
+    bfs.mkdir()
+    conf = server.start_cluster(nodes=3, id="ce", dir=str(tmp_path), bfs_root=str(bfs), capacity="16M", channels=3,
+                                server=server_binary)
+    try:
+        writer = Tier._attach(conf, node=2)
+        data = os.urandom(9 << 20)
+        with mpiburst.open("burst://big", "wb", tier=writer) as f:
+            f.write(data)
+        writer.disconnect()
+        tier = Tier.connect(conf=conf)
+        engine = Engine(tier, logging.getLogger("test"))
+        used, cap = engine.memory()
+        total_used, total_cap = tier.store.memory()
+        assert used / cap >= conf.sync_threshold > total_used / total_cap  # only node 2 is over the threshold
+        engine.thresholds()
+        assert (bfs / "big").read_bytes() == data
+        tier.disconnect()
+    finally:
+        server.stop_run(conf)
