@@ -121,6 +121,7 @@ def test_mpiburst_run_on_three_nodes(tmp_path, server_binary, server_pids_in):
     left = sorted(n for n in os.listdir(tmp_path) if ".report." not in n)  # run writes its I/O report beside
     assert server_pids_in(tmp_path) == [] and left == ["bfs"]
 
+
 def test_engine_relieves_the_fullest_server(tmp_path, server_binary):
     """Node 2 over the sync threshold, the cluster as a whole far below it: the engine syncs node 2's file."""
     import logging
