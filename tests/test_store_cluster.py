@@ -284,3 +284,18 @@ def test_a_store_made_while_a_node_is_down_names_it(tmp_path: Path, server_binar
             ClusterStore(dead.clients, local=0)
     finally:
         dead.stop()
+
+
+def test_extents_from_pages_through_ties_spread_over_nodes(cluster: Cluster) -> None:
+    """Many extents start at the same offsets on different nodes: every page is the next ``count`` in order."""
+    cluster.wipe()
+    store = SpreadClusterStore(cluster.clients, local=None)
+    path = "/bfs/ties.dat"
+    store.create(path, None)
+    for k in range(30):
+        put(store, path, None, [(10 * (k % 3), bytes([k]) * 5)])
+    every = list(store.all_extents(path))
+    assert len(every) == 30 and {e.blob % 3 for e in every} == {0, 1, 2}
+    for count in range(1, 8):
+        for start in (0, 1, 10, 11, 20, 21):
+            assert store.extents_from(path, start, count) == [e for e in every if e.start >= start][:count]
