@@ -219,7 +219,8 @@ class ClusterStore(Store):
         """Return the error for an unreachable ``node``, naming the files whose data it held when known."""
         if isinstance(exc, NodeLostError):
             return exc
-        cause = str(exc).split(" (")[0] if isinstance(exc, MpiburstError) else (str(exc) or type(exc).__name__)
+        raw = exc.__cause__ if isinstance(exc, MpiburstError) and exc.__cause__ is not None else exc
+        cause = str(raw) or type(raw).__name__
         where = f"the tier server of node {node} ({self._where(node)})"
         if node == 0:
             return NodeLostError(f"lost the connection to {where}, which holds every file's record ({cause}); "
