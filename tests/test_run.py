@@ -22,6 +22,7 @@ import pytest
 from conftest import processes_gone
 from conftest import cli_env
 from mpiburst import server
+from mpiburst.sizes import format_size
 
 JOB = textwrap.dedent("""\
     import os, sys, time
@@ -183,6 +184,8 @@ def test_sigusr1_commits_while_the_command_runs(job, tmp_path: Path, server_bina
     code, err = finish(proc)
     assert code == 0, err
     assert "SIGUSR1: committing" in err
+    size = format_size(len(content("out/a.dat")))
+    assert f"mpiburst commit: {size} of {size} (100%), " in err           # the commit's progress, all of it
     assert gone(pid, server_binary)
 
 
