@@ -2,32 +2,29 @@
 
 Run with ``MPIBURST_RANKS_PER_NODE=2 mpiexec -n 6 ... --with-mpi`` (three
 nodes of two ranks); without the variable every rank counts as a node, so the
-usual ``-n 2`` and ``-n 4`` runs exercise two and four servers. Rank 0 starts
-the run's cluster-mode servers (:func:`mpiburst.testing.cluster.start_cluster`
-over :func:`mpiburst.server.start_cluster`) and every rank builds a :class:`~mpiburst.store.cluster_store.ClusterStore`
-with its own node as ``local``; the driver, the flush, residency and h5py then
-run on it through :meth:`mpiburst.tier.Tier.current`, as an application's
-ranks do. Each test checks, by asking each server directly, that the server
-holds exactly the bytes its node's ranks wrote.
+usual ``-n 2`` and ``-n 4`` runs exercise two and four servers. The run is
+started as an application starts it, ``Tier.start(COMM_WORLD)``: each node's
+first rank starts its node's server, rank 0 forms the cluster, and every
+rank's ``tier.store`` is a :class:`~mpiburst.store.cluster_store.ClusterStore`
+writing to its own node's server; the driver, the flush, residency and h5py
+run on it as an application's ranks do. Each test checks, by asking each
+server directly, that it holds exactly the bytes its node's ranks wrote.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pytest
+
 import mpiburst
-from mpiburst import File, flush, residency, server
-from mpiburst.collective import on_root
-from mpiburst.runconf import RunConf
+from mpiburst import File, flush, nodes, residency
 from mpiburst.store import file_id
 from mpiburst.store.cluster_store import ClusterStore
 from mpiburst.testing import Model
-from mpiburst.testing.cluster import Cluster, start_cluster
 from mpiburst.tier import Tier
 
 pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.timeout(180)]
@@ -35,40 +32,29 @@ pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.timeout(180)]
 
 def _layout(size: int) -> tuple[int, list[tuple[int, int]]]:
     """Return ranks per node and each node's ``[lo, hi)`` of ranks (``MPIBURST_RANKS_PER_NODE``, default 1)."""
-    per = int(os.environ.get("MPIBURST_RANKS_PER_NODE", "1"))
+    per = int(os.environ.get(nodes.RANKS_PER_NODE, "1"))
     return per, [(lo, min(lo + per, size)) for lo in range(0, size, per)]
 
 
 @pytest.fixture
-def ctier(mpi_tmp_path: Path, server_binary: str) -> Iterator[tuple[object, Tier, ClusterStore, int]]:
-    """A cluster of one server per node; yields ``(comm, tier, store, node)`` on every rank."""
+def ctier(mpi_tmp_path: Path, server_binary: str,
+          monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[object, Tier, ClusterStore, int]]:
+    """A run started collectively with ``Tier.start``: one server per node; yields ``(comm, tier, store, node)``."""
     from mpi4py import MPI
 
+    if not os.environ.get(nodes.RANKS_PER_NODE):
+        monkeypatch.setenv(nodes.RANKS_PER_NODE, "1")        # every rank a node: a real cluster under -n 2 / -n 4
     comm = MPI.COMM_WORLD
-    rank, size = comm.Get_rank(), comm.Get_size()
-    per, ranks = _layout(size)
     bfs = mpi_tmp_path / "bfs"
-    started: list[Cluster] = []
-
-    def start() -> RunConf:
+    if comm.Get_rank() == 0:
         bfs.mkdir()
-        cluster = start_cluster(str(mpi_tmp_path), server_binary, len(ranks), channels=size)
-        started.append(cluster)
-        return dataclasses.replace(cluster.conf, bfs_root=str(bfs), align=64 << 10)
-
-    conf = on_root(comm, start)
-    assert [tuple(e["ranks"]) for e in conf.nodes] == ranks
-    node = rank // per
-    clients = [server.connect_redis(conf.node(k)) for k in range(len(ranks))]
-    store = ClusterStore(clients, local=node, ranks=ranks)
-    tier = Tier(conf, store, clients[node], comm=comm)
-    try:
-        yield comm, tier, store, node
-    finally:
-        comm.Barrier()
-        tier.disconnect()
-        for cluster in started:
-            cluster.stop()
+    comm.Barrier()
+    with Tier.start(comm, id="cl", dir=str(mpi_tmp_path), bfs_root=str(bfs), capacity="256M", server=server_binary,
+                    align="64K") as tier:
+        store = tier.store
+        assert isinstance(store, ClusterStore) and store.nodes == len(_layout(comm.Get_size())[1])
+        assert store.local == comm.Get_rank() // _layout(comm.Get_size())[0]
+        yield comm, tier, store, store.local
 
 
 def _bytes_on_each_server(store: ClusterStore, path: str) -> list[int]:
