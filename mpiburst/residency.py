@@ -28,10 +28,13 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
+
 from . import flush
 from .assembly import BfsBytes, current_bytes
 from .errors import FlushError, MpiburstError, PathError
-from .overlay import gaps, visible
+from .overlay import Entry, Strided, bounds, gaps, visible
+from .overlay import expand as blocks_of
 from .paths import resolve
 from .store import MAX_EXTENT, FileMeta, Store
 from .tier import Tier
@@ -207,8 +210,13 @@ def frag_stat(path: str | os.PathLike, *, tier: Tier | None = None) -> FragStat:
 
 
 def _frag_stat(store: Store, meta: FileMeta) -> FragStat:
-    extents = list(store.all_extents(meta.path))
+    entries = _entries(store, meta.path)
     pending = meta.pending if meta.pending > meta.clean else 0
+    if any(isinstance(e, Strided) for e in entries):
+        fast = _unshadowed_stat(entries, meta.clean, pending)
+        if fast is not None:
+            return fast
+    extents = blocks_of(entries)
     stat = FragStat()
     for e, seen in zip(extents, visible(extents)):
         stat.deletable += e.length - seen
@@ -219,6 +227,35 @@ def _frag_stat(store: Store, meta: FileMeta) -> FragStat:
         else:
             stat.dirty += seen
     return stat
+
+
+def _entries(store: Store, path: str, page: int = 4096) -> list[Entry]:
+    """Return every index entry of ``path`` once (strided runs compact), walking the index by offset."""
+    found: dict[Entry, None] = {}
+    pos = 0
+    while True:
+        got = store.extents_from(path, pos, page)
+        found.update(dict.fromkeys(got))
+        if len(got) < page:
+            return list(found)
+        if got[-1].start == pos:                      # a page of entries that all start at ``pos``
+            page *= 2
+        pos = got[-1].start
+
+
+def _unshadowed_stat(entries: list[Entry], clean: int, pending: int) -> FragStat | None:
+    """Return the bytes per state when no fragment shadows another (computed with numpy); None if some do."""
+    starts, ends = bounds(-1, 2**63 - 1, entries)    # the blocks of strided runs first, then plain extents
+    seqs = np.concatenate([np.full(e.nblocks, e.seq, dtype=np.int64) for e in entries if isinstance(e, Strided)]
+                          + [np.array([e.seq for e in entries if not isinstance(e, Strided)], dtype=np.int64)])
+    order = np.argsort(starts, kind="stable")
+    starts, ends, seqs = starts[order], ends[order], seqs[order]
+    if len(starts) > 1 and (starts[1:] < np.maximum.accumulate(ends)[:-1]).any():
+        return None
+    lengths = ends - starts
+    return FragStat(dirty=int(lengths[seqs > max(clean, pending)].sum()),
+                    pending=int(lengths[(seqs > clean) & (seqs <= pending)].sum()),
+                    clean=int(lengths[seqs <= clean].sum()), deletable=0)
 
 
 def ls(path: str | os.PathLike | None = None, *, tier: Tier | None = None) -> list[FileMeta]:

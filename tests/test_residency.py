@@ -13,7 +13,7 @@ from mpiburst import engine_process, flush, residency, server
 from mpiburst.errors import MpiburstError, PathError
 from mpiburst.tier import Tier
 
-from mpiburst.testing import Model, put
+from mpiburst.testing import Model, put, put_runs
 
 from conftest import ALIGN, bfs_file
 
@@ -55,6 +55,21 @@ def test_purge_clean_only_keeps_dirty_data(atier):
 
 
 @pytest.mark.timeout(60)
+def test_frag_stat_of_strided_runs(atier):
+    """Strided runs count per block: clean after a flush, dirty after, and shadowed blocks are deletable."""
+    path = bfs_file(atier, "runs.dat")
+    store = atier.store
+    store.create(path, None)
+    put_runs(store, path, None, [(0, bytes(1000 * 64), 1000, 3000)])            # 64 blocks, gaps between
+    assert residency.frag_stat(path, tier=atier) == residency.FragStat(dirty=64_000, pending=0, clean=0,
+                                                                       deletable=0)
+    flush.sync(path, tier=atier)
+    put_runs(store, path, None, [(2000, bytes(500 * 10), 500, 3000)])          # in the gaps: nothing shadowed
+    assert residency.frag_stat(path, tier=atier) == residency.FragStat(5_000, 0, 64_000, 0)
+    put_runs(store, path, None, [(500, bytes(1000 * 4), 1000, 6000)])          # half of 4 old blocks each
+    assert residency.frag_stat(path, tier=atier) == residency.FragStat(9_000, 0, 62_000, 2_000)
+
+
 def test_frag_stat_states(atier):
     """dirty / pending / clean / deletable add up to the tier's bytes and follow the flush."""
     path, _ = _file(atier, "states.dat", size=100_000)
