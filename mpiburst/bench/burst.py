@@ -64,8 +64,10 @@ def _histogram(write_sizes: Any) -> Counter:
     return Counter(int(s) for s in write_sizes)
 
 
-def _used_memory(admin: Any) -> int:
-    """Return the server's ``used_memory`` in bytes."""
+def _used_memory(admin: Any, tier: Any) -> int:
+    """Return the server's ``used_memory`` in bytes (the sum over the nodes of a multi-node run)."""
+    if tier.conf.nodes:
+        return int(tier.store.memory()[0])
     return int(admin.info("memory")["used_memory"])
 
 
@@ -143,10 +145,10 @@ def measure(
     url = f"burst://{name}"
     fcomm = comm if layout.shared else MPI.COMM_SELF
 
-    before = _used_memory(admin) if admin is not None else 0
+    before = _used_memory(admin, tier) if admin is not None else 0
     with PeakRSS() as rss:
         write, _ = collective_time(comm, lambda: _absorb(fcomm, url, recs))
-    server_bytes = _used_memory(admin) - before if admin is not None else 0
+    server_bytes = _used_memory(admin, tier) - before if admin is not None else 0
     flush, report = collective_time(comm, lambda: mpiburst.sync(url, comm=fcomm))
 
     # A collective sync reports the whole file's flush on every rank; nn files are flushed one per rank.
