@@ -163,13 +163,30 @@ def summary(report: dict[str, Any]) -> str:
 
 # -- the page -------------------------------------------------------------------------
 _COLOURS = ("#4e79a7", "#f28e2b")
+#: Geometry of every plot, in pixels: the page's size, the left and top margins, the drawing area.
+_WIDTH, _HEIGHT, _LEFT, _TOP = 760, 300, 70, 40
+_INNER_W, _INNER_H = _WIDTH - _LEFT - 20, _HEIGHT - 60 - _TOP
+
+
+def _frame(title: str, ylabel: str, y_top: float, plot_id: str) -> list[str]:
+    """Return the opening SVG elements every plot shares: canvas, title, axes, y label, 0 and ``y_top`` ticks."""
+    width, height, left, top, inner_w, inner_h = _WIDTH, _HEIGHT, _LEFT, _TOP, _INNER_W, _INNER_H
+    return [f'<svg class="plot" id="{plot_id}" xmlns="http://www.w3.org/2000/svg" width="{width}" '
+            f'height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{_html.escape(title)}">',
+            f'<rect width="{width}" height="{height}" fill="white"/>',
+            f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="15">{_html.escape(title)}</text>',
+            f'<line x1="{left}" y1="{top + inner_h}" x2="{left + inner_w}" y2="{top + inner_h}" stroke="black"/>',
+            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + inner_h}" stroke="black"/>',
+            f'<text x="14" y="{top + inner_h / 2}" font-size="12" transform="rotate(-90 14 {top + inner_h / 2})" '
+            f'text-anchor="middle">{_html.escape(ylabel)}</text>',
+            f'<text x="{left - 4}" y="{top + 4}" font-size="11" text-anchor="end">{_number(y_top)}</text>',
+            f'<text x="{left - 4}" y="{top + inner_h}" font-size="11" text-anchor="end">0</text>']
 
 
 def _bars(title: str, labels: list[str], series: list[tuple[str, list[float]]], ylabel: str,
           log: bool = False, plot_id: str = "") -> str:
     """Return one inline SVG bar chart: ``series`` (name, values) as grouped bars over ``labels``."""
-    width, height, left, bottom, top = 760, 300, 70, 60, 40
-    inner_w, inner_h = width - left - 20, height - bottom - top
+    height, left, top, inner_w, inner_h = _HEIGHT, _LEFT, _TOP, _INNER_W, _INNER_H
     peak = max((v for _, values in series for v in values), default=0) or 1
 
     def scale(v: float) -> float:
@@ -181,16 +198,7 @@ def _bars(title: str, labels: list[str], series: list[tuple[str, list[float]]], 
 
     group = inner_w / max(len(labels), 1)
     bar = group * 0.8 / max(len(series), 1)
-    out = [f'<svg class="plot" id="{plot_id}" xmlns="http://www.w3.org/2000/svg" width="{width}" '
-           f'height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{_html.escape(title)}">',
-           f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="15">{_html.escape(title)}</text>',
-           f'<line x1="{left}" y1="{top + inner_h}" x2="{left + inner_w}" y2="{top + inner_h}" stroke="black"/>',
-           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + inner_h}" stroke="black"/>',
-           f'<text x="14" y="{top + inner_h / 2}" font-size="12" transform="rotate(-90 14 {top + inner_h / 2})" '
-           f'text-anchor="middle">{_html.escape(ylabel)}{" (log scale)" if log else ""}</text>',
-           f'<text x="{left - 4}" y="{top + 4}" font-size="11" text-anchor="end">{_number(peak)}</text>',
-           f'<text x="{left - 4}" y="{top + inner_h}" font-size="11" text-anchor="end">0</text>']
+    out = _frame(title, ylabel + (" (log scale)" if log else ""), peak, plot_id)
     for i, label in enumerate(labels):
         x0 = left + i * group + group * 0.1
         for j, (name, values) in enumerate(series):
@@ -212,8 +220,7 @@ def _bars(title: str, labels: list[str], series: list[tuple[str, list[float]]], 
 def _lines(title: str, series: list[tuple[str, list[tuple[float, float]]]], xlabel: str, ylabel: str,
            plot_id: str, marks: list[tuple[float, str]] | None = None) -> str:
     """Return one inline SVG line chart: ``series`` (name, points) over a shared x axis; ``marks`` label times."""
-    width, height, left, bottom, top = 760, 300, 70, 60, 40
-    inner_w, inner_h = width - left - 20, height - bottom - top
+    height, left, top, inner_w, inner_h = _HEIGHT, _LEFT, _TOP, _INNER_W, _INNER_H
     xs = [x for _, pts in series for x, _ in pts] + [x for x, _ in marks or []]
     x_hi = max(xs, default=1) or 1
     y_hi = max((y for _, pts in series for _, y in pts), default=0) or 1
@@ -221,17 +228,8 @@ def _lines(title: str, series: list[tuple[str, list[tuple[float, float]]]], xlab
     def pos(x: float, y: float) -> str:
         return f"{left + x / x_hi * inner_w:.1f},{top + inner_h - y / y_hi * inner_h:.1f}"
 
-    out = [f'<svg class="plot" id="{plot_id}" xmlns="http://www.w3.org/2000/svg" width="{width}" '
-           f'height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{_html.escape(title)}">',
-           f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="15">{_html.escape(title)}</text>',
-           f'<line x1="{left}" y1="{top + inner_h}" x2="{left + inner_w}" y2="{top + inner_h}" stroke="black"/>',
-           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + inner_h}" stroke="black"/>',
-           f'<text x="14" y="{top + inner_h / 2}" font-size="12" transform="rotate(-90 14 {top + inner_h / 2})" '
-           f'text-anchor="middle">{_html.escape(ylabel)}</text>',
-           f'<text x="{left - 4}" y="{top + 4}" font-size="11" text-anchor="end">{_number(y_hi)}</text>',
-           f'<text x="{left - 4}" y="{top + inner_h}" font-size="11" text-anchor="end">0</text>',
-           f'<text x="{left}" y="{top + inner_h + 16}" font-size="11" text-anchor="middle">0</text>',
+    out = _frame(title, ylabel, y_hi, plot_id)
+    out += [f'<text x="{left}" y="{top + inner_h + 16}" font-size="11" text-anchor="middle">0</text>',
            f'<text x="{left + inner_w}" y="{top + inner_h + 16}" font-size="11" text-anchor="middle">'
            f'{_number(x_hi)}</text>',
            f'<text x="{left + inner_w / 2}" y="{top + inner_h + 30}" font-size="12" text-anchor="middle">'

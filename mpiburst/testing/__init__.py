@@ -40,16 +40,7 @@ def put(store: Store, path: str, model: Model | None, writes: list[tuple[int, by
 
     Returns the batch's first sequence number.
     """
-    payload = bytearray()
-    extents = []
-    for off, data in writes:
-        for s in range(0, len(data), MAX_EXTENT):
-            piece = data[s:s + MAX_EXTENT]
-            extents.append((off + s, len(payload), len(piece)))
-            payload += piece
-        if model is not None:
-            model.write(off, data)
-    return store.commit(path, channel, payload, extents)
+    return put_runs(store, path, model, list(writes), channel)
 
 
 def put_runs(store: Store, path: str, model: Model | None, writes: list[tuple], channel: int = 0) -> int:
