@@ -23,6 +23,7 @@ from ..errors import ConfigError, MpiburstError, ServerError
 from ..runconf import (AdminCredentials, RunConf, admin_path, conf_path, create_private, engine_log_name, log_name,
                        new_password, rdb_name, resolve_id, server_conf_path, socket_dir_path, write_secure)
 from ..store import RedisStore
+from ..store.cluster_store import ClusterStore
 from . import cluster
 from .config import ADMIN_USER, USER
 from .connection import connect_redis
@@ -387,6 +388,8 @@ def _stop_cluster(conf: RunConf, save: bool, timeout: float, exposed_ok: bool) -
     alive = [k for k in range(len(conf.nodes)) if cluster.node_alive(conf, k)]
     if alive and admin is None:
         AdminCredentials.load(conf, exposed_ok=exposed_ok)  # raises the admin file's own error
+    if alive:
+        _save_stats(conf)   # node 0 holds the run's statistics: read them before any server goes
     gone = cluster.stop_nodes(conf, admin, timeout) if admin is not None else list(range(len(conf.nodes)))
     clean_run(conf, keep_snapshot=False)
     if not alive:
@@ -415,15 +418,20 @@ def _save_stats(conf: RunConf) -> None:
 
     Only for a run that recorded I/O (a started and stopped run leaves
     nothing behind). After the engine's last sample; read as the ranks' user (the admin user
-    may not read data). Best effort: a failure here never keeps a run from
-    stopping.
+    may not read data). A multi-node run's statistics are read through its
+    cluster store (they live on node 0). Best effort: a failure here never
+    keeps a run from stopping.
     """
     try:
-        client = connect_redis(conf)
+        clients = [connect_redis(conf.node(k) if conf.nodes else conf, check=k == 0)
+                   for k in range(max(1, len(conf.nodes)))]
         try:
-            stats = RedisStore(client).stats()
+            store = (ClusterStore(clients, None, ranks=[n["ranks"] for n in conf.nodes],
+                                  slots=[n["slots"] for n in conf.nodes]) if conf.nodes else RedisStore(clients[0]))
+            stats = store.stats()
         finally:
-            client.close()
+            for client in clients:
+                client.close()
         if stats[0] or any(e.get("kind") != "fill" for e in stats[1]):  # a run that did I/O through mpiburst
             write_secure(iostats.stats_path(conf.dir, conf.id), iostats.dump_stats(stats))
     except (MpiburstError, redis.RedisError, OSError, ValueError):

@@ -1,0 +1,58 @@
+"""The I/O report of a multi-node run (#18 on #15): statistics saved at stop.
+
+Three cluster-mode servers on this machine (:func:`mpiburst.server.start_cluster`);
+each node's I/O goes through a tier attached as that node, as its ranks' does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+import mpiburst
+from mpiburst import server
+from mpiburst.runconf import RunConf
+from mpiburst.tier import Tier
+
+pytestmark = pytest.mark.timeout(180)
+
+WRITE = 4096
+
+
+@pytest.fixture
+def run(tmp_path, server_binary):
+    """A 3-node run whose node ``k`` wrote ``n<k>.dat`` in ``10 * (k + 1)`` writes of 4 KiB."""
+    bfs = tmp_path / "bfs"
+    bfs.mkdir()
+    conf = server.start_cluster(nodes=3, id="rc", dir=str(tmp_path), bfs_root=str(bfs), capacity="64M", channels=3,
+                                server=server_binary)
+    try:
+        for k in range(3):
+            tier = Tier._attach(conf, node=k)
+            with mpiburst.open(f"burst://n{k}.dat", "wb", tier=tier) as f:
+                for _ in range(10 * (k + 1)):
+                    f.write(bytes([k]) * WRITE)
+            tier.disconnect()
+        yield RunConf.load(conf.path)
+    finally:
+        if os.path.exists(conf.path):
+            server.stop_run(RunConf.load(conf.path))
+
+
+def test_report_after_a_multi_node_stop_reads_the_saved_statistics(run, cli, tmp_path):
+    report = server.stop_run(run)
+    assert "stopped: 3 servers" in report and not any(server.pid_alive(n["pid"]) for n in run.nodes)
+    saved = tmp_path / "mpiburst_rc.stats.json"
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o600
+    out = tmp_path / "r.json"
+    proc = cli("report", "--id", "rc", "--dir", str(tmp_path), "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    files = {os.path.basename(f["path"]): f for f in json.loads(out.read_text())["files"]}
+    assert sorted(files) == ["n0.dat", "n1.dat", "n2.dat"]
+    for k in range(3):
+        w = files[f"n{k}.dat"]["app"]["write"]
+        assert (w["calls"], w["bytes"], w["consecutive"]) == (10 * (k + 1), 10 * (k + 1) * WRITE, 10 * (k + 1))  # from 0 on
+
