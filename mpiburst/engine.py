@@ -132,12 +132,18 @@ class Engine:
             return
         used, limit = self.tier.store.memory()  # the whole tier's fill (all nodes' sum on a cluster)
         cap = limit or self.tier.capacity
-        traffic = None
-        if self.tier.redis is not None:
-            info = self.tier.redis.info("stats")
-            traffic = int(info["total_net_input_bytes"]), int(info["total_net_output_bytes"])
         self.sampler.log(self.tier.store, used, cap, residency.dirty_files(self.tier, include_pinned=True),
-                         traffic, now)
+                         self.traffic(), now)
+
+    def traffic(self) -> tuple[int, int] | None:
+        """Return the tier's total bytes received and sent (INFO stats), summed over every node's server."""
+        store = self.tier.store
+        clients = store.clients if isinstance(store, ClusterStore) else [self.tier.redis]
+        if any(c is None for c in clients):
+            return None
+        stats = [c.info("stats") for c in clients]
+        return (sum(int(s["total_net_input_bytes"]) for s in stats),
+                sum(int(s["total_net_output_bytes"]) for s in stats))
 
     def server_gone(self) -> bool:
         """True if the run's server process ended or its conf file was removed."""

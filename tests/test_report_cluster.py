@@ -1,4 +1,4 @@
-"""The I/O report of a multi-node run (#18 on #15): statistics saved at stop.
+"""The I/O report of a multi-node run (#18 on #15): statistics saved at stop, traffic of every node.
 
 Three cluster-mode servers on this machine (:func:`mpiburst.server.start_cluster`);
 each node's I/O goes through a tier attached as that node, as its ranks' does.
@@ -7,6 +7,7 @@ each node's I/O goes through a tier attached as that node, as its ranks' does.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 
@@ -14,6 +15,7 @@ import pytest
 
 import mpiburst
 from mpiburst import server
+from mpiburst.engine import Engine
 from mpiburst.runconf import RunConf
 from mpiburst.tier import Tier
 
@@ -56,3 +58,21 @@ def test_report_after_a_multi_node_stop_reads_the_saved_statistics(run, cli, tmp
         w = files[f"n{k}.dat"]["app"]["write"]
         assert (w["calls"], w["bytes"], w["consecutive"]) == (10 * (k + 1), 10 * (k + 1) * WRITE, 10 * (k + 1))  # from 0 on
 
+
+def test_the_engine_fill_sample_sums_the_traffic_of_every_node(run):
+    tier = Tier.connect(conf=run)
+    try:
+        engine = Engine(tier, logging.getLogger("test-engine"))
+        engine.sample(force=True)
+        before = [e for e in tier.store.stats()[1] if e["kind"] == "fill"][-1]
+        big = os.urandom(4 << 20)
+        writer = Tier._attach(run, node=2)     # 4 MiB into node 2's server only
+        with mpiburst.open("burst://big.dat", "wb", tier=writer) as f:
+            f.write(big)
+        writer.disconnect()
+        engine.sample(force=True)
+        after = [e for e in tier.store.stats()[1] if e["kind"] == "fill"][-1]
+        assert after["net_in"] - before["net_in"] >= len(big)
+        assert after["net_in"] >= 60 * WRITE   # the fixture's writes, on all three nodes
+    finally:
+        tier.disconnect()
