@@ -119,7 +119,11 @@ def test_mpiburst_run_on_three_nodes(tmp_path, server_binary, server_pids_in):
     pids = [int(p) for p in re.search(r"on 3 nodes \(PIDs ([\d, ]+),", out.stderr).group(1).split(", ")]
     assert len(set(pids)) == 3 and not any(server.pid_alive(p) for p in pids)
     left = sorted(n for n in os.listdir(tmp_path) if ".report." not in n)  # run writes its I/O report beside
-    assert server_pids_in(tmp_path) == [] and left == ["bfs"]
+    assert server_pids_in(tmp_path) == [] and left == ["bfs", "mpiburst_r3.stats.json"]  # and the saved statistics
+    files = json.loads((tmp_path / "mpiburst_r3.report.json").read_text())["files"]
+    (result,) = [f for f in files if f["path"] == str((bfs / "sim/result.bin").resolve())]
+    assert sorted(result["processes"]) == [f"rank {r}" for r in range(6)]  # the ranks of all 3 nodes
+    assert (result["app"]["write"]["calls"], result["app"]["write"]["bytes"]) == (6, len(expected_file(6, 5000, 4)))
 
 
 def test_engine_relieves_the_fullest_server(tmp_path, server_binary):
