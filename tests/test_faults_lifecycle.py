@@ -14,6 +14,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -411,3 +412,32 @@ def test_a_flush_waiting_for_an_expired_lease_says_so(tier: Tier, caplog) -> Non
         flush.sync(path, tier=tier)
     assert "waits for its flush lease" in caplog.text and "expires within" in caplog.text
     assert Path(path).read_bytes() == b"lease" * 999
+
+
+@pytest.mark.timeout(30)
+def test_a_process_reaped_while_its_state_is_read_is_not_alive(monkeypatch) -> None:
+    """Another process reaps the server between the liveness check's signal and its read of /proc.
+
+    Seen at -n 6: rank 3 asked whether node 1's server was alive while rank 2,
+    its parent, reaped it; the open of ``/proc/PID/stat`` succeeded, the read
+    failed with ESRCH and the exe link was gone, which counted as "still
+    exiting, alive". Here the reap happens inside that window, for real.
+    """
+    sleep = shutil.which("sleep")
+    assert sleep
+    victim = subprocess.Popen([sleep, "60"])
+    real_open = open
+
+    def open_then_reap(path, *args, **kwargs):
+        handle = real_open(path, *args, **kwargs)
+        if path == f"/proc/{victim.pid}/stat":
+            victim.kill()
+            victim.wait()
+        return handle
+
+    monkeypatch.setattr(server.process, "open", open_then_reap, raising=False)
+    try:
+        assert not server.pid_alive(victim.pid, sleep)
+    finally:
+        victim.kill()
+        victim.wait()

@@ -47,8 +47,10 @@ def pid_alive(pid: int | None, binary: str | None = None) -> bool:
                 if child is not None and child.poll() is not None:
                     del _children[pid]  # our own child just exited: reap it, so nobody sees it linger
                 return False
-    except FileNotFoundError:
-        return False  # reaped by its parent (another process) between the signal check and this read
+    except (FileNotFoundError, ProcessLookupError):
+        # Reaped by its parent (another process) between the signal check and this read: the open
+        # fails, or the open succeeds and the read fails with ESRCH.
+        return False
     except (OSError, IndexError):
         pass
     if binary:
@@ -56,7 +58,16 @@ def pid_alive(pid: int | None, binary: str | None = None) -> bool:
             if os.path.realpath(os.readlink(f"/proc/{pid}/exe")) != os.path.realpath(binary):
                 return False
         except OSError:
-            pass  # an exiting process has no exe link for a moment: still alive
+            return _exists(pid)  # an exiting process has no exe link for a moment: alive until reaped
+    return True
+
+
+def _exists(pid: int) -> bool:
+    """Return True if a process (perhaps a zombie) still has ``pid``."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False  # gone, or the PID was reused by another user's process
     return True
 
 
