@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from mpiburst import flush, server  # noqa: E402
+from mpiburst.runconf import RunConf  # noqa: E402
 from mpiburst.tier import Tier  # noqa: E402
 
 
@@ -108,6 +109,30 @@ def tier(tmp_path: Path, server_binary: str) -> Iterator[Tier]:
         yield t
     finally:
         t.stop()
+
+
+@pytest.fixture
+def three_nodes(tmp_path: Path, server_binary: str) -> Iterator[Callable[..., RunConf]]:
+    """Start a run of 3 cluster-mode servers (3 channels) in ``tmp_path``, ``bfs_root = tmp_path/bfs``.
+
+    Call it with the run ID (and ``capacity``); every run it started and the
+    test left running is stopped at the end.
+    """
+    bfs = tmp_path / "bfs"
+    bfs.mkdir()
+    started: list[RunConf] = []
+
+    def start(run_id: str, capacity: str = "64M") -> RunConf:
+        started.append(server.start_cluster(nodes=3, id=run_id, dir=str(tmp_path), bfs_root=str(bfs),
+                                            capacity=capacity, channels=3, server=server_binary))
+        return started[-1]
+
+    try:
+        yield start
+    finally:
+        for conf in started:
+            if os.path.exists(conf.path):
+                server.stop_run(RunConf.load(conf.path))
 
 
 @pytest.fixture

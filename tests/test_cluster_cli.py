@@ -35,25 +35,18 @@ def _payload(k: int) -> bytes:
 
 
 @pytest.fixture
-def run(tmp_path, server_binary):
+def run(three_nodes):
     """A 3-node run (3 channels) with ``f<k>`` written by node ``k`` and ``shared`` written by all three."""
-    bfs = tmp_path / "bfs"
-    bfs.mkdir()
-    conf = server.start_cluster(nodes=3, id="cc", dir=str(tmp_path), bfs_root=str(bfs), capacity="64M", channels=3,
-                                server=server_binary)
-    try:
-        for k in range(3):
-            tier = Tier._attach(conf, node=k)
-            with mpiburst.open(f"burst://f{k}", "wb", tier=tier) as f:
-                f.write(_payload(k))
-            with mpiburst.open("burst://shared", "r+b" if k else "wb", tier=tier) as f:
-                f.seek(k * SIZE)
-                f.write(_payload(k))
-            tier.disconnect()
-        yield RunConf.load(conf.path)
-    finally:
-        if os.path.exists(conf.path):
-            server.stop_run(RunConf.load(conf.path))
+    conf = three_nodes("cc")
+    for k in range(3):
+        tier = Tier._attach(conf, node=k)
+        with mpiburst.open(f"burst://f{k}", "wb", tier=tier) as f:
+            f.write(_payload(k))
+        with mpiburst.open("burst://shared", "r+b" if k else "wb", tier=tier) as f:
+            f.seek(k * SIZE)
+            f.write(_payload(k))
+        tier.disconnect()
+    return RunConf.load(conf.path)
 
 
 def test_each_node_holds_its_own_data_and_status_lists_the_nodes(run, cli):
@@ -126,29 +119,24 @@ def test_mpiburst_run_on_three_nodes(tmp_path, server_binary, server_pids_in):
     assert (result["app"]["write"]["calls"], result["app"]["write"]["bytes"]) == (6, len(expected_file(6, 5000, 4)))
 
 
-def test_engine_relieves_the_fullest_server(tmp_path, server_binary):
+def test_engine_relieves_the_fullest_server(tmp_path, three_nodes):
     """Node 2 over the sync threshold, the cluster as a whole far below it: the engine syncs node 2's file."""
     import logging
 
     from mpiburst.engine import Engine
 
     bfs = tmp_path / "bfs"
-    bfs.mkdir()
-    conf = server.start_cluster(nodes=3, id="ce", dir=str(tmp_path), bfs_root=str(bfs), capacity="16M", channels=3,
-                                server=server_binary)
-    try:
-        writer = Tier._attach(conf, node=2)
-        data = os.urandom(9 << 20)
-        with mpiburst.open("burst://big", "wb", tier=writer) as f:
-            f.write(data)
-        writer.disconnect()
-        tier = Tier.connect(conf=conf)
-        engine = Engine(tier, logging.getLogger("test"))
-        used, cap = engine.memory()
-        total_used, total_cap = tier.store.memory()
-        assert used / cap >= conf.sync_threshold > total_used / total_cap  # only node 2 is over the threshold
-        engine.thresholds()
-        assert (bfs / "big").read_bytes() == data
-        tier.disconnect()
-    finally:
-        server.stop_run(conf)
+    conf = three_nodes("ce", capacity="16M")
+    writer = Tier._attach(conf, node=2)
+    data = os.urandom(9 << 20)
+    with mpiburst.open("burst://big", "wb", tier=writer) as f:
+        f.write(data)
+    writer.disconnect()
+    tier = Tier.connect(conf=conf)
+    engine = Engine(tier, logging.getLogger("test"))
+    used, cap = engine.memory()
+    total_used, total_cap = tier.store.memory()
+    assert used / cap >= conf.sync_threshold > total_used / total_cap  # only node 2 is over the threshold
+    engine.thresholds()
+    assert (bfs / "big").read_bytes() == data
+    tier.disconnect()

@@ -25,23 +25,16 @@ WRITE = 4096
 
 
 @pytest.fixture
-def run(tmp_path, server_binary):
+def run(three_nodes):
     """A 3-node run whose node ``k`` wrote ``n<k>.dat`` in ``10 * (k + 1)`` writes of 4 KiB."""
-    bfs = tmp_path / "bfs"
-    bfs.mkdir()
-    conf = server.start_cluster(nodes=3, id="rc", dir=str(tmp_path), bfs_root=str(bfs), capacity="64M", channels=3,
-                                server=server_binary)
-    try:
-        for k in range(3):
-            tier = Tier._attach(conf, node=k)
-            with mpiburst.open(f"burst://n{k}.dat", "wb", tier=tier) as f:
-                for _ in range(10 * (k + 1)):
-                    f.write(bytes([k]) * WRITE)
-            tier.disconnect()
-        yield RunConf.load(conf.path)
-    finally:
-        if os.path.exists(conf.path):
-            server.stop_run(RunConf.load(conf.path))
+    conf = three_nodes("rc")
+    for k in range(3):
+        tier = Tier._attach(conf, node=k)
+        with mpiburst.open(f"burst://n{k}.dat", "wb", tier=tier) as f:
+            for _ in range(10 * (k + 1)):
+                f.write(bytes([k]) * WRITE)
+        tier.disconnect()
+    return RunConf.load(conf.path)
 
 
 def test_report_after_a_multi_node_stop_reads_the_saved_statistics(run, cli, tmp_path):
