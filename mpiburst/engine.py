@@ -36,7 +36,6 @@ from . import flush, iostats, residency
 from .engine_process import log_path, open_log
 from .errors import MpiburstError, TierConnectionError
 from .server import pid_alive
-from .store.cluster_store import ClusterStore
 from .tier import Tier
 
 #: Seconds between two rounds of the engine (also the longest wait for a queued request).
@@ -69,12 +68,8 @@ class Engine:
         wrote), so the thresholds apply to each server: one full node must
         be relieved although the cluster as a whole is not.
         """
-        store = self.tier.store
-        if isinstance(store, ClusterStore):
-            each = [(used, limit or self.tier.capacity) for used, limit in store.node_memory()]
-            return max(each, key=lambda m: m[0] / m[1])
-        used, limit = store.memory()
-        return used, limit or self.tier.capacity
+        each = [(used, limit or self.tier.capacity) for used, limit in self.tier.store.node_memory()]
+        return max(each, key=lambda m: m[0] / m[1])
 
     def serve_queue(self) -> None:
         """Carry out queued requests; wait up to one interval for the first one."""
@@ -133,17 +128,7 @@ class Engine:
         used, limit = self.tier.store.memory()  # the whole tier's fill (all nodes' sum on a cluster)
         cap = limit or self.tier.capacity
         self.sampler.log(self.tier.store, used, cap, residency.dirty_files(self.tier, include_pinned=True),
-                         self.traffic(), now)
-
-    def traffic(self) -> tuple[int, int] | None:
-        """Return the tier's total bytes received and sent (INFO stats), summed over every node's server."""
-        store = self.tier.store
-        clients = store.clients if isinstance(store, ClusterStore) else [self.tier.redis]
-        if any(c is None for c in clients):
-            return None
-        stats = [c.info("stats") for c in clients]
-        return (sum(int(s["total_net_input_bytes"]) for s in stats),
-                sum(int(s["total_net_output_bytes"]) for s in stats))
+                         self.tier.store.traffic(), now)
 
     def server_gone(self) -> bool:
         """True if the run's server process ended or its conf file was removed."""

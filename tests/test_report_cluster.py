@@ -69,3 +69,22 @@ def test_the_engine_fill_sample_sums_the_traffic_of_every_node(run):
         assert after["net_in"] >= 60 * WRITE   # the fixture's writes, on all three nodes
     finally:
         tier.disconnect()
+
+
+def test_status_watch_counts_the_traffic_of_every_node(run):
+    """``status --watch``'s in/out rates are the whole tier's: bytes written into node 2 count (Store.traffic)."""
+    from mpiburst.cli import watch
+
+    tier = Tier.connect(conf=run)          # the CLI's view: a process on no node
+    try:
+        before = watch.sample(tier)
+        big = os.urandom(4 << 20)
+        writer = Tier._attach(run, node=2)
+        with mpiburst.open("burst://w.dat", "wb", tier=writer) as f:
+            f.write(big)
+        writer.disconnect()
+        after = watch.sample(tier)
+        assert after["in"] - before["in"] >= len(big)
+        assert after["used"] >= before["used"] + len(big) // 2
+    finally:
+        tier.disconnect()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 import redis
@@ -21,7 +21,7 @@ from mpiburst.overlay import Extent
 from mpiburst.server import pid_alive
 from mpiburst.store import MemoryStore, Store
 from mpiburst.testing.store import FullStoreTests, StoreTests, wait_for
-from mpiburst.tier import Tier
+from mpiburst.tier import Tier, open_store
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -36,6 +36,10 @@ class TestMemoryStore(StoreTests, FullStoreTests):
     @pytest.fixture
     def small_store(self) -> Iterator[Store]:
         yield MemoryStore(capacity=8 << 20)
+
+    @pytest.fixture
+    def reopen(self, store: Store) -> Callable[[], Store]:
+        return lambda: store                       # closing keeps the object's data: it is the store
 
 
 def _quiet_tier(directory: Path, server_binary: str, capacity: str) -> Tier:
@@ -75,6 +79,10 @@ class TestRedisStore(StoreTests, FullStoreTests):
     def store(self, server_tier: Tier) -> Iterator[Store]:
         _wipe(server_tier)
         yield server_tier.store
+
+    @pytest.fixture
+    def reopen(self, server_tier: Tier) -> Callable[[], Store]:
+        return lambda: open_store(server_tier.conf)[0]     # a new connection to the same server
 
     @pytest.fixture
     def small_store(self, tmp_path: Path, server_binary: str) -> Iterator[Store]:

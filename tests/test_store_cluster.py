@@ -21,7 +21,7 @@ import dataclasses
 import os
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -76,6 +76,10 @@ class TestClusterStore(StoreTests, FullStoreTests):
         yield ClusterStore(cluster.clients, local=1)
 
     @pytest.fixture
+    def reopen(self, cluster: Cluster) -> Callable[[], Store]:
+        return lambda: ClusterStore([cluster.connect(i) for i in range(len(cluster.clients))], local=1)   # new connections
+
+    @pytest.fixture
     def small_store(self, small_cluster: Cluster) -> Iterator[Store]:
         small_cluster.wipe()
         yield ClusterStore(small_cluster.clients, local=1)
@@ -88,6 +92,10 @@ class TestSpreadClusterStore(StoreTests):
     def store(self, cluster: Cluster) -> Iterator[Store]:
         cluster.wipe()
         yield SpreadClusterStore(cluster.clients, local=None)
+
+    @pytest.fixture
+    def reopen(self, cluster: Cluster) -> Callable[[], Store]:
+        return lambda: ClusterStore([cluster.connect(i) for i in range(len(cluster.clients))], local=0)
 
 
 def _keys_of(cluster: Cluster, node: int, path: str) -> list[bytes]:

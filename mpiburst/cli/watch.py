@@ -11,15 +11,14 @@ from ..sizes import format_size
 
 
 def sample(tier: Any) -> dict[str, Any]:
-    """Return what one refresh shows: memory used and capacity, dirty files and bytes, the server's traffic."""
+    """Return what one refresh shows: memory used and capacity, dirty files and bytes, the servers' traffic."""
     from .. import iostats, residency
 
     used, cap = tier.store.memory()
     dirty = residency.dirty_files(tier, include_pinned=True)
-    info = tier.redis.info("stats")
+    got, sent = tier.store.traffic() or (0, 0)   # every node's server on a multi-node run
     return {"t": time.monotonic(), "used": used, "capacity": cap or tier.capacity, "dirty_files": len(dirty),
-            "dirty_bytes": iostats.dirty_bytes(tier.store, dirty), "in": int(info["total_net_input_bytes"]),
-            "out": int(info["total_net_output_bytes"])}
+            "dirty_bytes": iostats.dirty_bytes(tier.store, dirty), "in": got, "out": sent}
 
 
 def line(now: dict[str, Any], before: dict[str, Any] | None) -> str:

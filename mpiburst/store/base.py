@@ -499,6 +499,21 @@ class Store(ABC):
     def memory(self) -> tuple[int, int]:
         """Return ``(bytes used, limit)`` of the tier's memory; a limit of 0 means none."""
 
+    def node_memory(self) -> list[tuple[int, int]]:
+        """Return ``(bytes used, limit)`` of each server, in node order (one server: its :meth:`memory`).
+
+        A multi-node run's servers fill separately, so a threshold must be
+        held against each of them (the engine relieves the fullest).
+        """
+        return [self.memory()]
+
+    @abstractmethod
+    def traffic(self) -> tuple[int, int] | None:
+        """Return the bytes the tier's server(s) received and sent since they started (all nodes' sum).
+
+        None where no server carries the data (the memory store).
+        """
+
     @abstractmethod
     def empty(self) -> bool:
         """True if the store holds nothing at all (no file, channel or request; statistics do not count)."""

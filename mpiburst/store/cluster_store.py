@@ -633,6 +633,14 @@ class ClusterStore(Store):
         limit = 0 if any(lim == 0 for _, lim in each) else sum(lim for _, lim in each)
         return sum(used for used, _ in each), limit
 
+    def traffic(self) -> tuple[int, int] | None:
+        got, sent = 0, 0
+        for node, shard in enumerate(self.shards):
+            with self._on(node):
+                one = shard.traffic()
+            got, sent = got + one[0], sent + one[1]
+        return got, sent
+
     def empty(self) -> bool:
         keys = 0
         for node, client in enumerate(self.clients):

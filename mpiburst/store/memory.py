@@ -455,6 +455,10 @@ class MemoryStore(Store):
         with self._lock:
             return self._used, self.capacity or 0
 
+    def traffic(self) -> tuple[int, int] | None:
+        """None: no server carries this store's data."""
+        return None
+
     def empty(self) -> bool:
         with self._lock:
             return not self._files and not self._queue and not self._pointers and not any(

@@ -1,4 +1,4 @@
-"""The tier store over a real Redis or Valkey server: plain keys, eight small Lua scripts, raw RESP for bulk bytes.
+"""The tier store over a real Redis or Valkey server: plain keys, small Lua scripts, raw RESP for bulk bytes.
 
 Layout of a single-server run (every key of one file shares the hash tag
 ``{fid}``, every key of one channel the tag ``{chan:C}``). Every name starts
@@ -11,6 +11,8 @@ all of its keys hash to one slot of its own server::
                                 fence (a cluster shard: lowest sequence number it accepts, minus one)
     mpb:{fid}:x          zset   extents scored by file offset;
                                 member "seq:boff:len:blob" (ASCII decimals)
+    mpb:{fid}:v          zset   strided runs scored by their first block's offset;
+                                member "seq:boff:len:blob:count:stride"
     mpb:{fid}:B          zset   blobs scored by their last seq;
                                 member "blob:nextents:nbytes:channel"
     mpb:{fid}:b:<blob>   string payload of one client batch (many extents)
@@ -770,6 +772,10 @@ class RedisStore(Store):
     def memory(self) -> tuple[int, int]:
         info = self.r.info("memory")
         return int(info["used_memory"]), int(info.get("maxmemory") or 0)
+
+    def traffic(self) -> tuple[int, int] | None:
+        info = self.r.info("stats")
+        return int(info["total_net_input_bytes"]), int(info["total_net_output_bytes"])
 
     def empty(self) -> bool:
         pipe = self.r.pipeline(transaction=True)

@@ -1,12 +1,17 @@
 """The store contract suite: every behaviour of :class:`mpiburst.store.Store`, for any implementation.
 
 Subclass :class:`StoreTests` in a test module and give it a ``store`` fixture
-that yields an empty store::
+that yields an empty store, and a ``reopen`` fixture that gives a function
+returning a new handle on the same data (after ``store.close()``)::
 
     class TestMemoryStore(StoreTests):
         @pytest.fixture
         def store(self):
             yield MemoryStore()
+
+        @pytest.fixture
+        def reopen(self, store):
+            return lambda: store      # its data lives in the object
 
 The data tests compare what the store returns with a :class:`~mpiburst.testing.Model`
 (a ``bytearray`` image of the file) under random batches, overlaps,
@@ -26,7 +31,7 @@ from hypothesis import strategies as st
 
 from ..errors import TierFullError
 from ..overlay import Strided, expand, gaps
-from ..store import MAX_EXTENT, FileMeta, FlushLease, RecordGone, Store, file_id
+from ..store import MAX_EXTENT, FileMeta, FlushLease, MemoryStore, RecordGone, Store, file_id
 from . import Model, put, put_runs
 
 #: Hypothesis settings of the data tests: few examples, each on a fresh file of the same store
@@ -529,6 +534,36 @@ class StoreTests:
         store.create("/bfs/m", None)
         put(store, "/bfs/m", None, [(0, b"m" * (2 << 20))])
         assert store.memory()[0] >= used + (1 << 20)
+
+    def test_node_memory_adds_up_to_memory(self, store: Store) -> None:
+        store.create("/bfs/nm", None)
+        put(store, "/bfs/nm", None, [(0, b"n" * (2 << 20))])
+        each = store.node_memory()
+        used, limit = store.memory()
+        assert each and all(u >= 0 and lim >= 0 for u, lim in each)
+        assert abs(sum(u for u, _ in each) - used) < (1 << 20)       # the server's own use moves a little
+        assert limit == (0 if any(lim == 0 for _, lim in each) else sum(lim for _, lim in each))
+
+    def test_traffic_counts_what_the_servers_received(self, store: Store) -> None:
+        before = store.traffic()
+        store.create("/bfs/tr", None)
+        put(store, "/bfs/tr", None, [(0, b"t" * (1 << 20))])
+        assert current(store, "/bfs/tr", 0, 1 << 20) == b"t" * (1 << 20)
+        after = store.traffic()
+        if before is None:                                            # no server: the memory store
+            assert after is None and isinstance(store, MemoryStore)
+            return
+        assert after[0] >= before[0] + (1 << 20) and after[1] >= before[1] + (1 << 20)
+
+    def test_close_keeps_the_data(self, store: Store, reopen: Callable[[], Store]) -> None:
+        store.create("/bfs/cl", None)
+        put(store, "/bfs/cl", None, [(0, b"kept")])
+        store.close()
+        again = reopen()
+        try:
+            assert current(again, "/bfs/cl", 0, 4) == b"kept" and again.meta("/bfs/cl").size == 4
+        finally:
+            again.close()
 
     def test_empty(self, store: Store) -> None:
         assert store.empty()
