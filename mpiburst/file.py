@@ -162,14 +162,18 @@ class File:
         if self._drain is not None:
             self._drain.publish()
             self._drain = None
-        if self._comm.Get_rank() == 0:
+
+        def forget() -> None:
             self._shared.drop()
             if self._amode & MPI.MODE_DELETE_ON_CLOSE:
                 _delete(self._tier, tf.path)
-        self._comm.Barrier()
-        self._tf = None
-        self._view.release()
-        self._comm.Free()
+
+        try:
+            self._rank0(forget)   # a lost server on rank 0 raises on every rank
+        finally:
+            self._tf = None
+            self._view.release()
+            self._comm.Free()
 
     @classmethod
     def Delete(cls, filename: str | os.PathLike, info: MPI.Info = MPI.INFO_NULL) -> None:
@@ -638,7 +642,7 @@ class File:
         count = msg.nbytes // self._view.esize
         counts = self._comm.allgather(count)
         rank = self._comm.Get_rank()
-        start = self._comm.bcast(self._shared.advance(sum(counts)) if rank == 0 else None, root=0)
+        start = self._rank0(lambda: self._shared.advance(sum(counts)))
         return access((start + sum(counts[:rank])) * self._view.esize, msg)
 
     def _begin(self, action: Callable[[], int]) -> None:

@@ -28,7 +28,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a test that hides 
     raise ImportError("mpiburst.h5 needs h5py; install it with 'pip install mpiburst[h5py]'.") from exc
 import numpy as np
 
-from .collective import on_root
+from .collective import on_root, together
 from .errors import MpiburstError
 from .fileobj import BurstIO
 from .fileobj import open as burst_open
@@ -314,17 +314,16 @@ class ParallelFile:
         takes for a box: a tuple of integers and step-1 slices, ``...``, or
         ``numpy.s_[a:b, c:d]``. ``array`` is converted to the dataset's dtype
         and must have the box's shape (or its number of elements).
+
+        Raises
+        ------
+        Exception
+            On every rank when the write failed on any (a bad selection, a
+            full tier): that rank's own exception; on the others the same
+            mpiburst error, or a :class:`~mpiburst.errors.CollectiveError`
+            naming the rank, its exception's type and message.
         """
-        failure: Exception | None = None
-        try:
-            self._write(name, selection, array)
-        except Exception as exc:   # a full tier, a bad selection: every rank must hear of it
-            failure = exc
-        failed = self.comm.allreduce(failure is not None)
-        if failure is not None:
-            raise failure
-        if failed:
-            raise MpiburstError(f"another rank failed to write {name!r} of {self.name}; see its message.")
+        together(self.comm, lambda: self._write(name, selection, array))
 
     def _write(self, name: str, selection: Any, array: Any) -> None:
         """This rank's part of :meth:`write` (independent writes at the runs' offsets)."""

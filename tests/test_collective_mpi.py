@@ -131,3 +131,35 @@ def test_open_after_the_server_died_raises_on_every_rank(mpi_tmp_path, server_bi
             tier.stop()
         else:
             tier.disconnect()
+
+
+def _lost(*args):
+    raise TierConnectionError("lost the connection to the tier's server; check that the run is up with "
+                              "'mpiburst status'.")
+
+
+def test_rank0_steps_of_ordered_access_and_close_raise_on_every_rank(mpi_tmp_path, server_binary):
+    """Write_ordered's pointer move and Close's cleanup are rank 0's alone: its failure must reach every rank."""
+    from mpi4py import MPI
+
+    comm = _comm()
+    bfs = mpi_tmp_path / "bfs"
+    if comm.Get_rank() == 0:
+        bfs.mkdir()
+    comm.Barrier()
+    with Tier.start(comm, id="root0", dir=str(mpi_tmp_path), bfs_root=str(bfs), capacity="64M",
+                    server=server_binary):
+        f = File.Open(comm, "burst://ordered.dat", MPI.MODE_CREATE | MPI.MODE_RDWR)
+        advance = f._shared.advance
+        if comm.Get_rank() == 0:
+            f._shared.advance = _lost              # what a server lost between two calls does
+        with pytest.raises(TierConnectionError, match="mpiburst status"):
+            f.Write_ordered(bytearray(b"x" * 16))
+        f._shared.advance = advance
+        f.Write_ordered(bytearray(b"y" * 16))      # the file is still usable on every rank
+        if comm.Get_rank() == 0:
+            f._shared.drop = _lost
+        with pytest.raises(TierConnectionError, match="mpiburst status"):
+            f.Close()
+        assert f._tf is None                       # closed on every rank all the same
+        comm.Barrier()

@@ -15,6 +15,7 @@ import pytest
 
 import mpiburst
 from mpiburst import h5 as mh5
+from mpiburst.errors import CollectiveError
 from mpiburst.tier import Tier
 
 from conftest import require_tool
@@ -105,3 +106,11 @@ def test_parallel_refusals_and_write_refusal_on_every_rank(mpi_tmp_path, server_
             mh5.File("burst://bad.h5", "w", comm=comm)
         comm.Barrier()
         assert not os.path.exists(os.path.join(str(bfs), "bad.h5"))
+        # one rank's bad selection raises on every rank (the others would otherwise go on alone)
+        pf = mh5.parallel_create("burst://ok.h5", comm, {"d": {"shape": (8,), "dtype": "f8"}})
+        last = comm.Get_size() - 1
+        mine = comm.Get_rank() == last
+        with pytest.raises(KeyError if mine else CollectiveError, match="no dataset 'nope'"):
+            pf.write("nope" if mine else "d", None if mine else slice(0, 1), np.zeros(1))
+        pf.write("d", slice(comm.Get_rank(), comm.Get_rank() + 1), np.full(1, comm.Get_rank()))   # still usable
+        pf.close()

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..collective import on_root
 from ..errors import MpiburstError
 from .baselines import agree, remove_output
 from .burst import URL_DIR, _absorb
@@ -145,30 +146,19 @@ def through_mpiburst(comm: Any, tier: Any, loop: Loop, recs: Sequence[tuple[int,
     work = Work()
 
     def job() -> None:
-        error: BaseException | None = None
         for url in urls:
             work.run(loop.iterations)
             _absorb(comm, url, recs)
             if comm.rank == 0:
                 mpiburst.sync(url, tier=tier, block=False)  # the engine flushes it while the ranks compute
-        if comm.rank == 0:
-            try:
-                _drain(tier, urls)
-            except BaseException as exc:  # every rank must hear it
-                error = exc
-        error = comm.bcast(error, root=0)
-        if error is not None:
-            raise error
+        on_root(comm, lambda: _drain(tier, urls))   # rank 0 waits for the engine; its failure raises everywhere
 
     seconds, _ = collective_time(comm, job)
     ok = True
     if check:
         ok = agree(comm, all(verify_file(loop.layout, os.path.join(tier.bfs_root, URL_DIR, loop.name("mpiburst", k)))
                              for k in range(loop.steps)))
-    if comm.rank == 0:
-        for url in urls:
-            mpiburst.File.Delete(url)
-    comm.Barrier()
+    on_root(comm, lambda: [mpiburst.File.Delete(url) for url in urls])
     return seconds, ok
 
 

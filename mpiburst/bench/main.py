@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import drain
+from ..collective import on_root
 from ..writeback import buffer_size
 from ..errors import ConfigError
 from ..server import connect_redis
@@ -228,13 +229,13 @@ def _scratch(comm: Any, bfs_dir: str) -> tuple[str, str]:
     directory: a socket path must stay under 108 bytes, and the tier hands its
     conf to the other ranks itself.
     """
-    paths = None
-    if comm.rank == 0:
+    def make() -> tuple[str, str]:
         data = tempfile.mkdtemp(prefix="mpiburst-bench-", dir=bfs_dir)
         for sub in ("bfs/bench", "direct", "raw"):
             os.makedirs(os.path.join(data, sub), mode=0o700)
-        paths = (data, tempfile.mkdtemp(prefix="mpiburst-bench-run-"))
-    return comm.bcast(paths, root=0)
+        return data, tempfile.mkdtemp(prefix="mpiburst-bench-run-")
+
+    return on_root(comm, make)   # a failure on rank 0 (a full disk, say) raises on every rank
 
 
 def run(opts: Options) -> int:
@@ -291,16 +292,14 @@ def run(opts: Options) -> int:
                     if comm.rank == 0:
                         results.append(report.summarize(raw))
                         print(f"done: {pattern} {report.short_size(transfer)}", file=sys.stderr, flush=True)
-            if comm.rank == 0:
-                about = machine(opts, admin)
-                params["server"] = about["server"]
+            about = on_root(comm, lambda: machine(opts, admin))
+            params["server"] = about["server"]
             client.close()
     finally:
         if comm.rank == 0:
             shutil.rmtree(scratch, ignore_errors=True)
             shutil.rmtree(rundir, ignore_errors=True)
-    status = 0
-    if comm.rank == 0:
+    def publish() -> int:
         if views:
             params["view"] = views
             print(view.table(views, opts.repeat) + ("\n" if results else ""))
@@ -316,5 +315,7 @@ def run(opts: Options) -> int:
                 if not ok]
         if bad:
             print(f"mpiburst bench: wrong output from: {', '.join(bad)}; these figures are worthless.", file=sys.stderr)
-            status = 1
-    return comm.bcast(status, root=0)
+            return 1
+        return 0
+
+    return on_root(comm, publish)   # rank 0 reports (an unwritable --json raises on every rank)

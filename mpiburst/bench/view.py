@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..collective import on_root
 from .baselines import agree
 from .burst import URL_DIR, _absorb
 from .patterns import Layout, rank_data, records, verify_file
@@ -100,9 +101,7 @@ def run_config(comm: Any, tier: Any, layout: Layout, repeat: int) -> dict[str, A
             seconds[f"{method}_flush"].append(flush)
             if i == 0:
                 verified[method] = agree(comm, verify_file(layout, os.path.join(tier.bfs_root, name)))
-            if comm.rank == 0:
-                mpiburst.File.Delete(url)
-            comm.Barrier()
+            on_root(comm, lambda: mpiburst.File.Delete(url))
     return {"pattern": "view", "transfer": layout.transfer, "ranks": layout.nranks,
             "bytes_per_rank": layout.rank_bytes, "total_bytes": layout.total_bytes,
             "round_records": round_records(layout), "seconds": seconds, "entries": entries,
