@@ -2,7 +2,8 @@
 
 One assembler serves every reader, so they can never disagree about what a
 file holds: :meth:`mpiburst.writeback.TierFile.read`, each batch of a flush
-(:mod:`mpiburst.flush`) and ``mpiburst cat`` (:func:`mpiburst.residency.read`).
+(:mod:`mpiburst.flush`), the drain's chunks (:mod:`mpiburst.drain`) and
+``mpiburst cat`` (:func:`mpiburst.residency.read`).
 
 The tier's bytes land in the caller's buffer in place
 (:meth:`mpiburst.store.Store.fetch_into`: on a real server, ``GETRANGE``

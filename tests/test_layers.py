@@ -9,6 +9,7 @@ entry here to be checked for cycles; list it in :data:`LAYERS` to place it.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mpiburst"
@@ -26,7 +27,7 @@ LAYERS: list[set[str]] = [
     {"writeback"},                                             # one process's buffered file
     {"datatypes", "views", "messages"},                        # mpiburst.File's datatypes, views, buffers
     {"file", "fileobj", "channels", "policy"},                 # the APIs applications use
-    {"h5", "engine", "run", "jobrun", "report", "nodeserve"},  # built on those APIs
+    {"h5", "engine", "jobrun", "report", "nodeserve"},         # built on those APIs
     {"memio", "cli", "bench", "testing", "__init__", "__main__"},   # entry points and test helpers
 ]
 
@@ -128,12 +129,45 @@ def test_no_import_cycle():
     assert not cycles, "import cycles: " + "; ".join(cycles)
 
 
-def test_every_known_unit_exists():
-    """LAYERS names no module that is gone (renamed modules must be renamed here too)."""
+def test_every_unit_is_placed_and_exists():
+    """LAYERS places every module of the package, and names none that is gone (a rename is renamed here too)."""
     units = {_unit(m) for m in _graph()}
-    optional = {"perms", "jobrun", "run", "server", "engine_process"}   # renamed or added by other branches
-    missing = {u for layer in LAYERS for u in layer} - units - optional
-    assert not missing, f"LAYERS lists modules that do not exist: {sorted(missing)}"
+    placed = {u for layer in LAYERS for u in layer}
+    assert not placed - units, f"LAYERS lists modules that do not exist: {sorted(placed - units)}"
+    assert not units - placed, f"modules with no place in LAYERS (add them, and to docs/architecture.md): " \
+        f"{sorted(units - placed)}"
+
+
+def _diagram_rows() -> dict[str, int]:
+    """Each unit drawn in docs/architecture.md's layer diagram and its row (top: 0).
+
+    A row starts on a line indented by one space (``flush.py   batches ...``);
+    a line indented by three continues its names (``  policy.py``, or a
+    package's files); the text after two spaces is a description.
+    """
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    block = text.split("## Layers", 1)[1].split("```", 2)[1]
+    rows: dict[str, int] = {}
+    row = -1
+    for line in block.splitlines():
+        indent = len(line) - len(line.lstrip(" "))
+        if indent not in (1, 3):
+            continue
+        row += indent == 1
+        names = line.strip().split("  ")[0]
+        for name in re.findall(r"\b([a-z_0-9]+)(?:\.py\b|/)", names):
+            rows.setdefault(name, row)
+    return rows
+
+
+def test_the_diagram_is_the_layers_table():
+    """docs/architecture.md draws LAYERS: every unit, and none drawn below a unit of a lower layer."""
+    rows = _diagram_rows()
+    placed = {u for layer in LAYERS for u in layer} - {"__init__", "__main__"}
+    assert not placed - set(rows), f"units missing from the diagram: {sorted(placed - set(rows))}"
+    wrong = [f"{a} (layer {_layer(a)}) drawn below {b} (layer {_layer(b)})"
+             for a in placed for b in placed if _layer(a) > _layer(b) and rows[a] > rows[b]]
+    assert not wrong, "the diagram disagrees with LAYERS: " + "; ".join(sorted(wrong))
 
 
 def test_the_checker_resolves_relative_imports():
