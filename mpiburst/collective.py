@@ -21,14 +21,17 @@ with None or a communicator of one rank the action simply runs.
 from __future__ import annotations
 
 import pickle
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from .errors import CollectiveError, MpiburstError
+
+if TYPE_CHECKING:   # mpi4py is imported only by those who pass a communicator
+    from mpi4py import MPI
 
 T = TypeVar("T")
 
 
-def on_root(comm: Any, action: Callable[[], T], root: int = 0) -> T:
+def on_root(comm: MPI.Comm | None, action: Callable[[], T], root: int = 0) -> T:
     """Run ``action`` on rank ``root`` of ``comm`` only; return its result on every rank (collective).
 
     Parameters
@@ -67,7 +70,7 @@ def on_root(comm: Any, action: Callable[[], T], root: int = 0) -> T:
     return value
 
 
-def together(comm: Any, action: Callable[[], T]) -> T:
+def together(comm: MPI.Comm | None, action: Callable[[], T]) -> T:
     """Run ``action`` on every rank of ``comm``; if it raised on any rank, raise on every rank (collective).
 
     Returns

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 from mpi4py import MPI
+from mpi4py.typing import BufSpec
 
 from . import drain
 from .collective import on_root, together
@@ -209,141 +210,141 @@ class File:
         tf.close()
 
     # -- explicit offsets -----------------------------------------------------------
-    def Write_at(self, offset: int, buf: Any, status: MPI.Status | None = None) -> None:
+    def Write_at(self, offset: int, buf: BufSpec, status: MPI.Status | None = None) -> None:
         """Write ``buf`` at ``offset`` (etype units of the view)."""
         _set_status(status, self._write(self._stream(offset), self._out(buf)))
 
-    def Write_at_all(self, offset: int, buf: Any, status: MPI.Status | None = None) -> None:
+    def Write_at_all(self, offset: int, buf: BufSpec, status: MPI.Status | None = None) -> None:
         """Collective :meth:`Write_at` (no data moves between ranks; errors reach every rank)."""
         _set_status(status, self._together(lambda: self._write(self._stream(offset), self._out(buf))))
 
-    def Iwrite_at(self, offset: int, buf: Any) -> MPI.Request:
+    def Iwrite_at(self, offset: int, buf: BufSpec) -> MPI.Request:
         """Nonblocking :meth:`Write_at`; the returned request is already complete."""
         return _done(self._write(self._stream(offset), self._out(buf)))
 
-    def Iwrite_at_all(self, offset: int, buf: Any) -> MPI.Request:
+    def Iwrite_at_all(self, offset: int, buf: BufSpec) -> MPI.Request:
         """Nonblocking :meth:`Write_at_all`."""
         return _done(self._together(lambda: self._write(self._stream(offset), self._out(buf))))
 
-    def Write_at_all_begin(self, offset: int, buf: Any) -> None:
+    def Write_at_all_begin(self, offset: int, buf: BufSpec) -> None:
         """Begin a split collective write (completed by :meth:`Write_at_all_end`)."""
         self._begin(lambda: self._write(self._stream(offset), self._out(buf)))
 
-    def Write_at_all_end(self, buf: Any, status: MPI.Status | None = None) -> None:
+    def Write_at_all_end(self, buf: BufSpec, status: MPI.Status | None = None) -> None:
         """End the split collective write begun with :meth:`Write_at_all_begin`."""
         self._end(status)
 
-    def Read_at(self, offset: int, buf: Any, status: MPI.Status | None = None) -> None:
+    def Read_at(self, offset: int, buf: BufSpec, status: MPI.Status | None = None) -> None:
         """Read into ``buf`` from ``offset``; the tier's bytes first, then the BFS's."""
         _set_status(status, self._read(self._stream(offset), self._in(buf)))
 
-    def Read_at_all(self, offset: int, buf: Any, status: MPI.Status | None = None) -> None:
+    def Read_at_all(self, offset: int, buf: BufSpec, status: MPI.Status | None = None) -> None:
         """Collective :meth:`Read_at`."""
         _set_status(status, self._together(lambda: self._read(self._stream(offset), self._in(buf))))
 
-    def Iread_at(self, offset: int, buf: Any) -> MPI.Request:
+    def Iread_at(self, offset: int, buf: BufSpec) -> MPI.Request:
         """Nonblocking :meth:`Read_at`; the returned request is already complete."""
         return _done(self._read(self._stream(offset), self._in(buf)))
 
-    def Iread_at_all(self, offset: int, buf: Any) -> MPI.Request:
+    def Iread_at_all(self, offset: int, buf: BufSpec) -> MPI.Request:
         """Nonblocking :meth:`Read_at_all`."""
         return _done(self._together(lambda: self._read(self._stream(offset), self._in(buf))))
 
-    def Read_at_all_begin(self, offset: int, buf: Any) -> None:
+    def Read_at_all_begin(self, offset: int, buf: BufSpec) -> None:
         """Begin a split collective read (completed by :meth:`Read_at_all_end`)."""
         self._begin(lambda: self._read(self._stream(offset), self._in(buf)))
 
-    def Read_at_all_end(self, buf: Any, status: MPI.Status | None = None) -> None:
+    def Read_at_all_end(self, buf: BufSpec, status: MPI.Status | None = None) -> None:
         """End the split collective read begun with :meth:`Read_at_all_begin`."""
         self._end(status)
 
     # -- individual file pointer ----------------------------------------------------
-    def Write(self, buf: Any, status: MPI.Status | None = None) -> None:
+    def Write(self, buf: BufSpec, status: MPI.Status | None = None) -> None:
         """Write ``buf`` at the individual file pointer and advance it."""
         _set_status(status, self._individual(self._write, buf, writing=True))
 
-    def Write_all(self, buf: Any, status: MPI.Status | None = None) -> None:
+    def Write_all(self, buf: BufSpec, status: MPI.Status | None = None) -> None:
         """Collective :meth:`Write`."""
         _set_status(status, self._together(lambda: self._individual(self._write, buf, writing=True)))
 
-    def Iwrite(self, buf: Any) -> MPI.Request:
+    def Iwrite(self, buf: BufSpec) -> MPI.Request:
         """Nonblocking :meth:`Write`."""
         return _done(self._individual(self._write, buf, writing=True))
 
-    def Iwrite_all(self, buf: Any) -> MPI.Request:
+    def Iwrite_all(self, buf: BufSpec) -> MPI.Request:
         """Nonblocking :meth:`Write_all`."""
         return _done(self._together(lambda: self._individual(self._write, buf, writing=True)))
 
-    def Write_all_begin(self, buf: Any) -> None:
+    def Write_all_begin(self, buf: BufSpec) -> None:
         """Begin a split collective :meth:`Write_all`."""
         self._begin(lambda: self._individual(self._write, buf, writing=True))
 
-    def Write_all_end(self, buf: Any, status: MPI.Status | None = None) -> None:
+    def Write_all_end(self, buf: BufSpec, status: MPI.Status | None = None) -> None:
         """End the split collective write begun with :meth:`Write_all_begin`."""
         self._end(status)
 
-    def Read(self, buf: Any, status: MPI.Status | None = None) -> None:
+    def Read(self, buf: BufSpec, status: MPI.Status | None = None) -> None:
         """Read at the individual file pointer and advance it by the etypes read."""
         _set_status(status, self._individual(self._read, buf, writing=False))
 
-    def Read_all(self, buf: Any, status: MPI.Status | None = None) -> None:
+    def Read_all(self, buf: BufSpec, status: MPI.Status | None = None) -> None:
         """Collective :meth:`Read`."""
         _set_status(status, self._together(lambda: self._individual(self._read, buf, writing=False)))
 
-    def Iread(self, buf: Any) -> MPI.Request:
+    def Iread(self, buf: BufSpec) -> MPI.Request:
         """Nonblocking :meth:`Read`."""
         return _done(self._individual(self._read, buf, writing=False))
 
-    def Iread_all(self, buf: Any) -> MPI.Request:
+    def Iread_all(self, buf: BufSpec) -> MPI.Request:
         """Nonblocking :meth:`Read_all`."""
         return _done(self._together(lambda: self._individual(self._read, buf, writing=False)))
 
-    def Read_all_begin(self, buf: Any) -> None:
+    def Read_all_begin(self, buf: BufSpec) -> None:
         """Begin a split collective :meth:`Read_all`."""
         self._begin(lambda: self._individual(self._read, buf, writing=False))
 
-    def Read_all_end(self, buf: Any, status: MPI.Status | None = None) -> None:
+    def Read_all_end(self, buf: BufSpec, status: MPI.Status | None = None) -> None:
         """End the split collective read begun with :meth:`Read_all_begin`."""
         self._end(status)
 
     # -- shared file pointer ----------------------------------------------------------
-    def Write_shared(self, buf: Any, status: MPI.Status | None = None) -> None:
+    def Write_shared(self, buf: BufSpec, status: MPI.Status | None = None) -> None:
         """Write at the shared file pointer and advance it (one atomic step in the tier)."""
         _set_status(status, self._at_shared(self._write, self._out(buf)))
 
-    def Iwrite_shared(self, buf: Any) -> MPI.Request:
+    def Iwrite_shared(self, buf: BufSpec) -> MPI.Request:
         """Nonblocking :meth:`Write_shared`."""
         return _done(self._at_shared(self._write, self._out(buf)))
 
-    def Read_shared(self, buf: Any, status: MPI.Status | None = None) -> None:
+    def Read_shared(self, buf: BufSpec, status: MPI.Status | None = None) -> None:
         """Read at the shared file pointer and advance it by the etypes requested."""
         _set_status(status, self._at_shared(self._read, self._in(buf)))
 
-    def Iread_shared(self, buf: Any) -> MPI.Request:
+    def Iread_shared(self, buf: BufSpec) -> MPI.Request:
         """Nonblocking :meth:`Read_shared`."""
         return _done(self._at_shared(self._read, self._in(buf)))
 
-    def Write_ordered(self, buf: Any, status: MPI.Status | None = None) -> None:
+    def Write_ordered(self, buf: BufSpec, status: MPI.Status | None = None) -> None:
         """Collective write at the shared pointer, the ranks' data one after the other in rank order."""
         _set_status(status, self._together(lambda: self._ordered(self._write, self._out(buf))))
 
-    def Write_ordered_begin(self, buf: Any) -> None:
+    def Write_ordered_begin(self, buf: BufSpec) -> None:
         """Begin a split collective :meth:`Write_ordered`."""
         self._begin(lambda: self._ordered(self._write, self._out(buf)))
 
-    def Write_ordered_end(self, buf: Any, status: MPI.Status | None = None) -> None:
+    def Write_ordered_end(self, buf: BufSpec, status: MPI.Status | None = None) -> None:
         """End the split collective write begun with :meth:`Write_ordered_begin`."""
         self._end(status)
 
-    def Read_ordered(self, buf: Any, status: MPI.Status | None = None) -> None:
+    def Read_ordered(self, buf: BufSpec, status: MPI.Status | None = None) -> None:
         """Collective read at the shared pointer, in rank order."""
         _set_status(status, self._together(lambda: self._ordered(self._read, self._in(buf))))
 
-    def Read_ordered_begin(self, buf: Any) -> None:
+    def Read_ordered_begin(self, buf: BufSpec) -> None:
         """Begin a split collective :meth:`Read_ordered`."""
         self._begin(lambda: self._ordered(self._read, self._in(buf)))
 
-    def Read_ordered_end(self, buf: Any, status: MPI.Status | None = None) -> None:
+    def Read_ordered_end(self, buf: BufSpec, status: MPI.Status | None = None) -> None:
         """End the split collective read begun with :meth:`Read_ordered_begin`."""
         self._end(status)
 
@@ -566,13 +567,13 @@ class File:
         return self.Get_size()
 
     # -- data paths -------------------------------------------------------------------
-    def _out(self, buf: Any) -> Message:
+    def _out(self, buf: BufSpec) -> Message:
         self._handle()
         if not self._amode & (MPI.MODE_WRONLY | MPI.MODE_RDWR):
             raise _mpi_error(MPI.ERR_READ_ONLY)
         return self._whole_etypes(message(buf, writable=False))
 
-    def _in(self, buf: Any) -> Message:
+    def _in(self, buf: BufSpec) -> Message:
         self._handle()
         if not self._amode & (MPI.MODE_RDONLY | MPI.MODE_RDWR):
             raise _mpi_error(MPI.ERR_ACCESS)
@@ -626,7 +627,7 @@ class File:
             raise _mpi_error(MPI.ERR_ARG)
         return offset * self._view.esize
 
-    def _individual(self, access: Callable[[int, Message], int], buf: Any, writing: bool) -> int:
+    def _individual(self, access: Callable[[int, Message], int], buf: BufSpec, writing: bool) -> int:
         msg = self._out(buf) if writing else self._in(buf)
         nbytes = access(self._pos * self._view.esize, msg)
         self._pos += nbytes // self._view.esize

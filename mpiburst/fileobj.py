@@ -23,11 +23,14 @@ import errno
 import io
 import os
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import MpiburstError
 from .writeback import TierFile, buffer_size, register, with_room
 from .paths import resolve
+
+if TYPE_CHECKING:
+    from .tier import Tier
 
 #: Bytes per read-cache page (a read-ahead unit: one tier round trip serves it).
 PAGE = 256 << 10
@@ -42,7 +45,7 @@ _MODES = {  # mode letter -> (readable, writable, create, exclusive, truncate, a
 }
 
 
-def open(path: str | os.PathLike, mode: str = "rb", *, tier: Any = None,
+def open(path: str | os.PathLike, mode: str = "rb", *, tier: Tier | None = None,
          buffer: str | int | None = None) -> "BurstIO":  # noqa: A001 - the name mirrors open()
     """Open a file of the tier as a binary Python file object.
 

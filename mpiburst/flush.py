@@ -70,7 +70,7 @@ import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Generator, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Generator, Iterable, Iterator
 
 import numpy as np
 
@@ -84,6 +84,9 @@ from .paths import resolve
 from .perms import create_aside, current_umask, give_final_attrs, make_dirs
 from .store import FlushLease, Store
 from .tier import Tier
+
+if TYPE_CHECKING:   # mpi4py is imported only by those who pass a communicator
+    from mpi4py import MPI
 
 #: Largest write call of a flush: adjacent dirty stripes are assembled into one
 #: buffer of up to this many bytes (rounded down to whole stripes, at least one).
@@ -211,7 +214,7 @@ _LEASE_LOST = "the flush lease was lost (another flusher failed, or this one sta
 
 # ----------------------------------------------------------------------------- public API
 
-def sync(path: str | os.PathLike, *, tier: Tier | None = None, comm: Any = None, block: bool = True,
+def sync(path: str | os.PathLike, *, tier: Tier | None = None, comm: MPI.Comm | None = None, block: bool = True,
          verify: bool = False, workers: int = 1,
          progress: Callable[[int], None] | None = None) -> FlushReport | None:
     """Write the dirty data of one file from the tier to the BFS.

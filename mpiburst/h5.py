@@ -20,7 +20,7 @@ import os
 import sys
 import weakref
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 try:
     import h5py
@@ -32,6 +32,11 @@ from .collective import on_root, together
 from .errors import MpiburstError
 from .fileobj import BurstIO
 from .fileobj import open as burst_open
+
+if TYPE_CHECKING:   # mpi4py only for parallel use
+    from mpi4py import MPI
+
+    from .tier import Tier
 
 # h5py mode -> (file object modes to try in order, h5py mode to use over the file object)
 _MODES = {
@@ -90,8 +95,8 @@ class File(h5py.File):
     until its last object is closed, so the order holds there too.
     """
 
-    def __init__(self, name: str | os.PathLike, mode: str = "r", comm: Any = None, *, tier: Any = None,
-                 buffer: str | int | None = None, **kwargs: Any) -> None:
+    def __init__(self, name: str | os.PathLike, mode: str = "r", comm: MPI.Comm | None = None, *,
+                 tier: Tier | None = None, buffer: str | int | None = None, **kwargs: Any) -> None:
         if mode not in _MODES:
             raise ValueError(f"mpiburst.h5.File: invalid mode {mode!r}; use 'r', 'r+', 'w', 'w-', 'x' or 'a'.")
         if "driver" in kwargs or "fileobj" in kwargs:
@@ -171,7 +176,7 @@ class DatasetLayout:
     dtype: np.dtype
 
 
-def parallel_create(name: str | os.PathLike, comm: Any, datasets: Mapping[str, Any],
+def parallel_create(name: str | os.PathLike, comm: MPI.Comm, datasets: Mapping[str, Any],
                     attrs: Mapping[str, Mapping[str, Any]] | None = None,
                     align: int | None = None) -> "ParallelFile":
     """Create an HDF5 file that every rank of ``comm`` then writes (collective).
@@ -264,7 +269,7 @@ def _create_layout(name: str | os.PathLike, specs: Mapping[str, tuple], attrs: M
     dcpl.set_layout(h5py.h5d.CONTIGUOUS)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-    options = dict(alignment_threshold=align, alignment_interval=align) if align > 1 else {}
+    options: dict[str, Any] = dict(alignment_threshold=align, alignment_interval=align) if align > 1 else {}
     layout = {}
     with File(name, "w", **options) as f:
         for path, (shape, dtype, dattrs) in specs.items():
@@ -293,7 +298,7 @@ class ParallelFile:
         Offset, shape and dtype of every dataset.
     """
 
-    def __init__(self, name: str | os.PathLike, comm: Any, layout: dict[str, DatasetLayout]) -> None:
+    def __init__(self, name: str | os.PathLike, comm: MPI.Comm, layout: dict[str, DatasetLayout]) -> None:
         from mpi4py import MPI
 
         from .file import File as BurstFile

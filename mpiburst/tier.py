@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -31,6 +31,9 @@ from .runconf import RunConf, conf_path, find_conf_path, resolve_id
 from .server import StartOptions
 from .store import MemoryStore, RedisStore, Store
 from .store.cluster_store import ClusterStore
+
+if TYPE_CHECKING:   # mpi4py is imported only by those who pass a communicator
+    from mpi4py import MPI
 
 
 class Tier:
@@ -43,7 +46,7 @@ class Tier:
     _current: "Tier | None" = None
 
     def __init__(self, conf: RunConf, store: Store, client: redis.Redis | None = None, owner: bool = False,
-                 comm: Any = None) -> None:
+                 comm: MPI.Comm | None = None) -> None:
         self.conf = conf
         self.id = conf.id
         #: The run's data, through the store interface (the only way the layers above reach it).
@@ -60,7 +63,7 @@ class Tier:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def start(cls, comm: Any = None, options: StartOptions | None = None, **changes: Any) -> "Tier":
+    def start(cls, comm: MPI.Comm | None = None, options: StartOptions | None = None, **changes: Any) -> "Tier":
         """Start a run's server and connect every rank of ``comm`` to it (collective).
 
         Parameters
@@ -106,7 +109,8 @@ class Tier:
         return tier
 
     @classmethod
-    def _attach(cls, conf: RunConf, owner: bool = False, comm: Any = None, node: int | None = None) -> "Tier":
+    def _attach(cls, conf: RunConf, owner: bool = False, comm: MPI.Comm | None = None,
+                node: int | None = None) -> "Tier":
         """Connect to the run's server(s) as the ordinary user (``node``: this process's node of a multi-node run)."""
         return cls(conf, *open_store(conf, node), owner=owner, comm=comm)
 
@@ -282,7 +286,7 @@ def _start_run(options: StartOptions) -> RunConf:
     return engine_process.attach(server.start_run(options, tied=True))
 
 
-def start_nodes(comm: Any, opts: StartOptions, node: int, ranges: list[tuple[int, int]], leader: bool,
+def start_nodes(comm: MPI.Comm, opts: StartOptions, node: int, ranges: list[tuple[int, int]], leader: bool,
                 take_lock: bool = True) -> RunConf:
     """Start a multi-node run (collective): one server per node, formed into one cluster; return its conf.
 
