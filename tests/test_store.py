@@ -127,3 +127,18 @@ def test_every_server_error_becomes_an_mpiburst_error(raw, expected, words):
     error = _as_mpiburst_error(raw)
     assert type(error).__name__ == expected and isinstance(error, MpiburstError)
     assert words in str(error) and str(error).endswith(".")
+
+
+def test_the_contract_suite_calls_every_method_of_the_interface():
+    """A method added to Store (or its lease and writer) without a contract test fails here."""
+    import inspect
+
+    import mpiburst.testing
+    import mpiburst.testing.store
+    from mpiburst.store import BatchWriter, FlushLease
+
+    source = inspect.getsource(mpiburst.testing.store) + inspect.getsource(mpiburst.testing)
+    methods = {f"{cls.__name__}.{name}" for cls in (Store, FlushLease, BatchWriter)
+               for name, value in vars(cls).items() if callable(value) and not name.startswith("_")}
+    uncalled = sorted(m for m in methods if f".{m.split('.')[1]}(" not in source)
+    assert not uncalled, f"methods the contract suite (mpiburst.testing.store) never calls: {uncalled}"
