@@ -32,11 +32,11 @@ import numpy as np
 
 from . import flush
 from .assembly import BfsBytes, current_bytes
-from .errors import FlushError, MpiburstError, PathError
+from .errors import FlushError, MpiburstError, PathError, ServerError
 from .overlay import Entry, Strided, bounds, gaps, visible
 from .overlay import expand as blocks_of
 from .paths import resolve
-from .store import MAX_EXTENT, FileMeta, Store
+from .store import MAX_EXTENT, FileMeta, RecordGone, Store
 from .tier import Tier
 
 #: Bytes of the BFS file read and committed per prestage batch.
@@ -153,7 +153,8 @@ def prestage(path: str | os.PathLike, *, keep: bool = False, block: bool = True,
     Raises
     ------
     PathError
-        If the BFS file does not exist.
+        If the BFS file does not exist, or the file was removed from the
+        tier while it was prestaged.
     TierFullError
         If the tier has no room (what was staged before stays, clean).
     """
@@ -187,11 +188,24 @@ def prestage(path: str | os.PathLike, *, keep: bool = False, block: bool = True,
                         extents.append((s, len(payload), n))
                         payload += data[:n]
             if extents:
-                store.commit(target, 0, payload, extents, staged=True)
+                _stage(store, target, payload, extents)
                 staged += len(payload)
             if progress is not None:
                 progress(hi)
     return staged
+
+
+def _stage(store: Store, target: str, payload: bytearray, extents: list[tuple[int, int, int]]) -> None:
+    """Store one chunk of BFS bytes as staged (clean) data; once more if the server had lost its script."""
+    for _ in range(2):
+        try:
+            store.commit(target, 0, payload, extents, staged=True)
+            return
+        except RecordGone:
+            if store.meta(target) is None:
+                raise PathError(f"{target} was removed from the tier while it was prestaged; "
+                                "prestage it again if it is still wanted.") from None
+    raise ServerError(f"the tier's server refused to stage {target} twice; see the server log.")
 
 
 # ----------------------------------------------------------------------------- inspection

@@ -121,6 +121,22 @@ def test_prestage_and_pin_errors(atier):
 
 
 @pytest.mark.timeout(60)
+def test_prestage_of_a_file_removed_meanwhile_is_a_path_error(atier):
+    """The store's RecordGone (no record: the file was removed) never reaches the caller as such."""
+    path = os.path.join(atier.bfs_root, "gone.dat")
+    with open(path, "wb") as f:
+        f.write(os.urandom(residency.PRESTAGE_CHUNK + 4096))
+
+    def remove_after_the_first_chunk(done: int) -> None:
+        if done == residency.PRESTAGE_CHUNK:
+            atier.store.drop(path)
+
+    with pytest.raises(PathError, match="removed from the tier while it was prestaged"):
+        residency.prestage(path, tier=atier, progress=remove_after_the_first_chunk)
+    assert atier.store.meta(path) is None
+
+
+@pytest.mark.timeout(60)
 def test_ls_stat_cat_rm_and_expand(atier):
     a, model = _file(atier, "d/a.dat", seed=1)
     b, _ = _file(atier, "d/sub/b.dat", seed=2)
