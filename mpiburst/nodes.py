@@ -71,6 +71,12 @@ def layout(comm: Any) -> tuple[int, list[tuple[int, int]]]:
     return next(k for k, (lo, hi) in enumerate(ranges) if lo <= rank < hi), ranges
 
 
+def app_ranges(channels: int, nodes: int, per_node: int | None) -> list[tuple[int, int]]:
+    """Return each node's half-open range of the application's ranks: blocks of ``per_node`` (default: even)."""
+    per = per_node or -(-channels // nodes)
+    return [(min(k * per, channels), min((k + 1) * per, channels)) for k in range(nodes)]
+
+
 #: Environment variables holding a process's MPI world rank, set by the launchers (Open MPI, MPICH/PMI, PMIx, Slurm).
 RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
 

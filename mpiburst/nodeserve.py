@@ -23,14 +23,9 @@ import sys
 from typing import Sequence
 
 from .errors import MpiburstError
+from .nodes import app_ranges
 from .server import StartOptions, wait_exit
 from .tier import start_nodes
-
-
-def app_ranges(channels: int, nodes: int, per_node: int | None) -> list[tuple[int, int]]:
-    """Return each node's half-open range of the application's ranks: blocks of ``per_node`` (default: even)."""
-    per = per_node or -(-channels // nodes)
-    return [(min(k * per, channels), min((k + 1) * per, channels)) for k in range(nodes)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,7 +17,9 @@ named after the ID:
 A run spanning several nodes has one server per node (:attr:`RunConf.nodes`);
 node ``k``'s server files carry ``<id>@<k>`` instead of ``<id>`` (``@`` is
 not allowed in an ID, so no run's names collide with a node's), plus the
-cluster state file ``nodes_<id>@<k>.conf`` the server writes itself.
+cluster state file ``nodes_<id>@<k>.conf`` the server writes itself, and,
+when the nodes were started one at a time (a site prolog), the 0600 entry
+``mpiburst_<id>@<k>.node`` each node wrote for node 0.
 
 Files holding secrets are written 0600 from the first byte (a temporary file
 opened with ``O_EXCL`` in the same directory, then renamed) and are read the
@@ -97,6 +99,11 @@ def node_member(run_id: str, node: int | None) -> str:
 def cluster_conf_name(member: str) -> str:
     """Return the file name of a cluster-mode server's own state file, ``nodes_<member>.conf``."""
     return f"nodes_{member}.conf"
+
+
+def node_entry_path(directory: str, run_id: str, index: int) -> str:
+    """Return the path of node ``index``'s entry file ``mpiburst_<id>@<index>.node`` (a run started node by node)."""
+    return os.path.join(directory, f"mpiburst_{node_member(run_id, index)}.node")
 
 
 def server_conf_path(directory: str, run_id: str) -> str:

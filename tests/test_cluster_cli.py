@@ -140,3 +140,70 @@ def test_engine_relieves_the_fullest_server(tmp_path, three_nodes):
     engine.thresholds()
     assert (bfs / "big").read_bytes() == data
     tier.disconnect()
+
+
+def _start_nodes(tmp_path: Path, server_binary: str, nodes: list[int], count: int = 3, timeout: str = "60",
+                 run_id: str = "pn") -> list[subprocess.Popen]:
+    """Run 'mpiburst start --nodes COUNT --node K' for each K of ``nodes`` at once (as each node's prolog does)."""
+    env = job_env(server_binary, MPIBURST_RANKS_PER_NODE="2")
+    return [subprocess.Popen([sys.executable, "-m", "mpiburst", "start", "--id", run_id, "--dir", str(tmp_path),
+                              "--capacity", "64M", "--channels", "6", "--bind", "127.0.0.1", "--nodes", str(count),
+                              "--node", str(k), "--join-timeout", timeout], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for k in nodes]
+
+
+def _finish(procs: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
+    """Wait for each process; return its exit status, stdout and stderr."""
+    outputs = [p.communicate(timeout=150) for p in procs]
+    return [(p.returncode, *out) for p, out in zip(procs, outputs)]
+
+
+def test_nodes_started_one_at_a_time_form_one_cluster(tmp_path, server_binary, cli, server_pids_in):
+    """Each node's 'start --nodes 3 --node K' on its own, node 0 last: one cluster, each node's 0600 files."""
+    done = _finish(_start_nodes(tmp_path, server_binary, [2, 1]) + _start_nodes(tmp_path, server_binary, [0]))
+    assert [d[0] for d in done] == [0, 0, 0], done
+    conf = RunConf.load(str(tmp_path / "mpiburst_pn.conf"))
+    assert [n["ranks"] for n in conf.nodes] == [[0, 2], [2, 4], [4, 6]] and conf.engine_pid
+    assert [f"MPIBURST_PID={n['pid']}" in d[1] for n, d in zip(conf.nodes, done[::-1])] == [True] * 3
+    for k in range(3):
+        assert (tmp_path / f"mpiburst_pn@{k}.node").stat().st_mode & 0o777 == 0o600
+    for k in range(3):  # a store of every node sees what node k wrote
+        tier = Tier._attach(conf, node=k)
+        with mpiburst.open(f"burst://f{k}", "wb", tier=tier) as f:
+            f.write(_payload(k))
+        tier.disconnect()
+    assert cli("stage-out", "--id", "pn", "--dir", str(tmp_path)).returncode == 0
+    assert [(tmp_path / f"f{k}").read_bytes() == _payload(k) for k in range(3)] == [True] * 3
+    out = cli("stop", "--id", "pn", "--dir", str(tmp_path))
+    assert out.returncode == 0 and "3 servers" in out.stderr, out.stderr
+    assert not list(tmp_path.glob("*.node")) and not list(tmp_path.glob("mpiburst_pn.*conf"))
+    assert not server_pids_in(tmp_path)
+
+
+def test_node_0_names_a_node_that_never_came_and_stops_its_server(tmp_path, server_binary, server_pids_in):
+    done = _finish(_start_nodes(tmp_path, server_binary, [0, 1], timeout="3"))
+    code, _, err = done[0]
+    assert code != 0 and "did not hear from node 2 within 3 s" in err and "Traceback" not in err, err
+    assert not (tmp_path / "mpiburst_pn.conf").exists() and not (tmp_path / "mpiburst_pn.admin").exists()
+    # node 1 started its server for a plan that was abandoned: its entry names it for the node's epilog
+    entry = json.loads((tmp_path / "mpiburst_pn@1.node").read_text())
+    assert server.pid_alive(entry["pid"]) and server_pids_in(tmp_path) == [entry["pid"]]
+    os.kill(entry["pid"], signal.SIGKILL)
+
+
+def test_a_node_without_node_0s_plan_gives_up_and_leaves_nothing(tmp_path, server_binary, server_pids_in):
+    code, _, err = _finish(_start_nodes(tmp_path, server_binary, [1], timeout="2"))[0]
+    assert code != 0 and "node 1 of run pn found no plan" in err and "Traceback" not in err, err
+    assert not list(tmp_path.iterdir()) and not server_pids_in(tmp_path)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nodes", "3"], "give both --nodes N and --node K"),
+    (["--nodes", "3", "--node", "3"], "node 3 of 3 is not a node"),
+    (["--nodes", "1", "--node", "0"], "node 0 of 1 is not a node"),
+    (["--nodes", "2", "--node", "0", "--foreground"], "leave out --foreground"),
+])
+def test_start_node_options_are_checked(args, message, cli, tmp_path):
+    out = cli("start", "--id", "pn", *args)
+    assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not list(tmp_path.iterdir())

@@ -30,6 +30,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_start_options(p)
     p.add_argument("--foreground", action="store_true", help="stay in the foreground until the server exits; "
                    "SIGINT/SIGTERM stop it")
+    p.add_argument("--nodes", type=int, metavar="N", help="with --node: start one node of a run of N nodes, one "
+                   "server per node joined into one cluster (a site prolog runs this on every node; DIR must be "
+                   "the same directory on every node)")
+    p.add_argument("--node", type=int, metavar="K", help="with --nodes: this node's index, 0 to N-1; node 0 forms "
+                   "the cluster once every other node's server is up")
+    p.add_argument("--join-timeout", type=float, default=None, metavar="SECONDS",
+                   help="with --nodes: how long node K waits for node 0's plan, and node 0 for the other nodes "
+                        "(default 60)")
     p.set_defaults(func=_start)
 
     p = sub.add_parser("stop", help="stop a run's tier server",
@@ -97,6 +105,8 @@ def _load(args: argparse.Namespace) -> RunConf:
 
 
 def _start(args: argparse.Namespace) -> int:
+    if args.nodes is not None or args.node is not None:
+        return _start_node(args)
     conf = engine_process.attach(server.start_run(start_options(args)))
     if args.foreground:  # handlers first: a signal may come as soon as the lines are out
         def _on_signal(signum: int, frame: Any) -> None:
@@ -114,6 +124,22 @@ def _start(args: argparse.Namespace) -> int:
             tail = server.log_tail(os.path.join(conf.dir, log_name(conf.id)))
             server.clean_run(conf, keep_snapshot=os.path.exists(os.path.join(conf.dir, rdb_name(conf.id))))
             raise ServerError(f"the server of run {conf.id} exited unexpectedly; its log ended: {tail}")
+    return 0
+
+
+def _start_node(args: argparse.Namespace) -> int:
+    """``start --nodes N --node K``: start this node's server of a multi-node run (node 0 also forms it)."""
+    if args.nodes is None or args.node is None:
+        raise ConfigError("give both --nodes N and --node K to start one node of a multi-node run, or neither; "
+                          "'mpiburst run --nodes N' starts every node from one job.")
+    if args.foreground or args.restart:
+        raise ConfigError("--nodes starts one node of a multi-node run in the background; leave out "
+                          f"--{'foreground' if args.foreground else 'restart'}.")
+    conf, pid = server.start_node(start_options(args), args.node, args.nodes, args.join_timeout)
+    if args.node == 0:
+        conf = engine_process.attach(conf)
+    for name, value in (("ID", conf.id), ("CONF", conf.path), ("NODE", args.node), ("PID", pid)):
+        print(f"MPIBURST_{name}={shlex.quote(str(value))}")
     return 0
 
 

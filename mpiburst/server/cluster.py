@@ -30,8 +30,8 @@ from typing import Any
 import redis
 
 from ..errors import ConfigError, ServerError
-from ..runconf import (AdminCredentials, RunConf, cluster_conf_name, create_private, log_name, node_member, rdb_name,
-                       server_conf_path, socket_dir_path)
+from ..runconf import (AdminCredentials, RunConf, cluster_conf_name, create_private, log_name, node_entry_path, node_member,
+                       rdb_name, server_conf_path, socket_dir_path)
 from .connection import connect_redis
 from .discovery import free_port
 from .launch import MAX_SOCKET_PATH, SOCKET_NAME, PortInUse, launch, make_socket_dir, remove_file
@@ -186,7 +186,7 @@ def _not_formed(conf: RunConf, clients: list[redis.Redis]) -> str | None:
 
 
 def clean_node(conf: RunConf, index: int, sock: str | None = None, keep_snapshot: bool = False) -> None:
-    """Remove node ``index``'s server files: socket (and its directory), config, log, cluster state, snapshot."""
+    """Remove node ``index``'s server files: socket (and its directory), config, log, cluster state, entry, snapshot."""
     member = node_member(conf.id, index)
     sock = sock or (conf.nodes[index]["socket"] if index < len(conf.nodes) else "")
     if sock:
@@ -196,7 +196,7 @@ def clean_node(conf: RunConf, index: int, sock: str | None = None, keep_snapshot
         except OSError:
             pass
     for name in (server_conf_path(conf.dir, member), os.path.join(conf.dir, log_name(member)),
-                 os.path.join(conf.dir, cluster_conf_name(member))):
+                 os.path.join(conf.dir, cluster_conf_name(member)), node_entry_path(conf.dir, conf.id, index)):
         remove_file(name)
     if not keep_snapshot:
         remove_file(os.path.join(conf.dir, rdb_name(member)))
