@@ -171,3 +171,86 @@ def test_mpi_job_on_simulated_nodes_gets_one_server_per_node(slurm, tmp_path: Pa
     pids = [int(p) for p in re.search(r"on 3 nodes \(PIDs ([\d, ]+),", log).group(1).split(", ")]
     assert len(set(pids)) == 3 and not any(server.pid_alive(p) for p in pids)
     assert not (tmp_path / f"mpiburst_{job}.conf").exists() and processes_gone(tmp_path)
+
+
+def _site_nodes_env(tmp_path: Path, server_binary: str, job: str, **extra: str) -> dict:
+    """Environment of a prolog/epilog call of a 3-node job simulated on this host (MPIBURST_NODES=3)."""
+    user = subprocess.run(["id", "-un"], capture_output=True, text=True, timeout=10).stdout.strip()
+    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True, timeout=10).stdout.strip()
+    return job_env(server_binary, SLURM_JOB_ID=job, SLURM_JOB_USER=user, SLURM_NTASKS="6", SLURM_JOB_NODELIST=host,
+                   MPIBURST_NODES="3", MPIBURST_RANKS_PER_NODE="2", MPIBURST_SITE_DIR=str(tmp_path / "site"),
+                   MPIBURST_SHARED_DIR=str(tmp_path / "shared"), MPIBURST_BFS_ROOT=str(tmp_path / "bfs"),
+                   MPIBURST_CAPACITY="128M", MPIBURST_SITE_CONF=str(tmp_path / "none.sh"), **extra)
+
+
+def _on_every_node(script: str, env: dict, nodes: int = 3, timeout: float = 240) -> None:
+    """Run ``script`` once per simulated node, all at once (as slurmd runs a job's prologs / epilogs)."""
+    procs = [subprocess.Popen(["bash", str(SCRIPTS / script)], env=dict(env, MPIBURST_NODE_INDEX=str(k)))
+             for k in range(nodes)]
+    try:
+        assert [p.wait(timeout=timeout) for p in procs] == [0] * nodes   # a failing prolog/epilog drains the node
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(600)
+def test_prolog_on_every_node_gives_one_cluster_the_job_commits_and_the_epilogs_leave_nothing(
+        slurm, tmp_path: Path, server_binary: str) -> None:
+    """The multi-node site variant on 3 simulated nodes: the prolog runs on each node at once, each starts its
+    node's server and node 0 forms the cluster; a real Slurm job (mpi_job.sbatch, 6 ranks, 2 per node) joins it
+    through MPIBURST_CONF and commits; the epilogs, at once, stop every server and leave no secret file."""
+    (tmp_path / "bfs").mkdir()
+    mpiexec = str(Path(sys.executable).parent / "mpiexec")
+    app = f"python {EXAMPLES / 'checkpoint_restart.py'} --steps 4 --every 2 --size 5000"
+    # The job runs the task prolog itself, as slurm.conf's TaskProlog would (the test cluster configures none).
+    script = tmp_path / "job.sbatch"
+    script.write_text(f'#!/bin/bash\neval "$(bash {SCRIPTS / "task_prolog.sh"})"\nexec bash {SCRIPTS / "mpi_job.sbatch"}\n')
+    user_env = _site_nodes_env(tmp_path, server_binary, "", APP=app, LAUNCH=f"{mpiexec} -launcher fork -n 6")
+    del user_env["SLURM_JOB_ID"], user_env["SLURM_JOB_NODELIST"]
+    job = slurm.submit(script, cwd=tmp_path, env=user_env,
+                       extra_args=("-n", "6", "--overcommit", "--hold", "-o", "job.out"))
+    try:
+        site = _site_nodes_env(tmp_path, server_binary, job)
+        _on_every_node("prolog.sh", site)
+        run_dir = tmp_path / "shared" / job
+        conf_file = run_dir / f"mpiburst_{job}.conf"
+        conf = json.loads(conf_file.read_text())
+        assert len(conf["nodes"]) == 3, [p.read_text() for p in run_dir.glob("prolog*.log")]
+        assert [n["ranks"] for n in conf["nodes"]] == [[0, 2], [2, 4], [4, 6]]
+        pids = [n["pid"] for n in conf["nodes"]]
+        assert len(set(pids)) == 3 and all(server.pid_alive(p) for p in pids)
+        secrets = [conf_file, run_dir / f"mpiburst_{job}.admin", *run_dir.glob("*.node"), *run_dir.glob("redis_*.conf")]
+        assert len(secrets) == 8 and all(p.stat().st_mode & 0o777 == 0o600 for p in secrets)
+        exports = subprocess.run(["bash", SCRIPTS / "task_prolog.sh"], env=dict(site, MPIBURST_NODE_INDEX="2"),
+                                 capture_output=True, text=True, timeout=30).stdout
+        assert f"export MPIBURST_CONF={conf_file}" in exports
+        slurm.run("scontrol", "release", job)
+        result = slurm.wait(job, timeout=240)
+        log = (tmp_path / "job.out").read_text()
+        assert result == ("COMPLETED", 0, 0), log
+        assert "joined the running tier" in log and f"sync     {tmp_path / 'bfs/sim/result.bin'}" in log, log
+        assert (tmp_path / "bfs/sim/result.bin").read_bytes() == expected_file(6, 5000, 4)
+        # every simulated node's server absorbed its own ranks' bytes
+        from mpiburst.runconf import RunConf
+
+        whole = RunConf.load(str(conf_file))
+        for k in range(3):
+            client = server.connect_redis(whole.node(k))
+            try:
+                assert client.info("memory")["used_memory"] > 2 * 5000 * 8, k
+            finally:
+                client.close()
+        _on_every_node("epilog.sh", site)
+    finally:
+        slurm.cancel(job)
+        for pid in _server_pids_in(tmp_path):
+            os.kill(pid, 9)
+    assert not any(server.pid_alive(p) for p in pids)
+    left = sorted(p.name for p in run_dir.iterdir())
+    assert not [n for n in left if n.endswith((".conf", ".admin", ".node", ".rdb")) or n.startswith(".mpiburst_")], left
+    assert (tmp_path / "bfs/sim/result.bin").read_bytes() == expected_file(6, 5000, 4)
+    assert processes_gone(tmp_path)
