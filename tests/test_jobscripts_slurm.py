@@ -155,15 +155,17 @@ def test_scripts_are_valid_bash() -> None:
 
 @pytest.mark.slurm
 @pytest.mark.timeout(300)
-def test_mpi_job_on_simulated_nodes_gets_one_server_per_node(slurm, tmp_path: Path, server_binary: str) -> None:
-    """mpi_job.sbatch on '3 nodes' (6 ranks, MPIBURST_RANKS_PER_NODE=2): three servers, one cluster, all stopped."""
+@pytest.mark.parametrize("script", ["mpi_job.sbatch", "multi_node.sbatch"])
+def test_mpi_job_on_simulated_nodes_gets_one_server_per_node(slurm, tmp_path: Path, server_binary: str,
+                                                             script: str) -> None:
+    """A job script on '3 nodes' (6 ranks, MPIBURST_RANKS_PER_NODE=2): three servers, one cluster, all stopped."""
     mpiexec = str(Path(sys.executable).parent / "mpiexec")
     app = f"python {EXAMPLES / 'checkpoint_restart.py'} --steps 4 --every 2 --size 5000"
     env = job_env(server_binary, APP=app, MPIBURST_NODES="3", MPIBURST_RANKS_PER_NODE="2",
                   MPIBURST_NODE_LAUNCH=f"{mpiexec} -launcher fork -n 3",
                   LAUNCH=f"{mpiexec} -launcher fork -n 6")  # one machine: no srun steps for the "nodes"
-    job = slurm.submit(SCRIPTS / "mpi_job.sbatch", cwd=tmp_path, env=env,
-                       extra_args=("-n", "6", "--overcommit", "-o", "job.out"))
+    job = slurm.submit(SCRIPTS / script, cwd=tmp_path, env=env,
+                       extra_args=("-N", "1", "-n", "6", "--overcommit", "-o", "job.out"))
     result = slurm.wait(job, timeout=240)
     log = (tmp_path / "job.out").read_text()
     assert result == ("COMPLETED", 0, 0), log
