@@ -15,6 +15,8 @@
 # 5. runs every tests/*cluster*_mpi*.py once more under `mpiexec -n 6` with
 #    MPIBURST_RANKS_PER_NODE=2: three simulated nodes, one server each.
 # The server engine is $MPIBURST_SERVER if set, else the normal discovery order.
+# MPIBURST_TEST_PARTS=serial or =mpi runs only step 3 or only steps 4-5 (.ci/run
+# runs both engines' serial parts at once, then their MPI parts one after the other).
 # Exits non-zero on the first failing part.
 set -euo pipefail
 
@@ -45,9 +47,15 @@ fi
 engine=$("$python" -c 'from mpiburst.server import find_server; print(find_server())')
 echo "tests/run.sh: server engine $engine ($("$engine" --version | head -1))"
 
-echo "tests/run.sh: serial tests"
-timeout "${MPIBURST_SERIAL_TIMEOUT:-3600}" "$python" -m pytest -x -q -rs --timeout=300 -m "not mpi" \
-    --ignore-glob='*_mpi*' tests "$@"
+parts=${MPIBURST_TEST_PARTS:-serial mpi}
+[[ $parts =~ ^(serial mpi|serial|mpi)$ ]] || { echo "tests/run.sh: MPIBURST_TEST_PARTS must be 'serial', 'mpi' or unset, not '$parts'" >&2; exit 2; }
+
+if [[ $parts == *serial* ]]; then
+    echo "tests/run.sh: serial tests"
+    timeout "${MPIBURST_SERIAL_TIMEOUT:-3600}" "$python" -m pytest -x -q -rs --timeout=300 -m "not mpi" \
+        --ignore-glob='*_mpi*' tests "$@"
+fi
+[[ $parts == *mpi* ]] || { echo "tests/run.sh: serial tests passed"; exit 0; }
 
 shopt -s nullglob
 mpi_files=(tests/*_mpi*.py)

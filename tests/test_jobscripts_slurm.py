@@ -36,6 +36,14 @@ def slurm():
         yield c
 
 
+@pytest.fixture(autouse=True)
+def _one_test_at_a_time() -> Iterator[None]:
+    from slurm_cluster import one_test_at_a_time
+
+    with one_test_at_a_time():
+        yield
+
+
 @pytest.mark.slurm
 @pytest.mark.timeout(300)
 def test_mpi_job_stages_in_runs_and_stages_out(slurm, tmp_path: Path, server_binary: str) -> None:
@@ -60,14 +68,14 @@ def test_mpi_job_stages_in_runs_and_stages_out(slurm, tmp_path: Path, server_bin
 @pytest.mark.slurm
 @pytest.mark.timeout(300)
 def test_many_small_tasks_job(slurm, tmp_path: Path, server_binary: str) -> None:
-    env = job_env(server_binary, NTASKS="40", TASKS_SCRIPT=str(EXAMPLES / "many_small_tasks.sh"))
+    env = job_env(server_binary, NTASKS="8", TASKS_SCRIPT=str(EXAMPLES / "many_small_tasks.sh"))
     job = slurm.submit(SCRIPTS / "many_tasks.sbatch", cwd=tmp_path, env=env,
                        extra_args=("-c", "2", "-o", "tasks.out"))
     result = slurm.wait(job, timeout=240)
     log = (tmp_path / "tasks.out").read_text()
     assert result == ("COMPLETED", 0, 0), log
     for w in range(2):
-        expected = "".join(f"task {i}: square {i * i}\n" for i in range(w, 40, 2))
+        expected = "".join(f"task {i}: square {i * i}\n" for i in range(w, 8, 2))
         assert (tmp_path / f"results/data_{job}_{w}.dat").read_text() == expected
     pids = server_pids_logged(log)
     assert len(pids) == 1 and not server.pid_alive(pids[0])
