@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator
 
 from .errors import ChannelBusyError, ChannelError, TierFullError
-from .runconf import create_private
+from .perms import create_aside, current_umask, give_final_attrs
 from .store import Store
 from .tier import Tier
 
@@ -162,19 +162,26 @@ def retrieve(tier: Tier, out: BinaryIO, channel: int | None = None, print_id: bo
 def split(tier: Tier, directory: str, warn: Callable[[str], None] | None = None) -> list[str]:
     """Write each channel to ``directory/data_<id>_<C>.dat`` (C zero-padded to the digits of the count).
 
-    Files hold exactly the channel's bytes (no newline added) and are created
-    0600 from the first byte, then renamed into place. Returns their paths.
+    Files hold exactly the channel's bytes (no newline added). Each is written
+    in a private (0600) temporary file, which gets the mode a direct
+    ``open(O_CREAT, 0666)`` by this process would give (``0666 & ~umask``, a
+    default ACL of ``directory``; an existing file's mode, owner and group are
+    kept, see :mod:`mpiburst.perms`) before it is renamed into place, as
+    mem_io's retrieve wrote them. Returns their paths.
     """
     width = len(str(tier.channels))
+    umask = current_umask()
     paths = []
     for c in _report(info(tier), warn):
         path = os.path.join(directory, f"data_{tier.id}_{c.channel:0{width}d}.dat")
         tmp = os.path.join(directory, f".data_{tier.id}_{c.channel:0{width}d}.{secrets.token_hex(6)}.tmp")
-        fd = create_private(tmp)
+        create_aside(tmp)
         try:
-            with os.fdopen(fd, "wb") as f:
+            with open(tmp, "r+b") as f:
                 for piece in read(tier, c.channel):
                     f.write(piece)
+                f.flush()
+                give_final_attrs(f.fileno(), path, umask)
             os.replace(tmp, path)
         except BaseException:
             os.unlink(tmp)

@@ -19,6 +19,9 @@ and the flush applies it:
 * a file that exists keeps its mode, owner, group and access ACL when a
   flush writes it aside and renames it over the old one.
 
+``mpiburst retrieve --split`` (:func:`mpiburst.channels.split`) gives its
+files the same treatment under the retrieving process's umask.
+
 Tier data (run confs, logs, sockets, snapshots) is not made here: it stays
 0600/0700 (see :mod:`mpiburst.server`).
 """

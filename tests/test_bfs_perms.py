@@ -10,6 +10,7 @@ or ``mkdir(0777)`` by the application in the same directory. Real server
 from __future__ import annotations
 
 import contextlib
+import io
 import glob
 import os
 import stat
@@ -222,3 +223,27 @@ def test_tier_data_stays_private_whatever_the_umask(tmp_path, server_binary):
     assert any(p.suffix == ".rdb" for p in stopped), stopped
     loose = [(str(p), oct(m)) for p, m in {**running, **stopped}.items() if stat.S_IMODE(m) & 0o077]
     assert not loose, f"tier data open to others: {loose}"
+
+
+@pytest.mark.timeout(120)
+def test_channel_files_of_a_split_retrieve_get_the_retrievers_umask_and_keep_an_existing_files_mode(
+        tmp_path, server_binary):
+    """mem_io's ``retrieve -split`` wrote its files with fopen: ``0666 & ~umask``; an existing file keeps its mode."""
+    from mpiburst import channels
+
+    out = tmp_path / "split"
+    out.mkdir()
+    with umask(0o077), Tier.start(id="chperm", dir=str(tmp_path), capacity="64M", channels=2,
+                                  server=server_binary) as tier:
+        for c, data in ((0, b"zero" * 100), (1, b"one" * 100)):
+            channels.store(tier, c, io.BytesIO(data))
+        kept = out / f"data_{tier.id}_1.dat"
+        kept.write_bytes(b"old")
+        kept.chmod(0o640)
+        with umask(0o002):
+            paths = channels.split(tier, str(out))
+    assert [os.path.basename(p) for p in paths] == [f"data_{tier.id}_0.dat", f"data_{tier.id}_1.dat"]
+    ref = direct_file(str(out / "direct.dat"), 0o002)
+    assert mode(paths[0]) == stat.S_IMODE(ref.st_mode) == 0o664
+    assert mode(paths[1]) == 0o640 and kept.read_bytes() == b"one" * 100
+    assert sorted(os.listdir(out)) == sorted(["direct.dat", *map(os.path.basename, paths)])   # no temporary left
