@@ -13,15 +13,18 @@ import contextlib
 import io
 import glob
 import os
+import shlex
 import stat
 import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 import mpiburst
-from conftest import require_root, require_tool
+from conftest import cli_env, processes_gone, require_root, require_tool
 from mpiburst import flush, perms
 from mpiburst.tier import Tier
 
@@ -223,6 +226,60 @@ def test_tier_data_stays_private_whatever_the_umask(tmp_path, server_binary):
     assert any(p.suffix == ".rdb" for p in stopped), stopped
     loose = [(str(p), oct(m)) for p, m in {**running, **stopped}.items() if stat.S_IMODE(m) & 0o077]
     assert not loose, f"tier data open to others: {loose}"
+
+
+def test_h5py_file_through_the_tier_gets_the_mode_h5py_gives_directly(tier):
+    """``mpiburst.h5.File`` records the writing process's umask as ``mpiburst.open`` does."""
+    import h5py
+    import numpy as np
+
+    from mpiburst import h5 as mh5
+
+    with umask(0o027), mh5.File("burst://h5/fields.h5", "w", tier=tier) as h:
+        h["u"] = np.arange(10.0)
+    path = os.path.join(tier.bfs_root, "h5/fields.h5")
+    sync_as(tier, path, 0o077)
+    with umask(0o027), h5py.File(os.path.join(tier.bfs_root, "h5/direct.h5"), "w") as h:
+        h["u"] = np.arange(10.0)
+    assert mode(path) == mode(os.path.join(tier.bfs_root, "h5/direct.h5")) == 0o640
+    assert mode(os.path.join(tier.bfs_root, "h5")) == 0o750
+
+
+APP = textwrap.dedent("""\
+    import sys
+    import mpiburst
+    with mpiburst.open("burst://proj/out.dat", "wb") as f:
+        f.write(b"x" * 5000)
+    sys.exit(int(sys.argv[1]))
+    """)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("ends", ["succeeds", "fails, then stage-out"])
+def test_mpiburst_run_stage_out_applies_the_applications_umask_not_the_runs(tmp_path, server_binary, ends):
+    """``mpiburst run`` (umask 077) of an application with umask 002: its commit, or a later
+    ``mpiburst stage-out`` of the saved run (the umask kept in the snapshot), gives 0664 / 0775."""
+    (tmp_path / "bfs").mkdir()
+    (tmp_path / "app.py").write_text(APP)
+    env = cli_env(MPIBURST_SERVER=server_binary)
+    status = 0 if ends == "succeeds" else 3
+    app = f"umask 002 && exec {shlex.quote(sys.executable)} app.py {status}"
+    with umask(0o077):
+        run = subprocess.run([sys.executable, "-m", "mpiburst", "run", "--id", "perm", "--bfs-root", "bfs",
+                              "--capacity", "64M", "--", "sh", "-c", app],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert run.returncode == status, run.stderr
+        if status:
+            assert not (tmp_path / "bfs/proj").exists()        # retained in the tier's snapshot, not flushed
+            out = subprocess.run([sys.executable, "-m", "mpiburst", "stage-out", "--id", "perm"],
+                                 cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+            assert out.returncode == 0, out.stderr
+    assert processes_gone(tmp_path)
+    assert (tmp_path / "bfs/proj/out.dat").read_bytes() == b"x" * 5000
+    direct_dirs(str(tmp_path / "bfs/ref"), 0o002)
+    ref = direct_file(str(tmp_path / "bfs/ref/out.dat"), 0o002)
+    assert mode(str(tmp_path / "bfs/proj/out.dat")) == stat.S_IMODE(ref.st_mode) == 0o664
+    assert mode(str(tmp_path / "bfs/proj")) == mode(str(tmp_path / "bfs/ref")) == 0o775
 
 
 @pytest.mark.timeout(120)
