@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -370,8 +371,18 @@ def test_cli_refuses_too_small_settings(cli, tmp_path: Path, args: tuple[str, ..
 
 @pytest.mark.timeout(120)
 def test_a_run_directory_with_spaces_works(tmp_path: Path, server_binary: str) -> None:
-    run_dir = tmp_path / "my run dir \"quoted\""
+    # Under a short base, not tmp_path: the socket inside must stay under the OS's 107 bytes whatever
+    # the length of the user's name in pytest's /tmp/pytest-of-<user>/ (it failed for a newcomer's).
+    short = Path(tempfile.mkdtemp(prefix="sp-", dir="/tmp"))
+    run_dir = short / "my run dir \"quoted\""
     run_dir.mkdir(parents=True)
+    try:
+        _run_in_a_directory_with_spaces(tmp_path, run_dir, server_binary)
+    finally:
+        shutil.rmtree(short)
+
+
+def _run_in_a_directory_with_spaces(tmp_path: Path, run_dir: Path, server_binary: str) -> None:
     (tmp_path / "bfs").mkdir()
     (tmp_path / "job.py").write_text(JOB)
     done = _mpiburst("run", "--dir", str(run_dir), "--id", "sp", "--bfs-root", "bfs", "--capacity", "32M", "--",
@@ -379,7 +390,8 @@ def test_a_run_directory_with_spaces_works(tmp_path: Path, server_binary: str) -
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "bfs/fixed.dat").read_bytes() == b"fixed" * 999
     assert sorted(os.listdir(run_dir)) == ["mpiburst_sp.report.html", "mpiburst_sp.report.json",  # only the report
-                                           "mpiburst_sp.stats.json"] and processes_gone(tmp_path)
+                                           "mpiburst_sp.stats.json"]
+    assert processes_gone(tmp_path) and processes_gone(run_dir)   # the server worked in run_dir
 
 
 def test_run_errors_are_prefixed_by_mpiburst_run(cli, tmp_path: Path) -> None:
