@@ -109,20 +109,25 @@ def peers_read_back(pattern: Strided, url: str, comm: MPI.Comm) -> bool:
     return ok
 
 
+def _than_direct(ratio: float, better: str, worse: str, same: str) -> str:
+    """Say how the tier compares with direct MPI-IO, from ``ratio`` = direct / through the tier."""
+    if 0.95 <= ratio <= 1.05:       # within the noise of one run: no "1.0x longer"
+        return same
+    return f"{ratio:.1f}x {better}" if ratio > 1 else f"{1 / ratio:.1f}x {worse}"
+
+
 def meaning(network: bool, waits: float, durable: float) -> str:
     """One sentence on what the two ratios (direct / through the tier) mean."""
+    wait = _than_direct(waits, "less", "longer", "about as long")
+    ready = _than_direct(durable, "sooner", "later", "about as soon")
     if network:
         return (f"On a network filesystem every small write to a shared file is a round trip that contends for "
-                f"the file; the tier absorbs them at memory speed, so the application waits {waits:.0f}x less, "
-                f"and the flush turns them into a few large writes, so the data is durable "
-                + (f"{durable:.1f}x sooner as well." if durable >= 1 else
-                   f"only {1 / durable:.1f}x later than with direct writes."))
+                f"the file; the tier absorbs them at memory speed, so the application waits {wait}, and the "
+                f"flush turns them into a few large writes, so the data is durable {ready}.")
     return ("On a page-cached local disk small writes cost almost nothing (the kernel absorbs them): the case "
-            "where a burst buffer gains least; here the application waits "
-            + (f"{waits:.1f}x less" if waits >= 1 else f"{1 / waits:.1f}x longer") + " through the tier and the "
-            "data is durable " + (f"{durable:.1f}x sooner" if durable >= 1 else f"{1 / durable:.1f}x later")
-            + ". On a parallel or network filesystem the same writes are where the tier pays off (as root, "
-            "examples/demo.sh shows it on a loopback GlusterFS volume).")
+            f"where a burst buffer gains least; here the application waits {wait} through the tier and the data "
+            f"is durable {ready}. On a parallel or network filesystem the same writes are where the tier pays off "
+            "(as root, examples/demo.sh shows it on a loopback GlusterFS volume).")
 
 
 def main(argv: list[str] | None = None) -> int:
