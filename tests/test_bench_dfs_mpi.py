@@ -27,7 +27,8 @@ def _volume() -> str:
     """Return the GlusterFS mount point from ``$MPIBURST_DFS``, or skip (fail under MPIBURST_REQUIRE_TOOLS=1)."""
     path = os.environ.get("MPIBURST_DFS", "")
     if not path:
-        reason = "no GlusterFS volume: set MPIBURST_DFS to the mount point 'scripts/dfs.sh up' prints"
+        reason = ("needs a GlusterFS volume: as root, with the Debian packages glusterfs-server and glusterfs-client, "
+                  "set MPIBURST_DFS to the mount point 'scripts/dfs.sh up' prints")
     elif filesystem(path)["type"] != "fuse.glusterfs":
         reason = f"MPIBURST_DFS={path} is not a mounted GlusterFS volume (run 'scripts/dfs.sh up' as root)"
     else:

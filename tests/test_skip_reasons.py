@@ -1,0 +1,37 @@
+"""A test that cannot run on a machine with only Python says which Debian package it needs (#11).
+
+``tests/run.sh`` on a fresh machine skips such tests with a one-line reason;
+the reason must name the package of ``tests/system-packages.txt`` to install.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import system_packages
+
+
+def test_the_glusterfs_benchmark_names_the_packages_of_its_volume(monkeypatch):
+    import test_bench_dfs_mpi
+
+    monkeypatch.delenv("MPIBURST_DFS", raising=False)
+    monkeypatch.delenv("MPIBURST_REQUIRE_TOOLS", raising=False)   # skip, as on a newcomer's machine
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        test_bench_dfs_mpi._volume()
+    reason = str(skipped.value)
+    assert "\n" not in reason
+    packages = {system_packages()["glusterd"], system_packages()["mount.glusterfs"]}
+    assert packages == {"glusterfs-server", "glusterfs-client"}
+    assert all(package in reason for package in packages), reason
+
+
+def test_a_missing_tool_is_skipped_naming_its_package(monkeypatch):
+    from conftest import require_tool
+
+    monkeypatch.delenv("MPIBURST_REQUIRE_TOOLS", raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")                     # no tool at all
+    for tool, package in system_packages().items():
+        with pytest.raises(pytest.skip.Exception) as skipped:
+            require_tool(tool)
+        assert str(skipped.value) == (f"needs {tool}: install the Debian package {package} "
+                                      "(see tests/system-packages.txt)")
