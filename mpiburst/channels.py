@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator
 
@@ -181,8 +182,12 @@ def split(tier: Tier, directory: str, warn: Callable[[str], None] | None = None)
                 for piece in read(tier, c.channel):
                     f.write(piece)
                 f.flush()
-                give_final_attrs(f.fileno(), path, umask)
-            os.replace(tmp, path)
+                mine = give_final_attrs(f.fileno(), path, umask)
+            if mine:
+                os.replace(tmp, path)
+            else:                       # another user's file this process may write: rewrite it in place
+                shutil.copyfile(tmp, path)
+                os.unlink(tmp)
         except BaseException:
             os.unlink(tmp)
             raise

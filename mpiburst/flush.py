@@ -159,6 +159,7 @@ class _Plan:
     new: bool          # no BFS file existed: every extent up to ``upto`` is written
     umask: int         # of the application: new files and directories get the modes it gives
     claimed: drain.Claim | None = None   # a finished drain's data file, now ``work``
+    in_place: bool = False   # set by _seal: ``work`` was copied into ``target`` (another user's file)
 
 
 class _Tally:
@@ -468,7 +469,8 @@ def _write_journal(bfs_root: str, plans: list[_Plan]) -> str:
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
-        os.write(fd, json.dumps({"renames": [[p.work, p.target] for p in plans]}).encode())
+        renames = [[p.work, p.target] for p in plans if not p.in_place]   # those are written already
+        os.write(fd, json.dumps({"renames": renames}).encode())
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -1011,20 +1013,45 @@ def _finish(store: Store, plan: _Plan, verify: bool) -> FlushReport:
 
 
 def _seal(plan: _Plan) -> None:
-    """Give the new version its final size and attributes, and fsync it."""
+    """Give the new version its final size and attributes, and fsync it.
+
+    When the flusher may not give it the owner or group of the file it
+    replaces (another user's file it may write, in a shared project
+    directory), a rename would change who owns that file: its new bytes are
+    copied into the existing file instead, as a direct write would rewrite it
+    (``plan.in_place``; without the rename's all-or-nothing, but the data
+    stays dirty in the tier until this is done, so a failure is retried).
+    """
     fd = os.open(plan.work, os.O_RDWR | os.O_NOFOLLOW)
     try:
         if os.fstat(fd).st_size != plan.size:
             os.ftruncate(fd, plan.size)
-        give_final_attrs(fd, plan.target, plan.umask)   # visible only with its final mode (mpiburst.perms)
-        os.fsync(fd)
+        if give_final_attrs(fd, plan.target, plan.umask):   # visible only with its final mode (mpiburst.perms)
+            os.fsync(fd)
+        else:
+            _rewrite_in_place(fd, plan)
+            plan.in_place = True
     finally:
         os.close(fd)
+
+
+def _rewrite_in_place(src: int, plan: _Plan) -> None:
+    """Copy the new version open as ``src`` over the bytes of the existing ``plan.target``, trim and fsync it."""
+    dst = os.open(plan.target, os.O_WRONLY | os.O_NOFOLLOW)
+    try:
+        _copy_range(src, dst, 0, plan.size)   # every byte: a hole of the new version is zeros to write here
+        os.ftruncate(dst, plan.size)
+        os.fsync(dst)
+    finally:
+        os.close(dst)
 
 
 def _publish(plans: list[_Plan]) -> None:
     """Rename each new version over its final name, then fsync the directories."""
     for plan in plans:
+        if plan.in_place:
+            os.unlink(plan.work)
+            continue
         os.rename(plan.work, plan.target)
     for directory in dict.fromkeys(os.path.dirname(p.target) for p in plans):
         _fsync_dir(directory)

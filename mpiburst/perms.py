@@ -17,7 +17,11 @@ and the flush applies it:
 * a setgid directory's group (and, for directories, its setgid bit) is
   inherited by the kernel as for a direct write, and kept;
 * a file that exists keeps its mode, owner, group and access ACL when a
-  flush writes it aside and renames it over the old one.
+  flush writes it aside and renames it over the old one; when the flusher
+  may not give the new version that owner or group (another user's file it
+  may write, as in a shared project directory: only root can), the flush
+  copies the new bytes into the existing file in place instead, as a direct
+  write would (:func:`give_final_attrs` returns False).
 
 ``mpiburst retrieve --split`` (:func:`mpiburst.channels.split`) gives its
 files the same treatment under the retrieving process's umask.
@@ -94,7 +98,7 @@ def create_aside(path: str) -> None:
     os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode))
 
 
-def give_final_attrs(fd: int, target: str, umask: int) -> None:
+def give_final_attrs(fd: int, target: str, umask: int) -> bool:
     """Give the temporary file open as ``fd`` the attributes ``target`` must have after the rename.
 
     If ``target`` exists, its mode, owner, group and access ACL are copied
@@ -102,26 +106,37 @@ def give_final_attrs(fd: int, target: str, umask: int) -> None:
     ``0666 & ~umask``, unless its directory has a default ACL (then the file
     already has what it inherited at creation). Call it before the rename.
 
+    Returns
+    -------
+    bool
+        True when done; False when ``target``'s owner or group cannot be
+        given (``EPERM``: this process is neither root nor that owner and in
+        that group), the file's attributes then unchanged: the caller must
+        not rename it over ``target``, but may write ``target`` in place.
+
     Raises
     ------
     OSError
-        If the attributes cannot be given (e.g. ``EPERM`` when another
-        user's file would change owner): the caller must not rename then.
+        If another attribute cannot be given: the caller must not rename then.
     """
     try:
         old = os.stat(target)
     except FileNotFoundError:
         if not has_default_acl(os.path.dirname(target)):
             os.fchmod(fd, 0o666 & ~umask)
-        return
+        return True
     mine = os.fstat(fd)
     if (mine.st_uid, mine.st_gid) != (old.st_uid, old.st_gid):
-        os.fchown(fd, old.st_uid, old.st_gid)   # before the chmod: a chown clears setuid/setgid bits
+        try:
+            os.fchown(fd, old.st_uid, old.st_gid)   # before the chmod: a chown clears setuid/setgid bits
+        except PermissionError:
+            return False
     os.fchmod(fd, stat.S_IMODE(old.st_mode))
     try:
         acl = os.getxattr(target, ACCESS_ACL)
     except OSError as exc:
         if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
             raise
-        return
+        return True
     os.setxattr(fd, ACCESS_ACL, acl)
+    return True

@@ -304,3 +304,48 @@ def test_channel_files_of_a_split_retrieve_get_the_retrievers_umask_and_keep_an_
     assert mode(paths[0]) == stat.S_IMODE(ref.st_mode) == 0o664
     assert mode(paths[1]) == 0o640 and kept.read_bytes() == b"one" * 100
     assert sorted(os.listdir(out)) == sorted(["direct.dat", *map(os.path.basename, paths)])   # no temporary left
+
+
+FOREIGN = textwrap.dedent("""\
+    import sys
+    import mpiburst
+    from mpiburst import flush
+    from mpiburst.tier import Tier
+    run, bfs, server = sys.argv[1:]
+    with Tier.start(id="foreign", dir=run, bfs_root=bfs, capacity="64M", server=server) as t:
+        for name in ("synced.dat", "committed.dat"):
+            with mpiburst.open(f"burst://{name}", "r+b", tier=t) as f:
+                f.seek(10)
+                f.write(b"new")
+                f.truncate(50_000)
+        flush.sync(f"{bfs}/synced.dat", tier=t)
+        assert [r.path for r in flush.commit(tier=t)] == [f"{bfs}/committed.dat"]
+    """)
+
+
+@pytest.mark.timeout(120)
+def test_another_users_file_is_rewritten_in_place_as_a_direct_write_would(tmp_path, server_binary):
+    """A flusher that may write another user's file but not give a new file that owner (no CAP_CHOWN:
+    any non-root member of a shared project) rewrites it in place: inode, owner, group and mode stay."""
+    require_root("giving a file another owner, and flushing it without CAP_CHOWN")
+    (tmp_path / "run").mkdir()
+    bfs = tmp_path / "bfs"
+    bfs.mkdir()
+    before = {}
+    for name in ("synced.dat", "committed.dat"):
+        path = bfs / name
+        path.write_bytes(b"o" * 100_000)
+        os.chown(path, NOBODY, NOBODY)
+        os.chmod(path, 0o664)               # a group-writable file of another member
+        before[name] = os.stat(path)
+    (tmp_path / "foreign.py").write_text(FOREIGN)
+    done = subprocess.run(["setpriv", "--bounding-set", "-chown", "--inh-caps", "-chown", "--", sys.executable,
+                           str(tmp_path / "foreign.py"), str(tmp_path / "run"), str(bfs), server_binary],
+                          env=cli_env(), capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr
+    for name, old in before.items():
+        new = os.stat(bfs / name)
+        assert (new.st_ino, new.st_uid, new.st_gid, stat.S_IMODE(new.st_mode)) == \
+            (old.st_ino, NOBODY, NOBODY, 0o664), name
+        assert (bfs / name).read_bytes() == b"o" * 10 + b"new" + b"o" * (50_000 - 13)
+    assert sorted(os.listdir(bfs)) == ["committed.dat", "synced.dat"]    # no new version or journal left
