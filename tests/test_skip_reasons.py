@@ -6,6 +6,8 @@ the reason must name the package of ``tests/system-packages.txt`` to install.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from conftest import system_packages
@@ -35,3 +37,13 @@ def test_a_missing_tool_is_skipped_naming_its_package(monkeypatch):
             require_tool(tool)
         assert str(skipped.value) == (f"needs {tool}: install the Debian package {package} "
                                       "(see tests/system-packages.txt)")
+
+
+def test_tests_needing_root_or_a_tool_say_so_through_conftest_so_ci_fails_instead():
+    """A ``skipif`` on the user or a tool skips in CI too; ``require_root``/``require_tool`` fail there."""
+    from conftest import REPO
+
+    found = [f"{path.name}:{n}" for path in sorted((REPO / "tests").glob("*.py")) if path.name != Path(__file__).name
+             for n, line in enumerate(path.read_text().splitlines(), 1)
+             if "skipif(" in line and ("geteuid" in line or "which(" in line)]
+    assert not found, f"use conftest.require_root / require_tool instead of skipif: {found}"
