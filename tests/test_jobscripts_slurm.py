@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -103,20 +105,28 @@ def test_time_limit_commit_with_signal(slurm, tmp_path: Path, server_binary: str
 
 @pytest.fixture
 def site(tmp_path: Path, server_binary: str) -> Iterator[dict]:
-    """Environment of a prolog/epilog call: job 990001 of root, site dir and BFS under tmp_path."""
+    """Environment of a prolog/epilog call: job 990001 of this user, BFS under tmp_path.
+
+    The site dir is a short directory under /tmp, not under tmp_path: the run's socket in
+    ``<site>/990001/.mpiburst_990001/`` must stay under the OS's 107 bytes whatever the length of
+    the user's name and of pytest's ``/tmp/pytest-of-<user>/pytest-<N>/`` (108 bytes failed a
+    newcomer's second run).
+    """
     (tmp_path / "bfs").mkdir()
+    site_dir = Path(tempfile.mkdtemp(prefix="site-", dir="/tmp"))
     user = subprocess.run(["id", "-un"], capture_output=True, text=True, timeout=10).stdout.strip()
-    env = job_env(server_binary, SLURM_JOB_ID="990001", SLURM_JOB_USER=user, SLURM_NTASKS="2", MPIBURST_SITE_DIR=str(tmp_path / "site"),
-                  MPIBURST_BFS_ROOT=str(tmp_path / "bfs"), MPIBURST_CAPACITY="128M",
+    env = job_env(server_binary, SLURM_JOB_ID="990001", SLURM_JOB_USER=user, SLURM_NTASKS="2",
+                  MPIBURST_SITE_DIR=str(site_dir), MPIBURST_BFS_ROOT=str(tmp_path / "bfs"), MPIBURST_CAPACITY="128M",
                   MPIBURST_SITE_CONF=str(tmp_path / "none.sh"))
     yield env
-    for pid in _server_pids_in(tmp_path):
+    for pid in _server_pids_in(tmp_path) + _server_pids_in(site_dir):
         os.kill(pid, 9)
+    shutil.rmtree(site_dir, ignore_errors=True)
 
 
 @pytest.mark.timeout(180)
 def test_prolog_job_epilog(site: dict, tmp_path: Path) -> None:
-    run_dir = tmp_path / "site/990001"
+    run_dir = Path(site["MPIBURST_SITE_DIR"]) / "990001"
     assert subprocess.run(["bash", SCRIPTS / "prolog.sh"], env=site, timeout=120).returncode == 0
     conf = run_dir / "mpiburst_990001.conf"
     assert conf.stat().st_mode & 0o777 == 0o600
@@ -143,14 +153,14 @@ def test_prolog_job_epilog(site: dict, tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 def test_epilog_kills_a_server_that_will_not_stop(site: dict, tmp_path: Path) -> None:
     assert subprocess.run(["bash", SCRIPTS / "prolog.sh"], env=site, timeout=120).returncode == 0
-    conf = tmp_path / "site/990001/mpiburst_990001.conf"
+    conf = Path(site["MPIBURST_SITE_DIR"]) / "990001/mpiburst_990001.conf"
     pid = json.loads(conf.read_text())["pid"]
     os.kill(pid, 19)       # SIGSTOP: the server can no longer answer stage-out or stop
     try:
         env = dict(site, MPIBURST_STAGEOUT_TIMEOUT="3")
         assert subprocess.run(["bash", SCRIPTS / "epilog.sh"], env=env, timeout=200).returncode == 0
         assert not server.pid_alive(pid)
-        assert "killing it" in (tmp_path / "site/990001/epilog.log").read_text()
+        assert "killing it" in (conf.parent / "epilog.log").read_text()
     finally:
         if server.pid_alive(pid):
             os.kill(pid, 9)
