@@ -64,6 +64,9 @@ cleanup() {
         echo "bare-machine.sh: processes left running by $user: $(ps -o pid=,args= -p "${left//$'\n'/,}" | head -5)" >&2
         for pid in $left; do kill -KILL "$pid" 2>/dev/null || true; done
     fi
+    left=$(find /tmp -maxdepth 1 -user "$user" ! -name "pytest-of-$user" 2>/dev/null || true)
+    [[ -z $left ]] || echo "bare-machine.sh: left in /tmp by $user (removed): ${left//$'\n'/ }" >&2
+    find /tmp -maxdepth 1 -user "$user" -exec rm -rf {} + 2>/dev/null || true   # and pytest's tmp dirs
     if [[ -n $created ]]; then userdel --remove "$user" 2>/dev/null || true; fi
     rm -rf "$hidden"
 }
