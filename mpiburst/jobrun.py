@@ -242,16 +242,19 @@ def open_run(options: StartOptions, log: Log | None = None, nodes: int = 1) -> t
             if log:
                 log(f"joined the running tier of run {run_id} (PID {conf.pid})")
             return Tier.connect(conf=conf), False
-    restart = os.path.exists(os.path.join(directory, rdb_name(run_id)))
-    if nodes > 1 and not restart:
-        conf = _start_nodes(options.replace(id=run_id, dir=directory), nodes)
+    saved = server.saved_nodes(directory, run_id)
+    restart = saved > 0 or os.path.exists(os.path.join(directory, rdb_name(run_id)))
+    if nodes > 1 and (not restart or saved == nodes):  # a saved run of as many nodes comes back on the job's nodes
+        if restart and log:
+            log(f"reloading the data run {run_id} saved in {saved} node snapshots in {directory}")
+        conf = _start_nodes(options.replace(id=run_id, dir=directory, restart=restart), nodes)
         tier = Tier.connect(conf=conf)
         if log:
             log(f"started the tier of run {run_id} on {nodes} nodes (PIDs "
                 f"{', '.join(str(n['pid']) for n in conf.nodes)}, {tier.channels} channels, BFS root {tier.bfs_root})")
         return tier, True
     if restart and log:
-        log(f"reloading the data run {run_id} saved in {os.path.join(directory, rdb_name(run_id))}")
+        log(f"reloading the data run {run_id} saved in {_snapshot_name(directory, run_id)}")
     conf = engine_process.attach(server.start_run(options.replace(id=run_id, dir=directory, restart=restart)))
     tier = Tier.connect(conf=conf)
     if log:
@@ -310,7 +313,7 @@ def _start_nodes(opts: StartOptions, nodes: int) -> RunConf:
     while True:
         if os.path.exists(path):
             conf = RunConf.load(path)
-            if conf.nodes and conf.engine_pid is not None:
+            if conf.nodes and conf.pid is not None and conf.engine_pid is not None:  # not a saved run's old conf
                 _node_jobs[conf.path] = job
                 return conf
         if job.poll() is not None or time.monotonic() > deadline:
@@ -340,8 +343,19 @@ def _end_node_job(conf: RunConf) -> None:
             pass
 
 
+def _snapshot_name(directory: str, run_id: str) -> str:
+    """Return how to name a run's snapshot in messages: its file, or its nodes' files."""
+    saved = server.saved_nodes(directory, run_id)
+    if saved:
+        return f"{saved} node snapshots {os.path.join(directory, rdb_name(run_id + '@0'))} etc."
+    return os.path.join(directory, rdb_name(run_id))
+
+
 def finish_saved(id: str | None = None, dir: str | None = None, log: Log | None = None) -> tuple[Tier, bool]:
-    """Return a tier for stage-out: the live run, or the saved one reloaded (``started`` True)."""
+    """Return a tier for stage-out: the live run, or the saved one reloaded (``started`` True).
+
+    The snapshots of a multi-node run are reloaded on this host, one server per saved node.
+    """
     run_id = resolve_id(id)
     directory = os.path.abspath(dir or os.getcwd())
     path = conf_path(directory, run_id)
@@ -349,10 +363,10 @@ def finish_saved(id: str | None = None, dir: str | None = None, log: Log | None 
         conf = RunConf.load(path)
         if server.pid_alive(conf.pid, conf.server):
             return Tier.connect(conf=conf), False
-    if not os.path.exists(os.path.join(directory, rdb_name(run_id))):
+    if not os.path.exists(os.path.join(directory, rdb_name(run_id))) and not server.saved_nodes(directory, run_id):
         raise ConfigError(f"run {run_id} is neither running nor saved in {directory}; check --id and --dir.")
     if log:
-        log(f"reloading the data run {run_id} saved in {os.path.join(directory, rdb_name(run_id))}")
+        log(f"reloading the data run {run_id} saved in {_snapshot_name(directory, run_id)}")
     conf = engine_process.attach(server.start_run(StartOptions(id=run_id, dir=directory, restart=True)))
     return Tier.connect(conf=conf), True
 
@@ -360,17 +374,16 @@ def finish_saved(id: str | None = None, dir: str | None = None, log: Log | None 
 def close_run(tier: Tier, keep: bool, log: Log | None = None) -> None:
     """Stop a server this process started: saved to ``redis_<id>.rdb`` when ``keep`` and it holds data.
 
-    A multi-node run cannot be saved: its servers are stopped (the caller
-    stages its data out first, see :func:`run`).
+    A multi-node run is saved node by node (``redis_<id>@<k>.rdb``, each node's own data).
     """
-    keep = keep and not tier.store.empty() and not tier.conf.nodes
-    rdb = os.path.join(tier.conf.dir, rdb_name(tier.id))
+    keep = keep and not tier.store.empty()
     tier.disconnect()
     # discard also removes a snapshot this run was reloaded from: its data is now on the BFS
-    server.stop_run(tier.conf, save=keep, discard=not keep and not tier.conf.nodes)
+    server.stop_run(tier.conf, save=keep, discard=not keep)
     _end_node_job(tier.conf)
     if log:
-        log(f"stopped the tier of run {tier.id}" + (f"; its data is saved in {rdb}" if keep else ""))
+        saved = f"; its data is saved in {_snapshot_name(tier.conf.dir, tier.id)}" if keep else ""
+        log(f"stopped the tier of run {tier.id}{saved}")
 
 
 def holds_unsaved(tier: Tier) -> bool:
@@ -437,8 +450,9 @@ def run(command: Sequence[str], options: StartOptions | None = None, *, policy: 
         Called with one line per step (start, staged files, stop).
     nodes
         Servers to start, one per node (default ``$MPIBURST_NODES``, else the
-        job's node count). A multi-node run cannot be saved: ``retain``
-        stages its data out as ``sync`` does.
+        job's node count). A multi-node run is retained as one snapshot per
+        node; the next ``run`` with the same ID reloads it on as many nodes
+        (or on this host, on another node count).
 
     Raises
     ------
@@ -477,9 +491,6 @@ def _run_locked(command: Sequence[str], opts: StartOptions, policy: Policy, on_f
                 progress: bool = False, nodes: int = 1) -> int:
     """:func:`run` once the run's lock is held (``progress``: show the stage-out's and commits' progress)."""
     tier, started = open_run(opts, log=say, nodes=nodes)
-    if tier.conf.nodes and on_failure == "retain":
-        on_failure = "sync"  # no snapshot of a multi-node run: a failed job's data goes to the BFS instead
-        say("a run over several nodes cannot be saved: if the command fails, its data is staged out (--on-failure sync)")
     signals = _Signals()
     signals.install()
     closing = False

@@ -316,7 +316,7 @@ def start_nodes(comm: MPI.Comm, opts: StartOptions, node: int, ranges: list[tupl
         if take_lock:
             held = server.RunLock(server.run_directory(opts.dir), resolve_id(opts.id), "Tier.start")
             lock = held.__enter__()
-        return server.plan_cluster(opts, nodes_here=len(set(hosts)) == 1)
+        return server.plan_cluster(opts, nodes_here=len(set(hosts)) == 1, count=len(ranges))
 
     entry: dict | None = None
     started: server.ClusterPlan | None = None
@@ -335,9 +335,9 @@ def start_nodes(comm: MPI.Comm, opts: StartOptions, node: int, ranges: list[tupl
     except BaseException:
         if entry is not None and started is not None:
             server.kill(entry["pid"], started.conf.server)
-            server.clean_node(started.conf, node, entry["socket"])
+            server.clean_node(started.conf, node, entry["socket"], keep_snapshot=True)
         if rank == 0 and started is not None:
-            server.abandon_cluster(started.conf)
+            server.abandon_cluster(started.conf, keep_conf=bool(opts.restart))
         raise
     finally:
         if lock is not None:

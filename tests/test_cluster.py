@@ -140,7 +140,7 @@ def test_form_timeout_names_the_missing_node_and_leaves_nothing(tmp_path, server
 
 
 def test_cluster_refuses_restart_and_port(tmp_path, server_binary):
-    with pytest.raises(ConfigError, match="cannot be reloaded from a snapshot yet"):
+    with pytest.raises(ConfigError, match="cannot restart run c2: no snapshot"):
         server.start_cluster(nodes=2, id="c2", dir=str(tmp_path), restart=True, server=server_binary)
     with pytest.raises(ConfigError, match="leave --port out"):
         server.start_cluster(nodes=2, id="c2", dir=str(tmp_path), port=7000, server=server_binary)

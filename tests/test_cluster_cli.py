@@ -207,3 +207,99 @@ def test_start_node_options_are_checked(args, message, cli, tmp_path):
     out = cli("start", "--id", "pn", *args)
     assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert not list(tmp_path.iterdir())
+
+
+def _node_keys(conf: RunConf) -> list[int]:
+    """The number of keys each node's server holds."""
+    counts = []
+    for k in range(len(conf.nodes)):
+        client = server.connect_redis(conf.node(k))
+        try:
+            counts.append(client.dbsize())
+        finally:
+            client.close()
+    return counts
+
+
+def test_a_multi_node_run_saved_restarts_with_every_byte_and_commits(run, cli, server_pids_in, tmp_path):
+    """stop --save: each node saves its own snapshot (0600); start --restart brings the 3 nodes back, each
+    holding its own data again; the bytes read back exact and a stage-out commits them to the BFS."""
+    keys = _node_keys(run)
+    assert all(keys)
+    out = cli("stop", "--save", "--id", "cc", "--dir", run.dir)
+    assert out.returncode == 0 and "each node's snapshot saved" in out.stderr, out.stderr
+    snapshots = sorted(tmp_path.glob("redis_cc@*.rdb"))
+    assert [p.name for p in snapshots] == [f"redis_cc@{k}.rdb" for k in range(3)]
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in snapshots)
+    assert server_pids_in(tmp_path) == [] and not (tmp_path / "mpiburst_cc.admin").exists()
+    kept = RunConf.load(run.path)
+    assert kept.pid is None and [n["pid"] for n in kept.nodes] == [None] * 3
+    refused = cli("start", "--id", "cc", "--dir", run.dir)
+    assert refused.returncode != 0 and "has a saved snapshot" in refused.stderr and "--restart" in refused.stderr
+    again = cli("start", "--restart", "--id", "cc", "--dir", run.dir)
+    assert again.returncode == 0, again.stderr
+    conf = RunConf.load(run.path)
+    assert len(conf.nodes) == 3 and all(server.pid_alive(n["pid"]) for n in conf.nodes)
+    assert _node_keys(conf) == keys   # every node got its own snapshot back
+    tier = Tier.connect(conf=conf)
+    try:
+        for k in range(3):
+            with mpiburst.open(f"burst://f{k}", "rb", tier=tier) as f:
+                assert f.read() == _payload(k)
+        with mpiburst.open("burst://shared", "rb", tier=tier) as f:
+            assert f.read() == b"".join(_payload(k) for k in range(3))
+    finally:
+        tier.disconnect()
+    out = cli("stage-out", "--id", "cc", "--dir", run.dir)
+    assert out.returncode == 0, out.stderr
+    bfs = Path(conf.bfs_root)
+    assert [(bfs / f"f{k}").read_bytes() == _payload(k) for k in range(3)] == [True] * 3
+    assert (bfs / "shared").read_bytes() == b"".join(_payload(k) for k in range(3))
+    assert cli("stop", "--discard", "--id", "cc", "--dir", run.dir).returncode == 0
+    assert server_pids_in(tmp_path) == [] and not list(tmp_path.glob("redis_cc*")) and not Path(run.path).exists()
+
+
+def test_save_with_a_node_down_stops_nothing_and_says_so(run, cli, tmp_path):
+    os.kill(run.nodes[2]["pid"], signal.SIGKILL)
+    out = cli("stop", "--save", "--id", "cc", "--dir", run.dir)
+    assert out.returncode != 0 and "node 2 of run cc is down" in out.stderr and "Traceback" not in out.stderr
+    assert all(server.pid_alive(run.nodes[k]["pid"]) for k in (0, 1)) and not list(tmp_path.glob("*.rdb"))
+
+
+def test_a_saved_run_restarts_only_on_its_node_count(run, cli, server_binary, tmp_path):
+    assert cli("stop", "--save", "--id", "cc", "--dir", run.dir).returncode == 0
+    with pytest.raises(mpiburst.errors.ConfigError, match="was saved on 3 nodes; restart it on 3 nodes"):
+        server.start_cluster(nodes=2, id="cc", dir=run.dir, restart=True, server=server_binary)
+    assert len(list(tmp_path.glob("redis_cc@*.rdb"))) == 3 and Path(run.path).exists()
+    out = cli("stop", "--id", "cc", "--dir", run.dir)
+    assert out.returncode != 0 and "is not running (its 3 snapshots" in out.stderr
+    assert cli("stop", "--discard", "--id", "cc", "--dir", run.dir).returncode == 0
+    assert not list(tmp_path.glob("redis_cc*")) and not Path(run.path).exists()
+
+
+def test_mpiburst_run_on_three_nodes_retains_a_failed_job_and_the_next_run_finishes_it(tmp_path, server_binary,
+                                                                                      server_pids_in):
+    """A failing job on 3 nodes is retained (a snapshot per node); the next 'run' with the same ID reloads it on
+    3 nodes, its ranks find their checkpoint, and on success the BFS gets the data."""
+    bfs = tmp_path / "bfs"
+    bfs.mkdir()
+    mpiexec = str(Path(sys.executable).parent / "mpiexec")
+    env = job_env(server_binary, MPIBURST_NODE_LAUNCH=f"{mpiexec} -n 3", MPIBURST_RANKS_PER_NODE="2")
+    app = [mpiexec, "-n", "6", sys.executable, str(EXAMPLES / "checkpoint_restart.py"), "--every", "2", "--size", "5000"]
+
+    def run_job(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mpiburst", "run", "--id", "rr", "--nodes", "3", "--channels", "6",
+                               "--capacity", "64M", "--bfs-root", str(bfs), "--", *command], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=150)
+
+    first = run_job(*app, "--steps", "6", "--fail-at", "4")
+    assert first.returncode == 1 and "simulated crash after step 4" in first.stdout, first.stderr
+    assert "its data is saved in 3 node snapshots" in first.stderr, first.stderr
+    assert len(list(tmp_path.glob("redis_rr@*.rdb"))) == 3 and not (bfs / "sim").exists()
+    assert server_pids_in(tmp_path) == []
+    second = run_job(*app, "--steps", "6")
+    assert second.returncode == 0, second.stderr
+    assert "reloading the data run rr saved in 3 node snapshots" in second.stderr
+    assert "resuming from step 4 on 6 ranks" in second.stdout, second.stdout
+    assert (bfs / "sim/result.bin").read_bytes() == expected_file(6, 5000, 6)
+    assert server_pids_in(tmp_path) == [] and not list(tmp_path.glob("redis_rr*")) and not (tmp_path / "mpiburst_rr.conf").exists()

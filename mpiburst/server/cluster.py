@@ -122,16 +122,17 @@ def launch_node(conf: RunConf, admin: AdminCredentials, index: int, count: int, 
     except BaseException:
         if view.pid:
             kill(view.pid, conf.server)
-        clean_node(conf, index, sock)
+        clean_node(conf, index, sock, keep_snapshot=True)   # a failed restart keeps the snapshot it came for
         raise
 
 
 def form(conf: RunConf, admin: AdminCredentials, timeout: float | None = None) -> None:
     """Join the servers of ``conf.nodes`` into one cluster and wait until it serves every slot.
 
-    Node ``k`` adds its slot range (``entry["slots"]``), node 0 meets every
-    other node, then every node must see all nodes, all slots assigned and
-    ``cluster_state:ok``.
+    Node ``k`` adds its slot range (``entry["slots"]``; of a node restarted
+    from its snapshot, the part its keys did not already claim), node 0
+    meets every other node, then every node must see all nodes, all slots
+    assigned and ``cluster_state:ok``.
 
     Raises
     ------
@@ -146,7 +147,9 @@ def form(conf: RunConf, admin: AdminCredentials, timeout: float | None = None) -
             clients.append(connect_redis(conf.node(k), admin=admin))
         try:
             for client, entry in zip(clients, conf.nodes):
-                client.execute_command("CLUSTER", "ADDSLOTSRANGE", *entry["slots"])
+                lacking = _missing_slots(client, *entry["slots"])
+                if lacking:
+                    client.execute_command("CLUSTER", "ADDSLOTSRANGE", *[s for r in lacking for s in r])
             for entry in conf.nodes[1:]:
                 clients[0].execute_command("CLUSTER", "MEET", entry["host"], entry["port"], entry["bus_port"])
         except redis.RedisError as exc:
@@ -165,6 +168,34 @@ def form(conf: RunConf, admin: AdminCredentials, timeout: float | None = None) -
     finally:
         for client in clients:
             client.close()
+
+
+def _missing_slots(client: redis.Redis, first: int, last: int) -> list[tuple[int, int]]:
+    """Return the ranges of slots ``first``..``last`` the node does not serve yet.
+
+    A node restarted from its snapshot has already taken the slots its keys
+    hash to (the server claims an unassigned slot it holds keys of), and
+    ``ADDSLOTSRANGE`` refuses a slot that is taken, even by the node itself.
+    """
+    text = client.execute_command("CLUSTER", "NODES")
+    text = text.decode() if isinstance(text, bytes) else str(text)
+    owned: set[int] = set()
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) > 8 and "myself" in fields[2].split(","):
+            for item in fields[8:]:
+                if not item.startswith("["):
+                    lo, _, hi = item.partition("-")
+                    owned.update(range(int(lo), int(hi or lo) + 1))
+    ranges: list[tuple[int, int]] = []
+    for slot in range(first, last + 1):
+        if slot in owned:
+            continue
+        if ranges and ranges[-1][1] == slot - 1:
+            ranges[-1] = (ranges[-1][0], slot)
+        else:
+            ranges.append((slot, slot))
+    return ranges
 
 
 def _not_formed(conf: RunConf, clients: list[redis.Redis]) -> str | None:

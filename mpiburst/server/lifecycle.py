@@ -21,7 +21,8 @@ from .. import iostats
 from ..align import detect_align
 from ..errors import ConfigError, MpiburstError, ServerError
 from ..runconf import (AdminCredentials, RunConf, admin_path, conf_path, create_private, engine_log_name, log_name,
-                       new_password, rdb_name, resolve_id, server_conf_path, socket_dir_path, write_secure)
+                       new_password, node_member, rdb_name, resolve_id, server_conf_path, socket_dir_path,
+                       write_secure)
 from ..store import RedisStore
 from ..store.cluster_store import ClusterStore
 from . import cluster
@@ -37,13 +38,28 @@ STOP_TIMEOUT = 30.0
 PORT_ATTEMPTS = 5
 
 
+def saved_nodes(directory: str, run_id: str) -> int:
+    """Return how many nodes of a multi-node run left a snapshot ``redis_<id>@<k>.rdb`` in ``directory`` (0: none)."""
+    count = 0
+    while os.path.exists(os.path.join(directory, rdb_name(node_member(run_id, count)))):
+        count += 1
+    return count
+
+
+def _has_snapshot(directory: str, run_id: str) -> bool:
+    """Return True if run ``run_id`` left a snapshot in ``directory``: its own, or every node's."""
+    return os.path.exists(os.path.join(directory, rdb_name(run_id))) or saved_nodes(directory, run_id) > 0
+
+
 def clean_run(conf: RunConf, keep_snapshot: bool) -> None:
     """Remove a stopped run's files: socket, server config, logs, and (unless kept) conf and snapshot.
 
-    For a multi-node run, every node's files too (a node's snapshot is never kept).
+    For a multi-node run, every node's files too; its snapshots
+    ``redis_<id>@<k>.rdb`` are kept with ``keep_snapshot``, as is the conf
+    (every PID None), for ``mpiburst start --restart``.
     """
     for k in range(len(conf.nodes)):
-        cluster.clean_node(conf, k)
+        cluster.clean_node(conf, k, keep_snapshot=keep_snapshot)
     sockdir = os.path.dirname(conf.socket)
     remove_file(conf.socket)
     try:
@@ -56,6 +72,8 @@ def clean_run(conf: RunConf, keep_snapshot: bool) -> None:
     remove_file(admin_path(conf.dir, conf.id))
     if keep_snapshot:
         conf.pid = None
+        for entry in conf.nodes:
+            entry["pid"] = None
         conf.save()
     else:
         remove_file(os.path.join(conf.dir, rdb_name(conf.id)))
@@ -76,11 +94,13 @@ def _check_existing(directory: str, run_id: str, restart: bool) -> RunConf | Non
                 f"'mpiburst stop --id {run_id}' or choose another ID."
             )
         if old.pid is not None:  # stale: the server died and left its files
-            clean_run(old, keep_snapshot=os.path.exists(os.path.join(directory, rdb_name(run_id))))
+            clean_run(old, keep_snapshot=_has_snapshot(directory, run_id))
     rdb = os.path.join(directory, rdb_name(run_id))
-    if restart and not os.path.exists(rdb):
+    if saved_nodes(directory, run_id):
+        rdb = os.path.join(directory, rdb_name(node_member(run_id, 0)))  # and one per further node
+    if restart and not _has_snapshot(directory, run_id):
         raise ConfigError(f"cannot restart run {run_id}: no snapshot {rdb}; start it without --restart.")
-    if not restart and os.path.exists(rdb):
+    if not restart and _has_snapshot(directory, run_id):
         raise ConfigError(
             f"run {run_id} has a saved snapshot {rdb}; reload it with --restart, or remove it with "
             f"'mpiburst stop --discard --id {run_id}'."
@@ -108,6 +128,10 @@ def start_run(options: StartOptions | None = None, *, tied: bool = False, **chan
     only (no TCP port another user of the node could fill up); a job spanning
     several nodes listens on this host's address too.
 
+    With ``restart`` and the snapshots of a multi-node run (``redis_<id>@<k>.rdb``,
+    saved by :func:`stop_run`), its nodes are restarted on this host
+    (:func:`start_cluster`), each from its own snapshot.
+
     Raises
     ------
     ConfigError
@@ -119,6 +143,9 @@ def start_run(options: StartOptions | None = None, *, tied: bool = False, **chan
     opts = StartOptions.of(options, **changes)
     run_id = resolve_id(opts.id, warn=True)
     directory = run_directory(opts.dir)
+    saved = saved_nodes(directory, run_id) if opts.restart else 0
+    if saved:  # the snapshot of a multi-node run: its nodes come back as servers on this host
+        return start_cluster(opts.replace(id=run_id, dir=directory), nodes=saved, tied=tied)
     with RunLock(directory, run_id, "mpiburst start"):
         return _start_locked(opts, run_id, directory, tied)
 
@@ -219,7 +246,7 @@ class ClusterPlan:
     socket_dir: str | None
 
 
-def plan_cluster(opts: StartOptions, nodes_here: bool) -> ClusterPlan:
+def plan_cluster(opts: StartOptions, nodes_here: bool, count: int) -> ClusterPlan:
     """Check and write down a multi-node run before its servers start (the caller holds the run's start lock).
 
     Parameters
@@ -228,27 +255,34 @@ def plan_cluster(opts: StartOptions, nodes_here: bool) -> ClusterPlan:
         Every node is this host (simulated nodes): the servers and their
         cluster buses listen on loopback only; otherwise on each node's
         address (or ``opts.bind``).
+    count
+        The number of nodes; with ``opts.restart`` it must be the number of
+        the saved run's nodes (each node reloads its own snapshot).
 
     Raises
     ------
     ConfigError
-        On a bad option, a live run with the same ID, or ``restart`` (a
-        multi-node run cannot be saved and reloaded yet).
+        On a bad option, a live run with the same ID, a saved snapshot
+        without ``restart`` (or none with it), or a restart on another
+        number of nodes.
     """
-    if opts.restart:
-        raise ConfigError("a run over several nodes cannot be reloaded from a snapshot yet; start it without --restart.")
     if opts.port is not None:
         raise ConfigError("a run over several nodes picks a free port on each node; leave --port out.")
     run_id = resolve_id(opts.id, warn=True)
     directory = run_directory(opts.dir)
-    old = _check_existing(directory, run_id, False)
+    old = _check_existing(directory, run_id, opts.restart)
+    saved = saved_nodes(directory, run_id)
+    if opts.restart and saved != count:
+        raise ConfigError(f"run {run_id} was saved {'on ' + str(saved) + ' nodes' if saved else 'as one server'}; "
+                          f"restart it on {saved or 1} node{'s' if saved != 1 else ''} ('mpiburst stage-out --id "
+                          f"{run_id}' reloads it on this host).")
     conf = _new_conf(opts, run_id, directory, old, "")
     admin = AdminCredentials(ADMIN_USER, new_password())
     conf.save()
     try:
         admin.save(conf)
     except BaseException:
-        abandon_cluster(conf)
+        abandon_cluster(conf, keep_conf=opts.restart)
         raise
     bind = opts.bind or ("127.0.0.1" if nodes_here else None)
     return ClusterPlan(conf, admin, _maxclients(opts, conf.channels), bind,
@@ -271,17 +305,25 @@ def form_planned(plan: ClusterPlan, entries: list[dict[str, Any]]) -> RunConf:
     return conf
 
 
-def abandon_cluster(conf: RunConf) -> None:
-    """Remove the run-wide files of a multi-node run that failed to start (each node cleans its own)."""
+def abandon_cluster(conf: RunConf, keep_conf: bool = False) -> None:
+    """Remove the run-wide files of a multi-node run that failed to start (each node cleans its own).
+
+    With ``keep_conf`` (a failed restart) the conf stays, without a server, beside the kept snapshots.
+    """
     remove_file(admin_path(conf.dir, conf.id))
-    remove_file(conf.path)
+    if keep_conf:
+        conf.pid, conf.nodes = None, []
+        conf.save()
+    else:
+        remove_file(conf.path)
 
 
 def start_cluster(options: StartOptions | None = None, nodes: int = 3, *, tied: bool = False,
                   **changes: Any) -> RunConf:
     """Start a run of ``nodes`` cluster-mode servers on this machine, joined into one cluster (one process).
 
-    For tests and tools that need a real cluster without MPI: node ``k``
+    For tests and tools that need a real cluster without MPI, and for
+    reloading a saved multi-node run on one host (``restart``): node ``k``
     serves ranks ``[k*c/n, (k+1)*c/n)`` of the run's ``c`` channels. The
     servers listen on loopback (or ``bind``) and their unix sockets. Stop it
     with :func:`stop_run`.
@@ -296,7 +338,7 @@ def start_cluster(options: StartOptions | None = None, nodes: int = 3, *, tied: 
         raise ConfigError(f"a cluster run needs at least 2 nodes, not {nodes}; use start_run for one server.")
     directory = run_directory(opts.dir)
     with RunLock(directory, resolve_id(opts.id), "mpiburst start"):
-        plan = plan_cluster(opts, nodes_here=True)
+        plan = plan_cluster(opts, nodes_here=True, count=nodes)
         channels = plan.conf.channels
         entries: list[dict[str, Any]] = []
         try:
@@ -307,8 +349,8 @@ def start_cluster(options: StartOptions | None = None, nodes: int = 3, *, tied: 
         except BaseException:
             for k, entry in enumerate(entries):
                 kill(entry["pid"], plan.conf.server)
-                cluster.clean_node(plan.conf, k, entry["socket"])
-            abandon_cluster(plan.conf)
+                cluster.clean_node(plan.conf, k, entry["socket"], keep_snapshot=True)
+            abandon_cluster(plan.conf, keep_conf=opts.restart)
             raise
 
 
@@ -341,7 +383,7 @@ def stop_run(conf: RunConf, save: bool = False, discard: bool = False, timeout: 
     if save and discard:
         raise ConfigError("choose either --save or --discard, not both.")
     if conf.nodes:
-        return _stop_cluster(conf, save, timeout, exposed_ok)
+        return _stop_cluster(conf, save, discard, timeout, exposed_ok)
     rdb = os.path.join(conf.dir, rdb_name(conf.id))
     if not pid_alive(conf.pid, conf.server):
         if conf.pid is None and not discard:
@@ -375,28 +417,68 @@ def stop_run(conf: RunConf, save: bool = False, discard: bool = False, timeout: 
     return f"run {conf.id} stopped."
 
 
-def _stop_cluster(conf: RunConf, save: bool, timeout: float, exposed_ok: bool) -> str:
-    """Stop every node's server of a multi-node run, then its engine, and remove the run's files."""
-    if save:
-        raise ConfigError(f"run {conf.id} spans {len(conf.nodes)} nodes and cannot be saved to a snapshot yet; copy "
-                          f"its files to the BFS with 'mpiburst stage-out --id {conf.id}', then stop it.")
-    _end_engine(conf.engine_pid)
-    try:
-        admin = AdminCredentials.load(conf, exposed_ok=exposed_ok)
-    except ConfigError:
-        admin = None
-    alive = [k for k in range(len(conf.nodes)) if cluster.node_alive(conf, k)]
-    if alive and admin is None:
-        AdminCredentials.load(conf, exposed_ok=exposed_ok)  # raises the admin file's own error
-    if alive:
-        _save_stats(conf)   # node 0 holds the run's statistics: read them before any server goes
-    gone = cluster.stop_nodes(conf, admin, timeout) if admin is not None else list(range(len(conf.nodes)))
-    clean_run(conf, keep_snapshot=False)
+def _stop_cluster(conf: RunConf, save: bool, discard: bool, timeout: float, exposed_ok: bool) -> str:
+    """Stop every node's server of a multi-node run (each saving its own snapshot first with ``save``), then its
+    engine, and remove the run's files (the snapshots and the conf stay when saved, see :func:`stop_run`)."""
+    count = len(conf.nodes)
+    saved = saved_nodes(conf.dir, conf.id) == count
+    first = os.path.join(conf.dir, rdb_name(node_member(conf.id, 0)))
+    alive = [k for k in range(count) if cluster.node_alive(conf, k)]
     if not alive:
-        return f"run {conf.id} was not running (its {len(conf.nodes)} servers are gone); its files were removed."
+        if conf.pid is None and saved and not discard:
+            raise ConfigError(f"run {conf.id} is not running (its {count} snapshots {first} etc. are kept); restart "
+                              f"it with 'mpiburst start --restart --id {conf.id}' or remove them with "
+                              f"'mpiburst stop --discard --id {conf.id}'.")
+        _end_engine(conf.engine_pid)
+        was = "was stopped" if conf.pid is None else f"was not running (its {count} servers are gone)"
+        clean_run(conf, keep_snapshot=saved and not discard)
+        return f"run {conf.id} {was}; its files were removed."
+    admin = AdminCredentials.load(conf, exposed_ok=exposed_ok)
+    if save:
+        _save_nodes(conf, admin, alive)
+    _end_engine(conf.engine_pid)
+    _save_stats(conf)   # node 0 holds the run's statistics: read them before any server goes
+    gone = cluster.stop_nodes(conf, admin, timeout)
+    clean_run(conf, keep_snapshot=(save or saved) and not discard)
+    if save:
+        return (f"run {conf.id} stopped: {count} servers; each node's snapshot saved in {first} etc. (reload with "
+                f"'mpiburst start --restart --id {conf.id}').")
     lost = sorted(set(gone) | (set(range(len(conf.nodes))) - set(alive)))
     note = f" (node{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))} had already ended)" if lost else ""
     return f"run {conf.id} stopped: {len(conf.nodes)} servers{note}."
+
+
+def _save_nodes(conf: RunConf, admin: AdminCredentials, alive: list[int]) -> None:
+    """SAVE every node's server to its own ``redis_<id>@<k>.rdb``; nothing is stopped if one cannot be saved.
+
+    Raises
+    ------
+    ServerError
+        If a node is down (its data is lost: no snapshot could restore the
+        run) or its SAVE fails; the snapshots this call wrote are removed
+        then (the servers, still running, hold every byte), so no mix of old
+        and new snapshots is left to restart from.
+    """
+    where = f"--id {conf.id} --dir {shlex.quote(conf.dir)}"
+    down = [k for k in range(len(conf.nodes)) if k not in alive]
+    if down:
+        raise ServerError(f"node{'s' if len(down) > 1 else ''} {', '.join(map(str, down))} of run {conf.id} "
+                          f"{'are' if len(down) > 1 else 'is'} down, so the run cannot be saved whole; nothing was "
+                          f"stopped: copy what the other nodes hold to the BFS with 'mpiburst stage-out {where}', "
+                          f"or drop it with 'mpiburst stop --discard {where}'.")
+    for k in range(len(conf.nodes)):
+        client = connect_redis(conf.node(k), admin=admin)
+        try:
+            client.save()
+        except redis.RedisError as exc:
+            for j in range(len(conf.nodes)):
+                remove_file(os.path.join(conf.dir, rdb_name(node_member(conf.id, j))))
+            raise ServerError(f"saving node {k} of run {conf.id} failed ({str(exc).strip() or 'see its log'}); "
+                              f"nothing was stopped and no snapshot kept: the data is still in the run's servers. "
+                              f"Copy it to the BFS with 'mpiburst stage-out {where}', or free space in {conf.dir} "
+                              f"and run 'mpiburst stop --save {where}'.") from None
+        finally:
+            client.close()
 
 
 def _save_failed(conf: RunConf, exc: Exception) -> str:

@@ -89,7 +89,7 @@ def start_node(options: StartOptions | None, index: int, count: int,
     opts = opts.replace(id=run_id, dir=directory)
     if index == 0:
         with RunLock(directory, run_id, "mpiburst start"):
-            plan = plan_cluster(opts, nodes_here=False)
+            plan = plan_cluster(opts, nodes_here=False, count=count)
             conf = _lead(plan, count, wait)
             return conf, conf.nodes[0]["pid"]
     plan = _await_plan(opts, index, wait)
