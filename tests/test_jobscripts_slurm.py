@@ -274,3 +274,37 @@ def test_prolog_on_every_node_gives_one_cluster_the_job_commits_and_the_epilogs_
     assert not [n for n in left if n.endswith((".conf", ".admin", ".node", ".rdb")) or n.startswith(".mpiburst_")], left
     assert (tmp_path / "bfs/sim/result.bin").read_bytes() == expected_file(6, 5000, 4)
     assert processes_gone(tmp_path)
+
+
+@pytest.mark.timeout(400)
+def test_epilogs_of_every_node_save_each_nodes_data_when_stage_out_fails(tmp_path: Path, server_binary: str) -> None:
+    """3 simulated nodes: the job's data stays in the tier, node 0's stage-out fails (a bad policy file), so
+    the epilogs leave one 0600 snapshot per node and no server; 'mpiburst stage-out' then reloads and commits."""
+    (tmp_path / "bfs").mkdir()
+    site = _site_nodes_env(tmp_path, server_binary, "990003")
+    _on_every_node("prolog.sh", site)
+    run_dir = tmp_path / "shared/990003"
+    conf = run_dir / "mpiburst_990003.conf"
+    pids = [n["pid"] for n in json.loads(conf.read_text())["nodes"]]
+    mpiexec = str(Path(sys.executable).parent / "mpiexec")
+    app = subprocess.run([mpiexec, "-launcher", "fork", "-n", "6", sys.executable, str(EXAMPLES / "checkpoint_restart.py"),
+                          "--steps", "4", "--every", "2", "--size", "5000"], env=dict(site, MPIBURST_CONF=str(conf)),
+                         cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert app.returncode == 0, app.stderr
+    (run_dir / "job.policy").write_text("SYNK sim/\n")   # the epilog's stage-out refuses it
+    try:
+        _on_every_node("epilog.sh", dict(site, MPIBURST_STAGEOUT_TIMEOUT="60"))
+        assert not any(server.pid_alive(p) for p in pids) and not (tmp_path / "bfs/sim").exists()
+        snapshots = sorted(run_dir.glob("redis_990003@*.rdb"))
+        assert len(snapshots) == 3 and all(p.stat().st_mode & 0o777 == 0o600 for p in snapshots)
+        assert not (run_dir / "mpiburst_990003.admin").exists() and not list(run_dir.glob("*.node"))
+        assert "stage-out failed; saving" in (run_dir / "epilog@0.log").read_text()
+        (run_dir / "job.policy").unlink()
+        out = subprocess.run([sys.executable, "-m", "mpiburst", "stage-out", "--id", "990003", "--dir", str(run_dir)],
+                             env=site, capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stderr
+        assert (tmp_path / "bfs/sim/result.bin").read_bytes() == expected_file(6, 5000, 4)
+    finally:
+        for pid in _server_pids_in(tmp_path):
+            os.kill(pid, 9)
+    assert processes_gone(tmp_path) and not list(run_dir.glob("redis_990003@*"))
