@@ -165,3 +165,26 @@ def test_epilog_kills_the_users_server_that_will_not_stop_and_nothing_else(base:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def _nodes_env(base: Path, shared: Path, user, node: int) -> dict:
+    """A prolog/epilog call on node ``node`` of a 3-node job whose tier lives in the shared directory."""
+    return dict(_env(base, base / "site", user), MPIBURST_SHARED_DIR=str(shared), MPIBURST_NODES="3",
+                MPIBURST_NODE_INDEX=str(node), SLURM_NTASKS="3")
+
+
+@pytest.mark.timeout(120)
+def test_epilog_of_node_k_kills_no_process_its_entry_names(base: Path, second_user) -> None:
+    """Node 1's entry file, the user's to write, names root's own ``sleep`` running in the run directory."""
+    shared = base / "shared"
+    run_dir = _user_run_dir(shared, second_user)
+    victim = subprocess.Popen(["sleep", "300"], cwd=run_dir)
+    try:
+        entry = run_dir / f"mpiburst_{JOB}@1.node"
+        entry.write_text(json.dumps(dict(pid=victim.pid, server=shutil.which("sleep"))))
+        os.chown(entry, second_user.pw_uid, second_user.pw_gid)
+        done = _run("epilog.sh", _nodes_env(base, shared, second_user, 1))
+        assert victim.poll() is None and done.elapsed < 30  # type: ignore[attr-defined]
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
