@@ -100,7 +100,7 @@ def test_time_limit_commit_with_signal(slurm, tmp_path: Path, server_binary: str
     assert (tmp_path / f"sim/ckpt_{latest:06d}.bin").read_bytes() == expected_file(2, 1000, latest)
     pids = server_pids_logged(log)
     assert len(pids) == 1 and not server.pid_alive(pids[0])
-    assert processes_gone(tmp_path)
+    assert processes_gone(tmp_path) and processes_gone(shared)
 
 
 @pytest.fixture
@@ -193,13 +193,23 @@ def test_mpi_job_on_simulated_nodes_gets_one_server_per_node(slurm, tmp_path: Pa
     assert not (tmp_path / f"mpiburst_{job}.conf").exists() and processes_gone(tmp_path)
 
 
-def _site_nodes_env(tmp_path: Path, server_binary: str, job: str, **extra: str) -> dict:
+@pytest.fixture
+def shared() -> Iterator[Path]:
+    """The site's shared directory: short, under /tmp (as ``site``'s, so every node's socket path fits)."""
+    path = Path(tempfile.mkdtemp(prefix="shared-", dir="/tmp"))
+    yield path
+    for pid in _server_pids_in(path):
+        os.kill(pid, 9)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _site_nodes_env(tmp_path: Path, shared: Path, server_binary: str, job: str, **extra: str) -> dict:
     """Environment of a prolog/epilog call of a 3-node job simulated on this host (MPIBURST_NODES=3)."""
     user = subprocess.run(["id", "-un"], capture_output=True, text=True, timeout=10).stdout.strip()
     host = subprocess.run(["hostname", "-s"], capture_output=True, text=True, timeout=10).stdout.strip()
     return job_env(server_binary, SLURM_JOB_ID=job, SLURM_JOB_USER=user, SLURM_NTASKS="6", SLURM_JOB_NODELIST=host,
                    MPIBURST_NODES="3", MPIBURST_RANKS_PER_NODE="2", MPIBURST_SITE_DIR=str(tmp_path / "site"),
-                   MPIBURST_SHARED_DIR=str(tmp_path / "shared"), MPIBURST_BFS_ROOT=str(tmp_path / "bfs"),
+                   MPIBURST_SHARED_DIR=str(shared), MPIBURST_BFS_ROOT=str(tmp_path / "bfs"),
                    MPIBURST_CAPACITY="128M", MPIBURST_SITE_CONF=str(tmp_path / "none.sh"), **extra)
 
 
@@ -219,7 +229,7 @@ def _on_every_node(script: str, env: dict, nodes: int = 3, timeout: float = 240)
 @pytest.mark.slurm
 @pytest.mark.timeout(600)
 def test_prolog_on_every_node_gives_one_cluster_the_job_commits_and_the_epilogs_leave_nothing(
-        slurm, tmp_path: Path, server_binary: str) -> None:
+        slurm, tmp_path: Path, shared: Path, server_binary: str) -> None:
     """The multi-node site variant on 3 simulated nodes: the prolog runs on each node at once, each starts its
     node's server and node 0 forms the cluster; a real Slurm job (mpi_job.sbatch, 6 ranks, 2 per node) joins it
     through MPIBURST_CONF and commits; the epilogs, at once, stop every server and leave no secret file."""
@@ -229,14 +239,14 @@ def test_prolog_on_every_node_gives_one_cluster_the_job_commits_and_the_epilogs_
     # The job runs the task prolog itself, as slurm.conf's TaskProlog would (the test cluster configures none).
     script = tmp_path / "job.sbatch"
     script.write_text(f'#!/bin/bash\neval "$(bash {SCRIPTS / "task_prolog.sh"})"\nexec bash {SCRIPTS / "mpi_job.sbatch"}\n')
-    user_env = _site_nodes_env(tmp_path, server_binary, "", APP=app, LAUNCH=f"{mpiexec} -launcher fork -n 6")
+    user_env = _site_nodes_env(tmp_path, shared, server_binary, "", APP=app, LAUNCH=f"{mpiexec} -launcher fork -n 6")
     del user_env["SLURM_JOB_ID"], user_env["SLURM_JOB_NODELIST"]
     job = slurm.submit(script, cwd=tmp_path, env=user_env,
                        extra_args=("-n", "6", "--overcommit", "--hold", "-o", "job.out"))
     try:
-        site = _site_nodes_env(tmp_path, server_binary, job)
+        site = _site_nodes_env(tmp_path, shared, server_binary, job)
         _on_every_node("prolog.sh", site)
-        run_dir = tmp_path / "shared" / job
+        run_dir = shared / job
         conf_file = run_dir / f"mpiburst_{job}.conf"
         conf = json.loads(conf_file.read_text())
         assert len(conf["nodes"]) == 3, [p.read_text() for p in run_dir.glob("prolog*.log")]
@@ -267,23 +277,24 @@ def test_prolog_on_every_node_gives_one_cluster_the_job_commits_and_the_epilogs_
         _on_every_node("epilog.sh", site)
     finally:
         slurm.cancel(job)
-        for pid in _server_pids_in(tmp_path):
+        for pid in _server_pids_in(tmp_path) + _server_pids_in(shared):
             os.kill(pid, 9)
     assert not any(server.pid_alive(p) for p in pids)
     left = sorted(p.name for p in run_dir.iterdir())
     assert not [n for n in left if n.endswith((".conf", ".admin", ".node", ".rdb")) or n.startswith(".mpiburst_")], left
     assert (tmp_path / "bfs/sim/result.bin").read_bytes() == expected_file(6, 5000, 4)
-    assert processes_gone(tmp_path)
+    assert processes_gone(tmp_path) and processes_gone(shared)
 
 
 @pytest.mark.timeout(400)
-def test_epilogs_of_every_node_save_each_nodes_data_when_stage_out_fails(tmp_path: Path, server_binary: str) -> None:
+def test_epilogs_of_every_node_save_each_nodes_data_when_stage_out_fails(tmp_path: Path, shared: Path,
+                                                                        server_binary: str) -> None:
     """3 simulated nodes: the job's data stays in the tier, node 0's stage-out fails (a bad policy file), so
     the epilogs leave one 0600 snapshot per node and no server; 'mpiburst stage-out' then reloads and commits."""
     (tmp_path / "bfs").mkdir()
-    site = _site_nodes_env(tmp_path, server_binary, "990003")
+    site = _site_nodes_env(tmp_path, shared, server_binary, "990003")
     _on_every_node("prolog.sh", site)
-    run_dir = tmp_path / "shared/990003"
+    run_dir = shared / "990003"
     conf = run_dir / "mpiburst_990003.conf"
     pids = [n["pid"] for n in json.loads(conf.read_text())["nodes"]]
     mpiexec = str(Path(sys.executable).parent / "mpiexec")
@@ -305,6 +316,6 @@ def test_epilogs_of_every_node_save_each_nodes_data_when_stage_out_fails(tmp_pat
         assert out.returncode == 0, out.stderr
         assert (tmp_path / "bfs/sim/result.bin").read_bytes() == expected_file(6, 5000, 4)
     finally:
-        for pid in _server_pids_in(tmp_path):
+        for pid in _server_pids_in(tmp_path) + _server_pids_in(shared):
             os.kill(pid, 9)
-    assert processes_gone(tmp_path) and not list(run_dir.glob("redis_990003@*"))
+    assert processes_gone(tmp_path) and processes_gone(shared) and not list(run_dir.glob("redis_990003@*"))
