@@ -146,7 +146,20 @@ class File:
         if isinstance(outcome, int):
             raise _mpi_error(outcome)
         token, start, drained = outcome
-        return cls(comm.Dup(), tier, path, amode, hints, token, start, drained)
+        dup = comm.Dup()
+        opened: list[File] = []
+
+        def attach() -> File:   # each rank's own part: its node's server may be the one that is gone
+            opened.append(cls(dup, tier, path, amode, hints, token, start, drained))
+            return opened[-1]
+
+        try:
+            return together(comm, attach)
+        except BaseException:
+            for f in opened:
+                f._release()
+            dup.Free()
+            raise
 
     def Close(self) -> None:
         """Push this rank's buffered writes and close the file (collective)."""
@@ -201,6 +214,12 @@ class File:
             return
         if exc_type is None:
             self.Close()
+            return
+        self._release()
+
+    def _release(self) -> None:
+        """Push this rank's buffered writes and give its connection back, without a collective."""
+        if self._tf is None:
             return
         tf, self._tf = self._tf, None
         self._view.release()

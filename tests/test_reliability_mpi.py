@@ -117,3 +117,74 @@ def test_an_offset_past_the_limit_is_refused_on_every_rank(mpi_tmp_path, server_
             f.Set_size(2**63 - 1)                  # the same argument on every rank: all refuse at once
         f.Close()
         comm.Barrier()
+
+
+@pytest.mark.timeout(90)
+def test_open_after_a_nodes_server_died_raises_on_every_rank(mpi_tmp_path, server_binary, monkeypatch):
+    """Promise: a collective Open on a multi-node tier whose last node's server is dead raises on every rank.
+
+    Node 0 (every file's record) is up, so rank 0 registers the file; the
+    ranks of the dead node fail connecting to their own server. Before the
+    fix they raised alone and the other ranks waited forever in the next
+    collective (#13 item 7 on a cluster tier).
+    """
+    import signal
+
+    from mpiburst import nodes, server
+    from mpiburst.testing.store import wait_for
+
+    if not os.environ.get(nodes.RANKS_PER_NODE):
+        monkeypatch.setenv(nodes.RANKS_PER_NODE, "1")      # every rank a node: a real cluster at -n 2
+    comm = MPI.COMM_WORLD
+    tier = _tier(mpi_tmp_path, server_binary, "64M")
+    try:
+        victim = tier.conf.nodes[-1]["pid"]
+        assert len(tier.conf.nodes) > 1
+        if comm.Get_rank() == 0:
+            os.kill(victim, signal.SIGKILL)
+            assert wait_for(lambda: not server.pid_alive(victim, server_binary), timeout=30)
+        comm.Barrier()
+        with pytest.raises(MpiburstError, match=f"node {len(tier.conf.nodes) - 1}"):
+            f = File.Open(comm, "burst://after.dat", WRONLY)
+            f.Write_at_all(comm.Get_rank() * MIB, b"x" * MIB)
+            f.Close()
+        comm.Barrier()
+    finally:
+        if comm.Get_rank() == 0:
+            tier.stop()
+        else:
+            tier.disconnect()
+
+
+@pytest.mark.timeout(90)
+def test_ordered_write_after_the_server_died_raises_on_every_rank(mpi_tmp_path, server_binary):
+    """Promise: ``Write_ordered`` whose shared-pointer step fails on rank 0 raises on every rank, none waits.
+
+    Rank 0 advances the shared pointer for all; before the fix its error left
+    it in a different collective than the other ranks (waiting for its
+    broadcast).
+    """
+    import signal
+
+    from mpiburst import server
+    from mpiburst.testing.store import wait_for
+
+    comm = MPI.COMM_WORLD
+    tier = _tier(mpi_tmp_path, server_binary, "64M")
+    try:
+        f = File.Open(comm, "burst://ordered.dat", WRONLY)
+        f.Write_ordered(b"a" * 16)
+        pid = tier.conf.pid
+        if comm.Get_rank() == 0:
+            os.kill(pid, signal.SIGKILL)
+            assert wait_for(lambda: not server.pid_alive(pid, server_binary), timeout=30)
+        comm.Barrier()
+        with pytest.raises(MpiburstError):
+            f.Write_ordered(b"b" * 16)
+        f._tf = None          # the handle is unusable after the failure; leave without a collective Close
+        comm.Barrier()
+    finally:
+        if comm.Get_rank() == 0:
+            tier.stop()
+        else:
+            tier.disconnect()
