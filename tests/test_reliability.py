@@ -228,6 +228,61 @@ def test_opening_a_file_in_a_full_tier_makes_room(tmp_path, server_binary):
             os.kill(t.conf.engine_pid, signal.SIGCONT)
 
 
+# ----------------------------------------------------------------------------- raw server errors (#13 item 14)
+
+@pytest.mark.timeout(120)
+def test_a_full_or_stalled_server_gives_mpiburst_errors_not_raw_redis_ones(tmp_path, server_binary):
+    """Promise: a server over its memory limit, or one that stopped answering, reaches users as an mpiburst error.
+
+    Real faults: the server filled past ``maxmemory`` with data no flush can
+    free (the engine stopped): Open, pin and a queued sync raise
+    ``TierFullError``; then the server stopped with SIGSTOP: Open raises
+    ``TierConnectionError``; each one sentence saying what to do, never
+    redis-py's ``OutOfMemoryError`` or ``TimeoutError`` (#13 item 14).
+    """
+    import redis
+
+    from mpiburst.errors import TierConnectionError, TierFullError
+
+    bfs = tmp_path / "bfs"
+    bfs.mkdir()
+    with Tier.start(id=f"oom{os.getpid()}", dir=str(tmp_path), bfs_root=str(bfs), capacity="16M",
+                    server=server_binary) as t:
+        with mpiburst.open("burst://kept.bin", "wb", tier=t) as f:
+            f.write(b"kept")
+        mpiburst.pin("burst://kept.bin", tier=t)             # nothing of the tier's files can be freed
+        mpiburst.sync("burst://kept.bin", tier=t)
+        assert (bfs / "kept.bin").read_bytes() == b"kept"
+        os.kill(t.conf.engine_pid, signal.SIGSTOP)
+        junk = 0
+        try:
+            for size in (1 << 20, 4 << 10, 64):   # big values, then small ones up to the last byte the server takes
+                with pytest.raises(redis.OutOfMemoryError):   # the fault itself: the server refuses writes
+                    while junk < 100_000:
+                        t.redis.set(f"junk{junk}", os.urandom(size))
+                        junk += 1
+            calls = {
+                "Open": lambda: File.Open(MPI.COMM_SELF, "burst://new.dat", RW).Close(),
+                "pin": lambda: mpiburst.pin(str(bfs / "kept.bin"), tier=t),
+                "queued sync": lambda: mpiburst.sync("burst://kept.bin", tier=t, block=False),
+            }
+            for name, call in calls.items():
+                with pytest.raises(TierFullError, match="capacity") as info:
+                    call()
+                assert str(info.value).endswith("."), f"{name}: {info.value}"
+            os.kill(t.conf.pid, signal.SIGSTOP)            # a stall: the server no longer answers
+            try:
+                with pytest.raises(TierConnectionError, match="mpiburst status"):
+                    File.Open(MPI.COMM_SELF, "burst://kept.bin", MPI.MODE_RDONLY)
+            finally:
+                os.kill(t.conf.pid, signal.SIGCONT)
+            t.redis.delete(*(f"junk{i}" for i in range(junk)))
+        finally:
+            os.kill(t.conf.engine_pid, signal.SIGCONT)
+        with mpiburst.open("burst://kept.bin", "rb", tier=t) as f:
+            assert f.read() == b"kept"                        # nothing was lost
+
+
 # ----------------------------------------------------------------------------- consistent cut (#13 item 1)
 
 _CKPT_WRITER = """
