@@ -80,8 +80,8 @@ from ..errors import MpiburstError, NodeLostError, ServerError, TierConnectionEr
 from ..overlay import Entry, Extent, Strided
 from .base import (MAX_EXTENT, MAX_SPAN, BatchWriter, Blob, ChannelState, FileMeta, Payload, RecordGone, Store,
                    batch_end, file_id)
-from .redis_store import (_ALLOW_OOM, RedisStore, _as_mpiburst_error, _meta_from, _overlapping,
-                          _public_methods_translated)
+from .redis_store import (_ALLOW_OOM, RedisStore, _as_mpiburst_error, _meta_from, _overlapping, _parse_extents,
+                          _parse_strided, _public_methods_translated)
 from .resp import resp_frames
 
 #: How many times a batch is numbered anew when flushes or truncations keep overtaking it.
@@ -111,6 +111,17 @@ if tonumber(ARGV[1]) > tonumber(redis.call('HGET', KEYS[1], 'fence') or '0') the
 end
 return 1
 """
+
+
+def _bytes_in(e: Entry, lo: int, hi: int) -> int:
+    """Return how many of entry ``e``'s bytes lie in ``[lo, hi)``."""
+    if isinstance(e, Strided):
+        i, j = e.span(lo, hi)
+        if i >= j:
+            return 0
+        first, last = e.start + i * e.stride, e.start + (j - 1) * e.stride   # only these two may be cut
+        return (j - i) * e.length - max(0, lo - first) - max(0, last + e.length - hi)
+    return max(0, min(e.end, hi) - max(e.start, lo))
 
 
 def slot_tag(node: int, slots: Sequence[int]) -> str:
@@ -189,6 +200,8 @@ class ClusterStore(Store):
         self._counter = f"mpb:{{{self.tags[0]}}}:seq"
         self._reserve = self.clients[0].register_script(_RESERVE)
         self._fence = [c.register_script(_FENCE) for c in self.clients]
+        #: Payload bytes this process has fetched from each node's server (:meth:`fetch_into`), in node order.
+        self.read_bytes = [0] * len(self.clients)
 
     @property
     def nodes(self) -> int:
@@ -252,6 +265,33 @@ class ClusterStore(Store):
         if not raw:
             return None, []
         return _meta_from(raw), sorted(int(k[1:]) for k in raw if k.startswith(b"@"))
+
+    def holders(self, path: str) -> list[int]:
+        """Return the nodes whose servers hold data of ``path`` (the marks of its record), in node order."""
+        return self._record(path)[1]
+
+    def node_index(self, path: str, node: int, page: int = 4096) -> Iterator[Entry]:
+        """Yield the index entries of ``path`` that ``node``'s server holds, each once, asking that server only.
+
+        Plain extents come in offset order, a page of ``page`` at a time, then
+        the strided runs. Blob ids are that node's own (not cluster-wide):
+        enough to see where the file's bytes lie, as the flush's planning of
+        which rank writes which stripes does (:mod:`mpiburst.flush`).
+        """
+        shard = self.shards[node]
+        fid = file_id(path)
+        start = 0
+        while True:
+            with self._on(node):
+                found = list(_parse_extents(shard.r.execute_command(
+                    "ZRANGE", shard._key(fid, "x"), start, start + page - 1, "WITHSCORES")))
+            yield from found
+            if len(found) < page:
+                break
+            start += page
+        with self._on(node):
+            raw = shard.r.execute_command("ZRANGE", shard._key(fid, "v"), 0, -1, "WITHSCORES")
+        yield from _parse_strided(raw)
 
     def _global(self, node: int, blob: int) -> int:
         return blob * len(self.clients) + node
@@ -482,6 +522,7 @@ class ClusterStore(Store):
             with self._on(node):
                 if not self.shards[node].fetch_into(path, [e._replace(blob=e.blob // n) for e in run], lo, out):
                     return False
+            self.read_bytes[node] += sum(_bytes_in(e, lo, hi) for e in run)
         return True
 
     def blobs(self, path: str, lo_seq: float = 0, hi_seq: float = float("inf")) -> list[Blob]:
