@@ -169,6 +169,39 @@ def test_a_batch_numbered_before_a_flush_began_lands_above_its_snapshot(cluster:
     assert current(store, path, 0, 15) == b"aaaaa" + b"b" * 10
 
 
+def test_a_node_s_first_batch_numbered_before_a_flush_began_lands_above_its_snapshot(cluster: Cluster) -> None:
+    """The fence also holds for a node that has no record of the file yet: its first batch, numbered
+    before ``begin`` and indexed after, is numbered anew (else the flush, which read that node's empty
+    index, would mark it clean unwritten)."""
+    cluster.wipe()
+    store = ClusterStore(cluster.clients, local=0)
+    path = "/bfs/first-fence.dat"
+    store.create(path, None)
+    put(store, path, None, [(0, b"a" * 10)])
+    lease = store.flush_lease(path, 30)
+    assert lease is not None
+    begun: list = []
+    seen: list = []
+
+    class Overtaken(ClusterStore):
+        """Runs the flush's begin, and its read of the index, between numbering node 2's first batch and indexing it."""
+
+        def _number(self, *args: object) -> int:
+            base = super()._number(*args)  # type: ignore[arg-type]
+            if not begun:
+                begun.append(lease.begin())
+                seen.extend(store.extents(path, 0, 100, upto=begun[0].pending))
+            return base
+
+    first = put(Overtaken(cluster.clients, local=2), path, None, [(5, b"b" * 10)])
+    snap = begun[0]
+    assert first > snap.pending                                 # numbered anew, above the snapshot
+    assert store.extents(path, 0, 100, upto=snap.pending) == seen   # the flush read all there is of it
+    assert lease.mark_clean(snap.pending, None)
+    assert store.meta(path).dirty                               # the late batch is not called clean
+    assert current(store, path, 0, 15) == b"aaaaa" + b"b" * 10
+
+
 def test_the_cut_is_consistent_under_writers_on_several_nodes(cluster: Cluster) -> None:
     """Writers on nodes 1 and 2 write X then Y, step after step; any cut holding Y's step k holds X's step k."""
     cluster.wipe()

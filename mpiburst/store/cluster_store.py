@@ -46,7 +46,9 @@ refuses numbers at or below it (``STALE``) and the writer takes new numbers
 every marked node at the snapshot ``pending`` before the flush reads any
 index, :meth:`ClusterStore.mark_clean` at ``upto``, :meth:`ClusterStore.set_size`
 at the record's ``seq`` (atomically with the clip), and a shard record is
-created with the fence at the counter's value. So no extent with a number at
+created with the fence at the counter's value. A node marked for the file
+whose first batch was numbered but not yet indexed has no record to fence:
+raising its fence creates the record, so that batch is refused too. So no extent with a number at
 or below a snapshot appears on any node once its flush has begun: a flush
 never marks clean what it did not read.
 
@@ -103,9 +105,13 @@ redis.call('HSET', KEYS[1], 'seq', last)
 return last - tonumber(ARGV[1]) + 1
 """
 
-# Raise a shard record's fence (KEYS[1]) to ARGV[1]; nothing if the node has no record of the file.
+# Raise a shard record's fence (KEYS[1]) to ARGV[1]; a node marked for the file with no record yet (its first
+# batch numbered, not yet indexed) gets one (ARGV[2]: the path), so that batch too is refused and numbered anew.
 _FENCE = _ALLOW_OOM + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'path', ARGV[2], 'fence', ARGV[1])
+  return 0
+end
 if tonumber(ARGV[1]) > tonumber(redis.call('HGET', KEYS[1], 'fence') or '0') then
   redis.call('HSET', KEYS[1], 'fence', ARGV[1])
 end
@@ -306,7 +312,7 @@ class ClusterStore(Store):
         fid = file_id(path)
         for node in nodes:
             with self._on(node):
-                self._fence[node](keys=[self.shards[node]._key(fid, "m")], args=[value])
+                self._fence[node](keys=[self.shards[node]._key(fid, "m")], args=[value, path])
 
     # -- file records -------------------------------------------------------
     def meta(self, path: str) -> FileMeta | None:
@@ -347,7 +353,8 @@ class ClusterStore(Store):
             shard = self.shards[node]
             with self._on(node):
                 pipe = shard.r.pipeline(transaction=True)   # fence and clip at one instant
-                self._fence[node](keys=[shard._key(fid, "m")], args=[meta.seq if meta else 0], client=pipe)
+                self._fence[node](keys=[shard._key(fid, "m")], args=[meta.seq if meta else 0, path],
+                                  client=pipe)
                 shard._truncate(keys=shard._truncate_keys(fid), args=[size, MAX_EXTENT, MAX_SPAN],
                                 client=pipe)
                 pipe.execute()
