@@ -412,6 +412,26 @@ def test_save_failure_names_its_cause(tier: Tier) -> None:
 
 
 
+@pytest.mark.timeout(120)
+def test_a_multi_node_save_failure_names_its_cause_and_stops_nothing(three_nodes, tmp_path: Path) -> None:
+    """A failed SAVE of one node of a multi-node run says why (from its log) and how to get or drop the data.
+
+    Before the fix the message said only "(see its log)" and left out the
+    command that drops the data (#13 item 15 on a cluster tier).
+    """
+    conf = three_nodes("sv")
+    make_readonly_dir(tmp_path)   # the servers cannot create their temporary snapshot files
+    try:
+        with pytest.raises(ServerError) as caught:
+            server.stop_run(conf, save=True)
+    finally:
+        undo_readonly_dir(tmp_path)
+    message = str(caught.value)
+    assert "Permission denied" in message or "Operation not permitted" in message, message
+    assert f"mpiburst stop --discard --id sv --dir {tmp_path}" in message and message.endswith("."), message
+    assert all(server.pid_alive(n["pid"], conf.server) for n in conf.nodes)   # nothing was stopped
+
+
 @pytest.mark.timeout(60)
 def test_a_flush_waiting_for_an_expired_lease_says_so(tier: Tier, caplog) -> None:
     from mpiburst import flush

@@ -473,21 +473,29 @@ def _save_nodes(conf: RunConf, admin: AdminCredentials, alive: list[int]) -> Non
         except redis.RedisError as exc:
             for j in range(len(conf.nodes)):
                 remove_file(os.path.join(conf.dir, rdb_name(node_member(conf.id, j))))
-            raise ServerError(f"saving node {k} of run {conf.id} failed ({str(exc).strip() or 'see its log'}); "
+            cause = _save_cause(exc, os.path.join(conf.dir, log_name(node_member(conf.id, k))))
+            raise ServerError(f"saving node {k} of run {conf.id} failed ({cause}); "
                               f"nothing was stopped and no snapshot kept: the data is still in the run's servers. "
                               f"Copy it to the BFS with 'mpiburst stage-out {where}', or free space in {conf.dir} "
-                              f"and run 'mpiburst stop --save {where}'.") from None
+                              f"and run 'mpiburst stop --save {where}'; 'mpiburst stop --discard {where}' drops "
+                              f"it.") from None
         finally:
             client.close()
 
 
-def _save_failed(conf: RunConf, exc: Exception) -> str:
-    """Return the message for a failed SAVE: its cause, where the data is, the commands that get it out."""
+def _save_cause(exc: Exception, log: str) -> str:
+    """Return why a SAVE failed: the server's answer, or (a bare ERR) the reason its log ``log`` gives."""
     cause = str(exc).strip()
     if cause in ("", "ERR"):  # the server answers a failed SAVE with a bare ERR; its log says why
-        lines = log_tail(os.path.join(conf.dir, log_name(conf.id)), 20).split(" | ")
+        lines = log_tail(log, 20).split(" | ")
         cause = next((ln.split(" * ")[-1].split(" # ")[-1] for ln in reversed(lines)
                       if "sav" in ln.lower() or "error" in ln.lower()), "the server's log gives no reason")
+    return cause
+
+
+def _save_failed(conf: RunConf, exc: Exception) -> str:
+    """Return the message for a failed SAVE: its cause, where the data is, the commands that get it out."""
+    cause = _save_cause(exc, os.path.join(conf.dir, log_name(conf.id)))
     where = f"--id {conf.id} --dir {shlex.quote(conf.dir)}"
     return (f"saving run {conf.id} to {os.path.join(conf.dir, rdb_name(conf.id))} failed ({cause}); nothing was "
             f"stopped: the data is still in the run's server (PID {conf.pid}, conf {conf.path}). Copy it to the BFS "
