@@ -61,6 +61,7 @@ for the automatic engine (:mod:`mpiburst.engine`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import glob
@@ -89,6 +90,7 @@ from .errors import FlushError, MpiburstError, NodeLostError, PathError, TierCon
 from .overlay import Entry, Strided
 from .paths import resolve
 from .perms import create_aside, current_umask, give_final_attrs, make_dirs
+from .progress import JobBytes
 from .store import FlushLease, Store
 from .tier import Tier
 
@@ -244,7 +246,13 @@ def sync(path: str | os.PathLike, *, tier: Tier | None = None, comm: MPI.Comm | 
     workers
         Threads per process writing disjoint runs of stripes.
     progress
-        Called with this process's bytes written so far, after each write.
+        Called with the bytes written so far, after each write, and with the
+        flush's bytes once it is done. With ``comm``, the bytes of all its
+        ranks: when rank 0 or this rank gives one, each rank adds its bytes
+        to a counter in the tier at most every
+        :data:`~mpiburst.progress.SHARE_EVERY` seconds and once its part is
+        written (no collective call; :class:`~mpiburst.progress.JobBytes`),
+        so another rank's bytes show up to that much later.
 
     Returns
     -------
@@ -268,32 +276,41 @@ def sync(path: str | os.PathLike, *, tier: Tier | None = None, comm: MPI.Comm | 
     store = tier.store
     started = time.monotonic()
 
-    def prepare() -> _Plan:
+    def prepare() -> tuple[_Plan, bool]:
         try:
             recover(tier.bfs_root)   # a commit killed while renaming: finish it before touching its files
             plan = _prepare(store, target, tier.align)
             assert plan is not None      # without a cut there is always a plan
-            return plan
+            return plan, progress is not None
         except (PathError, FlushError):
             raise
         except Exception as exc:   # a lost server, say: the data stays dirty, say so
             raise _failed(target, _cause(exc)) from None
 
-    plan = on_root(comm, prepare)       # rank 0 plans; every rank gets the plan or the error
+    # rank 0 plans; every rank gets the plan (and whether rank 0 shows progress) or the error
+    plan, root_progress = on_root(comm, prepare)
 
     ranges, error = _share_out(store, plan, comm)   # collective: every rank gets its stripes, or the same error
-    tally = _Tally(progress, verify)
+    job = None
+    if comm.Get_size() > 1 and (root_progress or progress is not None):   # count the whole job's bytes
+        job = JobBytes(lambda n: store.shared_pointer(plan.target, _progress_counter(plan), n) + n, progress)
+    tally = _Tally(job.update if job is not None else progress, verify)
     if error is None:
         try:
             with FlushLease(store, plan.target, plan.token, LEASE_SECONDS):  # a failure gives the lease back,
                 _write_run(store, plan, ranges, tally, max(1, workers))  # so the other flushers stop soon
                 if verify:
                     _verify_stripes(plan.work, tally.crcs)
+                if job is not None:
+                    job.close()
         except Exception as exc:  # every cause becomes one line; the data stays dirty
             error = _cause(exc)
-    outcomes = comm.allgather((error, tally.bytes, dict(tally.sizes), tally.drained))
+    outcomes = comm.allgather((error, tally.bytes, dict(tally.sizes), tally.drained, job is not None and job.shared))
 
     def finish() -> FlushReport:
+        if any(o[4] for o in outcomes):   # every flusher is done: drop the progress counter
+            with contextlib.suppress(MpiburstError):
+                store.drop_shared_pointer(plan.target, _progress_counter(plan))
         # The root cause first: the other flushers only saw the lease the failing one released.
         failures = sorted((e for e, *_ in outcomes if e), key=lambda e: e == _LEASE_LOST)
         if failures:
@@ -307,15 +324,27 @@ def sync(path: str | os.PathLike, *, tier: Tier | None = None, comm: MPI.Comm | 
 
     result = on_root(comm, finish)      # rank 0 publishes and marks clean; every rank gets the outcome
     sizes: Counter[int] = Counter()
-    for _, _, s, _ in outcomes:
-        sizes.update(s)
+    for o in outcomes:
+        sizes.update(o[2])
     result.bytes = sum(o[1] for o in outcomes)
     result.drained = sum(o[3] for o in outcomes)
     result.writes = sum(sizes.values())
     result.write_sizes = dict(sorted(sizes.items()))
     result.seconds = time.monotonic() - started
+    if progress is not None:
+        progress(result.bytes)
     iostats.record_flush(store, result, plan.align, comm.Get_rank(), time.time() - result.seconds)
     return result
+
+
+def _progress_counter(plan: _Plan) -> str:
+    """Name the counter of a collective sync's bytes written (:class:`JobBytes`) among the file's atomic counters.
+
+    The store's atomic counters per file and token are those of MPI shared
+    file pointers (:meth:`Store.shared_pointer`); the flush lease's token
+    keeps this one apart from every open's pointer and every other flush's.
+    """
+    return f"flush-progress:{plan.token}"
 
 
 def commit(paths: Iterable[str] | None = None, *, tier: Tier | None = None, include_pinned: bool = True,

@@ -6,6 +6,11 @@ them on a stream: on a terminal as one bar refreshed in place (at most
 plain line every :data:`LINE_EVERY` seconds, so a log gets a few lines, not
 thousands. The rate is the average since the start; the time left is the
 bytes still expected at that rate, once a total is known.
+
+A :class:`JobBytes` turns one process's bytes done into the whole job's, for
+the progress of a collective operation (a collective ``mpiburst.sync``):
+each process adds its new bytes to one counter they share, at most every
+:data:`SHARE_EVERY` seconds, and no collective call is made.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import TextIO
+from typing import Callable, TextIO
 
 from .sizes import format_size
 
@@ -23,6 +28,8 @@ TTY_EVERY = 0.1
 LINE_EVERY = 5.0
 #: Width of the bar in characters.
 BAR = 24
+#: Seconds between two additions of one process's bytes to a job's shared counter (:class:`JobBytes`).
+SHARE_EVERY = 0.25
 
 
 def _duration(seconds: float) -> str:
@@ -121,3 +128,63 @@ class Meter:
         """Show the final line (bytes, average rate, time taken)."""
         with self._lock:
             self._show(time.monotonic(), final=True)
+
+
+class JobBytes:
+    """The bytes done by every process of a job, as one process sees them, for a collective operation's progress.
+
+    Each process feeds its own bytes done so far to :meth:`update` (from any
+    thread). At most every ``every`` seconds, and at :meth:`close`, it adds
+    the bytes new since its last addition to a counter every process of the
+    job shares (``add``: one call to the tier), whose answer gives the other
+    processes' bytes. ``show``, if given, gets this process's bytes plus the
+    others' as of that answer (at most about ``every`` seconds old, but for
+    a process that has not added its first bytes yet), on every update.
+
+    Parameters
+    ----------
+    add
+        Adds its argument to the shared counter and returns the counter's new value.
+    show
+        Called with the job's bytes done (e.g. :meth:`Meter.update`); None to only share this process's.
+    every
+        Seconds between two calls of ``add`` (default :data:`SHARE_EVERY`).
+    """
+
+    def __init__(self, add: Callable[[int], int], show: Callable[[int], None] | None = None,
+                 every: float | None = None) -> None:
+        self._add = add
+        self._show = show
+        self.every = SHARE_EVERY if every is None else every
+        #: This process's bytes done.
+        self.mine = 0
+        #: Whether ``add`` was called (the shared counter exists).
+        self.shared = False
+        self._added = 0      # of self.mine, what the counter has
+        self._others = 0     # the other processes' bytes in the counter's last answer
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def update(self, mine: int) -> None:
+        """Set this process's bytes done so far; share them if due; show the job's."""
+        with self._lock:
+            self.mine = max(self.mine, mine)   # threads may report out of order
+            now = time.monotonic()
+            if now - self._last >= self.every:
+                self._last = now
+                self._share()
+            if self._show is not None:
+                self._show(self.mine + self._others)
+
+    def close(self) -> None:
+        """Add what this process has not shared yet (its part is done)."""
+        with self._lock:
+            self._share()
+
+    def _share(self) -> None:
+        delta = self.mine - self._added
+        if delta:
+            self.shared = True
+            total = self._add(delta)
+            self._added = self.mine
+            self._others = total - self.mine

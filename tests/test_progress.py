@@ -110,3 +110,35 @@ def test_status_watch_shows_fill_dirty_and_rates_and_stops(atier, cli) -> None:
     assert proc.returncode == 0 and err == "", err
     bad = cli("status", "--id", atier.id, "--watch", "--count", "0")
     assert bad.returncode == 2 and "--count at least 1" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_job_bytes_shares_at_most_every_interval_and_shows_the_others_bytes(monkeypatch) -> None:
+    """One process's bytes reach the shared counter once per interval and at close; it shows its own plus the others'."""
+    clock = _Clock()
+    monkeypatch.setattr(progress.time, "monotonic", clock)
+    counter = {"job": 1000}              # another process already added 1000 bytes
+    added: list[int] = []
+
+    def add(n: int) -> int:
+        added.append(n)
+        counter["job"] += n
+        return counter["job"]
+
+    shown: list[int] = []
+    job = progress.JobBytes(add, shown.append, every=1.0)
+    job.update(10)                       # not due yet: its own bytes only
+    clock.now += 1
+    job.update(30)                       # due: adds 30, learns of the other's 1000
+    counter["job"] += 500                # the other process adds 500 more
+    job.update(20)                       # a thread reporting late: never backwards
+    job.update(40)                       # not due: the others as last heard
+    assert added == [30] and shown == [10, 1030, 1030, 1040]
+    job.close()                          # its part is done: the last 10 bytes
+    assert added == [30, 10] and job.shared and job.mine == 40
+    assert counter["job"] == 1540
+
+
+def test_job_bytes_of_a_process_that_wrote_nothing_adds_nothing() -> None:
+    job = progress.JobBytes(lambda n: pytest.fail("nothing to add"))   # type: ignore[arg-type,return-value]
+    job.close()
+    assert not job.shared
