@@ -2,11 +2,13 @@
 
 Each :class:`~mpiburst.writeback.TierFile` (under :class:`mpiburst.File` and
 :func:`mpiburst.open`) owns a :class:`Recorder`. A write appends its offset
-and size to :attr:`Recorder.calls` (two list appends: the hot path of small
-records stays within 2 % of its cost); every :data:`DIGEST_CALLS` calls, and at
-close, the list is turned into the counters with numpy at once. The time of
-writes is measured per batch (sending it to the tier and waiting for it), not
-per call. A read, which always waits for the tier, adds its counters and time
+and size to :attr:`Recorder.calls` (two list appends, the only per-call
+work); once :data:`DIGEST_CALLS` calls gathered, the writer counts them with
+numpy at once (:meth:`Recorder.digest`) while a batch is on its way to the
+server, before it waits for the answer, so the count runs while the server
+stores the batch; and at close. Records of one size take a quicker count
+(only their offsets are converted). The time of writes is measured per batch
+(sending it to the tier and waiting for it), not per call. A read, which always waits for the tier, adds its counters and time
 directly. No server round trip is added. At close, :meth:`Recorder.merge`
 adds the counters to the tier's with one store call
 (:meth:`mpiburst.store.Store.stats_add`), under the file and the process
@@ -101,21 +103,39 @@ class _Direction:
             return
         import numpy as np   # here: the server's processes import this module too, and need no numpy
 
+        lengths = calls[1::2]
+        n = lengths[0]
+        if lengths.count(n) == len(lengths):   # records of one size (the common case): only offsets to convert
+            starts = np.array(calls[0::2], dtype=np.int64)
+            before = np.empty_like(starts)
+            before[0] = self.end
+            before[1:] = starts[:-1] + n
+            self._add_pattern(starts, before)
+            self.bytes += n * len(lengths)
+            self.hist[bisect_left(EDGES, n)] += len(lengths)
+            self.end = int(starts[-1]) + n
+            return
         pairs = np.array(calls, dtype=np.int64).reshape(-1, 2)
         offsets, sizes = pairs[:, 0], pairs[:, 1]
         ends = offsets + sizes
         previous = np.empty_like(ends)
         previous[0] = self.end
         previous[1:] = ends[:-1]
+        self._add_pattern(offsets, previous)
+        self.bytes += int(sizes.sum())
+        for i, c in enumerate(np.bincount(np.searchsorted(np.array(EDGES, dtype=np.int64), sizes), minlength=len(BINS)).tolist()):
+            self.hist[i] += c
+        self.end = int(ends[-1])
+
+    def _add_pattern(self, offsets: Any, previous: Any) -> None:
+        """Count the calls at ``offsets`` (numpy) as consecutive, sequential or other, each against ``previous`` end."""
+        import numpy as np
+
         consecutive = int(np.count_nonzero(offsets == previous))
         sequential = int(np.count_nonzero(offsets > previous))
         self.consecutive += consecutive
         self.sequential += sequential
         self.other += len(offsets) - consecutive - sequential
-        self.bytes += int(sizes.sum())
-        for i, c in enumerate(np.bincount(np.searchsorted(np.array(EDGES, dtype=np.int64), sizes), minlength=len(BINS)).tolist()):
-            self.hist[i] += c
-        self.end = int(ends[-1])
 
     def counters(self, prefix: str) -> dict[str, int]:
         calls = sum(self.hist)

@@ -42,6 +42,9 @@ BLOB_SLACK = 64
 _ROOM_TRIES = 3
 #: Length of a handle's list of write calls (two entries per call) at which it is counted (iostats).
 _DIGEST_AT = 2 * iostats.DIGEST_CALLS
+#: Writes smaller than this check the length of that list themselves: a batch holds at most
+#: ``room / _SMALL_WRITE`` larger ones, and the list is checked at each batch sent (:meth:`TierFile._count_calls`).
+_SMALL_WRITE = 512
 #: How often a read is retried when a purge freed its data while it ran.
 _READ_TRIES = 5
 
@@ -107,7 +110,7 @@ class TierFile:
         if calls is not None:  # recording (a refused write is not): two appends, counted in bulk (iostats)
             calls.append(offset)
             calls.append(n)
-            if len(calls) >= _DIGEST_AT:
+            if n < _SMALL_WRITE and len(calls) >= _DIGEST_AT:   # larger ones: counted while a batch is sent
                 self.stats.digest()
         if n == 0:
             return
@@ -230,10 +233,21 @@ class TierFile:
             self._send(memoryview(self._payload), self._extents)
             self._payload = bytearray()
             self._extents = []
+            self._count_calls()
             self._await()
             self.stats.writes.ns += perf_counter_ns() - t0
         else:
             self._await()
+
+    def _count_calls(self) -> None:
+        """Count the recorded write calls (:meth:`iostats.Recorder.digest`) once :data:`_DIGEST_AT` gathered.
+
+        Called while a batch is on its way to the server, before waiting for
+        its answer: the count runs while the server stores the batch.
+        """
+        calls = self._calls
+        if calls is not None and len(calls) >= _DIGEST_AT:
+            self.stats.digest()
 
     def _send_direct(self, offset: int, data: memoryview) -> None:
         """Send a write of the buffer's size or more as blobs of :attr:`room` bytes, no copy.
@@ -248,6 +262,7 @@ class TierFile:
             extents = [(offset + start + p, p, min(MAX_EXTENT, len(piece) - p))
                        for p in range(0, len(piece), MAX_EXTENT)]
             self._send(piece, extents)
+        self._count_calls()
         self._await()
         self.stats.writes.ns += perf_counter_ns() - t0
 

@@ -23,7 +23,7 @@ import pytest
 from mpi4py import MPI
 
 import mpiburst
-from mpiburst import flush, iostats, report
+from mpiburst import flush, iostats, report, writeback
 from mpiburst.server.process import wait_gone
 from mpiburst.engine import Engine
 from mpiburst.errors import OffsetError
@@ -82,6 +82,33 @@ def test_write_calls_counted_in_bulk_match_counting_each_call(mem_tier) -> None:
     assert counted == expected
     assert expected["write_calls"] == iostats.DIGEST_CALLS + 900 and min(expected["write_consecutive"],
                                                                          expected["write_other"]) > 1000
+    tf.close()
+
+
+@pytest.mark.parametrize("size", [100, 4096])
+def test_the_list_of_write_calls_stays_bounded_and_counts_exactly(mem_tier, size) -> None:
+    """Records of one size (counted in bulk by the quicker way) give the per-call figures; the list stays bounded.
+
+    Writes too small to fill batches count the list as it reaches its bound,
+    larger ones at each batch sent.
+    """
+    rng = random.Random(size)
+    tf = TierFile(mem_tier, bfs_file(mem_tier, "bounded.dat"), 0)
+    bound = writeback._DIGEST_AT + 2 * tf.room // writeback._SMALL_WRITE
+    reference = iostats._Direction()
+    longest = end = 0
+    for _ in range(6 * iostats.DIGEST_CALLS):
+        offset = rng.choice([end, end + size, end + size, rng.randrange(0, end + 1)])
+        tf.write(offset, memoryview(bytes(size)))
+        reference.add(offset, size, 0)
+        end = offset + size
+        longest = max(longest, len(tf.stats.calls))
+    assert 0 < longest <= bound
+    counted = tf.stats.counters()
+    expected = reference.counters("write_")
+    assert counted.pop("write_ns") > 0 and expected.pop("write_ns") == 0
+    assert counted == expected
+    assert min(expected["write_consecutive"], expected["write_sequential"], expected["write_other"]) > 1000
     tf.close()
 
 
