@@ -36,8 +36,9 @@ def from_stats(stats: tuple[dict[str, Any], list[dict[str, Any]]], run: str = ""
     flushes = [e for e in log if e.get("kind") == "flush"]
     paths = sorted(set(counters) | {e["path"] for e in flushes})
     files = [_file(path, counters.get(path, {}), [e for e in flushes if e["path"] == path]) for path in paths]
+    missing = sorted({n for e in log if e.get("kind") == "missing" for n in e["nodes"]})
     return {"run": run, "generated": time.time(), "bins": list(BINS), "files": files, "flushes": flushes,
-            "timeline": _timeline(log),
+            "timeline": _timeline(log), "missing_nodes": missing,
             "totals": {"app_write_calls": sum(f["app"]["write"]["calls"] for f in files),
                        "app_write_bytes": sum(f["app"]["write"]["bytes"] for f in files),
                        "app_read_calls": sum(f["app"]["read"]["calls"] for f in files),
@@ -125,6 +126,12 @@ def _process_key(who: str) -> tuple[str, int]:
 def summary(report: dict[str, Any]) -> str:
     """Return the report as lines for a terminal: per file, the application's I/O against the BFS's."""
     lines = [f"I/O report of run {report['run'] or '?'}: {len(report['files'])} file(s)"]
+    missing = report.get("missing_nodes", [])
+    if missing:
+        lost = ", ".join(map(str, missing))
+        lines.append(f"incomplete: the server of node {lost} was down when the run stopped: the counters of its "
+                     "processes are missing" + (", and so are every flush and engine event and tier-fill sample "
+                                                "(node 0 holds them)" if 0 in missing else ""))
     if not report["files"]:
         lines.append("  nothing recorded yet (counters reach the tier when files are closed)")
     for f in report["files"]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import stat
 
 import pytest
@@ -16,6 +17,7 @@ import pytest
 import mpiburst
 from mpiburst import server
 from mpiburst.engine import Engine
+from mpiburst.server.process import wait_gone
 from mpiburst.runconf import RunConf
 from mpiburst.tier import Tier
 
@@ -50,6 +52,27 @@ def test_report_after_a_multi_node_stop_reads_the_saved_statistics(run, cli, tmp
     for k in range(3):
         w = files[f"n{k}.dat"]["app"]["write"]
         assert (w["calls"], w["bytes"], w["consecutive"]) == (10 * (k + 1), 10 * (k + 1) * WRITE, 10 * (k + 1))  # from 0 on
+
+
+def test_a_stop_with_node_0_down_saves_the_other_nodes_statistics_and_the_report_says_what_is_missing(
+        run, cli, tmp_path):
+    """Each node holds its processes' counters: with node 0's server killed, nodes 1 and 2's survive the stop."""
+    os.kill(run.nodes[0]["pid"], signal.SIGKILL)
+    assert wait_gone(run.nodes[0]["pid"], None, 10)
+    assert "node 0 had already ended" in server.stop_run(run)
+    saved = tmp_path / "mpiburst_rc.stats.json"
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o600
+    out = tmp_path / "r.json"
+    proc = cli("report", "--id", "rc", "--dir", str(tmp_path), "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "incomplete: the server of node 0 was down when the run stopped" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["missing_nodes"] == [0]
+    files = {os.path.basename(f["path"]): f for f in data["files"]}
+    assert sorted(files) == ["n1.dat", "n2.dat"]                      # node 0's process wrote n0.dat
+    for k in (1, 2):
+        w = files[f"n{k}.dat"]["app"]["write"]
+        assert (w["calls"], w["bytes"]) == (10 * (k + 1), 10 * (k + 1) * WRITE)
 
 
 def test_the_engine_fill_sample_sums_the_traffic_of_every_node(run):

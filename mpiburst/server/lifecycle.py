@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -437,7 +438,7 @@ def _stop_cluster(conf: RunConf, save: bool, discard: bool, timeout: float, expo
     if save:
         _save_nodes(conf, admin, alive)
     _end_engine(conf.engine_pid)
-    _save_stats(conf)   # node 0 holds the run's statistics: read them before any server goes
+    _save_stats(conf, alive)   # read the run's statistics before any server goes
     gone = cluster.stop_nodes(conf, admin, timeout)
     clean_run(conf, keep_snapshot=(save or saved) and not discard)
     if save:
@@ -503,25 +504,34 @@ def _save_failed(conf: RunConf, exc: Exception) -> str:
             f"'mpiburst stop --discard {where}' drops it.")
 
 
-def _save_stats(conf: RunConf) -> None:
+def _save_stats(conf: RunConf, alive: list[int] | None = None) -> None:
     """Save the run's I/O statistics beside its files (0600), for ``mpiburst report`` once the server is gone.
 
     Only for a run that recorded I/O (a started and stopped run leaves
     nothing behind). After the engine's last sample; read as the ranks' user (the admin user
     may not read data). A multi-node run's statistics are read through its
-    cluster store (they live on node 0). Best effort: a failure here never
-    keeps a run from stopping.
+    cluster store from the nodes ``alive`` (each holds its processes'
+    counters; node 0 the event log); for nodes that are down a ``missing``
+    event naming them is added to the log, so the report says what it lacks.
+    Best effort: a failure here never keeps a run from stopping.
     """
     try:
-        clients = [connect_redis(conf.node(k) if conf.nodes else conf, check=k == 0)
+        nodes = list(range(len(conf.nodes))) if alive is None else alive
+        first = nodes[0] if nodes else 0
+        clients = [connect_redis(conf.node(k) if conf.nodes else conf, check=k == first)
                    for k in range(max(1, len(conf.nodes)))]
         try:
-            store = (ClusterStore(clients, None, ranks=[n["ranks"] for n in conf.nodes],
-                                  slots=[n["slots"] for n in conf.nodes]) if conf.nodes else RedisStore(clients[0]))
-            stats = store.stats()
+            if conf.nodes:
+                stats = ClusterStore(clients, None, ranks=[n["ranks"] for n in conf.nodes],
+                                     slots=[n["slots"] for n in conf.nodes]).stats_of(nodes)
+            else:
+                stats = RedisStore(clients[0]).stats()
         finally:
             for client in clients:
                 client.close()
+        lost = [k for k in range(len(conf.nodes)) if k not in nodes]
+        if lost:
+            stats[1].append({"kind": "missing", "t": time.time(), "nodes": lost})
         if stats[0] or any(e.get("kind") != "fill" for e in stats[1]):  # a run that did I/O through mpiburst
             write_secure(iostats.stats_path(conf.dir, conf.id), iostats.dump_stats(stats))
     except (MpiburstError, redis.RedisError, OSError, ValueError):

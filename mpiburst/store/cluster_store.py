@@ -10,16 +10,17 @@ Layout (``T<i>``: node ``i``'s tag, the first of ``n<i>.0``, ``n<i>.1``, ...
 whose slot server ``i`` owns, found by asking it; every process finds the
 same one)::
 
-    node 0, the home (records, leases, queue, statistics, shared pointers):
+    node 0, the home (records, leases, queue, event log, shared pointers):
     mpb:{T0}:seq              string the global sequence counter
     mpb:{T0}:g:files          hash   fid -> BFS path (the registry)
     mpb:{T0}:g:{fid}:m        hash   the file's record (as a single server's) plus
                                      "@<i>" = 1 for every node i that took sequence numbers for it
     mpb:{T0}:g:{fid}:lock     string the flush lease
     mpb:{T0}:g:{fid}:sfp:<t>  string a shared file pointer
-    mpb:{T0}:g:queue, mpb:{T0}:g:stats, mpb:{T0}:g:stats:log
+    mpb:{T0}:g:queue, mpb:{T0}:g:stats:log
 
     every node i, the shard (the data its ranks wrote):
+    mpb:{Ti}:stats            hash   its processes' I/O counters (they survive a lost node 0)
     mpb:{Ti}:{fid}:m          hash   path, seq (highest here), fence, staged
     mpb:{Ti}:{fid}:x, B, b:<blob>, t:<token>    as a single server's index, batches and payloads
     mpb:{Ti}:{chan:C}:d, m, w                   the channels of node i's ranks
@@ -655,16 +656,36 @@ class ClusterStore(Store):
             self.home.drop_shared_pointer(path, token)
 
     def stats_add(self, path: str, who: str, counters: Mapping[str, int]) -> None:
-        with self._on(0):
-            self.home.stats_add(path, who, counters)
+        node = self._writer_node()   # on this process's node, as its batches: they outlive a lost node 0
+        with self._on(node):
+            self.shards[node].stats_add(path, who, counters)
 
     def stats_log(self, event: Mapping[str, Any]) -> None:
         with self._on(0):
             self.home.stats_log(event)
 
     def stats(self) -> tuple[dict[str, dict[str, dict[str, int]]], list[dict[str, Any]]]:
-        with self._on(0):
-            return self.home.stats()
+        return self.stats_of(range(self.nodes))
+
+    def stats_of(self, nodes: Iterable[int]) -> tuple[dict[str, dict[str, dict[str, int]]], list[dict[str, Any]]]:
+        """Return the statistics ``nodes`` hold, as :meth:`stats` does: their processes' counters, summed.
+
+        Each node holds the counters of the processes on it; node 0 also
+        holds the event log (empty here without node 0).
+        """
+        counters: dict[str, dict[str, dict[str, int]]] = {}
+        log: list[dict[str, Any]] = []
+        for node in nodes:
+            with self._on(node):
+                held = self.shards[node].stats()[0]
+                if node == 0:
+                    log = self.home.stats()[1]
+            for path, by_process in held.items():
+                for who, named in by_process.items():
+                    mine = counters.setdefault(path, {}).setdefault(who, {})
+                    for name, value in named.items():
+                        mine[name] = mine.get(name, 0) + value
+        return counters, log
 
     # -- the whole store ----------------------------------------------------
     def node_memory(self) -> list[tuple[int, int]]:
@@ -690,12 +711,13 @@ class ClusterStore(Store):
         return got, sent
 
     def empty(self) -> bool:
-        keys = 0
+        keys = other = 0
         for node, client in enumerate(self.clients):
-            with self._on(node):
+            with self._on(node):   # neither statistics nor the counter are data
                 keys += int(client.dbsize())
-        with self._on(0):   # neither statistics nor the counter are data
-            other = int(self.clients[0].exists(self.home._stats, self.home._stats_log, self._counter))
+                other += int(client.exists(self.shards[node]._stats))
+        with self._on(0):
+            other += int(self.clients[0].exists(self.home._stats_log, self._counter))
         return keys == other
 
     def close(self) -> None:
