@@ -511,8 +511,9 @@ def _save_stats(conf: RunConf, alive: list[int] | None = None) -> None:
     nothing behind). After the engine's last sample; read as the ranks' user (the admin user
     may not read data). A multi-node run's statistics are read through its
     cluster store from the nodes ``alive`` (each holds its processes'
-    counters; node 0 the event log); for nodes that are down a ``missing``
-    event naming them is added to the log, so the report says what it lacks.
+    counters; node 0 the event log); when some are down, a ``missing``
+    event naming them is added to the log, so the report says what it lacks
+    (a run whose surviving nodes recorded nothing still leaves nothing).
     Best effort: a failure here never keeps a run from stopping.
     """
     try:
@@ -529,10 +530,10 @@ def _save_stats(conf: RunConf, alive: list[int] | None = None) -> None:
         finally:
             for client in clients:
                 client.close()
-        lost = [k for k in range(len(conf.nodes)) if k not in nodes]
-        if lost:
-            stats[1].append({"kind": "missing", "t": time.time(), "nodes": lost})
         if stats[0] or any(e.get("kind") != "fill" for e in stats[1]):  # a run that did I/O through mpiburst
+            lost = [k for k in range(len(conf.nodes)) if k not in nodes]
+            if lost:
+                stats[1].append({"kind": "missing", "t": time.time(), "nodes": lost})
             write_secure(iostats.stats_path(conf.dir, conf.id), iostats.dump_stats(stats))
     except (MpiburstError, redis.RedisError, OSError, ValueError):
         pass
