@@ -44,6 +44,7 @@ def test_recording_cost_is_the_median_of_the_repeats_pairs():
     raw["seconds"]["mpiburst_write_unrecorded"] = [0.99, 1.0, 1.0]   # its pair, recording off: 0.99, 0.5, 1.0
     r = report.summarize(raw)
     assert r["ratios"]["absorb_recorded_vs_unrecorded"] == 0.99     # the drifted pair (0.5) does not count
+    assert r["mpiburst"]["recorded_vs_unrecorded_pairs"] == [0.99, 0.5, 1.0]   # every pair in the JSON
     verdict = _verdicts([r], EXT4)["strided 4k: absorb with I/O recording / without"]
     assert verdict == ("strided 4k: absorb with I/O recording / without = 0.990 (>= 0.98)", True)
     row = report.table([r], EXT4 | {"repeat": 3, "ranks": 2, "server": "redis"}).splitlines()
