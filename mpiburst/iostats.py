@@ -3,10 +3,11 @@
 Each :class:`~mpiburst.writeback.TierFile` (under :class:`mpiburst.File` and
 :func:`mpiburst.open`) owns a :class:`Recorder`. A write appends its offset
 and size to :attr:`Recorder.calls` (two list appends, the only per-call
-work); once :data:`DIGEST_CALLS` calls gathered, the writer counts them with
-numpy at once (:meth:`Recorder.digest`) while a batch is on its way to the
-server, before it waits for the answer, so the count runs while the server
-stores the batch; and at close. Records of one size take a quicker count
+work); the writer counts them with numpy at once (:meth:`Recorder.digest`)
+each time it sends a batch, between the sending and the wait for the
+server's answer, so the count runs while the server stores the batch; and
+at close. Writes too small to fill a batch soon count the list themselves
+once it holds :data:`DIGEST_CALLS` calls. Records of one size take a quicker count
 (only their offsets are converted). The time of writes is measured per batch
 (sending it to the tier and waiting for it), not per call. A read, which always waits for the tier, adds its counters and time
 directly. No server round trip is added. At close, :meth:`Recorder.merge`
@@ -48,7 +49,7 @@ EDGES = (100, 1 << 10, 10 << 10, 100 << 10, 1 << 20, 4 << 20, 10 << 20, 100 << 2
 #: Names of the access-size bins (Darshan's).
 BINS = ("0-100", "100-1K", "1K-10K", "10K-100K", "100K-1M", "1M-4M", "4M-10M", "10M-100M",
         "100M-1G", "1G+")
-#: Write calls :attr:`Recorder.calls` holds before they are digested into the counters (bounds its memory).
+#: Write calls :attr:`Recorder.calls` holds at most before they are digested into the counters (bounds its memory).
 DIGEST_CALLS = 8192
 #: Seconds between two tier-fill samples early in a run; later one per 1/1000 of the time run so far.
 FILL_EVERY = 1.0

@@ -40,11 +40,14 @@ DEFAULT_BUFFER = 4 << 20
 BLOB_SLACK = 64
 #: Rounds in a row of flushing and freeing that free nothing before a full tier is reported.
 _ROOM_TRIES = 3
-#: Length of a handle's list of write calls (two entries per call) at which it is counted (iostats).
+#: Length of a handle's list of write calls (two entries per call) at which a write counts it (iostats).
 _DIGEST_AT = 2 * iostats.DIGEST_CALLS
 #: Writes smaller than this check the length of that list themselves: a batch holds at most
-#: ``room / _SMALL_WRITE`` larger ones, and the list is checked at each batch sent (:meth:`TierFile._count_calls`).
+#: ``room / _SMALL_WRITE`` larger ones, and the list is counted at each batch sent (:meth:`TierFile._count_calls`).
 _SMALL_WRITE = 512
+#: Length of that list from which a batch sent counts it (fewer calls wait for a later batch or the close):
+#: a count's fixed cost is a few microseconds.
+_COUNT_AT_PUSH = 2 * 128
 #: How often a read is retried when a purge freed its data while it ran.
 _READ_TRIES = 5
 
@@ -240,13 +243,14 @@ class TierFile:
             self._await()
 
     def _count_calls(self) -> None:
-        """Count the recorded write calls (:meth:`iostats.Recorder.digest`) once :data:`_DIGEST_AT` gathered.
+        """Count the recorded write calls (:meth:`iostats.Recorder.digest`), if :data:`_COUNT_AT_PUSH` gathered.
 
         Called while a batch is on its way to the server, before waiting for
-        its answer: the count runs while the server stores the batch.
+        its answer: the count runs while the server stores the batch, and a
+        close after a sync has (almost) nothing left to count.
         """
         calls = self._calls
-        if calls is not None and len(calls) >= _DIGEST_AT:
+        if calls is not None and len(calls) >= _COUNT_AT_PUSH:
             self.stats.digest()
 
     def _send_direct(self, offset: int, data: memoryview) -> None:
