@@ -59,7 +59,7 @@ fi
 home=$(getent passwd "$user" | cut -d: -f6)
 cleanup() {
     local left
-    left=$(pgrep -u "$user" || true)                # what the run left behind (servers, ranks) is a bug
+    left=$(pgrep -u "$user" -r R,S,D,T,t || true)   # live processes the run left behind (servers, ranks): a bug
     if [[ -n $left ]]; then
         echo "bare-machine.sh: processes left running by $user: $(ps -o pid=,args= -p "${left//$'\n'/,}" | head -5)" >&2
         for pid in $left; do kill -KILL "$pid" 2>/dev/null || true; done
