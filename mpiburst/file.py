@@ -174,8 +174,9 @@ class File:
             self._drain.stop()
         self._comm.Barrier()   # no rank drains any more: the records may go out
         if self._drain is not None:
-            self._drain.publish()
+            self._drain.publish()   # never raises: every rank reaches the barrier
             self._drain = None
+        self._comm.Barrier()        # a flush right after Close finds every rank's drained chunks
 
         def forget() -> None:
             self._shared.drop()

@@ -65,3 +65,36 @@ def test_strided_records_drained_by_every_rank_then_flushed(tier):
         assert glob.glob(os.path.join(os.path.realpath(tier.bfs_root), ".s.dat.mpiburst-*")) == []
         assert not tier.store.meta(target).dirty
     comm.Barrier()
+
+
+def test_close_returns_only_once_every_rank_published_its_drained_chunks(tier, monkeypatch):
+    """A flush right after Close must see every rank's drain record, however late a rank publishes it.
+
+    The other ranks publish half a second late: if rank 0 could leave Close before them, its sync
+    would claim without their chunks and leave their records behind.
+    """
+    chunk = drain.chunk_bytes(tier.align)
+    real = drain.Drain.publish
+
+    def late(self):
+        time.sleep(0.5)
+        real(self)
+
+    if rank != 0:
+        monkeypatch.setattr(drain.Drain, "publish", late)
+    data = np.random.default_rng(2).integers(0, 256, size * chunk, dtype=np.uint8).tobytes()
+    f = File.Open(comm, "burst://late.dat", MPI.MODE_CREATE | MPI.MODE_WRONLY)
+    f.Write_at(rank * chunk, data[rank * chunk:(rank + 1) * chunk])       # rank r: all of chunk r
+    f.Sync()
+    deadline = time.monotonic() + 60
+    while rank not in f._drain.done:           # a bounded wait for this rank's chunk
+        assert time.monotonic() < deadline, "the drain wrote nothing"
+        time.sleep(0.01)
+    f.Close()
+    rep = flush.sync("burst://late.dat", comm=comm)
+    assert rep.drained == size * chunk          # every rank's chunk adopted
+    bfs = os.path.realpath(tier.bfs_root)
+    if rank == 0:
+        assert open(os.path.join(bfs, "late.dat"), "rb").read() == data
+        assert glob.glob(os.path.join(bfs, ".late.dat.mpiburst-*")) == []
+    comm.Barrier()
