@@ -15,8 +15,7 @@
 # 5. runs every tests/*cluster*_mpi*.py once more under `mpiexec -n 6` with
 #    MPIBURST_RANKS_PER_NODE=2: three simulated nodes, one server each.
 # The server engine is $MPIBURST_SERVER if set, else the normal discovery order.
-# MPIBURST_TEST_PARTS=serial or =mpi runs only step 3 or only steps 4-5 (.ci/run
-# runs both engines' serial parts at once, then their MPI parts one after the other).
+# MPIBURST_TEST_PARTS=serial or =mpi runs only step 3 or only steps 4-5.
 # Exits non-zero on the first failing part.
 set -euo pipefail
 
