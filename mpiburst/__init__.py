@@ -15,8 +15,18 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .errors import (AuthenticationError, ChannelBusyError, ChannelError, ConfigError, FlushError,
-                     MpiburstError, PathError, PolicyError, ServerError, TierFullError)
+from .errors import (
+    AuthenticationError,
+    ChannelBusyError,
+    ChannelError,
+    ConfigError,
+    FlushError,
+    MpiburstError,
+    PathError,
+    PolicyError,
+    ServerError,
+    TierFullError,
+)
 
 __version__ = "0.1.0"
 

@@ -15,8 +15,8 @@ past which its bytes are stale (a pending truncation), and zeros fill the rest.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from types import TracebackType
-from typing import Sequence
 
 from .overlay import Entry, gaps
 from .store import Store
@@ -70,7 +70,7 @@ class BfsBytes:
             os.close(self.fd)
             self.fd = None
 
-    def __enter__(self) -> "BfsBytes":
+    def __enter__(self) -> BfsBytes:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

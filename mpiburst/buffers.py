@@ -10,8 +10,8 @@ keeps at most :data:`KEEP` bytes between uses.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 #: Bytes of idle buffers the pool keeps for the next caller.
 KEEP = 64 << 20

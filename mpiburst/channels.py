@@ -28,8 +28,9 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO
 
 from .errors import ChannelBusyError, ChannelError, TierFullError
 from .perms import create_aside, current_umask, give_final_attrs

@@ -21,7 +21,8 @@ with None or a communicator of one rank the action simply runs.
 from __future__ import annotations
 
 import pickle
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import CollectiveError, MpiburstError
 

@@ -95,7 +95,7 @@ def layout(dt: MPI.Datatype) -> Layout:
     if entry is not None and entry[0]() is dt and entry[1] == handle:
         return entry[2]
     out = _build(dt)
-    ref = weakref.ref(dt, lambda _r, key=id(dt): _derived.pop(key, None))  # type: ignore[misc]
+    ref = weakref.ref(dt, lambda _r, key=id(dt): _derived.pop(key, None))  # type: ignore[misc]  # noqa: B008 - binds the id now
     _derived[id(dt)] = (ref, handle, out)
     return out
 

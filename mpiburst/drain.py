@@ -41,12 +41,14 @@ beside the target; the next flush of that path removes them, and
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
 import os
 import threading
 from dataclasses import dataclass
+
 from .assembly import current_bytes
 from .buffers import borrowed
 from .overlay import Extent, gaps
@@ -131,10 +133,8 @@ class Drain:
 
     # -- the thread ---------------------------------------------------------------
     def _run(self) -> None:
-        try:
+        with contextlib.suppress(OSError, AttributeError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)   # this thread only (Linux)
-        except (OSError, AttributeError):
-            pass
         try:
             with borrowed(self.chunk) as buf:
                 while not self._stop.wait(POLL):
@@ -178,10 +178,8 @@ class Drain:
             if n <= 0:
                 raise OSError("the BFS accepted no bytes")
             done += n
-        try:   # start the write-back now, so the fsync at close has little left (as the flush does)
-            os.posix_fadvise(fd, lo, len(buf), os.POSIX_FADV_DONTNEED)
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):   # start the write-back now, so the fsync at close has little left
+            os.posix_fadvise(fd, lo, len(buf), os.POSIX_FADV_DONTNEED)   # (as the flush does)
         self.done[c] = (upto, *_digest(extents))
         return True
 
@@ -347,7 +345,5 @@ def remove_leftovers(target: str) -> None:
     """Remove the drain data files and records of ``target`` (a deleted file's)."""
     directory, name = os.path.split(target)
     for path in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.mpiburst-drain-*")):
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(path)
-        except OSError:
-            pass

@@ -30,7 +30,8 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from . import flush, iostats, residency
 from .engine_process import log_path, open_log

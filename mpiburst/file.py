@@ -12,9 +12,11 @@ atomic mode on request) and IME's close-to-open rule; see
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from mpi4py import MPI
@@ -22,11 +24,11 @@ from mpi4py.typing import BufSpec
 
 from . import drain
 from .collective import on_root, together
-from .writeback import TierFile, buffer_size, check_offset, register
 from .messages import Message, message
 from .paths import is_burst, resolve
 from .tier import Tier
 from .views import View
+from .writeback import TierFile, buffer_size, check_offset, register
 
 _ACCESS = MPI.MODE_RDONLY | MPI.MODE_WRONLY | MPI.MODE_RDWR
 #: Largest file span one read through a noncontiguous view fetches at once.
@@ -111,7 +113,7 @@ class File:
     # -- open / close / delete ------------------------------------------------
     @classmethod
     def Open(cls, comm: MPI.Comm, filename: str | os.PathLike, amode: int = MPI.MODE_RDONLY,
-             info: MPI.Info = MPI.INFO_NULL) -> "File | MPI.File":
+             info: MPI.Info = MPI.INFO_NULL) -> File | MPI.File:
         """Open ``filename`` collectively over ``comm``.
 
         Parameters
@@ -201,7 +203,7 @@ class File:
             raise _mpi_error(MPI.ERR_NO_SUCH_FILE)
         _delete(tier, path)
 
-    def __enter__(self) -> "File":
+    def __enter__(self) -> File:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -771,7 +773,5 @@ def _delete(tier: Tier, path: str) -> None:
     """Remove ``path``'s tier data and its BFS file."""
     tier.store.drop(path)
     drain.remove_leftovers(path)
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.remove(path)
-    except FileNotFoundError:
-        pass

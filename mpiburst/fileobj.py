@@ -19,6 +19,7 @@ seen until the file is opened again.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -26,8 +27,8 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from .errors import MpiburstError
-from .writeback import TierFile, buffer_size, register, with_room
 from .paths import resolve
+from .writeback import TierFile, buffer_size, register, with_room
 
 if TYPE_CHECKING:
     from .tier import Tier
@@ -46,7 +47,7 @@ _MODES = {  # mode letter -> (readable, writable, create, exclusive, truncate, a
 
 
 def open(path: str | os.PathLike, mode: str = "rb", *, tier: Tier | None = None,
-         buffer: str | int | None = None) -> "BurstIO":  # noqa: A001 - the name mirrors open()
+         buffer: str | int | None = None) -> BurstIO:  # noqa: A001 - the name mirrors open()
     """Open a file of the tier as a binary Python file object.
 
     Parameters
@@ -291,10 +292,8 @@ class BurstIO(io.BufferedIOBase):
             if flushed:
                 self._tf.close()
             else:  # the flush's error is the one to report; still give the connection back
-                try:
+                with contextlib.suppress(MpiburstError):
                     self._tf.close()
-                except MpiburstError:
-                    pass
 
     def detach(self) -> None:
         """Not supported: there is no raw stream underneath."""

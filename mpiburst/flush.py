@@ -76,9 +76,10 @@ import threading
 import time
 import zlib
 from collections import Counter
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Generator, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -540,10 +541,8 @@ def recover(bfs_root: str) -> int:
             continue                      # its commit is still running
         try:
             for work, target in renames:
-                try:
+                with contextlib.suppress(FileNotFoundError):   # renamed before the commit was killed
                     os.rename(work, target)
-                except FileNotFoundError:
-                    pass                  # renamed before the commit was killed
             for directory in dict.fromkeys(os.path.dirname(t) for _, t in renames):
                 _fsync_dir(directory)
             os.unlink(journal)
@@ -613,10 +612,7 @@ def _prepare(store: Store, target: str, align: int, cut: Any = None) -> _Plan | 
                 lease.release()
                 lock.release()
                 return None
-            if snap.clean > cut.clean:
-                snap = replace(cut, clean=snap.clean, trunc=snap.trunc)
-            else:
-                snap = cut
+            snap = replace(cut, clean=snap.clean, trunc=snap.trunc) if snap.clean > cut.clean else cut
         try:
             old: os.stat_result | None = os.stat(target, follow_symlinks=False)
         except FileNotFoundError:
@@ -626,7 +622,7 @@ def _prepare(store: Store, target: str, align: int, cut: Any = None) -> _Plan | 
         claimed = drain.claim(target, work, align) if old is None and snap.trunc is None else None
         for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.mpiburst-*")):
             if stale != work:   # left by a killed flusher or an unclaimed drain: we hold the lock and the lease
-                _quiet(lambda: os.unlink(stale))
+                _quiet(lambda: os.unlink(stale))  # noqa: B023 - called at once
         if old is not None and not stat.S_ISREG(old.st_mode):
             raise FlushError(f"{target} on the BFS is not a regular file (a link or a directory); remove it "
                              "or sync the data to another path.")
@@ -668,7 +664,7 @@ class BfsLock:
         return os.path.join(directory, f".{name}.mpiburst.lock")
 
     @classmethod
-    def take(cls, target: str, wait: float | None = None) -> "BfsLock":
+    def take(cls, target: str, wait: float | None = None) -> BfsLock:
         """Lock ``target``, waiting up to ``wait`` seconds (default :data:`LEASE_WAIT`).
 
         Raises
@@ -703,10 +699,8 @@ class BfsLock:
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(self.path)
-        except OSError:
-            pass
         os.close(fd)
 
 
@@ -1105,10 +1099,8 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
     fetched, and the final fsync has little left to do. Advice only: a
     filesystem that does not take it costs nothing.
     """
-    try:
+    with contextlib.suppress(OSError):
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-    except OSError:
-        pass
 
 
 def _pread_into(fd: int, out: memoryview, offset: int) -> None:
@@ -1297,7 +1289,5 @@ def _cause(exc: BaseException) -> str:
 
 def _quiet(action: Callable[[], Any]) -> None:
     """Run a clean-up step whose failure must not hide the original error."""
-    try:
+    with contextlib.suppress(OSError, MpiburstError):
         action()
-    except (OSError, MpiburstError):
-        pass

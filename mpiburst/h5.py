@@ -19,8 +19,9 @@ import math
 import os
 import sys
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 try:
     import h5py
@@ -61,7 +62,7 @@ _REFUSED = {
 _INSTEAD = ("write it from one process with mpiburst.h5.File, or gather the data to one rank and "
             "write it there")
 
-_open_files: "weakref.WeakSet[File]" = weakref.WeakSet()
+_open_files: weakref.WeakSet[File] = weakref.WeakSet()
 
 
 class File(h5py.File):
@@ -178,7 +179,7 @@ class DatasetLayout:
 
 def parallel_create(name: str | os.PathLike, comm: MPI.Comm, datasets: Mapping[str, Any],
                     attrs: Mapping[str, Mapping[str, Any]] | None = None,
-                    align: int | None = None) -> "ParallelFile":
+                    align: int | None = None) -> ParallelFile:
     """Create an HDF5 file that every rank of ``comm`` then writes (collective).
 
     Rank 0 creates the groups, the datasets (contiguous, allocated at
@@ -363,7 +364,7 @@ class ParallelFile:
             return flush_sync(self._url, comm=self.comm)
         return None
 
-    def __enter__(self) -> "ParallelFile":
+    def __enter__(self) -> ParallelFile:
         return self
 
     def __exit__(self, *exc: Any) -> None:

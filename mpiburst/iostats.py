@@ -39,7 +39,8 @@ import os
 import sys
 import time
 from bisect import bisect_left
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from .errors import MpiburstError
 from .store import FileMeta, Store
@@ -102,7 +103,7 @@ class _Direction:
         """Add the calls of a flat ``[offset, size, offset, size, ...]`` list (without time), all at once."""
         if not calls:
             return
-        import numpy as np   # here: the server's processes import this module too, and need no numpy
+        import numpy as np  # here: the server's processes import this module too, and need no numpy
 
         lengths = calls[1::2]
         n = lengths[0]

@@ -31,6 +31,7 @@ data, and the error names the commands that get the data out. One it joined
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -39,8 +40,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from . import engine_process, flush, iostats, report, residency, server
 from .channels import any_data
@@ -337,10 +339,8 @@ def _end_node_job(conf: RunConf) -> None:
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
     if job.returncode == 0:  # a failed job's log stays for the user to read
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(conf.dir, f"mpiburst_{conf.id}.nodes.log"))
-        except FileNotFoundError:
-            pass
 
 
 def _snapshot_name(directory: str, run_id: str) -> str:
@@ -424,10 +424,8 @@ class _Signals:
     def forward(self, signum: int) -> None:
         """Send ``signum`` to the command's process group."""
         if self.child is not None and self.child.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.child.pid, signum)
-            except ProcessLookupError:
-                pass
 
 
 def run(command: Sequence[str], options: StartOptions | None = None, *, policy: Policy | None = None,
@@ -547,10 +545,8 @@ def _write_reports(tier: Tier, live: bool, say: Log) -> None:
     """
     saved = iostats.stats_path(tier.conf.dir, tier.id)
     try:
-        if live:
-            stats = tier.store.stats()
-        else:  # nothing saved: the run recorded no I/O
-            stats = iostats.load_stats(saved) if os.path.exists(saved) else ({}, [])
+        # not live and nothing saved: the run recorded no I/O
+        stats = tier.store.stats() if live else iostats.load_stats(saved) if os.path.exists(saved) else ({}, [])
         paths = report.write_beside(report.from_stats(stats, tier.id), tier.conf.dir, tier.id)
         say(f"I/O report: {paths[0]} and {paths[1]}")
     except (MpiburstError, OSError, ValueError) as exc:

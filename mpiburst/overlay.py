@@ -7,7 +7,8 @@ stores (:mod:`mpiburst.store`) paint extents newest-last.
 from __future__ import annotations
 
 import heapq
-from typing import Iterable, NamedTuple, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -69,7 +70,7 @@ class Strided(NamedTuple):
 
 
 #: An entry of a file's index: one fragment, or a strided run of them.
-Entry = Union[Extent, Strided]
+Entry = Extent | Strided
 
 
 def expand(entries: Iterable[Entry], lo: int | None = None, hi: int | None = None) -> list[Extent]:

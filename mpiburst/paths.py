@@ -41,10 +41,7 @@ def resolve(path: str | os.PathLike, bfs_root: str) -> str:
     rest = text[len(SCHEME):] if is_burst(text) else text
     if not rest.strip("/"):
         raise PathError(f"{text!r} names no file; write burst://dir/file (relative to the BFS root {root}).")
-    if is_burst(text):
-        target = rest if rest.startswith("/") else os.path.join(root, rest)
-    else:
-        target = os.path.abspath(text)
+    target = (rest if rest.startswith("/") else os.path.join(root, rest)) if is_burst(text) else os.path.abspath(text)
     real = os.path.realpath(target)
     if real != root and os.path.commonpath([real, root]) != root:
         raise PathError(f"{text!r} resolves to {real}, outside the run's BFS root {root}; "

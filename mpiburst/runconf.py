@@ -29,6 +29,7 @@ someone else, a symlink, truncated, or missing its password.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -37,8 +38,9 @@ import re
 import secrets
 import stat
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ConfigError
 
@@ -178,7 +180,7 @@ class RunConf:
     #: ``host``/``port``/``socket``/``pid`` above are node 0's.
     nodes: list = field(default_factory=list)
 
-    def node(self, index: int) -> "RunConf":
+    def node(self, index: int) -> RunConf:
         """Return the single-server view of node ``index`` (its address, socket and PID; never saved).
 
         What a connection to, or a status of, one node's server needs.
@@ -186,7 +188,7 @@ class RunConf:
         entry = self.nodes[index]
         return self.view(entry["host"], entry["port"], entry["socket"], entry["pid"], index)
 
-    def view(self, host: str, port: int, socket: str, pid: int | None, node: int) -> "RunConf":
+    def view(self, host: str, port: int, socket: str, pid: int | None, node: int) -> RunConf:
         """Return a copy of this conf for one node's server at ``host:port`` / ``socket`` (its :meth:`save` refuses)."""
         view = dataclasses.replace(self, host=host, port=port, socket=socket, pid=pid, nodes=[])
         view._view_of = node  # type: ignore[attr-defined]
@@ -207,7 +209,7 @@ class RunConf:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n"
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "run conf") -> "RunConf":
+    def from_dict(cls, data: Mapping[str, Any], source: str = "run conf") -> RunConf:
         """Build a conf from a mapping, refusing one without a password, with missing or wrongly typed fields."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source} is not a JSON object; start the run again with 'mpiburst start'.")
@@ -233,12 +235,12 @@ class RunConf:
     def save(self) -> None:
         """Write the conf to :attr:`path` securely (0600 from the first byte, atomic replace)."""
         if hasattr(self, "_view_of"):
-            raise ConfigError(f"node {getattr(self, '_view_of')}'s view of run {self.id} cannot be saved; this is a "
+            raise ConfigError(f"node {self._view_of}'s view of run {self.id} cannot be saved; this is a "
                               f"bug in mpiburst, please report it.")
         write_secure(self.path, self.to_json())
 
     @classmethod
-    def load(cls, path: str, exposed_ok: bool = False) -> "RunConf":
+    def load(cls, path: str, exposed_ok: bool = False) -> RunConf:
         """Read and check the conf file at ``path`` (see :func:`read_secure`)."""
         data = parse_json(read_secure(path, exposed_ok=exposed_ok), path)
         return cls.from_dict(data, source=f"run conf {path}")
@@ -290,7 +292,7 @@ class AdminCredentials:
         write_secure(self.path_of(conf), json.dumps(dataclasses.asdict(self)) + "\n")
 
     @classmethod
-    def load(cls, conf: RunConf, exposed_ok: bool = False) -> "AdminCredentials":
+    def load(cls, conf: RunConf, exposed_ok: bool = False) -> AdminCredentials:
         """Read and check the admin file of ``conf``'s run."""
         path = cls.path_of(conf)
         data = parse_json(read_secure(path, "admin file", exposed_ok), path, "admin file")
@@ -336,10 +338,8 @@ def write_secure(path: str, text: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
 
 

@@ -43,7 +43,7 @@ class Tier:
     get one; the constructor is internal.
     """
 
-    _current: "Tier | None" = None
+    _current: Tier | None = None
 
     def __init__(self, conf: RunConf, store: Store, client: redis.Redis | None = None, owner: bool = False,
                  comm: MPI.Comm | None = None) -> None:
@@ -63,7 +63,7 @@ class Tier:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def start(cls, comm: MPI.Comm | None = None, options: StartOptions | None = None, **changes: Any) -> "Tier":
+    def start(cls, comm: MPI.Comm | None = None, options: StartOptions | None = None, **changes: Any) -> Tier:
         """Start a run's server and connect every rank of ``comm`` to it (collective).
 
         Parameters
@@ -110,12 +110,12 @@ class Tier:
 
     @classmethod
     def _attach(cls, conf: RunConf, owner: bool = False, comm: MPI.Comm | None = None,
-                node: int | None = None) -> "Tier":
+                node: int | None = None) -> Tier:
         """Connect to the run's server(s) as the ordinary user (``node``: this process's node of a multi-node run)."""
         return cls(conf, *open_store(conf, node), owner=owner, comm=comm)
 
     @classmethod
-    def connect(cls, id: str | None = None, conf: RunConf | str | None = None, dir: str | None = None) -> "Tier":
+    def connect(cls, id: str | None = None, conf: RunConf | str | None = None, dir: str | None = None) -> Tier:
         """Join an existing run (a process that did not start it).
 
         On a multi-node run the process writes to the server of its node
@@ -145,14 +145,14 @@ class Tier:
         return cls._attach(conf, node=nodes.node_of_process(conf.nodes) if conf.nodes else None)
 
     @classmethod
-    def current(cls) -> "Tier":
+    def current(cls) -> Tier:
         """Return the Tier this process started or connected last, else connect from the environment."""
         if cls._current is not None and not cls._current._stopped:
             return cls._current
         return cls.connect()
 
     @classmethod
-    def memory(cls, bfs_root: str, channels: int = 1, capacity: int | None = None, align: int = 1 << 20) -> "Tier":
+    def memory(cls, bfs_root: str, channels: int = 1, capacity: int | None = None, align: int = 1 << 20) -> Tier:
         """Return an in-process tier over a :class:`~mpiburst.store.MemoryStore` (unit tests only: no server, no MPI).
 
         ``capacity`` bounds its data, as ``maxmemory`` bounds a server's.
@@ -237,7 +237,7 @@ class Tier:
         if not self.is_memory:
             server.stop_run(self.conf, save=save)
 
-    def __enter__(self) -> "Tier":
+    def __enter__(self) -> Tier:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:

@@ -10,7 +10,7 @@ stream positions to file bytes and back, using the filetype's runs from
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 from mpi4py import MPI

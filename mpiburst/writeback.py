@@ -10,14 +10,15 @@ and :func:`mpiburst.open` are built on :class:`TierFile`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from time import perf_counter_ns
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
 from . import iostats
-from .errors import OffsetError, ServerError, TierConnectionError, TierFullError
 from .assembly import BfsBytes, current_bytes
+from .errors import OffsetError, ServerError, TierConnectionError, TierFullError
 from .perms import current_umask
 from .residency import make_room
 from .sizes import parse_size

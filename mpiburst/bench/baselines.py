@@ -22,8 +22,10 @@ Peer: :func:`mpiio_write`, ``mpi4py.MPI.File`` on the BFS with ``Write_at`` or
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -164,10 +166,8 @@ def bfs_shared_write(comm: Any, path: str, data: np.ndarray, check: bool) -> tup
 def remove_output(comm: Any, layout: Layout, path: str) -> None:
     """Remove an output file of ``layout`` (rank 0 for a shared file, each rank its own for nn); collective."""
     if not layout.shared or comm.rank == 0:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
     comm.Barrier()
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -73,8 +74,9 @@ def _used_memory(admin: Any, tier: Any) -> int:
 
 def _absorb(fcomm: Any, url: str, recs: Sequence[tuple[int, np.ndarray]]) -> None:
     """Write every record through mpiburst the way the MPI-IO peer does: Open, Write_at each, Sync, Close."""
-    import mpiburst
     from mpi4py import MPI
+
+    import mpiburst
 
     f = mpiburst.File.Open(fcomm, url, MPI.MODE_WRONLY | MPI.MODE_CREATE)
     for offset, buf in recs:
@@ -90,8 +92,9 @@ def absorb_unrecorded(comm: Any, layout: Layout, recs: Sequence[tuple[int, np.nd
     ``MPIBURST_IOSTATS=0`` while the file is open: the pair with
     :func:`measure`'s absorb gives recording's cost (:mod:`mpiburst.iostats`).
     """
-    import mpiburst
     from mpi4py import MPI
+
+    import mpiburst
 
     url = f"burst://{URL_DIR}/{layout.file_name(stem + '-norec')}"
     fcomm = comm if layout.shared else MPI.COMM_SELF
@@ -138,8 +141,9 @@ def measure(
     check
         Verify the flushed BFS file against the expected bytes.
     """
-    import mpiburst
     from mpi4py import MPI
+
+    import mpiburst
 
     name = f"{URL_DIR}/{layout.file_name(stem)}"
     url = f"burst://{name}"

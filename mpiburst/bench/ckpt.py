@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -83,7 +84,7 @@ def calibrate(comm: Any, seconds: float) -> int:
     work = Work()
     n = 16
     while True:
-        took, _ = collective_time(comm, lambda: work.run(n))
+        took, _ = collective_time(comm, lambda: work.run(n))  # noqa: B023 - called at once
         if took >= 0.05 or n >= 1 << 24:
             break
         n *= 4

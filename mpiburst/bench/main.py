@@ -22,10 +22,10 @@ from typing import Any
 
 from .. import drain
 from ..collective import on_root
-from ..writeback import buffer_size
 from ..errors import ConfigError
 from ..server import connect_redis
 from ..sizes import format_size, parse_size
+from ..writeback import buffer_size
 from . import baselines, burst, ckpt, report, view
 from .patterns import DEFAULT_PATTERNS, PATTERNS, Layout, rank_data, records
 

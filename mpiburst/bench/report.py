@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 import statistics
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 #: (key, label, is a limit) of every method, in table and plot order.
 METHODS: tuple[tuple[str, str, bool], ...] = (

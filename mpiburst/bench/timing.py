@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def collective_time(comm: Any, phase: Callable[[], Any]) -> tuple[float, Any]:
@@ -49,7 +50,7 @@ class PeakRSS:
         while not self._stop.wait(self.interval):
             self.peak = max(self.peak, _rss_bytes() - self._base)
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self._base = _rss_bytes()
         self._thread.start()
         return self

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
-from .lifecycle import add_locator
 from .. import channels
 from ..errors import PathError
 from ..tier import Tier
+from .lifecycle import add_locator
 
 
 def register(sub: argparse._SubParsersAction) -> None:

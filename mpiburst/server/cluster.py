@@ -22,6 +22,7 @@ starts ``n`` nodes on this machine and forms them (see :mod:`.lifecycle`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -30,8 +31,18 @@ from typing import Any
 import redis
 
 from ..errors import ConfigError, ServerError
-from ..runconf import (AdminCredentials, RunConf, cluster_conf_name, create_private, log_name, node_entry_path, node_member,
-                       rdb_name, server_conf_path, socket_dir_path)
+from ..runconf import (
+    AdminCredentials,
+    RunConf,
+    cluster_conf_name,
+    create_private,
+    log_name,
+    node_entry_path,
+    node_member,
+    rdb_name,
+    server_conf_path,
+    socket_dir_path,
+)
 from .connection import connect_redis
 from .discovery import free_port
 from .launch import MAX_SOCKET_PATH, SOCKET_NAME, PortInUse, launch, make_socket_dir, remove_file
@@ -222,10 +233,8 @@ def clean_node(conf: RunConf, index: int, sock: str | None = None, keep_snapshot
     sock = sock or (conf.nodes[index]["socket"] if index < len(conf.nodes) else "")
     if sock:
         remove_file(sock)
-        try:
+        with contextlib.suppress(OSError):
             os.rmdir(os.path.dirname(sock))
-        except OSError:
-            pass
     for name in (server_conf_path(conf.dir, member), os.path.join(conf.dir, log_name(member)),
                  os.path.join(conf.dir, cluster_conf_name(member)), node_entry_path(conf.dir, conf.id, index)):
         remove_file(name)

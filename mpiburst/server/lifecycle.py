@@ -9,6 +9,7 @@ own session.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -21,17 +22,30 @@ import redis
 from .. import iostats
 from ..align import detect_align
 from ..errors import ConfigError, MpiburstError, ServerError
-from ..runconf import (AdminCredentials, RunConf, admin_path, conf_path, create_private, engine_log_name, log_name,
-                       new_password, node_member, rdb_name, resolve_id, server_conf_path, socket_dir_path,
-                       write_secure)
+from ..runconf import (
+    AdminCredentials,
+    RunConf,
+    admin_path,
+    conf_path,
+    create_private,
+    engine_log_name,
+    log_name,
+    new_password,
+    node_member,
+    rdb_name,
+    resolve_id,
+    server_conf_path,
+    socket_dir_path,
+    write_secure,
+)
 from ..store import RedisStore
 from ..store.cluster_store import ClusterStore
 from . import cluster
 from .config import ADMIN_USER, USER
 from .connection import connect_redis
 from .discovery import default_bind, find_server, free_port, host_address, job_nodes
-from .options import StartOptions, parse_capacity
 from .launch import MAX_SOCKET_PATH, SOCKET_NAME, PortInUse, launch, make_socket_dir, remove_file
+from .options import StartOptions, parse_capacity
 from .process import kill, log_tail, pid_alive, wait_gone
 from .runlock import RunLock
 
@@ -63,10 +77,8 @@ def clean_run(conf: RunConf, keep_snapshot: bool) -> None:
         cluster.clean_node(conf, k, keep_snapshot=keep_snapshot)
     sockdir = os.path.dirname(conf.socket)
     remove_file(conf.socket)
-    try:
+    with contextlib.suppress(OSError):
         os.rmdir(sockdir)
-    except OSError:
-        pass
     remove_file(server_conf_path(conf.dir, conf.id))
     remove_file(os.path.join(conf.dir, log_name(conf.id)))
     remove_file(os.path.join(conf.dir, engine_log_name(conf.id)))
@@ -404,10 +416,8 @@ def stop_run(conf: RunConf, save: bool = False, discard: bool = False, timeout: 
                 raise ServerError(_save_failed(conf, exc)) from None
         _end_engine(conf.engine_pid)
         _save_stats(conf)
-        try:
-            admin.shutdown(nosave=True)
-        except redis.RedisError:
-            pass  # the connection closes while the server exits; the PID check below decides
+        with contextlib.suppress(redis.RedisError):  # the connection closes while the server exits;
+            admin.shutdown(nosave=True)                # the PID check below decides
     finally:
         admin.close()
     if not wait_gone(conf.pid, conf.server, timeout):

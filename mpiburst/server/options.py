@@ -11,8 +11,9 @@ exist, is the port free) happen when the server starts.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import ConfigError
 from ..sizes import format_size, parse_size
@@ -81,7 +82,7 @@ class StartOptions:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
-    def of(cls, options: "StartOptions | Mapping[str, Any] | None" = None, **changes: Any) -> "StartOptions":
+    def of(cls, options: StartOptions | Mapping[str, Any] | None = None, **changes: Any) -> StartOptions:
         """Return validated options from an object or mapping plus keyword ``changes``.
 
         Raises
@@ -104,7 +105,7 @@ class StartOptions:
             raise ConfigError(f"unknown tier option {unknown[0]!r}; valid options are {', '.join(cls.names())}.")
         return cls(**base)
 
-    def replace(self, **changes: Any) -> "StartOptions":
+    def replace(self, **changes: Any) -> StartOptions:
         """Return a copy with ``changes`` applied (and validated)."""
         return StartOptions.of(self, **changes)
 

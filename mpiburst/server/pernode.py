@@ -30,10 +30,26 @@ from typing import Any
 
 from ..errors import ConfigError, ServerError
 from ..nodes import app_ranges, ranks_per_node
-from ..runconf import (AdminCredentials, RunConf, conf_path, node_entry_path, parse_json, read_secure, resolve_id,
-                       write_secure)
+from ..runconf import (
+    AdminCredentials,
+    RunConf,
+    conf_path,
+    node_entry_path,
+    parse_json,
+    read_secure,
+    resolve_id,
+    write_secure,
+)
 from . import cluster
-from .lifecycle import ClusterPlan, _maxclients, abandon_cluster, form_planned, launch_planned_node, plan_cluster, run_directory
+from .lifecycle import (
+    ClusterPlan,
+    _maxclients,
+    abandon_cluster,
+    form_planned,
+    launch_planned_node,
+    plan_cluster,
+    run_directory,
+)
 from .options import StartOptions
 from .process import kill
 from .runlock import RunLock

@@ -7,6 +7,7 @@ stays a zombie until its parent waits for it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -84,10 +85,8 @@ def wait_gone(pid: int, binary: str | None, timeout: float) -> bool:
 def kill(pid: int, binary: str | None) -> None:
     """SIGKILL our process ``pid`` (if it still runs) and wait for it to vanish."""
     if pid_alive(pid, binary):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         wait_gone(pid, binary, 10.0)
 
 

@@ -17,6 +17,7 @@ meanwhile is never trusted.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import stat
@@ -49,7 +50,7 @@ class RunLock:
         self.run_id = run_id
         self.holder = holder
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         held = _held.get(self.path)
         if held is not None:
             held[1] += 1
@@ -83,10 +84,8 @@ class RunLock:
         if held[1]:
             return
         del _held[self.path]
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # while still locked: a waiter that opened it sees the inode vanish
-        except FileNotFoundError:
-            pass
         os.close(held[0])
 
 

@@ -8,8 +8,20 @@ as ``tier.store``. Key names, scripts and the server's exceptions never leave
 this package.
 """
 
-from .base import (MAX_BLOB, MAX_EXTENT, MAX_SPAN, BatchWriter, Blob, ChannelState, FileMeta, FlushLease,
-                   RecordGone, Store, batch_end, file_id)
+from .base import (
+                   MAX_BLOB,
+                   MAX_EXTENT,
+                   MAX_SPAN,
+                   BatchWriter,
+                   Blob,
+                   ChannelState,
+                   FileMeta,
+                   FlushLease,
+                   RecordGone,
+                   Store,
+                   batch_end,
+                   file_id,
+)
 from .cluster_store import ClusterStore
 from .memory import MemoryStore
 from .redis_store import RedisStore

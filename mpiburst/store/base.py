@@ -50,11 +50,13 @@ refuses), plus :class:`RecordGone` from commits.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 from ..errors import MpiburstError
 from ..overlay import Entry, Extent
@@ -195,7 +197,7 @@ class FlushLease:
         How long each :meth:`renew` extends the lease.
     """
 
-    def __init__(self, store: "Store", path: str, token: str, seconds: float) -> None:
+    def __init__(self, store: Store, path: str, token: str, seconds: float) -> None:
         self.store = store
         self.path = path
         self.token = token
@@ -221,12 +223,10 @@ class FlushLease:
         if self.ended:
             return
         self.ended = True
-        try:
+        with contextlib.suppress(MpiburstError):  # the lease then expires by itself
             self.store.release(self.path, self.token)
-        except MpiburstError:
-            pass  # the lease then expires by itself
 
-    def __enter__(self) -> "FlushLease":
+    def __enter__(self) -> FlushLease:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

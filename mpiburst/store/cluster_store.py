@@ -73,18 +73,38 @@ from __future__ import annotations
 
 import heapq
 import secrets
-from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from typing import Any
 
 import redis
 from redis.crc import key_slot
 
 from ..errors import MpiburstError, NodeLostError, ServerError, TierConnectionError
 from ..overlay import Entry, Extent, Strided
-from .base import (MAX_EXTENT, MAX_SPAN, BatchWriter, Blob, ChannelState, FileMeta, Payload, RecordGone, Store,
-                   batch_end, file_id)
-from .redis_store import (_ALLOW_OOM, RedisStore, _as_mpiburst_error, _meta_from, _overlapping, _parse_extents,
-                          _parse_strided, _public_methods_translated)
+from .base import (
+    MAX_EXTENT,
+    MAX_SPAN,
+    BatchWriter,
+    Blob,
+    ChannelState,
+    FileMeta,
+    Payload,
+    RecordGone,
+    Store,
+    batch_end,
+    file_id,
+)
+from .redis_store import (
+    _ALLOW_OOM,
+    RedisStore,
+    _as_mpiburst_error,
+    _meta_from,
+    _overlapping,
+    _parse_extents,
+    _parse_strided,
+    _public_methods_translated,
+)
 from .resp import resp_frames
 
 #: How many times a batch is numbered anew when flushes or truncations keep overtaking it.
@@ -247,10 +267,8 @@ class ClusterStore(Store):
                                  "check that the run is up with 'mpiburst status' and read its server log.", node)
         lost: list[str] | None = None
         if hasattr(self, "home"):   # not while the store is being made
-            try:
+            with suppress(MpiburstError, redis.RedisError, OSError):
                 lost = self.files_on(node)
-            except (MpiburstError, redis.RedisError, OSError):
-                pass
         held = ("; it held no file's data" if lost == [] else
                 f"; it held data of {', '.join(lost)}" if lost else "")
         return NodeLostError(f"lost the connection to {where} ({cause}){held}; check that the run is up "

@@ -20,8 +20,9 @@ import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 from ..errors import TierFullError
 from ..overlay import Entry, Extent, Strided, expand

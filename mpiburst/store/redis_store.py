@@ -48,7 +48,8 @@ import inspect
 import json
 import secrets
 import socket
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import redis
@@ -56,8 +57,19 @@ import redis
 from ..buffers import borrowed
 from ..errors import AuthenticationError, MpiburstError, ServerError, TierConnectionError, TierFullError
 from ..overlay import Entry, Extent, Strided, expand
-from .base import (MAX_EXTENT, MAX_SPAN, BatchWriter, Blob, ChannelState, FileMeta, Payload, RecordGone, Store,
-                   batch_end, file_id)
+from .base import (
+    MAX_EXTENT,
+    MAX_SPAN,
+    BatchWriter,
+    Blob,
+    ChannelState,
+    FileMeta,
+    Payload,
+    RecordGone,
+    Store,
+    batch_end,
+    file_id,
+)
 from .resp import read_bulks_into, resp_frames
 
 #: Members per ZADD inside Lua (stays far below Lua's stack limit).
@@ -129,7 +141,7 @@ redis.call('ZADD', KEYS[3], last, blob .. ':' .. n .. ':' .. ARGV[4] .. ':' .. A
 local size = tonumber(redis.call('HGET', KEYS[1], 'size') or '0')
 if tonumber(ARGV[3]) > size then redis.call('HSET', KEYS[1], 'size', ARGV[3]) end
 return base
-""" % (2 * _ZADD_CHUNK, 2 * _ZADD_CHUNK)
+""" % (2 * _ZADD_CHUNK, 2 * _ZADD_CHUNK)  # noqa: UP031 - str.format would need every Lua brace doubled
 
 # Clip the index at a new size: drop extents past it, shorten the one across it.
 _TRUNCATE = """

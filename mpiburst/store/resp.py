@@ -10,7 +10,7 @@ buffer the bytes belong in (:func:`read_bulks_into`).
 from __future__ import annotations
 
 import socket
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import redis
 
@@ -34,10 +34,7 @@ def resp_frames(commands: Iterable[tuple]) -> list[bytes | bytearray | memoryvie
         head.append(b"*%d\r\n" % len(command))
         for arg in command:
             data: bytes | bytearray | memoryview
-            if isinstance(arg, (bytes, bytearray, memoryview)):
-                data = arg
-            else:
-                data = str(arg).encode()
+            data = arg if isinstance(arg, (bytes, bytearray, memoryview)) else str(arg).encode()
             head.append(b"$%d\r\n" % len(data))
             if len(data) > _JOIN_LIMIT:
                 frames.append(b"".join(head))

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -423,10 +423,9 @@ class StoreTests:
     def test_an_exception_gives_the_lease_back(self, store: Store) -> None:
         store.create("/bfs/e", None)
         put(store, "/bfs/e", None, [(0, b"x")])
-        with pytest.raises(OSError):
-            with store.flush_lease("/bfs/e", 30) as lease:
-                lease.begin()
-                raise OSError("the BFS failed")
+        with pytest.raises(OSError), store.flush_lease("/bfs/e", 30) as lease:
+            lease.begin()
+            raise OSError("the BFS failed")
         meta = store.meta("/bfs/e")
         assert not store.leased("/bfs/e") and meta.pending == 0 and meta.clean == 0 and meta.dirty
         other = FlushLease(store, "/bfs/e", "someone-else", 30)
