@@ -140,7 +140,7 @@ class File:
         if not is_burst(filename):
             return MPI.File.Open(comm, filename, amode, info)
         hints = _hints(info)
-        tier = Tier.current()
+        tier = Tier.current(comm)   # a rank that cannot connect fails every rank, not only itself
         path = resolve(filename, tier.bfs_root)
         outcome: Any = _check_amode(amode)
         if outcome is None:  # rank 0 registers the file; its failure (a dead server) raises on every rank

@@ -268,7 +268,7 @@ def sync(path: str | os.PathLike, *, tier: Tier | None = None, comm: MPI.Comm | 
     PathError
         If the path is outside the root or the tier does not hold the file.
     """
-    tier = tier or Tier.current()
+    tier = tier or Tier.current(comm)   # a connect failing on one rank fails every rank
     target = resolve(path, tier.bfs_root)
     if not block:
         enqueue(tier, "sync", target)

@@ -145,11 +145,24 @@ class Tier:
         return cls._attach(conf, node=nodes.node_of_process(conf.nodes) if conf.nodes else None)
 
     @classmethod
-    def current(cls) -> Tier:
-        """Return the Tier this process started or connected last, else connect from the environment."""
-        if cls._current is not None and not cls._current._stopped:
-            return cls._current
-        return cls.connect()
+    def current(cls, comm: MPI.Comm | None = None) -> Tier:
+        """Return the Tier this process started or connected last, else connect from the environment.
+
+        Parameters
+        ----------
+        comm
+            The communicator of a collective call that may reach the tier for
+            the first time here (``File.Open``, a collective ``sync``): the
+            ranks then agree, so a connect that fails on one rank (a stalled
+            or dead server) raises on every rank instead of leaving the
+            others waiting in the collective it left.
+        """
+        def find() -> Tier:
+            if cls._current is not None and not cls._current._stopped:
+                return cls._current
+            return cls.connect()
+
+        return together(comm, find) if comm is not None else find()
 
     @classmethod
     def memory(cls, bfs_root: str, channels: int = 1, capacity: int | None = None, align: int = 1 << 20) -> Tier:
