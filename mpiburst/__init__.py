@@ -7,7 +7,10 @@ large aligned writes; :func:`purge`, :func:`pin`, :func:`unpin`,
 :func:`prestage` and :func:`frag_stat` control what stays in the tier.
 
 Attributes are imported on first use, so ``import mpiburst`` is cheap and
-does not initialise MPI.
+does not initialise MPI. Importing it installs a ``sys.excepthook`` that
+prints an uncaught :class:`MpiburstError` as one line
+(:func:`mpiburst.errors.install_excepthook`; ``MPIBURST_DEBUG=1`` for the
+traceback).
 """
 
 from __future__ import annotations
@@ -26,7 +29,12 @@ from .errors import (
     PolicyError,
     ServerError,
     TierFullError,
+    install_excepthook,
 )
+
+# An uncaught mpiburst error prints one line, not a traceback with chained redis-py ones
+# (MPIBURST_DEBUG=1 restores it); other exceptions are left to the hook already in place.
+install_excepthook()
 
 __version__ = "0.1.0"
 

@@ -1,10 +1,17 @@
 """The exceptions mpiburst raises: one small hierarchy, each with a process exit code.
 
 Every message is one sentence that says what went wrong and what to do, so the
-CLI can print it as is (no traceback) and exit with ``exit_code``.
+CLI can print it as is (no traceback) and exit with ``exit_code``. An error
+that escapes an application (a rank's) is printed the same way, as one line,
+by the hook :func:`install_excepthook` puts in place when ``mpiburst`` is
+imported; ``MPIBURST_DEBUG=1`` gives the full traceback with its causes.
 """
 
 from __future__ import annotations
+
+import os
+import sys
+from types import TracebackType
 
 
 class MpiburstError(Exception):
@@ -109,3 +116,43 @@ class ChannelBusyError(ChannelError):
 
 class DeviceBufferError(MpiburstError, TypeError):
     """A buffer in device (GPU) memory was given where mpiburst.File takes host memory only."""
+
+
+#: Set (to anything but ``0`` or empty) to print mpiburst errors with their full traceback and causes.
+DEBUG_ENV = "MPIBURST_DEBUG"
+
+
+def debugging() -> bool:
+    """True if ``$MPIBURST_DEBUG`` asks for full tracebacks."""
+    return os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+
+
+def one_line(exc: BaseException) -> str:
+    """Return how an uncaught mpiburst error is printed: its class and its sentence, on one line."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text} [{DEBUG_ENV}=1 shows the traceback]"
+
+
+def install_excepthook() -> None:
+    """Print an uncaught :class:`MpiburstError` as one line (:func:`one_line`) instead of a traceback.
+
+    Installed when ``mpiburst`` is imported, so it covers a rank that fails
+    before it ever reached the tier. Every other exception, and every
+    exception when ``$MPIBURST_DEBUG`` is set, goes to the hook that was
+    there before (Python's: the traceback with its chained causes). The
+    error keeps its cause (``__cause__``, e.g. the redis-py exception) for
+    code that catches it. Installing twice is a no-op.
+    """
+    previous = sys.excepthook
+    if getattr(previous, "_mpiburst", False):
+        return
+
+    def hook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        if isinstance(exc, MpiburstError) and not debugging():
+            sys.stderr.write(one_line(exc) + "\n")
+            sys.stderr.flush()
+            return
+        previous(kind, exc, tb)
+
+    hook._mpiburst = True  # type: ignore[attr-defined]
+    sys.excepthook = hook

@@ -66,4 +66,4 @@ def connect_redis(conf: RunConf, admin: bool | AdminCredentials = False, check: 
     raise ServerError(
         f"cannot reach the server of run {conf.id} at {where} ({last or 'no socket here and no TCP port'}); "
         f"check that it runs with 'mpiburst status --id {conf.id}'."
-    )
+    ) from last   # the redis-py error stays the cause (MPIBURST_DEBUG=1 prints it)
