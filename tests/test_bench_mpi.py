@@ -129,3 +129,42 @@ def test_view_pattern_compares_a_vector_view_with_write_at_in_one_run(mpi_tmp_pa
         # one strided entry per rank and batch, not one per record (1 MiB per rank fits one batch)
         assert v["entries"]["view"] == comm.size < records
     assert not list(mpi_tmp_path.glob("mpiburst-bench-*")), "the scratch directory was left behind"
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(240)
+def test_files_pattern_measures_every_phase_both_ways(mpi_tmp_path, server_binary, capsys):
+    """--pattern files: create, durable, stat, read, remove timed directly and through the tier, bytes verified."""
+    from mpi4py import MPI
+
+    from mpiburst.bench.files import PHASES, WAYS
+
+    comm = MPI.COMM_WORLD
+    out_json = mpi_tmp_path / "bench.json"
+    out_png = mpi_tmp_path / "bench.png"
+    status = main(["bench", "--pattern", "files", "--files", "6", "--transfer", "4k,64k", "--repeat", "2",
+                   "--bfs-dir", str(mpi_tmp_path), "--server", server_binary, "--json", str(out_json),
+                   "--plot", str(out_png)])
+    assert status == 0
+    comm.Barrier()
+    if comm.rank != 0:
+        return
+    table = capsys.readouterr().out
+    assert "create t" in table and "durable t s" in table
+    doc = json.loads(out_json.read_text())
+    assert doc["params"]["files_per_rank"] == 6
+    results = doc["results"]
+    assert [(r["pattern"], r["transfer"]) for r in results] == [("files", 4096), ("files", 65536)]
+    for r in results:
+        assert r["ranks"] == comm.size and r["total_bytes"] == 6 * r["transfer"] * comm.size
+        assert set(r["methods"]) == {f"{w}_{p}" for w in WAYS for p in PHASES}
+        for key, m in r["methods"].items():
+            assert m["verified"] is True, (r["transfer"], key)
+            s = m["seconds"]
+            assert 0 < s["min"] <= s["median"] <= s["max"] < math.inf, (r["transfer"], key)
+        # durable through the tier is the create phase plus the commit
+        assert r["methods"]["tier_durable"]["seconds"]["min"] > r["methods"]["tier_create"]["seconds"]["min"]
+    judged = [t for t in doc["targets"] if "files 64.0 KiB" in t["target"]]
+    assert [t["met"] is None for t in judged] == [False, True]   # local disk: create judged, durable not
+    assert out_png.stat().st_size > 0
+    assert not list(mpi_tmp_path.glob("mpiburst-bench-*")), "the scratch directory was left behind"

@@ -83,6 +83,34 @@ def test_checkpoint_loop_is_judged_on_a_network_filesystem_only():
     assert "mpiburst/direct" in table and "fuse.glusterfs on 127.0.0.2:/dfsvol" in table
 
 
+def _files(size: int, direct: float, create: float, commit: float) -> dict:
+    """A files measurement's raw figures: every phase takes ``direct`` seconds directly; the tier as given."""
+    from mpiburst.bench.files import PHASES
+
+    seconds = {f"direct_{p}": [direct] for p in PHASES}
+    seconds |= {f"tier_{p}": [direct] for p in PHASES} | {"tier_create": [create], "tier_durable": [create + commit]}
+    return {"pattern": "files", "transfer": size, "ranks": 2, "files_per_rank": 100, "bytes_per_rank": 100 * size,
+            "total_bytes": 200 * size, "seconds": seconds, "verified": {"direct": True, "tier": False}}
+
+
+def test_files_targets_judge_64k_files_strictly_on_a_network_filesystem():
+    results = [report.summarize(_files(64 << 10, direct=1.0, create=0.5, commit=0.4)),
+               report.summarize(_files(4 << 10, direct=1.0, create=0.05, commit=0.1))]
+    m = results[0]["methods"]
+    assert m["tier_create"]["files_per_second"] == 400 and m["tier_durable"]["seconds"]["median"] == 0.9
+    assert m["tier_stat"]["verified"] is False and m["direct_stat"]["verified"] is True
+    net = _verdicts(results, GLUSTER)
+    assert net["files 64.0 KiB x 100/rank: create+write+close / direct"] == (
+        "files 64.0 KiB x 100/rank: create+write+close / direct = 0.50 (<= 0.10)", False)
+    assert net["files 64.0 KiB x 100/rank: time until all durable / direct"][1] is True    # 0.90 <= 1.00
+    assert net["files 4.0 KiB x 100/rank: create+write+close / direct"][1] is None        # judged at 64 KiB only
+    local = _verdicts(results, EXT4)
+    assert local["files 64.0 KiB x 100/rank: create+write+close / direct"][1] is True      # 0.50 <= 1.00
+    assert local["files 64.0 KiB x 100/rank: time until all durable / direct"][1] is None
+    table = report.table(results, EXT4 | {"repeat": 1, "ranks": 2, "server": "redis"})
+    assert "create t" in table and "400!" in table   # the tier's wrong bytes are marked
+
+
 def test_filesystem_names_the_innermost_mount(tmp_path):
     fs = filesystem(str(tmp_path))
     assert fs["type"] != "unknown" and fs["options"]

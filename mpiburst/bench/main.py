@@ -26,7 +26,7 @@ from ..errors import ConfigError
 from ..server import connect_redis
 from ..sizes import format_size, parse_size
 from ..writeback import buffer_size
-from . import baselines, burst, ckpt, report, view
+from . import baselines, burst, ckpt, files, report, view
 from .patterns import DEFAULT_PATTERNS, PATTERNS, Layout, rank_data, records
 
 DEFAULT_TRANSFERS = ("4k", "47008", "1m", "16m")
@@ -49,6 +49,7 @@ class Options:
     server: str | None
     steps: int = 4
     work: float = 0.25
+    nfiles: int = files.DEFAULT_FILES
 
 
 def _split(values: list[str] | None, default: tuple[str, ...]) -> list[str]:
@@ -59,17 +60,20 @@ def _split(values: list[str] | None, default: tuple[str, ...]) -> list[str]:
 
 def options(patterns: list[str] | None, transfers: list[str] | None, size: str, repeat: int,
             json: str | None, plot: str | None, bfs_dir: str, capacity: str, server: str | None,
-            steps: int = 4, work: float = 0.25) -> Options:
+            steps: int = 4, work: float = 0.25, nfiles: int = files.DEFAULT_FILES) -> Options:
     """Check the command line's values and return them as :class:`Options` (raises :class:`ConfigError`)."""
     pats = _split(patterns, DEFAULT_PATTERNS)
     for p in pats:
         if p not in PATTERNS:
             raise ConfigError(f"unknown pattern {p!r}; choose from {', '.join(PATTERNS)}.")
-    sizes = [parse_size(t, "transfer size") for t in _split(transfers, DEFAULT_TRANSFERS)]
+    default = files.DEFAULT_SIZES if pats == ["files"] else DEFAULT_TRANSFERS   # small files: their own sizes
+    sizes = [parse_size(t, "transfer size") for t in _split(transfers, default)]
+    if "files" in pats and nfiles < 1:
+        raise ConfigError(f"--files must be at least 1 (got {nfiles}).")
     per_rank = parse_size(size, "--size")
     if min(sizes) <= 0:
         raise ConfigError("a transfer size must be at least 1 byte; give e.g. --transfer 4k.")
-    if per_rank < max(sizes):
+    if per_rank < max(sizes) and pats != ["files"]:   # a file's size is its transfer: --size plays no part
         raise ConfigError(
             f"--size {size} is smaller than the largest transfer size ({max(sizes)} bytes); "
             "give a --size of at least one transfer."
@@ -93,18 +97,22 @@ def options(patterns: list[str] | None, transfers: list[str] | None, size: str, 
         except ImportError:
             raise ConfigError("--plot needs matplotlib; install it with 'pip install mpiburst[bench]'.") from None
     return Options(pats, sizes, per_rank, repeat, json, plot, os.path.abspath(bfs_dir), capacity, server,
-                   steps, work)
+                   steps, work, nfiles)
 
 
 def check_capacity(opts: Options, nranks: int) -> None:
     """Raise :class:`ConfigError` if the tier cannot hold one configuration's payload of ``nranks`` ranks."""
-    files = opts.steps if "ckpt" in opts.patterns else 1  # a checkpoint loop keeps all its checkpoints
-    largest = opts.size * nranks * files
+    copies = opts.steps if "ckpt" in opts.patterns else 1  # a checkpoint loop keeps all its checkpoints
+    largest = opts.size * nranks * copies
+    what = f"{copies} checkpoints of {nranks} ranks x {format_size(opts.size)}" if copies > 1 else \
+        f"{nranks} ranks x {format_size(opts.size)}"
+    if "files" in opts.patterns and opts.nfiles * max(opts.transfers) * nranks > largest:
+        largest = opts.nfiles * max(opts.transfers) * nranks
+        what = f"{nranks} ranks x {opts.nfiles} files of {format_size(max(opts.transfers))}"
     if largest * CAPACITY_HEADROOM > parse_size(opts.capacity):
-        what = f"{files} checkpoints of " if files > 1 else ""
         raise ConfigError(
-            f"--capacity {opts.capacity} cannot hold {what}{nranks} ranks x {format_size(opts.size)} with room to "
-            f"spare; give --capacity {-(-2 * largest // (1 << 30))}G or a smaller --size."
+            f"--capacity {opts.capacity} cannot hold {what} with room to spare; give --capacity "
+            f"{-(-2 * largest // (1 << 30))}G, a smaller --size or fewer --files."
         )
 
 
@@ -261,6 +269,8 @@ def run(opts: Options) -> int:
         "command": shlex.join(["mpiexec", "-n", str(comm.size), "mpiburst", *sys.argv[1:]]),
         "bfs": filesystem(opts.bfs_dir),
     }
+    if "files" in opts.patterns:
+        params["files_per_rank"] = opts.nfiles
     if "ckpt" in opts.patterns:
         params |= {"steps": opts.steps, "work_seconds": opts.work, "ckpt_size": format_size(opts.size)}
     scratch, rundir = _scratch(comm, opts.bfs_dir)
@@ -282,7 +292,10 @@ def run(opts: Options) -> int:
                             views.append(view.summarize(raw))
                             print(f"done: view {report.short_size(transfer)}", file=sys.stderr, flush=True)
                         continue
-                    if pattern == "ckpt":
+                    if pattern == "files":
+                        raw = files.run_config(comm, tier, files.Files(transfer, opts.nfiles, comm.size, comm.rank),
+                                               opts.repeat, scratch)
+                    elif pattern == "ckpt":
                         layout = ckpt.checkpoint_layout(transfer, opts.size, comm.size, comm.rank)
                         loop = ckpt.Loop(layout, opts.steps, params["work_iterations"])
                         raw = ckpt.run_config(comm, tier, loop, opts.repeat, scratch)

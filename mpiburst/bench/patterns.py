@@ -26,9 +26,9 @@ from ..errors import ConfigError
 
 #: Where the records of one file (or one file per rank) go.
 LAYOUTS = ("segmented", "strided", "nn")
-#: What ``--pattern`` takes: the layouts, the checkpoint loop (:mod:`.ckpt`, strided checkpoints) and the
-#: strided records through a file view against ``Write_at`` (:mod:`.view`).
-PATTERNS = LAYOUTS + ("ckpt", "view")
+#: What ``--pattern`` takes: the layouts, the checkpoint loop (:mod:`.ckpt`, strided checkpoints), the
+#: strided records through a file view against ``Write_at`` (:mod:`.view`) and many small files (:mod:`.files`).
+PATTERNS = LAYOUTS + ("ckpt", "view", "files")
 #: What runs without ``--pattern``.
 DEFAULT_PATTERNS = LAYOUTS + ("ckpt",)
 

@@ -20,6 +20,8 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from . import files
+
 #: (key, label, is a limit) of every method, in table and plot order.
 METHODS: tuple[tuple[str, str, bool], ...] = (
     ("memcpy", "memcpy", True),
@@ -40,6 +42,8 @@ CKPT_METHODS: tuple[tuple[str, str, bool], ...] = (
     ("mpiio_ckpt", "checkpoints by direct MPI-IO", False),
     ("mpiburst_ckpt", "checkpoints by mpiburst, flushed in the background", False),
 )
+#: Patterns whose records have their own shape (their own table, targets and plot panel).
+_OWN_RECORD = ("ckpt", "files")
 #: Transfer sizes below this count as "small records" for the strided target.
 SMALL_RECORD = 1 << 20
 #: Filesystem types (from /proc/mounts) judged by the network-filesystem targets, set on GlusterFS.
@@ -75,6 +79,8 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     """Return the JSON record of one configuration: per-method seconds and GB/s, ratios, mpiburst details."""
     if raw["pattern"] == "ckpt":
         return _summarize_ckpt(raw)
+    if raw["pattern"] == "files":
+        return files.summarize(raw)
     total = raw["total_bytes"]
     methods = {}
     for key, _, _ in METHODS:
@@ -152,9 +158,12 @@ def targets(results: Sequence[dict[str, Any]], params: dict[str, Any]) -> list[t
     net = network(params)
     absorb_1m = {
         r["pattern"]: r["methods"]["mpiburst_write"]["gbps"]["median"]
-        for r in results if r["transfer"] == 1 << 20 and r["pattern"] != "ckpt"
+        for r in results if r["transfer"] == 1 << 20 and r["pattern"] not in _OWN_RECORD
     }
+    out += files.targets([r for r in results if r["pattern"] == "files"], net)
     for r in results:
+        if r["pattern"] == "files":
+            continue
         where = f"{r['pattern']} {short_size(r['transfer'])}"
         ra = r["ratios"]
         small = r["transfer"] < SMALL_RECORD
@@ -185,7 +194,7 @@ def targets(results: Sequence[dict[str, Any]], params: dict[str, Any]) -> list[t
         if r["transfer"] == 1 << 20:
             spb = ra["server_bytes_per_payload_byte"]
             out.append((f"{where}: server memory per payload byte = {spb:.2f} (<= 1.10)", spb <= 1.1))
-    plain = [r for r in results if r["pattern"] != "ckpt"]
+    plain = [r for r in results if r["pattern"] not in _OWN_RECORD]
     if plain:
         peak = max(r["mpiburst"]["client_peak_bytes"]["max"] for r in plain)
         out.append((f"client peak memory growth {peak / (1 << 20):.1f} MiB with a {params['write_buffer'] / (1 << 20):.1f} "
@@ -267,10 +276,13 @@ def describe_fs(bfs: dict[str, Any]) -> str:
 
 def table(results: Sequence[dict[str, Any]], params: dict[str, Any]) -> str:
     """Return the text table of all configurations with its legend and the targets' status."""
-    plain = [r for r in results if r["pattern"] != "ckpt"]
+    plain = [r for r in results if r["pattern"] not in _OWN_RECORD]
     ckpt = [r for r in results if r["pattern"] == "ckpt"]
-    lines = [_table([HEADER] + [_cells(r) for r in plain])] if plain else []
-    lines += ["", LEGEND.format(fs=describe_fs(params.get("bfs", {})), **params)]
+    many = [r for r in results if r["pattern"] == "files"]
+    lines = [_table([HEADER] + [_cells(r) for r in plain]), ""] if plain else []
+    lines += [LEGEND.format(fs=describe_fs(params.get("bfs", {})), **params)]
+    if many:
+        lines += ["", _table([files.HEADER] + [files.cells(r) for r in many]), "", files.LEGEND.format(**params)]
     if params.get("drain"):
         lines += ["drain on (MPIBURST_DRAIN=1): full chunks written to the BFS while the file is written."]
     if ckpt:
@@ -306,7 +318,7 @@ def plot(path: str, runs: Sequence[tuple[Sequence[dict[str, Any]], dict[str, Any
 
     A panel per pattern: GB/s against transfer size, one line per method,
     limits dashed, min-max error bars; the checkpoint loop gets a panel of job
-    seconds against transfer size.
+    seconds against transfer size, the files pattern one of files/s against file size.
     """
     import matplotlib
 
@@ -328,6 +340,12 @@ def plot(path: str, runs: Sequence[tuple[Sequence[dict[str, Any]], dict[str, Any
         for ax, (pattern, rows) in zip(row, by_pattern.items()):
             rows = sorted(rows, key=lambda r: r["transfer"])
             xs = [r["transfer"] for r in rows]
+            if pattern == "files":
+                handles.update(files.panel(ax, rows))
+                ax.set_xticks(xs, [short_size(x) for x in xs])
+                ax.set_title(f"many small files, {rows[0]['files_per_rank']} per rank\n{_label(params, machine)}",
+                             fontsize="medium")
+                continue
             ckpt = pattern == "ckpt"
             unit = "seconds" if ckpt else "gbps"
             for i, (key, label, limit) in enumerate(CKPT_METHODS if ckpt else METHODS):
@@ -346,7 +364,8 @@ def plot(path: str, runs: Sequence[tuple[Sequence[dict[str, Any]], dict[str, Any
             title = f"checkpoint loop, {rows[0]['steps']} steps" if ckpt else pattern
             ax.set_title(f"{title}\n{_label(params, machine)}", fontsize="medium")
             ax.grid(True, which="both", alpha=0.3)
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=4, fontsize="small")
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=4 if ncols > 1 else 2,
+               fontsize="small")
     fig.tight_layout(rect=(0, 0.25 / len(grouped), 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -26,8 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "with bandwidths (GB/s, median of --repeat runs) and ratios.",
     )
     p.add_argument("--pattern", action="append", metavar="P",
-                   help="segmented, strided, nn, ckpt (the checkpoint loop) or view (strided records through a "
-                   "file view against Write_at); repeat or comma-separate (default: all but view)")
+                   help="segmented, strided, nn, ckpt (the checkpoint loop), view (strided records through a "
+                   "file view against Write_at) or files (many small files per rank, mdtest-like: create, stat, "
+                   "read, remove rates and time until durable); repeat or comma-separate (default: all but view "
+                   "and files)")
     p.add_argument("--transfer", action="append", metavar="SIZE",
                    help="bytes per write call; repeat or comma-separate (default: 4k,47008,1m,16m)")
     p.add_argument("--size", default="64m", help="bytes written by each rank per measurement (default: 64m)")
@@ -43,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="ckpt: checkpoints per job, each of --size per rank (default: 4)")
     p.add_argument("--work", type=float, default=0.25, metavar="SECONDS",
                    help="ckpt: numpy work before each checkpoint, calibrated once to about SECONDS (default: 0.25)")
+    p.add_argument("--files", type=int, default=200, metavar="N",
+                   help="files: files each rank makes per measurement, each of one --transfer size (default: 200; "
+                   "sizes default to 4k,64k when only this pattern runs)")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser(
@@ -61,7 +66,7 @@ def _bench(args: argparse.Namespace) -> int:
     from ..bench import main
 
     opts = main.options(args.pattern, args.transfer, args.size, args.repeat, args.json, args.plot,
-                        args.bfs_dir, args.capacity, args.server, args.steps, args.work)
+                        args.bfs_dir, args.capacity, args.server, args.steps, args.work, args.files)
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
