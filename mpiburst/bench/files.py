@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import os
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -129,8 +130,9 @@ def _tier(comm: Any, tier: Any, cfg: Files, sub: str, contents: Sequence[np.ndar
 
     The commit takes every rank's files of ``burst://bench/<sub>`` at once.
     """
-    import mpiburst
     from mpi4py import MPI
+
+    import mpiburst
 
     from .. import residency
 
