@@ -30,6 +30,7 @@ other ranks never hang in a collective.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import re
@@ -98,17 +99,47 @@ def server_binary() -> str:
     return server.find_server()
 
 
+@contextlib.contextmanager
+def started_tier(root: Path, server_binary: str, comm=None, id: str = "t") -> Iterator[Tier]:  # noqa: ANN001
+    """Start a real tier in ``root`` (``bfs_root = root/bfs``) for the ranks of ``comm`` (None: this process).
+
+    Rank 0 (or this process) makes the BFS root and starts the server; the
+    tier is stopped (after a barrier) when the block ends.
+    """
+    bfs = root / "bfs"
+    if comm is None or comm.Get_rank() == 0:
+        bfs.mkdir(exist_ok=True)
+    if comm is not None:
+        comm.Barrier()
+    with Tier.start(comm, id=id, dir=str(root), bfs_root=str(bfs), capacity="256M", server=server_binary) as t:
+        yield t
+
+
 @pytest.fixture
 def tier(tmp_path: Path, server_binary: str) -> Iterator[Tier]:
     """A real single-process tier (real server) in ``tmp_path``, ``bfs_root = tmp_path/bfs``."""
-    bfs = tmp_path / "bfs"
-    bfs.mkdir()
-    t = Tier.start(id=f"t{os.getpid()}", dir=str(tmp_path), bfs_root=str(bfs), capacity="256M",
-                   server=server_binary)
-    try:
+    with started_tier(tmp_path, server_binary, id=f"t{os.getpid()}") as t:
         yield t
-    finally:
-        t.stop()
+
+
+@pytest.fixture
+def world_tier(mpi_tmp_path: Path, server_binary: str) -> Iterator[Tier]:
+    """``tier`` for every rank of COMM_WORLD: rank 0 starts the server in the shared ``mpi_tmp_path``."""
+    from mpi4py import MPI
+
+    with started_tier(mpi_tmp_path, server_binary, MPI.COMM_WORLD, id="w") as t:
+        yield t
+
+
+@pytest.fixture(scope="module")
+def module_tier(tmp_path_factory: pytest.TempPathFactory, server_binary: str) -> Iterator[Tier]:
+    """One real tier for a whole module and every rank of COMM_WORLD (its tests use distinct file names)."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    root = Path(comm.bcast(str(tmp_path_factory.mktemp("mod")) if comm.Get_rank() == 0 else None, root=0))
+    with started_tier(root, server_binary, comm, id="m") as t:
+        yield t
 
 
 @pytest.fixture
@@ -246,18 +277,23 @@ def _server_pids_in(path: Path | str) -> list[int]:
     return pids
 
 
+def wait_until(cond: Callable[[], object], timeout: float = 30.0, interval: float = 0.1) -> bool:
+    """Poll ``cond()`` until it is true; True if it became true within ``timeout`` seconds (a bounded wait)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
 def processes_gone(path: Path | str, timeout: float = 15.0) -> bool:
     """Wait until no live process works under ``path``; True if none is left within ``timeout``.
 
     A run's engine exits by itself within about a second of its server, so
     "nothing left running" is checked with this bounded wait, not instantly.
     """
-    deadline = time.monotonic() + timeout
-    while _server_pids_in(path):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
+    return wait_until(lambda: not _server_pids_in(path), timeout)
 
 
 def make_readonly_dir(path: Path) -> None:

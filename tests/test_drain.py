@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
+from conftest import bfs_file
 from mpiburst import File, drain, flush
 
 pytestmark = pytest.mark.timeout(60)
@@ -32,10 +33,6 @@ def chunk(tier, monkeypatch) -> int:
 
 def pattern(n: int, seed: int) -> bytes:
     return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
-
-
-def bfs(tier, name: str) -> str:
-    return os.path.join(os.path.realpath(tier.bfs_root), name)
 
 
 def leftovers(tier, name: str) -> list[str]:
@@ -60,11 +57,11 @@ def test_drained_chunks_are_kept_and_the_rest_is_flushed(tier, chunk):
     f.Write_at(2 * chunk, data[2 * chunk:])
     f.Close()
     rep = flush.sync("burst://d.dat", tier=tier)
-    assert open(bfs(tier, "d.dat"), "rb").read() == data
+    assert open(bfs_file(tier, "d.dat"), "rb").read() == data
     assert rep.drained >= 2 * chunk            # the flush kept what the drain wrote ...
     assert rep.bytes + rep.drained == len(data)  # ... and wrote only the rest
     assert leftovers(tier, "d.dat") == []
-    assert not tier.store.meta(bfs(tier, "d.dat")).dirty
+    assert not tier.store.meta(bfs_file(tier, "d.dat")).dirty
 
 
 def test_a_chunk_written_again_after_it_was_drained_is_flushed_with_the_new_bytes(tier, chunk):
@@ -79,14 +76,14 @@ def test_a_chunk_written_again_after_it_was_drained_is_flushed_with_the_new_byte
     rep = flush.sync("burst://w.dat", tier=tier)
     want = bytearray(old)
     want[chunk + 10:chunk + 110] = new
-    assert open(bfs(tier, "w.dat"), "rb").read() == bytes(want)
+    assert open(bfs_file(tier, "w.dat"), "rb").read() == bytes(want)
     assert rep.drained == chunk                # chunk 0 kept, chunk 1 written again
 
 
 def test_a_cut_older_than_the_drained_bytes_is_published_as_cut(tier, chunk):
     """A commit whose cut precedes the drain's bytes must not publish them (docs/reliability.md)."""
     first, second = pattern(2 * chunk, 4), pattern(2 * chunk, 5)
-    target = bfs(tier, "c.dat")
+    target = bfs_file(tier, "c.dat")
     f = File.Open(MPI.COMM_SELF, "burst://c.dat", RW)
     f.Write_at(0, first)
     f.Sync()
@@ -115,7 +112,7 @@ def test_a_cut_older_than_the_drained_bytes_is_published_as_cut(tier, chunk):
 
 
 def test_a_file_on_the_bfs_already_is_not_drained(tier, chunk):
-    with open(bfs(tier, "e.dat"), "wb") as out:
+    with open(bfs_file(tier, "e.dat"), "wb") as out:
         out.write(b"x" * 10)
     f = File.Open(MPI.COMM_SELF, "burst://e.dat", RW)
     assert f._drain is None
@@ -160,5 +157,5 @@ def test_a_data_file_replaced_meanwhile_is_not_claimed(tier, chunk):
         out.write(b"\0" * len(data))
     rep = flush.sync("burst://r.dat", tier=tier)
     assert rep.drained == 0
-    assert open(bfs(tier, "r.dat"), "rb").read() == data
+    assert open(bfs_file(tier, "r.dat"), "rb").read() == data
     assert leftovers(tier, "r.dat") == []

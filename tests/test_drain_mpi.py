@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
+from conftest import bfs_file
 from mpiburst import File, drain, flush
-from mpiburst.tier import Tier
 
 pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.timeout(120)]
 
@@ -26,22 +26,15 @@ RECORD = 47008
 
 
 @pytest.fixture
-def tier(mpi_tmp_path, server_binary, monkeypatch):
-    """A real server started by rank 0 for all ranks; BFS root ``mpi_tmp_path/bfs``; drain chunk = 2 stripes."""
-    bfs = mpi_tmp_path / "bfs"
-    if rank == 0:
-        bfs.mkdir()
-    comm.Barrier()
+def drain_tier(world_tier, monkeypatch):
+    """conftest's ``world_tier`` with the drain on and a drain chunk of 2 stripes."""
     monkeypatch.setenv(drain.ENV, "1")
-    t = Tier.start(comm, id="drn", dir=str(mpi_tmp_path), bfs_root=str(bfs), capacity="256M",
-                   server=server_binary)
-    monkeypatch.setattr(drain, "CHUNK", 2 * t.align)
-    with t:
-        yield t
+    monkeypatch.setattr(drain, "CHUNK", 2 * world_tier.align)
+    return world_tier
 
 
-def test_strided_records_drained_by_every_rank_then_flushed(tier):
-    chunk = drain.chunk_bytes(tier.align)
+def test_strided_records_drained_by_every_rank_then_flushed(drain_tier):
+    chunk = drain.chunk_bytes(drain_tier.align)
     rounds = -(-(size * 2 + 1) * chunk // (RECORD * size))      # over two chunks per rank, and a partial one
     total = rounds * size * RECORD
     data = np.random.default_rng(1).integers(0, 256, total, dtype=np.uint8).tobytes()
@@ -59,21 +52,21 @@ def test_strided_records_drained_by_every_rank_then_flushed(tier):
     rep = flush.sync("burst://s.dat", comm=comm)
     assert rep.drained >= size * chunk         # each rank's first chunk at least, whoever flushes it
     assert rep.bytes + rep.drained == total
-    target = os.path.join(os.path.realpath(tier.bfs_root), "s.dat")
+    target = bfs_file(drain_tier, "s.dat")
     if rank == 0:
         assert open(target, "rb").read() == data
-        assert glob.glob(os.path.join(os.path.realpath(tier.bfs_root), ".s.dat.mpiburst-*")) == []
-        assert not tier.store.meta(target).dirty
+        assert glob.glob(os.path.join(os.path.realpath(drain_tier.bfs_root), ".s.dat.mpiburst-*")) == []
+        assert not drain_tier.store.meta(target).dirty
     comm.Barrier()
 
 
-def test_close_returns_only_once_every_rank_published_its_drained_chunks(tier, monkeypatch):
+def test_close_returns_only_once_every_rank_published_its_drained_chunks(drain_tier, monkeypatch):
     """A flush right after Close must see every rank's drain record, however late a rank publishes it.
 
     The other ranks publish half a second late: if rank 0 could leave Close before them, its sync
     would claim without their chunks and leave their records behind.
     """
-    chunk = drain.chunk_bytes(tier.align)
+    chunk = drain.chunk_bytes(drain_tier.align)
     real = drain.Drain.publish
 
     def late(self):
@@ -93,7 +86,7 @@ def test_close_returns_only_once_every_rank_published_its_drained_chunks(tier, m
     f.Close()
     rep = flush.sync("burst://late.dat", comm=comm)
     assert rep.drained == size * chunk          # every rank's chunk adopted
-    bfs = os.path.realpath(tier.bfs_root)
+    bfs = os.path.realpath(drain_tier.bfs_root)
     if rank == 0:
         assert open(os.path.join(bfs, "late.dat"), "rb").read() == data
         assert glob.glob(os.path.join(bfs, ".late.dat.mpiburst-*")) == []

@@ -29,7 +29,7 @@ import redis
 
 import mpiburst
 
-from conftest import cli_env, make_readonly_dir, processes_gone, undo_readonly_dir
+from conftest import cli_env, make_readonly_dir, processes_gone, undo_readonly_dir, wait_until
 from mpiburst import server
 from mpiburst.errors import ConfigError, ServerError
 from mpiburst.runconf import AdminCredentials, RunConf
@@ -63,13 +63,6 @@ def _mpiburst(*args: str, cwd: Path, server_binary: str, wait: bool = True, time
     if not wait:
         return subprocess.Popen(cmd, cwd=cwd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, cwd=cwd, env=environ, capture_output=True, text=True, timeout=timeout)
-
-
-def _wait_for(path: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.005)
 
 
 def _start_lock_held(path: Path) -> bool:
@@ -112,7 +105,7 @@ def test_second_run_of_the_same_id_is_refused_and_the_first_loses_nothing(workdi
                       sys.executable, "job.py", "0", "first.dat", cwd=workdir, server_binary=server_binary,
                       wait=False, JOB_WAIT="1")
     try:
-        _wait_for(workdir / "ready")
+        assert wait_until((workdir / "ready").exists, interval=0.005), "the child never got ready"
         (workdir / "ready").unlink()
         second = _mpiburst("run", "--id", "twice", "--bfs-root", "bfs", "--capacity", "64M", "--",
                            sys.executable, "job.py", "0", "second.dat", cwd=workdir, server_binary=server_binary)
@@ -143,7 +136,7 @@ def test_a_start_during_another_start_is_refused_and_leaves_no_orphan(tmp_path: 
         first = _mpiburst("start", "--id", "dup", "--capacity", "32M", cwd=tmp_path, server_binary=server_binary,
                           wait=False)
         conf = tmp_path / "mpiburst_dup.conf"
-        _wait_for(conf, timeout=60)
+        assert wait_until(conf.exists, 60, 0.005), f"{conf} never appeared"
         first.send_signal(signal.SIGSTOP)
         mid_start = _start_lock_held(tmp_path / ".mpiburst_dup.lock")
         try:
@@ -322,7 +315,7 @@ def test_run_reports_a_dead_server_without_a_traceback(workdir: Path, server_bin
                      sys.executable, "job.py", "0", "gone.dat", cwd=workdir, server_binary=server_binary,
                      wait=False, JOB_WAIT="1")
     try:
-        _wait_for(workdir / "ready")
+        assert wait_until((workdir / "ready").exists, interval=0.005), "the child never got ready"
         pid = RunConf.load(str(workdir / "mpiburst_dies.conf")).pid
         os.kill(pid, signal.SIGKILL)
         (workdir / "go").touch()

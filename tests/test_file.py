@@ -15,6 +15,7 @@ import pytest
 from mpi4py import MPI
 
 import mpiburst
+from conftest import bfs_file
 from mpiburst import File, Request
 from mpiburst.writeback import BLOB_SLACK, DEFAULT_BUFFER
 
@@ -48,10 +49,6 @@ def read_all(f: File, offset: int, n: int) -> tuple[bytes, int]:
     f.Read_at(offset, buf, st)
     count = st.Get_count(MPI.BYTE)
     return bytes(buf[:count]), count
-
-
-def bfs(tier, name: str) -> str:
-    return os.path.join(os.path.realpath(tier.bfs_root), name)
 
 
 # --------------------------------------------------------------------------- basics
@@ -146,7 +143,7 @@ def test_holes_read_as_zeros_and_eof_is_short(tier):
 
 def test_mixed_read_tier_bfs_hole_and_past_eof(tier):
     base = pattern(4096, 3)
-    with open(bfs(tier, "mixed.dat"), "wb") as fh:
+    with open(bfs_file(tier, "mixed.dat"), "wb") as fh:
         fh.write(base)
     with open_("mixed.dat", MPI.MODE_RDWR) as f:
         assert f.Get_size() == 4096
@@ -161,12 +158,12 @@ def test_mixed_read_tier_bfs_hole_and_past_eof(tier):
 
 
 def test_tier_bytes_win_over_bfs_bytes(tier):
-    with open(bfs(tier, "win.dat"), "wb") as fh:
+    with open(bfs_file(tier, "win.dat"), "wb") as fh:
         fh.write(b"B" * 300)
     with open_("win.dat", MPI.MODE_RDWR) as f:
         f.Write_at(0, b"T" * 300)
         assert read_all(f, 0, 300) == (b"T" * 300, 300)
-    assert open(bfs(tier, "win.dat"), "rb").read() == b"B" * 300   # BFS untouched until a flush
+    assert open(bfs_file(tier, "win.dat"), "rb").read() == b"B" * 300   # BFS untouched until a flush
 
 
 def test_range_read_fetches_only_overlapping_extents(tier, monkeypatch):
@@ -202,18 +199,18 @@ def test_batches_fill_the_buffer_less_the_slack_and_keep_small_writes_whole(tier
         for i in range(10):
             f.Write_at(i << 20, big[i << 20:(i + 1) << 20])
     store = tier.store
-    sizes = [b[3] for b in sorted(store.blobs(bfs(tier, "fill.dat")))]
+    sizes = [b[3] for b in sorted(store.blobs(bfs_file(tier, "fill.dat")))]
     assert sizes == [room, room, (10 << 20) - 2 * room]
     small = 200 << 10
     with open_("whole.dat") as f:
         for i in range(50):
             f.Write_at(i * small, big[i * small:(i + 1) * small])
-    sizes = [b[3] for b in store.blobs(bfs(tier, "whole.dat"))]
+    sizes = [b[3] for b in store.blobs(bfs_file(tier, "whole.dat"))]
     assert sum(sizes) == 50 * small and all(n % small == 0 and n <= room for n in sizes)
     with open_("direct.dat") as f:
         f.Write_at(0, big[:16 << 20 >> 1])
         f.Write_at(5 << 20, big[:10 << 20])
-    sizes = sorted(b[3] for b in store.blobs(bfs(tier, "direct.dat")))
+    sizes = sorted(b[3] for b in store.blobs(bfs_file(tier, "direct.dat")))
     assert max(sizes) == room and sum(sizes) == 18 << 20
     with open_("fill.dat", MPI.MODE_RDONLY) as f:
         assert read_all(f, 0, 10 << 20)[0] == big.tobytes()
@@ -223,7 +220,7 @@ def test_batches_fill_the_buffer_less_the_slack_and_keep_small_writes_whole(tier
 
 def _entries(tier, name: str) -> list:
     """The index entries of a file, compact (a strided run is one entry)."""
-    return tier.store.extents_from(bfs(tier, name), 0, 1 << 20)
+    return tier.store.extents_from(bfs_file(tier, name), 0, 1 << 20)
 
 
 def test_a_vector_view_costs_index_entries_per_batch_not_per_block(tier, tmp_path):
@@ -256,7 +253,7 @@ def test_a_vector_view_costs_index_entries_per_batch_not_per_block(tier, tmp_pat
     with open(ref_path, "rb") as ref:
         assert got == ref.read() and n == 2 * block * nblocks
     mpiburst.sync("burst://vec.dat")
-    with open(bfs(tier, "vec.dat"), "rb") as out, open(ref_path, "rb") as ref:
+    with open(bfs_file(tier, "vec.dat"), "rb") as out, open(ref_path, "rb") as ref:
         assert out.read() == ref.read()
 
 
@@ -301,7 +298,7 @@ def test_small_writes_are_coalesced_until_sync(tier):
     with open_("coal.dat") as f:
         for i in range(1000):
             f.Write_at(i * 100, bytes([i % 256]) * 100)
-        path = bfs(tier, "coal.dat")
+        path = bfs_file(tier, "coal.dat")
         assert store.blobs(path) == []                    # all 100 KB still buffered
         with open_("coal.dat", MPI.MODE_RDONLY) as other:
             assert other.Get_size() == 0                  # not visible before Sync
@@ -339,7 +336,7 @@ def test_buffer_overflow_pushes_and_keeps_order(tier):
         f.Write_at(0, b"Z" * 10)
         got, _ = read_all(f, 0, len(data))
     assert got == b"Z" * 10 + data[10:]
-    assert len(tier.store.blobs(bfs(tier, "ovf.dat"))) > 10
+    assert len(tier.store.blobs(bfs_file(tier, "ovf.dat"))) > 10
 
 
 def test_atomic_mode_pushes_each_write(tier):
@@ -442,7 +439,7 @@ def test_set_view_displacement_and_double_etype(tier):
 # --------------------------------------------------------------------------- size, modes
 
 def test_set_size_truncates_and_extends_with_zeros(tier):
-    with open(bfs(tier, "trunc.dat"), "wb") as fh:
+    with open(bfs_file(tier, "trunc.dat"), "wb") as fh:
         fh.write(b"B" * 1000)
     with open_("trunc.dat", MPI.MODE_RDWR) as f:
         f.Write_at(1000, b"T" * 1000)
@@ -477,7 +474,7 @@ def test_mode_append_starts_at_end(tier):
 
 
 def test_mode_delete_on_close(tier):
-    path = bfs(tier, "doc.dat")
+    path = bfs_file(tier, "doc.dat")
     with open(path, "wb") as fh:
         fh.write(b"old")
     with open_("doc.dat", MPI.MODE_RDWR | MPI.MODE_DELETE_ON_CLOSE) as f:
@@ -490,7 +487,7 @@ def test_mode_delete_on_close(tier):
 
 
 def test_delete(tier):
-    path = bfs(tier, "del.dat")
+    path = bfs_file(tier, "del.dat")
     with open_("del.dat") as f:
         f.Write_at(0, b"x")
     File.Delete("burst://del.dat")
@@ -517,9 +514,9 @@ def test_sync_then_flush_makes_the_bfs_file(tier):
             f.Write_at(start, data[start:start + 47_008])
         f.Sync()
         mpiburst.sync("burst://ck.dat", tier=tier)
-        assert open(bfs(tier, "ck.dat"), "rb").read() == data
+        assert open(bfs_file(tier, "ck.dat"), "rb").read() == data
         assert mpiburst.purge("burst://ck.dat", clean_only=True, tier=tier) >= len(data)
-        assert tier.store.blobs(bfs(tier, "ck.dat")) == []
+        assert tier.store.blobs(bfs_file(tier, "ck.dat")) == []
         got, n = read_all(f, 0, len(data))                      # now from the BFS
     assert n == len(data) and got == data
 

@@ -16,6 +16,7 @@ import redis
 from mpi4py import MPI
 
 import mpiburst
+from conftest import bfs_file
 from mpiburst import File
 from mpiburst.errors import PathError, TierFullError
 from mpiburst.tier import Tier
@@ -25,10 +26,6 @@ RW = MPI.MODE_CREATE | MPI.MODE_RDWR
 
 def error_class(excinfo) -> int:
     return excinfo.value.Get_error_class()
-
-
-def bfs(tier, name: str) -> str:
-    return os.path.join(os.path.realpath(tier.bfs_root), name)
 
 
 # --------------------------------------------------------------------------- amode and existence
@@ -43,7 +40,7 @@ def test_excl_on_existing_tier_file(tier):
 
 @pytest.mark.timeout(60)
 def test_excl_on_existing_bfs_file(tier):
-    open(bfs(tier, "onbfs.dat"), "wb").close()
+    open(bfs_file(tier, "onbfs.dat"), "wb").close()
     with pytest.raises(MPI.Exception) as exc:
         File.Open(MPI.COMM_SELF, "burst://onbfs.dat", RW | MPI.MODE_EXCL)
     assert error_class(exc) == MPI.ERR_FILE_EXISTS
@@ -114,7 +111,7 @@ def test_bad_amode(tier, tmp_path, amode):
     with pytest.raises(MPI.Exception) as exc:
         File.Open(MPI.COMM_SELF, "burst://am.dat", amode)
     assert error_class(exc) == MPI.ERR_AMODE == error_class(mpi_exc)
-    assert not os.path.exists(bfs(tier, "am.dat"))
+    assert not os.path.exists(bfs_file(tier, "am.dat"))
 
 
 # --------------------------------------------------------------------------- buffer specs, side by side
@@ -202,7 +199,7 @@ def test_burst_path_outside_root_is_refused(tier, url):
 def test_symlink_out_of_root_is_refused(tier, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
-    os.symlink(outside, bfs(tier, "link"))
+    os.symlink(outside, bfs_file(tier, "link"))
     with pytest.raises(PathError):
         File.Open(MPI.COMM_SELF, "burst://link/f.dat", RW)
     assert list(outside.iterdir()) == []
@@ -210,7 +207,7 @@ def test_symlink_out_of_root_is_refused(tier, tmp_path):
 
 @pytest.mark.timeout(60)
 def test_absolute_burst_path_inside_root_is_accepted(tier):
-    url = "burst://" + bfs(tier, "abs.dat")
+    url = "burst://" + bfs_file(tier, "abs.dat")
     assert url.startswith("burst:///")
     with File.Open(MPI.COMM_SELF, url, RW) as f:
         f.Write_at(0, b"abs")

@@ -1,9 +1,10 @@
 """The MPI-IO driver under real ranks: run with ``mpiexec -n 2`` and ``-n 4``.
 
 ``python -m mpi4py -m pytest --with-mpi tests/test_file_mpi.py``. Every test
-starts a real server collectively (``Tier.start(COMM_WORLD)``, one channel per
-rank) in the broadcast ``mpi_tmp_path`` and checks, on every rank, the bytes
-all ranks wrote, against a reference image built identically on every rank.
+starts a real server collectively (conftest's ``world_tier``:
+``Tier.start(COMM_WORLD)``, one channel per rank) in the broadcast
+``mpi_tmp_path`` and checks, on every rank, the bytes all ranks wrote, against
+a reference image built identically on every rank.
 """
 
 from __future__ import annotations
@@ -16,27 +17,14 @@ import pytest
 from mpi4py import MPI
 
 import mpiburst
+from conftest import bfs_file
 from mpiburst import File, Request
-from mpiburst.tier import Tier
 
 pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.timeout(120)]
 
 RW = MPI.MODE_CREATE | MPI.MODE_RDWR
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
-
-
-@pytest.fixture
-def tier(mpi_tmp_path, server_binary):
-    """A real server started by rank 0 for all ranks; BFS root ``mpi_tmp_path/bfs``."""
-    bfs = mpi_tmp_path / "bfs"
-    if rank == 0:
-        bfs.mkdir()
-    comm.Barrier()
-    t = Tier.start(comm, id="drv", dir=str(mpi_tmp_path), bfs_root=str(bfs), capacity="256M",
-                   server=server_binary)
-    with t:
-        yield t
 
 
 def pattern(n: int, seed: int) -> bytes:
@@ -57,21 +45,17 @@ def sync_barrier_sync(f) -> None:
     f.Sync()
 
 
-def bfs_path(t, name: str) -> str:
-    return os.path.join(os.path.realpath(t.bfs_root), name)
-
-
 # --------------------------------------------------------------------------- patterns
 
-def test_channels_follow_ranks(tier):
-    assert tier.channels == size
+def test_channels_follow_ranks(world_tier):
+    assert world_tier.channels == size
     with File.Open(comm, "burst://chan.dat", RW) as f:
         info = f.Get_info()
         assert info.Get("mpiburst_channel") == str(rank % size)
         info.Free()
 
 
-def test_n1_segmented(tier):
+def test_n1_segmented(world_tier):
     seg = 300_000 + 17
     mine = pattern(seg, rank)
     with File.Open(comm, "burst://seg.dat", RW) as f:
@@ -87,7 +71,7 @@ def test_n1_segmented(tier):
     assert got == b"".join(pattern(seg, r) for r in range(size))
 
 
-def test_n1_strided_47008_byte_records_then_flush(tier):
+def test_n1_strided_47008_byte_records_then_flush(world_tier):
     rec, nrec = 47_008, 12 * size
     with File.Open(comm, "burst://strided.dat", RW) as f:
         for i in range(rank, nrec, size):
@@ -96,13 +80,13 @@ def test_n1_strided_47008_byte_records_then_flush(tier):
         got, n = read_all(f, 0, nrec * rec)
     expect = b"".join(pattern(rec, i) for i in range(nrec))
     assert n == nrec * rec and got == expect
-    report = mpiburst.sync("burst://strided.dat", tier=tier, comm=comm)
+    report = mpiburst.sync("burst://strided.dat", tier=world_tier, comm=comm)
     assert report is not None
-    with open(bfs_path(tier, "strided.dat"), "rb") as fh:
+    with open(bfs_file(world_tier, "strided.dat"), "rb") as fh:
         assert fh.read() == expect
 
 
-def test_nn_file_per_rank_close_to_open(tier):
+def test_nn_file_per_rank_close_to_open(world_tier):
     data = pattern(123_457, 100 + rank)
     with File.Open(MPI.COMM_SELF, f"burst://nn/rank{rank}.dat", RW) as f:
         f.Write_at(0, data)
@@ -114,7 +98,7 @@ def test_nn_file_per_rank_close_to_open(tier):
     assert got == pattern(123_457, 100 + other)
 
 
-def test_random_writes_against_reference_model(tier):
+def test_random_writes_against_reference_model(world_tier):
     """Rounds of random writes (shared seed): overlapping ones ordered by sync-barrier-sync, disjoint ones concurrent."""
     seed = comm.bcast(int(os.environ.get("MPIBURST_TEST_SEED") or random.randrange(1 << 30)) if rank == 0 else None)
     rng = random.Random(seed)                      # same stream on every rank
@@ -160,7 +144,7 @@ def test_random_writes_against_reference_model(tier):
 
 # --------------------------------------------------------------------------- overlaps and order
 
-def test_overlaps_between_ranks_by_arrival_order(tier):
+def test_overlaps_between_ranks_by_arrival_order(world_tier):
     with File.Open(comm, "burst://order.dat", RW) as f:
         for r in range(size):                      # rank r writes [r*100, r*100+1000) after r-1
             if rank == r:
@@ -179,7 +163,7 @@ def test_overlaps_between_ranks_by_arrival_order(tier):
     assert n == len(expect) and got == bytes(expect)
 
 
-def test_vector_views_interleave_as_strided_runs_and_flush(tier):
+def test_vector_views_interleave_as_strided_runs_and_flush(world_tier):
     """Every rank writes its interleaved blocks through a vector view with one Write_all: one strided
     index entry per rank; a later view shifted by half a block and a later contiguous write win where
     they land, in arrival order; reads and the flushed BFS file match the reference image."""
@@ -191,7 +175,7 @@ def test_vector_views_interleave_as_strided_runs_and_flush(tier):
         f.Set_view(rank * block, MPI.BYTE, vec)
         f.Write_all(mine)
         sync_barrier_sync(f)
-        entries = tier.store.extents_from(bfs_path(tier, "views.dat"), 0, 100_000)
+        entries = world_tier.store.extents_from(bfs_file(world_tier, "views.dat"), 0, 100_000)
         half = MPI.BYTE.Create_vector(50, block, stride).Commit()
         f.Set_view(block // 2, MPI.BYTE, half)      # collective; each rank may give its own view
         half.Free()
@@ -217,11 +201,11 @@ def test_vector_views_interleave_as_strided_runs_and_flush(tier):
     assert len(entries) == size and all(getattr(e, "nblocks", 1) == nblocks for e in entries)
     assert n == len(expect) and got == bytes(expect)
     mpiburst.sync("burst://views.dat", comm=comm)
-    with open(bfs_path(tier, "views.dat"), "rb") as out:
+    with open(bfs_file(world_tier, "views.dat"), "rb") as out:
         assert out.read() == bytes(expect)
 
 
-def test_concurrent_overlap_resolves_to_one_writer_per_fragment(tier):
+def test_concurrent_overlap_resolves_to_one_writer_per_fragment(world_tier):
     """Unordered writes to one range: the result is one rank's whole write (one fragment), never a mix."""
     n = 100_000                                    # below the 256 KiB fragment size: one fragment each
     with File.Open(comm, "burst://race.dat", RW) as f:
@@ -233,7 +217,7 @@ def test_concurrent_overlap_resolves_to_one_writer_per_fragment(tier):
     assert comm.allgather(got) == [got] * size     # every rank sees the same winner
 
 
-def test_within_rank_last_write_wins(tier):
+def test_within_rank_last_write_wins(world_tier):
     base = rank * 10_000
     with File.Open(comm, "burst://lww.dat", RW) as f:
         f.Write_at(base, b"a" * 5000)
@@ -250,7 +234,7 @@ def test_within_rank_last_write_wins(tier):
     assert got == bytes(expect)
 
 
-def test_not_visible_before_sync_visible_after(tier):
+def test_not_visible_before_sync_visible_after(world_tier):
     with File.Open(comm, "burst://vis.dat", RW) as f:
         if rank == 0:
             f.Write_at(0, b"early")                 # buffered, not pushed
@@ -264,10 +248,10 @@ def test_not_visible_before_sync_visible_after(tier):
 
 # --------------------------------------------------------------------------- mixed reads
 
-def test_mixed_read_tier_bfs_hole_past_eof(tier):
+def test_mixed_read_tier_bfs_hole_past_eof(world_tier):
     base = pattern(10_000, 42)
     if rank == 0:
-        with open(bfs_path(tier, "mixed.dat"), "wb") as fh:
+        with open(bfs_file(world_tier, "mixed.dat"), "wb") as fh:
             fh.write(base)
     comm.Barrier()
     with File.Open(comm, "burst://mixed.dat", MPI.MODE_RDWR) as f:
@@ -288,7 +272,7 @@ def test_mixed_read_tier_bfs_hole_past_eof(tier):
 
 # --------------------------------------------------------------------------- size, modes
 
-def test_set_size_collective_truncate_and_extend(tier):
+def test_set_size_collective_truncate_and_extend(world_tier):
     with File.Open(comm, "burst://size.dat", RW) as f:
         f.Write_at(rank * 1000, bytes([65 + rank]) * 1000)
         f.Set_size(size * 1000 - 500)                 # collective; pushes everyone's writes first
@@ -303,7 +287,7 @@ def test_set_size_collective_truncate_and_extend(tier):
         assert got[:1000] == b"A" * 1000
 
 
-def test_mode_append(tier):
+def test_mode_append(world_tier):
     with File.Open(comm, "burst://app.dat", RW) as f:
         if rank == 0:
             f.Write_at(0, b"H" * 100)
@@ -317,16 +301,16 @@ def test_mode_append(tier):
     assert got == b"H" * 100 + b"".join(bytes([48 + r]) * 10 for r in range(size))
 
 
-def test_mode_delete_on_close(tier):
+def test_mode_delete_on_close(world_tier):
     with File.Open(comm, "burst://tmp.dat", RW | MPI.MODE_DELETE_ON_CLOSE) as f:
         f.Write_at(rank, b"x")
     with pytest.raises(MPI.Exception) as exc:
         File.Open(comm, "burst://tmp.dat", MPI.MODE_RDONLY)
     assert exc.value.Get_error_class() == MPI.ERR_NO_SUCH_FILE
-    assert not os.path.exists(bfs_path(tier, "tmp.dat"))
+    assert not os.path.exists(bfs_file(world_tier, "tmp.dat"))
 
 
-def test_open_errors_raise_on_every_rank(tier):
+def test_open_errors_raise_on_every_rank(world_tier):
     with pytest.raises(MPI.Exception) as exc:
         File.Open(comm, "burst://missing.dat", MPI.MODE_RDONLY)
     assert exc.value.Get_error_class() == MPI.ERR_NO_SUCH_FILE
@@ -338,7 +322,7 @@ def test_open_errors_raise_on_every_rank(tier):
 
 # --------------------------------------------------------------------------- pointers and views
 
-def test_individual_file_pointers(tier):
+def test_individual_file_pointers(world_tier):
     with File.Open(comm, "burst://ptr.dat", RW) as f:
         f.Seek(rank * 100)
         f.Write(bytes([65 + rank]) * 60)
@@ -357,7 +341,7 @@ def test_individual_file_pointers(tier):
     assert bytes(buf) == bytes([65 + other]) * 40 + bytes([97 + other]) * 20
 
 
-def test_set_view_displacement_and_double_etype(tier):
+def test_set_view_displacement_and_double_etype(world_tier):
     header, n = 128, 1000
     mine = np.arange(n, dtype=np.float64) + rank * n
     with File.Open(comm, "burst://view.dat", RW) as f:

@@ -19,7 +19,7 @@ from mpiburst.tier import Tier
 
 from mpiburst.testing import Model, put
 
-from conftest import ALIGN, check_aligned
+from conftest import ALIGN, bfs_file, check_aligned
 
 RECORD = 47008
 
@@ -42,10 +42,6 @@ def run(mpi_tmp_path, server_binary):
         flush.write_observers.clear()
 
 
-def _path(tier, name: str) -> str:
-    return os.path.join(os.path.realpath(tier.bfs_root), name)
-
-
 def _create(comm, store, path: str, size: int | None = None) -> None:
     if comm.Get_rank() == 0:
         store.create(path, size)
@@ -62,7 +58,7 @@ def _check(comm, path: str, model: Model, rep) -> None:
 def test_segmented(run):
     comm, tier, store = run
     rank, nprocs = comm.Get_rank(), comm.Get_size()
-    path = _path(tier, "seg.dat")
+    path = bfs_file(tier, "seg.dat")
     _create(comm, store, path)
     seg = 1_000_000
     model = Model()
@@ -89,7 +85,7 @@ def test_strided_47008_records_over_an_existing_file(run):
     """Strided unaligned records partly overwrite an existing BFS file; the rest of it is kept."""
     comm, tier, store = run
     rank, nprocs = comm.Get_rank(), comm.Get_size()
-    path = _path(tier, "strided.dat")
+    path = bfs_file(tier, "strided.dat")
     original = random.Random(99).randbytes(3 << 20)
     if rank == 0:
         with open(path, "wb") as f:
@@ -114,7 +110,7 @@ def test_n_to_n(run):
 
     comm, tier, store = run
     rank = comm.Get_rank()
-    path = _path(tier, f"nn.{rank}")
+    path = bfs_file(tier, f"nn.{rank}")
     store.create(path, None)
     model = Model()
     rnd = random.Random(rank)
@@ -128,7 +124,7 @@ def test_random_overlapping_writes_and_truncation(run):
     """Random overlapping writes from every rank in turns, a truncation, syncs between: identical file."""
     comm, tier, store = run
     rank, nprocs = comm.Get_rank(), comm.Get_size()
-    path = _path(tier, "random.dat")
+    path = bfs_file(tier, "random.dat")
     _create(comm, store, path)
     model = Model()
     rnd = random.Random(7)                          # same stream on every rank: same model
@@ -156,7 +152,7 @@ def test_one_rank_failing_fails_every_rank_fast_and_keeps_data_dirty(run):
     """An EIO on the last rank's first write: every rank raises FlushError within seconds; a retry completes."""
     comm, tier, store = run
     rank, nprocs = comm.Get_rank(), comm.Get_size()
-    path = _path(tier, "fail.dat")
+    path = bfs_file(tier, "fail.dat")
     _create(comm, store, path)
     model = Model()
     rnd = random.Random(3)

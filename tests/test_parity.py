@@ -21,7 +21,6 @@ import parity
 from mpiburst import datatypes as dtypes
 from mpiburst.errors import DeviceBufferError
 from mpiburst.file import File
-from mpiburst.tier import Tier
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -32,26 +31,13 @@ INT_TYPES = ["named", "contiguous", "vector", "indexed", "hindexed", "indexed_bl
              "subarray_f", "darray_block", "resized", "resized_lb", "nested"]
 
 
-@pytest.fixture(scope="module")
-def tier(tmp_path_factory, server_binary):
-    """One real server for the module (the bodies use distinct file names)."""
-    root = tmp_path_factory.mktemp("parity")
-    bfs = root / "bfs"
-    bfs.mkdir()
-    t = Tier.start(id=f"par{os.getpid()}", dir=str(root), bfs_root=str(bfs), capacity="256M", server=server_binary)
-    try:
-        yield t
-    finally:
-        t.stop()
-
-
 @pytest.fixture
-def run(tier, tmp_path, request):
+def run(module_tier, tmp_path, request):
     """``run(body, comm)``: :func:`parity.check` with a file name unique to the test."""
     name = "".join(c if c.isalnum() else "_" for c in request.node.name)
 
     def go(body, comm=MPI.COMM_SELF, suffix=""):
-        return parity.check(body, comm, str(tmp_path), tier.bfs_root, name + suffix)
+        return parity.check(body, comm, str(tmp_path), module_tier.bfs_root, name + suffix)
 
     return go
 
@@ -132,7 +118,7 @@ class _Device:
 
 
 @pytest.mark.parametrize("kind", ["cuda", "dlpack"])
-def test_device_buffers_are_refused_clearly(tier, kind):
+def test_device_buffers_are_refused_clearly(module_tier, kind):
     with File.Open(MPI.COMM_SELF, f"burst://dev-{kind}.dat", MPI.MODE_CREATE | MPI.MODE_RDWR) as f:
         with pytest.raises(DeviceBufferError, match="host memory"):
             f.Write_at(0, _Device(kind))
@@ -209,7 +195,7 @@ def datatype_trees(draw, depth=3):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(dt=datatype_trees(), count=st.integers(1, 3), disp=st.integers(0, 40), seed=st.integers(0, 1000))
-def test_property_random_memory_types_and_views(tier, tmp_path, dt, count, disp, seed):
+def test_property_random_memory_types_and_views(module_tier, tmp_path, dt, count, disp, seed):
     dt.Commit()
     try:
         offs, lens = dtypes.runs_of(dt)
@@ -218,14 +204,14 @@ def test_property_random_memory_types_and_views(tier, tmp_path, dt, count, disp,
         if dt.Get_size() == 0:
             return
         name = f"prop-{next(_EXAMPLES)}"
-        parity.check(parity.memory_type_body(dt, count, seed), MPI.COMM_SELF, str(tmp_path), tier.bfs_root,
+        parity.check(parity.memory_type_body(dt, count, seed), MPI.COMM_SELF, str(tmp_path), module_tier.bfs_root,
                      name + "-mem")
         if not np.all(offs[1:] >= offs[:-1] + lens[:-1]) or offs[0] < 0:
             print("not a filetype", offs.tolist(), lens.tolist())  # overlapping or backwards: no view
             return
         nbytes = count * dt.Get_size()
         parity.check(parity.view_body(disp, MPI.BYTE, dt, nbytes, seed, offset=1), MPI.COMM_SELF, str(tmp_path),
-                     tier.bfs_root, name + "-view")
+                     module_tier.bfs_root, name + "-view")
     finally:
         dt.Free()
 
@@ -255,7 +241,7 @@ def test_atomic_mode(run, comm):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ft=datatype_trees(), mt=datatype_trees(), count=st.integers(1, 3), disp=st.integers(0, 17),
        seed=st.integers(0, 1000))
-def test_property_memory_type_through_view(tier, tmp_path, ft, mt, count, disp, seed):
+def test_property_memory_type_through_view(module_tier, tmp_path, ft, mt, count, disp, seed):
     ft.Commit()
     mt.Commit()
     try:
@@ -264,7 +250,7 @@ def test_property_memory_type_through_view(tier, tmp_path, ft, mt, count, disp, 
             np.all(offs[1:] >= offs[:-1] + lens[:-1]))
         if usable:
             parity.check(parity.view_and_memory_body(disp, ft, mt, count, seed), MPI.COMM_SELF, str(tmp_path),
-                         tier.bfs_root, f"propvm-{next(_EXAMPLES)}")
+                         module_tier.bfs_root, f"propvm-{next(_EXAMPLES)}")
     finally:
         ft.Free()
         mt.Free()
@@ -318,7 +304,7 @@ def test_bottom_with_absolute_addresses(run):
     assert count == 32 and back == parity.ramp(12, 30).tobytes() + parity.ramp(20, 31).tobytes()
 
 
-def test_requests_mix_with_other_mpi_requests(tier):
+def test_requests_mix_with_other_mpi_requests(module_tier):
     """The nonblocking calls return MPI.Request objects: Waitall/Testany take them with any other request."""
     with File.Open(MPI.COMM_SELF, "burst://mixed-requests.dat", MPI.MODE_CREATE | MPI.MODE_RDWR) as f:
         got = bytearray(3)

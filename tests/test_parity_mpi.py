@@ -9,8 +9,6 @@ error inside a collective call reaches every rank.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import pytest
@@ -19,7 +17,6 @@ from mpi4py import MPI
 import parity
 from mpiburst.errors import MpiburstError
 from mpiburst.file import File
-from mpiburst.tier import Tier
 
 pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.timeout(240)]
 
@@ -29,28 +26,11 @@ COMMS = {"self": MPI.COMM_SELF, "world": comm}
 MEMORY_TYPES = ["vector", "indexed", "struct", "subarray_c", "darray_cyclic", "resized_lb", "double_int"]
 
 
-@pytest.fixture(scope="module")
-def tier(server_binary):
-    """One real server for the module, started by rank 0 for all ranks, in a shared tmp dir."""
-    root = comm.bcast(tempfile.mkdtemp(prefix="mpb-parity-") if rank == 0 else None, root=0)
-    if rank == 0:
-        os.mkdir(os.path.join(root, "bfs"))
-    comm.Barrier()
-    t = Tier.start(comm, id="parity", dir=root, bfs_root=os.path.join(root, "bfs"), capacity="256M",
-                   server=server_binary)
-    try:
-        with t:
-            yield t, root
-    finally:
-        comm.Barrier()
-        if rank == 0:
-            shutil.rmtree(root, ignore_errors=True)
-
-
 @pytest.fixture
-def run(tier, request):
+def run(module_tier, request):
     """``run(body, comm)``: :func:`parity.check` with a name unique to the test (and rank, for COMM_SELF)."""
-    t, root = tier
+    t = module_tier
+    root = os.path.dirname(t.bfs_root)
     base = "".join(c if c.isalnum() else "_" for c in request.node.name)
 
     def go(body, c):
@@ -131,7 +111,7 @@ def test_errors(run):
     assert seen[0] == MPI.ERR_ARG
 
 
-def test_error_in_a_collective_reaches_every_rank(tier):
+def test_error_in_a_collective_reaches_every_rank(module_tier):
     with File.Open(comm, "burst://collective-error.dat", MPI.MODE_CREATE | MPI.MODE_RDWR) as f:
         bad = object() if rank == size - 1 else np.zeros(4, np.uint8)
         with pytest.raises(TypeError if rank == size - 1 else MpiburstError, match="expecting buffer|rank"):
@@ -147,11 +127,11 @@ def test_atomic_mode_needs_no_sync(run):
     assert seen[0] is True and all(count > 0 for count in seen[1:-1:2])
 
 
-def test_subarray_writer_example(tier):
+def test_subarray_writer_example(module_tier):
     """examples/subarray_writer.py: a 2-D decomposition through one subarray view and one Write_all."""
     import importlib.util
 
-    t, _ = tier
+    t = module_tier
     if rank == 0:
         os.makedirs(os.path.join(t.bfs_root, "grid"), exist_ok=True)
     comm.Barrier()
@@ -162,7 +142,7 @@ def test_subarray_writer_example(tier):
     assert example.write_and_check(comm, 37, 23) is None
 
 
-def test_concurrent_write_shared_never_overlaps(tier):
+def test_concurrent_write_shared_never_overlaps(module_tier):
     """Write_shared from every rank at once: each record lands whole, in a place of its own."""
     n, rec = 40, 24
     with File.Open(comm, "burst://shared-race.dat", MPI.MODE_CREATE | MPI.MODE_RDWR) as f:

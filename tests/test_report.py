@@ -33,7 +33,7 @@ from mpiburst.store import MemoryStore
 from mpiburst.tier import Tier
 from mpiburst.writeback import TierFile
 
-from conftest import bfs_file, cli_env, require_tool
+from conftest import bfs_file, cli_env, require_tool, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -167,7 +167,7 @@ def test_html_report_renders_every_plot_in_chromium(atier, cli, tmp_path) -> Non
     chromium = require_tool("chromium")
     a, _ = _workload(atier)
     flush.sync(a, tier=atier)
-    assert _wait(lambda: len(_events(atier, "fill")) >= 2), "the engine logged no two fill samples"
+    assert wait_until(lambda: len(_events(atier, "fill")) >= 2), "the engine logged no two fill samples"
     page = tmp_path / "r.html"
     proc = cli("report", "--id", atier.id, "--html", str(page), "-q")
     assert proc.returncode == 0 and proc.stdout == "", proc.stderr
@@ -257,22 +257,13 @@ def test_the_engine_process_samples_the_fill_and_logs_a_requested_sync(atier) ->
     with mpiburst.open("burst://eng.dat", "wb", tier=atier) as f:
         f.write(b"e" * (3 << 20))                          # one batch of 3 MiB
     path = bfs_file(atier, "eng.dat")
-    assert _wait(lambda: any(e["dirty_bytes"] == 3 << 20 for e in _events(atier, "fill"))), \
+    assert wait_until(lambda: any(e["dirty_bytes"] == 3 << 20 for e in _events(atier, "fill"))), \
         "no fill sample saw the 3 MiB dirty"
     flush.sync(path, tier=atier, block=False)              # served by the engine
-    assert _wait(lambda: _events(atier, "sync")), "the engine logged no sync"
+    assert wait_until(lambda: _events(atier, "sync")), "the engine logged no sync"
     (sync,) = _events(atier, "sync")
     assert (sync["trigger"], sync["path"], sync["bytes"]) == ("request", path, 3 << 20)
-    assert _wait(lambda: any(e["t"] > sync["t"] and e["dirty_bytes"] == 0 for e in _events(atier, "fill")))
-
-
-def _wait(cond, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return False
+    assert wait_until(lambda: any(e["t"] > sync["t"] and e["dirty_bytes"] == 0 for e in _events(atier, "fill")))
 
 
 # ----------------------------------------------------------------------------- reports after the server, and by run
@@ -280,7 +271,7 @@ def _wait(cond, timeout: float = 30.0) -> bool:
 def test_report_reads_a_stopped_run_from_the_statistics_saved_at_stop(atier, cli, tmp_path) -> None:
     a, _ = _workload(atier)
     flushed = flush.sync(a, tier=atier)
-    assert _wait(lambda: _events(atier, "fill")), "the engine logged no sample"   # it is up, its handler set
+    assert wait_until(lambda: _events(atier, "fill")), "the engine logged no sample"   # it is up, its handler set
     stopped = time.time()
     atier.stop()                                           # the engine's last sample, the statistics saved, gone
     saved = tmp_path / f"mpiburst_{atier.id}.stats.json"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import random
 import stat as statmod
-import time
 
 import pytest
 
@@ -15,7 +14,7 @@ from mpiburst.tier import Tier
 
 from mpiburst.testing import Model, put, put_runs
 
-from conftest import ALIGN, bfs_file
+from conftest import bfs_file, wait_until
 
 
 def _file(tier, name: str, size: int = 300_000, seed: int = 0) -> tuple[str, Model]:
@@ -182,15 +181,6 @@ def small_run(tmp_path, server_binary):
         tier.stop()
 
 
-def _wait(cond, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 @pytest.mark.timeout(120)
 def test_engine_syncs_and_purges_unpinned_files_only(small_run):
     """Past the thresholds the engine syncs and frees the unpinned file; the pinned one stays dirty and in memory.
@@ -215,9 +205,9 @@ def test_engine_syncs_and_purges_unpinned_files_only(small_run):
     model = Model()
     for base in range(0, 48 << 20, 4 << 20):             # 48 MiB through a 48 MiB tier, with the pinned 4 MiB:
                                                           # the loop ends only if the engine frees clean data
-        assert _wait(lambda: used() < tier.conf.purge_threshold), "the engine did not free memory"
+        assert wait_until(lambda: used() < tier.conf.purge_threshold), "the engine did not free memory"
         put(store, free, model, [(base + o, rnd.randbytes(1 << 20)) for o in range(0, 4 << 20, 1 << 20)])
-    assert _wait(lambda: store.meta(free).clean > 0), "the engine never synced"  # it works in the background
+    assert wait_until(lambda: store.meta(free).clean > 0), "the engine never synced"  # it works in the background
     assert residency.frag_stat(free, tier=tier).clean < 48 << 20      # ... and freed clean data
     flush.sync(free, tier=tier)                                        # the rest (below the threshold now)
     assert open(free, "rb").read() == bytes(model.data)
@@ -239,12 +229,12 @@ def test_engine_serves_queued_sync_and_prestage_and_exits_with_the_server(small_
     residency.prestage(src, tier=tier, block=False)
     assert residency.wait_clean(path, tier=tier, timeout=30)
     assert open(path, "rb").read() == bytes(model.data)
-    assert _wait(lambda: residency.frag_stat(src, tier=tier).clean == 200_000 if tier.store.meta(src)
+    assert wait_until(lambda: residency.frag_stat(src, tier=tier).clean == 200_000 if tier.store.meta(src)
                  else False)
     tier.store.enqueue(b"not json")              # a bad request is logged, the engine goes on
     flush.sync(path, tier=tier, block=False)
-    assert _wait(lambda: tier.store.queued() == 0)
+    assert wait_until(lambda: tier.store.queued() == 0)
     assert server.pid_alive(pid)
-    assert _wait(lambda: "malformed request" in open(engine_process.log_path(tier.conf)).read())
+    assert wait_until(lambda: "malformed request" in open(engine_process.log_path(tier.conf)).read())
     tier.stop()
-    assert _wait(lambda: not server.pid_alive(pid), 10)
+    assert wait_until(lambda: not server.pid_alive(pid), 10)

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import mpiburst
+from conftest import bfs_file
 from mpiburst import File, flush, nodes, residency
 from mpiburst.store import file_id
 from mpiburst.store.cluster_store import ClusterStore
@@ -66,10 +67,6 @@ def _bytes_on_each_server(store: ClusterStore, path: str) -> list[int]:
     return out
 
 
-def _bfs(tier: Tier, name: str) -> str:
-    return os.path.join(os.path.realpath(tier.bfs_root), name)
-
-
 def _pattern(n: int, seed: int) -> bytes:
     return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
 
@@ -89,7 +86,7 @@ def test_driver_writes_stay_on_their_node_and_read_back_everywhere(ctier) -> Non
     with File.Open(comm, "burst://drv.dat", _rw()) as f:
         f.Write_at(rank * 2 * block, _pattern(block, rank))
         f.Write_at_all(rank * 2 * block + block, _pattern(block, 100 + rank))
-    path = _bfs(tier, "drv.dat")
+    path = bfs_file(tier, "drv.dat")
     held = _bytes_on_each_server(store, path)
     assert held == [(hi - lo) * 2 * block for lo, hi in ranks]          # no byte crossed to another node
     expected = b"".join(_pattern(block, r) + _pattern(block, 100 + r) for r in range(size))
@@ -117,12 +114,12 @@ def test_overlapping_writes_of_different_nodes_resolve_in_arrival_order(ctier) -
         buf = bytearray(len(model.data))
         f.Read_at(0, buf)
     assert bytes(buf) == bytes(model.data)
-    held = _bytes_on_each_server(store, _bfs(tier, "ovl.dat"))
+    held = _bytes_on_each_server(store, bfs_file(tier, "ovl.dat"))
     assert held[0] == 400_000 and all(n == 200_000 for n in held[1:])
-    rep = flush.sync(_bfs(tier, "ovl.dat"), tier=tier, comm=comm, verify=True)
+    rep = flush.sync(bfs_file(tier, "ovl.dat"), tier=tier, comm=comm, verify=True)
     assert rep.size == len(model.data)
     if rank == 0:
-        assert open(_bfs(tier, "ovl.dat"), "rb").read() == bytes(model.data)
+        assert open(bfs_file(tier, "ovl.dat"), "rb").read() == bytes(model.data)
     comm.Barrier()
 
 
@@ -135,7 +132,7 @@ def test_flush_and_residency_gather_from_every_server(ctier) -> None:
     block = 200_000
     with File.Open(comm, "burst://res.dat", _rw()) as f:
         f.Write_at_all(rank * block, _pattern(block, 7 + rank))
-    path = _bfs(tier, "res.dat")
+    path = bfs_file(tier, "res.dat")
     expected = b"".join(_pattern(block, 7 + r) for r in range(size))
     stat = residency.frag_stat(path, tier=tier)
     assert (stat.dirty, stat.clean) == (size * block, 0)
@@ -183,13 +180,13 @@ def test_h5py_parallel_file_on_the_cluster(ctier) -> None:
     rows = slice(rank * 6, rank * 6 + 6)
     pf.write("a", (rows,), expected[rows])
     pf.close()
-    held = _bytes_on_each_server(store, _bfs(tier, "c.h5"))
+    held = _bytes_on_each_server(store, bfs_file(tier, "c.h5"))
     _, ranks = _layout(size)
     assert all(n >= (hi - lo) * 6 * 1000 * 8 for n, (lo, hi) in zip(held, ranks))   # each node: its ranks' rows
     with mh5.File("burst://c.h5", "r", comm=comm) as f:
         np.testing.assert_array_equal(f["a"][()], expected)
     mpiburst.sync("burst://c.h5", comm=comm)
     if rank == 0:
-        with h5py.File(_bfs(tier, "c.h5"), "r") as f:
+        with h5py.File(bfs_file(tier, "c.h5"), "r") as f:
             np.testing.assert_array_equal(f["a"][()], expected)
     comm.Barrier()
