@@ -22,6 +22,7 @@ from .errors import (
     AuthenticationError,
     ChannelBusyError,
     ChannelError,
+    CheckpointError,
     ConfigError,
     FlushError,
     MpiburstError,
@@ -51,12 +52,13 @@ _LAZY = {
     "prestage": "residency",
     "frag_stat": "residency",
     "FragStat": "residency",
+    "Checkpoints": "checkpoint",
     "h5": None,
 }
 
 __all__ = sorted([*_LAZY, "MpiburstError", "ConfigError", "ServerError", "AuthenticationError",
                   "TierFullError", "PathError", "FlushError", "PolicyError", "ChannelError",
-                  "ChannelBusyError", "__version__"])
+                  "ChannelBusyError", "CheckpointError", "__version__"])
 
 
 def __getattr__(name: str) -> Any:

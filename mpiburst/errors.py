@@ -66,6 +66,12 @@ class CollectiveError(MpiburstError):
     exit_code = 1
 
 
+class CheckpointError(MpiburstError):
+    """A checkpoint was not saved, cannot be restored, or its background flush failed."""
+
+    exit_code = 1
+
+
 class AuthenticationError(ServerError):
     """The server refused the credentials in the run's conf file."""
 
