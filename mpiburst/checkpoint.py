@@ -39,6 +39,7 @@ One flusher per job means one process's bandwidth to the BFS; see
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -49,8 +50,9 @@ import shutil
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from . import flush, halt, residency
 from .collective import on_root
@@ -211,10 +213,8 @@ class Catalog:
             for file in sorted(files, key=lambda f: f != MANIFEST):
                 residency.purge(os.path.join(base, file), force=True, tier=self.tier)
         if bfs:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(base, MANIFEST))
-            except FileNotFoundError:
-                pass
             shutil.rmtree(base, ignore_errors=True)
 
     def _manifest_step(self, path: str) -> int | None:

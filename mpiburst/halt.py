@@ -28,8 +28,8 @@ import os
 import re
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Mapping
 
 from .errors import ConfigError
 

@@ -62,13 +62,12 @@ def test_seven_saves_a_failed_eighth_then_a_smaller_job_on_a_new_tier_restarts_f
             f.Close()
         assert np.array_equal(got, state(7, size))
 
-        with pytest.raises((CheckpointError, RuntimeError)) as failed:
-            with ck.save(8) as c:
-                f = mpiburst.File.Open(comm, c.path("u.dat"), MPI.MODE_WRONLY | MPI.MODE_CREATE)
-                f.Write_at_all(rank * PER_RANK * 8, state(8, size)[mine])
-                f.Close()
-                if rank == 1:
-                    raise RuntimeError("rank 1 found its state wrong")
+        with pytest.raises((CheckpointError, RuntimeError)) as failed, ck.save(8) as c:
+            f = mpiburst.File.Open(comm, c.path("u.dat"), MPI.MODE_WRONLY | MPI.MODE_CREATE)
+            f.Write_at_all(rank * PER_RANK * 8, state(8, size)[mine])
+            f.Close()
+            if rank == 1:
+                raise RuntimeError("rank 1 found its state wrong")
         assert isinstance(failed.value, RuntimeError if rank == 1 else CheckpointError)
         assert ck.latest() == 7
         comm.Barrier()
