@@ -6,11 +6,15 @@ Reusable by every test module:
   else the normal discovery order); ``.ci/run`` runs the suite once per engine.
 * ``tier``: a real started :class:`~mpiburst.tier.Tier` (one process, a real
   server) in a fresh tmp dir with ``bfs_root = tmp/bfs``; stopped at teardown.
+  ``world_tier`` is the same for every rank of COMM_WORLD (MPI tests),
+  ``module_tier`` one per module; all three come from :func:`started_tier`.
 * ``mem_tier``: the in-process memory tier (a MemoryStore), for unit tests only.
-* ``atier``: ``tier`` with a 64 KiB flush alignment (:data:`ALIGN`); ``bfs_file``
-  and ``check_aligned`` help the flush and residency tests.
+* ``atier`` / ``mem_atier``: ``tier`` / ``mem_tier`` with a 64 KiB flush
+  alignment (:data:`ALIGN`); ``bfs_file`` and ``check_aligned`` help the flush
+  and residency tests.
 * job scripts: ``EXAMPLES``, ``expected_file``, ``job_env``, ``server_pids_logged``.
 * ``cli``: run the ``mpiburst`` command in a subprocess (``cli("status", "--id", X)``).
+* ``wait_until(cond)``: a bounded wait for a condition; ``processes_gone(path)``.
 * ``server_pids_in``: PIDs of live server processes whose working directory
   is under a path (to assert that nothing was left running).
 * ``small_tmpfs``: mount a small tmpfs (a real ENOSPC), unmounted at teardown.
@@ -184,6 +188,14 @@ def atier(tier: Tier) -> Tier:
     tier.conf.align = ALIGN
     tier.conf.save()
     return tier
+
+
+@pytest.fixture
+def mem_atier(tmp_path: Path) -> Tier:
+    """``mem_tier`` with the 64 KiB flush alignment of ``atier`` (unit tests of the flush, no server)."""
+    bfs = tmp_path / "bfs"
+    bfs.mkdir(exist_ok=True)
+    return Tier.memory(str(bfs), align=ALIGN)
 
 
 def bfs_file(tier: Tier, name: str) -> str:

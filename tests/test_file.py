@@ -1,9 +1,14 @@
-"""Single-process tests of the MPI-IO driver ``mpiburst.File`` against a real server.
+"""Single-process unit tests of the MPI-IO driver ``mpiburst.File`` on the memory store.
 
 One process is ``mpiexec -n 1``: the communicator is ``COMM_SELF`` (size 1).
-Every test runs on the ``tier`` fixture (a real ``redis-server`` /
-``valkey-server`` started in a tmp dir, BFS root ``tmp/bfs``) and checks bytes
-read back through the driver, the BFS file, or the tier's own records.
+Every test runs on the ``mem_tier`` fixture (the in-process memory store,
+BFS root ``tmp/bfs``) and checks bytes read back through the driver, the
+BFS file, or the tier's own records. The driver reaches the tier only
+through the ``Store`` interface, whose contract ``tests/test_store.py`` runs
+on the memory store and on a real server alike; the driver against a real
+server is checked by ``tests/test_file_mpi.py`` (real ranks),
+``tests/test_parity.py`` / ``tests/test_parity_mpi.py``,
+``tests/test_file_errors.py`` (the server's limits) and ``tests/test_h5.py``.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ def read_all(f: File, offset: int, n: int) -> tuple[bytes, int]:
 
 # --------------------------------------------------------------------------- basics
 
-def test_open_returns_burst_file_and_roundtrips(tier):
+def test_open_returns_burst_file_and_roundtrips(mem_tier):
     data = pattern(10_000, 1)
     with open_("a.dat") as f:
         assert isinstance(f, File)
@@ -65,7 +70,7 @@ def test_open_returns_burst_file_and_roundtrips(tier):
         assert f.Get_amode() == RW
 
 
-def test_plain_path_goes_to_mpi_file(tier, tmp_path):
+def test_plain_path_goes_to_mpi_file(mem_tier, tmp_path):
     f = File.Open(MPI.COMM_SELF, str(tmp_path / "plain.dat"), RW)
     try:
         assert type(f) is MPI.File
@@ -73,10 +78,10 @@ def test_plain_path_goes_to_mpi_file(tier, tmp_path):
     finally:
         f.Close()
     assert (tmp_path / "plain.dat").read_bytes() == b"plain"
-    assert tier.store.files() == {}
+    assert mem_tier.store.files() == {}
 
 
-def test_buffer_specs_write_the_named_bytes(tier):
+def test_buffer_specs_write_the_named_bytes(mem_tier):
     arr = np.arange(16, dtype=np.float64)
     raw = arr.tobytes()
     with open_("specs.dat") as f:
@@ -99,7 +104,7 @@ def test_buffer_specs_write_the_named_bytes(tier):
     assert got[800:808] == b"typecode"
 
 
-def test_read_into_numpy_with_datatype(tier):
+def test_read_into_numpy_with_datatype(mem_tier):
     arr = np.linspace(0, 1, 100)
     with open_("np.dat") as f:
         f.Write_at(0, arr)
@@ -110,7 +115,7 @@ def test_read_into_numpy_with_datatype(tier):
     assert np.array_equal(out, arr)
 
 
-def test_close_to_open_and_reopen_without_create(tier):
+def test_close_to_open_and_reopen_without_create(mem_tier):
     data = pattern(5000, 2)
     with open_("c2o.dat") as f:
         f.Write_at(100, data)
@@ -120,7 +125,7 @@ def test_close_to_open_and_reopen_without_create(tier):
     assert n == 5100 and got == bytes(100) + data
 
 
-def test_context_manager_closes_and_later_calls_fail(tier):
+def test_context_manager_closes_and_later_calls_fail(mem_tier):
     with open_("cm.dat") as f:
         f.Write_at(0, b"x")
     with pytest.raises(MPI.Exception) as exc:
@@ -130,7 +135,7 @@ def test_context_manager_closes_and_later_calls_fail(tier):
 
 # --------------------------------------------------------------------------- reads
 
-def test_holes_read_as_zeros_and_eof_is_short(tier):
+def test_holes_read_as_zeros_and_eof_is_short(mem_tier):
     with open_("holes.dat") as f:
         f.Write_at(1000, b"A" * 10)
         f.Write_at(5000, b"B" * 10)
@@ -141,9 +146,9 @@ def test_holes_read_as_zeros_and_eof_is_short(tier):
         assert read_all(f, 9999, 10) == (b"", 0)
 
 
-def test_mixed_read_tier_bfs_hole_and_past_eof(tier):
+def test_mixed_read_tier_bfs_hole_and_past_eof(mem_tier):
     base = pattern(4096, 3)
-    with open(bfs_file(tier, "mixed.dat"), "wb") as fh:
+    with open(bfs_file(mem_tier, "mixed.dat"), "wb") as fh:
         fh.write(base)
     with open_("mixed.dat", MPI.MODE_RDWR) as f:
         assert f.Get_size() == 4096
@@ -157,23 +162,23 @@ def test_mixed_read_tier_bfs_hole_and_past_eof(tier):
     assert got == bytes(expect)
 
 
-def test_tier_bytes_win_over_bfs_bytes(tier):
-    with open(bfs_file(tier, "win.dat"), "wb") as fh:
+def test_tier_bytes_win_over_bfs_bytes(mem_tier):
+    with open(bfs_file(mem_tier, "win.dat"), "wb") as fh:
         fh.write(b"B" * 300)
     with open_("win.dat", MPI.MODE_RDWR) as f:
         f.Write_at(0, b"T" * 300)
         assert read_all(f, 0, 300) == (b"T" * 300, 300)
-    assert open(bfs_file(tier, "win.dat"), "rb").read() == b"B" * 300   # BFS untouched until a flush
+    assert open(bfs_file(mem_tier, "win.dat"), "rb").read() == b"B" * 300   # BFS untouched until a flush
 
 
-def test_range_read_fetches_only_overlapping_extents(tier, monkeypatch):
+def test_range_read_fetches_only_overlapping_extents(mem_tier, monkeypatch):
     """Reads use the offset index: a small read fetches O(1) extents, not all of them."""
     with open_("index.dat", mpiburst_wr_buffer="64K") as f:
         for i in range(2000):
             f.Write_at(i * 100, bytes([i % 251]) * 50)   # 2000 separate extents
         f.Sync()
         fetched = []
-        store = tier.store
+        store = mem_tier.store
         real_fetch = store.fetch_into
 
         def counting(path, extents, lo, out):
@@ -189,7 +194,7 @@ def test_range_read_fetches_only_overlapping_extents(tier, monkeypatch):
 
 # --------------------------------------------------------------------------- writes
 
-def test_batches_fill_the_buffer_less_the_slack_and_keep_small_writes_whole(tier):
+def test_batches_fill_the_buffer_less_the_slack_and_keep_small_writes_whole(mem_tier):
     """1 MiB writes fill each 4 MiB batch to the brim less BLOB_SLACK (the server's 4 MiB class, not 5);
     200 KiB writes never straddle two batches; a 16 MiB write goes out in room-sized blobs."""
     room = DEFAULT_BUFFER - BLOB_SLACK
@@ -198,19 +203,19 @@ def test_batches_fill_the_buffer_less_the_slack_and_keep_small_writes_whole(tier
     with open_("fill.dat") as f:
         for i in range(10):
             f.Write_at(i << 20, big[i << 20:(i + 1) << 20])
-    store = tier.store
-    sizes = [b[3] for b in sorted(store.blobs(bfs_file(tier, "fill.dat")))]
+    store = mem_tier.store
+    sizes = [b[3] for b in sorted(store.blobs(bfs_file(mem_tier, "fill.dat")))]
     assert sizes == [room, room, (10 << 20) - 2 * room]
     small = 200 << 10
     with open_("whole.dat") as f:
         for i in range(50):
             f.Write_at(i * small, big[i * small:(i + 1) * small])
-    sizes = [b[3] for b in store.blobs(bfs_file(tier, "whole.dat"))]
+    sizes = [b[3] for b in store.blobs(bfs_file(mem_tier, "whole.dat"))]
     assert sum(sizes) == 50 * small and all(n % small == 0 and n <= room for n in sizes)
     with open_("direct.dat") as f:
         f.Write_at(0, big[:16 << 20 >> 1])
         f.Write_at(5 << 20, big[:10 << 20])
-    sizes = sorted(b[3] for b in store.blobs(bfs_file(tier, "direct.dat")))
+    sizes = sorted(b[3] for b in store.blobs(bfs_file(mem_tier, "direct.dat")))
     assert max(sizes) == room and sum(sizes) == 18 << 20
     with open_("fill.dat", MPI.MODE_RDONLY) as f:
         assert read_all(f, 0, 10 << 20)[0] == big.tobytes()
@@ -223,7 +228,7 @@ def _entries(tier, name: str) -> list:
     return tier.store.extents_from(bfs_file(tier, name), 0, 1 << 20)
 
 
-def test_a_vector_view_costs_index_entries_per_batch_not_per_block(tier, tmp_path):
+def test_a_vector_view_costs_index_entries_per_batch_not_per_block(mem_tier, tmp_path):
     """8 MiB through a vector view of 4 KiB blocks (2048 blocks): one strided entry per batch,
     the same bytes as MPI.File, and a later overlapping write wins over the blocks it covers."""
     block, nblocks = 4096, 2048
@@ -236,14 +241,14 @@ def test_a_vector_view_costs_index_entries_per_batch_not_per_block(tier, tmp_pat
         f = opener()
         f.Write_at(0, bytes(2 * block * nblocks))   # defined gaps (ROMIO's data sieving leaves garbage in holes)
         f.Sync()
-        filled = filled or len(_entries(tier, "vec.dat"))
+        filled = filled or len(_entries(mem_tier, "vec.dat"))
         f.Set_view(block // 2, MPI.BYTE, vec)
         f.Write_all(data)
         f.Set_view(0, MPI.BYTE, MPI.BYTE)
         f.Write_at(10 * block + 7, patch)
         f.Close()
     vec.Free()
-    entries = _entries(tier, "vec.dat")
+    entries = _entries(mem_tier, "vec.dat")
     strided = [e for e in entries if type(e).__name__ == "Strided"]
     batches = -(-nblocks // ((DEFAULT_BUFFER - BLOB_SLACK) // block))      # 1023 blocks per batch: 3
     assert len(strided) == batches and sum(e.nblocks for e in strided) == nblocks
@@ -253,11 +258,11 @@ def test_a_vector_view_costs_index_entries_per_batch_not_per_block(tier, tmp_pat
     with open(ref_path, "rb") as ref:
         assert got == ref.read() and n == 2 * block * nblocks
     mpiburst.sync("burst://vec.dat")
-    with open(bfs_file(tier, "vec.dat"), "rb") as out, open(ref_path, "rb") as ref:
+    with open(bfs_file(mem_tier, "vec.dat"), "rb") as out, open(ref_path, "rb") as ref:
         assert out.read() == ref.read()
 
 
-def test_records_at_a_fixed_stride_become_one_entry(tier):
+def test_records_at_a_fixed_stride_become_one_entry(mem_tier):
     """Write_at of equal records at a fixed stride (the strided benchmark pattern) extends one strided entry;
     a write in between starts a new entry, so the later write still wins."""
     rec = 4096
@@ -268,7 +273,7 @@ def test_records_at_a_fixed_stride_become_one_entry(tier):
         for i in range(100, 110):
             f.Write_at(rec + i * 2 * rec, pattern(rec, i))
         f.Sync()
-        entries = _entries(tier, "stride.dat")
+        entries = _entries(mem_tier, "stride.dat")
         got, _ = read_all(f, 0, 221 * rec)
     assert [getattr(e, "nblocks", 1) for e in entries] == [100, 1, 10]
     expect = bytearray(220 * rec)
@@ -278,7 +283,7 @@ def test_records_at_a_fixed_stride_become_one_entry(tier):
     assert got == bytes(expect)
 
 
-def test_last_write_wins_within_rank(tier):
+def test_last_write_wins_within_rank(mem_tier):
     with open_("lww.dat", mpiburst_wr_buffer="1K") as f:
         f.Write_at(0, b"a" * 2000)      # larger than the buffer: sent directly
         f.Write_at(500, b"b" * 100)     # buffered
@@ -293,12 +298,12 @@ def test_last_write_wins_within_rank(tier):
     assert got == bytes(expect)
 
 
-def test_small_writes_are_coalesced_until_sync(tier):
-    store = tier.store
+def test_small_writes_are_coalesced_until_sync(mem_tier):
+    store = mem_tier.store
     with open_("coal.dat") as f:
         for i in range(1000):
             f.Write_at(i * 100, bytes([i % 256]) * 100)
-        path = bfs_file(tier, "coal.dat")
+        path = bfs_file(mem_tier, "coal.dat")
         assert store.blobs(path) == []                    # all 100 KB still buffered
         with open_("coal.dat", MPI.MODE_RDONLY) as other:
             assert other.Get_size() == 0                  # not visible before Sync
@@ -311,7 +316,7 @@ def test_small_writes_are_coalesced_until_sync(tier):
     assert got == b"".join(bytes([i % 256]) * 100 for i in range(1000))
 
 
-def test_write_buffer_hint_and_environment(tier, monkeypatch):
+def test_write_buffer_hint_and_environment(mem_tier, monkeypatch):
     with open_("hint.dat", mpiburst_wr_buffer="64K") as f:
         info = f.Get_info()
         assert info.Get("mpiburst_wr_buffer") == str(64 << 10)
@@ -328,7 +333,7 @@ def test_write_buffer_hint_and_environment(tier, monkeypatch):
         info.Free()
 
 
-def test_buffer_overflow_pushes_and_keeps_order(tier):
+def test_buffer_overflow_pushes_and_keeps_order(mem_tier):
     data = pattern(300_000, 4)
     with open_("ovf.dat", mpiburst_wr_buffer="16K") as f:
         for start in range(0, len(data), 7000):
@@ -336,10 +341,10 @@ def test_buffer_overflow_pushes_and_keeps_order(tier):
         f.Write_at(0, b"Z" * 10)
         got, _ = read_all(f, 0, len(data))
     assert got == b"Z" * 10 + data[10:]
-    assert len(tier.store.blobs(bfs_file(tier, "ovf.dat"))) > 10
+    assert len(mem_tier.store.blobs(bfs_file(mem_tier, "ovf.dat"))) > 10
 
 
-def test_atomic_mode_pushes_each_write(tier):
+def test_atomic_mode_pushes_each_write(mem_tier):
     with open_("atom.dat") as f:
         assert f.Get_atomicity() is False
         f.Set_atomicity(True)
@@ -349,7 +354,7 @@ def test_atomic_mode_pushes_each_write(tier):
             assert read_all(other, 0, 7) == (b"visible", 7)
 
 
-def test_nonblocking_requests(tier):
+def test_nonblocking_requests(mem_tier):
     with open_("nb.dat") as f:
         reqs = [f.Iwrite_at(i * 10, bytes([65 + i]) * 10) for i in range(5)]
         reqs.append(f.Iwrite_at_all(50, b"F" * 10))
@@ -364,7 +369,7 @@ def test_nonblocking_requests(tier):
     assert bytes(buf) == b"".join(bytes([65 + i]) * 10 for i in range(6))
 
 
-def test_split_collective_write(tier):
+def test_split_collective_write(mem_tier):
     with open_("split.dat") as f:
         f.Write_at_all_begin(3, b"split")
         st = MPI.Status()
@@ -373,7 +378,7 @@ def test_split_collective_write(tier):
         assert read_all(f, 0, 8) == (bytes(3) + b"split", 8)
 
 
-def test_collective_forms(tier):
+def test_collective_forms(mem_tier):
     with open_("coll.dat") as f:
         f.Write_at_all(0, b"0123456789")
         buf = bytearray(4)
@@ -390,7 +395,7 @@ def test_collective_forms(tier):
 
 # --------------------------------------------------------------------------- pointers, views
 
-def test_individual_file_pointer(tier):
+def test_individual_file_pointer(mem_tier):
     with open_("ptr.dat") as f:
         assert f.Get_position() == 0
         f.Write(b"hello")
@@ -412,7 +417,7 @@ def test_individual_file_pointer(tier):
             f.Seek(-1, MPI.SEEK_SET)
 
 
-def test_set_view_displacement_and_double_etype(tier):
+def test_set_view_displacement_and_double_etype(mem_tier):
     header = b"HDR!" * 16
     vals = np.arange(10, dtype=np.float64) * 1.5
     with open_("view.dat") as f:
@@ -438,8 +443,8 @@ def test_set_view_displacement_and_double_etype(tier):
 
 # --------------------------------------------------------------------------- size, modes
 
-def test_set_size_truncates_and_extends_with_zeros(tier):
-    with open(bfs_file(tier, "trunc.dat"), "wb") as fh:
+def test_set_size_truncates_and_extends_with_zeros(mem_tier):
+    with open(bfs_file(mem_tier, "trunc.dat"), "wb") as fh:
         fh.write(b"B" * 1000)
     with open_("trunc.dat", MPI.MODE_RDWR) as f:
         f.Write_at(1000, b"T" * 1000)
@@ -453,7 +458,7 @@ def test_set_size_truncates_and_extends_with_zeros(tier):
         assert read_all(f, 1390, 30) == (bytes(10) + b"N" * 10 + bytes(10), 30)
 
 
-def test_preallocate_only_grows(tier):
+def test_preallocate_only_grows(mem_tier):
     with open_("pre.dat") as f:
         f.Write_at(0, b"x" * 100)
         f.Preallocate(50)
@@ -463,7 +468,7 @@ def test_preallocate_only_grows(tier):
         assert read_all(f, 0, 4096) == (b"x" * 100 + bytes(3996), 4096)
 
 
-def test_mode_append_starts_at_end(tier):
+def test_mode_append_starts_at_end(mem_tier):
     with open_("app.dat") as f:
         f.Write_at(0, b"first")
     with open_("app.dat", MPI.MODE_WRONLY | MPI.MODE_APPEND) as f:
@@ -473,31 +478,31 @@ def test_mode_append_starts_at_end(tier):
         assert read_all(f, 0, 100) == (b"first+second", 12)
 
 
-def test_mode_delete_on_close(tier):
-    path = bfs_file(tier, "doc.dat")
+def test_mode_delete_on_close(mem_tier):
+    path = bfs_file(mem_tier, "doc.dat")
     with open(path, "wb") as fh:
         fh.write(b"old")
     with open_("doc.dat", MPI.MODE_RDWR | MPI.MODE_DELETE_ON_CLOSE) as f:
         f.Write_at(0, b"scratch")
     assert not os.path.exists(path)
-    assert tier.store.meta(path) is None
+    assert mem_tier.store.meta(path) is None
     with pytest.raises(MPI.Exception) as exc:
         open_("doc.dat", MPI.MODE_RDONLY)
     assert exc.value.Get_error_class() == MPI.ERR_NO_SUCH_FILE
 
 
-def test_delete(tier):
-    path = bfs_file(tier, "del.dat")
+def test_delete(mem_tier):
+    path = bfs_file(mem_tier, "del.dat")
     with open_("del.dat") as f:
         f.Write_at(0, b"x")
     File.Delete("burst://del.dat")
-    assert tier.store.meta(path) is None and not os.path.exists(path)
+    assert mem_tier.store.meta(path) is None and not os.path.exists(path)
     with pytest.raises(MPI.Exception) as exc:
         File.Delete("burst://del.dat")
     assert exc.value.Get_error_class() == MPI.ERR_NO_SUCH_FILE
 
 
-def test_group_and_type_extent(tier):
+def test_group_and_type_extent(mem_tier):
     with open_("misc.dat") as f:
         g = f.Get_group()
         assert g.Get_size() == 1
@@ -507,28 +512,28 @@ def test_group_and_type_extent(tier):
 
 # --------------------------------------------------------------------------- with the flush
 
-def test_sync_then_flush_makes_the_bfs_file(tier):
+def test_sync_then_flush_makes_the_bfs_file(mem_tier):
     data = pattern(3 * (1 << 20) + 123, 5)
     with open_("ck.dat") as f:
         for start in range(0, len(data), 47_008):
             f.Write_at(start, data[start:start + 47_008])
         f.Sync()
-        mpiburst.sync("burst://ck.dat", tier=tier)
-        assert open(bfs_file(tier, "ck.dat"), "rb").read() == data
-        assert mpiburst.purge("burst://ck.dat", clean_only=True, tier=tier) >= len(data)
-        assert tier.store.blobs(bfs_file(tier, "ck.dat")) == []
+        mpiburst.sync("burst://ck.dat", tier=mem_tier)
+        assert open(bfs_file(mem_tier, "ck.dat"), "rb").read() == data
+        assert mpiburst.purge("burst://ck.dat", clean_only=True, tier=mem_tier) >= len(data)
+        assert mem_tier.store.blobs(bfs_file(mem_tier, "ck.dat")) == []
         got, n = read_all(f, 0, len(data))                      # now from the BFS
     assert n == len(data) and got == data
 
 
-def test_open_handle_survives_a_full_purge_of_a_clean_file(tier):
+def test_open_handle_survives_a_full_purge_of_a_clean_file(mem_tier):
     """A full purge (record dropped) of a synced file must leave an open handle reading the BFS copy."""
     data = pattern(100_000, 6)
     with open_("pg.dat") as f:
         f.Write_at(0, data)
         f.Sync()
-        mpiburst.sync("burst://pg.dat", tier=tier)
-        mpiburst.purge("burst://pg.dat", tier=tier)
+        mpiburst.sync("burst://pg.dat", tier=mem_tier)
+        mpiburst.purge("burst://pg.dat", tier=mem_tier)
         assert f.Get_size() == len(data)
         assert read_all(f, 0, len(data)) == (data, len(data))
         f.Write_at(10, b"new")

@@ -1,10 +1,19 @@
-"""The flush engine against a real server: byte-identical BFS files, aligned writes, durability rules.
+"""The flush engine: byte-identical BFS files, aligned writes, durability rules.
 
 Every test compares the BFS file with a reference model (a bytearray image
 of the file, updated by the same writes in the same order). Writes go into
 the tier with ``Store.commit`` directly, as the driver's batches do.
-The reference model and ``put`` come from :mod:`mpiburst.testing`; ``atier``
-and ``bfs_file`` from conftest.py.
+The reference model and ``put`` come from :mod:`mpiburst.testing`;
+``mem_atier``, ``atier`` and ``bfs_file`` from conftest.py.
+
+These are unit tests of the flush on the memory store (``mem_atier``): what
+they check is the flush's planning and writing, which sees the tier only
+through the ``Store`` interface, and ``tests/test_store.py`` runs that
+interface's contract on the memory store and on a real server alike. The
+flush against a real server is checked by ``test_bfs_write_calls_seen_by_strace``
+here (a flusher process that connects to the run), ``tests/test_flush_faults.py``
+(server stopped, flusher killed), ``tests/test_cli_residency.py`` (``mpiburst
+sync``) and the MPI tests (``tests/test_flush_mpi.py``, ``tests/test_file_mpi.py``).
 """
 
 from __future__ import annotations
@@ -51,10 +60,10 @@ def small_writes(monkeypatch):
 # ----------------------------------------------------------------------------- patterns, 1 process
 
 @pytest.mark.timeout(60)
-def test_segmented_new_file(atier, writes_seen):
+def test_segmented_new_file(mem_atier, writes_seen):
     """Four writers, each a contiguous segment in 47,008-byte transfers: the whole file in one write."""
-    store = atier.store
-    path = bfs_file(atier, "seg/out.dat")
+    store = mem_atier.store
+    path = bfs_file(mem_atier, "seg/out.dat")
     store.create(path, None)
     model = Model()
     seg = 1 << 20
@@ -62,7 +71,7 @@ def test_segmented_new_file(atier, writes_seen):
     for rank in range(4):
         writes = [(rank * seg + o, rnd.randbytes(min(RECORD, seg - o))) for o in range(0, seg, RECORD)]
         put(store, path, model, writes, channel=rank)
-    rep = flush.sync(path, tier=atier, verify=True)
+    rep = flush.sync(path, tier=mem_atier, verify=True)
     assert open(path, "rb").read() == bytes(model.data)
     assert rep.size == len(model.data) == 4 * seg
     assert rep.writes == len(writes_seen) == 1                       # not 4 x 23 fragments
@@ -75,51 +84,51 @@ def test_segmented_new_file(atier, writes_seen):
 
 
 @pytest.mark.timeout(60)
-def test_strided_unaligned_records(atier, writes_seen):
+def test_strided_unaligned_records(mem_atier, writes_seen):
     """Strided 47,008-byte records of 3 writers interleaved: identical file, bytes / WRITE_SIZE writes."""
-    store = atier.store
-    path = bfs_file(atier, "strided.dat")
+    store = mem_atier.store
+    path = bfs_file(mem_atier, "strided.dat")
     store.create(path, None)
     model = Model()
     nproc, nrec = 3, 30
     rnd = random.Random(2)
     for rank in range(nproc):
         put(store, path, model, [((i * nproc + rank) * RECORD, rnd.randbytes(RECORD)) for i in range(nrec)], rank)
-    rep = flush.sync(path, tier=atier)
+    rep = flush.sync(path, tier=mem_atier)
     assert open(path, "rb").read() == bytes(model.data)
     assert rep.writes == -(-nproc * nrec * RECORD // flush.WRITE_SIZE) == 1
     check_aligned(writes_seen, rep.size)
 
 
 @pytest.mark.timeout(60)
-def test_writes_are_batches_of_whole_stripes(atier, writes_seen, small_writes):
+def test_writes_are_batches_of_whole_stripes(mem_atier, writes_seen, small_writes):
     """With WRITE_SIZE of 4 stripes (plus change), a 64-stripe file takes 16 writes of exactly 4 stripes."""
-    store = atier.store
-    path = bfs_file(atier, "batches.dat")
+    store = mem_atier.store
+    path = bfs_file(mem_atier, "batches.dat")
     store.create(path, None)
     model = Model()
     rnd = random.Random(3)
     put(store, path, model, [(o, rnd.randbytes(RECORD)) for o in range(0, 64 * ALIGN - RECORD, RECORD)])
     put(store, path, model, [(64 * ALIGN - 10, b"e" * 10)])
-    rep = flush.sync(path, tier=atier, verify=True)
+    rep = flush.sync(path, tier=mem_atier, verify=True)
     assert open(path, "rb").read() == bytes(model.data)
     assert rep.write_sizes == {small_writes: 16}
     assert sorted(off for _, off, _ in writes_seen) == list(range(0, 64 * ALIGN, small_writes))
 
 
 @pytest.mark.timeout(60)
-def test_n_to_n_files(atier):
+def test_n_to_n_files(mem_atier):
     """One file per writer (N-N): each flushed on its own, each identical."""
-    store = atier.store
+    store = mem_atier.store
     models = {}
     for rank in range(4):
-        path = bfs_file(atier, f"nn/out.{rank}")
+        path = bfs_file(mem_atier, f"nn/out.{rank}")
         store.create(path, None)
         models[path] = Model()
         rnd = random.Random(rank)
         put(store, path, models[path], [(o, rnd.randbytes(4096)) for o in range(0, 300000, 4096)], rank)
     for path, model in models.items():
-        flush.sync(path, tier=atier)
+        flush.sync(path, tier=mem_atier)
         assert open(path, "rb").read() == bytes(model.data)
 
 
@@ -130,17 +139,17 @@ def test_n_to_n_files(atier):
     st.tuples(st.just("t"), st.integers(0, 700_000), st.just(0)),
     st.tuples(st.just("s"), st.just(0), st.just(0))), min_size=1, max_size=12),
     initial=st.integers(0, 400_000), seed=st.integers(0, 2**32 - 1))
-def test_random_writes_truncations_and_syncs(atier, ops, initial, seed):
+def test_random_writes_truncations_and_syncs(mem_atier, ops, initial, seed):
     """Random writes (overlapping, unaligned), Set_size truncations and syncs over an existing or new file."""
     rnd = random.Random(seed)
     name = f"rand/{next(_EXAMPLE)}"   # one file per example: replayed and shrunk examples repeat their arguments
-    path = bfs_file(atier, name)
+    path = bfs_file(mem_atier, name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     start = rnd.randbytes(initial) if initial else None
     if start is not None:
         with open(path, "wb") as f:
             f.write(start)
-    store = atier.store
+    store = mem_atier.store
     store.create(path, initial if start is not None else None)
     model = Model(start or b"")
     for op, a, b in ops:
@@ -150,10 +159,10 @@ def test_random_writes_truncations_and_syncs(atier, ops, initial, seed):
             store.set_size(path, a)
             model.truncate(a)
         else:
-            flush.sync(path, tier=atier)
-    flush.sync(path, tier=atier)
+            flush.sync(path, tier=mem_atier)
+    flush.sync(path, tier=mem_atier)
     assert open(path, "rb").read() == bytes(model.data)
-    assert b"".join(residency.read(path, tier=atier)) == bytes(model.data)
+    assert b"".join(residency.read(path, tier=mem_atier)) == bytes(model.data)
     assert not store.meta(path).dirty
     store.drop(path)
 
@@ -167,16 +176,16 @@ def test_random_writes_truncations_and_syncs(atier, ops, initial, seed):
     st.tuples(st.just("t"), st.integers(0, 700_000), st.just(0), st.just(0), st.just(0)),
     st.tuples(st.just("s"), st.just(0), st.just(0), st.just(0), st.just(0))), min_size=1, max_size=10),
     initial=st.integers(0, 400_000), seed=st.integers(0, 2**32 - 1))
-def test_strided_runs_flush_byte_for_byte(atier, ops, initial, seed, writes_seen):
+def test_strided_runs_flush_byte_for_byte(mem_atier, ops, initial, seed, writes_seen):
     """Strided runs (strides below and above a stripe) among plain writes, truncations and syncs."""
     rnd = random.Random(seed)
-    path = bfs_file(atier, f"strided/{next(_EXAMPLE)}")
+    path = bfs_file(mem_atier, f"strided/{next(_EXAMPLE)}")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     start = rnd.randbytes(initial) if initial else None
     if start is not None:
         with open(path, "wb") as f:
             f.write(start)
-    store = atier.store
+    store = mem_atier.store
     store.create(path, initial if start is not None else None)
     model = Model(start or b"")
     for op, a, b, count, gap in ops:
@@ -188,9 +197,9 @@ def test_strided_runs_flush_byte_for_byte(atier, ops, initial, seed, writes_seen
             store.set_size(path, a)
             model.truncate(a)
         else:
-            flush.sync(path, tier=atier)
+            flush.sync(path, tier=mem_atier)
     writes_seen.clear()
-    rep = flush.sync(path, tier=atier)
+    rep = flush.sync(path, tier=mem_atier)
     assert open(path, "rb").read() == bytes(model.data)
     assert not store.meta(path).dirty
     check_aligned([w for w in writes_seen if w[0] == path], rep.size)
@@ -198,16 +207,16 @@ def test_strided_runs_flush_byte_for_byte(atier, ops, initial, seed, writes_seen
 
 
 @pytest.mark.timeout(60)
-def test_a_sparse_strided_run_writes_only_its_stripes(atier, writes_seen):
+def test_a_sparse_strided_run_writes_only_its_stripes(mem_atier, writes_seen):
     """Blocks 10 stripes apart: the flush writes the stripes holding blocks, not the gaps between them."""
-    path = bfs_file(atier, "sparse-strided.dat")
-    store = atier.store
+    path = bfs_file(mem_atier, "sparse-strided.dat")
+    store = mem_atier.store
     store.create(path, None)
     model = Model()
     put_runs(store, path, model, [(ALIGN // 2, random.Random(5).randbytes(8 * 100), 100, 10 * ALIGN)])
     put(store, path, model, [(3 * ALIGN, b"p" * 10)])           # a plain write between two blocks
     assert len(store.extents_from(path, 0, 100)) == 2              # one strided entry, one plain
-    rep = flush.sync(path, tier=atier)
+    rep = flush.sync(path, tier=mem_atier)
     assert open(path, "rb").read() == bytes(model.data)
     assert sorted(off // ALIGN for _, off, _ in writes_seen) == [0, 3, 10, 20, 30, 40, 50, 60, 70]
     assert rep.writes == 9
@@ -216,17 +225,17 @@ def test_a_sparse_strided_run_writes_only_its_stripes(atier, writes_seen):
 # ----------------------------------------------------------------------------- existing files, truncation
 
 @pytest.mark.timeout(60)
-def test_partial_overwrite_keeps_existing_bytes_and_writes_only_dirty_stripes(atier, writes_seen):
+def test_partial_overwrite_keeps_existing_bytes_and_writes_only_dirty_stripes(mem_atier, writes_seen):
     """Writes into an existing BFS file: untouched bytes stay, only stripes with new data are rewritten."""
-    path = bfs_file(atier, "existing.dat")
+    path = bfs_file(mem_atier, "existing.dat")
     original = random.Random(3).randbytes(2 << 20)
     with open(path, "wb") as f:
         f.write(original)
-    store = atier.store
+    store = mem_atier.store
     store.create(path, len(original))
     model = Model(original)
     put(store, path, model, [(100_000, b"a" * 5000), (1_000_000, b"b" * 70_000), (2_097_000, b"c" * 10_000)])
-    rep = flush.sync(path, tier=atier)
+    rep = flush.sync(path, tier=mem_atier)
     assert open(path, "rb").read() == bytes(model.data)
     # the stripes holding the three writes, nothing else; adjacent dirty stripes share one write
     assert sorted((off // ALIGN, n) for _, off, n in writes_seen) == [(1, ALIGN), (15, 2 * ALIGN),
@@ -235,62 +244,62 @@ def test_partial_overwrite_keeps_existing_bytes_and_writes_only_dirty_stripes(at
 
 
 @pytest.mark.timeout(60)
-def test_truncation_of_existing_file_then_regrowth(atier):
+def test_truncation_of_existing_file_then_regrowth(mem_atier):
     """Set_size shrinks an existing file; later writes past the cut leave zeros in between, not old bytes."""
-    path = bfs_file(atier, "trunc.dat")
+    path = bfs_file(mem_atier, "trunc.dat")
     original = random.Random(4).randbytes(1 << 20)
     with open(path, "wb") as f:
         f.write(original)
-    store = atier.store
+    store = mem_atier.store
     store.create(path, len(original))
     model = Model(original)
     store.set_size(path, 300_000)
     model.truncate(300_000)
     put(store, path, model, [(500_000, b"z" * 1000)])
     assert store.meta(path).trunc == 300_000
-    flush.sync(path, tier=atier)
+    flush.sync(path, tier=mem_atier)
     assert open(path, "rb").read() == bytes(model.data)
     assert store.meta(path).trunc is None
     store.set_size(path, 100)
     model.truncate(100)
-    flush.sync(path, tier=atier)
+    flush.sync(path, tier=mem_atier)
     assert open(path, "rb").read() == bytes(model.data)
 
 
 @pytest.mark.timeout(60)
-def test_nothing_dirty_writes_nothing(atier, writes_seen):
-    store = atier.store
-    path = bfs_file(atier, "twice.dat")
+def test_nothing_dirty_writes_nothing(mem_atier, writes_seen):
+    store = mem_atier.store
+    path = bfs_file(mem_atier, "twice.dat")
     store.create(path, None)
     put(store, path, None, [(0, b"x" * 300_000)])
-    flush.sync(path, tier=atier)
+    flush.sync(path, tier=mem_atier)
     writes_seen.clear()
-    rep = flush.sync(path, tier=atier)
+    rep = flush.sync(path, tier=mem_atier)
     assert rep.writes == 0 and writes_seen == []
 
 
 # ----------------------------------------------------------------------------- durability rules
 
 @pytest.mark.timeout(60)
-def test_new_file_appears_only_complete(atier, writes_seen):
+def test_new_file_appears_only_complete(mem_atier, writes_seen):
     """While a new file is being written, its final name does not exist; a temp file beside it does."""
-    store = atier.store
-    path = bfs_file(atier, "deep/new/dir/file.dat")    # missing parents are created
+    store = mem_atier.store
+    path = bfs_file(mem_atier, "deep/new/dir/file.dat")    # missing parents are created
     store.create(path, None)
     put(store, path, None, [(0, b"q" * 500_000)])
     states = []
     flush.write_observers.append(lambda p, o, n: states.append(
         (os.path.exists(path), [n for n in os.listdir(os.path.dirname(path)) if ".mpiburst-" in n])))
-    flush.sync(path, tier=atier)
+    flush.sync(path, tier=mem_atier)
     assert states and all(not exists and len(temps) == 1 for exists, temps in states)
     assert os.listdir(os.path.dirname(path)) == ["file.dat"]
 
 
 @pytest.mark.timeout(60)
-def test_writes_during_flush_stay_dirty(atier):
+def test_writes_during_flush_stay_dirty(mem_atier):
     """A write that arrives while a flush runs is not in its snapshot: still dirty, flushed next time."""
-    store = atier.store
-    path = bfs_file(atier, "concurrent.dat")
+    store = mem_atier.store
+    path = bfs_file(mem_atier, "concurrent.dat")
     store.create(path, None)
     model = Model()
     put(store, path, model, [(0, b"1" * 400_000)])
@@ -303,27 +312,27 @@ def test_writes_during_flush_stay_dirty(atier):
             put(store, path, late, [(10, b"2" * 100)])
 
     flush.write_observers.append(write_now)
-    flush.sync(path, tier=atier)
+    flush.sync(path, tier=mem_atier)
     flush.write_observers.clear()
     assert open(path, "rb").read() == bytes(model.data)
     assert store.meta(path).dirty
-    assert residency.frag_stat(path, tier=atier).dirty == 100
-    flush.sync(path, tier=atier)
+    assert residency.frag_stat(path, tier=mem_atier).dirty == 100
+    flush.sync(path, tier=mem_atier)
     assert open(path, "rb").read() == bytes(late.data)
 
 
 @pytest.mark.timeout(60)
-def test_memory_per_flusher_is_bounded(atier, small_writes):
+def test_memory_per_flusher_is_bounded(mem_atier, small_writes):
     """Flushing 16 MiB allocates a few WRITE_SIZE batches' worth of memory, not the file."""
-    store = atier.store
-    path = bfs_file(atier, "big.dat")
+    store = mem_atier.store
+    path = bfs_file(mem_atier, "big.dat")
     store.create(path, None)
     rnd = random.Random(5)
     for base in range(0, 16 << 20, 4 << 20):
         put(store, path, None, [(base + o, rnd.randbytes(32768)) for o in range(0, 4 << 20, 32768)])
     tracemalloc.start()
     try:
-        flush.sync(path, tier=atier)
+        flush.sync(path, tier=mem_atier)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -356,41 +365,41 @@ def test_bfs_write_calls_seen_by_strace(atier, tmp_path):
 # ----------------------------------------------------------------------------- API edges
 
 @pytest.mark.timeout(30)
-def test_bad_paths_and_non_blocking(atier, tmp_path):
+def test_bad_paths_and_non_blocking(mem_atier, tmp_path):
     with pytest.raises(PathError, match="not in the tier"):
-        flush.sync(bfs_file(atier, "never-written"), tier=atier)
+        flush.sync(bfs_file(mem_atier, "never-written"), tier=mem_atier)
     with pytest.raises(PathError, match="outside the run's BFS root"):
-        flush.sync(str(tmp_path / "elsewhere"), tier=atier)
-    store = atier.store
-    path = bfs_file(atier, "queued.dat")
+        flush.sync(str(tmp_path / "elsewhere"), tier=mem_atier)
+    store = mem_atier.store
+    path = bfs_file(mem_atier, "queued.dat")
     store.create(path, None)
-    assert flush.sync("burst://queued.dat", tier=atier, block=False) is None
-    assert atier.store.queued() == 1
+    assert flush.sync("burst://queued.dat", tier=mem_atier, block=False) is None
+    assert mem_atier.store.queued() == 1
     assert store.meta(path).dirty is False and not os.path.exists(path)  # only queued, nothing written
 
 
 @pytest.mark.timeout(60)
-def test_reads_after_flush_see_newest_bytes(atier):
+def test_reads_after_flush_see_newest_bytes(mem_atier):
     """After a flush and a purge of clean data, reads take the tier's newer bytes and the BFS for the rest."""
-    store = atier.store
-    path = bfs_file(atier, "reads.dat")
+    store = mem_atier.store
+    path = bfs_file(mem_atier, "reads.dat")
     store.create(path, None)
     model = Model()
     put(store, path, model, [(0, random.Random(7).randbytes(700_000))])
-    flush.sync(path, tier=atier)
-    assert residency.purge(path, clean_only=True, tier=atier) > 0
+    flush.sync(path, tier=mem_atier)
+    assert residency.purge(path, clean_only=True, tier=mem_atier) > 0
     put(store, path, model, [(123_456, b"new" * 1000)])
-    assert b"".join(residency.read(path, tier=atier)) == bytes(model.data)
+    assert b"".join(residency.read(path, tier=mem_atier)) == bytes(model.data)
 
 
 @pytest.mark.timeout(60)
-def test_workers_split_the_stripes(atier, writes_seen):
-    store = atier.store
-    path = bfs_file(atier, "workers.dat")
+def test_workers_split_the_stripes(mem_atier, writes_seen):
+    store = mem_atier.store
+    path = bfs_file(mem_atier, "workers.dat")
     store.create(path, None)
     model = Model()
     put(store, path, model, [(0, random.Random(8).randbytes(1_500_000))])
-    rep = flush.sync(path, tier=atier, workers=3)
+    rep = flush.sync(path, tier=mem_atier, workers=3)
     assert open(path, "rb").read() == bytes(model.data)
     assert rep.writes == 3                                  # 23 stripes: 7 + 8 + 8, one write per worker
     check_aligned(writes_seen, rep.size)
