@@ -375,6 +375,7 @@ class Checkpoints:
         self._flusher = _Flusher()
         self._flushing: set[int] = set()     # steps whose flush was asked for (rank 0)
         self._leaving: set[int] = set()      # steps asked to leave the tier (rank 0)
+        self._in_tier: set[int] | None = None   # complete in the tier and staying (rank 0; read at the first save)
         self._failed: set[int] = set()       # steps whose restore failed in this run
         self._halting = False
         self._last_save_seconds = 0.0
@@ -460,8 +461,11 @@ class Checkpoints:
         """Remove what a step holds before it is written again (rank 0)."""
         if step in self._flushing or step in self._leaving:
             self._flusher.tasks.join()   # its queued flush would take the new files (errors: for wait())
+        if self._in_tier is None:   # once: a retained tier's checkpoints count towards keep
+            self._in_tier = {s for s, e in self.catalog.scan().items() if e.in_tier}
         self._flushing.discard(step)
         self._leaving.discard(step)
+        self._in_tier.discard(step)
         self.catalog.remove(step, tier=True, bfs=True)
 
     def _abandon(self, step: int) -> None:
@@ -496,8 +500,10 @@ class Checkpoints:
         due = output or self._halting or self.saves % self.flush_every == 0
         if due:
             self._queue_flush(step, sum(files.values()))
-        in_tier = sorted(s for s, e in self.catalog.scan().items() if e.in_tier and s not in self._leaving)
-        for old in in_tier[:-self.keep]:
+        assert self._in_tier is not None   # set by _begin
+        self._in_tier.add(step)
+        for old in sorted(self._in_tier)[:-self.keep]:
+            self._in_tier.discard(old)
             self._leaving.add(old)
             self._flusher.submit(functools.partial(self.catalog.remove, old, tier=True))
         return due
@@ -537,6 +543,8 @@ class Checkpoints:
         """Remove checkpoint ``step`` from the tier, and with ``bfs`` its BFS copy too (collective)."""
         def act() -> None:
             self._report(self._flusher.join())
+            if self._in_tier is not None:
+                self._in_tier.discard(step)
             self.catalog.remove(step, tier=True, bfs=bfs)
         on_root(self.comm, act)
 

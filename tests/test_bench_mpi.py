@@ -78,8 +78,8 @@ def test_checkpoint_loop_measures_every_way_and_has_no_target_on_a_local_disk(mp
     comm = MPI.COMM_WORLD
     out_json = mpi_tmp_path / "bench.json"
     status = main(["bench", "--pattern", "ckpt", "--transfer", "4k", "--size", "128k", "--steps", "3",
-                   "--work", "0.01", "--repeat", "2", "--bfs-dir", str(mpi_tmp_path), "--server", server_binary,
-                   "--json", str(out_json)])
+                   "--flush-every", "2", "--work", "0.01", "--repeat", "2", "--bfs-dir", str(mpi_tmp_path),
+                   "--server", server_binary, "--json", str(out_json)])
     assert status == 0
     comm.Barrier()
     if comm.rank != 0:
@@ -89,15 +89,18 @@ def test_checkpoint_loop_measures_every_way_and_has_no_target_on_a_local_disk(mp
     assert "mpiburst/direct" in table and "targets (local filesystem targets):" in table
     doc = json.loads(out_json.read_text())
     assert doc["params"]["steps"] == 3 and doc["params"]["work_iterations"] >= 1
-    (r,) = doc["results"]
-    assert r["pattern"] == "ckpt" and r["steps"] == 3
-    assert r["total_bytes"] == 3 * 128 * 1024 * comm.size
-    for key, m in r["methods"].items():
-        assert m["verified"] is True, key
-        assert 0 < m["seconds"]["min"] <= m["seconds"]["median"] <= m["seconds"]["max"], key
-    assert 0 < r["ratios"]["job_time_vs_mpiio"] < math.inf
-    (target,) = doc["targets"]
-    assert target["met"] is None and "job time / direct MPI-IO" in target["target"]
+    assert [r["compute"] for r in doc["results"]] == ["numpy", "idle"]     # both kinds of work by default
+    for r in doc["results"]:
+        assert r["pattern"] == "ckpt" and r["steps"] == 3 and r["flush_every"] == 2
+        assert r["total_bytes"] == 3 * 128 * 1024 * comm.size
+        assert set(r["methods"]) == {"compute", "mpiio_ckpt", "mpiio_ckpt_1inN", "mpiburst_ckpt"}
+        for key, m in r["methods"].items():
+            assert m["verified"] is True, key
+            assert 0 < m["seconds"]["min"] <= m["seconds"]["median"] <= m["seconds"]["max"], key
+        assert 0 < r["ratios"]["job_time_vs_mpiio"] < math.inf
+        assert 0 < r["ratios"]["job_time_vs_mpiio_1inN"] < math.inf
+    assert len(doc["targets"]) == 2
+    assert all(t["met"] is None and "job time / direct MPI-IO" in t["target"] for t in doc["targets"])
     assert not list(mpi_tmp_path.glob("mpiburst-bench-*")), "the scratch directory was left behind"
 
 

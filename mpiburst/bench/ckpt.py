@@ -1,58 +1,78 @@
 """The checkpoint loop: the whole job's time, what a user of a burst buffer waits for.
 
-A job of ``K`` steps, each a fixed amount of numpy work followed by a
-checkpoint: every rank writes ``--size`` bytes in transfer-sized records
-into a new shared file, in the ``strided`` layout (the records of the ranks
-interleave, as a domain-decomposed array does in a shared file). Three ways:
+A job of ``K`` steps, each a fixed amount of work followed by a checkpoint:
+every rank writes ``--size`` bytes in transfer-sized records into a new
+shared file, in the ``strided`` layout (the records of the ranks interleave,
+as a domain-decomposed array does in a shared file). Four ways:
 
 * ``compute``: the work alone, no checkpoint (the floor of the job's time);
 * ``mpiio_ckpt``: each checkpoint written directly with ``mpi4py.MPI.File``
   (``Open``, ``Write_at`` per record, ``Sync``, ``Close``) before the next step;
-* ``mpiburst_ckpt``: each checkpoint absorbed by ``mpiburst.File`` (``Open``,
-  ``Write_at`` per record, ``Sync``, ``Close``), then queued for a background
-  flush (``mpiburst.sync(url, block=False)``: the tier's engine writes it to
-  the BFS while the ranks compute); after the last step the job waits until
-  every checkpoint is durable on the BFS. That wait is part of the job's time.
+* ``mpiio_ckpt_1inN``: the same, but only checkpoints ``k % N == 0`` are
+  written (``N = --flush-every``): what direct MPI-IO costs when it keeps
+  as few checkpoints as the tier flushes;
+* ``mpiburst_ckpt``: each checkpoint saved through
+  :class:`mpiburst.Checkpoints` (``keep=2``, ``flush_every=N``): absorbed by
+  ``mpiburst.File`` (``Open``, ``Write_at`` per record, ``Sync``, ``Close``)
+  in a ``save`` block; one in ``N`` flushed by rank 0's background thread
+  while the ranks work; the job ends with ``close()``, which flushes the
+  newest if it was not and waits until every flush is durable. That wait is
+  part of the job's time.
 
-The work is the same number of iterations of a small 1-D stencil (single
-threaded numpy, no BLAS threads) in every method: it is calibrated once per
-run to take about ``--work`` seconds per step with every rank busy.
+Two kinds of work (``--compute``): ``numpy``, the same number of
+iterations of a small 1-D stencil (single threaded numpy, no BLAS threads)
+in every method, calibrated once per run to take about ``--work`` seconds
+per step with every rank busy; and ``idle``, where every rank waits
+``--work`` seconds on a timer, as ranks do while a GPU or another machine
+computes: the CPU is free for the background flush.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ..collective import on_root
-from ..errors import MpiburstError
 from .baselines import agree, remove_output
-from .burst import URL_DIR, _absorb
+from .burst import _absorb
 from .patterns import Layout, rank_data, records, verify_file
 from .timing import collective_time
 
 #: Elements of the stencil's array (float64: 2 MiB).
 STENCIL_POINTS = 1 << 18
-#: Seconds the end of the mpiburst job may wait for the background flush before giving up.
-DRAIN_TIMEOUT = 3600.0
+#: The kinds of work between checkpoints: numpy on every rank, or ranks waiting on a timer (CPU idle).
+COMPUTE_MODES = ("numpy", "idle")
 
 
 @dataclass(frozen=True)
 class Loop:
-    """One checkpoint loop: ``steps`` checkpoints of ``layout``, ``iterations`` of work before each."""
+    """One checkpoint loop: ``steps`` checkpoints of ``layout``, one step of work before each.
+
+    ``compute`` is ``"numpy"`` (``iterations`` stencil sweeps) or ``"idle"``
+    (a ``seconds`` wait); one in ``flush_every`` checkpoints is flushed.
+    """
 
     layout: Layout
     steps: int
     iterations: int
+    flush_every: int = 4
+    compute: str = "numpy"
+    seconds: float = 0.25
 
     def name(self, method: str, step: int) -> str:
         """Return the file name of checkpoint ``step`` of ``method``."""
         return f"ckpt-{self.layout.transfer}-{method}-{step}.dat"
+
+    def work(self) -> Callable[[], None]:
+        """Return one step of this loop's work."""
+        if self.compute == "idle":
+            return lambda: time.sleep(self.seconds)
+        work = Work()
+        return lambda: work.run(self.iterations)
 
 
 def checkpoint_layout(transfer: int, size: int, nranks: int, rank: int) -> Layout:
@@ -92,98 +112,99 @@ def calibrate(comm: Any, seconds: float) -> int:
 
 
 def compute(comm: Any, loop: Loop) -> float:
-    """Return the seconds of the work alone: ``steps`` times the step's sweeps, no checkpoint."""
-    work = Work()
+    """Return the seconds of the work alone: ``steps`` times the step's work, no checkpoint."""
+    work = loop.work()
 
     def job() -> None:
         for _ in range(loop.steps):
-            work.run(loop.iterations)
+            work()
 
     seconds, _ = collective_time(comm, job)
     return seconds
 
 
-def direct(comm: Any, loop: Loop, scratch: str, recs: Sequence[tuple[int, np.ndarray]], check: bool) -> tuple[float, bool]:
-    """Return the seconds of the job writing each checkpoint with direct MPI-IO, and whether every file is right."""
+def direct(comm: Any, loop: Loop, scratch: str, recs: Sequence[tuple[int, np.ndarray]], check: bool,
+           every: int = 1) -> tuple[float, bool]:
+    """Return the seconds of the job writing checkpoints ``k % every == 0`` (k from 1) with direct MPI-IO,
+    and whether every file is right."""
     from mpi4py import MPI
 
-    paths = [os.path.join(scratch, loop.name("mpiio", k)) for k in range(loop.steps)]
-    work = Work()
+    paths = {k: os.path.join(scratch, loop.name(f"mpiio{every}", k)) for k in range(1, loop.steps + 1)
+             if k % every == 0}
+    work = loop.work()
 
     def job() -> None:
-        for path in paths:
-            work.run(loop.iterations)
-            f = MPI.File.Open(comm, path, MPI.MODE_WRONLY | MPI.MODE_CREATE)
+        for k in range(1, loop.steps + 1):
+            work()
+            if k not in paths:
+                continue
+            f = MPI.File.Open(comm, paths[k], MPI.MODE_WRONLY | MPI.MODE_CREATE)
             for offset, buf in recs:
                 f.Write_at(offset, buf)
             f.Sync()
             f.Close()
 
     seconds, _ = collective_time(comm, job)
-    ok = agree(comm, all(verify_file(loop.layout, p) for p in paths)) if check else True
-    for path in paths:
+    ok = agree(comm, all(verify_file(loop.layout, p) for p in paths.values())) if check else True
+    for path in paths.values():
         remove_output(comm, loop.layout, path)
     return seconds, ok
 
 
-def _drain(tier: Any, urls: Sequence[str]) -> None:
-    """Wait until the tier holds nothing dirty of any of ``urls`` (rank 0; raises if the engine does not get there)."""
-    from .. import residency
-
-    deadline = time.monotonic() + DRAIN_TIMEOUT
-    for url in urls:
-        if not residency.wait_clean(url, tier=tier, timeout=max(0.0, deadline - time.monotonic())):
-            raise MpiburstError(f"the background flush of {url} did not finish within {DRAIN_TIMEOUT:.0f} s; "
-                                f"see the engine's log in {tier.conf.dir}.")
-
-
 def through_mpiburst(comm: Any, tier: Any, loop: Loop, recs: Sequence[tuple[int, np.ndarray]],
-                     check: bool) -> tuple[float, bool]:
-    """Return the seconds of the job checkpointing through mpiburst until every checkpoint is durable, and
-    whether every flushed file is right."""
-    import mpiburst
+                     check: bool, name: str) -> tuple[float, bool]:
+    """Return the seconds of the job checkpointing through :class:`mpiburst.Checkpoints` until every flushed
+    checkpoint is durable, and whether every flushed file is right."""
+    from ..checkpoint import Checkpoints
 
-    urls = [f"burst://{URL_DIR}/{loop.name('mpiburst', k)}" for k in range(loop.steps)]
-    work = Work()
+    def job() -> Checkpoints:
+        ck = Checkpoints(comm, name, keep=2, flush_every=loop.flush_every, tier=tier)
+        work = loop.work()
+        for k in range(1, loop.steps + 1):
+            work()
+            with ck.save(k) as c:
+                _absorb(comm, c.path("ckpt.dat"), recs)
+        ck.close()          # the newest flushed if it was not; every flush durable
+        return ck
 
-    def job() -> None:
-        for url in urls:
-            work.run(loop.iterations)
-            _absorb(comm, url, recs)
-            if comm.rank == 0:
-                mpiburst.sync(url, tier=tier, block=False)  # the engine flushes it while the ranks compute
-        on_root(comm, lambda: _drain(tier, urls))   # rank 0 waits for the engine; its failure raises everywhere
-
-    seconds, _ = collective_time(comm, job)
+    seconds, ck = collective_time(comm, job)
+    flushed = [e for e in ck.entries() if e.on_bfs]
     ok = True
     if check:
-        ok = agree(comm, all(verify_file(loop.layout, os.path.join(tier.bfs_root, URL_DIR, loop.name("mpiburst", k)))
-                             for k in range(loop.steps)))
-    on_root(comm, lambda: [mpiburst.File.Delete(url) for url in urls])
+        ok = agree(comm, bool(flushed) and all(
+            verify_file(loop.layout, os.path.join(ck.catalog.step_dir(e.step), "ckpt.dat")) for e in flushed))
+    for e in ck.entries():
+        ck.drop(e.step, bfs=True)
     return seconds, ok
 
 
 def run_config(comm: Any, tier: Any, loop: Loop, repeat: int, scratch: str) -> dict[str, Any]:
-    """Measure the three ways ``repeat`` times, interleaved; return the raw dict :mod:`.report` expects."""
+    """Measure the four ways ``repeat`` times, interleaved; return the raw dict :mod:`.report` expects."""
     recs = records(loop.layout, rank_data(loop.layout))
-    seconds: dict[str, list[float]] = {"compute": [], "mpiio_ckpt": [], "mpiburst_ckpt": []}
-    verified = {"compute": True, "mpiio_ckpt": True, "mpiburst_ckpt": True}
+    keys = ("compute", "mpiio_ckpt", "mpiio_ckpt_1inN", "mpiburst_ckpt")
+    seconds: dict[str, list[float]] = {k: [] for k in keys}
+    verified = dict.fromkeys(keys, True)
     direct_dir = os.path.join(scratch, "direct")
     for i in range(repeat):
         check = i == 0
         seconds["compute"].append(compute(comm, loop))
-        s, ok = direct(comm, loop, direct_dir, recs, check)
-        seconds["mpiio_ckpt"].append(s)
-        verified["mpiio_ckpt"] = verified["mpiio_ckpt"] and ok
-        s, ok = through_mpiburst(comm, tier, loop, recs, check)
+        for key, every in (("mpiio_ckpt", 1), ("mpiio_ckpt_1inN", loop.flush_every)):
+            s, ok = direct(comm, loop, direct_dir, recs, check, every)
+            seconds[key].append(s)
+            verified[key] = verified[key] and ok
+        s, ok = through_mpiburst(comm, tier, loop, recs, check,
+                                 f"bench/ckpt-{loop.compute}-{loop.layout.transfer}-{i}")
         seconds["mpiburst_ckpt"].append(s)
         verified["mpiburst_ckpt"] = verified["mpiburst_ckpt"] and ok
     return {
         "pattern": "ckpt",
+        "compute": loop.compute,
+        "flush_every": loop.flush_every,
         "transfer": loop.layout.transfer,
         "ranks": loop.layout.nranks,
         "steps": loop.steps,
-        "work_iterations": loop.iterations,
+        "work_iterations": loop.iterations if loop.compute == "numpy" else 0,
+        "work_seconds": loop.seconds,
         "bytes_per_rank": loop.layout.rank_bytes * loop.steps,
         "total_bytes": loop.layout.total_bytes * loop.steps,
         "seconds": seconds,

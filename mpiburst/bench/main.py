@@ -50,6 +50,8 @@ class Options:
     steps: int = 4
     work: float = 0.25
     nfiles: int = files.DEFAULT_FILES
+    flush_every: int = 4
+    compute: tuple[str, ...] = ckpt.COMPUTE_MODES
 
 
 def _split(values: list[str] | None, default: tuple[str, ...]) -> list[str]:
@@ -60,7 +62,8 @@ def _split(values: list[str] | None, default: tuple[str, ...]) -> list[str]:
 
 def options(patterns: list[str] | None, transfers: list[str] | None, size: str, repeat: int,
             json: str | None, plot: str | None, bfs_dir: str, capacity: str, server: str | None,
-            steps: int = 4, work: float = 0.25, nfiles: int = files.DEFAULT_FILES) -> Options:
+            steps: int = 4, work: float = 0.25, nfiles: int = files.DEFAULT_FILES, flush_every: int = 4,
+            compute: list[str] | None = None) -> Options:
     """Check the command line's values and return them as :class:`Options` (raises :class:`ConfigError`)."""
     pats = _split(patterns, DEFAULT_PATTERNS)
     for p in pats:
@@ -83,6 +86,12 @@ def options(patterns: list[str] | None, transfers: list[str] | None, size: str, 
             raise ConfigError(f"--steps must be at least 1 (got {steps}).")
         if not 0 <= work <= 3600:
             raise ConfigError(f"--work must be between 0 and 3600 seconds of work per step (got {work}).")
+        if flush_every < 1:
+            raise ConfigError(f"--flush-every must be at least 1 (got {flush_every}).")
+    modes = _split(compute, ckpt.COMPUTE_MODES)
+    for mode in modes:
+        if mode not in ckpt.COMPUTE_MODES:
+            raise ConfigError(f"unknown --compute {mode!r}; choose from {', '.join(ckpt.COMPUTE_MODES)}.")
     if repeat < 1:
         raise ConfigError(f"--repeat must be at least 1 (got {repeat}).")
     if not os.path.isdir(bfs_dir):
@@ -97,7 +106,7 @@ def options(patterns: list[str] | None, transfers: list[str] | None, size: str, 
         except ImportError:
             raise ConfigError("--plot needs matplotlib; install it with 'pip install mpiburst[bench]'.") from None
     return Options(pats, sizes, per_rank, repeat, json, plot, os.path.abspath(bfs_dir), capacity, server,
-                   steps, work, nfiles)
+                   steps, work, nfiles, flush_every, tuple(modes))
 
 
 def check_capacity(opts: Options, nranks: int) -> None:
@@ -272,7 +281,8 @@ def run(opts: Options) -> int:
     if "files" in opts.patterns:
         params["files_per_rank"] = opts.nfiles
     if "ckpt" in opts.patterns:
-        params |= {"steps": opts.steps, "work_seconds": opts.work, "ckpt_size": format_size(opts.size)}
+        params |= {"steps": opts.steps, "work_seconds": opts.work, "ckpt_size": format_size(opts.size),
+                   "flush_every": opts.flush_every, "compute": list(opts.compute)}
     scratch, rundir = _scratch(comm, opts.bfs_dir)
     results = []
     views: list[dict[str, Any]] = []
@@ -283,8 +293,19 @@ def run(opts: Options) -> int:
             client = connect_redis(tier.conf.node(tier.store.local) if tier.conf.nodes else tier.conf)
             for pattern in opts.patterns:
                 if pattern == "ckpt":  # the same work in every method and size: calibrated once
-                    params["work_iterations"] = ckpt.calibrate(comm, opts.work)
+                    params["work_iterations"] = ckpt.calibrate(comm, opts.work) if "numpy" in opts.compute else 0
                 for transfer in opts.transfers:
+                    if pattern == "ckpt":   # one record per kind of work
+                        for mode in opts.compute:
+                            layout = ckpt.checkpoint_layout(transfer, opts.size, comm.size, comm.rank)
+                            loop = ckpt.Loop(layout, opts.steps, params["work_iterations"], opts.flush_every, mode,
+                                             opts.work)
+                            raw = ckpt.run_config(comm, tier, loop, opts.repeat, scratch)
+                            if comm.rank == 0:
+                                results.append(report.summarize(raw))
+                                print(f"done: ckpt {report.short_size(transfer)} ({mode} work)", file=sys.stderr,
+                                      flush=True)
+                        continue
                     if pattern == "view":   # its own table: Write_at against a view, same run
                         raw = view.run_config(comm, tier, Layout("strided", transfer, opts.size, comm.size,
                                                                   comm.rank), opts.repeat)
@@ -295,10 +316,6 @@ def run(opts: Options) -> int:
                     if pattern == "files":
                         raw = files.run_config(comm, tier, files.Files(transfer, opts.nfiles, comm.size, comm.rank),
                                                opts.repeat, scratch)
-                    elif pattern == "ckpt":
-                        layout = ckpt.checkpoint_layout(transfer, opts.size, comm.size, comm.rank)
-                        loop = ckpt.Loop(layout, opts.steps, params["work_iterations"])
-                        raw = ckpt.run_config(comm, tier, loop, opts.repeat, scratch)
                     else:
                         layout = Layout(pattern, transfer, opts.size, comm.size, comm.rank)
                         raw = _run_config(comm, tier, admin, client, layout, opts.repeat, scratch)

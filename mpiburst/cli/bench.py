@@ -45,6 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="ckpt: checkpoints per job, each of --size per rank (default: 4)")
     p.add_argument("--work", type=float, default=0.25, metavar="SECONDS",
                    help="ckpt: numpy work before each checkpoint, calibrated once to about SECONDS (default: 0.25)")
+    p.add_argument("--flush-every", type=int, default=4, metavar="N",
+                   help="ckpt: flush one checkpoint in N (mpiburst.Checkpoints), and direct MPI-IO writing one in N "
+                        "as a second baseline (default: 4)")
+    p.add_argument("--compute", action="append", metavar="MODE",
+                   help="ckpt: the work between checkpoints: numpy (every rank busy) and/or idle (ranks wait on a "
+                        "timer, the CPU free, as while a GPU computes); comma-separate (default: numpy,idle)")
     p.add_argument("--files", type=int, default=200, metavar="N",
                    help="files: files each rank makes per measurement, each of one --transfer size (default: 200; "
                    "sizes default to 4k,64k when only this pattern runs)")
@@ -66,7 +72,8 @@ def _bench(args: argparse.Namespace) -> int:
     from ..bench import main
 
     opts = main.options(args.pattern, args.transfer, args.size, args.repeat, args.json, args.plot,
-                        args.bfs_dir, args.capacity, args.server, args.steps, args.work, args.files)
+                        args.bfs_dir, args.capacity, args.server, args.steps, args.work, args.files,
+                        args.flush_every, args.compute)
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
