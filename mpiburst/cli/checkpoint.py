@@ -15,7 +15,7 @@ import json
 import os
 from typing import Any
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..runconf import find_conf_path, resolve_id
 from ..sizes import format_size
 from .lifecycle import add_locator
@@ -66,7 +66,11 @@ def _catalog(args: argparse.Namespace) -> Any:
 
     if args.bfs_root:
         return Catalog(args.name, bfs_root=os.path.abspath(args.bfs_root))
-    return Catalog(args.name, Tier.connect(conf=find_conf_path(args.id, args.dir)))
+    try:
+        tier = Tier.connect(conf=find_conf_path(args.id, args.dir))
+    except ConfigError as exc:
+        raise ConfigError(f"{str(exc).rstrip('.')}; or give --bfs-root DIR to look at the BFS alone.") from None
+    return Catalog(args.name, tier)
 
 
 def _ckpt(args: argparse.Namespace) -> int:
