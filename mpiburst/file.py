@@ -25,7 +25,7 @@ from mpi4py.typing import BufSpec
 from . import drain
 from .collective import on_root, together
 from .messages import Message, message
-from .paths import is_burst, resolve
+from .paths import is_burst, locate, resolve
 from .tier import Tier
 from .views import View
 from .writeback import TierFile, buffer_size, check_offset, register
@@ -63,20 +63,30 @@ def _set_status(status: MPI.Status | None, nbytes: int) -> None:
 
 
 class _SharedPointer:
-    """The shared file pointer of one open file, a counter in the tier (etype units)."""
+    """The shared file pointer of one open file, a counter in the tier (etype units).
+
+    A counter the tier does not hold reads 0, so an open at 0 sets none; this
+    process remembers whether it made one (:attr:`touched`), so closing a
+    file opened by one rank that never used its shared pointer costs no
+    round trip for it.
+    """
 
     def __init__(self, tier: Tier, path: str, token: str):
         self._store = tier.store
         self._path, self._token = path, token
+        self.touched = False
 
     def advance(self, delta: int) -> int:
         """Add ``delta`` atomically; return the value before."""
+        self.touched = True
         return self._store.shared_pointer(self._path, self._token, delta)
 
     def get(self) -> int:
+        self.touched = True
         return self._store.shared_pointer(self._path, self._token, 0)
 
     def set(self, value: int) -> None:
+        self.touched = True
         self._store.set_shared_pointer(self._path, self._token, value)
 
     def drop(self) -> None:
@@ -141,10 +151,10 @@ class File:
             return MPI.File.Open(comm, filename, amode, info)
         hints = _hints(info)
         tier = Tier.current(comm)   # a rank that cannot connect fails every rank, not only itself
-        path = resolve(filename, tier.bfs_root)
+        path, found = locate(filename, tier.bfs_root)
         outcome: Any = _check_amode(amode)
         if outcome is None:  # rank 0 registers the file; its failure (a dead server) raises on every rank
-            outcome = on_root(comm, lambda: _open_on_rank0(tier, path, amode))
+            outcome = on_root(comm, lambda: _open_on_rank0(tier, path, amode, found))
         if isinstance(outcome, int):
             raise _mpi_error(outcome)
         token, start, drained = outcome
@@ -181,7 +191,8 @@ class File:
         self._comm.Barrier()        # a flush right after Close finds every rank's drained chunks
 
         def forget() -> None:
-            self._shared.drop()
+            if self._shared.touched or self._comm.Get_size() > 1:   # another rank may have made the counter
+                self._shared.drop()
             if self._amode & MPI.MODE_DELETE_ON_CLOSE:
                 _delete(self._tier, tf.path)
 
@@ -749,23 +760,23 @@ def _check_amode(amode: int) -> int | None:
     return None
 
 
-def _open_on_rank0(tier: Tier, path: str, amode: int) -> int | tuple[str, int, bool]:
+def _open_on_rank0(tier: Tier, path: str, amode: int, found: os.stat_result | None) -> int | tuple[str, int, bool]:
     """Check existence, register the file in the tier and start its shared file pointer.
+
+    ``found`` is what the BFS holds at ``path`` (:func:`mpiburst.paths.locate`).
 
     Returns an MPI error class, or the shared pointer's token (which also
     names a drain's data file), the file pointers' start (0, or the file
     size with ``MODE_APPEND``) and whether the file is drained while written.
     """
     drained = bool(amode & (MPI.MODE_WRONLY | MPI.MODE_RDWR)) and drain.wanted(path)
-    outcome = register(tier, path, bool(amode & MPI.MODE_CREATE), bool(amode & MPI.MODE_EXCL))
-    if outcome is not None:
+    outcome = register(tier, path, bool(amode & MPI.MODE_CREATE), bool(amode & MPI.MODE_EXCL), found)
+    if isinstance(outcome, str):
         return {"exists": MPI.ERR_FILE_EXISTS, "missing": MPI.ERR_NO_SUCH_FILE}[outcome]
-    start = 0
-    if amode & MPI.MODE_APPEND:
-        meta = tier.store.meta(path)
-        start = meta.size if meta else 0
+    start = outcome.size if amode & MPI.MODE_APPEND else 0
     token = uuid.uuid4().hex
-    _SharedPointer(tier, path, token).set(start)
+    if start:   # a pointer the tier does not hold reads 0: one round trip less for a new file
+        _SharedPointer(tier, path, token).set(start)
     return token, start, drained
 
 

@@ -27,7 +27,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from .errors import MpiburstError
-from .paths import resolve
+from .paths import locate
 from .writeback import TierFile, buffer_size, register, with_room
 
 if TYPE_CHECKING:
@@ -84,8 +84,8 @@ def open(path: str | os.PathLike, mode: str = "rb", *, tier: Tier | None = None,
 
     flags = _parse_mode(mode)
     tier = tier if tier is not None else Tier.current()
-    target = resolve(path, tier.bfs_root)
-    _register(tier, target, flags, path)
+    target, found = locate(path, tier.bfs_root)
+    _register(tier, target, flags, path, found)
     return BurstIO(TierFile(tier, target, 0, buffer_size(buffer)), os.fspath(path), mode, flags)
 
 
@@ -102,10 +102,13 @@ def _parse_mode(mode: str) -> tuple[bool, bool, bool, bool, bool, bool]:
     return readable, writable, create, exclusive, truncate, append
 
 
-def _register(tier: Any, target: str, flags: tuple, name: str | os.PathLike) -> None:
-    """Register ``target`` in the tier as :class:`mpiburst.File` does, with OSErrors as ``open()`` raises them."""
+def _register(tier: Any, target: str, flags: tuple, name: str | os.PathLike, found: os.stat_result | None) -> None:
+    """Register ``target`` in the tier as :class:`mpiburst.File` does, with OSErrors as ``open()`` raises them.
+
+    ``found`` is what the BFS holds at ``target`` (:func:`mpiburst.paths.locate`).
+    """
     readable, writable, create, exclusive, truncate, _ = flags
-    outcome = register(tier, target, create, exclusive)
+    outcome = register(tier, target, create, exclusive, found)
     if outcome == "missing":
         raise FileNotFoundError(errno.ENOENT, "No such file in the tier or on the BFS", os.fspath(name))
     if outcome == "exists":

@@ -8,7 +8,9 @@ place the run was not given.
 
 from __future__ import annotations
 
+import functools
 import os
+import stat
 
 from .errors import PathError
 
@@ -36,14 +38,77 @@ def resolve(path: str | os.PathLike, bfs_root: str) -> str:
     PathError
         If the path is empty or resolves outside ``bfs_root``.
     """
+    return _resolved(path, bfs_root)[0]
+
+
+def locate(path: str | os.PathLike, bfs_root: str) -> tuple[str, os.stat_result | None]:
+    """Return :func:`resolve`'s path and what the BFS holds there (its ``stat``, None if nothing).
+
+    One lookup of the BFS file serves both: opening a new file looks its
+    path up once, not twice (each lookup is a round trip on a network
+    filesystem). Raises as :func:`resolve`.
+    """
+    real, below = _resolved(path, bfs_root)
+    return real, below[1] if below else bfs_stat(real)
+
+
+def _resolved(path: str | os.PathLike, bfs_root: str) -> tuple[str, tuple[str, os.stat_result | None] | None]:
+    """Return :func:`resolve`'s path and, when it came from :func:`_below`, that function's answer."""
     text = os.fspath(path)
-    root = os.path.realpath(bfs_root)
+    root = _real_root(bfs_root)
     rest = text[len(SCHEME):] if is_burst(text) else text
     if not rest.strip("/"):
         raise PathError(f"{text!r} names no file; write burst://dir/file (relative to the BFS root {root}).")
-    target = (rest if rest.startswith("/") else os.path.join(root, rest)) if is_burst(text) else os.path.abspath(text)
-    real = os.path.realpath(target)
+    relative = is_burst(text) and not rest.startswith("/")
+    below = _below(root, rest) if relative else None
+    if below is not None:
+        real = below[0]
+    else:
+        real = os.path.realpath(os.path.join(root, rest) if relative else rest if is_burst(text) else
+                                os.path.abspath(text))
     if real != root and os.path.commonpath([real, root]) != root:
         raise PathError(f"{text!r} resolves to {real}, outside the run's BFS root {root}; "
                         "use a path inside the root or start the run with another --bfs-root.")
-    return real
+    return real, below
+
+
+def bfs_stat(path: str) -> os.stat_result | None:
+    """Return the ``stat`` of the BFS file at ``path``, or None if there is none."""
+    try:
+        return os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+@functools.lru_cache(maxsize=16)
+def _real_root(bfs_root: str) -> str:
+    """Return the run's BFS root without symlinks, resolved once per process (a root is fixed for its run)."""
+    return os.path.realpath(bfs_root)
+
+
+def _below(root: str, rest: str) -> tuple[str, os.stat_result | None] | None:
+    """Return ``os.path.realpath(root/rest)`` for a ``root`` already free of symlinks, and the file's ``lstat``.
+
+    ``realpath`` looks up every component from ``/``: a dozen ``lstat`` calls
+    per open on a deep root, each a round trip on a network filesystem. The
+    components below the root are looked up here one by one until one does
+    not exist (nothing below it can: the file's ``stat`` is then None).
+    Returns None for a symlink or ``..`` among them: :func:`locate` leaves
+    those to ``realpath``.
+    """
+    parts = [p for p in rest.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        return None
+    cur = root
+    found: os.stat_result | None = None
+    for i, part in enumerate(parts):
+        cur = os.path.join(cur, part)
+        try:
+            found = os.lstat(cur)
+        except FileNotFoundError:
+            return os.path.join(cur, *parts[i + 1:]), None
+        except OSError:
+            return None
+        if stat.S_ISLNK(found.st_mode):
+            return None
+    return cur, found

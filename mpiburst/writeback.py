@@ -19,6 +19,7 @@ import numpy as np
 from . import iostats
 from .assembly import BfsBytes, current_bytes
 from .errors import OffsetError, ServerError, TierConnectionError, TierFullError
+from .paths import bfs_stat
 from .perms import current_umask
 from .residency import make_room
 from .sizes import parse_size
@@ -316,7 +317,7 @@ class TierFile:
                           f"take {len(payload)} bytes for {self.path}")
                 return
             except RecordGone:
-                register(self.tier, self.path, create=True, exclusive=False)
+                register(self.tier, self.path, create=True, exclusive=False, found=bfs_stat(self.path))
             except TierConnectionError as exc:
                 raise _lost(exc) from None
 
@@ -438,32 +439,34 @@ def check_offset(end: int, what: str) -> None:
                           "mpi4py.MPI.File.")
 
 
-def register(tier: Tier, path: str, create: bool, exclusive: bool) -> str | None:
+def register(tier: Tier, path: str, create: bool, exclusive: bool, found: os.stat_result | None) -> str | FileMeta:
     """Make sure the tier knows ``path`` before it is opened; no MPI involved.
+
+    ``found`` is what the BFS holds at ``path`` (:func:`mpiburst.paths.locate`,
+    :func:`~mpiburst.paths.bfs_stat`). A create that is not exclusive takes
+    one round trip (the store's create-if-absent, which keeps a record
+    already there); the other modes read the record first.
 
     Returns
     -------
-    str or None
+    str or FileMeta
         ``"exists"`` for an exclusive create of a file that exists (in the
         tier or on the BFS), ``"missing"`` when there is no such file and
-        ``create`` is false, else None (the file is registered; its logical
-        size starts at the BFS file's size, and the record keeps this
-        process's umask for the flush).
+        ``create`` is false, else the file's record (registered now if it
+        was not: its logical size starts at the BFS file's size, and it
+        keeps this process's umask for the flush).
     """
     store = tier.store
-    meta = store.meta(path)
-    try:
-        bfs_size: int | None = os.stat(path).st_size
-    except FileNotFoundError:
-        bfs_size = None
+    bfs_size = found.st_size if found is not None else None
+    meta = None if create and not exclusive else store.meta(path)
     exists = meta is not None or bfs_size is not None
     if exists and create and exclusive:
         return "exists"
     if not exists and not create:
         return "missing"
     if meta is None:
-        with_room(tier, lambda: store.create(path, bfs_size, umask=current_umask()), f"create {path}")
-    return None
+        return with_room(tier, lambda: store.create(path, bfs_size, umask=current_umask()), f"create {path}")
+    return meta
 
 
 def _bfs_meta(path: str) -> FileMeta | None:

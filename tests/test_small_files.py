@@ -1,0 +1,108 @@
+"""Many small files (#25): what one Open, Write_at and Close of a new file costs the tier, on the memory store.
+
+The cost is counted in store calls (each a round trip on a server), never
+timed: a new file takes a fixed, short list of calls, the same whether the
+tier holds no other file or hundreds.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+import mpiburst
+from mpiburst.paths import locate, resolve
+
+
+class Counting:
+    """A store that records the name of every method called on it, then calls the real one."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._store, name)
+        if not callable(value) or name.startswith("_"):
+            return value
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            return value(*args, **kwargs)
+
+        return call
+
+
+def _one_file(url: str, data: np.ndarray) -> None:
+    f = mpiburst.File.Open(MPI.COMM_SELF, url, MPI.MODE_WRONLY | MPI.MODE_CREATE)
+    f.Write_at(0, data)
+    f.Close()
+
+
+def test_a_new_file_costs_the_same_few_store_calls_however_many_files_the_tier_holds(mem_tier):
+    counting = Counting(mem_tier.store)
+    mem_tier.store = counting
+    data = np.arange(4096, dtype=np.uint8)
+    _one_file("burst://first/f", data)
+    first, counting.calls = counting.calls, []
+    for i in range(200):
+        _one_file(f"burst://many/f{i}", data)
+    counting.calls = []
+    _one_file("burst://last/f", data)
+    # the record (create-if-absent), the write-back buffer's batch, the I/O counters: no read, no listing
+    assert first == counting.calls == ["create", "writer", "stats_add"]
+    assert mpiburst.open("burst://last/f", "rb", tier=mem_tier).read() == data.tobytes()
+
+
+def test_the_shared_pointer_of_a_file_opened_at_zero_is_made_only_when_used(mem_tier):
+    store = mem_tier.store
+    data = np.full(100, 7, dtype=np.uint8)
+    _one_file("burst://plain", data)
+    f = mpiburst.File.Open(MPI.COMM_SELF, "burst://shared", MPI.MODE_WRONLY | MPI.MODE_CREATE)
+    f.Write_shared(data)
+    f.Write_shared(data)
+    assert f.Get_position_shared() == 200   # a pointer the tier did not hold started at 0
+    f.Close()
+    assert store._pointers == {}   # the used one was dropped at Close, the unused one never made
+    f = mpiburst.File.Open(MPI.COMM_SELF, "burst://shared", MPI.MODE_WRONLY | MPI.MODE_APPEND)
+    assert f.Get_position_shared() == 200   # MODE_APPEND starts both pointers at the end
+    f.Close()
+    assert store._pointers == {}
+
+
+def test_an_open_of_an_existing_file_keeps_its_record(mem_tier):
+    _one_file("burst://kept", np.full(10, 1, dtype=np.uint8))
+    f = mpiburst.File.Open(MPI.COMM_SELF, "burst://kept", MPI.MODE_RDWR | MPI.MODE_CREATE)
+    assert f.Get_size() == 10       # create-if-absent left the record (and its size) as it was
+    f.Close()
+    with pytest.raises(MPI.Exception) as err:
+        mpiburst.File.Open(MPI.COMM_SELF, "burst://kept", MPI.MODE_WRONLY | MPI.MODE_CREATE | MPI.MODE_EXCL)
+    assert err.value.Get_error_class() == MPI.ERR_FILE_EXISTS
+
+
+def test_locate_looks_up_only_below_the_root_and_agrees_with_realpath(tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "b" / "f").write_bytes(b"xyz")
+    (root / "ln").symlink_to(root / "a")
+    looked: list[str] = []
+    real_lstat: Callable[..., os.stat_result] = os.lstat
+    monkeypatch.setattr(os, "lstat", lambda p, *a, **k: looked.append(str(p)) or real_lstat(p, *a, **k))
+    resolve("burst://a", str(root))   # the root's own resolution, once per process
+    looked.clear()
+    assert locate("burst://a/b/f", str(root)) == (str(root / "a/b/f"), real_lstat(root / "a/b/f"))
+    assert looked == [str(root / "a"), str(root / "a/b"), str(root / "a/b/f")]
+    looked.clear()
+    assert locate("burst://new/dir/f", str(root)) == (str(root / "new/dir/f"), None)
+    assert looked == [str(root / "new")]   # nothing below a missing directory is looked up
+    monkeypatch.undo()
+    for rest in ("a/b/f", "a//b/./f", "ln/b/f", "a/../a/b/f", "ln/b/missing", "a/b/f/below"):
+        real = os.path.realpath(root / rest)
+        path, found = locate(f"burst://{rest}", str(root))
+        assert path == real, rest
+        assert (found is None) == (not os.path.exists(real)), rest
