@@ -95,6 +95,7 @@ from .base import (
     batch_end,
     file_id,
 )
+from .connections import borrow
 from .redis_store import (
     _ALLOW_OOM,
     RedisStore,
@@ -180,7 +181,9 @@ def node_tag(client: redis.Redis, node: int) -> str:
         for tag, reply in zip(tags, pipe.execute(raise_on_error=False)):
             if not isinstance(reply, Exception):
                 return tag
-            if not isinstance(reply, redis.exceptions.AskError):    # MOVED (a subclass) or ASK: not its slot
+            # MOVED or ASK: not its slot (an AskError or its subclass MovedError; redis-py 5.0 gives
+            # a plain ResponseError with the reply's text)
+            if not (isinstance(reply, redis.exceptions.AskError) or str(reply).startswith(("MOVED ", "ASK "))):
                 raise reply
     raise ServerError(f"the server of node {node} owns no hash slot of the cluster; form the cluster again.")
 
@@ -755,7 +758,7 @@ class ClusterBatchWriter(BatchWriter):
         self.store = store
         self.node = store._writer_node()
         with store._on(self.node):
-            self._conn: Any = store.clients[self.node].connection_pool.get_connection()
+            self._conn: Any = borrow(store.clients[self.node].connection_pool)
         self._sent: tuple[str, int, Payload, list[Sequence[int]], str] | None = None
 
     def send(self, path: str, channel: int, payload: Payload, extents: Sequence[Sequence[int]]) -> None:

@@ -47,7 +47,6 @@ import functools
 import inspect
 import json
 import secrets
-import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -70,6 +69,7 @@ from .base import (
     batch_end,
     file_id,
 )
+from .connections import Sockets, borrow
 from .resp import read_bulks_into, resp_frames
 
 #: Members per ZADD inside Lua (stays far below Lua's stack limit).
@@ -340,6 +340,7 @@ class RedisStore(Store):
     def __init__(self, client: redis.Redis, prefix: str = PREFIX) -> None:
         self.r = client
         self.prefix = prefix
+        self._sockets = Sockets(client)   # the fetches' own (mpiburst.store.connections)
         #: The registry of files, the engine's request queue, the I/O statistics (not data: ``empty`` ignores them).
         self._files = prefix + "files"
         self._queue = prefix + "queue"
@@ -599,15 +600,10 @@ class RedisStore(Store):
         """Read each span's blob bytes into its view, in one pipeline; False if a blob was gone (or short)."""
         key = self._key(file_id(path), "b:")
         commands = [("GETRANGE", f"{key}{span.blob}", span.boff, span.boff + span.length - 1) for span in spans]
-        conn = self.r.connection_pool.get_connection()
-        try:
-            conn.send_packed_command(resp_frames(commands), check_health=False)
-            lengths = read_bulks_into(_socket_of(conn), list(views))
-        except BaseException:
-            conn.disconnect()  # a half-read reply stream must not be reused
-            raise
-        finally:
-            self.r.connection_pool.release(conn)
+        with self._sockets.lend() as sock:   # closed, not reused, if the exchange fails half-way
+            for frame in resp_frames(commands):
+                sock.sendall(frame)
+            lengths = read_bulks_into(sock, list(views))
         return all(n == span.length for n, span in zip(lengths, spans))
 
     def _read_into(self, path: str, reads: list[tuple[Extent, list[Extent]]], lo: int, out: memoryview,
@@ -797,6 +793,7 @@ class RedisStore(Store):
         return keys == stats
 
     def close(self) -> None:
+        self._sockets.close()
         self.r.close()
 
 
@@ -811,7 +808,7 @@ class RedisBatchWriter(BatchWriter):
 
     def __init__(self, store: RedisStore) -> None:
         self.store = store
-        self._conn: Any = store.r.connection_pool.get_connection()
+        self._conn: Any = borrow(store.r.connection_pool)
         self._tmp: str | None = None
 
     def send(self, path: str, channel: int, payload: Payload, extents: Sequence[Sequence[int]]) -> None:
@@ -845,12 +842,6 @@ class RedisBatchWriter(BatchWriter):
             self.store.r.connection_pool.release(self._conn)
             self._conn = None
 
-
-def _socket_of(conn: Any) -> socket.socket:
-    """Return the socket of a redis-py connection (connected on first use)."""
-    if getattr(conn, "_sock", None) is None:
-        conn.connect()
-    return conn._sock
 
 def _meta_from(raw: dict) -> FileMeta:
     g = {k.decode(): v.decode() for k, v in raw.items()}

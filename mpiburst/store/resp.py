@@ -97,6 +97,27 @@ def read_bulks_into(sock: socket.socket, views: Sequence[memoryview]) -> list[in
     return lengths
 
 
+def read_simple(sock: socket.socket, n: int) -> list[bytes | redis.ResponseError]:
+    """Read ``n`` simple replies (``+OK``) from ``sock``: each its text, or the error the server sent.
+
+    Only for a socket that carries the replies to the ``n`` commands just sent.
+
+    Raises
+    ------
+    redis.ConnectionError
+        If the server closed the connection.
+    """
+    reader = _Reader(sock)
+    replies: list[bytes | redis.ResponseError] = []
+    for _ in range(n):
+        line = reader.line(256)
+        kind, rest = line[:1], line[1:]
+        if kind not in (b"+", b"-"):
+            raise redis.ResponseError(f"unexpected reply {line[:40]!r} where a status was due")
+        replies.append(rest if kind == b"+" else redis.ResponseError(rest.decode(errors="replace")))
+    return replies
+
+
 def _ask(n: int) -> int:
     """Bytes to ask for when the header of an ``n``-byte reply is needed.
 
