@@ -1,7 +1,9 @@
 """Errors of the MPI-IO driver: each raises what ``mpi4py.MPI.File`` would, or a clear mpiburst error.
 
-Real servers only: the ``tier`` fixture, and for the capacity tests runs
-started here with a tiny or a large ``capacity``.
+The driver's own checks (amode, existence, buffer specs, paths) are unit
+tests on the memory store (``mem_tier``): the driver decides them, not the
+server. What a server limits (a full tier, a write above the bulk limit)
+runs on real servers started here with a tiny or a large ``capacity``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def error_class(excinfo) -> int:
 # --------------------------------------------------------------------------- amode and existence
 
 @pytest.mark.timeout(60)
-def test_excl_on_existing_tier_file(tier):
+def test_excl_on_existing_tier_file(mem_tier):
     File.Open(MPI.COMM_SELF, "burst://x.dat", RW).Close()
     with pytest.raises(MPI.Exception) as exc:
         File.Open(MPI.COMM_SELF, "burst://x.dat", RW | MPI.MODE_EXCL)
@@ -39,15 +41,15 @@ def test_excl_on_existing_tier_file(tier):
 
 
 @pytest.mark.timeout(60)
-def test_excl_on_existing_bfs_file(tier):
-    open(bfs_file(tier, "onbfs.dat"), "wb").close()
+def test_excl_on_existing_bfs_file(mem_tier):
+    open(bfs_file(mem_tier, "onbfs.dat"), "wb").close()
     with pytest.raises(MPI.Exception) as exc:
         File.Open(MPI.COMM_SELF, "burst://onbfs.dat", RW | MPI.MODE_EXCL)
     assert error_class(exc) == MPI.ERR_FILE_EXISTS
 
 
 @pytest.mark.timeout(60)
-def test_excl_matches_mpi_file(tier, tmp_path):
+def test_excl_matches_mpi_file(mem_tier, tmp_path):
     real = str(tmp_path / "real.dat")
     open(real, "wb").close()
     with pytest.raises(MPI.Exception) as mpi_exc:
@@ -59,7 +61,7 @@ def test_excl_matches_mpi_file(tier, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_missing_file(tier, tmp_path):
+def test_missing_file(mem_tier, tmp_path):
     with pytest.raises(MPI.Exception) as mpi_exc:
         MPI.File.Open(MPI.COMM_SELF, str(tmp_path / "nope.dat"), MPI.MODE_RDONLY)
     with pytest.raises(MPI.Exception) as exc:
@@ -71,7 +73,7 @@ def test_missing_file(tier, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_write_to_read_only_file(tier, tmp_path):
+def test_write_to_read_only_file(mem_tier, tmp_path):
     real = str(tmp_path / "ro.dat")
     open(real, "wb").close()
     g = MPI.File.Open(MPI.COMM_SELF, real, MPI.MODE_RDONLY)
@@ -89,7 +91,7 @@ def test_write_to_read_only_file(tier, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_read_from_write_only_file(tier, tmp_path):
+def test_read_from_write_only_file(mem_tier, tmp_path):
     real = str(tmp_path / "wo.dat")
     g = MPI.File.Open(MPI.COMM_SELF, real, MPI.MODE_WRONLY | MPI.MODE_CREATE)
     with pytest.raises(MPI.Exception) as mpi_exc:
@@ -105,13 +107,13 @@ def test_read_from_write_only_file(tier, tmp_path):
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("amode", [MPI.MODE_RDONLY | MPI.MODE_CREATE, MPI.MODE_RDONLY | MPI.MODE_EXCL,
                                    MPI.MODE_RDWR | MPI.MODE_WRONLY, 0])
-def test_bad_amode(tier, tmp_path, amode):
+def test_bad_amode(mem_tier, tmp_path, amode):
     with pytest.raises(MPI.Exception) as mpi_exc:
         MPI.File.Open(MPI.COMM_SELF, str(tmp_path / "am.dat"), amode)
     with pytest.raises(MPI.Exception) as exc:
         File.Open(MPI.COMM_SELF, "burst://am.dat", amode)
     assert error_class(exc) == MPI.ERR_AMODE == error_class(mpi_exc)
-    assert not os.path.exists(bfs_file(tier, "am.dat"))
+    assert not os.path.exists(bfs_file(mem_tier, "am.dat"))
 
 
 # --------------------------------------------------------------------------- buffer specs, side by side
@@ -129,8 +131,8 @@ BAD_WRITE_SPECS = {
 
 
 @pytest.fixture
-def side_by_side(tier, tmp_path):
-    """An ``MPI.File`` on a real file and an ``mpiburst.File``, both RDWR with 100 bytes."""
+def side_by_side(mem_tier, tmp_path):
+    """An ``MPI.File`` on a real file and an ``mpiburst.File`` (memory tier), both RDWR with 100 bytes."""
     g = MPI.File.Open(MPI.COMM_SELF, str(tmp_path / "real.dat"), RW)
     f = File.Open(MPI.COMM_SELF, "burst://spec.dat", RW)
     g.Write_at(0, bytes(100))
@@ -188,7 +190,7 @@ def test_fortran_ordered_array_is_written_in_memory_order_like_mpi_file(side_by_
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("url", ["burst://../escape.dat", "burst:///etc/passwd", "burst://sub/../../x.dat"])
-def test_burst_path_outside_root_is_refused(tier, url):
+def test_burst_path_outside_root_is_refused(mem_tier, url):
     with pytest.raises(PathError) as exc:
         File.Open(MPI.COMM_SELF, url, RW)
     assert "outside" in str(exc.value)
@@ -196,18 +198,18 @@ def test_burst_path_outside_root_is_refused(tier, url):
 
 
 @pytest.mark.timeout(60)
-def test_symlink_out_of_root_is_refused(tier, tmp_path):
+def test_symlink_out_of_root_is_refused(mem_tier, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
-    os.symlink(outside, bfs_file(tier, "link"))
+    os.symlink(outside, bfs_file(mem_tier, "link"))
     with pytest.raises(PathError):
         File.Open(MPI.COMM_SELF, "burst://link/f.dat", RW)
     assert list(outside.iterdir()) == []
 
 
 @pytest.mark.timeout(60)
-def test_absolute_burst_path_inside_root_is_accepted(tier):
-    url = "burst://" + bfs_file(tier, "abs.dat")
+def test_absolute_burst_path_inside_root_is_accepted(mem_tier):
+    url = "burst://" + bfs_file(mem_tier, "abs.dat")
     assert url.startswith("burst:///")
     with File.Open(MPI.COMM_SELF, url, RW) as f:
         f.Write_at(0, b"abs")
@@ -218,7 +220,7 @@ def test_absolute_burst_path_inside_root_is_accepted(tier):
 
 
 @pytest.mark.timeout(60)
-def test_plain_path_is_mpi_file(tier, tmp_path):
+def test_plain_path_is_mpi_file(mem_tier, tmp_path):
     f = File.Open(MPI.COMM_SELF, str(tmp_path / "plain.dat"), RW)
     assert type(f) is MPI.File
     f.Close()
