@@ -385,3 +385,44 @@ def pytest_runtest_makereport(item, call):  # noqa: ANN001 - pytest hook signatu
         sys.stderr.write(f"\n[rank {mpi.COMM_WORLD.Get_rank()}] {item.nodeid} failed:\n{report.longreprtext}\n")
         sys.stderr.flush()
         mpi.COMM_WORLD.Abort(1)
+
+
+#: ``$MPIBURST_SERVER`` while a test without the ``server`` marker runs: a name no binary has, so
+#: such a test that starts a server (itself or through a CLI, a job script) fails, saying why.
+NO_SERVER = "no-server-for-this-test:mark-it-pytest.mark.server"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``server`` every test that starts or talks to a real server: those using ``server_binary``.
+
+    Every fixture that starts a server (``tier``, ``atier``, ``world_tier``,
+    ``module_tier``, ``three_nodes``, ``cli``) takes ``server_binary``; a test
+    that starts one another way carries ``@pytest.mark.server`` itself. The
+    second engine's pass of ``.ci/run`` runs only these (``-m server``).
+    """
+    for item in items:
+        if "server_binary" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.server)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Keep the ``server`` marker honest: a test without it finds no server binary.
+
+    The memory-store and pure unit tests run once (with the first engine);
+    if one of them started a server after all, it would silently go
+    untested on the second engine, so it fails instead, with ``NO_SERVER``
+    in its error.
+    """
+    if item.get_closest_marker("server") is not None:
+        yield
+        return
+    saved = os.environ.get("MPIBURST_SERVER")
+    os.environ["MPIBURST_SERVER"] = NO_SERVER
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MPIBURST_SERVER", None)
+        else:
+            os.environ["MPIBURST_SERVER"] = saved
