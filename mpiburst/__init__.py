@@ -4,7 +4,8 @@ Ranks write through :class:`File` (the names of ``mpi4py.MPI.File``) or
 :func:`open` (a Python file object) into a Redis-protocol tier started for the
 job (:class:`Tier`); :func:`sync` flushes files to the backing filesystem as
 large aligned writes; :func:`purge`, :func:`pin`, :func:`unpin`,
-:func:`prestage` and :func:`frag_stat` control what stays in the tier.
+:func:`prestage` and :func:`frag_stat` control what stays in the tier;
+:func:`listdir` and :func:`rmtree` list and remove directories of ``burst://`` paths.
 
 Attributes are imported on first use, so ``import mpiburst`` is cheap and
 does not initialise MPI. Importing it installs a ``sys.excepthook`` that
@@ -52,6 +53,8 @@ _LAZY = {
     "prestage": "residency",
     "frag_stat": "residency",
     "FragStat": "residency",
+    "listdir": "residency",
+    "rmtree": "residency",
     "Checkpoints": "checkpoint",
     "h5": None,
 }

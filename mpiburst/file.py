@@ -25,7 +25,7 @@ from mpi4py.typing import BufSpec
 from . import drain
 from .collective import on_root, together
 from .messages import Message, message
-from .paths import is_burst, locate, resolve
+from .paths import is_burst, locate
 from .tier import Tier
 from .views import View
 from .writeback import TierFile, buffer_size, check_offset, register
@@ -205,13 +205,23 @@ class File:
 
     @classmethod
     def Delete(cls, filename: str | os.PathLike, info: MPI.Info = MPI.INFO_NULL) -> None:
-        """Delete ``filename``: its tier data and its BFS file (``MPI.File.Delete`` for other paths)."""
+        """Delete ``filename``: its tier data and its BFS file (``MPI.File.Delete`` for other paths).
+
+        Raises
+        ------
+        mpi4py.MPI.Exception
+            ``ERR_NO_SUCH_FILE`` if neither the tier nor the BFS has the
+            file; ``ERR_FILE_IN_USE`` while a flush of it runs (deleting it
+            then would let the flush put it back).
+        """
         if not is_burst(filename):
             return MPI.File.Delete(filename, info)
         tier = Tier.current()
-        path = resolve(filename, tier.bfs_root)
-        if tier.store.meta(path) is None and not os.path.exists(path):
+        path, found = locate(filename, tier.bfs_root)
+        if tier.store.meta(path) is None and found is None:
             raise _mpi_error(MPI.ERR_NO_SUCH_FILE)
+        if tier.store.leased(path):
+            raise _mpi_error(MPI.ERR_FILE_IN_USE)
         _delete(tier, path)
 
     def __enter__(self) -> File:

@@ -24,6 +24,7 @@ newer writes cover them (freed when their whole blob is dropped).
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -274,15 +275,56 @@ def _unshadowed_stat(entries: list[Entry], clean: int, pending: int) -> FragStat
 
 
 def ls(path: str | os.PathLike | None = None, *, tier: Tier | None = None) -> list[FileMeta]:
-    """Return the records of the tier's files, sorted by path: all, or those at or under ``path``."""
+    """Return the records of the tier's files, sorted by path: all, or those at or under ``path``.
+
+    One read of every record (:meth:`Store.cut <mpiburst.store.Store.cut>`),
+    not one round trip per file.
+    """
     tier = _tier(tier)
-    store = tier.store
-    paths = sorted(store.files())
+    records = tier.store.cut()
+    paths = sorted(records)
     if path is not None:
         target = resolve(path, tier.bfs_root)
         paths = [p for p in paths if p == target or p.startswith(target.rstrip("/") + "/")]
-    metas = (store.meta(p) for p in paths)
-    return [m for m in metas if m is not None]
+    return [records[p] for p in paths]
+
+
+def listdir(path: str | os.PathLike, *, tier: Tier | None = None) -> list[str]:
+    """Return the names in a directory of ``burst://`` paths, sorted: what the tier holds there and the BFS.
+
+    Like ``os.listdir``: files and subdirectories directly in the directory,
+    whether only in the tier (not yet flushed), only on the BFS, or both;
+    the flush's own files beside its targets (new versions aside, locks,
+    commit journals, drained chunks: names starting with ``.`` and holding
+    ``.mpiburst``) are left out. One read of the tier's registry and one of
+    the BFS directory.
+
+    ``burst://`` alone lists the BFS root.
+
+    Raises
+    ------
+    PathError
+        If neither the tier nor the BFS has such a directory, or it names a file.
+    """
+    tier = _tier(tier)
+    root = os.fspath(path).rstrip("/") == "burst:"   # burst:// itself: the BFS root
+    target = os.path.realpath(tier.bfs_root) if root else resolve(path, tier.bfs_root)
+    prefix = target.rstrip("/") + "/"
+    names: set[str] = set()
+    tier_file = False
+    for p in tier.store.files():
+        if p.startswith(prefix):
+            names.add(p[len(prefix):].split("/", 1)[0])
+        tier_file = tier_file or p == target
+    on_bfs = os.path.isdir(target)
+    if tier_file or (not on_bfs and os.path.lexists(target)):
+        raise PathError(f"{path} is a file, not a directory; list its directory, or stat the file.")
+    if on_bfs:
+        names.update(n for n in os.listdir(target) if not (n.startswith(".") and ".mpiburst" in n))
+    elif not names:
+        raise PathError(f"{path} is no directory: neither the tier nor the BFS holds anything under it; "
+                        "check the path.")
+    return sorted(names)
 
 
 def stat(path: str | os.PathLike, *, tier: Tier | None = None) -> dict[str, Any]:
@@ -348,6 +390,46 @@ def rm(path: str | os.PathLike, *, tier: Tier | None = None) -> None:
         store.drop(target)
     if on_bfs:
         os.unlink(target)
+
+
+def is_dir(path: str | os.PathLike, *, tier: Tier | None = None) -> bool:
+    """True if ``path`` is a directory of the BFS, or the tier holds files under it."""
+    tier = _tier(tier)
+    target = resolve(path, tier.bfs_root)
+    prefix = target.rstrip("/") + "/"
+    return os.path.isdir(target) or any(p.startswith(prefix) for p in tier.store.files())
+
+
+def rmtree(path: str | os.PathLike, *, tier: Tier | None = None) -> int:
+    """Remove a directory: every tier file under it (its data) and the BFS directory with all it holds.
+
+    What ``rm -r`` does, for the trees of file-per-process output; each file
+    goes as :meth:`mpiburst.File.Delete` removes one. Nothing is removed if a
+    flush of any file under it is running. Returns the number of tier files
+    removed.
+
+    Raises
+    ------
+    PathError
+        If ``path`` is the BFS root, a file, or no directory of the tier or the BFS.
+    MpiburstError
+        If a flush of a file under it is running.
+    """
+    tier = _tier(tier)
+    target = resolve(path, tier.bfs_root)
+    if target == os.path.realpath(tier.bfs_root):
+        raise PathError(f"{path} is the run's BFS root; remove the directories under it instead.")
+    listdir(path, tier=tier)   # a directory of the tier or the BFS, not a file: raises otherwise
+    prefix = target.rstrip("/") + "/"
+    under = sorted(p for p in tier.store.files() if p.startswith(prefix))
+    busy = [p for p in under if tier.store.leased(p)]
+    if busy:
+        raise MpiburstError(f"a flush of {busy[0]} is running; wait for it to end and remove {path} again.")
+    for p in under:
+        tier.store.drop(p)
+    if os.path.isdir(target):
+        shutil.rmtree(target)
+    return len(under)
 
 
 def expand(paths: Iterable[str | os.PathLike], *, recursive: bool, tier: Tier | None = None,

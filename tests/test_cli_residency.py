@@ -98,6 +98,9 @@ def test_pin_ls_stat_cat_prestage_rm(atier, cli):
     assert atier.store.meta(src) is not None
     assert cli("rm", "--id", atier.id, src).returncode == 0
     assert not os.path.exists(src) and atier.store.meta(src) is None
+    os.makedirs(bfs_file(atier, "d/old"))   # rm -r of a directory: its tier files and the BFS tree
+    assert cli("rm", "-r", "--id", atier.id, "burst://d").returncode == 0
+    assert not os.path.exists(bfs_file(atier, "d")) and atier.store.meta(path) is None
 
 
 @pytest.mark.parametrize("args,code,words", [

@@ -106,3 +106,62 @@ def test_locate_looks_up_only_below_the_root_and_agrees_with_realpath(tmp_path, 
         path, found = locate(f"burst://{rest}", str(root))
         assert path == real, rest
         assert (found is None) == (not os.path.exists(real)), rest
+
+
+def test_listdir_shows_a_directory_of_the_tier_and_the_bfs_together(mem_tier):
+    bfs = mem_tier.bfs_root
+    os.makedirs(os.path.join(bfs, "ckpt", "old"))
+    with open(os.path.join(bfs, "ckpt", "on-bfs"), "wb") as f:
+        f.write(b"x")
+    for hidden in (".both.mpiburst-1234", ".both.mpiburst.lock"):   # a flush's own files beside its target
+        with open(os.path.join(bfs, "ckpt", hidden), "wb") as f:
+            f.write(b"")
+    data = np.zeros(10, dtype=np.uint8)
+    for name in ("both", "new/r0.dat", "new/r1.dat", "rank0.dat"):
+        _one_file(f"burst://ckpt/{name}", data)
+    with open(os.path.join(bfs, "ckpt", "both"), "wb") as f:
+        f.write(b"older")
+    assert mpiburst.listdir("burst://ckpt") == ["both", "new", "old", "on-bfs", "rank0.dat"]
+    assert mpiburst.listdir("burst://ckpt/new/") == ["r0.dat", "r1.dat"]   # only in the tier so far
+    assert mpiburst.listdir("burst://") == ["ckpt"]
+    for bad, says in (("burst://ckpt/rank0.dat", "is a file"), ("burst://ckpt/on-bfs", "is a file"),
+                      ("burst://nothing", "is no directory")):
+        with pytest.raises(mpiburst.PathError, match=says):
+            mpiburst.listdir(bad)
+
+
+def test_rmtree_removes_the_tier_files_and_the_bfs_tree_unless_one_is_being_flushed(mem_tier):
+    bfs = mem_tier.bfs_root
+    data = np.zeros(10, dtype=np.uint8)
+    for i in range(3):
+        _one_file(f"burst://out/r{i}/data", data)
+    _one_file("burst://keep", data)
+    os.makedirs(os.path.join(bfs, "out", "flushed"))
+    with open(os.path.join(bfs, "out", "flushed", "f"), "wb") as f:
+        f.write(b"x")
+    lease = mem_tier.store.flush_lease(resolve("burst://out/r1/data", bfs), 30)
+    with pytest.raises(mpiburst.MpiburstError, match="a flush of .*r1/data is running"):
+        mpiburst.rmtree("burst://out")
+    assert len(mpiburst.listdir("burst://out")) == 4   # nothing removed
+    lease.release()
+    assert mpiburst.rmtree("burst://out") == 3
+    assert not os.path.exists(os.path.join(bfs, "out"))
+    assert [m.path for m in mpiburst.residency.ls(tier=mem_tier)] == [resolve("burst://keep", bfs)]
+    with pytest.raises(mpiburst.PathError, match="BFS root"):
+        mpiburst.rmtree("burst:///" + bfs.lstrip("/"))
+    with pytest.raises(mpiburst.PathError, match="is a file"):
+        mpiburst.rmtree("burst://keep")
+
+
+def test_delete_has_mpi_semantics_and_waits_for_no_flush(mem_tier):
+    with pytest.raises(MPI.Exception) as err:
+        mpiburst.File.Delete("burst://never")
+    assert err.value.Get_error_class() == MPI.ERR_NO_SUCH_FILE
+    _one_file("burst://busy", np.zeros(10, dtype=np.uint8))
+    lease = mem_tier.store.flush_lease(resolve("burst://busy", mem_tier.bfs_root), 30)
+    with pytest.raises(MPI.Exception) as err:
+        mpiburst.File.Delete("burst://busy")   # the flush would put it back
+    assert err.value.Get_error_class() == MPI.ERR_FILE_IN_USE
+    lease.release()
+    mpiburst.File.Delete("burst://busy")
+    assert mpiburst.residency.ls(tier=mem_tier) == []

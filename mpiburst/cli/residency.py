@@ -81,9 +81,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cat, recursive=False)
 
     p = _parser(sub, "rm", "remove files from the tier and the BFS", "Remove files: their data in the tier "
-                "and their BFS files.")
+                "and their BFS files; with -r, a directory: every tier file under it and the BFS directory tree.")
     _paths(p)
-    p.set_defaults(func=lambda a: _each(a, lambda path, t: _residency().rm(path, tier=t)))
+    p.set_defaults(func=_rm)
 
 
 def _parser(sub: argparse._SubParsersAction, name: str, help: str, description: str) -> argparse.ArgumentParser:
@@ -232,6 +232,25 @@ def _ls(args: argparse.Namespace) -> int:
     if args.paths and not metas:
         raise MpiburstError(f"the tier holds no files at or under {' '.join(args.paths)}.")
     return 0
+
+
+def _rm(args: argparse.Namespace) -> int:
+    """Remove files; with -r, a directory is removed whole (tier files under it and the BFS tree)."""
+    if not args.recursive:
+        return _each(args, lambda path, t: _residency().rm(path, tier=t))
+    res = _residency()
+    tier = _connect(args)
+    status = 0
+    for path in args.paths:
+        try:
+            if res.is_dir(path, tier=tier):
+                res.rmtree(path, tier=tier)
+            else:
+                res.rm(path, tier=tier)
+        except MpiburstError as exc:
+            print(f"mpiburst rm: {exc}", file=sys.stderr)
+            status = status or exc.exit_code
+    return status
 
 
 def _stat(args: argparse.Namespace) -> int:
