@@ -205,7 +205,7 @@ def bfs_file(tier: Tier, name: str) -> str:
 
 def check_aligned(seen: list[tuple[str, int, int]], size: int, align: int = ALIGN) -> None:
     """Every write starts on a stripe and is whole stripes, at most WRITE_SIZE; only the file's last may be short."""
-    top = max(align, flush.WRITE_SIZE // align * align)
+    top = max(align, flush.writes.WRITE_SIZE // align * align)
     for _, off, n in seen:
         assert off % align == 0, (off, n)
         assert (n % align == 0 or off + n == size) and n <= top, (off, n, size)

@@ -112,7 +112,7 @@ def test_private_while_written_and_final_mode_before_the_rename(tier, monkeypatc
             seen_renaming.append(mode(src))
         return real_rename(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(flush, "write_observers", [observe])
+    monkeypatch.setattr(flush.writes, "write_observers", [observe])
     monkeypatch.setattr(os, "rename", rename)
     sync_as(tier, path, 0o077)
     assert seen_writing and set(seen_writing) == {0o600}

@@ -101,11 +101,11 @@ def test_a_cut_older_than_the_drained_bytes_is_published_as_cut(tier, chunk):
     again.stop()
     again.publish()
     f.Close()
-    plan = flush._prepare(tier.store, target, tier.align, cut=cut)
+    plan = flush.snapshot.prepare(tier.store, target, tier.align, cut=cut)
     assert plan is not None and plan.claimed is not None and plan.upto < max(u for u, _, _ in plan.claimed.done.values())
-    tally = flush._Tally()
-    flush._write_run(tier.store, plan, [flush._stripe_range(plan, 0, 1)], tally, 1)
-    flush._finish(tier.store, plan, False)
+    tally = flush.writes.Tally()
+    flush.writes.write_run(tier.store, plan, [flush.locality.stripe_range(plan, 0, 1)], tally, 1)
+    flush.writes.finish(tier.store, plan, False)
     assert open(target, "rb").read() == first  # the cut, not the drained newer bytes
     assert tally.drained == 0
     assert tier.store.meta(target).dirty       # the newer writes stay dirty

@@ -45,15 +45,15 @@ _EXAMPLE = itertools.count()
 def writes_seen():
     """Record ``(path, offset, length)`` of every BFS write call the flush makes in this process."""
     seen: list[tuple[str, int, int]] = []
-    flush.write_observers.append(lambda p, o, n: seen.append((p, o, n)))
+    flush.writes.write_observers.append(lambda p, o, n: seen.append((p, o, n)))
     yield seen
-    flush.write_observers.clear()
+    flush.writes.write_observers.clear()
 
 
 @pytest.fixture
 def small_writes(monkeypatch):
     """Batch at most 4 stripes per BFS write, so small test files still take several writes."""
-    monkeypatch.setattr(flush, "WRITE_SIZE", 4 * ALIGN + 123)   # rounded down to whole stripes
+    monkeypatch.setattr(flush.writes, "WRITE_SIZE", 4 * ALIGN + 123)   # rounded down to whole stripes
     return 4 * ALIGN
 
 
@@ -96,7 +96,7 @@ def test_strided_unaligned_records(mem_atier, writes_seen):
         put(store, path, model, [((i * nproc + rank) * RECORD, rnd.randbytes(RECORD)) for i in range(nrec)], rank)
     rep = flush.sync(path, tier=mem_atier)
     assert open(path, "rb").read() == bytes(model.data)
-    assert rep.writes == -(-nproc * nrec * RECORD // flush.WRITE_SIZE) == 1
+    assert rep.writes == -(-nproc * nrec * RECORD // flush.writes.WRITE_SIZE) == 1
     check_aligned(writes_seen, rep.size)
 
 
@@ -288,7 +288,7 @@ def test_new_file_appears_only_complete(mem_atier, writes_seen):
     store.create(path, None)
     put(store, path, None, [(0, b"q" * 500_000)])
     states = []
-    flush.write_observers.append(lambda p, o, n: states.append(
+    flush.writes.write_observers.append(lambda p, o, n: states.append(
         (os.path.exists(path), [n for n in os.listdir(os.path.dirname(path)) if ".mpiburst-" in n])))
     flush.sync(path, tier=mem_atier)
     assert states and all(not exists and len(temps) == 1 for exists, temps in states)
@@ -311,9 +311,9 @@ def test_writes_during_flush_stay_dirty(mem_atier):
             once.append(1)
             put(store, path, late, [(10, b"2" * 100)])
 
-    flush.write_observers.append(write_now)
+    flush.writes.write_observers.append(write_now)
     flush.sync(path, tier=mem_atier)
-    flush.write_observers.clear()
+    flush.writes.write_observers.clear()
     assert open(path, "rb").read() == bytes(model.data)
     assert store.meta(path).dirty
     assert residency.frag_stat(path, tier=mem_atier).dirty == 100
@@ -352,7 +352,7 @@ def test_bfs_write_calls_seen_by_strace(atier, tmp_path):
     put(store, path, None, [(o, rnd.randbytes(1000)) for o in rnd.sample(range(0, size, 1000), 3000)])
     log = tmp_path / "strace.log"
     code = ("import sys; from mpiburst import flush; from mpiburst.tier import Tier; "
-            f"flush.WRITE_SIZE = {4 * ALIGN}; flush.sync(sys.argv[1], tier=Tier.connect(conf=sys.argv[2]))")
+            f"flush.writes.WRITE_SIZE = {4 * ALIGN}; flush.sync(sys.argv[1], tier=Tier.connect(conf=sys.argv[2]))")
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     subprocess.run([strace, "-f", "-qq", "-e", "trace=pwrite64", "-o", str(log), sys.executable, "-c", code,
                     path, atier.conf.path], check=True, env=env, timeout=60)

@@ -29,7 +29,7 @@ SIZE = 3 << 20
 @pytest.fixture(autouse=True)
 def _one_stripe_writes(monkeypatch):
     """One stripe per BFS write, so a fault can strike between many writes of a small file."""
-    monkeypatch.setattr(flush, "WRITE_SIZE", ALIGN)
+    monkeypatch.setattr(flush.writes, "WRITE_SIZE", ALIGN)
 
 
 def _dirty_file(tier, name: str, model: Model | None = None, seed: int = 0) -> tuple[str, Model]:
@@ -104,15 +104,15 @@ _KILLABLE = """
 import sys, time
 from mpiburst import flush
 from mpiburst.tier import Tier
-flush.LEASE_SECONDS = 2.0
-flush.WRITE_SIZE = 1  # one stripe per write
+flush.snapshot.LEASE_SECONDS = 2.0
+flush.writes.WRITE_SIZE = 1  # one stripe per write
 count = []
 def slow(path, off, n):
     count.append(n)
     if len(count) == 5:
         print("MID", flush=True)
         time.sleep(60)
-flush.write_observers.append(slow)
+flush.writes.write_observers.append(slow)
 flush.sync(sys.argv[1], tier=Tier.connect(conf=sys.argv[2]))
 """
 
@@ -143,7 +143,7 @@ def test_flusher_killed_mid_flush(atier, existing, monkeypatch):
     else:
         assert not os.path.exists(path)
         assert any(".killed.dat.mpiburst-" in n for n in os.listdir(os.path.dirname(path)))
-    monkeypatch.setattr(flush, "LEASE_WAIT", 10.0)
+    monkeypatch.setattr(flush.snapshot, "LEASE_WAIT", 10.0)
     started = time.monotonic()
     flush.sync(path, tier=atier)                         # waits for the dead flusher's lease to expire
     assert time.monotonic() - started < 10
@@ -154,7 +154,7 @@ def test_flusher_killed_mid_flush(atier, existing, monkeypatch):
 @pytest.mark.timeout(90)
 def test_server_stopped_mid_flush(tmp_path, server_binary, monkeypatch):
     """The server is saved and stopped during a flush: FlushError, data dirty after a restart, second sync completes."""
-    monkeypatch.setattr(flush, "LEASE_SECONDS", 2.0)
+    monkeypatch.setattr(flush.snapshot, "LEASE_SECONDS", 2.0)
     bfs = tmp_path / "bfs"
     bfs.mkdir()
     run = dict(id=f"stop{os.getpid()}", dir=str(tmp_path), server=server_binary)
@@ -168,12 +168,12 @@ def test_server_stopped_mid_flush(tmp_path, server_binary, monkeypatch):
             if len(seen) == 3:
                 tier.stop(save=True)
 
-        flush.write_observers.append(stop_server)
+        flush.writes.write_observers.append(stop_server)
         try:
             with pytest.raises(FlushError, match="connection to the tier's server was lost"):
                 flush.sync(path, tier=tier)
         finally:
-            flush.write_observers.clear()
+            flush.writes.write_observers.clear()
         assert not os.path.exists(path)
         tier = Tier.start(restart=True, **run)
         meta = tier.store.meta(path)              # the snapshot survived the restart: nothing lost

@@ -16,8 +16,8 @@ from mpiburst.overlay import Extent, Strided
 ALIGN = 1 << 16
 
 
-def _plan(size: int, new: bool = True, clean: int = 0, upto: int = 1 << 30) -> flush._Plan:
-    return flush._Plan(target="/x", work="/.x", token="t", upto=upto, clean=clean, size=size, trunc=None,
+def _plan(size: int, new: bool = True, clean: int = 0, upto: int = 1 << 30) -> flush.snapshot.Plan:
+    return flush.snapshot.Plan(target="/x", work="/.x", token="t", upto=upto, clean=clean, size=size, trunc=None,
                        align=ALIGN, base=0, new=new, umask=0o022)
 
 
@@ -40,7 +40,7 @@ def layouts(draw):
 def test_every_stripe_is_written_by_exactly_one_rank_and_dirty_ones_by_their_main_holder(layout):
     nstripes, where, held = layout
     plan = _plan(nstripes * ALIGN - 7)
-    shares = [flush._assign(plan, 1, where, held, r) for r in range(len(where))]
+    shares = [flush.locality.assign(plan, 1, where, held, r) for r in range(len(where))]
     written = sorted(s for ranges in shares for a, b in ranges for s in range(a, b))
     assert written == list(range(nstripes))                    # a partition of the file's stripes
     for ranges in shares:
@@ -62,11 +62,11 @@ def test_a_node_s_domains_are_dealt_to_its_ranks_in_contiguous_runs():
     where = [0, 0, 1, 1]
     # node 0 holds stripes 0-5, node 1 holds 6-11, all dirty
     held = {0: ({d: ALIGN for d in range(6)}, set(range(6))), 1: ({d: ALIGN for d in range(6, 12)}, set(range(6, 12)))}
-    assert [flush._assign(plan, 1, where, held, r) for r in range(4)] == [[(0, 3)], [(3, 6)], [(6, 9)], [(9, 12)]]
+    assert [flush.locality.assign(plan, 1, where, held, r) for r in range(4)] == [[(0, 3)], [(3, 6)], [(6, 9)], [(9, 12)]]
     # interleaved: node 0 the even stripes, node 1 the odd ones; then ranks get every other stripe of their node
     held = {0: ({d: ALIGN for d in range(0, 12, 2)}, set(range(0, 12, 2))),
             1: ({d: ALIGN for d in range(1, 12, 2)}, set(range(1, 12, 2)))}
-    shares = [flush._assign(plan, 1, where, held, r) for r in range(4)]
+    shares = [flush.locality.assign(plan, 1, where, held, r) for r in range(4)]
     assert shares == [[(0, 1), (2, 3), (4, 5)], [(6, 7), (8, 9), (10, 11)],
                       [(1, 2), (3, 4), (5, 6)], [(7, 8), (9, 10), (11, 12)]]
 
@@ -75,8 +75,8 @@ def test_clean_stripes_and_holes_keep_the_contiguous_shares():
     plan = _plan(8 * ALIGN, new=False)
     where = [0, 1]
     held = {1: ({0: ALIGN, 1: ALIGN}, {0})}     # stripe 1 only clean on node 1: the BFS copy is its bytes
-    assert flush._assign(plan, 1, where, held, 0) == [(1, 4)]
-    assert flush._assign(plan, 1, where, held, 1) == [(0, 1), (4, 8)]
+    assert flush.locality.assign(plan, 1, where, held, 0) == [(1, 4)]
+    assert flush.locality.assign(plan, 1, where, held, 1) == [(0, 1), (4, 8)]
 
 
 def test_holdings_count_the_snapshot_bytes_per_domain_and_mark_the_dirty_ones():
@@ -85,7 +85,7 @@ def test_holdings_count_the_snapshot_bytes_per_domain_and_mark_the_dirty_ones():
                Extent(7, ALIGN + 10, ALIGN, 1, 0),          # dirty, across stripes 1 and 2
                Extent(30, 4 * ALIGN, 100, 2, 0),            # after the snapshot: ignored
                Strided(9, 5 * ALIGN + ALIGN - 10, 20, 3, 0, 3, ALIGN)]   # blocks cross into the next stripe
-    counts, dirty = flush._holdings(entries, plan, 1)
+    counts, dirty = flush.locality.holdings(entries, plan, 1)
     assert counts == {0: ALIGN, 1: 2 * ALIGN - 10, 2: 10, 5: 20, 6: 20, 7: 20}
     assert dirty == {1, 2, 5, 6, 7, 8}
-    assert flush._domain_stripes(_plan((flush.MAX_DOMAINS * 3 + 1) * ALIGN)) == 4
+    assert flush.locality.domain_stripes(_plan((flush.locality.MAX_DOMAINS * 3 + 1) * ALIGN)) == 4

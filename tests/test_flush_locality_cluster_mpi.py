@@ -42,7 +42,7 @@ def ctier(mpi_tmp_path: Path, server_binary: str, monkeypatch: pytest.MonkeyPatc
 
     if not os.environ.get(nodes.RANKS_PER_NODE):
         monkeypatch.setenv(nodes.RANKS_PER_NODE, "1")
-    monkeypatch.delenv(flush.LOCALITY_ENV, raising=False)
+    monkeypatch.delenv(flush.locality.LOCALITY_ENV, raising=False)
     comm = MPI.COMM_WORLD
     bfs = mpi_tmp_path / "bfs"
     if comm.Get_rank() == 0:
@@ -132,11 +132,11 @@ def _flush_and_watch(comm, tier: Tier, store: ClusterStore, path: str) -> tuple[
             written.extend(range(offset // ALIGN, (offset + length - 1) // ALIGN + 1))
 
     before = list(store.read_bytes)
-    flush.write_observers.append(seen)
+    flush.writes.write_observers.append(seen)
     try:
         report = flush.sync(path, tier=tier, comm=comm, verify=True)
     finally:
-        flush.write_observers.remove(seen)
+        flush.writes.write_observers.remove(seen)
     return report, sorted(set(written)), [a - b for a, b in zip(store.read_bytes, before)]
 
 
@@ -148,7 +148,7 @@ def test_each_rank_writes_and_reads_its_own_node_s_stripes(ctier, monkeypatch, l
     comm, tier, store, where = ctier
     rank = comm.Get_rank()
     if locality == "off":
-        monkeypatch.setenv(flush.LOCALITY_ENV, "0")
+        monkeypatch.setenv(flush.locality.LOCALITY_ENV, "0")
     path = os.path.join(os.path.realpath(tier.bfs_root), f"loc-{locality}.dat")
     layout = _interleaved(comm, store, where, path, turns=3)
     report, stripes, reads = _flush_and_watch(comm, tier, store, path)
@@ -186,7 +186,7 @@ def test_a_write_after_the_snapshot_stays_dirty_and_off_the_bfs(ctier, monkeypat
     snapshot = bytes(layout.model.data)
     late = _data(3 * ALIGN, 77)
     if rank == size - 1:
-        real, done = flush._write_run, []
+        real, done = flush.writes.write_run, []
 
         def write_late_then_flush(store_, plan, *args, **kwargs):
             if not done:
@@ -194,7 +194,7 @@ def test_a_write_after_the_snapshot_stays_dirty_and_off_the_bfs(ctier, monkeypat
                 done.append(1)
             return real(store_, plan, *args, **kwargs)
 
-        monkeypatch.setattr(flush, "_write_run", write_late_then_flush)
+        monkeypatch.setattr(flush.writes, "write_run", write_late_then_flush)
     flush.sync(path, tier=tier, comm=comm)
     if rank == 0:
         with open(path, "rb") as f:

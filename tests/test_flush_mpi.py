@@ -39,7 +39,7 @@ def run(mpi_tmp_path, server_binary):
     with Tier.start(comm, id=f"m{os.getppid()}", dir=str(mpi_tmp_path), bfs_root=str(bfs), capacity="256M",
                     server=server_binary, align="64K") as tier:
         yield comm, tier, tier.store
-        flush.write_observers.clear()
+        flush.writes.write_observers.clear()
 
 
 def _create(comm, store, path: str, size: int | None = None) -> None:
@@ -71,7 +71,7 @@ def test_segmented(run):
             model.write(off, data)
     comm.Barrier()
     seen = []
-    flush.write_observers.append(lambda p, o, n: seen.append((p, o, n)))
+    flush.writes.write_observers.append(lambda p, o, n: seen.append((p, o, n)))
     rep = flush.sync(path, tier=tier, comm=comm, verify=True)
     _check(comm, path, model, rep)
     check_aligned(seen, rep.size)
@@ -167,12 +167,12 @@ def test_one_rank_failing_fails_every_rank_fast_and_keeps_data_dirty(run):
         raise OSError(5, "Input/output error")
 
     if rank == nprocs - 1:
-        flush.write_observers.append(fail)
+        flush.writes.write_observers.append(fail)
     started = time.monotonic()
     with pytest.raises(FlushError, match=r"fail\.dat failed: Input/output error \[EIO\]"):
         flush.sync(path, tier=tier, comm=comm)
     assert time.monotonic() - started < 10
-    flush.write_observers.clear()
+    flush.writes.write_observers.clear()
     meta = store.meta(path)
     assert meta.dirty and meta.clean == 0
     comm.Barrier()

@@ -128,14 +128,14 @@ _SLOW_SYNC = """
 import sys, time
 from mpiburst import flush
 from mpiburst.tier import Tier
-flush.WRITE_SIZE = 1                 # one stripe per write call
+flush.writes.WRITE_SIZE = 1                 # one stripe per write call
 delay = float(sys.argv[3])
 def slow(p, o, n, seen=[]):
     if not seen:
         print("WRITING", flush=True)
     seen.append(n)
     time.sleep(delay)
-flush.write_observers.append(slow)
+flush.writes.write_observers.append(slow)
 rep = flush.sync(sys.argv[1], tier=Tier.connect(conf=sys.argv[2]))
 print("OK", rep.upto, flush=True)
 """
@@ -373,8 +373,8 @@ _KILLED_COMMIT = """
 import os, sys, time
 from mpiburst import flush
 from mpiburst.tier import Tier
-flush.LEASE_SECONDS = 2.0
-flush.WRITE_SIZE = 1
+flush.snapshot.LEASE_SECONDS = 2.0
+flush.writes.WRITE_SIZE = 1
 where = sys.argv[2]
 if where == "writing":
     def pause(p, o, n, seen=[]):
@@ -382,7 +382,7 @@ if where == "writing":
         if len(seen) == 2:
             print("HERE", flush=True)
             time.sleep(60)
-    flush.write_observers.append(pause)
+    flush.writes.write_observers.append(pause)
 else:
     rename = os.rename
     def pause(src, dst, seen=[]):
@@ -390,7 +390,7 @@ else:
         if ".mpiburst-commit-" not in dst:
             print("HERE", flush=True)
             time.sleep(60)
-    flush.os.rename = pause
+    os.rename = pause
 flush.commit(tier=Tier.connect(conf=sys.argv[1]))
 """
 
@@ -474,14 +474,14 @@ def test_server_killed_during_a_sync_of_an_existing_file_leaves_it_whole(tmp_pat
             if len(writes) == 3:
                 os.kill(tier.conf.pid, signal.SIGKILL)
 
-        flush.write_observers.append(kill_server)
-        old_size, flush.WRITE_SIZE = flush.WRITE_SIZE, 64 << 10
+        flush.writes.write_observers.append(kill_server)
+        old_size, flush.writes.WRITE_SIZE = flush.writes.WRITE_SIZE, 64 << 10
         try:
             with pytest.raises(FlushError):
                 flush.sync(path, tier=tier)
         finally:
-            flush.write_observers.remove(kill_server)
-            flush.WRITE_SIZE = old_size
+            flush.writes.write_observers.remove(kill_server)
+            flush.writes.WRITE_SIZE = old_size
         assert len(writes) >= 3
         assert open(path, "rb").read() == old                 # the last good version, byte for byte
     finally:

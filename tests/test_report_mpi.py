@@ -73,16 +73,16 @@ def _sync_with_progress(mpi_tmp_path, server_binary, monkeypatch, progress_on_ra
     comm.Barrier()
     seen: list[int] = []
     counters: set[str] = set()
-    name = flush._progress_counter
-    monkeypatch.setattr(flush, "_progress_counter", lambda plan: counters.add(name(plan)) or name(plan))
+    name = flush.orchestrate.progress_counter
+    monkeypatch.setattr(flush.orchestrate, "progress_counter", lambda plan: counters.add(name(plan)) or name(plan))
     if before_write is not None:
-        write = flush._pwrite_all
+        write = flush.writes.pwrite_all
 
         def paced(*args):
             before_write()
             write(*args)
 
-        monkeypatch.setattr(flush, "_pwrite_all", paced)
+        monkeypatch.setattr(flush.writes, "pwrite_all", paced)
     with Tier.start(comm, id=f"p{os.getppid()}", dir=str(mpi_tmp_path), bfs_root=str(bfs), capacity="512M",
                     server=server_binary, align="1M") as tier:
         fh = File.Open(comm, "burst://big.dat", MPI.MODE_CREATE | MPI.MODE_WRONLY)

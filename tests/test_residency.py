@@ -80,11 +80,11 @@ def test_frag_stat_states(atier):
     assert residency.frag_stat(path, tier=atier) == residency.FragStat(0, 0, 100_000, 40_000)
     put(store, path, None, [(200_000, b"p" * 1000)])
     seen = []
-    flush.write_observers.append(lambda p, o, n: seen.append(residency.frag_stat(path, tier=atier)))
+    flush.writes.write_observers.append(lambda p, o, n: seen.append(residency.frag_stat(path, tier=atier)))
     try:
         flush.sync(path, tier=atier)
     finally:
-        flush.write_observers.clear()
+        flush.writes.write_observers.clear()
     assert seen[0].pending == 1000 and seen[0].dirty == 0
     assert residency.frag_stat(path, tier=atier).clean == 101_000
 

@@ -1,0 +1,379 @@
+"""Sync and commit: run a flush's steps over the ranks of a communicator, or over the files of a cut.
+
+:func:`sync` flushes one file: rank 0 prepares the snapshot
+(:mod:`~mpiburst.flush.snapshot`), every rank takes its stripes
+(:mod:`~mpiburst.flush.locality`) and writes them
+(:mod:`~mpiburst.flush.writes`), and rank 0 publishes the new version and
+marks it clean; a failure on any rank raises on every rank. :func:`commit`
+flushes a consistent cut of many files and publishes them all or none, under
+a journal (:mod:`~mpiburst.flush.journal`). :func:`enqueue` queues a request
+for the automatic engine instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .. import iostats
+from ..collective import on_root
+from ..errors import FlushError, MpiburstError, PathError
+from ..paths import resolve
+from ..progress import JobBytes
+from ..store import FlushLease, Store
+from ..tier import Tier
+from . import locality, snapshot, writes
+from .failures import LEASE_LOST, LeaseLost, cause, failed
+from .journal import recover, write_journal
+from .snapshot import Plan
+
+if TYPE_CHECKING:   # mpi4py is imported only by those who pass a communicator
+    from mpi4py import MPI
+
+@dataclass
+class FlushReport:
+    """What one flush of one file did.
+
+    Attributes
+    ----------
+    path : str
+        The BFS path of the file.
+    size : int
+        Its size on the BFS after the flush.
+    bytes : int
+        Bytes written to the BFS by this flush (every flusher together).
+    writes : int
+        Write calls made on the BFS.
+    write_sizes : dict
+        ``{write size: count}``; every write is a whole number of stripes, at
+        most :data:`~mpiburst.flush.writes.WRITE_SIZE` (only the file's last stripe may be short).
+    seconds : float
+        Wall time of the flush.
+    checksum : str or None
+        SHA-256 (hex) of the whole BFS file after the flush, when verified.
+    upto : int
+        The snapshot: every write with a sequence number up to this is now clean.
+    drained : int
+        Bytes of the file the drain had already written while the application
+        wrote it (:mod:`mpiburst.drain`) and this flush kept (not counted in ``bytes``).
+    """
+
+    path: str
+    size: int = 0
+    bytes: int = 0
+    writes: int = 0
+    write_sizes: dict[int, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    checksum: str | None = None
+    upto: int = 0
+    drained: int = 0
+
+
+class _Solo:
+    """The part of an mpi4py communicator a flush uses, for a single process."""
+
+    @staticmethod
+    def Get_rank() -> int:
+        return 0
+
+    @staticmethod
+    def Get_size() -> int:
+        return 1
+
+    @staticmethod
+    def bcast(obj: Any, root: int = 0) -> Any:
+        return obj
+
+    @staticmethod
+    def allgather(obj: Any) -> list:
+        return [obj]
+
+
+def sync(path: str | os.PathLike, *, tier: Tier | None = None, comm: MPI.Comm | None = None, block: bool = True,
+         verify: bool = False, workers: int = 1,
+         progress: Callable[[int], None] | None = None) -> FlushReport | None:
+    """Write the dirty data of one file from the tier to the BFS.
+
+    Parameters
+    ----------
+    path
+        A BFS path inside the run's root, or a ``burst://`` URL.
+    tier
+        The run's :class:`~mpiburst.tier.Tier`; default :meth:`Tier.current`.
+    comm
+        An mpi4py communicator: the call is collective, each rank writes a
+        contiguous run of stripes. ``None``: this process writes them all.
+    block
+        False: queue the request for the automatic engine and return None.
+    verify
+        Read back every written stripe and compare it with what was written,
+        check the final size, and return the file's SHA-256 in the report.
+    workers
+        Threads per process writing disjoint runs of stripes.
+    progress
+        Called with the bytes written so far, after each write, and with the
+        flush's bytes once it is done. With ``comm``, the bytes of all its
+        ranks: when rank 0 or this rank gives one, each rank adds its bytes
+        to a counter in the tier at most every
+        :data:`~mpiburst.progress.SHARE_EVERY` seconds and once its part is
+        written (no collective call; :class:`~mpiburst.progress.JobBytes`),
+        so another rank's bytes show up to that much later.
+
+    Returns
+    -------
+    FlushReport or None
+        The same report on every rank; None when ``block`` is False.
+
+    Raises
+    ------
+    FlushError
+        On any failure (full or failing BFS, permissions, lost server
+        connection, lost lease); on every rank. The data stays dirty.
+    PathError
+        If the path is outside the root or the tier does not hold the file.
+    """
+    tier = tier or Tier.current(comm)   # a connect failing on one rank fails every rank
+    target = resolve(path, tier.bfs_root)
+    if not block:
+        enqueue(tier, "sync", target)
+        return None
+    comm = comm if comm is not None else _Solo()
+    store = tier.store
+    started = time.monotonic()
+
+    def make_plan() -> tuple[Plan, bool]:
+        try:
+            recover(tier.bfs_root)   # a commit killed while renaming: finish it before touching its files
+            plan = snapshot.prepare(store, target, tier.align)
+            assert plan is not None      # without a cut there is always a plan
+            return plan, progress is not None
+        except (PathError, FlushError):
+            raise
+        except Exception as exc:   # a lost server, say: the data stays dirty, say so
+            raise failed(target, cause(exc)) from None
+
+    # rank 0 plans; every rank gets the plan (and whether rank 0 shows progress) or the error
+    plan, root_progress = on_root(comm, make_plan)
+
+    ranges, error = locality.share_out(store, plan, comm)   # collective: every rank gets its stripes, or the same error
+    job = None
+    if comm.Get_size() > 1 and (root_progress or progress is not None):   # count the whole job's bytes
+        job = JobBytes(lambda n: store.shared_pointer(plan.target, progress_counter(plan), n) + n, progress)
+    tally = writes.Tally(job.update if job is not None else progress, verify)
+    if error is None:
+        try:
+            with FlushLease(store, plan.target, plan.token, snapshot.LEASE_SECONDS):  # a failure gives the lease back,
+                writes.write_run(store, plan, ranges, tally, max(1, workers))  # so the other flushers stop soon
+                if verify:
+                    writes.verify_stripes(plan.work, tally.crcs)
+                if job is not None:
+                    job.close()
+        except Exception as exc:  # every cause becomes one line; the data stays dirty
+            error = cause(exc)
+    outcomes = comm.allgather((error, tally.bytes, dict(tally.sizes), tally.drained, job is not None and job.shared))
+
+    def conclude() -> FlushReport:
+        if any(o[4] for o in outcomes):   # every flusher is done: drop the progress counter
+            with contextlib.suppress(MpiburstError):
+                store.drop_shared_pointer(plan.target, progress_counter(plan))
+        # The root cause first: the other flushers only saw the lease the failing one released.
+        failures = sorted((e for e, *_ in outcomes if e), key=lambda e: e == LEASE_LOST)
+        if failures:
+            writes.abort(store, plan)
+            raise failed(target, failures[0])
+        try:
+            checksum = writes.finish(store, plan, verify)
+        except Exception as exc:
+            writes.abort(store, plan)
+            raise failed(target, cause(exc)) from None
+        return _report(plan, checksum)
+
+    result = on_root(comm, conclude)    # rank 0 publishes and marks clean; every rank gets the outcome
+    sizes: Counter[int] = Counter()
+    for o in outcomes:
+        sizes.update(o[2])
+    result.bytes = sum(o[1] for o in outcomes)
+    result.drained = sum(o[3] for o in outcomes)
+    result.writes = sum(sizes.values())
+    result.write_sizes = dict(sorted(sizes.items()))
+    result.seconds = time.monotonic() - started
+    if progress is not None:
+        progress(result.bytes)
+    iostats.record_flush(store, result, plan.align, comm.Get_rank(), time.time() - result.seconds)
+    return result
+
+
+def progress_counter(plan: Plan) -> str:
+    """Name the counter of a collective sync's bytes written (:class:`JobBytes`) among the file's atomic counters.
+
+    The store's atomic counters per file and token are those of MPI shared
+    file pointers (:meth:`Store.shared_pointer`); the flush lease's token
+    keeps this one apart from every open's pointer and every other flush's.
+    """
+    return f"flush-progress:{plan.token}"
+
+
+def _report(plan: Plan, checksum: str | None) -> FlushReport:
+    """The report of a published flush, before its counts are added."""
+    return FlushReport(path=plan.target, size=plan.size, checksum=checksum, upto=plan.upto)
+
+
+def commit(paths: Iterable[str] | None = None, *, tier: Tier | None = None, include_pinned: bool = True,
+           select: Callable[[str], bool] | None = None,
+           log: Callable[[str], None] | None = None,
+           progress: Callable[[int], None] | None = None) -> list[FlushReport]:
+    """Flush a consistent cut of the tier's files to the BFS, all or nothing.
+
+    Every file's watermark is taken in one atomic step (:meth:`Store.cut
+    <mpiburst.store.Store.cut>`), each dirty file is flushed exactly up to its
+    mark (newer writes stay dirty), and the new versions are renamed into
+    place only when all of them are written and fsync'd, under a journal
+    (``.mpiburst-commit-<token>.json`` in the BFS root) that the next sync or
+    commit completes if this one is killed while renaming. So if write B
+    was issued after write A had completed (its file closed or synced), B on
+    the BFS implies A on the BFS.
+
+    Parameters
+    ----------
+    paths
+        BFS paths to commit (files the tier does not hold are skipped);
+        default every file of the tier.
+    tier
+        The run's :class:`~mpiburst.tier.Tier`; default :meth:`Tier.current`.
+    include_pinned
+        False: leave pinned files out (the automatic engine).
+    select
+        Called with each BFS path of the cut: only those it returns True for
+        are committed. Choose files this way, not by a list made before the
+        call: a file created after such a list but before the cut would be
+        left out while later writes that depend on it are in.
+    log
+        Called with one line per file committed.
+    progress
+        Called with the bytes written to the BFS so far, over all files.
+
+    Returns
+    -------
+    list of FlushReport
+        One per file that was dirty in the cut, in path order.
+
+    Raises
+    ------
+    FlushError
+        If any file fails: nothing of the commit is published, every file
+        stays dirty (or, if the commit failed while renaming, the next sync
+        or commit finishes publishing it).
+    """
+    tier = tier or Tier.current()
+    store = tier.store
+    started, began = time.monotonic(), time.time()
+    try:
+        recover(tier.bfs_root)
+        cut = store.cut()
+    except Exception as exc:
+        raise FlushError(f"commit failed: {cause(exc)}; the data stays dirty in the tier, fix the cause and "
+                         f"commit again.") from None
+    wanted = cut if paths is None else {p: cut[p] for p in paths if p in cut}
+    chosen = sorted(p for p, m in wanted.items()
+                    if m.dirty and (include_pinned or not m.pinned) and (select is None or select(p)))
+    plans: list[Plan] = []
+    tallies: list[writes.Tally] = []
+    keeper = _LeaseKeeper(store)
+    published = False
+    try:
+        for target in chosen:           # locks and leases in path order: two commits never deadlock
+            plan = snapshot.prepare(store, target, tier.align, cut=cut[target])
+            if plan is None:            # a later flush already put this file's cut on the BFS
+                continue
+            plans.append(plan)
+            keeper.hold(plan)
+        written = 0
+        for plan in plans:
+            tally = writes.Tally(_from(progress, written))
+            writes.write_run(store, plan, [locality.stripe_range(plan, 0, 1)], tally, 1)
+            written += tally.bytes
+            writes.seal(plan)
+            tallies.append(tally)
+        keeper.check()
+        journal = write_journal(tier.bfs_root, plans)
+        published = True
+        writes.publish(plans)
+        os.unlink(journal)
+        keeper.stop()
+        reports = [_report(plan, writes.settle(store, plan, False)) for plan in plans]
+    except Exception as exc:
+        keeper.stop()
+        for plan in plans:
+            if published:   # the journal completes the renames at the next sync or commit
+                FlushLease(store, plan.target, plan.token, snapshot.LEASE_SECONDS).release()
+                snapshot.release_lock(plan.token)
+            else:
+                writes.abort(store, plan)
+        why = exc if isinstance(exc, MpiburstError) else cause(exc)
+        raise FlushError(f"commit of {len(chosen)} files failed: {str(why).rstrip('.')}; nothing of it was "
+                         "published and the data stays dirty in the tier, fix the cause and commit again."
+                         if not published else
+                         f"commit of {len(chosen)} files failed while publishing them: {cause(exc)}; the next "
+                         "sync or commit completes it.") from None
+    for report, tally in zip(reports, tallies):
+        report.bytes, report.writes, report.drained = tally.bytes, sum(tally.sizes.values()), tally.drained
+        report.write_sizes = dict(sorted(tally.sizes.items()))
+        report.seconds = time.monotonic() - started
+        iostats.record_flush(store, report, tier.align, 0, began)   # each file: the whole commit's time
+        if log is not None:
+            log(f"committed {report.path}: {report.bytes} bytes in {report.writes} writes")
+    return reports
+
+
+def _from(progress: Callable[[int], None] | None, base: int) -> Callable[[int], None] | None:
+    """Return a progress callback that adds ``base`` (the bytes of the files before) to a file's bytes."""
+    if progress is None:
+        return None
+    report = progress
+    return lambda done: report(base + done)
+
+
+class _LeaseKeeper:
+    """Renews the leases of every file a commit holds, from a thread, until stopped."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._plans: list[Plan] = []
+        self._lost: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="mpiburst-lease-keeper")
+        self._thread.start()
+
+    def hold(self, plan: Plan) -> None:
+        self._plans.append(plan)
+
+    def check(self) -> None:
+        """Raise if a lease was lost meanwhile."""
+        if self._lost is not None:
+            raise LeaseLost()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(snapshot.LEASE_SECONDS / 4):
+            for plan in list(self._plans):
+                try:
+                    ok = self._store.renew(plan.target, plan.token, snapshot.LEASE_SECONDS)
+                except Exception:  # noqa: BLE001 - the commit reports the cause when it next talks to the tier
+                    ok = True
+                if not ok:
+                    self._lost = plan.target
+
+
+def enqueue(tier: Tier, op: str, path: str, **fields: Any) -> None:
+    """Queue a request (``op`` = ``"sync"`` or ``"prestage"``) in the tier for the engine."""
+    tier.store.enqueue(json.dumps(dict(op=op, path=path, time=time.time(), **fields)).encode())

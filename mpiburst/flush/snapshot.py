@@ -1,0 +1,214 @@
+"""The snapshot a flush works on: lock the BFS path, take the lease, fix the upper mark, open a new version aside.
+
+Rank 0 of a flush calls :func:`prepare`; the :class:`Plan` it returns is
+shared with every flusher. A flush works on the file's sequence number when
+it starts (or a commit's cut): writes that arrive later stay dirty for the
+next flush. Two runs flushing one BFS path take turns on a :class:`BfsLock`
+beside it; two flushers of one tier take turns on the file's flush lease
+(:class:`~mpiburst.store.FlushLease`). The lease timings are read from this
+module at each use, so a test may change them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .. import drain
+from ..errors import FlushError, MpiburstError, PathError
+from ..perms import create_aside, current_umask, make_dirs
+from ..store import FlushLease, Store
+from .failures import cause, quiet
+
+_log = logging.getLogger(__name__)
+
+#: Lifetime of a flush lease; every flusher renews it after each write.
+LEASE_SECONDS = 30.0
+#: How long a blocking sync waits for another flusher of the same file to finish.
+LEASE_WAIT = 120.0
+#: Seconds a flush waits for a lease before it says so (a dead flusher's lease lasts up to LEASE_SECONDS).
+LEASE_NOTE_AFTER = 1.0
+
+
+@dataclass
+class Plan:
+    """The snapshot and target of one flush, decided by rank 0 and shared with every flusher."""
+
+    target: str
+    work: str          # the new version, written aside and renamed over ``target`` at the end
+    token: str
+    upto: int
+    clean: int
+    size: int
+    trunc: int | None
+    align: int
+    base: int          # bytes of the existing BFS file kept (0 for a new file)
+    new: bool          # no BFS file existed: every extent up to ``upto`` is written
+    umask: int         # of the application: new files and directories get the modes it gives
+    claimed: drain.Claim | None = None   # a finished drain's data file, now ``work``
+    in_place: bool = False   # set by writes.seal: ``work`` was copied into ``target`` (another user's file)
+
+
+def prepare(store: Store, target: str, align: int, cut: Any = None) -> Plan | None:
+    """Lock the BFS path, take the lease, snapshot the file and create its new version aside (rank 0 only).
+
+    ``cut`` (a :class:`~mpiburst.store.FileMeta` taken by a commit) fixes the
+    snapshot's upper mark; without it the snapshot is the file's state now.
+    Another flush (the engine's, another commit) may have run between the
+    cut and this lease: what is clean, and the truncation still to apply,
+    are then taken from the file's record now, since the extents it made
+    clean may already be purged and their bytes are on the BFS. Returns None
+    (lock and lease given back) when that flush already went past the cut:
+    rewriting the file from the older cut would replace newer bytes on the
+    BFS with older ones.
+    """
+    meta = store.meta(target)
+    if meta is None and cut is not None:
+        return None                     # purged or removed since the cut: nothing of it to publish
+    if meta is None:
+        raise PathError(f"{target} is not in the tier; there is nothing to sync.")
+    umask = meta.umask if meta.umask is not None else current_umask()
+    directory, name = os.path.split(target)
+    try:
+        make_dirs(directory, umask)
+        lock = BfsLock.take(target)
+    except OSError as exc:
+        raise FlushError(f"sync of {target} failed: {cause(exc)}; the data stays dirty in the tier, "
+                         f"fix the cause and run the sync again.") from None
+    lease: FlushLease | None = None
+    try:
+        lease = _take_lease(store, target)
+        token = lease.token
+        snap = lease.begin()
+        if cut is not None:
+            if snap.clean >= cut.seq and (snap.clean > cut.clean or cut.trunc is None):
+                lease.release()
+                lock.release()
+                return None
+            snap = replace(cut, clean=snap.clean, trunc=snap.trunc) if snap.clean > cut.clean else cut
+        try:
+            old: os.stat_result | None = os.stat(target, follow_symlinks=False)
+        except FileNotFoundError:
+            old = None
+        work = os.path.join(directory, f".{name}.mpiburst-{token}")
+        # A new file's chunks written ahead by a drain while the application wrote it (mpiburst.drain).
+        claimed = drain.claim(target, work, align) if old is None and snap.trunc is None else None
+        for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.mpiburst-*")):
+            if stale != work:   # left by a killed flusher or an unclaimed drain: we hold the lock and the lease
+                quiet(lambda: os.unlink(stale))  # noqa: B023 - called at once
+        if old is not None and not stat.S_ISREG(old.st_mode):
+            raise FlushError(f"{target} on the BFS is not a regular file (a link or a directory); remove it "
+                             "or sync the data to another path.")
+        base = 0
+        if old is not None:
+            base = old.st_size if snap.trunc is None else min(old.st_size, snap.trunc)
+        if claimed is None:
+            create_aside(work)
+    except BaseException as exc:
+        if lease is not None:
+            lease.release()
+        lock.release()
+        if isinstance(exc, MpiburstError):
+            raise
+        raise FlushError(f"sync of {target} failed: {cause(exc)}; the data stays dirty in the tier, "
+                         f"fix the cause and run the sync again.") from None
+    _LOCKS[token] = lock
+    return Plan(target=target, work=work, token=token, upto=snap.seq, clean=snap.clean, size=snap.size,
+                 trunc=snap.trunc, align=align, base=base, new=old is None, umask=umask, claimed=claimed)
+
+
+class BfsLock:
+    """An exclusive ``flock`` on ``.<name>.mpiburst.lock`` beside a BFS file, held while it is flushed.
+
+    Flushes of one BFS path by different runs (different tiers, whose leases
+    do not see each other) take turns. The lock file is removed on release;
+    a taker that locked a file already removed (its inode is no longer at
+    the path) tries again.
+    """
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    @staticmethod
+    def path_for(target: str) -> str:
+        """Return the lock file's path for the BFS file ``target``."""
+        directory, name = os.path.split(target)
+        return os.path.join(directory, f".{name}.mpiburst.lock")
+
+    @classmethod
+    def take(cls, target: str, wait: float | None = None) -> BfsLock:
+        """Lock ``target``, waiting up to ``wait`` seconds (default :data:`LEASE_WAIT`).
+
+        Raises
+        ------
+        FlushError
+            If another flush of the same BFS path held it all that time.
+        """
+        path = cls.path_for(target)
+        deadline = time.monotonic() + (LEASE_WAIT if wait is None else wait)
+        while True:
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                if time.monotonic() > deadline:
+                    raise FlushError(f"another run has been flushing {target} for over "
+                                     f"{LEASE_WAIT if wait is None else wait:.0f} s (it holds {path}); wait for it to "
+                                     "finish and try again.") from None
+                time.sleep(0.05)
+                continue
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+            except FileNotFoundError:
+                same = False
+            if same:
+                return cls(path, fd)
+            os.close(fd)  # locked a file its holder removed meanwhile: take the new one
+
+    def release(self) -> None:
+        """Remove the lock file and unlock (once; later calls do nothing)."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(fd)
+
+
+#: Locks held by flushes this process prepared, by lease token (released by writes.settle / writes.abort).
+_LOCKS: dict[str, BfsLock] = {}
+
+
+def release_lock(token: str) -> None:
+    """Release the BFS lock :func:`prepare` took for the flush with lease ``token`` (once; later calls do nothing)."""
+    lock = _LOCKS.pop(token, None)
+    if lock is not None:
+        lock.release()
+
+
+def _take_lease(store: Store, target: str) -> FlushLease:
+    """Return the file's flush lease, waiting up to :data:`LEASE_WAIT` for another flusher."""
+    started = time.monotonic()
+    deadline = started + LEASE_WAIT
+    noted = False
+    while True:
+        lease = store.flush_lease(target, LEASE_SECONDS)
+        if lease is not None:
+            return lease
+        if not noted and time.monotonic() > started + LEASE_NOTE_AFTER:
+            _log.warning("sync of %s waits for its flush lease: another flush holds it, or one that died left "
+                         "it, and then it expires within %.0f s.", target, LEASE_SECONDS)
+            noted = True
+        if time.monotonic() > deadline:
+            raise FlushError(f"another flush of {target} has held it for over {LEASE_WAIT:.0f} s; "
+                             "wait for it to finish and try again.")
+        time.sleep(0.05)
