@@ -78,7 +78,7 @@ def test_a_failed_flush_never_leaves_a_complete_copy_on_the_bfs(mem_tier, monkey
     def broken(path, offset, length):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(flush, "write_observers", [broken])
+    monkeypatch.setattr(flush.writes, "write_observers", [broken])
     ck = Checkpoints(None, "sim", keep=2, flush_every=1)
     save(ck, 1)
     with pytest.raises(CheckpointError, match="flush of checkpoint 1 of sim failed"):
@@ -86,7 +86,7 @@ def test_a_failed_flush_never_leaves_a_complete_copy_on_the_bfs(mem_tier, monkey
     assert bfs_only(mem_tier) == {}
     assert not os.path.exists(os.path.join(mem_tier.bfs_root, "sim", "ckpt.1", MANIFEST))
     assert ck.latest() == 1       # complete in the tier still
-    monkeypatch.setattr(flush, "write_observers", [])
+    monkeypatch.setattr(flush.writes, "write_observers", [])
     save(ck, 2)
     ck.wait()
     assert bfs_only(mem_tier) == {2: "bfs"}

@@ -73,5 +73,6 @@ The package is split along the flush's jobs, bottom to top:
 
 from .journal import recover
 from .orchestrate import FlushReport, commit, enqueue, sync
+from .writes import file_sha256
 
-__all__ = ["FlushReport", "commit", "enqueue", "recover", "sync"]
+__all__ = ["FlushReport", "commit", "enqueue", "file_sha256", "recover", "sync"]
