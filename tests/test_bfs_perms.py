@@ -3,8 +3,12 @@
 Each test writes through the tier under the application's umask, flushes
 under another umask (the engine or ``mpiburst run``'s commit may flush, with
 their own umask), and compares the result with a direct ``open(O_CREAT, 0666)``
-or ``mkdir(0777)`` by the application in the same directory. Real server
-(``tier`` fixture), real filesystem attributes.
+or ``mkdir(0777)`` by the application in the same directory. Real filesystem
+attributes; what the flush does with them is a unit test on the memory store
+(``mem_tier``: the writer's umask travels in the file's record, through the
+``Store`` interface), and a real server where the server or a run is part of
+the promise (its own files' modes, ``mpiburst run``'s stage-out, a split
+retrieve, another user's file).
 """
 
 from __future__ import annotations
@@ -78,32 +82,32 @@ def acl(path: str, name: str = perms.ACCESS_ACL) -> bytes | None:
 
 @pytest.mark.parametrize("app_umask", [0o022, 0o027, 0o002, 0o077], ids=lambda m: f"app{m:03o}")
 @pytest.mark.parametrize("flusher_umask", [0o077, 0o000], ids=lambda m: f"flusher{m:03o}")
-def test_new_file_gets_the_applications_umask_not_the_flushers(tier, app_umask, flusher_umask):
+def test_new_file_gets_the_applications_umask_not_the_flushers(mem_tier, app_umask, flusher_umask):
     """0666 & ~umask of the writer, whatever the umask of the process that flushes."""
-    path = write_through(tier, "new.dat", b"x" * 5000, app_umask)
-    sync_as(tier, path, flusher_umask)
-    ref = direct_file(os.path.join(tier.bfs_root, "direct.dat"), app_umask)
+    path = write_through(mem_tier, "new.dat", b"x" * 5000, app_umask)
+    sync_as(mem_tier, path, flusher_umask)
+    ref = direct_file(os.path.join(mem_tier.bfs_root, "direct.dat"), app_umask)
     assert mode(path) == stat.S_IMODE(ref.st_mode) == 0o666 & ~app_umask
     assert open(path, "rb").read() == b"x" * 5000
 
 
-def test_directories_the_flush_creates_get_0777_and_not_umask(tier):
+def test_directories_the_flush_creates_get_0777_and_not_umask(mem_tier):
     """Missing parents are made as the application's ``mkdir(0777)`` would make them (group-writable umask)."""
-    path = write_through(tier, "a/b/c.dat", b"data", 0o002)
-    sync_as(tier, path, 0o077)
-    direct_dirs(os.path.join(tier.bfs_root, "d/e"), 0o002)
+    path = write_through(mem_tier, "a/b/c.dat", b"data", 0o002)
+    sync_as(mem_tier, path, 0o077)
+    direct_dirs(os.path.join(mem_tier.bfs_root, "d/e"), 0o002)
     for flushed, direct in (("a", "d"), ("a/b", "d/e")):
-        assert mode(os.path.join(tier.bfs_root, flushed)) == mode(os.path.join(tier.bfs_root, direct)) == 0o775
+        assert mode(os.path.join(mem_tier.bfs_root, flushed)) == mode(os.path.join(mem_tier.bfs_root, direct)) == 0o775
     assert mode(path) == 0o664
 
 
-def test_private_while_written_and_final_mode_before_the_rename(tier, monkeypatch):
+def test_private_while_written_and_final_mode_before_the_rename(mem_tier, monkeypatch):
     """The temporary file is 0600 while its bytes are written, and has its final mode when renamed into place."""
-    path = write_through(tier, "big.dat", os.urandom(3 * tier.align + 100), 0o022)
+    path = write_through(mem_tier, "big.dat", os.urandom(3 * mem_tier.align + 100), 0o022)
     seen_writing, seen_renaming = [], []
 
     def observe(target, offset, length):
-        seen_writing.extend(mode(p) for p in glob.glob(os.path.join(tier.bfs_root, ".big.dat.mpiburst-*")))
+        seen_writing.extend(mode(p) for p in glob.glob(os.path.join(mem_tier.bfs_root, ".big.dat.mpiburst-*")))
 
     real_rename = os.rename
 
@@ -114,25 +118,25 @@ def test_private_while_written_and_final_mode_before_the_rename(tier, monkeypatc
 
     monkeypatch.setattr(flush.writes, "write_observers", [observe])
     monkeypatch.setattr(os, "rename", rename)
-    sync_as(tier, path, 0o077)
+    sync_as(mem_tier, path, 0o077)
     assert seen_writing and set(seen_writing) == {0o600}
     assert seen_renaming == [0o644]
     assert mode(path) == 0o644
 
 
-def test_existing_file_keeps_mode_owner_and_group(tier):
+def test_existing_file_keeps_mode_owner_and_group(mem_tier):
     """A flush that rewrites and truncates an existing file leaves its mode, owner and group alone."""
-    path = os.path.join(tier.bfs_root, "old.dat")
+    path = os.path.join(mem_tier.bfs_root, "old.dat")
     Path(path).write_bytes(b"o" * 100_000)
     os.chmod(path, 0o640)
     if os.geteuid() == 0:
         os.chown(path, NOBODY, NOBODY)
     before = os.stat(path)
-    with umask(0o000), mpiburst.open(f"burst://old.dat", "r+b", tier=tier) as f:
+    with umask(0o000), mpiburst.open(f"burst://old.dat", "r+b", tier=mem_tier) as f:
         f.seek(10)
         f.write(b"new")
         f.truncate(50_000)
-    sync_as(tier, path, 0o077)
+    sync_as(mem_tier, path, 0o077)
     after = os.stat(path)
     assert (stat.S_IMODE(after.st_mode), after.st_uid, after.st_gid) == \
         (0o640, before.st_uid, before.st_gid)
@@ -168,14 +172,14 @@ def _group_other_than_mine() -> int:
     return others[0] if others else os.getegid()
 
 
-def test_setgid_directory_gives_its_group_as_a_direct_write_does(tier):
+def test_setgid_directory_gives_its_group_as_a_direct_write_does(mem_tier):
     """In a setgid directory the flushed file and the directories the flush makes inherit its group (and bit)."""
-    shared = os.path.join(tier.bfs_root, "project")
+    shared = os.path.join(mem_tier.bfs_root, "project")
     os.mkdir(shared)
     os.chown(shared, -1, _group_other_than_mine())
     os.chmod(shared, 0o2775)
-    path = write_through(tier, "project/run1/out.dat", b"data", 0o002)
-    sync_as(tier, path, 0o077)
+    path = write_through(mem_tier, "project/run1/out.dat", b"data", 0o002)
+    sync_as(mem_tier, path, 0o077)
     ref_file = direct_file(os.path.join(shared, "direct.dat"), 0o002)
     direct_dirs(os.path.join(shared, "direct"), 0o002)
     made, ref_dir = os.stat(os.path.join(shared, "run1")), os.stat(os.path.join(shared, "direct"))
@@ -186,14 +190,14 @@ def test_setgid_directory_gives_its_group_as_a_direct_write_does(tier):
     assert flushed.st_gid == os.stat(shared).st_gid
 
 
-def test_default_acl_is_inherited_as_by_a_direct_write(tier):
+def test_default_acl_is_inherited_as_by_a_direct_write(mem_tier):
     """A default ACL decides the modes, not the umask: the flushed file and directory match direct ones."""
     setfacl = require_tool("setfacl", "acl")
-    shared = os.path.join(tier.bfs_root, "acl")
+    shared = os.path.join(mem_tier.bfs_root, "acl")
     os.mkdir(shared)
     subprocess.run([setfacl, "-d", "-m", f"u::rwx,g::rwx,o::r-x,u:{NOBODY}:rwx", shared], check=True, timeout=30)
-    path = write_through(tier, "acl/sub/out.dat", b"data", 0o077)   # a umask the default ACL overrides
-    sync_as(tier, path, 0o077)
+    path = write_through(mem_tier, "acl/sub/out.dat", b"data", 0o077)   # a umask the default ACL overrides
+    sync_as(mem_tier, path, 0o077)
     ref_file = direct_file(os.path.join(shared, "direct.dat"), 0o077)
     direct_dirs(os.path.join(shared, "direct"), 0o077)
     sub, ref_dir = os.path.join(shared, "sub"), os.path.join(shared, "direct")
@@ -228,21 +232,21 @@ def test_tier_data_stays_private_whatever_the_umask(tmp_path, server_binary):
     assert not loose, f"tier data open to others: {loose}"
 
 
-def test_h5py_file_through_the_tier_gets_the_mode_h5py_gives_directly(tier):
+def test_h5py_file_through_the_tier_gets_the_mode_h5py_gives_directly(mem_tier):
     """``mpiburst.h5.File`` records the writing process's umask as ``mpiburst.open`` does."""
     import h5py
     import numpy as np
 
     from mpiburst import h5 as mh5
 
-    with umask(0o027), mh5.File("burst://h5/fields.h5", "w", tier=tier) as h:
+    with umask(0o027), mh5.File("burst://h5/fields.h5", "w", tier=mem_tier) as h:
         h["u"] = np.arange(10.0)
-    path = os.path.join(tier.bfs_root, "h5/fields.h5")
-    sync_as(tier, path, 0o077)
-    with umask(0o027), h5py.File(os.path.join(tier.bfs_root, "h5/direct.h5"), "w") as h:
+    path = os.path.join(mem_tier.bfs_root, "h5/fields.h5")
+    sync_as(mem_tier, path, 0o077)
+    with umask(0o027), h5py.File(os.path.join(mem_tier.bfs_root, "h5/direct.h5"), "w") as h:
         h["u"] = np.arange(10.0)
-    assert mode(path) == mode(os.path.join(tier.bfs_root, "h5/direct.h5")) == 0o640
-    assert mode(os.path.join(tier.bfs_root, "h5")) == 0o750
+    assert mode(path) == mode(os.path.join(mem_tier.bfs_root, "h5/direct.h5")) == 0o640
+    assert mode(os.path.join(mem_tier.bfs_root, "h5")) == 0o750
 
 
 APP = textwrap.dedent("""\
