@@ -118,9 +118,10 @@ def test_pin_ls_stat_cat_prestage_rm(atier, cli):
     (["ls", "burst://nothing"], 1, ["holds no files"]),
     (["sync", "-b", "burst://dir"], 2, ["is a directory; add -r"]),
 ])
-def test_bad_input_gives_one_line(atier, cli, args, code, words):
-    os.makedirs(bfs_file(atier, "dir"), exist_ok=True)
-    _one_line_error(cli(*args[:1], "--id", atier.id, *args[1:]), code, *words)
+def test_bad_input_gives_one_line(module_tier, cli, args, code, words):
+    """One run for all bad inputs: each is refused and changes nothing the next one meets."""
+    os.makedirs(bfs_file(module_tier, "dir"), exist_ok=True)
+    _one_line_error(cli(*args[:1], "--id", module_tier.id, *args[1:], cwd=module_tier.conf.dir), code, *words)
 
 
 def test_unknown_run_gives_one_line(cli):

@@ -345,28 +345,30 @@ def test_commit_while_the_application_writes_is_a_consistent_cut(tier):
 
 
 @pytest.mark.parametrize("freed", ["clean data", "whole file"])
-def test_a_commit_overtaken_by_a_later_flush_never_publishes_its_older_cut(tier, monkeypatch, freed):
+def test_a_commit_overtaken_by_a_later_flush_never_publishes_its_older_cut(mem_tier, monkeypatch, freed):
     """Promise: a commit whose cut a later flush (the engine's, another commit) overtook writes no stale bytes.
 
     Between a commit's cut and its lease, another flush put the file on the
     BFS and a purge freed the tier's copy. The commit must not rewrite the
     file from its older cut: the purged extents would read as holes, and the
     cut's pending truncation would turn them into zeros on the BFS (seen as
-    an all-zero checkpoint under load). The cut is held back by hand here.
+    an all-zero checkpoint under load). The cut is held back by hand here, on
+    the memory store: the commit's logic, which sees the tier through the
+    Store interface (the commit on a real server: the tests around this one).
     """
     from mpiburst import flush
     from mpiburst.residency import purge
 
     data = bytes(range(256)) * 768                       # 192 KiB, no zeros
-    with mpiburst.open("burst://sim/ckpt", "wb", tier=tier) as f:     # "wb": a truncation to apply
+    with mpiburst.open("burst://sim/ckpt", "wb", tier=mem_tier) as f:     # "wb": a truncation to apply
         f.write(data)
-    stale = tier.store.cut()
-    assert stale[str(Path(tier.bfs_root) / "sim" / "ckpt")].dirty
-    flush.sync("burst://sim/ckpt", tier=tier)             # the later flush ...
-    purge("burst://sim/ckpt", tier=tier, clean_only=freed == "clean data")   # ... and a purge that frees it
-    monkeypatch.setattr(tier.store, "cut", lambda: stale)
-    flush.commit(tier=tier)
-    assert (Path(tier.bfs_root) / "sim" / "ckpt").read_bytes() == data
+    stale = mem_tier.store.cut()
+    assert stale[str(Path(mem_tier.bfs_root) / "sim" / "ckpt")].dirty
+    flush.sync("burst://sim/ckpt", tier=mem_tier)             # the later flush ...
+    purge("burst://sim/ckpt", tier=mem_tier, clean_only=freed == "clean data")   # ... and a purge that frees it
+    monkeypatch.setattr(mem_tier.store, "cut", lambda: stale)
+    flush.commit(tier=mem_tier)
+    assert (Path(mem_tier.bfs_root) / "sim" / "ckpt").read_bytes() == data
 
 
 _KILLED_COMMIT = """
