@@ -212,7 +212,7 @@ class Catalog:
             files = self.tier_files(step)
             for file in sorted(files, key=lambda f: f != MANIFEST):
                 residency.purge(os.path.join(base, file), force=True, tier=self.tier)
-        if bfs:
+        if bfs and os.path.lexists(base):   # one metadata call when there is nothing (the usual case)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(base, MANIFEST))
             shutil.rmtree(base, ignore_errors=True)

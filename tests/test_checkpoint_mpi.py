@@ -10,7 +10,7 @@ import pytest
 from mpi4py import MPI
 
 import mpiburst
-from mpiburst import server
+from mpiburst import halt, server
 from mpiburst.errors import CheckpointError
 from mpiburst.testing.store import wait_for
 
@@ -33,7 +33,8 @@ def test_seven_saves_a_failed_eighth_then_a_smaller_job_on_a_new_tier_restarts_f
     flushed. After wait() latest() is 7 and reads back exactly. An 8th save
     in which rank 1 raises does not count (every rank raises, latest() stays
     7). Then the tier's server is killed; half the ranks, on a new tier,
-    find checkpoint 6 on the BFS and read it exactly.
+    find checkpoint 6 on the BFS and read it exactly; a halt set by their
+    rank 0 makes should_exit() True on every one of them.
     """
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -84,7 +85,7 @@ def test_seven_saves_a_failed_eighth_then_a_smaller_job_on_a_new_tier_restarts_f
     small = comm.Split(0 if rank < size // 2 else MPI.UNDEFINED, rank)
     if small != MPI.COMM_NULL:
         with mpiburst.Tier.start(small, id=f"ck2{os.getppid()}", dir=str(mpi_tmp_path), bfs_root=str(bfs),
-                                 capacity="64M", server=server_binary):
+                                 capacity="64M", server=server_binary) as small_tier:
             again = mpiburst.Checkpoints(small, "sim", keep=2, flush_every=3)
             assert again.latest() == 6
             n, r = small.Get_size(), small.Get_rank()
@@ -95,6 +96,10 @@ def test_seven_saves_a_failed_eighth_then_a_smaller_job_on_a_new_tier_restarts_f
                 f.Read_at_all(r * share * 8, part)
                 f.Close()
             assert np.array_equal(part, state(6, size)[r * share:(r + 1) * share])
+            assert not again.should_exit()
+            if r == 0:
+                halt.set_halt(halt.halt_path(small_tier.conf.dir, small_tier.id), immediate=True)
+            assert again.should_exit() and again.exit_reason == "halt --immediate"   # rank 0 decides for all
             again.close()
         small.Free()
     comm.Barrier()
