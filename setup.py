@@ -33,6 +33,7 @@ setup(
         "mpi4py>=4.1.0",     # the first release with wheels on PyPI (3.10 to 3.14)
         *NUMPY,
         "redis[hiredis]>=5.0.0",
+        "cryptography>=41.0.0",   # the per-run CA of a multi-node tier (mutual TLS); abi3 wheels cover 3.7+
     ],
     extras_require={
         "mpich": ["mpich"],

@@ -37,8 +37,10 @@ def from_stats(stats: tuple[dict[str, Any], list[dict[str, Any]]], run: str = ""
     paths = sorted(set(counters) | {e["path"] for e in flushes})
     files = [_file(path, counters.get(path, {}), [e for e in flushes if e["path"] == path]) for path in paths]
     missing = sorted({n for e in log if e.get("kind") == "missing" for n in e["nodes"]})
+    network = next((e for e in reversed(log) if e.get("kind") == "network"), None)
     return {"run": run, "generated": time.time(), "bins": list(BINS), "files": files, "flushes": flushes,
             "timeline": _timeline(log), "missing_nodes": missing,
+            "network": None if network is None else {"tls": bool(network.get("tls"))},
             "totals": {"app_write_calls": sum(f["app"]["write"]["calls"] for f in files),
                        "app_write_bytes": sum(f["app"]["write"]["bytes"] for f in files),
                        "app_read_calls": sum(f["app"]["read"]["calls"] for f in files),
@@ -132,6 +134,11 @@ def summary(report: dict[str, Any]) -> str:
         lines.append(f"incomplete: the server of node {lost} was down when the run stopped: the counters of its "
                      "processes are missing" + (", and so are every flush and engine event and tier-fill sample "
                                                 "(node 0 holds them)" if 0 in missing else ""))
+    network = report.get("network")
+    if network is not None:
+        lines.append("network: the nodes talked mutual TLS (the run's own CA)" if network["tls"] else
+                     "network: the nodes talked plaintext TCP, without TLS: the network was declared private to the "
+                     "job (--trust-network)")
     if not report["files"]:
         lines.append("  nothing recorded yet (counters reach the tier when files are closed)")
     for f in report["files"]:

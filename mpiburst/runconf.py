@@ -13,6 +13,7 @@ named after the ID:
 * ``redis_<id>.log``      the server's log
 * ``.mpiburst_<id>/``     a 0700 directory holding the server's unix socket
 * ``.mpiburst_<id>.lock`` held while the run is started (and during ``mpiburst run``)
+* ``.mpiburst_<id>.tls/``  a 0700 directory holding a multi-node run's TLS files (see :mod:`mpiburst.server.tls`)
 
 A run spanning several nodes has one server per node (:attr:`RunConf.nodes`);
 node ``k``'s server files carry ``<id>@<k>`` instead of ``<id>`` (``@`` is
@@ -138,6 +139,11 @@ def engine_log_name(run_id: str) -> str:
     return f"mpiburst_{run_id}.engine.log"
 
 
+def tls_dir_path(directory: str, run_id: str) -> str:
+    """Return the 0700 directory of a multi-node run's CA certificate and node certificate and key."""
+    return os.path.join(directory, f".mpiburst_{run_id}.tls")
+
+
 def socket_dir_path(directory: str, run_id: str, socket_dir: str | None = None) -> str:
     """Return the 0700 directory for the unix socket: ``socket_dir`` or ``DIR/.mpiburst_<id>``."""
     return os.path.abspath(socket_dir) if socket_dir else os.path.join(directory, f".mpiburst_{run_id}")
@@ -179,6 +185,9 @@ class RunConf:
     #: ``{"host", "port", "socket", "pid", "ranks": [lo, hi), "slots": [first, last], "hostname", "bus_port"}``.
     #: ``host``/``port``/``socket``/``pid`` above are node 0's.
     nodes: list = field(default_factory=list)
+    #: TCP connections to the servers use mutual TLS with the run's certificates (``.mpiburst_<id>.tls/``);
+    #: False on a multi-node run means plaintext on a network its user declared private (``--trust-network``).
+    tls: bool = False
 
     def node(self, index: int) -> RunConf:
         """Return the single-server view of node ``index`` (its address, socket and PID; never saved).
@@ -251,7 +260,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     **{name: (str,) for name in ("id", "dir", "host", "socket", "user", "password", "bfs_root", "server")},
     **{name: (int,) for name in ("port", "channels", "capacity", "align")},
     "pid": (int, type(None)), "engine_pid": (int, type(None)),
-    "sync_threshold": (int, float), "purge_threshold": (int, float), "nodes": (list,),
+    "sync_threshold": (int, float), "purge_threshold": (int, float), "nodes": (list,), "tls": (bool,),
 }
 
 #: The fields of a node entry and their JSON types.

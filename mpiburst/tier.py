@@ -322,6 +322,11 @@ def start_nodes(comm: MPI.Comm, opts: StartOptions, node: int, ranges: list[tupl
     """
     rank = comm.Get_rank()
     hosts = comm.allgather(socket.gethostname())
+    nodes_here = len(set(hosts)) == 1
+    bind = opts.bind or ("127.0.0.1" if nodes_here else None)
+    # each node's leader finds the address its node listens on, so the run's certificate names every node
+    address = together(comm, lambda: server.node_address(bind, node, len(ranges)) if leader else None)
+    addresses = [a for a in comm.allgather(address) if a]
     lock: server.RunLock | None = None
 
     def plan() -> server.ClusterPlan:
@@ -329,7 +334,7 @@ def start_nodes(comm: MPI.Comm, opts: StartOptions, node: int, ranges: list[tupl
         if take_lock:
             held = server.RunLock(server.run_directory(opts.dir), resolve_id(opts.id), "Tier.start")
             lock = held.__enter__()
-        return server.plan_cluster(opts, nodes_here=len(set(hosts)) == 1, count=len(ranges))
+        return server.plan_cluster(opts, nodes_here=nodes_here, count=len(ranges), addresses=addresses)
 
     entry: dict | None = None
     started: server.ClusterPlan | None = None

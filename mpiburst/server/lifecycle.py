@@ -13,7 +13,9 @@ import contextlib
 import os
 import shlex
 import signal
+import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,11 +45,12 @@ from ..store.cluster_store import ClusterStore
 from . import cluster
 from .config import ADMIN_USER, USER
 from .connection import connect_redis
-from .discovery import default_bind, find_server, free_port, host_address, job_nodes
+from .discovery import default_bind, find_server, free_port, host_address, job_nodes, node_address
 from .launch import MAX_SOCKET_PATH, SOCKET_NAME, PortInUse, launch, make_socket_dir, remove_file
 from .options import StartOptions, parse_capacity
 from .process import kill, log_tail, pid_alive, wait_gone
 from .runlock import RunLock
+from .tls import TRUST_NETWORK, has_tls, make_certificates, remove_certificates, trust_network_from_env
 
 STOP_TIMEOUT = 30.0
 PORT_ATTEMPTS = 5
@@ -83,6 +86,7 @@ def clean_run(conf: RunConf, keep_snapshot: bool) -> None:
     remove_file(os.path.join(conf.dir, log_name(conf.id)))
     remove_file(os.path.join(conf.dir, engine_log_name(conf.id)))
     remove_file(admin_path(conf.dir, conf.id))
+    remove_certificates(conf.dir, conf.id)
     if keep_snapshot:
         conf.pid = None
         for entry in conf.nodes:
@@ -248,8 +252,9 @@ class ClusterPlan:
     """What the starting process decides before any node's server runs, sent to every node's first rank.
 
     ``conf`` is the run's conf without nodes (saved with ``pid`` None);
-    ``admin`` the one admin user of every node; ``bind`` the address the
-    servers listen on (``None``: each node's own address).
+    ``admin`` the one admin user of every node; ``bind`` the ``--bind``
+    option (one address, one per node, or ``None``: each node's own, see
+    :func:`.discovery.node_address`).
     """
 
     conf: RunConf
@@ -259,8 +264,31 @@ class ClusterPlan:
     socket_dir: str | None
 
 
-def plan_cluster(opts: StartOptions, nodes_here: bool, count: int) -> ClusterPlan:
+def use_tls(opts: StartOptions, binary: str) -> bool:
+    """Return whether a multi-node run uses mutual TLS: always, unless the user trusts the network.
+
+    Raises
+    ------
+    ConfigError
+        If ``binary`` has no TLS and the network is not declared private to the job.
+    """
+    trusted = trust_network_from_env() if opts.trust_network is None else opts.trust_network
+    if trusted:
+        return False
+    if not has_tls(binary):
+        raise ConfigError(f"the server {binary} has no TLS, and a run over several nodes needs it, since any user who "
+                          f"reaches a node could read the data or take the cluster over (docs/security.md): install "
+                          f"one with TLS (Debian's redis-server: apt-get install redis-server) and give it with "
+                          f"--server, or, if the network is private to the job, pass --trust-network "
+                          f"({TRUST_NETWORK}=1).")
+    return True
+
+
+def plan_cluster(opts: StartOptions, nodes_here: bool, count: int, addresses: Sequence[str] = ()) -> ClusterPlan:
     """Check and write down a multi-node run before its servers start (the caller holds the run's start lock).
+
+    Unless the network is trusted (``opts.trust_network``), the run uses
+    mutual TLS: the run's CA and certificate are made here (:mod:`.tls`).
 
     Parameters
     ----------
@@ -271,13 +299,17 @@ def plan_cluster(opts: StartOptions, nodes_here: bool, count: int) -> ClusterPla
     count
         The number of nodes; with ``opts.restart`` it must be the number of
         the saved run's nodes (each node reloads its own snapshot).
+    addresses
+        The nodes' addresses known now (the certificate names them); default:
+        those ``opts.bind`` gives, else this host's (node 0 of a run
+        started node by node).
 
     Raises
     ------
     ConfigError
         On a bad option, a live run with the same ID, a saved snapshot
-        without ``restart`` (or none with it), or a restart on another
-        number of nodes.
+        without ``restart`` (or none with it), a restart on another number
+        of nodes, or a server without TLS on an untrusted network.
     """
     if opts.port is not None:
         raise ConfigError("a run over several nodes picks a free port on each node; leave --port out.")
@@ -290,21 +322,29 @@ def plan_cluster(opts: StartOptions, nodes_here: bool, count: int) -> ClusterPla
                           f"restart it on {saved or 1} node{'s' if saved != 1 else ''} ('mpiburst stage-out --id "
                           f"{run_id}' reloads it on this host).")
     conf = _new_conf(opts, run_id, directory, old, "")
+    conf.tls = use_tls(opts, conf.server)
+    bind = opts.bind or ("127.0.0.1" if nodes_here else None)
+    if not addresses:
+        addresses = [node_address(bind, k, count) for k in range(count if bind else 1)]
     admin = AdminCredentials(ADMIN_USER, new_password())
-    conf.save()
     try:
+        if conf.tls:   # before the conf: a node started by a prolog launches as soon as it reads the conf
+            make_certificates(directory, run_id, addresses)
+        conf.save()
         admin.save(conf)
     except BaseException:
         abandon_cluster(conf, keep_conf=opts.restart)
         raise
-    bind = opts.bind or ("127.0.0.1" if nodes_here else None)
+    if not conf.tls:
+        print(f"mpiburst: the {count} nodes of run {run_id} talk plaintext TCP, without TLS: the network was "
+              f"declared private to the job (--trust-network / {TRUST_NETWORK}=1).", file=sys.stderr)
     return ClusterPlan(conf, admin, _maxclients(opts, conf.channels), bind,
                        os.path.abspath(opts.socket_dir) if opts.socket_dir else None)
 
 
 def launch_planned_node(plan: ClusterPlan, index: int, count: int, ranks: tuple[int, int], tied: bool) -> dict[str, Any]:
     """Start node ``index`` of a planned run on this host (its first rank calls this); return its node entry."""
-    bind = plan.bind or host_address()
+    bind = node_address(plan.bind, index, count)
     return cluster.launch_node(plan.conf, plan.admin, index, count, ranks, bind, plan.maxclients, tied, plan.socket_dir)
 
 
@@ -314,8 +354,21 @@ def form_planned(plan: ClusterPlan, entries: list[dict[str, Any]]) -> RunConf:
     conf.nodes = list(entries)
     conf.host, conf.port, conf.socket, conf.pid = (entries[0][k] for k in ("host", "port", "socket", "pid"))
     cluster.form(conf, plan.admin)
+    _log_network(conf)
     conf.save()
     return conf
+
+
+def _log_network(conf: RunConf) -> None:
+    """Record in the run's event log how its nodes talk (mutual TLS, or plaintext on a trusted network): the report says so."""
+    clients = [connect_redis(conf.node(k), check=k == 0) for k in range(len(conf.nodes))]
+    try:
+        ClusterStore(clients, None, ranks=[n["ranks"] for n in conf.nodes],
+                     slots=[n["slots"] for n in conf.nodes]).stats_log({"kind": "network", "t": time.time(),
+                                                                         "tls": conf.tls})
+    finally:
+        for client in clients:
+            client.close()
 
 
 def abandon_cluster(conf: RunConf, keep_conf: bool = False) -> None:
@@ -324,6 +377,7 @@ def abandon_cluster(conf: RunConf, keep_conf: bool = False) -> None:
     With ``keep_conf`` (a failed restart) the conf stays, without a server, beside the kept snapshots.
     """
     remove_file(admin_path(conf.dir, conf.id))
+    remove_certificates(conf.dir, conf.id)
     if keep_conf:
         conf.pid, conf.nodes = None, []
         conf.save()
@@ -540,7 +594,7 @@ def _save_stats(conf: RunConf, alive: list[int] | None = None) -> None:
         finally:
             for client in clients:
                 client.close()
-        if stats[0] or any(e.get("kind") != "fill" for e in stats[1]):  # a run that did I/O through mpiburst
+        if stats[0] or any(e.get("kind") not in ("fill", "network") for e in stats[1]):  # a run that did I/O
             lost = [k for k in range(len(conf.nodes)) if k not in nodes]
             if lost:
                 stats[1].append({"kind": "missing", "t": time.time(), "nodes": lost})

@@ -61,6 +61,10 @@ class StartOptions:
         Reload the snapshot ``redis_<id>.rdb`` of a run stopped with ``--save``.
     maxclients
         Maximum client connections (default: ``max(1024, 4 x channels)``).
+    trust_network
+        A multi-node run's nodes talk plaintext TCP, as the network is private
+        to the job (default: ``$MPIBURST_TRUST_NETWORK``). Otherwise they use
+        mutual TLS, and a server without TLS refuses to start on several nodes.
     """
 
     id: str | None = None
@@ -75,6 +79,7 @@ class StartOptions:
     align: str | int | None = None
     restart: bool = False
     maxclients: int | None = None
+    trust_network: bool | None = None
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -120,6 +125,8 @@ class StartOptions:
                 raise ConfigError(f"tier option {name} must be a size such as 8G, not {value!r}.")
         if not isinstance(self.restart, bool):
             raise ConfigError(f"tier option restart must be True or False, not {self.restart!r}.")
+        if self.trust_network is not None and not isinstance(self.trust_network, bool):
+            raise ConfigError(f"tier option trust_network must be True or False, not {self.trust_network!r}.")
         for name in ("channels", "port", "maxclients"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
