@@ -27,6 +27,7 @@ did not know when it made the certificate).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import ipaddress
@@ -146,14 +147,10 @@ def remove_certificates(directory: str, run_id: str) -> None:
     """Remove run ``run_id``'s TLS files and their directory (nothing if there are none)."""
     files = TlsFiles.of(directory, run_id)
     for path in (files.key, files.cert, files.ca):
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
-    try:
+    with contextlib.suppress(OSError):   # not there, or not empty: someone else's file is not ours to remove
         os.rmdir(tls_dir_path(directory, run_id))
-    except OSError:
-        pass
 
 
 def client_options(files: TlsFiles) -> dict[str, Any]:
