@@ -8,7 +8,8 @@ Fetches receive each bulk reply straight into its destination
 (:func:`~mpiburst.store.resp.read_bulks_into`), which needs the socket
 itself. redis-py has no public way to reach a connection's socket, so
 fetches go over sockets of their own (:class:`Sockets`), opened to the same
-server with the same credentials as the client's pool.
+server with the same credentials as the client's pool, and with its TLS
+settings when the pool's connections are TLS (a multi-node run's TCP).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import inspect
 import os
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,6 +55,8 @@ class Sockets:
 
     def __init__(self, client: redis.Redis) -> None:
         self._kwargs = dict(client.connection_pool.connection_kwargs)
+        self._tls = _tls_context(self._kwargs) if issubclass(client.connection_pool.connection_class,
+                                                               redis.SSLConnection) else None
         self._idle: list[socket.socket] = []
         self._lock = threading.Lock()
         self._pid = os.getpid()
@@ -104,6 +108,8 @@ class Sockets:
                 sock = socket.create_connection((kw.get("host", "localhost"), kw.get("port", 6379)),
                                                 kw.get("socket_connect_timeout"))
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self._tls is not None:
+                    sock = self._tls.wrap_socket(sock, server_hostname=kw.get("host"))
         except OSError as exc:
             raise redis.ConnectionError(f"cannot connect to {where}: {exc}") from exc
         try:
@@ -123,3 +129,19 @@ class Sockets:
             sock.close()
             raise
         return sock
+
+
+def _tls_context(kw: dict[str, Any]) -> ssl.SSLContext:
+    """Return a TLS context with the settings of redis-py's ``ssl_*`` connection options (CA, certificate, checks)."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=kw.get("ssl_ca_certs"),
+                                     capath=kw.get("ssl_ca_path"))
+    reqs = kw.get("ssl_cert_reqs", ssl.CERT_REQUIRED)
+    if isinstance(reqs, str):
+        reqs = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}[reqs]
+    ctx.check_hostname = bool(kw.get("ssl_check_hostname")) and reqs != ssl.CERT_NONE
+    ctx.verify_mode = reqs
+    if kw.get("ssl_certfile"):
+        ctx.load_cert_chain(kw["ssl_certfile"], kw.get("ssl_keyfile"), kw.get("ssl_password"))
+    if kw.get("ssl_min_version") is not None:
+        ctx.minimum_version = kw["ssl_min_version"]
+    return ctx
