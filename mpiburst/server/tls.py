@@ -32,7 +32,6 @@ import datetime
 import functools
 import ipaddress
 import os
-import ssl
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -156,7 +155,7 @@ def remove_certificates(directory: str, run_id: str) -> None:
 def client_options(files: TlsFiles) -> dict[str, Any]:
     """Return the redis-py options of a TLS connection with the run's certificate, checked against its CA."""
     return dict(ssl=True, ssl_certfile=files.cert, ssl_keyfile=files.key, ssl_ca_certs=files.ca,
-                ssl_cert_reqs="required", ssl_check_hostname=False, ssl_min_version=ssl.TLSVersion.TLSv1_2)
+                ssl_cert_reqs="required", ssl_check_hostname=False)   # the server allows TLS 1.2 and 1.3 only
 
 
 @functools.lru_cache(maxsize=8)
