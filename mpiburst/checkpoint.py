@@ -386,6 +386,12 @@ class Checkpoints:
         self._end_checked = -LIMIT_REFRESH
         self._closed = False
 
+    def __repr__(self) -> str:
+        """The active configuration, as SCR prints its own: name, directory, keep, flush_every, ranks, tier."""
+        ranks = self.comm.Get_size() if self.comm is not None else 1
+        return (f"Checkpoints({self.name!r} in {self.catalog.dir}, keep={self.keep}, flush_every={self.flush_every},"
+                f" ranks={ranks}, tier={self.tier.id!r})")
+
     # -- finding -------------------------------------------------------------------------
     def latest(self) -> int | None:
         """Return the newest complete checkpoint's step, in the tier or on the BFS; None if none (collective)."""

@@ -34,6 +34,8 @@ def bfs_only(tier) -> dict[int, str]:
 
 def test_flush_every_keep_and_restore(mem_tier):
     ck = Checkpoints(None, "sim", keep=2, flush_every=3)
+    assert repr(ck) == (f"Checkpoints('sim' in {mem_tier.bfs_root}/sim, keep=2, flush_every=3, ranks=1, "
+                        "tier='memory')")
     assert ck.latest() is None
     flushing = [save(ck, k).flushing for k in range(1, 8)]
     assert flushing == [False, False, True, False, False, True, False]
