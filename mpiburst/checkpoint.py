@@ -383,7 +383,7 @@ class Checkpoints:
         self._last_check: float | None = None
         self._interval = 0.0
         self._end: float | None = None
-        self._end_checked = -LIMIT_REFRESH
+        self._end_checked: float | None = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -588,7 +588,11 @@ class Checkpoints:
         if self._last_check is not None:
             self._interval = max(self._interval * 0.5, mono - self._last_check)   # slow to forget a long step
         self._last_check = mono
-        condition = halt.read_halt(halt.halt_path(self.tier.conf.dir, self.tier.id))
+        try:
+            condition = halt.read_halt(halt.halt_path(self.tier.conf.dir, self.tier.id))
+        except ConfigError as exc:   # a damaged halt file must not end a job that is writing checkpoints
+            warnings.warn(f"{exc} It is ignored until then.", RuntimeWarning, stacklevel=4)
+            condition = None
         margin = self.margin()
         if condition is not None:
             if condition.immediate:
@@ -600,7 +604,7 @@ class Checkpoints:
                 return "halt --after"
             if condition.before is not None and now + margin >= condition.before:
                 return f"halt --before (margin {margin:.0f} s)"
-        if mono - self._end_checked >= LIMIT_REFRESH:
+        if self._end_checked is None or mono - self._end_checked >= LIMIT_REFRESH:
             self._end, self._end_checked = halt.batch_end_time(), mono
         if self._end is not None:
             left = self._end - now

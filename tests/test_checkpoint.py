@@ -9,7 +9,7 @@ import time
 import pytest
 
 import mpiburst
-from mpiburst import flush, halt
+from mpiburst import checkpoint, flush, halt
 from mpiburst.checkpoint import MANIFEST, Catalog, Checkpoints
 from mpiburst.cli import main as cli_main
 from mpiburst.errors import CheckpointError, ConfigError, PathError
@@ -211,7 +211,7 @@ def test_time_limit_margin_grows_with_the_checkpoint(mem_tier, monkeypatch):
     assert ck.margin() >= small + (50 << 20) / 100e6 * 0.9
     monkeypatch.setenv("MPIBURST_END_TIME", str(time.time() + ck.margin() + 3600))
     assert not ck.should_exit()
-    ck._end_checked = -1e9    # the next check reads the end time again
+    monkeypatch.setattr(checkpoint, "LIMIT_REFRESH", 0.0)    # the next check reads the end time again
     monkeypatch.setenv("MPIBURST_END_TIME", str(time.time() + ck.margin() - 1))
     assert ck.should_exit() and "time limit" in (ck.exit_reason or "")
     ck.close()
@@ -226,6 +226,10 @@ def test_halt_before_uses_the_margin_and_seconds_sets_a_floor(mem_tier, monkeypa
     assert not ck.should_exit()
     halt.set_halt(path, before=time.time() + ck.margin() - 1)
     assert ck.should_exit() and ck.exit_reason.startswith("halt --before")
+    with open(path, "w") as f:
+        f.write("garbage")
+    with pytest.warns(RuntimeWarning, match="not a halt file"):
+        assert not Checkpoints(None, "sim").should_exit()      # a damaged halt file does not end the job
     halt.remove_halt(path)
     ck2 = Checkpoints(None, "sim")
     monkeypatch.setenv("SLURM_JOB_END_TIME", str(int(time.time() + 1000)))
