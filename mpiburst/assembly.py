@@ -45,24 +45,26 @@ class BfsBytes:
     def read_into(self, out: memoryview, offset: int) -> int:
         """Fill ``out`` from ``offset``; return the bytes read (fewer at the end of file or at ``limit``)."""
         want = len(out) if self.limit is None else max(0, min(len(out), self.limit - offset))
-        if want == 0 or not self._open():
+        fd = self._open() if want else None
+        if fd is None:
             return 0
         done = 0
         while done < want:
-            n = os.preadv(self.fd, [out[done:want]], offset + done)
+            n = os.preadv(fd, [out[done:want]], offset + done)
             if n == 0:
                 break
             done += n
         return done
 
-    def _open(self) -> bool:
+    def _open(self) -> int | None:
+        """Return the descriptor to read, opening the file on first need; None where there is no file."""
         if self.fd is None and self.path is not None and not self._opened:
             self._opened = True
             try:
                 self.fd = os.open(self.path, os.O_RDONLY)
             except FileNotFoundError:
                 self.path = None
-        return self.fd is not None
+        return self.fd
 
     def close(self) -> None:
         """Close the file if this object opened it."""

@@ -113,10 +113,11 @@ class Catalog:
     """
 
     def __init__(self, name: str, tier: Tier | None = None, bfs_root: str | None = None) -> None:
-        if tier is None and bfs_root is None:
+        root = tier.bfs_root if tier is not None else bfs_root
+        if root is None:
             raise ConfigError("give a tier or a BFS root to find checkpoints in.")
         self.tier = tier
-        self.bfs_root = os.path.realpath(tier.bfs_root if tier is not None else bfs_root)  # type: ignore[arg-type]
+        self.bfs_root = os.path.realpath(root)
         url = name if name.startswith("burst://") or os.path.isabs(name) else f"burst://{name}"
         self.dir = resolve(url, self.bfs_root)
         if self.dir == self.bfs_root:

@@ -101,7 +101,7 @@ class File:
     context manager that closes it (an addition; ``MPI.File`` is not one).
     """
 
-    def __init__(self, comm: MPI.Comm, tier: Tier, path: str, amode: int, hints: dict[str, str],
+    def __init__(self, comm: MPI.Intracomm, tier: Tier, path: str, amode: int, hints: dict[str, str],
                  token: str, start: int, drained: bool = False):
         self._comm = comm
         self._tier = tier
@@ -122,7 +122,7 @@ class File:
 
     # -- open / close / delete ------------------------------------------------
     @classmethod
-    def Open(cls, comm: MPI.Comm, filename: str | os.PathLike, amode: int = MPI.MODE_RDONLY,
+    def Open(cls, comm: MPI.Intracomm, filename: str | os.PathLike, amode: int = MPI.MODE_RDONLY,
              info: MPI.Info = MPI.INFO_NULL) -> File | MPI.File:
         """Open ``filename`` collectively over ``comm``.
 
@@ -755,7 +755,8 @@ def _read_runs(tf: TierFile, offs: np.ndarray, lens: np.ndarray, stream: memoryv
 def _hints(info: MPI.Info) -> dict[str, str]:
     if info is None or info == MPI.INFO_NULL:
         return {}
-    return {info.Get_nthkey(i): info.Get(info.Get_nthkey(i)) for i in range(info.Get_nkeys())}
+    keys = [info.Get_nthkey(i) for i in range(info.Get_nkeys())]
+    return {key: value for key in keys if (value := info.Get(key)) is not None}
 
 
 def _check_amode(amode: int) -> int | None:

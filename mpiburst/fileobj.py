@@ -24,7 +24,7 @@ import errno
 import io
 import os
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .errors import MpiburstError
 from .paths import locate
@@ -298,7 +298,7 @@ class BurstIO(io.BufferedIOBase):
                 with contextlib.suppress(MpiburstError):
                     self._tf.close()
 
-    def detach(self) -> None:
+    def detach(self) -> NoReturn:
         """Not supported: there is no raw stream underneath."""
         raise io.UnsupportedOperation("detach: mpiburst file objects have no raw stream")
 

@@ -96,7 +96,7 @@ class File(h5py.File):
     until its last object is closed, so the order holds there too.
     """
 
-    def __init__(self, name: str | os.PathLike, mode: str = "r", comm: MPI.Comm | None = None, *,
+    def __init__(self, name: str | os.PathLike, mode: str = "r", comm: MPI.Intracomm | None = None, *,
                  tier: Tier | None = None, buffer: str | int | None = None, **kwargs: Any) -> None:
         if mode not in _MODES:
             raise ValueError(f"mpiburst.h5.File: invalid mode {mode!r}; use 'r', 'r+', 'w', 'w-', 'x' or 'a'.")
@@ -177,7 +177,7 @@ class DatasetLayout:
     dtype: np.dtype
 
 
-def parallel_create(name: str | os.PathLike, comm: MPI.Comm, datasets: Mapping[str, Any],
+def parallel_create(name: str | os.PathLike, comm: MPI.Intracomm, datasets: Mapping[str, Any],
                     attrs: Mapping[str, Mapping[str, Any]] | None = None,
                     align: int | None = None) -> ParallelFile:
     """Create an HDF5 file that every rank of ``comm`` then writes (collective).
@@ -245,7 +245,7 @@ def _dataset_spec(path: str, spec: Any) -> tuple[tuple[int, ...], np.dtype, Mapp
         attrs = {}
     if shape is None:
         raise ValueError(f"dataset {path!r}: give its shape.")
-    shape = (int(shape),) if np.isscalar(shape) else tuple(int(n) for n in shape)
+    shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(n) for n in shape)
     dt = np.dtype(dtype)
     if dt.hasobject:
         kind = ("variable-length" if _has_vlen(dt)
@@ -260,7 +260,7 @@ def _has_vlen(dt: np.dtype) -> bool:
     string = h5py.check_string_dtype(dt)
     if h5py.check_vlen_dtype(dt) is not None or (string is not None and string.length is None):
         return True
-    return bool(dt.fields) and any(_has_vlen(f[0]) for f in dt.fields.values())
+    return dt.fields is not None and any(_has_vlen(f[0]) for f in dt.fields.values())
 
 
 def _create_layout(name: str | os.PathLike, specs: Mapping[str, tuple], attrs: Mapping[str, Mapping[str, Any]],
@@ -299,7 +299,7 @@ class ParallelFile:
         Offset, shape and dtype of every dataset.
     """
 
-    def __init__(self, name: str | os.PathLike, comm: MPI.Comm, layout: dict[str, DatasetLayout]) -> None:
+    def __init__(self, name: str | os.PathLike, comm: MPI.Intracomm, layout: dict[str, DatasetLayout]) -> None:
         from mpi4py import MPI
 
         from .file import File as BurstFile
@@ -310,7 +310,7 @@ class ParallelFile:
         self.datasets = layout
         url = self.name if is_burst(self.name) else "burst://" + os.path.abspath(self.name)
         self._url = url
-        self._fh = BurstFile.Open(comm, url, MPI.MODE_WRONLY)
+        self._fh: BurstFile | MPI.File | None = BurstFile.Open(comm, url, MPI.MODE_WRONLY)
 
     def write(self, name: str, selection: Any, array: Any) -> None:
         """Write ``array`` into the hyperslab ``selection`` of dataset ``name`` (collective).
@@ -339,6 +339,9 @@ class ParallelFile:
             raise KeyError(f"no dataset {name!r} in {self.name}; created were {sorted(self.datasets)}") from None
         if selection is None or dset.offset is None:
             return
+        fh = self._fh
+        if fh is None:
+            raise ValueError(f"{self.name} is closed; create it again with parallel_create to write more.")
         starts, counts, squeezed = hyperslab(dset.shape, selection)
         data = np.ascontiguousarray(array, dtype=dset.dtype)
         if data.shape not in (tuple(counts), squeezed) and data.size != math.prod(counts):
@@ -347,7 +350,7 @@ class ParallelFile:
         flat = data.reshape(-1).view(np.uint8)
         offsets, length = byte_runs(dset.shape, dset.dtype.itemsize, starts, counts)
         for i, off in enumerate(offsets.tolist()):
-            self._fh.Write_at(dset.offset + off, flat[i * length:(i + 1) * length])  # ranks differ in count
+            fh.Write_at(dset.offset + off, flat[i * length:(i + 1) * length])  # ranks differ in count
 
     def close(self, sync: bool = False) -> Any:
         """Close the file on every rank (collective); with ``sync``, flush it to the BFS.

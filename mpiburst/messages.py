@@ -130,13 +130,13 @@ def host_bytes(obj: Any, writable: bool) -> memoryview:
     try:
         view = memoryview(obj)
     except TypeError:
-        view = memoryview(_array_of(obj))
+        view = _array_of(obj).data
     if writable and view.readonly:
         raise BufferError("Object is not writable.")
     if not view.contiguous:
         raise BufferError("buffer is not contiguous")
     if not view.c_contiguous:  # Fortran order: its bytes in memory order, as MPI.File takes them
-        view = memoryview(np.asarray(view).T)
+        view = np.asarray(view).T.data
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 

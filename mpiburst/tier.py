@@ -349,7 +349,11 @@ def start_nodes(comm: MPI.Comm, opts: StartOptions, node: int, ranges: list[tupl
         started = on_root(comm, plan)
         planned = started
         entries = comm.gather(together(comm, launch))
-        return on_root(comm, lambda: engine_process.attach(server.form_planned(planned, [e for e in entries if e])))
+
+        def form() -> RunConf:
+            assert entries is not None   # run on the root, where gather returns the list
+            return engine_process.attach(server.form_planned(planned, [e for e in entries if e]))
+        return on_root(comm, form)
     except BaseException:
         if entry is not None and started is not None:
             server.kill(entry["pid"], started.conf.server)

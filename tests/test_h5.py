@@ -197,6 +197,15 @@ def test_parallel_helper_on_one_rank(mem_tier):
         assert f.attrs["code"] == "demo" and f["grp/u"].attrs["units"] == "K"
 
 
+def test_parallel_helper_refuses_a_write_after_close_in_one_sentence(mem_tier):
+    from mpi4py import MPI
+
+    pf = mh5.parallel_create("burst://shut.h5", MPI.COMM_SELF, {"d": ((4,), "f8")})
+    pf.close()
+    with pytest.raises(ValueError, match=r"closed; create it again with parallel_create"):
+        pf.write("d", ..., np.zeros(4))
+
+
 def test_parallel_helper_aligns_large_datasets(mem_tier):
     from mpi4py import MPI
 

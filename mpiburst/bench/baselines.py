@@ -109,7 +109,7 @@ def bfs_write(comm: Any, path: str, data: np.ndarray, check: bool) -> tuple[floa
     def phase() -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            view = memoryview(data)
+            view = data.data
             pos = 0
             while pos < len(view):
                 pos += os.write(fd, view[pos : pos + BFS_BLOCK])
@@ -142,7 +142,7 @@ def bfs_shared_write(comm: Any, path: str, data: np.ndarray, check: bool) -> tup
     def phase() -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
-            view = memoryview(data)
+            view = data.data
             pos = 0
             while pos < len(view):
                 pos += os.pwrite(fd, view[pos : pos + BFS_BLOCK], start + pos)

@@ -89,7 +89,7 @@ def _direct(comm: Any, cfg: Files, directory: str, contents: Sequence[np.ndarray
         for path, data in zip(paths, contents):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                os.write(fd, data)
+                os.write(fd, data.data)
                 os.fsync(fd)
             finally:
                 os.close(fd)

@@ -265,7 +265,7 @@ def run(opts: Options) -> int:
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
-    params = {
+    params: dict[str, Any] = {
         "ranks": comm.size,
         "size": format_size(opts.size),
         "size_bytes": opts.size,

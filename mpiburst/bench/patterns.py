@@ -167,7 +167,7 @@ def verify_file(layout: Layout, path: str) -> bool:
             f.seek(start)
             pos = start
             while pos < end:
-                n = f.readinto(memoryview(buf)[: min(_VERIFY_CHUNK, end - pos)])
+                n = f.readinto(buf.data[: min(_VERIFY_CHUNK, end - pos)])
                 if not n or not np.array_equal(buf[:n], expected(layout, pos, n)):
                     return False
                 pos += n

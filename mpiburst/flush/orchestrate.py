@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from .. import iostats
 from ..collective import on_root
@@ -96,6 +96,18 @@ class _Solo:
         return [obj]
 
 
+@overload
+def sync(path: str | os.PathLike, *, tier: Tier | None = None, comm: MPI.Comm | None = None,
+         block: Literal[True] = True, verify: bool = False, workers: int = 1,
+         progress: Callable[[int], None] | None = None) -> FlushReport: ...
+
+
+@overload
+def sync(path: str | os.PathLike, *, tier: Tier | None = None, comm: MPI.Comm | None = None,
+         block: bool, verify: bool = False, workers: int = 1,
+         progress: Callable[[int], None] | None = None) -> FlushReport | None: ...
+
+
 def sync(path: str | os.PathLike, *, tier: Tier | None = None, comm: MPI.Comm | None = None, block: bool = True,
          verify: bool = False, workers: int = 1,
          progress: Callable[[int], None] | None = None) -> FlushReport | None:
@@ -144,7 +156,7 @@ def sync(path: str | os.PathLike, *, tier: Tier | None = None, comm: MPI.Comm | 
     if not block:
         enqueue(tier, "sync", target)
         return None
-    comm = comm if comm is not None else _Solo()
+    group: MPI.Comm | _Solo = comm if comm is not None else _Solo()
     store = tier.store
     started = time.monotonic()
 
@@ -162,9 +174,9 @@ def sync(path: str | os.PathLike, *, tier: Tier | None = None, comm: MPI.Comm | 
     # rank 0 plans; every rank gets the plan (and whether rank 0 shows progress) or the error
     plan, root_progress = on_root(comm, make_plan)
 
-    ranges, error = locality.share_out(store, plan, comm)   # collective: every rank gets its stripes, or the same error
+    ranges, error = locality.share_out(store, plan, group)   # collective: every rank gets its stripes, or the same error
     job = None
-    if comm.Get_size() > 1 and (root_progress or progress is not None):   # count the whole job's bytes
+    if group.Get_size() > 1 and (root_progress or progress is not None):   # count the whole job's bytes
         job = JobBytes(lambda n: store.shared_pointer(plan.target, progress_counter(plan), n) + n, progress)
     tally = writes.Tally(job.update if job is not None else progress, verify)
     if error is None:
@@ -177,7 +189,7 @@ def sync(path: str | os.PathLike, *, tier: Tier | None = None, comm: MPI.Comm | 
                     job.close()
         except Exception as exc:  # every cause becomes one line; the data stays dirty
             error = cause(exc)
-    outcomes = comm.allgather((error, tally.bytes, dict(tally.sizes), tally.drained, job is not None and job.shared))
+    outcomes = group.allgather((error, tally.bytes, dict(tally.sizes), tally.drained, job is not None and job.shared))
 
     def conclude() -> FlushReport:
         if any(o[4] for o in outcomes):   # every flusher is done: drop the progress counter
@@ -206,7 +218,7 @@ def sync(path: str | os.PathLike, *, tier: Tier | None = None, comm: MPI.Comm | 
     result.seconds = time.monotonic() - started
     if progress is not None:
         progress(result.bytes)
-    iostats.record_flush(store, result, plan.align, comm.Get_rank(), time.time() - result.seconds)
+    iostats.record_flush(store, result, plan.align, group.Get_rank(), time.time() - result.seconds)
     return result
 
 

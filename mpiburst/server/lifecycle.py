@@ -609,7 +609,7 @@ def _end_engine(pid: int | None) -> None:
     The engine finishes the operation at hand on SIGTERM; it also exits by
     itself once the server is gone.
     """
-    if not pid_alive(pid):
+    if pid is None or not pid_alive(pid):
         return
     try:
         os.kill(pid, signal.SIGTERM)

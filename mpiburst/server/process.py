@@ -72,8 +72,8 @@ def _exists(pid: int) -> bool:
     return True
 
 
-def wait_gone(pid: int, binary: str | None, timeout: float) -> bool:
-    """Wait up to ``timeout`` seconds for ``pid`` to exit; return True if it did."""
+def wait_gone(pid: int | None, binary: str | None, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for ``pid`` to exit; return True if it did (at once for None: no process)."""
     deadline = time.monotonic() + timeout
     while pid_alive(pid, binary):
         if time.monotonic() > deadline:
@@ -82,9 +82,9 @@ def wait_gone(pid: int, binary: str | None, timeout: float) -> bool:
     return True
 
 
-def kill(pid: int, binary: str | None) -> None:
-    """SIGKILL our process ``pid`` (if it still runs) and wait for it to vanish."""
-    if pid_alive(pid, binary):
+def kill(pid: int | None, binary: str | None) -> None:
+    """SIGKILL our process ``pid`` (if it still runs; None: no process) and wait for it to vanish."""
+    if pid is not None and pid_alive(pid, binary):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         wait_gone(pid, binary, 10.0)
@@ -107,8 +107,10 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
-def wait_exit(pid: int, binary: str | None) -> None:
-    """Block until the run's server process ends (for ``mpiburst start --foreground``)."""
+def wait_exit(pid: int | None, binary: str | None) -> None:
+    """Block until the run's server process ends (for ``mpiburst start --foreground``; None: no process)."""
+    if pid is None:
+        return
     child = _children.get(pid)
     if child is not None:
         child.wait()

@@ -75,7 +75,7 @@ import heapq
 import secrets
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from typing import Any
+from typing import Any, cast
 
 import redis
 from redis.crc import key_slot
@@ -279,7 +279,7 @@ class ClusterStore(Store):
 
     def files_on(self, node: int) -> list[str]:
         """Return the paths of the files whose record marks data on ``node``, sorted."""
-        registry = self.home.r.hgetall(self.home._files)
+        registry = cast("dict[bytes, bytes]", self.home.r.hgetall(self.home._files))   # bytes: never decoded
         fids = list(registry)
         pipe = self.home.r.pipeline(transaction=False)
         for fid in fids:
@@ -289,7 +289,7 @@ class ClusterStore(Store):
     def _record(self, path: str) -> tuple[FileMeta | None, list[int]]:
         """Return the file's record and the nodes it marks, in one read of the home."""
         with self._on(0):
-            raw = self.home.r.hgetall(self.home._key(file_id(path), "m"))
+            raw = cast("dict[bytes, bytes]", self.home.r.hgetall(self.home._key(file_id(path), "m")))   # bytes: never decoded
         if not raw:
             return None, []
         return _meta_from(raw), sorted(int(k[1:]) for k in raw if k.startswith(b"@"))

@@ -213,7 +213,7 @@ class MemoryStore(Store):
                 return []
             out: list[tuple[int, bytes, Entry]] = []
             for entries, slack in ((f.index, MAX_EXTENT), (f.strided, MAX_SPAN)):
-                first = bisect.bisect_right(entries, (lo - slack, b"\xff"))  # type: ignore[arg-type]
+                first = bisect.bisect_right(entries, (lo - slack, b"\xff"))
                 for item in entries[first:]:
                     if item[0] >= hi:
                         break
@@ -233,7 +233,7 @@ class MemoryStore(Store):
                 return []
             found: list[tuple[int, bytes, Entry]] = []
             for entries in (f.index, f.strided):
-                first = bisect.bisect_left(entries, (start, b""))  # type: ignore[arg-type]
+                first = bisect.bisect_left(entries, (start, b""))
                 found += entries[first:first + count]
             return _ordered(found)[:count]
 

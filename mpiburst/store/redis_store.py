@@ -48,7 +48,7 @@ import inspect
 import json
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import redis
@@ -287,6 +287,9 @@ def _as_mpiburst_error(exc: BaseException) -> MpiburstError:
     return ServerError(f"the tier's server refused a request ({exc}); read its server log.")
 
 
+# redis-py types a reply as ``bytes | str`` (its types cannot tell ``decode_responses``); the
+# clients here never decode, so the replies marked ``# bytes`` are cast to bytes (no runtime cost).
+
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -390,7 +393,8 @@ class RedisStore(Store):
         return _meta_from(pipe.execute()[-1])
 
     def files(self) -> dict[str, str]:
-        return {p.decode(): f.decode() for f, p in self.r.hgetall(self._files).items()}
+        registry = cast("dict[bytes, bytes]", self.r.hgetall(self._files))   # bytes
+        return {p.decode(): f.decode() for f, p in registry.items()}
 
     def cut(self) -> dict[str, FileMeta]:
         out = {}
@@ -625,8 +629,9 @@ class RedisStore(Store):
         return True
 
     def blobs(self, path: str, lo_seq: float = 0, hi_seq: float = float("inf")) -> list[Blob]:
-        raw = self.r.zrangebyscore(self._key(file_id(path), "B"), lo_seq,
-                                   "+inf" if hi_seq == float("inf") else hi_seq, withscores=True)
+        raw = cast("list[tuple[bytes, float]]",   # bytes
+                   self.r.zrangebyscore(self._key(file_id(path), "B"), lo_seq,
+                                        "+inf" if hi_seq == float("inf") else hi_seq, withscores=True))
         out = []
         for member, score in raw:
             blob, n, nbytes, chan = (int(v) for v in member.split(b":"))
@@ -659,7 +664,8 @@ class RedisStore(Store):
         if members:
             pipe.zrem(xkey, *members)
         vkey = self._key(fid, "v")
-        runs = [m for m, _ in self.r.zrange(vkey, 0, -1, withscores=True) if int(m.split(b":")[3]) in gone]
+        held = cast("list[tuple[bytes, float]]", self.r.zrange(vkey, 0, -1, withscores=True))   # bytes
+        runs = [m for m, _ in held if int(m.split(b":")[3]) in gone]
         for i in range(0, len(runs), _ZADD_CHUNK):
             pipe.zrem(vkey, *runs[i:i + _ZADD_CHUNK])
         for b in clean_blobs:
@@ -723,7 +729,7 @@ class RedisStore(Store):
                 for is_open, meta in zip(replies[0::2], replies[1::2])]
 
     def channel_read(self, channel: int, start: int, count: int) -> list[bytes]:
-        return self.r.lrange(self._chan_key(channel, "d"), start, start + count - 1)
+        return cast("list[bytes]", self.r.lrange(self._chan_key(channel, "d"), start, start + count - 1))   # bytes
 
     def channel_reset(self, channels: Sequence[int]) -> list[bool]:
         pipe = self.r.pipeline(transaction=False)
@@ -737,9 +743,9 @@ class RedisStore(Store):
 
     def dequeue(self, timeout: float = 0.0) -> bytes | None:
         if timeout > 0:
-            item = self.r.blpop([self._queue], timeout=timeout)
+            item = cast("tuple[bytes, bytes] | None", self.r.blpop([self._queue], timeout=timeout))   # bytes
             return item[1] if item else None
-        return self.r.lpop(self._queue)
+        return cast("bytes | None", self.r.lpop(self._queue))   # bytes
 
     def queued(self) -> int:
         return int(self.r.llen(self._queue))
@@ -781,7 +787,7 @@ class RedisStore(Store):
         info = self.r.info("memory")
         return int(info["used_memory"]), int(info.get("maxmemory") or 0)
 
-    def traffic(self) -> tuple[int, int] | None:
+    def traffic(self) -> tuple[int, int]:
         info = self.r.info("stats")
         return int(info["total_net_input_bytes"]), int(info["total_net_output_bytes"])
 

@@ -52,6 +52,20 @@ def _path() -> str:
     return f"/bfs/contract/{random.getrandbits(64):016x}.dat"
 
 
+def record(store: Store, path: str) -> FileMeta:
+    """Return ``path``'s record, failing the test where the tier has none."""
+    meta = store.meta(path)
+    assert meta is not None, f"the tier has no record of {path}"
+    return meta
+
+
+def lease_of(store: Store, path: str, ttl: float) -> FlushLease:
+    """Return ``path``'s flush lease, failing the test where another holder has it."""
+    lease = store.flush_lease(path, ttl)
+    assert lease is not None, f"the flush lease of {path} is held"
+    return lease
+
+
 def current(store: Store, path: str, lo: int, hi: int) -> bytes:
     """Return the tier's bytes of ``[lo, hi)`` of ``path`` as a read sees them, zeros where no extent is."""
     meta, found = store.window(path, lo, hi)
@@ -126,16 +140,16 @@ class StoreTests:
     def test_pin_and_unpin(self, store: Store) -> None:
         store.create("/bfs/p", None)
         store.set_pinned("/bfs/p", True)
-        assert store.meta("/bfs/p").pinned
+        assert record(store, "/bfs/p").pinned
         store.set_pinned("/bfs/p", False)
-        assert not store.meta("/bfs/p").pinned
+        assert not record(store, "/bfs/p").pinned
 
     # -- data ---------------------------------------------------------------
     def test_sequence_numbers_follow_arrival(self, store: Store) -> None:
         store.create("/bfs/s", None)
         assert put(store, "/bfs/s", None, [(0, b"a"), (10, b"b"), (20, b"c")]) == 1
         assert put(store, "/bfs/s", None, [(0, b"d")]) == 4
-        meta = store.meta("/bfs/s")
+        meta = record(store, "/bfs/s")
         assert meta.seq == 4 and meta.size == 21 and meta.dirty
         assert [e.seq for e in store.all_extents("/bfs/s")] == [1, 4, 2, 3]     # offset order, then seq
         assert current(store, "/bfs/s", 0, 21) == b"d" + bytes(9) + b"b" + bytes(9) + b"c"
@@ -155,7 +169,7 @@ class StoreTests:
         rnd = random.Random(len(batches))
         for batch in batches:
             put(store, path, model, [(off, rnd.randbytes(n)) for off, n in batch], channel=rnd.randrange(4))
-        assert store.meta(path).size == len(model.data)
+        assert record(store, path).size == len(model.data)
         lo, n = window
         assert current(store, path, lo, lo + n) == bytes(model.data[lo:lo + n].ljust(n, b"\0"))
         size = len(model.data)
@@ -195,7 +209,7 @@ class StoreTests:
         for batch in batches:
             put_runs(store, path, model, _strided_writes(rnd, batch), channel=rnd.randrange(4))
         size = len(model.data)
-        assert store.meta(path).size == size
+        assert record(store, path).size == size
         lo, n = window
         want = bytes(model.data[lo:lo + n].ljust(n, b"\0"))
         assert current(store, path, lo, lo + n) == want
@@ -217,7 +231,7 @@ class StoreTests:
         block, count, stride = 4096, 4096, 8192
         data = random.Random(1).randbytes(block * count)
         assert put_runs(store, path, model, [(0, data, block, stride)]) == 1
-        meta = store.meta(path)
+        meta = record(store, path)
         assert meta.seq == 1 and meta.size == (count - 1) * stride + block
         run = Strided(1, 0, block, 0, 0, count, stride)                  # blob ids are the store's own
         assert _blobless(store.extents_from(path, 0, 10)) == [run]
@@ -230,7 +244,7 @@ class StoreTests:
             want = bytes(model.data[lo:hi])
             assert current(store, path, lo, hi) == want == current_compact(store, path, lo, hi)
         assert current_compact(store, path, 0, meta.size, upto=1) == data_of_first(data, block, stride, meta.size)
-        assert len(store.blobs(path)) == 3 and store.meta(path).seq == 3
+        assert len(store.blobs(path)) == 3 and record(store, path).seq == 3
 
     def test_truncation_cuts_a_strided_run(self, store: Store) -> None:
         """set_size keeps the whole blocks below the cut, a partial block, and nothing past it."""
@@ -249,7 +263,7 @@ class StoreTests:
         store.create("/bfs/dcs", None)
         put_runs(store, "/bfs/dcs", None, [(0, b"a" * 8000, 1000, 3000)])
         put_runs(store, "/bfs/dcs", None, [(500, b"b" * 4000, 500, 2000)])
-        with store.flush_lease("/bfs/dcs", 30) as lease:
+        with lease_of(store, "/bfs/dcs", 30) as lease:
             assert lease.mark_clean(1, None)
         assert store.drop_clean("/bfs/dcs") == 8000
         assert _blobless(store.extents_from("/bfs/dcs", 0, 10)) == [Strided(2, 500, 500, 0, 0, 8, 2000)]
@@ -274,7 +288,7 @@ class StoreTests:
         store.create("/bfs/c1", None)
         store.create("/bfs/c2", 7, umask=0o022)
         put(store, "/bfs/c1", None, [(0, b"abc"), (10, b"d")])
-        with store.flush_lease("/bfs/c1", 30) as lease:
+        with lease_of(store, "/bfs/c1", 30) as lease:
             lease.begin()                                     # pending is set in the record, not in the cut
             cut = store.cut()
             lease.release()
@@ -301,7 +315,7 @@ class StoreTests:
         old = len(model.data)
         assert store.set_size(path, size) == old
         model.truncate(size)
-        meta = store.meta(path)
+        meta = record(store, path)
         assert meta.size == size and meta.trunc == min(old, size) and meta.dirty
         assert all(e.end <= size for e in store.all_extents(path))
         lo, n = window
@@ -312,14 +326,14 @@ class StoreTests:
         store.create("/bfs/t", 1000)
         store.set_size("/bfs/t", 100)
         store.set_size("/bfs/t", 500)
-        meta = store.meta("/bfs/t")
+        meta = record(store, "/bfs/t")
         assert meta.size == 500 and meta.trunc == 100
 
     def test_staged_data_is_clean_and_older_than_writes(self, store: Store) -> None:
         store.create("/bfs/st", 300)
         put(store, "/bfs/st", None, [(100, b"W" * 50)])
         assert store.commit("/bfs/st", 0, b"S" * 300, [(0, 0, 300)], staged=True) == 0
-        meta = store.meta("/bfs/st")
+        meta = record(store, "/bfs/st")
         assert meta.seq == 1 and meta.size == 300
         assert current(store, "/bfs/st", 0, 300) == b"S" * 100 + b"W" * 50 + b"S" * 150
         assert [b.last for b in store.blobs("/bfs/st", 0, 0)] == [0]
@@ -373,7 +387,7 @@ class StoreTests:
         put(store, "/bfs/v", None, [(0, b"a" * 1000), (5000, b"b" * 100_000)])
         found = store.extents("/bfs/v", 0, 200_000)
         lease = store.flush_lease("/bfs/v", 30)
-        assert lease is not None and lease.mark_clean(store.meta("/bfs/v").seq, None)
+        assert lease is not None and lease.mark_clean(record(store, "/bfs/v").seq, None)
         assert store.drop_clean("/bfs/v") == 101_000          # what a purge does
         out = memoryview(bytearray(200_000))
         assert store.fetch_into("/bfs/v", found, 0, out) is False
@@ -393,20 +407,20 @@ class StoreTests:
         store.release("/bfs/l", token)
         assert not store.leased("/bfs/l") and not store.renew("/bfs/l", token, 30)
         assert not store.mark_clean("/bfs/l", token, 1, None)
-        assert store.meta("/bfs/l").clean == 0
+        assert record(store, "/bfs/l").clean == 0
 
     def test_a_flush_marks_its_snapshot_clean(self, store: Store) -> None:
         store.create("/bfs/f", 100)
         put(store, "/bfs/f", None, [(0, b"x" * 10), (20, b"y")])
         store.set_size("/bfs/f", 50)
-        with store.flush_lease("/bfs/f", 30) as lease:
+        with lease_of(store, "/bfs/f", 30) as lease:
             snap = lease.begin()
             assert snap.pending == snap.seq == 2 and snap.trunc == 50
-            assert store.meta("/bfs/f").pending == 2
+            assert record(store, "/bfs/f").pending == 2
             assert lease.renew()
             put(store, "/bfs/f", None, [(30, b"z")])
             assert lease.mark_clean(snap.seq, snap.trunc)
-        meta = store.meta("/bfs/f")
+        meta = record(store, "/bfs/f")
         assert (meta.clean, meta.pending, meta.trunc, meta.bfs, meta.seq) == (2, 0, None, True, 3)
         assert meta.dirty and not store.leased("/bfs/f")
         assert not lease.mark_clean(3, None)                   # the lease ended with the mark
@@ -414,19 +428,19 @@ class StoreTests:
     def test_mark_clean_keeps_a_newer_truncation(self, store: Store) -> None:
         store.create("/bfs/nt", 100)
         store.set_size("/bfs/nt", 80)
-        lease = store.flush_lease("/bfs/nt", 30)
+        lease = lease_of(store, "/bfs/nt", 30)
         snap = lease.begin()
         store.set_size("/bfs/nt", 40)                          # a second, lower cut during the flush
         assert lease.mark_clean(snap.seq, snap.trunc)
-        assert store.meta("/bfs/nt").trunc == 40
+        assert record(store, "/bfs/nt").trunc == 40
 
     def test_an_exception_gives_the_lease_back(self, store: Store) -> None:
         store.create("/bfs/e", None)
         put(store, "/bfs/e", None, [(0, b"x")])
-        with pytest.raises(OSError), store.flush_lease("/bfs/e", 30) as lease:
+        with pytest.raises(OSError), lease_of(store, "/bfs/e", 30) as lease:
             lease.begin()
             raise OSError("the BFS failed")
-        meta = store.meta("/bfs/e")
+        meta = record(store, "/bfs/e")
         assert not store.leased("/bfs/e") and meta.pending == 0 and meta.clean == 0 and meta.dirty
         other = FlushLease(store, "/bfs/e", "someone-else", 30)
         other.release()                                        # a stranger's release changes nothing
@@ -453,6 +467,7 @@ class StoreTests:
 
     def test_channel_data_and_reset(self, store: Store) -> None:
         token = store.channel_open(3)
+        assert token is not None
         pieces = [bytes([i]) * (i + 1) for i in range(10)]
         store.channel_append(3, pieces[:4])
         store.channel_append(3, pieces[4:], stored=True)
@@ -552,6 +567,7 @@ class StoreTests:
         if before is None:                                            # no server: the memory store
             assert after is None and isinstance(store, MemoryStore)
             return
+        assert after is not None
         assert after[0] >= before[0] + (1 << 20) and after[1] >= before[1] + (1 << 20)
 
     def test_close_keeps_the_data(self, store: Store, reopen: Callable[[], Store]) -> None:
@@ -560,7 +576,7 @@ class StoreTests:
         store.close()
         again = reopen()
         try:
-            assert current(again, "/bfs/cl", 0, 4) == b"kept" and again.meta("/bfs/cl").size == 4
+            assert current(again, "/bfs/cl", 0, 4) == b"kept" and record(again, "/bfs/cl").size == 4
         finally:
             again.close()
 
@@ -590,11 +606,11 @@ class FullStoreTests:
         with pytest.raises(TierFullError, match="--capacity"):
             for i in range(64):
                 put(small_store, "/bfs/full", model, [(i << 20, block)])
-        kept = small_store.meta("/bfs/full").size
+        kept = record(small_store, "/bfs/full").size
         assert kept >= 1 << 20
         assert current(small_store, "/bfs/full", 0, kept) == bytes(model.data[:kept])
         # the flush's bookkeeping still works on a full store: it is what makes room
-        with small_store.flush_lease("/bfs/full", 30) as lease:
+        with lease_of(small_store, "/bfs/full", 30) as lease:
             assert lease.mark_clean(lease.begin().seq, None)
         assert small_store.drop_clean("/bfs/full") == kept
         put(small_store, "/bfs/full", None, [(0, block)])       # room again
