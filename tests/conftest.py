@@ -251,6 +251,23 @@ def expected_state(rank: int, size: int, steps: int):
     return state
 
 
+def heat_state(points: int, steps: int):
+    """The whole rod examples/heat_ckpt.py holds after ``steps`` steps, computed in one piece (a numpy array)."""
+    import numpy as np
+
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import heat_ckpt as app
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    u = app.initial(points)
+    for _ in range(steps):
+        ext = np.zeros(points + 2)
+        ext[1:-1] = u
+        u = app.advance(ext)
+    return u
+
+
 def expected_file(ranks: int, size: int, steps: int) -> bytes:
     """The checkpoint file examples/checkpoint_restart.py writes with ``ranks`` ranks after ``steps`` steps."""
     return b"".join(expected_state(r, size, steps).tobytes() for r in range(ranks))

@@ -14,25 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import EXAMPLES, cli_env
+from conftest import EXAMPLES, cli_env, heat_state
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 POINTS, STEPS, EVERY = 4000, 40, 2
-
-
-def reference(steps: int) -> np.ndarray:
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import heat_ckpt as app
-    finally:
-        sys.path.pop(0)
-    u = app.initial(POINTS)
-    for _ in range(steps):
-        ext = np.zeros(POINTS + 2)
-        ext[1:-1] = u
-        u = app.advance(ext)
-    return u
 
 
 def run_heat(tmp: Path, server_binary: str, ranks: int) -> subprocess.Popen:
@@ -71,4 +57,4 @@ def test_heat_killed_and_restarted_ends_as_if_never_killed(tmp_path, server_bina
     resumed = [int(line.split()[-1]) for line in out2.splitlines() if line.startswith("restarted from checkpoint")]
     assert resumed and resumed[0] >= 8, out2
     result = np.fromfile(tmp_path / f"bfs/heat/ckpt.{STEPS}/u.dat")
-    assert np.array_equal(result, reference(STEPS))
+    assert np.array_equal(result, heat_state(POINTS, STEPS))

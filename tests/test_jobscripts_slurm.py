@@ -23,8 +23,8 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from conftest import (EXAMPLES, REPO, _server_pids_in, cli_env, expected_file, expected_state, job_env,  # noqa: F401
-                      processes_gone, server_pids_logged)
+from conftest import (EXAMPLES, REPO, _server_pids_in, cli_env, expected_file, expected_state, heat_state,  # noqa: F401
+                      job_env, processes_gone, server_pids_logged)
 from mpiburst import server
 
 SCRIPTS = REPO / "jobscripts" / "slurm"
@@ -101,6 +101,30 @@ def test_time_limit_commit_with_signal(slurm, tmp_path: Path, server_binary: str
     pids = server_pids_logged(log)
     assert len(pids) == 1 and not server.pid_alive(pids[0])
     assert processes_gone(tmp_path)
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(300)
+def test_checkpoints_stop_before_the_time_limit_with_the_last_one_on_the_bfs(slurm, tmp_path: Path,
+                                                                              server_binary: str) -> None:
+    """--time=1, no signal: should_exit() reads Slurm's end time and the job ends itself, its last checkpoint durable."""
+    from mpiburst.checkpoint import Catalog
+
+    app = (f"python {EXAMPLES / 'heat_ckpt.py'} --steps 100000 --every 2 --points 2000 --flush-every 1000 "
+           "--step-time 0.5")
+    job = slurm.submit(SCRIPTS / "checkpoint.sbatch", cwd=tmp_path, env=job_env(server_binary, APP=app),
+                       extra_args=("-n", "2", "--time=1", "-o", "ckpt.out"))
+    result = slurm.wait(job, timeout=200)
+    log = (tmp_path / "ckpt.out").read_text()
+    assert result.state == "COMPLETED", log                       # it stopped itself: no TIMEOUT
+    stop = re.search(r"stopping after checkpoint (\d+): the job's time limit is (\d+) s away", log)
+    assert stop, log
+    step = int(stop.group(1))
+    found = Catalog("heat", bfs_root=str(tmp_path)).scan()        # the BFS alone: the job's tier is gone
+    assert max(found) == step and found[step].on_bfs
+    assert np.array_equal(np.fromfile(tmp_path / f"heat/ckpt.{step}/u.dat"), heat_state(2000, step))
+    pids = server_pids_logged(log)
+    assert len(pids) == 1 and not server.pid_alive(pids[0])
 
 
 @pytest.fixture
