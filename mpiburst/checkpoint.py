@@ -617,8 +617,9 @@ class Checkpoints:
     def margin(self) -> float:
         """Seconds the job needs before a deadline to reach its next check and make one more checkpoint durable.
 
-        The interval between the last two :meth:`should_exit` calls (a step
-        and its save), the last save's time, the bytes of the newest
+        The interval between two :meth:`should_exit` calls (a step and its
+        save; a long one is halved at each later call, not forgotten), the
+        last save's time, the bytes of the newest
         checkpoint plus those queued at the measured flush rate, and
         :data:`EXIT_SAFETY` (rank 0's view).
         """
