@@ -60,11 +60,12 @@ def test_pbs_mpi_job_failure_keeps_data_for_stage_out(tmp_path: Path, server_bin
 
 @pytest.mark.timeout(180)
 def test_pbs_many_tasks(tmp_path: Path, server_binary: str) -> None:
-    env = pbs_env(tmp_path, server_binary, 3, NTASKS="7", TASKS_SCRIPT=str(EXAMPLES / "many_small_tasks.sh"))
+    # 4 tasks on 3 channels: worker 0 stores twice (tasks 0 and 3) into its channel, one after the other
+    env = pbs_env(tmp_path, server_binary, 3, NTASKS="4", TASKS_SCRIPT=str(EXAMPLES / "many_small_tasks.sh"))
     done = subprocess.run(["bash", SCRIPTS / "many_tasks.pbs"], capture_output=True, text=True, timeout=150, env=env)
     assert done.returncode == 0, done.stderr
     for w in range(3):
-        expected = "".join(f"task {i}: square {i * i}\n" for i in range(w, 7, 3))
+        expected = "".join(f"task {i}: square {i * i}\n" for i in range(w, 4, 3))
         assert (tmp_path / f"results/data_123.pbs-server_{w}.dat").read_text() == expected
     assert processes_gone(tmp_path)
 

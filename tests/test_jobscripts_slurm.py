@@ -70,14 +70,15 @@ def test_mpi_job_stages_in_runs_and_stages_out(slurm, tmp_path: Path, server_bin
 @pytest.mark.slurm
 @pytest.mark.timeout(300)
 def test_many_small_tasks_job(slurm, tmp_path: Path, server_binary: str) -> None:
-    env = job_env(server_binary, NTASKS="8", TASKS_SCRIPT=str(EXAMPLES / "many_small_tasks.sh"))
+    # 3 tasks on 2 channels (-c 2): worker 0 stores twice (tasks 0 and 2) into its channel, one after the other
+    env = job_env(server_binary, NTASKS="3", TASKS_SCRIPT=str(EXAMPLES / "many_small_tasks.sh"))
     job = slurm.submit(SCRIPTS / "many_tasks.sbatch", cwd=tmp_path, env=env,
                        extra_args=("-c", "2", "-o", "tasks.out"))
     result = slurm.wait(job, timeout=240)
     log = (tmp_path / "tasks.out").read_text()
     assert result == ("COMPLETED", 0, 0), log
     for w in range(2):
-        expected = "".join(f"task {i}: square {i * i}\n" for i in range(w, 8, 2))
+        expected = "".join(f"task {i}: square {i * i}\n" for i in range(w, 3, 2))
         assert (tmp_path / f"results/data_{job}_{w}.dat").read_text() == expected
     pids = server_pids_logged(log)
     assert len(pids) == 1 and not server.pid_alive(pids[0])
