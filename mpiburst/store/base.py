@@ -54,7 +54,7 @@ import contextlib
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, NamedTuple
 
@@ -114,6 +114,18 @@ class FileMeta:
         The umask of the process that first created or opened the file
         through mpiburst: the flush gives new BFS files and directories the
         mode it gives (:mod:`mpiburst.perms`). None if not recorded.
+    writers : int
+        Handles that have the file open for writing (an ``mpiburst.File``
+        counts once for all its ranks); counted by :meth:`Store.writers`. A
+        handle whose process died is never closed: its file stays written.
+    truncs : int
+        Truncations (``set_size`` calls) so far.
+    settled, settled_size, settled_truncs
+        The file as the application last left it consistent while written
+        (its sequence number, size and truncation count then): when the
+        first writer opened it, or at a ``Sync`` of the only writer.
+        Meaningful while ``writers`` > 0; with no writer the whole record is
+        consistent.
     """
 
     path: str
@@ -125,11 +137,36 @@ class FileMeta:
     pinned: bool
     bfs: bool
     umask: int | None = None
+    writers: int = 0
+    settled: int = 0
+    settled_size: int = 0
+    truncs: int = 0
+    settled_truncs: int = 0
 
     @property
     def dirty(self) -> bool:
         """True if the tier holds writes, or a truncation, not yet on the BFS."""
         return self.seq > self.clean or self.trunc is not None
+
+    def settled_state(self) -> FileMeta | None:
+        """Return the record cut at the last state the application made consistent (what may be published).
+
+        Itself when no handle has the file open for writing. For a file being
+        written, the record as it was at its settled mark (sequence number,
+        size, truncation), so a flush up to it publishes exactly that state;
+        not dirty when the BFS already holds it or something newer. None when
+        the BFS lacks that state and the tier cannot give it any more: a
+        truncation since the mark clipped its extents (the caller waits for
+        the next consistent point).
+        """
+        if self.writers <= 0:
+            return self
+        if self.settled <= self.clean:
+            return replace(self, seq=self.clean, trunc=None)
+        if self.truncs != self.settled_truncs:
+            return None
+        # No truncation since the mark: the pending one, if any, is the settled state's own.
+        return replace(self, seq=self.settled, size=self.settled_size, writers=0)
 
 
 class Blob(NamedTuple):
@@ -276,6 +313,20 @@ class Store(ABC):
     @abstractmethod
     def set_pinned(self, path: str, pinned: bool) -> None:
         """Pin (exempt from automatic sync and purge) or unpin ``path``."""
+
+    @abstractmethod
+    def writers(self, path: str, delta: int, settle_at_most: int = -1) -> int:
+        """Count a handle opening (``delta`` 1) or closing (-1) ``path`` for writing; return the count.
+
+        Atomically with the count, when the count after ``delta`` is at most
+        ``settle_at_most``, the file's current sequence number, size and
+        truncation become its settled mark (:attr:`FileMeta.settled`). An
+        open passes 1 (no other writer: the state before it is consistent),
+        a ``Sync`` of the only writer 0 with 1, an explicit sync a large
+        number; a close passes -1 (with no writer left the whole record is
+        consistent). The count never goes below 0. Returns -1, changing
+        nothing, for a file the tier does not know.
+        """
 
     @abstractmethod
     def set_size(self, path: str, size: int) -> int:

@@ -366,6 +366,10 @@ class ClusterStore(Store):
         with self._on(0):
             self.home.set_pinned(path, pinned)
 
+    def writers(self, path: str, delta: int, settle_at_most: int = -1) -> int:
+        with self._on(0):   # the record, its seq and size live on node 0
+            return self.home.writers(path, delta, settle_at_most)
+
     def set_size(self, path: str, size: int) -> int:
         with self._on(0):
             old = self.home.set_size(path, size)

@@ -122,6 +122,17 @@ class MemoryStore(Store):
             if f is not None:
                 f.meta.pinned = pinned
 
+    def writers(self, path: str, delta: int, settle_at_most: int = -1) -> int:
+        with self._lock:
+            f = self._files.get(path)
+            if f is None:
+                return -1
+            m = f.meta
+            m.writers = max(0, m.writers + delta)
+            if m.writers <= settle_at_most:
+                m.settled, m.settled_size, m.settled_truncs = m.seq, m.size, m.truncs
+            return m.writers
+
     def set_size(self, path: str, size: int) -> int:
         with self._lock:
             f = self._files.get(path)
@@ -159,6 +170,7 @@ class MemoryStore(Store):
             if f.meta.trunc is None or f.meta.trunc > cut:
                 f.meta.trunc = cut
             f.meta.size = size
+            f.meta.truncs += 1
             return old
 
     # -- data ---------------------------------------------------------------

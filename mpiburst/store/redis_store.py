@@ -187,6 +187,7 @@ local cut = math.min(old, n)
 local trunc = redis.call('HGET', KEYS[1], 'trunc')
 if trunc == false or tonumber(trunc) > cut then redis.call('HSET', KEYS[1], 'trunc', cut) end
 redis.call('HSET', KEYS[1], 'size', n)
+redis.call('HINCRBY', KEYS[1], 'truncs', 1)
 return old
 """
 
@@ -261,6 +262,23 @@ for i = 1, #files, 2 do
   if #m > 0 then out[#out + 1] = m end
 end
 return out
+"""
+
+# Count a handle opening / closing a file for writing (KEYS[1]: the record; ARGV: delta, settle_at_most):
+# when the count after the change is at most settle_at_most, the file's seq, size and truncation count
+# now are its settled mark. -1 for a file without a record. Runs on a full tier (a Close must always be counted).
+_WRITERS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local n = redis.call('HINCRBY', KEYS[1], 'writers', ARGV[1])
+if n < 0 then
+  redis.call('HSET', KEYS[1], 'writers', 0)
+  n = 0
+end
+if n <= tonumber(ARGV[2]) then
+  local m = redis.call('HMGET', KEYS[1], 'seq', 'size', 'truncs')
+  redis.call('HSET', KEYS[1], 'settled', m[1] or 0, 'settled_size', m[2] or 0, 'settled_truncs', m[3] or 0)
+end
+return n
 """
 
 # Close a channel only for the writer that opened it (a reset may have taken it meanwhile).
@@ -359,6 +377,7 @@ class RedisStore(Store):
         self._release = client.register_script(_ALLOW_OOM + _RELEASE)
         self._channel_close = client.register_script(_ALLOW_OOM + _CHANNEL_CLOSE)
         self._cut = client.register_script(_CUT)
+        self._writers = client.register_script(_ALLOW_OOM + _WRITERS)
         self._stats_add = client.register_script(_ALLOW_OOM + _STATS_ADD)   # a close on a full tier
         self._stats_push = client.register_script(_ALLOW_OOM + _STATS_LOG_PUSH)
         self._loaded = False
@@ -418,6 +437,9 @@ class RedisStore(Store):
             self.r.hset(mkey, "pinned", 1)
         else:
             self.r.hdel(mkey, "pinned")
+
+    def writers(self, path: str, delta: int, settle_at_most: int = -1) -> int:
+        return int(self._writers(keys=[self._key(file_id(path), "m")], args=[delta, settle_at_most]))
 
     def set_size(self, path: str, size: int) -> int:
         fid = file_id(path)
@@ -861,6 +883,11 @@ def _meta_from(raw: dict) -> FileMeta:
         pinned=g.get("pinned") == "1",
         bfs=g.get("bfs") == "1",
         umask=int(g["umask"]) if "umask" in g else None,
+        writers=int(g.get("writers", 0)),
+        settled=int(g.get("settled", 0)),
+        settled_size=int(g.get("settled_size", 0)),
+        truncs=int(g.get("truncs", 0)),
+        settled_truncs=int(g.get("settled_truncs", 0)),
     )
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -297,6 +298,32 @@ class StoreTests:
         assert cut["/bfs/c2"] == store.meta("/bfs/c2")
         store.drop("/bfs/c2")
         assert set(store.cut()) == {"/bfs/c1"}
+
+    def test_writers_are_counted_and_settle_the_consistent_mark(self, store: Store) -> None:
+        """writers counts open writing handles; the settled mark is taken only when the change allows it."""
+        path = "/bfs/w"
+        assert store.writers(path, 1, 1) == -1 and store.meta(path) is None     # no record: nothing made
+        store.create(path, None)
+        put(store, path, None, [(0, b"closed")])                 # seq 1, size 6: the state before the open
+        assert store.writers(path, 1, 1) == 1                    # first writer: settles at seq 1
+        put(store, path, None, [(6, b"half")])                   # seq 2, size 10
+        meta = store.meta(path)
+        assert (meta.writers, meta.settled, meta.settled_size, meta.settled_truncs) == (1, 1, 6, 0)
+        assert store.cut()[path].settled_state() == replace(meta, seq=1, size=6, writers=0)
+        assert store.writers(path, 1, 1) == 2                    # a second writer: no settle
+        assert store.writers(path, 0, 1) == 2 and store.meta(path).settled == 1   # a Sync of one of two
+        assert store.writers(path, -1) == 1
+        assert store.writers(path, 0, 1) == 1                    # the only writer's Sync settles
+        assert (store.meta(path).settled, store.meta(path).settled_size) == (2, 10)
+        store.set_size(path, 4)                                  # truncated after the mark: it is lost
+        assert store.meta(path).truncs == 1 and store.meta(path).settled_state() is None
+        assert replace(store.meta(path), clean=2).settled_state().dirty is False   # unless the BFS has it
+        assert store.writers(path, 0, 1 << 30) == 1              # settle whatever the count
+        settled = store.meta(path).settled_state()
+        assert (settled.seq, settled.size, settled.trunc) == (2, 4, 4)
+        assert store.writers(path, -1) == 0 and store.writers(path, -1) == 0   # never below zero
+        done = store.meta(path)
+        assert done.settled_state() == done and done.writers == 0
 
     def test_window_of_an_unknown_file(self, store: Store) -> None:
         assert store.window("/bfs/unknown", 0, 100) == (None, [])
