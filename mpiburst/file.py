@@ -31,6 +31,8 @@ from .views import View
 from .writeback import TierFile, buffer_size, check_offset, register
 
 _ACCESS = MPI.MODE_RDONLY | MPI.MODE_WRONLY | MPI.MODE_RDWR
+#: Access modes that make a handle one of the file's writers (:meth:`mpiburst.store.Store.writers`).
+_WRITING = MPI.MODE_WRONLY | MPI.MODE_RDWR
 #: Largest file span one read through a noncontiguous view fetches at once.
 _READ_WINDOW = 8 << 20
 
@@ -193,6 +195,8 @@ class File:
         def forget() -> None:
             if self._shared.touched or self._comm.Get_size() > 1:   # another rank may have made the counter
                 self._shared.drop()
+            if self._amode & _WRITING:   # every rank's writes are in the tier: this handle writes no more
+                self._tier.store.writers(tf.path, -1)
             if self._amode & MPI.MODE_DELETE_ON_CLOSE:
                 _delete(self._tier, tf.path)
 
@@ -473,8 +477,17 @@ class File:
         After the writer's ``Sync``, a barrier and the reader's ``Sync``, the
         reader sees the data (MPI's sync-barrier-sync). Durability on the BFS
         is :func:`mpiburst.sync`.
+
+        Every rank's writes being in the tier, the file's state is one the
+        application made consistent: when this handle is the file's only
+        writer, it becomes the file's settled mark, the state the engine's
+        automatic sync may publish while the file stays open
+        (docs/consistency.md, "Published states").
         """
         self._together(self._push_all)
+        if self._amode & _WRITING:
+            path = self._handle().path
+            self._rank0(lambda: self._tier.store.writers(path, 0, 1))
 
     def Set_view(self, disp: int = 0, etype: MPI.Datatype = MPI.BYTE, filetype: MPI.Datatype | None = None,
                  datarep: str = "native", info: MPI.Info = MPI.INFO_NULL) -> None:
@@ -780,10 +793,12 @@ def _open_on_rank0(tier: Tier, path: str, amode: int, found: os.stat_result | No
     names a drain's data file), the file pointers' start (0, or the file
     size with ``MODE_APPEND``) and whether the file is drained while written.
     """
-    drained = bool(amode & (MPI.MODE_WRONLY | MPI.MODE_RDWR)) and drain.wanted(path)
+    drained = bool(amode & _WRITING) and drain.wanted(path)
     outcome = register(tier, path, bool(amode & MPI.MODE_CREATE), bool(amode & MPI.MODE_EXCL), found)
     if isinstance(outcome, str):
         return {"exists": MPI.ERR_FILE_EXISTS, "missing": MPI.ERR_NO_SUCH_FILE}[outcome]
+    if amode & _WRITING:   # one writer for all the ranks, until Close (docs/consistency.md, "Published states")
+        tier.store.writers(path, 1, 1)
     start = outcome.size if amode & MPI.MODE_APPEND else 0
     token = uuid.uuid4().hex
     if start:   # a pointer the tier does not hold reads 0: one round trip less for a new file

@@ -113,6 +113,8 @@ def _register(tier: Any, target: str, flags: tuple, name: str | os.PathLike, fou
         raise FileNotFoundError(errno.ENOENT, "No such file in the tier or on the BFS", os.fspath(name))
     if outcome == "exists":
         raise FileExistsError(errno.EEXIST, "File exists in the tier or on the BFS", os.fspath(name))
+    if writable:   # counted before the truncation: the state it settles is the one before this open
+        tier.store.writers(target, 1, 1)
     if truncate:
         with_room(tier, lambda: tier.store.set_size(target, 0), f"truncate {target}")
 
@@ -294,6 +296,8 @@ class BurstIO(io.BufferedIOBase):
             self._pages.clear()
             if flushed:
                 self._tf.close()
+                if self._writable:   # every write is in the tier: no longer written by this handle
+                    self._tf.store.writers(self._tf.path, -1)
             else:  # the flush's error is the one to report; still give the connection back
                 with contextlib.suppress(MpiburstError):
                     self._tf.close()

@@ -38,6 +38,7 @@ from .errors import FlushError, MpiburstError, PathError, ServerError
 from .overlay import Entry, Strided, bounds, gaps, visible
 from .overlay import expand as blocks_of
 from .paths import resolve
+from .perms import create_aside, current_umask, give_final_attrs
 from .store import MAX_EXTENT, FileMeta, RecordGone, Store
 from .tier import Tier
 
@@ -367,6 +368,53 @@ def read(path: str | os.PathLike, *, tier: Tier | None = None, chunk: int | None
             yield bytes(view)
 
 
+def copy_out(path: str | os.PathLike, dest: str, *, tier: Tier | None = None) -> int:
+    """Write the current bytes of a tier file to the BFS path ``dest``, whole or not at all; return its size.
+
+    The bytes (:func:`read`) go to a private file beside ``dest``, which gets
+    the mode a direct write would give it, is fsync'd and renamed into place.
+    Nothing is marked clean: the tier file stays as it is. Stage-out uses it
+    to publish a file that was still being written beside its final name.
+
+    Raises
+    ------
+    PathError
+        If the tier does not hold the file.
+    FlushError
+        If writing ``dest`` fails (nothing is left at ``dest`` or beside it).
+    """
+    tier, store, target = _locate(path, tier)
+    meta = _known(store, target)
+    directory, name = os.path.split(dest)
+    work = os.path.join(directory, f".{name}.mpiburst-copy-{os.getpid()}")
+    umask = meta.umask if meta.umask is not None else current_umask()
+    try:
+        create_aside(work)
+        fd = os.open(work, os.O_WRONLY | os.O_NOFOLLOW)
+        try:
+            done = 0
+            for block in read(target, tier=tier):
+                view = memoryview(block)
+                while view:
+                    n = os.write(fd, view)
+                    view, done = view[n:], done + n
+            if give_final_attrs(fd, dest, umask):
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(work, dest)
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as exc:
+        if os.path.lexists(work):
+            os.unlink(work)
+        raise FlushError(f"cannot write {dest} ({exc.strerror}); the data stays in the tier.") from None
+    return done
+
+
 def rm(path: str | os.PathLike, *, tier: Tier | None = None) -> None:
     """Remove a file: its data in the tier and its BFS file.
 
@@ -486,8 +534,12 @@ def dirty_files(tier: Tier, include_pinned: bool = False) -> list[FileMeta]:
     return out
 
 
-def auto_sync(tier: Tier, log: Callable[[str], None] | None = None) -> int:
+def auto_sync(tier: Tier, log: Callable[[str], None] | None = None, settled: bool = True) -> int:
     """Commit every dirty unpinned file (one consistent cut, see :func:`mpiburst.flush.commit`).
+
+    ``settled`` (the default: the engine's sync) publishes a file still open
+    for writing only up to its last consistent state, never half-written
+    (``flush.commit(settled=True)``); False publishes every file as it is.
 
     Returns
     -------
@@ -496,7 +548,7 @@ def auto_sync(tier: Tier, log: Callable[[str], None] | None = None) -> int:
         ``log``; the data stays dirty for a later attempt).
     """
     try:
-        return len(flush.commit(tier=tier, include_pinned=False))
+        return len(flush.commit(tier=tier, include_pinned=False, settled=settled))
     except (FlushError, PathError) as exc:
         if log:
             log(str(exc))
@@ -517,6 +569,10 @@ def auto_purge(tier: Tier) -> int:
 def make_room(tier: Tier) -> bool:
     """Free tier memory when the tier is full: sync the dirty unpinned files, then drop clean data.
 
+    First only what the application made consistent (:func:`auto_sync`);
+    when that neither flushes nor frees anything, the files still being
+    written as they are, so a file larger than the tier can still be written.
+
     Returns
     -------
     bool
@@ -525,6 +581,12 @@ def make_room(tier: Tier) -> bool:
         freed the memory first (a retry will tell) or nothing can be freed.
     """
     synced = auto_sync(tier)
+    if auto_purge(tier) > 0 or synced > 0:
+        return True
+    # Nothing consistent was left to publish or free: the open files' own data fills the tier (a file
+    # larger than the tier, say). Publish them as they are rather than fail the write; the next flush
+    # after their Close makes them whole (docs/reliability.md, "Published states", not promised).
+    synced = auto_sync(tier, settled=False)
     return auto_purge(tier) > 0 or synced > 0
 
 

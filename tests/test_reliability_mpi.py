@@ -12,6 +12,7 @@ import pytest
 from mpi4py import MPI
 
 import mpiburst
+from mpiburst import residency
 from mpiburst.errors import MpiburstError, TierFullError
 from mpiburst.file import File
 from mpiburst.tier import Tier
@@ -188,3 +189,39 @@ def test_ordered_write_after_the_server_died_raises_on_every_rank(mpi_tmp_path, 
             tier.stop()
         else:
             tier.disconnect()
+
+
+def test_a_file_being_written_is_published_only_as_its_ranks_synced_it(mpi_tmp_path, server_binary):
+    """Promise: the engine's sync publishes an open file only at its writers' last ``Sync`` (#29 item 1).
+
+    Every rank writes its block A and calls ``Sync``, then writes block B
+    (pushed to the tier: larger than the write-back buffer) without one: the
+    automatic sync publishes the A blocks only, byte for byte; after
+    ``Close`` the B blocks. Before the fix it published whatever the tier
+    held, A of some ranks and B of others.
+    """
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    with _tier(mpi_tmp_path, server_binary, "64M") as tier:
+        info = MPI.Info.Create()
+        info.Set("mpiburst_wr_buffer", "64K")
+        f = File.Open(comm, "burst://synced.dat", WRONLY, info)
+        info.Free()
+        path = os.path.join(tier.bfs_root, "synced.dat")
+        f.Write_at(rank * MIB, _block(rank))
+        f.Sync()
+        f.Write_at(rank * MIB, _block(100 + rank))
+        comm.Barrier()
+        if rank == 0:
+            assert tier.store.meta(path).writers == 1          # one handle for all the ranks
+            residency.auto_sync(tier)
+            with open(path, "rb") as fh:
+                assert fh.read() == b"".join(_block(r) for r in range(size))
+        comm.Barrier()
+        f.Close()
+        if rank == 0:
+            assert tier.store.meta(path).writers == 0
+            residency.auto_sync(tier)
+            with open(path, "rb") as fh:
+                assert fh.read() == b"".join(_block(100 + r) for r in range(size))
+        comm.Barrier()

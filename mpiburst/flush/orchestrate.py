@@ -240,7 +240,7 @@ def _report(plan: Plan, checksum: str | None) -> FlushReport:
 def commit(paths: Iterable[str] | None = None, *, tier: Tier | None = None, include_pinned: bool = True,
            select: Callable[[str], bool] | None = None,
            log: Callable[[str], None] | None = None,
-           progress: Callable[[int], None] | None = None) -> list[FlushReport]:
+           progress: Callable[[int], None] | None = None, settled: bool = False) -> list[FlushReport]:
     """Flush a consistent cut of the tier's files to the BFS, all or nothing.
 
     Every file's watermark is taken in one atomic step (:meth:`Store.cut
@@ -270,6 +270,16 @@ def commit(paths: Iterable[str] | None = None, *, tier: Tier | None = None, incl
         Called with one line per file committed.
     progress
         Called with the bytes written to the BFS so far, over all files.
+    settled
+        Publish only states the application made consistent (the engine, a
+        writer making room, a commit on SIGUSR1, a stage-out after a failed
+        job): a file that a handle still has open for writing is committed
+        up to its settled mark (:meth:`mpiburst.store.FileMeta.settled_state`:
+        its state when that writer opened it, or at its last ``Sync``); its
+        later writes stay dirty. When one file's settled state is gone (a
+        truncation clipped it before the BFS had it), nothing is committed:
+        the commit waits for the next consistent point. False: every file
+        as the cut has it (an explicit commit).
 
     Returns
     -------
@@ -293,6 +303,13 @@ def commit(paths: Iterable[str] | None = None, *, tier: Tier | None = None, incl
         raise FlushError(f"commit failed: {cause(exc)}; the data stays dirty in the tier, fix the cause and "
                          f"commit again.") from None
     wanted = cut if paths is None else {p: cut[p] for p in paths if p in cut}
+    if settled:   # a file being written: only its last consistent state (docs/consistency.md)
+        states = {p: m.settled_state() for p, m in wanted.items()
+                  if (include_pinned or not m.pinned) and (select is None or select(p))}
+        if any(state is None for state in states.values()):
+            return []   # one file's last consistent state is gone from the tier: a cut without it could
+            #             hold a later write of another file without an earlier one of that file; wait
+        wanted = {p: state for p, state in states.items() if state is not None}
     chosen = sorted(p for p, m in wanted.items()
                     if m.dirty and (include_pinned or not m.pinned) and (select is None or select(p)))
     plans: list[Plan] = []
@@ -301,7 +318,7 @@ def commit(paths: Iterable[str] | None = None, *, tier: Tier | None = None, incl
     published = False
     try:
         for target in chosen:           # locks and leases in path order: two commits never deadlock
-            plan = snapshot.prepare(store, target, tier.align, cut=cut[target])
+            plan = snapshot.prepare(store, target, tier.align, cut=wanted[target])
             if plan is None:            # a later flush already put this file's cut on the BFS
                 continue
             plans.append(plan)
