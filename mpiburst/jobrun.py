@@ -49,7 +49,7 @@ from .channels import any_data
 from .errors import ConfigError, FlushError, MpiburstError, PathError, ServerError
 from .nodes import RANKS_PER_NODE
 from .paths import resolve
-from .policy import Policy, Rule
+from .policy import INCOMPLETE_SUFFIX, Policy, Rule
 from .progress import Meter
 from .runconf import RunConf, conf_path, log_name, rdb_name, resolve_id
 from .server import StartOptions
@@ -123,7 +123,7 @@ def _bfs_matches(rule: Rule, bfs_root: str) -> list[str]:
 
 
 def stage_out(tier: Tier, policy: Policy, paths: Sequence[str] = (), commit: bool = False,
-              log: Log | None = None, progress: bool = False) -> list[Staged]:
+              log: Log | None = None, progress: bool = False, closed_only: bool = False) -> list[Staged]:
     """Apply the policy's stage-out action to the tier's files (all, or those at or under ``paths``).
 
     The SYNC and PURGE files are flushed together as one consistent cut
@@ -134,7 +134,16 @@ def stage_out(tier: Tier, policy: Policy, paths: Sequence[str] = (), commit: boo
     ----------
     commit
         Only sync (SYNC and PURGE files): nothing is purged or discarded.
-        This is what SIGUSR1 does to a running job.
+        This is what SIGUSR1 does to a running job; it publishes what
+        ``closed_only`` does.
+    closed_only
+        After a failed job (or while it runs): publish only states the
+        application made consistent. A file a handle still has open for
+        writing is *incomplete*: published up to its last close or ``Sync``
+        only, the rest kept in the tier (so in the run's snapshot) and
+        listed as ``incomplete``, unless the policy's ``PARTIAL`` (publish it
+        as it stands) or ``BESIDE`` (publish it as ``NAME.incomplete``) rule
+        covers it.
     progress
         Show the flush's bytes, rate and time left on stderr (a bar on a
         terminal, a line every few seconds elsewhere; :mod:`mpiburst.progress`).
@@ -161,11 +170,18 @@ def stage_out(tier: Tier, policy: Policy, paths: Sequence[str] = (), commit: boo
         inside = not roots or any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
         return inside and policy.action(path, tier.bfs_root) in ("SYNC", "PURGE")
 
+    def published(path: str) -> bool:
+        """A chosen file, unless a truncation took its last consistent state (it is listed incomplete):
+        after a failure no later state will come, so the others are published without waiting for it."""
+        meta = store.meta(path)
+        return chosen(path) and (meta is None or meta.settled_state() is not None)
+
     failure: MpiburstError | None = None
     reports: dict[str, flush.FlushReport] = {}
     meter = _meter(tier, "commit" if commit else "stage-out", chosen) if progress else None
     try:
-        reports = {r.path: r for r in flush.commit(tier=tier, select=chosen,
+        reports = {r.path: r for r in flush.commit(tier=tier, select=chosen if not closed_only else published,
+                                                   settled=closed_only or commit,
                                                    progress=meter.update if meter else None)}
     except MpiburstError as exc:
         failure = exc
@@ -176,6 +192,11 @@ def stage_out(tier: Tier, policy: Policy, paths: Sequence[str] = (), commit: boo
     for target in targets:
         action = policy.action(target, tier.bfs_root)
         try:
+            if closed_only and not commit and failure is None and chosen(target):
+                entry = _incomplete(tier, policy, target, reports.get(target))
+                if entry is not None:
+                    done.append(_note(entry, log))
+                    continue
             entry = _stage_out_one(tier, store, target, action, commit, reports.get(target), failure)
         except MpiburstError as exc:
             failure = failure or exc
@@ -214,6 +235,37 @@ def _stage_out_one(tier: Tier, store: Store, target: str, action: str, commit: b
         freed = residency.purge(target, tier=tier)
         detail += f", {freed} bytes freed"
     return Staged(target, action, detail)
+
+
+def _incomplete(tier: Tier, policy: Policy, target: str, report: flush.FlushReport | None) -> Staged | None:
+    """Handle ``target`` if a handle still has it open for writing (None: it is not incomplete).
+
+    Its last consistent state is on the BFS (the commit put it there, or it
+    was already); what was written since stays in the tier unless the
+    policy's ``PARTIAL`` or ``BESIDE`` rule publishes it.
+    """
+    meta = tier.store.meta(target)
+    if meta is None or meta.writers <= 0 or not meta.dirty:
+        return None
+    if report is not None:
+        published = f"its last closed or synced state was published ({report.bytes} bytes)"
+    elif os.path.exists(target):
+        published = "the BFS keeps its earlier version"
+    else:
+        published = "nothing of it is on the BFS"
+    choice = policy.incomplete(target, tier.bfs_root)
+    if choice == "PARTIAL":
+        partial = flush.sync(target, tier=tier)
+        return Staged(target, "PARTIAL", f"still open for writing: published as it stands, as the policy asks "
+                                         f"({partial.bytes} bytes in {partial.writes} writes)")
+    if choice == "BESIDE":
+        beside = target + INCOMPLETE_SUFFIX
+        size = residency.copy_out(target, beside, tier=tier)
+        return Staged(target, "BESIDE", f"still open for writing: {published}; its {size} bytes as they stand "
+                                        f"were written to {beside}, and stay in the tier")
+    return Staged(target, "INCOMPLETE", f"still open for writing: {published}; its later writes stay in the "
+                                        f"tier, not under its final name ('mpiburst stage-out --incomplete' "
+                                        f"writes them as {os.path.basename(target)}{INCOMPLETE_SUFFIX})")
 
 
 def _note(entry: Staged, log: Log | None) -> Staged:
@@ -371,10 +423,11 @@ def finish_saved(id: str | None = None, dir: str | None = None, log: Log | None 
     return Tier.connect(conf=conf), True
 
 
-def close_run(tier: Tier, keep: bool, log: Log | None = None) -> None:
+def close_run(tier: Tier, keep: bool, log: Log | None = None) -> bool:
     """Stop a server this process started: saved to ``redis_<id>.rdb`` when ``keep`` and it holds data.
 
     A multi-node run is saved node by node (``redis_<id>@<k>.rdb``, each node's own data).
+    Returns whether a snapshot was saved (nothing is saved of an empty tier).
     """
     keep = keep and not tier.store.empty()
     tier.disconnect()
@@ -384,6 +437,7 @@ def close_run(tier: Tier, keep: bool, log: Log | None = None) -> None:
     if log:
         saved = f"; its data is saved in {_snapshot_name(tier.conf.dir, tier.id)}" if keep else ""
         log(f"stopped the tier of run {tier.id}{saved}")
+    return keep
 
 
 def holds_unsaved(tier: Tier) -> bool:
@@ -492,41 +546,44 @@ def _run_locked(command: Sequence[str], opts: StartOptions, policy: Policy, on_f
     signals = _Signals()
     signals.install()
     closing = False
+    watch = _Watch()
     try:
         if flush.recover(tier.bfs_root):
             say("completed the publication of a commit that was killed while renaming its files")
-        status = _supervise(command, tier, policy, signals, say, progress)
+        status = _supervise(command, tier, policy, signals, say, progress, watch)
         failed = status != 0 or signals.aborted is not None
         if failed:
             say(f"the command failed (exit status {status}); applying --on-failure {on_failure}")
-        died = _server_died(tier, started)
+        died = _server_died(tier, started, watch)
         if died is not None:
             raise died
         keep = False
         if not failed or on_failure == "sync":
             try:
-                stage_out(tier, policy, log=say, progress=progress)
+                stage_out(tier, policy, log=say, progress=progress, closed_only=failed)
             except MpiburstError as exc:
                 say(f"stage-out failed: {exc}")
                 keep = True
                 if not failed:
                     status = exc.exit_code
+            keep = keep or (failed and holds_unsaved(tier))   # an incomplete file stays in the snapshot
         elif on_failure == "retain":
             keep = True
+            _say_incomplete(tier, say)
         if not started:
             _write_reports(tier, live=True, say=say)
         if started:
             closing = True
-            close_run(tier, keep=keep, log=say)
+            saved = close_run(tier, keep=keep, log=say)
             _write_reports(tier, live=False, say=say)
-            if keep:
+            if saved:   # advice only where there is something to finish
                 say(f"finish it later with 'mpiburst stage-out --id {tier.id} --dir {shlex.quote(tier.conf.dir)}', "
                     f"or run the job again with the same --id")
         elif on_failure == "discard" and failed:
             say(f"the tier of run {tier.id} was joined, not started here: its data is left to its owner")
         return status
     except BaseException:
-        died = _server_died(tier, started)
+        died = _server_died(tier, started, watch)
         if died is not None:
             raise died from None
         if started and not closing:  # close_run stops the server only once its data is saved
@@ -553,7 +610,76 @@ def _write_reports(tier: Tier, live: bool, say: Log) -> None:
         say(f"no I/O report was written: {exc}")
 
 
-def _server_died(tier: Tier, started: bool) -> ServerError | None:
+class _Watch:
+    """What ``mpiburst run`` last saw of the tier's files, to say after a server death what the BFS lacks.
+
+    Every :data:`LOOK_EVERY` seconds while the command runs, one atomic read
+    of every file's record (:meth:`Store.cut`) gives the files whose last
+    closed or synced state the BFS does not hold yet (*behind*), and those
+    a handle had open for writing (*open*).
+    """
+
+    def __init__(self) -> None:
+        self.when: float | None = None
+        self.behind: list[str] = []
+        self.open: list[str] = []
+        self._next = 0.0
+
+    def look(self, store: Store) -> None:
+        """Take a look if one is due; a failing look (a dying server) keeps the last one."""
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + LOOK_EVERY
+        try:
+            cut = store.cut()
+        except MpiburstError:
+            return
+        behind = []
+        for path, meta in cut.items():
+            state = meta.settled_state()
+            if state is not None and state.dirty:
+                behind.append(path)
+        self.behind = sorted(behind)
+        self.open = sorted(p for p, m in cut.items() if m.writers > 0)
+        self.when = now
+
+    def says(self) -> str:
+        """Return what the last look found, as a clause of the dead-server message."""
+        if self.when is None:
+            return "mpiburst run had not looked at the tier's files yet"
+        ago = f"as of the last look at the tier, {time.monotonic() - self.when:.1f} s before the death was found"
+        if self.behind:
+            said = f"{ago}, the BFS lacked the last closed or synced state of {_names(self.behind)}"
+        else:
+            said = f"{ago}, every file the application had closed or synced was on the BFS"
+        if self.open:
+            said += f"; being written then (never published half-written): {_names(self.open)}"
+        return said + "; a file closed after that look may be missing too"
+
+
+#: Seconds between two looks of ``mpiburst run`` at the tier's files (:class:`_Watch`).
+LOOK_EVERY = 0.5
+
+
+def _names(paths: list[str], most: int = 20) -> str:
+    """Return up to ``most`` paths joined for a message, and how many more."""
+    shown = ", ".join(paths[:most])
+    return shown + (f" and {len(paths) - most} more" if len(paths) > most else "")
+
+
+def _say_incomplete(tier: Tier, say: Log) -> None:
+    """Name the files a handle still had open for writing when the command failed (they are incomplete)."""
+    try:
+        open_now = sorted(p for p, m in tier.store.cut().items() if m.writers > 0 and m.dirty)
+    except MpiburstError:
+        return
+    if open_now:
+        say(f"still open for writing when the command failed, so incomplete: {_names(open_now)}; a stage-out "
+            f"publishes only their last closed or synced state and keeps the rest in the tier")
+
+
+def _server_died(tier: Tier, started: bool, watch: _Watch | None = None) -> ServerError | None:
     """Return the error to report if the run's server is gone (cleaning its files if this process started it)."""
     conf = tier.conf
     if server.pid_alive(conf.pid, conf.server):
@@ -562,15 +688,16 @@ def _server_died(tier: Tier, started: bool) -> ServerError | None:
     tier.disconnect()
     if started:
         server.stop_run(conf, discard=True)  # only removes the dead server's files
+    seen = watch.says() if watch is not None else "which files the BFS lacks is not known"
     return ServerError(
         f"the server of run {conf.id} (PID {conf.pid}) died while the command ran; what it held that was "
-        f"not yet synced to the BFS is lost (files synced earlier are complete on the BFS); its log ended: {tail}"
+        f"not yet on the BFS is lost: {seen}; its log ended: {tail}"
     )
 
 
 def _supervise(command: Sequence[str], tier: Tier, policy: Policy, signals: _Signals, say: Log,
-               progress: bool = False) -> int:
-    """Run the command in its own process group; commit on SIGUSR1; return its exit status."""
+               progress: bool = False, watch: _Watch | None = None) -> int:
+    """Run the command in its own process group; commit on SIGUSR1; look at the files; return its exit status."""
     env = dict(os.environ, MPIBURST_ID=tier.id, MPIBURST_CONF=tier.conf.path)
     try:
         signals.child = subprocess.Popen(list(command), env=env, process_group=0)
@@ -587,6 +714,8 @@ def _supervise(command: Sequence[str], tier: Tier, policy: Policy, signals: _Sig
             break
         except subprocess.TimeoutExpired:
             pass
+        if watch is not None:
+            watch.look(tier.store)
         if signals.commit:
             signals.commit = False
             say("SIGUSR1: committing (syncing the tier's SYNC and PURGE files) while the command runs")

@@ -8,6 +8,8 @@ A policy file has one rule per line, ``KEYWORD PATTERN``, and ``#`` comments::
     PURGE   checkpoints/*.bin    # copy to the BFS, then free the tier
     RETAIN  scratch/             # leave to the automatic engine
     DISCARD tmp/                 # temporary: remove from the tier and the BFS
+    PARTIAL logs/                # still being written when the job failed: publish it anyway
+    BESIDE  checkpoints/         # ... or publish it beside its final name, as NAME.incomplete
 
 A PATTERN is relative to the run's BFS root (or absolute, or a ``burst://``
 URL). It matches a file when it names the file, a directory above it (so
@@ -20,6 +22,14 @@ under it).
 first and exceptions after it read naturally); a file no rule matches is
 synced. Every line is checked when the file is read: a bad line is reported
 with the file name and line number before anything is done.
+
+A file that a handle still had open for writing when the job failed is
+*incomplete*: a stage-out after the failure publishes it only up to the last
+state the application made consistent (its last close or ``Sync``), keeps
+the rest in the tier (and the run's snapshot) and lists it, unless the last
+matching ``PARTIAL`` / ``BESIDE`` rule says otherwise: ``PARTIAL`` publishes
+it as it stands under its final name, ``BESIDE`` as ``NAME.incomplete``
+beside it (``mpiburst stage-out --incomplete`` does that for every file).
 """
 
 from __future__ import annotations
@@ -31,10 +41,14 @@ from dataclasses import dataclass, field
 from .errors import PolicyError
 from .paths import SCHEME
 
-#: The keywords, in IME's order.
-KEYWORDS = ("IN", "SYNC", "PURGE", "RETAIN", "DISCARD")
+#: The keywords, in IME's order, then those for a file still being written when the job failed.
+KEYWORDS = ("IN", "SYNC", "PURGE", "RETAIN", "DISCARD", "PARTIAL", "BESIDE")
 #: The keywords that decide a file's fate at stage-out.
 OUT_KEYWORDS = ("SYNC", "PURGE", "RETAIN", "DISCARD")
+#: The keywords that decide what a stage-out after a failure publishes of an incomplete file.
+INCOMPLETE_KEYWORDS = ("PARTIAL", "BESIDE")
+#: Suffix of the name an incomplete file is published under by ``BESIDE``.
+INCOMPLETE_SUFFIX = ".incomplete"
 #: What stage-out does to a file no rule names.
 DEFAULT_ACTION = "SYNC"
 
@@ -78,6 +92,13 @@ class Policy:
             if rule.keyword in OUT_KEYWORDS and rule.matches(path, bfs_root):
                 return rule.keyword
         return DEFAULT_ACTION
+
+    def incomplete(self, path: str, bfs_root: str) -> str | None:
+        """Return what to publish of ``path`` if it is incomplete: ``PARTIAL``, ``BESIDE``, or None (keep it)."""
+        for rule in reversed(self.rules):
+            if rule.keyword in INCOMPLETE_KEYWORDS and rule.matches(path, bfs_root):
+                return rule.keyword
+        return None
 
     def inputs(self) -> list[Rule]:
         """Return the ``IN`` rules (what stage-in prestages)."""

@@ -58,6 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated patterns to SYNC (win over the policy file; repeatable)")
     p.add_argument("-p", "--purge", action="append", default=[], metavar="LIST", help="patterns to PURGE")
     p.add_argument("-d", "--discard", action="append", default=[], metavar="LIST", help="patterns to DISCARD")
+    p.add_argument("--incomplete", action="store_true",
+                   help="also write each file still open for writing when the job failed, as it stands, to "
+                        "NAME.incomplete beside its final name (never under it; see the policy's PARTIAL)")
     p.add_argument("-v", "--verbose", action="store_true", help="also print the run and a summary")
     p.add_argument("paths", nargs="*", metavar="PATH", help="limit to these files or directories")
     p.set_defaults(func=_stage_out)
@@ -101,10 +104,12 @@ def _stage_out(args: argparse.Namespace) -> int:
     policy = policies.load(args.policy)
     for keyword, lists in (("SYNC", args.sync), ("PURGE", args.purge), ("DISCARD", args.discard)):
         policy.extend(keyword, lists)
+    if args.incomplete:
+        policy.extend("BESIDE", ["."])   # every file: the BFS root and below
     tier, started = jobs.finish_saved(id=args.id, dir=args.dir, log=_stdout if args.verbose else None)
     keep = True
-    try:
-        done = jobs.stage_out(tier, policy, args.paths, log=_stdout, progress=True)
+    try:   # a file a dead job left open for writing is never published half-written under its name
+        done = jobs.stage_out(tier, policy, args.paths, log=_stdout, progress=True, closed_only=True)
         keep = jobs.holds_unsaved(tier)
     finally:
         if started:
