@@ -52,7 +52,8 @@ class Meter:
         What is being done, e.g. ``"sync /scratch/a.dat"``.
     total
         Bytes expected (an estimate is fine: the shown share stops at 99 %
-        until :meth:`finish`); None if unknown.
+        until :meth:`finish`, the shown total is never less than the bytes
+        done, and the final line's total is the bytes done); None if unknown.
     stream
         Where to write (default: standard error).
     tty
@@ -102,9 +103,12 @@ class Meter:
         elapsed = max(now - self.started, 1e-9)
         rate = self.done / elapsed
         if self.total:
-            share = 1.0 if final else min(self.done / self.total, 0.99)
-            left = max(self.total - self.done, 0) / rate if rate > 0 else None
-            text = f"{format_size(self.done)} of {format_size(self.total)} ({share:.0%}), {format_size(int(rate))}/s"
+            # The total is an estimate: never shown below what is done, and at the end it is what was done,
+            # so the line always adds up (never "16.0 MiB of 12.0 MiB").
+            total = self.done if final else max(self.total, self.done)
+            share = 1.0 if final else min(self.done / total, 0.99) if total else 0.0
+            left = max(total - self.done, 0) / rate if rate > 0 else None
+            text = f"{format_size(self.done)} of {format_size(total)} ({share:.0%}), {format_size(int(rate))}/s"
             if final:
                 text += f", {_duration(elapsed)}"
             elif left is not None:

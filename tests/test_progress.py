@@ -59,7 +59,18 @@ def test_meter_draws_a_bar_in_place_on_a_terminal(monkeypatch) -> None:
     meter.finish()
     first, last = out.getvalue().split("\r")[1:]
     assert first == f"commit [{'#' * 12}{'.' * 12}] 50 B of 100 B (50%), 50 B/s, 1 s left\x1b[K"
-    assert last == f"commit [{'#' * 24}] 50 B of 100 B (100%), 50 B/s, 1 s\x1b[K\n"
+    assert last == f"commit [{'#' * 24}] 50 B of 50 B (100%), 50 B/s, 1 s\x1b[K\n"   # the estimate was 100 B
+
+
+def test_meter_totals_add_up_when_the_estimate_was_low() -> None:
+    """Promise: a progress line never shows more done than its total (#29: "16.0 MiB of 12.0 MiB (100%)")."""
+    out = io.StringIO()
+    meter = progress.Meter("mpiburst stage-out", total=12 << 20, stream=out, every=0.0)
+    meter.update(16 << 20)                     # whole stripes written: more than the dirty bytes estimated
+    meter.finish()
+    shown = out.getvalue().splitlines()
+    assert shown[0].startswith("mpiburst stage-out: 16.0 MiB of 16.0 MiB (99%), "), shown
+    assert shown[-1].startswith("mpiburst stage-out: 16.0 MiB of 16.0 MiB (100%), "), shown
 
 
 def _write(tier, name: str, size: int) -> str:
