@@ -583,9 +583,11 @@ def make_room(tier: Tier) -> bool:
     synced = auto_sync(tier)
     if auto_purge(tier) > 0 or synced > 0:
         return True
+    if not any(m.writers > 0 and m.dirty and not m.pinned for m in tier.store.cut().values()):
+        return False
     # Nothing consistent was left to publish or free: the open files' own data fills the tier (a file
     # larger than the tier, say). Publish them as they are rather than fail the write; the next flush
-    # after their Close makes them whole (docs/reliability.md, "Published states", not promised).
+    # after their Close makes them whole (docs/reliability.md, "No half-written file", not promised).
     synced = auto_sync(tier, settled=False)
     return auto_purge(tier) > 0 or synced > 0
 

@@ -261,6 +261,10 @@ def test_a_full_or_stalled_server_gives_mpiburst_errors_not_raw_redis_ones(tmp_p
                     while junk < 100_000:
                         t.redis.set(f"junk{junk}", os.urandom(size))
                         junk += 1
+                # A connection that sent 1 MiB values keeps a query buffer of that size, which the server
+                # frees about 2 s after it idles: the tier was then no longer full, and the test's outcome
+                # hung on how long the calls below took. A new connection tops up with small values.
+                t.redis.connection_pool.disconnect()
             calls = {
                 "Open": lambda: File.Open(MPI.COMM_SELF, "burst://new.dat", RW).Close(),
                 "pin": lambda: mpiburst.pin(str(bfs / "kept.bin"), tier=t),
