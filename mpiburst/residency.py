@@ -28,7 +28,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -134,6 +134,16 @@ def _set_pinned(path: str | os.PathLike, pinned: bool, tier: Tier | None) -> Non
             raise PathError(f"{target} is neither in the tier nor on the BFS; check the path.")
         store.create(target, size)
     store.set_pinned(target, pinned)
+
+
+@overload
+def prestage(path: str | os.PathLike, *, keep: bool = False, block: Literal[True] = True, tier: Tier | None = None,
+             progress: Callable[[int], None] | None = None) -> int: ...
+
+
+@overload
+def prestage(path: str | os.PathLike, *, keep: bool = False, block: bool, tier: Tier | None = None,
+             progress: Callable[[int], None] | None = None) -> int | None: ...
 
 
 def prestage(path: str | os.PathLike, *, keep: bool = False, block: bool = True, tier: Tier | None = None,

@@ -12,7 +12,7 @@ server's exceptions stay inside the implementations. Three implementations:
 * :class:`~mpiburst.store.memory.MemoryStore`, pure Python in one process
   (fast unit tests).
 
-All must pass the same contract suite, :class:`mpiburst.testing.StoreTests`.
+All must pass the same contract suite, :class:`mpiburst.testing.store.StoreTests`.
 
 Concerns:
 

@@ -2,7 +2,7 @@
 
 It implements the same interface, with the same behaviour, as
 :class:`~mpiburst.store.redis_store.RedisStore` (the contract suite
-:class:`mpiburst.testing.StoreTests` checks both), so code above the store
+:class:`mpiburst.testing.store.StoreTests` checks both), so code above the store
 runs its production paths on it. A lock makes each method atomic, as a
 script or a transaction is on the server. ``capacity`` bounds the bytes of
 committed batches and channel data: past it commits raise
