@@ -78,6 +78,7 @@ def test_purge_refuses_dirty_without_force_and_k_keeps_it(atier, cli):
     assert atier.store.meta(path) is None
 
 
+@pytest.mark.slow
 def test_pin_ls_stat_cat_prestage_rm(atier, cli):
     path, model = _file(atier, "d/c.dat")
     assert cli("pin", "--id", atier.id, path).returncode == 0

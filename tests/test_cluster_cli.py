@@ -158,6 +158,7 @@ def _finish(procs: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
     return [(p.returncode, *out) for p, out in zip(procs, outputs)]
 
 
+@pytest.mark.slow
 def test_nodes_started_one_at_a_time_form_one_cluster(tmp_path, server_binary, cli, server_pids_in):
     """Each node's 'start --nodes 3 --node K' on its own, node 0 last: one cluster, each node's 0600 files."""
     done = _finish(_start_nodes(tmp_path, server_binary, [2, 1]) + _start_nodes(tmp_path, server_binary, [0]))
@@ -221,6 +222,7 @@ def _node_keys(conf: RunConf) -> list[int]:
     return counts
 
 
+@pytest.mark.slow
 def test_a_multi_node_run_saved_restarts_with_every_byte_and_commits(run, cli, server_pids_in, tmp_path):
     """stop --save: each node saves its own snapshot (0600); start --restart brings the 3 nodes back, each
     holding its own data again; the bytes read back exact and a stage-out commits them to the BFS."""
@@ -277,6 +279,7 @@ def test_a_saved_run_restarts_only_on_its_node_count(run, cli, server_binary, tm
     assert not list(tmp_path.glob("redis_cc*")) and not Path(run.path).exists()
 
 
+@pytest.mark.slow
 def test_mpiburst_run_on_three_nodes_retains_a_failed_job_and_the_next_run_finishes_it(tmp_path, server_binary,
                                                                                       server_pids_in):
     """A failing job on 3 nodes is retained (a snapshot per node); the next 'run' with the same ID reloads it on

@@ -29,6 +29,7 @@ def pbs_env(tmp_path: Path, server_binary: str, slots: int, **extra: str) -> dic
                    PBS_NODEFILE=str(nodefile), **extra)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_pbs_mpi_job(tmp_path: Path, server_binary: str) -> None:
     (tmp_path / "job.policy").write_text("SYNC sim/\nPURGE sim/ckpt_*\n")
@@ -44,6 +45,7 @@ def test_pbs_mpi_job(tmp_path: Path, server_binary: str) -> None:
     assert not (tmp_path / "mpiburst_123.pbs-server.conf").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_pbs_mpi_job_failure_keeps_data_for_stage_out(tmp_path: Path, server_binary: str, cli) -> None:
     app = f"python {EXAMPLES / 'checkpoint_restart.py'} --steps 6 --every 2 --size 100 --fail-at 5"
@@ -58,6 +60,7 @@ def test_pbs_mpi_job_failure_keeps_data_for_stage_out(tmp_path: Path, server_bin
     assert processes_gone(tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_pbs_many_tasks(tmp_path: Path, server_binary: str) -> None:
     # 4 tasks on 3 channels: worker 0 stores twice (tasks 0 and 3) into its channel, one after the other
@@ -70,6 +73,7 @@ def test_pbs_many_tasks(tmp_path: Path, server_binary: str) -> None:
     assert processes_gone(tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_pbs_prologue_epilogue(tmp_path: Path, server_binary: str) -> None:
     (tmp_path / "bfs").mkdir()

@@ -126,6 +126,7 @@ def test_epilog_kills_no_process_the_user_names_and_writes_as_the_user(base: Pat
         victim.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_epilog_is_not_blocked_by_a_fifo_conf(base: Path, second_user) -> None:
     site = base / "site"

@@ -46,6 +46,7 @@ def _one_test_at_a_time() -> Iterator[None]:
         yield
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.timeout(300)
 def test_mpi_job_stages_in_runs_and_stages_out(slurm, tmp_path: Path, server_binary: str) -> None:
@@ -67,6 +68,7 @@ def test_mpi_job_stages_in_runs_and_stages_out(slurm, tmp_path: Path, server_bin
     assert not (tmp_path / f"mpiburst_{job}.conf").exists() and processes_gone(tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.timeout(300)
 def test_many_small_tasks_job(slurm, tmp_path: Path, server_binary: str) -> None:
@@ -84,6 +86,7 @@ def test_many_small_tasks_job(slurm, tmp_path: Path, server_binary: str) -> None
     assert len(pids) == 1 and not server.pid_alive(pids[0])
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.timeout(300)
 def test_time_limit_commit_with_signal(slurm, tmp_path: Path, server_binary: str) -> None:
@@ -149,6 +152,7 @@ def site(tmp_path: Path, server_binary: str) -> Iterator[dict]:
     shutil.rmtree(site_dir, ignore_errors=True)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_prolog_job_epilog(site: dict, tmp_path: Path) -> None:
     run_dir = Path(site["MPIBURST_SITE_DIR"]) / "990001"
@@ -175,6 +179,7 @@ def test_prolog_job_epilog(site: dict, tmp_path: Path) -> None:
     assert not server.pid_alive(pid) and not conf.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_epilog_kills_a_server_that_will_not_stop(site: dict, tmp_path: Path) -> None:
     assert subprocess.run(["bash", SCRIPTS / "prolog.sh"], env=site, timeout=120).returncode == 0
@@ -196,6 +201,7 @@ def test_scripts_are_valid_bash() -> None:
         assert subprocess.run(["bash", "-n", script], timeout=10).returncode == 0, script
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("script", ["mpi_job.sbatch", "multi_node.sbatch"])
@@ -251,6 +257,7 @@ def _on_every_node(script: str, env: dict, nodes: int = 3, timeout: float = 240)
                 p.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.timeout(600)
 def test_prolog_on_every_node_gives_one_cluster_the_job_commits_and_the_epilogs_leave_nothing(
@@ -311,6 +318,7 @@ def test_prolog_on_every_node_gives_one_cluster_the_job_commits_and_the_epilogs_
     assert processes_gone(tmp_path) and processes_gone(shared)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_epilogs_of_every_node_save_each_nodes_data_when_stage_out_fails(tmp_path: Path, shared: Path,
                                                                         server_binary: str) -> None:

@@ -35,6 +35,7 @@ def memio(tmp_path: Path, server_binary: str):
     assert not _server_pids_in(tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_mem_io_job_script_sequence(memio, tmp_path: Path) -> None:
     assert memio("start", "-nr_channels", "10").returncode == 0

@@ -83,6 +83,7 @@ def _last(stderr: str) -> str:
     return stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_sync_prestage_and_stage_out_show_their_bytes(atier, cli) -> None:
     path = _write(atier, "p/sync.dat", 3 << 20)
     done = cli("sync", "--id", atier.id, "-b", "-V", path)

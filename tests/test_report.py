@@ -163,6 +163,7 @@ def test_recording_off_records_nothing(atier, monkeypatch) -> None:
     assert atier.store.stats() == ({}, [])
 
 
+@pytest.mark.slow
 def test_html_report_renders_every_plot_in_chromium(atier, cli, tmp_path) -> None:
     chromium = require_tool("chromium")
     a, _ = _workload(atier)

@@ -110,6 +110,7 @@ def test_success_syncs_everything_and_stops(job, tmp_path: Path, server_binary: 
     assert "sync" in err and "stopped the tier of run job" in err
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_failure_retains_then_stage_out_finishes(job, tmp_path: Path, server_binary: str, cli) -> None:
     proc = job(status=3)

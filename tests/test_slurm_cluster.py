@@ -77,6 +77,7 @@ def test_failing_script_ends_failed_with_its_exit_code(slurm: SlurmCluster,
     assert (tmp_path / "started.txt").read_text() == "started\n"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_signal_option_warns_batch_shell_before_time_limit(slurm: SlurmCluster,
                                                            tmp_path: Path) -> None:
@@ -99,6 +100,7 @@ def test_signal_option_warns_batch_shell_before_time_limit(slurm: SlurmCluster,
     assert int(elapsed) < 60
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_session_leaving_never_stops_the_cluster_under_another(tmp_path: Path, monkeypatch) -> None:
     """Test sessions share a machine's one cluster: it stops when the last session that uses it leaves.
