@@ -307,22 +307,24 @@ class StoreTests:
         put(store, path, None, [(0, b"closed")])                 # seq 1, size 6: the state before the open
         assert store.writers(path, 1, 1) == 1                    # first writer: settles at seq 1
         put(store, path, None, [(6, b"half")])                   # seq 2, size 10
-        meta = store.meta(path)
+        meta = record(store, path)
         assert (meta.writers, meta.settled, meta.settled_size, meta.settled_truncs) == (1, 1, 6, 0)
         assert store.cut()[path].settled_state() == replace(meta, seq=1, size=6, writers=0)
         assert store.writers(path, 1, 1) == 2                    # a second writer: no settle
-        assert store.writers(path, 0, 1) == 2 and store.meta(path).settled == 1   # a Sync of one of two
+        assert store.writers(path, 0, 1) == 2 and record(store, path).settled == 1   # a Sync of one of two
         assert store.writers(path, -1) == 1
         assert store.writers(path, 0, 1) == 1                    # the only writer's Sync settles
-        assert (store.meta(path).settled, store.meta(path).settled_size) == (2, 10)
+        assert (record(store, path).settled, record(store, path).settled_size) == (2, 10)
         store.set_size(path, 4)                                  # truncated after the mark: it is lost
-        assert store.meta(path).truncs == 1 and store.meta(path).settled_state() is None
-        assert replace(store.meta(path), clean=2).settled_state().dirty is False   # unless the BFS has it
+        assert record(store, path).truncs == 1 and record(store, path).settled_state() is None
+        kept = replace(record(store, path), clean=2).settled_state()               # unless the BFS has it
+        assert kept is not None and kept.dirty is False
         assert store.writers(path, 0, 1 << 30) == 1              # settle whatever the count
-        settled = store.meta(path).settled_state()
+        settled = record(store, path).settled_state()
+        assert settled is not None
         assert (settled.seq, settled.size, settled.trunc) == (2, 4, 4)
         assert store.writers(path, -1) == 0 and store.writers(path, -1) == 0   # never below zero
-        done = store.meta(path)
+        done = record(store, path)
         assert done.settled_state() == done and done.writers == 0
 
     def test_window_of_an_unknown_file(self, store: Store) -> None:
