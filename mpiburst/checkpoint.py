@@ -369,15 +369,16 @@ class Checkpoints:
         self.tier = tier if tier is not None else Tier.current()
         self.catalog = Catalog(name, self.tier)
         self.name, self.keep, self.flush_every = name, keep, flush_every
-        self.rank = comm.Get_rank() if comm is not None else 0
-        self.saves = 0                       # completed saves of this object
-        self.saved_at: list[float] = []      # when each completed (rank 0), for halt --checkpoints
+        #: Completed saves of this object (every rank): the k of ``k % flush_every``.
+        self.saves = 0
+        self._saved_at: list[float] = []     # when each completed (rank 0), for halt --checkpoints
         self.exit_reason: str | None = None  # why should_exit() said True
         self._flusher = _Flusher()
         self._flushing: set[int] = set()     # steps whose flush was asked for (rank 0)
         self._leaving: set[int] = set()      # steps asked to leave the tier (rank 0)
         self._in_tier: set[int] | None = None   # complete in the tier and staying (rank 0; read at the first save)
         self._failed: set[int] = set()       # steps whose restore failed in this run
+        self._flush_failed: set[int] = set()   # steps whose flush failed (rank 0's thread): never evicted
         self._halting = False
         self._last_save_seconds = 0.0
         self._newest_bytes = 0
@@ -472,6 +473,7 @@ class Checkpoints:
             self._in_tier = {s for s, e in self.catalog.scan().items() if e.in_tier}
         self._flushing.discard(step)
         self._leaving.discard(step)
+        self._flush_failed.discard(step)
         self._in_tier.discard(step)
         self.catalog.remove(step, tier=True, bfs=True)
 
@@ -500,11 +502,10 @@ class Checkpoints:
         except Exception:
             self._abandon(step)
             raise
-        self.saves += 1
-        self.saved_at.append(time.time())
+        self._saved_at.append(time.time())
         self._last_save_seconds = seconds
         self._newest_bytes = sum(files.values())
-        due = output or self._halting or self.saves % self.flush_every == 0
+        due = output or self._halting or (self.saves + 1) % self.flush_every == 0   # Saving counts it after
         if due:
             self._queue_flush(step, sum(files.values()))
         assert self._in_tier is not None   # set by _begin
@@ -512,8 +513,15 @@ class Checkpoints:
         for old in sorted(self._in_tier)[:-self.keep]:
             self._in_tier.discard(old)
             self._leaving.add(old)
-            self._flusher.submit(functools.partial(self.catalog.remove, old, tier=True))
+            self._flusher.submit(functools.partial(self._evict, old))
         return due
+
+    def _evict(self, step: int) -> None:
+        """Remove checkpoint ``step`` from the tier (the flush thread), unless its flush failed: its only copy."""
+        if step in self._flush_failed:
+            _log.warning("checkpoint %d of %s stays in the tier: its flush failed", step, self.name)
+            return
+        self.catalog.remove(step, tier=True)
 
     def _queue_flush(self, step: int, nbytes: int) -> None:
         """Queue the flush of checkpoint ``step``: its data in one commit, then its manifest (rank 0)."""
@@ -526,6 +534,7 @@ class Checkpoints:
                 flush.commit(tier=self.tier, select=lambda p: p.startswith(base) and p != manifest)
                 flush.sync(manifest, tier=self.tier)   # only now does the BFS copy count as complete
             except MpiburstError as exc:
+                self._flush_failed.add(step)
                 raise CheckpointError(f"the flush of checkpoint {step} of {self.name} failed: {exc} It stays in "
                                       "the tier.") from None
 
@@ -549,7 +558,8 @@ class Checkpoints:
     def drop(self, step: int, bfs: bool = False) -> None:
         """Remove checkpoint ``step`` from the tier, and with ``bfs`` its BFS copy too (collective)."""
         def act() -> None:
-            self._report(self._flusher.join())
+            self._flusher.tasks.join()   # its queued flush or eviction first (their errors: for wait())
+            self._flush_failed.discard(step)
             if self._in_tier is not None:
                 self._in_tier.discard(step)
             self.catalog.remove(step, tier=True, bfs=bfs)
@@ -599,7 +609,7 @@ class Checkpoints:
             if condition.immediate:
                 return "halt --immediate"
             if condition.checkpoints is not None and \
-                    sum(t >= condition.set_at for t in self.saved_at) >= condition.checkpoints:
+                    sum(t >= condition.set_at for t in self._saved_at) >= condition.checkpoints:
                 return f"halt --checkpoints {condition.checkpoints}"
             if condition.after is not None and now >= condition.after:
                 return "halt --after"
@@ -734,4 +744,5 @@ class Saving(_Context):
                                   f"{what}.")
         seconds = time.monotonic() - self._started
         self.flushing = on_root(owner.comm, lambda: owner._complete_save(self.step, self.output, seconds))
+        owner.saves += 1
         return False

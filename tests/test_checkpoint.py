@@ -81,7 +81,7 @@ def test_a_failed_flush_never_leaves_a_complete_copy_on_the_bfs(mem_tier, monkey
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(flush.writes, "write_observers", [broken])
-    ck = Checkpoints(None, "sim", keep=2, flush_every=1)
+    ck = Checkpoints(None, "sim", keep=1, flush_every=1)
     save(ck, 1)
     with pytest.raises(CheckpointError, match="flush of checkpoint 1 of sim failed"):
         ck.wait()
@@ -92,6 +92,7 @@ def test_a_failed_flush_never_leaves_a_complete_copy_on_the_bfs(mem_tier, monkey
     save(ck, 2)
     ck.wait()
     assert bfs_only(mem_tier) == {2: "bfs"}
+    assert {e.step: e.where() for e in ck.entries()} == {1: "tier", 2: "tier+bfs"}   # keep=1; 1's only copy stays
 
 
 def test_a_manifest_whose_files_are_short_on_the_bfs_does_not_count(mem_tier):

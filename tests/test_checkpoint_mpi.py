@@ -56,6 +56,7 @@ def test_seven_saves_a_failed_eighth_then_a_smaller_job_on_a_new_tier_restarts_f
                 f.Close()
             assert c.flushing == (step % 3 == 0)
         ck.wait()
+        assert ck.saves == 7          # on every rank
         assert ck.latest() == 7
         with ck.restore(7) as c:
             got = np.empty(size * PER_RANK)
