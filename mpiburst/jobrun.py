@@ -542,9 +542,13 @@ def run_nodes() -> int:
 def _run_locked(command: Sequence[str], opts: StartOptions, policy: Policy, on_failure: str, say: Log,
                 progress: bool = False, nodes: int = 1) -> int:
     """:func:`run` once the run's lock is held (``progress``: show the stage-out's and commits' progress)."""
-    tier, started = open_run(opts, log=say, nodes=nodes)
     signals = _Signals()
-    signals.install()
+    signals.install()   # before the server starts: a SIGUSR1 / SIGTERM meanwhile is kept, never fatal to us
+    try:
+        tier, started = open_run(opts, log=say, nodes=nodes)
+    except BaseException:
+        signals.restore()
+        raise
     closing = False
     watch = _Watch()
     try:

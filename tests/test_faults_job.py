@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import job_env
+from conftest import job_env, processes_gone
 
 from mpiburst.runconf import RunConf
 from mpiburst.tier import Tier
@@ -274,3 +274,33 @@ def test_a_dead_servers_message_lists_the_files_the_bfs_lacks(tmp_path: Path, se
     assert f"being written then (never published half-written): {bfs / 'again.dat'}, {bfs / 'half.dat'};" in said
     assert "synced.dat" not in said
     assert (bfs / "synced.dat").read_bytes() == b"S" * 100_000
+
+
+@pytest.mark.timeout(90)
+def test_a_signal_while_the_run_starts_its_server_is_kept_not_fatal(tmp_path: Path, server_binary: str) -> None:
+    """Promise: SIGUSR1 as soon as the run's server is up commits later; it never kills ``mpiburst run``.
+
+    Found by the fault loop: the handlers were installed only after the
+    server had started, so a SIGUSR1 in between killed the wrapper (exit
+    -10) and left the server running.
+    """
+    (tmp_path / "job.py").write_text(OPEN_AT_FAILURE.replace("os._exit(1)", "half.close(); again.close()"))
+    (tmp_path / "bfs").mkdir()
+    proc = _run(tmp_path, server_binary, "run", "--id", "u", "--bfs-root", "bfs", "--capacity", "32M", "--",
+                sys.executable, "job.py", wait=False)
+    try:
+        conf = tmp_path / "mpiburst_u.conf"
+        deadline = time.monotonic() + 30
+        while not conf.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "the run never wrote its conf"
+            time.sleep(0.001)
+        os.kill(proc.pid, signal.SIGUSR1)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "SIGUSR1: committing" in err
+    assert (tmp_path / "bfs" / "half.dat").read_bytes() == b"H" * 50_000
+    assert processes_gone(tmp_path)
