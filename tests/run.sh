@@ -19,9 +19,10 @@
 # MPIBURST_TEST_PASS=server runs the pass of a second server engine (.ci/run's
 # second): only the tests marked `server` (conftest.py marks every test that
 # starts or talks to a server; the memory-store and pure unit tests already ran
-# with the first engine), and the MPI files under -n 2 and the cluster files
-# under -n 6, not -n 4 (4 ranks send the server the same commands as 2; what
-# the rank count changes is the client side, already run at -n 4 with the
+# with the first engine) and not `workflow` (job scripts and CLI workflows whose
+# server is only their medium), and the MPI files under -n 2 and the cluster
+# files under -n 6, not -n 4 (4 ranks send the server the same commands as 2;
+# what the rank count changes is the client side, already run at -n 4 with the
 # first engine). See docs/ci.md for the passes and their time budget.
 # MPIBURST_TEST_PARTS=serial or =mpi runs only step 3 or only steps 4-5.
 # Exits non-zero on the first failing part.
@@ -59,14 +60,14 @@ parts=${MPIBURST_TEST_PARTS:-serial mpi}
 pass=${MPIBURST_TEST_PASS:-all}
 case $pass in
     all) select=(); ranks=(2 4) ;;
-    server) select=(-m server); ranks=(2) ;;
+    server) select=(-m "server and not workflow"); ranks=(2) ;;
     *) echo "tests/run.sh: MPIBURST_TEST_PASS must be 'all', 'server' or unset, not '$pass'" >&2; exit 2 ;;
 esac
 
 if [[ $parts == *serial* ]]; then
     echo "tests/run.sh: serial tests${select:+ (${select[*]})}"
     timeout "${MPIBURST_SERIAL_TIMEOUT:-3600}" "$python" -m pytest -x -q -rs --timeout=300 \
-        -m "not mpi${select:+ and server}" --ignore-glob='*_mpi*' tests "$@"
+        -m "not mpi${select:+ and server and not workflow}" --ignore-glob='*_mpi*' tests "$@"
 fi
 [[ $parts == *mpi* ]] || { echo "tests/run.sh: serial tests passed"; exit 0; }
 

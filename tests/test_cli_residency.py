@@ -19,7 +19,8 @@ from conftest import cli_env
 from conftest import bfs_file
 from mpiburst.testing import Model, put
 
-pytestmark = pytest.mark.timeout(120)
+# The server is this file's medium, not its subject: its tests run with the first engine only (docs/ci.md).
+pytestmark = [pytest.mark.workflow, pytest.mark.timeout(120)]
 
 
 def _file(tier, name: str, size: int = 200_000) -> tuple[str, Model]:

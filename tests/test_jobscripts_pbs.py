@@ -21,6 +21,10 @@ from mpiburst import server
 
 SCRIPTS = REPO / "jobscripts" / "pbs"
 
+# The server is this file's medium, not its subject: its tests run with the first engine only (docs/ci.md).
+pytestmark = pytest.mark.workflow
+
+
 
 def pbs_env(tmp_path: Path, server_binary: str, slots: int, **extra: str) -> dict:
     nodefile = tmp_path / "nodefile"

@@ -29,6 +29,10 @@ from mpiburst import server
 
 SCRIPTS = REPO / "jobscripts" / "slurm"
 
+# The server is this file's medium, not its subject: its tests run with the first engine only (docs/ci.md).
+pytestmark = pytest.mark.workflow
+
+
 
 @pytest.fixture(scope="module")
 def slurm():

@@ -11,6 +11,9 @@ from mpiburst import policy as policies
 from mpiburst.writeback import TierFile
 from mpiburst.errors import PathError, PolicyError
 
+# The server is this file's medium, not its subject: its tests run with the first engine only (docs/ci.md).
+pytestmark = pytest.mark.workflow
+
 ROOT = "/bfs"
 
 
