@@ -19,8 +19,8 @@
 # MPIBURST_TEST_PASS=server runs the pass of a second server engine (.ci/run's
 # second): only the tests marked `server` (conftest.py marks every test that
 # starts or talks to a server; the memory-store and pure unit tests already ran
-# with the first engine) and not `workflow` (job scripts and CLI workflows whose
-# server is only their medium), and the MPI files under -n 2 and the cluster
+# with the first engine) and not `workflow` (job scripts, CLI workflows and the
+# benchmark's smoke tests, whose server is only their medium), and the MPI files under -n 2 and the cluster
 # files under -n 6, not -n 4 (4 ranks send the server the same commands as 2;
 # what the rank count changes is the client side, already run at -n 4 with the
 # first engine). See docs/ci.md for the passes and their time budget.

@@ -22,6 +22,9 @@ from conftest import missing_tool
 from mpiburst.bench.main import filesystem
 from mpiburst.cli import main
 
+# The server is this file's medium, not its subject: its tests run with the first engine only (docs/ci.md).
+pytestmark = pytest.mark.workflow
+
 
 def _volume() -> str:
     """Return the GlusterFS mount point from ``$MPIBURST_DFS``, or skip (fail under MPIBURST_REQUIRE_TOOLS=1)."""

@@ -18,6 +18,9 @@ from mpiburst.bench.report import METHODS
 from mpiburst.cli import main
 
 PATTERNS = ["segmented", "strided", "nn"]  # without ckpt: its record differs
+
+# The server is this file's medium, not its subject: its tests run with the first engine only (docs/ci.md).
+pytestmark = pytest.mark.workflow
 TRANSFERS = [4096, 47008, 65536]
 
 
