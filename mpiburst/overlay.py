@@ -84,6 +84,16 @@ def expand(entries: Iterable[Entry], lo: int | None = None, hi: int | None = Non
     return out
 
 
+def overlapping(pieces: Sequence[Extent]) -> bool:
+    """True if any two of ``pieces`` share a file byte."""
+    end = -1
+    for e in sorted(pieces, key=lambda e: e.start):
+        if e.start < end:
+            return True
+        end = e.start + e.length
+    return False
+
+
 def bounds(lo: int, hi: int, entries: Iterable[Entry]) -> tuple[np.ndarray, np.ndarray]:
     """Return the ``(starts, ends)`` of every fragment of ``entries`` that overlaps ``[lo, hi)``, as arrays.
 

@@ -75,6 +75,54 @@ def _imports(path: Path) -> set[str]:
     return {m for m in found if m != name}
 
 
+def _private_uses(source: str, name: str, is_package: bool = False) -> list[str]:
+    """The private names (``_x``, not ``__x__``) of other mpiburst modules that module ``name`` uses.
+
+    Both ``from mpiburst.a import _x`` (or its relative form) and ``a._x``
+    where ``a`` is bound to an mpiburst module by an import count, inside
+    a package too (``store/cluster_store.py`` using ``store/redis_store.py``'s).
+    """
+    package = name if is_package else name.rpartition(".")[0]
+    tree = ast.parse(source)
+    modules: dict[str, str] = {}         # local name -> the mpiburst module it is bound to
+    found: list[str] = []
+
+    def private(attr: str) -> bool:
+        return attr.startswith("_") and not (attr.startswith("__") and attr.endswith("__"))
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] == "mpiburst":
+                    modules[a.asname or a.name.split(".")[0]] = a.name if a.asname else "mpiburst"
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "mpiburst":
+                continue
+            for a in node.names:
+                if private(a.name):
+                    found.append(f"{name}: from {target} import {a.name}")
+                elif _is_module(f"{target}.{a.name}"):
+                    modules[a.asname or a.name] = f"{target}.{a.name}"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and private(node.attr):
+            chain: list[str] = []
+            value: ast.expr = node.value
+            while isinstance(value, ast.Attribute):   # a.b._x: the module a.b
+                chain.insert(0, value.attr)
+                value = value.value
+            if isinstance(value, ast.Name) and value.id in modules:
+                target = ".".join([modules[value.id], *chain])
+                if target != name and _is_module(target):
+                    found.append(f"{name}: {target}.{node.attr}")
+    return found
+
+
 def _is_module(name: str) -> bool:
     rel = Path(*name.split(".")[1:])
     return (PACKAGE / rel).with_suffix(".py").exists() or (PACKAGE / rel / "__init__.py").exists()
@@ -101,6 +149,27 @@ def test_no_module_imports_a_layer_above_it():
             if mine is not None and theirs is not None and theirs > mine:
                 upward.append(f"{module} -> {target}")
     assert not upward, "upward imports (see LAYERS and docs/architecture.md): " + ", ".join(sorted(upward))
+
+
+def test_no_module_uses_another_module_s_private_names():
+    """Every module reaches another only through its public names: no ``from x import _y``, no ``x._y``."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        found += _private_uses(path.read_text(), _module_name(path), path.name == "__init__.py")
+    assert not found, "private names used across modules: " + "; ".join(found)
+
+
+def test_the_private_use_checker_sees_both_forms():
+    """The checker itself: both forms are found, inside a package too; public names and object members are not."""
+    source = ("from .redis_store import RedisStore, _key\n"
+              "from .. import flush\n"
+              "import mpiburst.residency as res\n"
+              "def f(e, store):\n"
+              "    flush.writes._pwrite(e._replace(blob=0), store._sockets, res._entries, flush.sync)\n")
+    assert _private_uses(source, "mpiburst.store.cluster_store") == [
+        "mpiburst.store.cluster_store: from mpiburst.store.redis_store import _key",
+        "mpiburst.store.cluster_store: mpiburst.flush.writes._pwrite",
+        "mpiburst.store.cluster_store: mpiburst.residency._entries"]
 
 
 def test_no_import_cycle():

@@ -122,9 +122,9 @@ def test_a_dead_server_raises_tier_connection_errors(tmp_path, server_binary):
 ])
 def test_every_server_error_becomes_an_mpiburst_error(raw, expected, words):
     """What redis-py raises (a full tier, a stalled or dead server, ...) reaches nobody as such (#13 item 14)."""
-    from mpiburst.store.redis_store import _as_mpiburst_error
+    from mpiburst.store.redis_errors import as_mpiburst_error
 
-    error = _as_mpiburst_error(raw)
+    error = as_mpiburst_error(raw)
     assert type(error).__name__ == expected and isinstance(error, MpiburstError)
     assert words in str(error) and str(error).endswith(".")
 

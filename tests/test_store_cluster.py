@@ -70,6 +70,8 @@ class SpreadClusterStore(ClusterStore):
 class TestClusterStore(StoreTests, FullStoreTests):
     """The contract on the cluster, writing from node 1."""
 
+    placed = True
+
     @pytest.fixture
     def store(self, cluster: Cluster) -> Iterator[Store]:
         cluster.wipe()
@@ -87,6 +89,8 @@ class TestClusterStore(StoreTests, FullStoreTests):
 
 class TestSpreadClusterStore(StoreTests):
     """The contract on the cluster, each batch to the next node."""
+
+    placed = True
 
     @pytest.fixture
     def store(self, cluster: Cluster) -> Iterator[Store]:
@@ -118,7 +122,7 @@ def test_each_node_keeps_its_own_ranks_bytes(cluster: Cluster) -> None:
     for store in stores:
         assert current(store, path, 0, 3000) == bytes(model.data)
     assert stores[0].home.r is cluster.clients[0]
-    record = cluster.clients[0].hgetall(stores[0].home._key(file_id(path), "m"))
+    record = cluster.clients[0].hgetall(stores[0].home.keys.file(file_id(path), "m"))
     assert {k for k in record if k.startswith(b"@")} == {b"@0", b"@1", b"@2"}
 
 

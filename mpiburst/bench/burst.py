@@ -72,7 +72,7 @@ def _used_memory(admin: Any, tier: Any) -> int:
     return int(admin.info("memory")["used_memory"])
 
 
-def _absorb(fcomm: Any, url: str, recs: Sequence[tuple[int, np.ndarray]]) -> None:
+def absorb_records(fcomm: Any, url: str, recs: Sequence[tuple[int, np.ndarray]]) -> None:
     """Write every record through mpiburst the way the MPI-IO peer does: Open, Write_at each, Sync, Close."""
     from mpi4py import MPI
 
@@ -102,7 +102,7 @@ def absorb_unrecorded(comm: Any, layout: Layout, recs: Sequence[tuple[int, np.nd
     os.environ["MPIBURST_IOSTATS"] = "0"
     try:
         with PeakRSS():
-            seconds, _ = collective_time(comm, lambda: _absorb(fcomm, url, recs))
+            seconds, _ = collective_time(comm, lambda: absorb_records(fcomm, url, recs))
     finally:
         if before is None:
             del os.environ["MPIBURST_IOSTATS"]
@@ -151,7 +151,7 @@ def measure(
 
     before = _used_memory(admin, tier) if admin is not None else 0
     with PeakRSS() as rss:
-        write, _ = collective_time(comm, lambda: _absorb(fcomm, url, recs))
+        write, _ = collective_time(comm, lambda: absorb_records(fcomm, url, recs))
     server_bytes = _used_memory(admin, tier) - before if admin is not None else 0
     flush, report = collective_time(comm, lambda: mpiburst.sync(url, comm=fcomm))
 

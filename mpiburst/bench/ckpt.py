@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from .baselines import agree, remove_output
-from .burst import _absorb
+from .burst import absorb_records
 from .patterns import Layout, rank_data, records, verify_file
 from .timing import collective_time
 
@@ -163,7 +163,7 @@ def through_mpiburst(comm: Any, tier: Any, loop: Loop, recs: Sequence[tuple[int,
         for k in range(1, loop.steps + 1):
             work()
             with ck.save(k) as c:
-                _absorb(comm, c.path("ckpt.dat"), recs)
+                absorb_records(comm, c.path("ckpt.dat"), recs)
         ck.close()          # the newest flushed if it was not; every flush durable
         return ck
 

@@ -248,7 +248,7 @@ memory growth per payload byte; cli MiB = largest client RSS growth during the w
 '!' after a figure: that method's output was WRONG (verification failed)."""
 
 
-def _table(rows: list[list[str]]) -> str:
+def text_table(rows: list[list[str]]) -> str:
     """Return rows as aligned text, the first row a header (two text columns, then numbers)."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
@@ -290,14 +290,14 @@ def table(results: Sequence[dict[str, Any]], params: dict[str, Any]) -> str:
     plain = [r for r in results if r["pattern"] not in _OWN_RECORD]
     ckpt = [r for r in results if r["pattern"] == "ckpt"]
     many = [r for r in results if r["pattern"] == "files"]
-    lines = [_table([HEADER] + [_cells(r) for r in plain]), ""] if plain else []
+    lines = [text_table([HEADER] + [_cells(r) for r in plain]), ""] if plain else []
     lines += [LEGEND.format(fs=describe_fs(params.get("bfs", {})), **params)]
     if many:
-        lines += ["", _table([files.HEADER] + [files.cells(r) for r in many]), "", files.LEGEND.format(**params)]
+        lines += ["", text_table([files.HEADER] + [files.cells(r) for r in many]), "", files.LEGEND.format(**params)]
     if params.get("drain"):
         lines += ["drain on (MPIBURST_DRAIN=1): full chunks written to the BFS while the file is written."]
     if ckpt:
-        lines += ["", _table([CKPT_HEADER] + [_ckpt_cells(r) for r in ckpt]), "", CKPT_LEGEND.format(**params)]
+        lines += ["", text_table([CKPT_HEADER] + [_ckpt_cells(r) for r in ckpt]), "", CKPT_LEGEND.format(**params)]
     net = "network filesystem targets" if network(params) else "local filesystem targets"
     lines += ["", f"targets ({net}):"]
     verdict = {True: "met   ", False: "MISSED", None: "info  "}

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..collective import on_root
 from .baselines import agree
-from .burst import URL_DIR, _absorb
+from .burst import URL_DIR, absorb_records
 from .patterns import Layout, rank_data, records, verify_file
 from .timing import collective_time
 
@@ -96,10 +96,10 @@ def run_config(comm: Any, tier: Any, layout: Layout, repeat: int) -> dict[str, A
             if method == "view":
                 absorb, _ = collective_time(comm, lambda: _absorb_view(comm, url, layout, data))  # noqa: B023 - called at once
             else:
-                absorb, _ = collective_time(comm, lambda: _absorb(comm, url, recs))  # noqa: B023 - called at once
+                absorb, _ = collective_time(comm, lambda: absorb_records(comm, url, recs))  # noqa: B023 - called at once
             entries[method] = _entries(tier.store, os.path.join(tier.bfs_root, name)) if comm.rank == 0 else 0
             flush, _ = collective_time(comm, lambda: mpiburst.sync(url, comm=comm))  # noqa: B023 - called at once
-            seconds[f"{method}_absorb"].append(absorb)
+            seconds[f"{method}absorb"].append(absorb)
             seconds[f"{method}_flush"].append(flush)
             if i == 0:
                 verified[method] = agree(comm, verify_file(layout, os.path.join(tier.bfs_root, name)))
@@ -126,7 +126,7 @@ HEADER = ["transfer", "records/round", "absorb Write_at", "absorb view", "view/W
 
 def table(results: Sequence[dict[str, Any]], repeat: int) -> str:
     """Return the text table of the view pattern's results (GB/s, medians of ``repeat``)."""
-    from .report import _table, short_size
+    from .report import short_size, text_table
 
     rows = [HEADER]
     for r in results:
@@ -138,4 +138,4 @@ def table(results: Sequence[dict[str, Any]], repeat: int) -> str:
     legend = ("view pattern: the strided records through a vector-filetype view, one Write_all per round "
               f"(records/round per rank), against Write_at per record; GB/s, median of {repeat}; "
               "'!' = wrong bytes on the BFS.")
-    return "\n".join([_table(rows), "", legend])
+    return "\n".join([text_table(rows), "", legend])

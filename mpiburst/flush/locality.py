@@ -56,7 +56,7 @@ def share_out(store: Store, plan: Plan, comm: Any) -> tuple[list[tuple[int, int]
 
     On one node, in a serial flush, into a drain's data file, or with
     ``$MPIBURST_FLUSH_LOCALITY=0``: :func:`_my_stripes`. When the flushing
-    ranks span several nodes of a :class:`~mpiburst.store.cluster_store.ClusterStore`,
+    ranks span several nodes of a store with a :attr:`~mpiburst.store.Store.placement`,
     the stripes are cut into domains (one stripe each, or a few for a file
     of more than :data:`MAX_DOMAINS` stripes); each node's first rank lists
     the index of its own server (the first rank of the communicator lists
@@ -73,18 +73,18 @@ def share_out(store: Store, plan: Plan, comm: Any) -> tuple[list[tuple[int, int]
     default = _my_stripes(plan, rank, nprocs)
     if nprocs == 1 or plan.claimed is not None:
         return default, None
-    local = getattr(store, "local", None) if os.environ.get(LOCALITY_ENV, "1") != "0" else None
-    where: list[int | None] = comm.allgather(local if hasattr(store, "node_index") else None)
-    if None in where or len(set(where)) < 2:
+    placement = store.placement if os.environ.get(LOCALITY_ENV, "1") != "0" else None
+    where: list[int | None] = comm.allgather(placement.local if placement is not None else None)
+    if placement is None or None in where or len(set(where)) < 2:   # then every rank has None in ``where``
         return default, None
     per = domain_stripes(plan)
     leaders = {node: where.index(node) for node in set(where)}   # the first rank of each node
     error: str | None = None
     held: dict[int, tuple[dict[int, int], set[int]]] = {}
     try:
-        for node in store.holders(plan.target):   # type: ignore[attr-defined]
+        for node in placement.holders(plan.target):
             if leaders.get(node, 0) == rank:
-                held[node] = holdings(store.node_index(plan.target, node), plan, per)  # type: ignore[attr-defined]
+                held[node] = holdings(placement.node_index(plan.target, node), plan, per)
     except Exception as exc:  # noqa: BLE001 - every rank raises the same error below
         error = cause(exc)
     parts = comm.allgather((error, held))

@@ -191,7 +191,7 @@ def _new_conf(opts: StartOptions, run_id: str, directory: str, old: RunConf | No
     )
 
 
-def _maxclients(opts: StartOptions, channels: int) -> int:
+def choose_maxclients(opts: StartOptions, channels: int) -> int:
     """Return the server's ``maxclients``: the option (checked against ``channels``), else ``max(1024, 4 x channels)``."""
     if opts.maxclients:
         opts.replace(channels=channels)  # a restart's channel count may need more clients
@@ -209,7 +209,7 @@ def _start_locked(opts: StartOptions, run_id: str, directory: str, tied: bool) -
             f"({MAX_SOCKET_PATH}); give a shorter directory with --socket-dir (e.g. under /tmp)."
         )
     conf = _new_conf(opts, run_id, directory, old, sock)
-    maxclients = _maxclients(opts, conf.channels)
+    maxclients = choose_maxclients(opts, conf.channels)
     tcp = opts.bind is not None or opts.port is not None or job_nodes() > 1
     bind = opts.bind or default_bind()
     if tcp:
@@ -338,7 +338,7 @@ def plan_cluster(opts: StartOptions, nodes_here: bool, count: int, addresses: Se
     if not conf.tls:
         print(f"mpiburst: the {count} nodes of run {run_id} talk plaintext TCP, without TLS: the network was "
               f"declared private to the job (--trust-network / {TRUST_NETWORK}=1).", file=sys.stderr)
-    return ClusterPlan(conf, admin, _maxclients(opts, conf.channels), bind,
+    return ClusterPlan(conf, admin, choose_maxclients(opts, conf.channels), bind,
                        os.path.abspath(opts.socket_dir) if opts.socket_dir else None)
 
 

@@ -43,8 +43,8 @@ from ..runconf import (
 from . import cluster
 from .lifecycle import (
     ClusterPlan,
-    _maxclients,
     abandon_cluster,
+    choose_maxclients,
     form_planned,
     launch_planned_node,
     plan_cluster,
@@ -163,7 +163,7 @@ def _await_plan(opts: StartOptions, index: int, wait: float) -> ClusterPlan:
                     raise ConfigError(f"run {opts.id} in {opts.dir} is already running without node {index}; stop it "
                                       f"with 'mpiburst stop --id {opts.id} --dir {opts.dir}' first.")
                 bind = opts.bind
-                return ClusterPlan(conf, admin, _maxclients(opts, conf.channels), bind,
+                return ClusterPlan(conf, admin, choose_maxclients(opts, conf.channels), bind,
                                    os.path.abspath(opts.socket_dir) if opts.socket_dir else None)
         if time.monotonic() > deadline:
             raise ServerError(f"node {index} of run {opts.id} found no plan {path} from node 0 within {wait:.0f} s; "

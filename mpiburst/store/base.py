@@ -40,6 +40,8 @@ I/O statistics (``mpiburst report``; not data: they survive ``drop`` and do not 
     :meth:`~Store.stats_add`, :meth:`~Store.stats_log`, :meth:`~Store.stats`
 the whole store
     :meth:`~Store.memory`, :meth:`~Store.empty`, :meth:`~Store.close`
+where the data lies (optional, several nodes)
+    :attr:`~Store.placement`: None, or a :class:`Placement`
 
 Errors: a store raises only :mod:`mpiburst.errors` exceptions
 (:class:`~mpiburst.errors.TierFullError` when the tier is out of memory,
@@ -59,7 +61,7 @@ from types import TracebackType
 from typing import Any, NamedTuple
 
 from ..errors import MpiburstError
-from ..overlay import Entry, Extent
+from ..overlay import Entry, Extent, Strided, expand
 
 #: Longest extent in the index, in bytes; bounds the slack of range queries.
 MAX_EXTENT = 256 << 10
@@ -76,6 +78,28 @@ Payload = bytes | bytearray | memoryview
 class RecordGone(Exception):
     """A commit did not run and can simply be sent again: its file has no record (purged or
     deleted meanwhile: register it first) or the server had lost the commit script."""
+
+
+class StaleNumbers(Exception):
+    """A batch numbered elsewhere (a cluster store's global counter) was refused: its numbers are at or below
+    the fence a flush or truncation raised on its node since. It must be numbered anew."""
+
+
+def index_member(e: Entry) -> bytes:
+    """Return the member that names entry ``e`` in the index: ties at one offset sort by it, as the server does."""
+    return f"{e.seq}:{e.boff}:{e.length}:{e.blob}".encode()
+
+
+def index_order(e: Entry) -> tuple[int, bytes]:
+    """The index order of every store: by offset, then by member (as a server orders ties at one score)."""
+    return e.start, index_member(e)
+
+
+def blocks(entries: list[Entry], lo: int, hi: int) -> list[Extent]:
+    """Return ``entries`` (in index order) with strided runs expanded to their blocks overlapping ``[lo, hi)``."""
+    if not any(isinstance(e, Strided) for e in entries):
+        return entries  # type: ignore[return-value]
+    return sorted((b for b in expand(entries, lo, hi) if b.end > lo), key=index_order)
 
 
 def batch_end(extents: Sequence[Sequence[int]]) -> int:
@@ -272,6 +296,36 @@ class FlushLease:
             self.release()
 
 
+class Placement(ABC):
+    """Where a store's data lies, for a store spread over the servers of several nodes (:attr:`Store.placement`).
+
+    A flush whose ranks span several nodes uses it to have each stripe
+    written by a rank of the node holding most of its bytes
+    (:mod:`mpiburst.flush.locality`).
+    """
+
+    @property
+    @abstractmethod
+    def nodes(self) -> int:
+        """The number of nodes (servers)."""
+
+    @property
+    @abstractmethod
+    def local(self) -> int | None:
+        """This process's node (its writes go to that node's server); None for a process on no node."""
+
+    @abstractmethod
+    def holders(self, path: str) -> list[int]:
+        """Return the nodes whose servers hold data of ``path``, in node order (none: ``[]``)."""
+
+    @abstractmethod
+    def node_index(self, path: str, node: int) -> Iterator[Entry]:
+        """Yield the index entries of ``path`` held by ``node``'s server, each once, asking that server only.
+
+        Blob ids are that node's own: enough to see where the file's bytes lie.
+        """
+
+
 class Store(ABC):
     """A run's data and bookkeeping in the tier (see the module docstring for the concerns)."""
 
@@ -400,6 +454,32 @@ class Store(ABC):
         block); a run that starts before ``start`` is not listed (find it
         with :meth:`index`).
         """
+
+    def walk(self, path: str, lo: int = 0, hi: float = float("inf"), page: int = 4096) -> Iterator[Entry]:
+        """Yield the index entries of ``path`` overlapping ``[lo, hi)`` in offset order, a page at a time.
+
+        Built on :meth:`index` (the entries that start before ``lo`` and reach
+        into it) and :meth:`extents_from`. Pages are taken by offset, not by
+        rank in the index, so entries removed meanwhile (a purge of clean
+        data) make none of the others be skipped; an entry may be yielded
+        twice. A page whose entries all start at one offset is followed by
+        one twice as large, so any number of entries at one offset is walked.
+        Strided runs come as one entry each. Memory stays bounded by a page.
+        """
+        if lo > 0:
+            yield from self.index(path, lo, lo + 1)
+        pos = lo
+        while pos < hi:
+            found = self.extents_from(path, pos, page)
+            for e in found:
+                if e.start >= hi:
+                    return
+                yield e
+            if len(found) < page:
+                return
+            if found[-1].start == pos:                    # a page of entries that all start at ``pos``
+                page *= 2
+            pos = found[-1].start
 
     @abstractmethod
     def window(self, path: str, lo: int, hi: int) -> tuple[FileMeta | None, list[Extent]]:
@@ -549,6 +629,15 @@ class Store(ABC):
     @abstractmethod
     def memory(self) -> tuple[int, int]:
         """Return ``(bytes used, limit)`` of the tier's memory; a limit of 0 means none."""
+
+    @property
+    def placement(self) -> Placement | None:
+        """Where the data lies across the nodes of a multi-node store; None for one server (or this process).
+
+        Optional: only a store spread over several servers
+        (:class:`~mpiburst.store.cluster_store.ClusterStore`) gives one.
+        """
+        return None
 
     def node_memory(self) -> list[tuple[int, int]]:
         """Return ``(bytes used, limit)`` of each server, in node order (one server: its :meth:`memory`).

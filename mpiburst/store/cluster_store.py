@@ -72,7 +72,6 @@ holds every record).
 from __future__ import annotations
 
 import heapq
-import secrets
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any, cast
@@ -81,65 +80,30 @@ import redis
 from redis.crc import key_slot
 
 from ..errors import MpiburstError, NodeLostError, ServerError, TierConnectionError
-from ..overlay import Entry, Extent, Strided
+from ..overlay import Entry, Extent, Strided, overlapping
+from . import schema
 from .base import (
-    MAX_EXTENT,
-    MAX_SPAN,
     BatchWriter,
     Blob,
     ChannelState,
     FileMeta,
     Payload,
+    Placement,
     RecordGone,
+    StaleNumbers,
     Store,
     batch_end,
     file_id,
 )
 from .connections import borrow
-from .redis_store import (
-    _ALLOW_OOM,
-    RedisStore,
-    _as_mpiburst_error,
-    _meta_from,
-    _overlapping,
-    _parse_extents,
-    _parse_strided,
-    _public_methods_translated,
-)
+from .redis_errors import as_mpiburst_error, public_methods_translated
+from .redis_store import RedisStore
 from .resp import resp_frames
 
 #: How many times a batch is numbered anew when flushes or truncations keep overtaking it.
 RETRIES = 100
 #: Candidate tags asked of a server at once when looking for one of its slots.
 _PROBE = 64
-
-# The home hands out a batch's sequence numbers: KEYS[1] the record, KEYS[2] the global counter;
-# ARGV: number of extents, end offset, the node's mark ("@<i>"), staged ("1": no numbers, 0).
-# Metadata may grow on a full home: the data's memory is the writer's node's.
-_RESERVE = _ALLOW_OOM + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('NOFILE the file has no record in the tier') end
-redis.call('HSET', KEYS[1], ARGV[3], '1')
-local size = tonumber(redis.call('HGET', KEYS[1], 'size') or '0')
-if tonumber(ARGV[2]) > size then redis.call('HSET', KEYS[1], 'size', ARGV[2]) end
-if ARGV[4] == '1' then return 0 end
-local last = redis.call('INCRBY', KEYS[2], ARGV[1])
-redis.call('HSET', KEYS[1], 'seq', last)
-return last - tonumber(ARGV[1]) + 1
-"""
-
-# Raise a shard record's fence (KEYS[1]) to ARGV[1]; a node marked for the file with no record yet (its first
-# batch numbered, not yet indexed) gets one (ARGV[2]: the path), so that batch too is refused and numbered anew.
-_FENCE = _ALLOW_OOM + """
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('HSET', KEYS[1], 'path', ARGV[2], 'fence', ARGV[1])
-  return 0
-end
-if tonumber(ARGV[1]) > tonumber(redis.call('HGET', KEYS[1], 'fence') or '0') then
-  redis.call('HSET', KEYS[1], 'fence', ARGV[1])
-end
-return 1
-"""
-
 
 def _bytes_in(e: Entry, lo: int, hi: int) -> int:
     """Return how many of entry ``e``'s bytes lie in ``[lo, hi)``."""
@@ -188,7 +152,7 @@ def node_tag(client: redis.Redis, node: int) -> str:
     raise ServerError(f"the server of node {node} owns no hash slot of the cluster; form the cluster again.")
 
 
-@_public_methods_translated
+@public_methods_translated
 class ClusterStore(Store):
     """The tier store over a cluster of one server per node (see the module docstring).
 
@@ -225,11 +189,11 @@ class ClusterStore(Store):
                 continue
             with self._on(i):
                 self.tags.append(node_tag(client, i))
-        self.shards = [RedisStore(c, prefix=f"mpb:{{{t}}}:") for c, t in zip(self.clients, self.tags)]
-        self.home = RedisStore(self.clients[0], prefix=f"mpb:{{{self.tags[0]}}}:g:")
-        self._counter = f"mpb:{{{self.tags[0]}}}:seq"
-        self._reserve = self.clients[0].register_script(_RESERVE)
-        self._fence = [c.register_script(_FENCE) for c in self.clients]
+        self.shards = [RedisStore(c, prefix=schema.shard_prefix(t)) for c, t in zip(self.clients, self.tags)]
+        self.home = RedisStore(self.clients[0], prefix=schema.home_prefix(self.tags[0]))
+        self._counter = schema.Keys.counter(self.tags[0])
+        self._reserve = self.clients[0].register_script(schema.RESERVE)
+        self._fence = [c.register_script(schema.FENCE) for c in self.clients]
         #: Payload bytes this process has fetched from each node's server (:meth:`fetch_into`), in node order.
         self.read_bytes = [0] * len(self.clients)
 
@@ -256,7 +220,7 @@ class ClusterStore(Store):
         except (redis.ConnectionError, redis.TimeoutError, OSError, TierConnectionError) as exc:
             raise self._lost(node, exc) from None
         except redis.RedisError as exc:
-            raise _as_mpiburst_error(exc) from None
+            raise as_mpiburst_error(exc) from None
 
     def _lost(self, node: int, exc: BaseException) -> NodeLostError:
         """Return the error for an unreachable ``node``, naming the files whose data it held when known."""
@@ -279,20 +243,25 @@ class ClusterStore(Store):
 
     def files_on(self, node: int) -> list[str]:
         """Return the paths of the files whose record marks data on ``node``, sorted."""
-        registry = cast("dict[bytes, bytes]", self.home.r.hgetall(self.home._files))   # bytes: never decoded
+        registry = cast("dict[bytes, bytes]", self.home.r.hgetall(self.home.keys.files))   # bytes: never decoded
         fids = list(registry)
         pipe = self.home.r.pipeline(transaction=False)
         for fid in fids:
-            pipe.hexists(self.home._key(fid.decode(), "m"), f"@{node}")
+            pipe.hexists(self.home.keys.file(fid.decode(), "m"), f"@{node}")
         return sorted(registry[f].decode() for f, on in zip(fids, pipe.execute()) if on)
 
     def _record(self, path: str) -> tuple[FileMeta | None, list[int]]:
         """Return the file's record and the nodes it marks, in one read of the home."""
         with self._on(0):
-            raw = cast("dict[bytes, bytes]", self.home.r.hgetall(self.home._key(file_id(path), "m")))   # bytes: never decoded
+            raw = cast("dict[bytes, bytes]", self.home.r.hgetall(self.home.keys.file(file_id(path), "m")))   # bytes: never decoded
         if not raw:
             return None, []
-        return _meta_from(raw), sorted(int(k[1:]) for k in raw if k.startswith(b"@"))
+        return schema.meta_from(raw), sorted(int(k[1:]) for k in raw if k.startswith(b"@"))
+
+    @property
+    def placement(self) -> Placement:
+        """Where the data lies: the nodes that hold each file's bytes (see :class:`NodePlacement`)."""
+        return NodePlacement(self)
 
     def holders(self, path: str) -> list[int]:
         """Return the nodes whose servers hold data of ``path`` (the marks of its record), in node order."""
@@ -311,15 +280,15 @@ class ClusterStore(Store):
         start = 0
         while True:
             with self._on(node):
-                found = list(_parse_extents(shard.r.execute_command(
-                    "ZRANGE", shard._key(fid, "x"), start, start + page - 1, "WITHSCORES")))
+                found = list(schema.parse_extents(shard.r.execute_command(
+                    "ZRANGE", shard.keys.file(fid, "x"), start, start + page - 1, "WITHSCORES")))
             yield from found
             if len(found) < page:
                 break
             start += page
         with self._on(node):
-            raw = shard.r.execute_command("ZRANGE", shard._key(fid, "v"), 0, -1, "WITHSCORES")
-        yield from _parse_strided(raw)
+            raw = shard.r.execute_command("ZRANGE", shard.keys.file(fid, "v"), 0, -1, "WITHSCORES")
+        yield from schema.parse_strided(raw)
 
     def _global(self, node: int, blob: int) -> int:
         return blob * len(self.clients) + node
@@ -334,7 +303,7 @@ class ClusterStore(Store):
         fid = file_id(path)
         for node in nodes:
             with self._on(node):
-                self._fence[node](keys=[self.shards[node]._key(fid, "m")], args=[value, path])
+                self._fence[node](keys=[self.shards[node].keys.file(fid, "m")], args=[value, path])
 
     # -- file records -------------------------------------------------------
     def meta(self, path: str) -> FileMeta | None:
@@ -379,10 +348,9 @@ class ClusterStore(Store):
             shard = self.shards[node]
             with self._on(node):
                 pipe = shard.r.pipeline(transaction=True)   # fence and clip at one instant
-                self._fence[node](keys=[shard._key(fid, "m")], args=[meta.seq if meta else 0, path],
+                self._fence[node](keys=[shard.keys.file(fid, "m")], args=[meta.seq if meta else 0, path],
                                   client=pipe)
-                shard._truncate(keys=shard._truncate_keys(fid), args=[size, MAX_EXTENT, MAX_SPAN],
-                                client=pipe)
+                shard.clip(path, size, pipe)
                 pipe.execute()
         return old
 
@@ -391,12 +359,12 @@ class ClusterStore(Store):
                staged: bool = False) -> int:
         node = self._writer_node()
         shard = self.shards[node]
-        tmp = shard._key(file_id(path), "t:" + secrets.token_hex(8))
+        tmp = shard.keys.temporary(path)
         with self._on(node):
             try:
                 shard.r.execute_command("SET", tmp, bytes(payload))
             except redis.ResponseError as exc:
-                raise _as_mpiburst_error(exc) from None
+                raise as_mpiburst_error(exc) from None
         return self._number_and_index(path, node, tmp, channel, payload, extents, staged)
 
     def _number_and_index(self, path: str, node: int, tmp: str, channel: int, payload: Payload,
@@ -416,23 +384,18 @@ class ClusterStore(Store):
                     with self._on(node):
                         shard.r.unlink(tmp)
                     raise RecordGone(path)
-            _, commands = shard._pack_commit(path, channel, payload, extents, staged,
-                                             None if staged else base, tmp=tmp)
             with self._on(node):
-                shard._ensure_loaded()
                 try:
-                    shard.r.execute_command(*commands[1])
+                    shard.index_sent(path, tmp, channel, len(payload), extents, staged, None if staged else base)
                     return base
-                except redis.exceptions.NoScriptError:
-                    shard._loaded = False
-                except redis.ResponseError as exc:
-                    if str(exc).startswith("NOFILE"):     # the node's first batch of the file: same numbers
-                        self._open_shard(path, node, None if staged else base - 1)
-                    elif str(exc).startswith("STALE"):    # overtaken by a flush or truncation: new numbers
-                        base = None
-                    else:
+                except RecordGone:                 # the node's first batch of the file: same numbers
+                    self._open_shard(path, node, None if staged else base - 1)
+                except StaleNumbers:               # overtaken by a flush or truncation: new numbers
+                    base = None
+                except MpiburstError as exc:
+                    if not isinstance(exc, TierConnectionError):   # a lost node: _on says so
                         shard.r.unlink(tmp)
-                        raise _as_mpiburst_error(exc) from None
+                    raise
         with self._on(node):
             shard.r.unlink(tmp)
         raise ServerError(f"a batch of {path} was overtaken by {RETRIES} flushes or truncations in a row; "
@@ -442,7 +405,7 @@ class ClusterStore(Store):
         """Have the home hand out ``count`` sequence numbers for a batch on ``node``; return the first (-1: no record)."""
         with self._on(0):
             try:
-                return int(self._reserve(keys=[self.home._key(fid, "m"), self._counter],
+                return int(self._reserve(keys=[self.home.keys.file(fid, "m"), self._counter],
                                          args=[count, end, f"@{node}", int(staged)]))
             except redis.ResponseError as exc:
                 if not str(exc).startswith("NOFILE"):
@@ -461,7 +424,7 @@ class ClusterStore(Store):
             with self._on(0):
                 fence = int(self.clients[0].get(self._counter) or 0)
         shard = self.shards[node]
-        mkey = shard._key(file_id(path), "m")
+        mkey = shard.keys.file(file_id(path), "m")
         with self._on(node):
             pipe = shard.r.pipeline(transaction=True)
             pipe.hsetnx(mkey, "path", path)
@@ -540,7 +503,7 @@ class ClusterStore(Store):
         if not pieces:
             return True
         runs: list[tuple[int, list[Entry]]] = []
-        if any(isinstance(e, Strided) for e in pieces) or _overlapping(pieces):   # type: ignore[arg-type]
+        if any(isinstance(e, Strided) for e in pieces) or overlapping(pieces):   # type: ignore[arg-type]
             for e in sorted(pieces, key=lambda e: e.seq):
                 if runs and runs[-1][0] == e.blob % n:
                     runs[-1][1].append(e)
@@ -574,7 +537,7 @@ class ClusterStore(Store):
         freed = 0
         for node in nodes:
             with self._on(node):
-                freed += self.shards[node]._free_clean(path, meta.clean)
+                freed += self.shards[node].free_clean(path, meta.clean)
         return freed
 
     # -- the flush lease ----------------------------------------------------
@@ -740,9 +703,9 @@ class ClusterStore(Store):
         for node, client in enumerate(self.clients):
             with self._on(node):   # neither statistics nor the counter are data
                 keys += int(client.dbsize())
-                other += int(client.exists(self.shards[node]._stats))
+                other += int(client.exists(self.shards[node].keys.stats))
         with self._on(0):
-            other += int(self.clients[0].exists(self.home._stats_log, self._counter))
+            other += int(self.clients[0].exists(self.home.keys.stats_log, self._counter))
         return keys == other
 
     def close(self) -> None:
@@ -766,7 +729,7 @@ class ClusterBatchWriter(BatchWriter):
         self._sent: tuple[str, int, Payload, list[Sequence[int]], str] | None = None
 
     def send(self, path: str, channel: int, payload: Payload, extents: Sequence[Sequence[int]]) -> None:
-        tmp = self.store.shards[self.node]._key(file_id(path), "t:" + secrets.token_hex(8))
+        tmp = self.store.shards[self.node].keys.temporary(path)
         with self.store._on(self.node):
             try:
                 self._conn.send_packed_command(resp_frames([("SET", tmp, payload)]), check_health=False)
@@ -784,7 +747,7 @@ class ClusterBatchWriter(BatchWriter):
             try:
                 self._conn.read_response()
             except redis.ResponseError as exc:
-                raise _as_mpiburst_error(exc) from None
+                raise as_mpiburst_error(exc) from None
             except BaseException:
                 self._conn.disconnect()   # a half-read reply stream must not be reused
                 raise
@@ -794,3 +757,24 @@ class ClusterBatchWriter(BatchWriter):
         if self._conn is not None:
             self.store.clients[self.node].connection_pool.release(self._conn)
             self._conn = None
+
+
+class NodePlacement(Placement):
+    """:attr:`ClusterStore.placement`: each file's bytes lie on the nodes that wrote them (its record's marks)."""
+
+    def __init__(self, store: ClusterStore) -> None:
+        self.store = store
+
+    @property
+    def nodes(self) -> int:
+        return self.store.nodes
+
+    @property
+    def local(self) -> int | None:
+        return self.store.local
+
+    def holders(self, path: str) -> list[int]:
+        return self.store.holders(path)
+
+    def node_index(self, path: str, node: int) -> Iterator[Entry]:
+        return self.store.node_index(path, node)

@@ -26,7 +26,20 @@ from typing import Any
 
 from ..errors import TierFullError
 from ..overlay import Entry, Extent, Strided, expand
-from .base import MAX_EXTENT, MAX_SPAN, BatchWriter, Blob, ChannelState, FileMeta, Payload, RecordGone, Store, file_id
+from .base import (
+    MAX_EXTENT,
+    MAX_SPAN,
+    BatchWriter,
+    Blob,
+    ChannelState,
+    FileMeta,
+    Payload,
+    RecordGone,
+    Store,
+    blocks,
+    file_id,
+    index_member,
+)
 
 _FULL = ("the tier is full (its memory limit was reached); sync and purge data, "
          "or start the run with a larger --capacity.")
@@ -52,13 +65,8 @@ class _Channel:
     writer: str | None = None
 
 
-def _member(e: Entry) -> bytes:
-    """The entry's index member as the server orders it (ties at one offset sort by it)."""
-    return f"{e.seq}:{e.boff}:{e.length}:{e.blob}".encode()
-
-
 def _ordered(entries: list[tuple[int, bytes, Any]]) -> list[Any]:
-    """Return the entries of ``(start, member, entry)`` items in the server's order."""
+    """Return the entries of ``(start, member, entry)`` items in the index order (:func:`~mpiburst.store.base.index_order`)."""
     return [e for _, _, e in sorted(entries, key=lambda item: item[:2])]
 
 
@@ -145,7 +153,7 @@ class MemoryStore(Store):
                     continue
                 if e.end > size:
                     e = e._replace(length=size - start)
-                    member = _member(e)
+                    member = index_member(e)
                 kept.append((start, member, e))
             runs = []
             for start, member, r in f.strided:
@@ -157,11 +165,11 @@ class MemoryStore(Store):
                         runs.append((start, member, r._replace(nblocks=q)))
                     elif q == 1:
                         e = Extent(r.seq, start, r.length, r.blob, r.boff)
-                        kept.append((start, _member(e), e))
+                        kept.append((start, index_member(e), e))
                     at = start + q * r.stride
                     if q < r.nblocks and at < size:
                         e = Extent(r.seq, at, size - at, r.blob, r.boff + q * r.length)
-                        kept.append((at, _member(e), e))
+                        kept.append((at, index_member(e), e))
                     continue
                 runs.append((start, member, r))
             f.index = sorted(kept)
@@ -197,11 +205,11 @@ class MemoryStore(Store):
                 seq = base + i if base > 0 else 0
                 if len(x) > 3 and x[3] > 1:
                     r = Strided(seq, x[0], x[2], blob, x[1], x[3], x[4])
-                    bisect.insort(f.strided, (r.start, _member(r), r))
+                    bisect.insort(f.strided, (r.start, index_member(r), r))
                     end = max(end, r.end)
                 else:
                     e = Extent(seq, x[0], x[2], blob, x[1])
-                    bisect.insort(f.index, (e.start, _member(e), e))
+                    bisect.insort(f.index, (e.start, index_member(e), e))
                     end = max(end, e.end)
             f.blobs[blob] = (Blob(blob, last, n, len(data), channel), data)
             self._used += len(data)
@@ -212,7 +220,7 @@ class MemoryStore(Store):
         return MemoryBatchWriter(self)
 
     def extents(self, path: str, lo: int, hi: int, upto: int | None = None) -> list[Extent]:
-        return _blocks(self.index(path, lo, hi, upto), lo, hi)
+        return blocks(self.index(path, lo, hi, upto), lo, hi)
 
     def index(self, path: str, lo: int, hi: int, upto: int | None = None) -> list[Entry]:
         top = float("inf") if upto is None else upto
@@ -236,7 +244,7 @@ class MemoryStore(Store):
     def window(self, path: str, lo: int, hi: int) -> tuple[FileMeta | None, list[Extent]]:
         with self._lock:
             meta = self.meta(path)
-            return (None, []) if meta is None else (meta, _blocks(self._overlapping(path, lo, hi), lo, hi))
+            return (None, []) if meta is None else (meta, blocks(self._overlapping(path, lo, hi), lo, hi))
 
     def extents_from(self, path: str, start: int, count: int) -> list[Entry]:
         with self._lock:
@@ -255,7 +263,7 @@ class MemoryStore(Store):
             found = [] if f is None else [e for _, _, e in f.index]
             runs = [] if f is None else [r for _, _, r in f.strided]
         if runs:
-            found = _ordered([(e.start, _member(e), e) for e in [*found, *expand(runs)]])
+            found = _ordered([(e.start, index_member(e), e) for e in [*found, *expand(runs)]])
         yield from found
 
     def fetch_into(self, path: str, extents: Iterable[Entry], lo: int, out: memoryview) -> bool:
@@ -479,13 +487,6 @@ class MemoryStore(Store):
 
     def close(self) -> None:
         """Nothing to close: the data stays for other users of this store."""
-
-
-def _blocks(entries: list[Entry], lo: int, hi: int) -> list[Extent]:
-    """Return ``entries`` (in index order) with strided runs expanded to their blocks overlapping ``[lo, hi)``."""
-    if not any(isinstance(e, Strided) for e in entries):
-        return entries  # type: ignore[return-value]
-    return _ordered([(e.start, _member(e), e) for e in expand(entries, lo, hi) if e.end > lo])
 
 
 class MemoryBatchWriter(BatchWriter):

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 from ..errors import TierFullError
 from ..overlay import Strided, expand, gaps
-from ..store import MAX_EXTENT, FileMeta, FlushLease, MemoryStore, RecordGone, Store, file_id
+from ..store import MAX_EXTENT, FileMeta, FlushLease, MemoryStore, Placement, RecordGone, Store, file_id
 from . import Model, put, put_runs
 
 #: Hypothesis settings of the data tests: few examples, each on a fresh file of the same store
@@ -117,6 +117,10 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
 
 class StoreTests:
     """Every behaviour of the store interface; subclasses provide the ``store`` fixture (an empty store)."""
+
+    #: Whether the store spreads its data over the servers of several nodes, so that it gives a
+    #: :attr:`~mpiburst.store.Store.placement` (a subclass for such a store sets it True).
+    placed = False
 
     # -- file records -------------------------------------------------------
     def test_create_meta_files_drop(self, store: Store) -> None:
@@ -282,6 +286,42 @@ class StoreTests:
         assert store.extents_from("/bfs/walk", 6, 1) == every[3:4]
         assert store.extents_from("/bfs/walk", 2**52 + 1, 10) == []
         assert store.extents_from("/bfs/none", 0, 10) == []
+
+    def test_walk_yields_every_entry_of_a_range(self, store: Store) -> None:
+        """walk pages through the index by offset: more entries at one offset than a page, a strided run, an
+        extent reaching into the range from before it; each entry of [lo, hi) comes at least once, none outside."""
+        path = "/bfs/walk2"
+        store.create(path, None)
+        for _ in range(5):
+            put(store, path, None, [(1000, b"s" * 10)])        # five entries at one offset, pages of two
+        put(store, path, None, [(500, b"r" * 600), (50_000, b"z")])   # [500, 1100) reaches into lo=900
+        put_runs(store, path, None, [(2000, b"q" * 40, 4, 100)])       # a strided run of 10 blocks
+        lo, hi = 900, 50_000
+        want = {e for e in store.index(path, lo, hi) if e.start < hi}
+        walked = list(store.walk(path, lo, hi, page=2))
+        assert set(walked) == want and len(want) == 7
+        assert [e.start for e in walked] == sorted(e.start for e in walked)
+        assert {e.start for e in store.walk(path)} == {500, 1000, 2000, 50_000}   # the whole file by default
+
+    def test_placement_says_where_the_data_lies(self, store: Store) -> None:
+        """One server (or this process): no placement. Several nodes: each file's index is the union of what
+        its holders hold, and a file never written has no holder."""
+        place = store.placement
+        if not self.placed:
+            assert place is None
+            return
+        assert isinstance(place, Placement) and place.nodes >= 2
+        path = "/bfs/placed"
+        store.create(path, None)
+        put(store, path, None, [(0, b"a" * 5000), (9000, b"b" * 7)])
+        put_runs(store, path, None, [(20_000, b"c" * 30, 3, 50)])
+        holders = place.holders(path)
+        assert holders and holders == sorted(set(holders)) and set(holders) <= set(range(place.nodes))
+        held = [e for node in holders for e in place.node_index(path, node)]
+        assert sorted((e.start, e.length, e.seq) for e in held) == sorted(
+            (e.start, e.length, e.seq) for e in store.index(path, 0, 1 << 40))
+        store.create("/bfs/unwritten", None)
+        assert place.holders("/bfs/unwritten") == [] and place.holders("/bfs/none") == []
 
     def test_cut_reads_every_record(self, store: Store) -> None:
         """cut returns every file's record (as meta does, without pending), one entry per file."""
