@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 
 from .errors import ConfigError
+from .runconf import write_secure
 
 #: Seconds a batch-system query may take before it is given up (the limit is then unknown).
 QUERY_TIMEOUT = 10.0
@@ -100,18 +101,7 @@ def set_halt(path: str, **changes: object) -> Halt:
     """Set the fields ``changes`` of the halt condition in ``path`` (keeping the others); return the new one."""
     old = read_halt(path) or Halt()
     new = replace(old, set_at=time.time(), **changes)  # type: ignore[arg-type]
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(new), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_secure(path, json.dumps(asdict(new)))   # 0600 from the first byte, replaced atomically
     return new
 
 

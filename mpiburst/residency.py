@@ -237,7 +237,7 @@ def frag_stat(path: str | os.PathLike, *, tier: Tier | None = None) -> FragStat:
 
 
 def _frag_stat(store: Store, meta: FileMeta) -> FragStat:
-    entries = _entries(store, meta.path)
+    entries = list(dict.fromkeys(store.walk(meta.path)))   # every index entry once, strided runs compact
     pending = meta.pending if meta.pending > meta.clean else 0
     if any(isinstance(e, Strided) for e in entries):
         fast = _unshadowed_stat(entries, meta.clean, pending)
@@ -254,20 +254,6 @@ def _frag_stat(store: Store, meta: FileMeta) -> FragStat:
         else:
             stat.dirty += seen
     return stat
-
-
-def _entries(store: Store, path: str, page: int = 4096) -> list[Entry]:
-    """Return every index entry of ``path`` once (strided runs compact), walking the index by offset."""
-    found: dict[Entry, None] = {}
-    pos = 0
-    while True:
-        got = store.extents_from(path, pos, page)
-        found.update(dict.fromkeys(got))
-        if len(got) < page:
-            return list(found)
-        if got[-1].start == pos:                      # a page of entries that all start at ``pos``
-            page *= 2
-        pos = got[-1].start
 
 
 def _unshadowed_stat(entries: list[Entry], clean: int, pending: int) -> FragStat | None:

@@ -29,8 +29,7 @@ from .collective import on_root, together
 from .errors import ConfigError
 from .runconf import RunConf, conf_path, find_conf_path, resolve_id
 from .server import StartOptions
-from .store import MemoryStore, RedisStore, Store
-from .store.cluster_store import ClusterStore
+from .store import MemoryStore, Store
 
 if TYPE_CHECKING:   # mpi4py is imported only by those who pass a communicator
     from mpi4py import MPI
@@ -278,19 +277,7 @@ def open_store(conf: RunConf, node: int | None = None) -> tuple[Store, redis.Red
     AuthenticationError, ServerError
         If a server refuses the password or cannot be reached.
     """
-    if not conf.nodes:
-        client = server.connect_redis(conf)
-        return RedisStore(client), client
-    clients: list[redis.Redis] = []
-    try:
-        here = node or 0
-        for k in range(len(conf.nodes)):  # this process's own server is checked now; the others on first use
-            clients.append(server.connect_redis(conf.node(k), check=k in (here, 0)))
-        store = ClusterStore(clients, node, ranks=[n["ranks"] for n in conf.nodes], slots=[n["slots"] for n in conf.nodes])
-    except BaseException:
-        for client in clients:
-            client.close()
-        raise
+    store, clients = server.connect_store(conf, node)
     return store, clients[node or 0]
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..collective import on_root
+from ..flush.writes import fsync_dir
 from ..sizes import format_size
 from .baselines import agree
 from .burst import URL_DIR
@@ -72,14 +73,6 @@ class Files:
         return out
 
 
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _direct(comm: Any, cfg: Files, directory: str, contents: Sequence[np.ndarray], check: bool
             ) -> tuple[dict[str, float], bool]:
     """Time the four phases with plain POSIX calls in ``directory`` (this rank's own); return seconds, verdict."""
@@ -93,7 +86,7 @@ def _direct(comm: Any, cfg: Files, directory: str, contents: Sequence[np.ndarray
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(directory)
+        fsync_dir(directory)
 
     def read() -> list[bytes]:
         got = []

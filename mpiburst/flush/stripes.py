@@ -36,7 +36,7 @@ def dirty_runs(store: Store, plan: Plan, first: int, last: int) -> Iterator[tupl
     lo, hi = first * align, min(plan.size, last * align)
     run: list[int] | None = None
     ahead: list[tuple[int, int]] = []      # stripe runs of entries seen, not yet merged (a heap)
-    for e in walk_extents(store, plan.target, lo, hi):
+    for e in store.walk(plan.target, lo, hi):
         if e.seq > plan.upto or not (plan.new or e.seq > plan.clean):
             continue
         while ahead and ahead[0][0] <= max(e.start, lo) // align:   # no later entry starts before these
@@ -75,29 +75,6 @@ def _stripes_of(e: Entry, lo: int, hi: int, align: int) -> list[tuple[int, int]]
     a_s = np.maximum(starts, lo) // align
     b_s = (np.minimum(starts + e.length, hi) - 1) // align + 1
     return list(zip(a_s.tolist(), b_s.tolist()))
-
-
-def walk_extents(store: Store, path: str, lo: int, hi: int, page: int = 4096) -> Iterator[Entry]:
-    """Yield the index entries of ``path`` overlapping ``[lo, hi)`` in offset order, a page at a time.
-
-    Pages are taken by offset, not by rank in the index, so extents removed
-    meanwhile (a purge of clean data) make none of the others be skipped; an
-    extent may be yielded twice, which the callers do not mind. Strided runs
-    come as one entry each.
-    """
-    yield from store.index(path, lo, lo + 1)         # those that start before ``lo`` and reach into it
-    pos = lo
-    while pos < hi:
-        found = store.extents_from(path, pos, page)
-        for e in found:
-            if e.start >= hi:
-                return
-            yield e
-        if len(found) < page:
-            return
-        if found[-1].start == pos:                    # a page of extents that all start at ``pos``
-            page *= 2
-        pos = found[-1].start
 
 
 def batches(runs: list[tuple[int, int]], per: int) -> Iterator[list[tuple[int, int]]]:

@@ -312,6 +312,7 @@ def abort(store: Store, plan: Plan) -> None:
 
 
 def fsync_dir(directory: str) -> None:
+    """Fsync ``directory``, so that the names created, renamed or removed in it last (a rename's durability)."""
     dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)

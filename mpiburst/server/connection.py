@@ -1,8 +1,9 @@
-"""Authenticated connections to a run's server: the unix socket when it is here, else TCP."""
+"""Authenticated connections to a run's server (the unix socket when it is here, else TCP), and its store over them."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from typing import Any
 
 import redis
@@ -11,6 +12,7 @@ from redis.retry import Retry
 
 from ..errors import AuthenticationError, ServerError
 from ..runconf import AdminCredentials, RunConf
+from ..store import ClusterStore, RedisStore, Store
 from .tls import TlsFiles, client_options
 
 
@@ -70,3 +72,34 @@ def connect_redis(conf: RunConf, admin: bool | AdminCredentials = False, check: 
         f"cannot reach the server of run {conf.id} at {where} ({last or 'no socket here and no TCP port'}); "
         f"check that it runs with 'mpiburst status --id {conf.id}'."
     ) from last   # the redis-py error stays the cause (MPIBURST_DEBUG=1 prints it)
+
+
+def connect_store(conf: RunConf, node: int | None = None,
+                  check: Collection[int] | None = None) -> tuple[Store, list[redis.Redis]]:
+    """Return the store of a run and its clients (one per node, in node order; one for a single server).
+
+    A multi-node run's store is a :class:`~mpiburst.store.ClusterStore`
+    over one client per node; ``node`` is this process's node (its writes
+    go there), None for a process on no node (the CLI, the engine, a
+    stopping run). The servers of the nodes in ``check`` (default: this
+    process's and node 0's) are asked now; the others on first use.
+
+    Raises
+    ------
+    AuthenticationError, ServerError
+        If a server checked now refuses the password or cannot be reached.
+    """
+    if not conf.nodes:
+        client = connect_redis(conf)
+        return RedisStore(client), [client]
+    asked = {node or 0, 0} if check is None else set(check)
+    clients: list[redis.Redis] = []
+    try:
+        for k in range(len(conf.nodes)):
+            clients.append(connect_redis(conf.node(k), check=k in asked))
+        store = ClusterStore(clients, node, ranks=[n["ranks"] for n in conf.nodes], slots=[n["slots"] for n in conf.nodes])
+    except BaseException:
+        for client in clients:
+            client.close()
+        raise
+    return store, clients

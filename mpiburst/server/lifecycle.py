@@ -40,11 +40,10 @@ from ..runconf import (
     socket_dir_path,
     write_secure,
 )
-from ..store import RedisStore
-from ..store.cluster_store import ClusterStore
+from ..store import ClusterStore
 from . import cluster
 from .config import ADMIN_USER, USER
-from .connection import connect_redis
+from .connection import connect_redis, connect_store
 from .discovery import default_bind, find_server, free_port, host_address, job_nodes, node_address
 from .launch import MAX_SOCKET_PATH, SOCKET_NAME, PortInUse, launch, make_socket_dir, remove_file
 from .options import StartOptions, parse_capacity
@@ -583,17 +582,11 @@ def _save_stats(conf: RunConf, alive: list[int] | None = None) -> None:
     try:
         nodes = list(range(len(conf.nodes))) if alive is None else alive
         first = nodes[0] if nodes else 0
-        clients = [connect_redis(conf.node(k) if conf.nodes else conf, check=k == first)
-                   for k in range(max(1, len(conf.nodes)))]
+        store, _ = connect_store(conf, None, check=[first])
         try:
-            if conf.nodes:
-                stats = ClusterStore(clients, None, ranks=[n["ranks"] for n in conf.nodes],
-                                     slots=[n["slots"] for n in conf.nodes]).stats_of(nodes)
-            else:
-                stats = RedisStore(clients[0]).stats()
+            stats = store.stats_of(nodes) if isinstance(store, ClusterStore) else store.stats()
         finally:
-            for client in clients:
-                client.close()
+            store.close()
         if stats[0] or any(e.get("kind") not in ("fill", "network") for e in stats[1]):  # a run that did I/O
             lost = [k for k in range(len(conf.nodes)) if k not in nodes]
             if lost:
