@@ -15,17 +15,16 @@ import threading
 
 import pytest
 import redis
+from conftest import bfs_file
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mpiburst.overlay import Extent, gaps
+from mpiburst.overlay import Extent, gaps, overlapping
 from mpiburst.store import file_id
-from mpiburst.store.redis_store import _coalesce, _key, _overlapping
+from mpiburst.store.redis_store import coalesce
 from mpiburst.store.resp import read_bulks_into, resp_frames
-
+from mpiburst.store.schema import Keys
 from mpiburst.testing import Model, put
-
-from conftest import bfs_file
 
 
 def _bulk(data: bytes) -> bytes:
@@ -108,16 +107,16 @@ def test_coalesce_gathers_small_neighbours_and_leaves_large_pieces_alone():
     far = Extent(9, 90_000, 4096, 7, 4096 * 5 + (1 << 20))                         # far away in blob 7
     other = Extent(10, 99_000, 100, 8, 0)                                           # another blob
     large = Extent(11, 200_000, 300_000, 7, 50_000)
-    reads = _coalesce(small + [far, other, large])
+    reads = coalesce(small + [far, other, large])
     spans = sorted((span.blob, span.boff, span.length, len(group)) for span, group in reads)
     assert spans == [(7, 0, 5 * 4096, 5), (7, 50_000, 300_000, 1), (7, far.boff, 4096, 1), (8, 0, 100, 1)]
     single = [span for span, group in reads if len(group) == 1]
     assert far in single and large in single and other in single    # received in place, at their offsets
 
 
-def test_overlapping():
-    assert not _overlapping([Extent(1, 0, 10, 0, 0), Extent(2, 10, 5, 0, 10)])
-    assert _overlapping([Extent(2, 10, 5, 0, 10), Extent(1, 0, 11, 0, 0)])
+def testoverlapping():
+    assert not overlapping([Extent(1, 0, 10, 0, 0), Extent(2, 10, 5, 0, 10)])
+    assert overlapping([Extent(2, 10, 5, 0, 10), Extent(1, 0, 11, 0, 0)])
 
 
 @pytest.mark.timeout(120)
@@ -158,7 +157,7 @@ def test_fetch_into_reports_a_vanished_blob(atier):
     store.create(path, None)
     put(store, path, None, [(0, b"a" * 1000), (5000, b"b" * 100_000)])
     extents = store.extents(path, 0, 200_000)
-    atier.redis.unlink(*{_key(file_id(path), f"b:{e.blob}") for e in extents})   # what a purge does
+    atier.redis.unlink(*{Keys().file(file_id(path), f"b:{e.blob}") for e in extents})   # what a purge does
     assert store.fetch_into(path, extents, 0, memoryview(bytearray(200_000))) is False
     assert store.fetch_into(path, extents, 0, memoryview(bytearray(200_000))) is False   # connection still fine
 

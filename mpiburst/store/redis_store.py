@@ -315,7 +315,7 @@ class RedisStore(Store):
         if overlapping(pieces):
             reads: list[tuple[Extent, list[Extent]]] = [(e, [e]) for e in sorted(pieces, key=lambda e: e.seq)]
         else:
-            reads = _coalesce(pieces)
+            reads = coalesce(pieces)
         with borrowed(sum(span.length for span, group in reads if len(group) > 1)) as scratch:
             return self._read_into(path, reads, lo, out, scratch)
 
@@ -330,7 +330,7 @@ class RedisStore(Store):
                 i, j = e.span(lo, hi)
                 if i < j:
                     runs.append((e, i, j))
-        reads = _coalesce(plain) if plain else []
+        reads = coalesce(plain) if plain else []
         spans = [span for span, _ in reads] + [Extent(e.seq, e.start, (j - i) * e.length, e.blob, e.boff + i * e.length)
                                                for e, i, j in runs]
         with borrowed(sum(span.length for span in spans)) as scratch:
@@ -634,7 +634,7 @@ def _clip(e: Extent, lo: int, hi: int) -> Extent:
 
 
 
-def _coalesce(pieces: Sequence[Extent]) -> list[tuple[Extent, list[Extent]]]:
+def coalesce(pieces: Sequence[Extent]) -> list[tuple[Extent, list[Extent]]]:
     """Plan the reads of non-overlapping ``pieces``: ``(span, pieces it carries)``.
 
     A large piece is its own read (``span`` is the piece, received in place).
