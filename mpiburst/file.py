@@ -22,7 +22,7 @@ import numpy as np
 from mpi4py import MPI
 from mpi4py.typing import BufSpec
 
-from . import drain
+from . import drain, staging
 from .collective import on_root, together
 from .messages import Message, message
 from .paths import is_burst, locate
@@ -647,10 +647,19 @@ class File:
         n = msg.nbytes
         if n == 0:
             return 0
+        view = self._view
+        dev = msg.device
+        run = msg.run() if dev is not None else None
+        if dev is not None and run is not None and view.contiguous:  # device to tier, the copies overlapping
+            if self._atomic:
+                tf.push()
+            staging.download(dev, run[0], n, lambda at, chunk: tf.write(view.disp + pos + at, chunk))
+            if self._atomic:
+                tf.push()
+            return n
         data = msg.gather()
         if self._atomic:
             tf.push()
-        view = self._view
         if view.contiguous:
             tf.write(view.disp + pos, data)
         else:
@@ -666,9 +675,13 @@ class File:
         n = msg.nbytes
         if n == 0:
             return 0
+        view = self._view
+        dev = msg.device
+        run = msg.run() if dev is not None else None
+        if dev is not None and run is not None and view.contiguous:  # tier to device, the copies overlapping
+            return staging.upload(dev, run[0], n, lambda at, chunk: tf.read(view.disp + pos + at, chunk))
         direct = msg.contiguous()
         stream = direct if direct is not None else memoryview(bytearray(n))
-        view = self._view
         if view.contiguous:
             got = tf.read(view.disp + pos, stream)
         else:

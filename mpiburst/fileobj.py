@@ -15,6 +15,12 @@ at once. Reads go through a small page cache (:data:`PAGE` bytes per page,
 metadata a few bytes at a time; the object's own writes and truncations
 invalidate the pages they touch, other processes' later writes are not
 seen until the file is opened again.
+
+``write`` and ``readinto`` take what ``mpiburst.File`` takes beyond the
+buffer protocol (``__cuda_array_interface__``, DLPack; see
+:mod:`mpiburst.memory`): objects with the buffer protocol are handled as any
+file object handles them, device memory is staged through pinned buffers
+(:mod:`mpiburst.staging`).
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ import os
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from . import staging
 from .errors import MpiburstError
+from .memory import DeviceMemory, decode
 from .paths import locate
 from .writeback import TierFile, buffer_size, register, with_room
 
@@ -182,12 +190,13 @@ class BurstIO(io.BufferedIOBase):
     def readinto(self, b: Any) -> int:
         """Read up to ``len(b)`` bytes into ``b`` (fewer only at the end of the file); return the count."""
         self._check_readable()
-        out = memoryview(b).cast("B")
+        out = _bytes_of(b, writable=True)
         n = max(0, min(len(out), self._size - self._pos))
-        if n >= PAGE:
-            n = self._tf.read(self._pos, out[:n])
-        elif n:
-            n = self._copy_cached(self._pos, out[:n])
+        pos = self._pos
+        if isinstance(out, DeviceMemory):
+            n = staging.upload(out, 0, n, lambda at, chunk: self._read_at(pos + at, chunk))
+        else:
+            n = self._read_at(pos, out[:n])
         self._pos += n
         return n
 
@@ -213,6 +222,12 @@ class BurstIO(io.BufferedIOBase):
         index = self._pos // PAGE
         page = self._page(index)
         return page[self._pos - index * PAGE:]
+
+    def _read_at(self, pos: int, out: memoryview) -> int:
+        """Fill ``out`` from file byte ``pos`` (large reads from the tier, small ones through the cache)."""
+        if len(out) >= PAGE:
+            return self._tf.read(pos, out)
+        return self._copy_cached(pos, out) if len(out) else 0
 
     def _copy_cached(self, pos: int, out: memoryview) -> int:
         """Copy file bytes from ``pos`` into ``out`` through the page cache; return the count."""
@@ -247,13 +262,17 @@ class BurstIO(io.BufferedIOBase):
         self._check_open()
         if not self._writable:
             raise io.UnsupportedOperation("write: the file was not opened for writing")
-        data = memoryview(b).cast("B")
+        data = _bytes_of(b, writable=False)
         n = len(data)
         if not n:
             return 0
         if self._append:
             self._pos = self._size
-        self._tf.write(self._pos, data)
+        if isinstance(data, DeviceMemory):
+            pos = self._pos
+            staging.download(data, 0, n, lambda at, chunk: self._tf.write(pos + at, chunk))
+        else:
+            self._tf.write(self._pos, data)
         self._forget(self._pos, self._pos + n)
         self._pos += n
         self._size = max(self._size, self._pos)
@@ -318,3 +337,12 @@ class BurstIO(io.BufferedIOBase):
 
     def __repr__(self) -> str:
         return f"<mpiburst.BurstIO name={self.name!r} mode={self.mode!r}>"
+
+
+def _bytes_of(b: Any, writable: bool) -> memoryview | DeviceMemory:
+    """The bytes of ``b``: as any file object takes a buffer-protocol object, else as :func:`~mpiburst.memory.decode`."""
+    try:
+        view = memoryview(b)
+    except TypeError:
+        return decode(b, writable)
+    return view.cast("B")

@@ -1,7 +1,8 @@
 """Memory buffer specs, as mpi4py takes them for file I/O, turned into byte runs.
 
-A *message* is what ``MPI.File`` calls ``buf``: a host buffer (buffer
-protocol, DLPack on the CPU, ``__array_interface__``), optionally in a list
+A *message* is what ``MPI.File`` calls ``buf``: a buffer as
+:func:`mpiburst.memory.decode` reads it (buffer protocol, DLPack,
+``__cuda_array_interface__``, ``__array_interface__``), optionally in a list
 ``[buf, datatype]``, ``[buf, count, datatype]``, ``[buf, (count, displ),
 datatype]`` or ``[buf, count, displ, datatype]``. :func:`message` resolves it
 to a flat byte view of the whole buffer plus the runs the datatype selects;
@@ -18,11 +19,9 @@ import numpy as np
 from mpi4py import MPI
 from mpi4py.util import dtlib
 
+from . import staging
 from .datatypes import Layout, layout
-from .errors import DeviceBufferError
-
-#: DLPack device type of host memory (``kDLCPU``).
-_DLPACK_CPU = 1
+from .memory import DeviceMemory, decode
 #: The layout of a plain buffer: bytes.
 _BYTES = layout(MPI.BYTE)
 
@@ -31,16 +30,32 @@ class Message:
     """The bytes a buffer spec selects: ``count`` instances of ``lay`` from byte ``base`` of ``raw``.
 
     ``nbytes`` is the data it carries (count times the datatype's size).
+    ``raw`` is host memory, or device memory (then :attr:`device` is it).
     """
 
     __slots__ = ("raw", "base", "count", "lay", "nbytes")
 
-    def __init__(self, raw: memoryview, base: int, count: int, lay: Layout):
+    def __init__(self, raw: memoryview | DeviceMemory, base: int, count: int, lay: Layout):
         self.raw, self.base, self.count, self.lay = raw, base, count, lay
         self.nbytes = count * lay.size
 
+    @property
+    def device(self) -> DeviceMemory | None:
+        """The device memory the message is in, or None for host memory."""
+        raw = self.raw
+        return raw if isinstance(raw, DeviceMemory) else None
+
+    def run(self) -> tuple[int, int] | None:
+        """Return ``(start, length)`` of the selected bytes in the buffer when they are one run, else None."""
+        if self.lay.contiguous:
+            return self.base, self.nbytes
+        offs, lens = self.lay.tiled(self.count, self.base)
+        return (int(offs[0]), int(lens[0])) if len(offs) == 1 else None
+
     def contiguous(self) -> memoryview | None:
-        """Return the selected bytes as one slice of the buffer, or None if they have holes."""
+        """Return the selected bytes as one slice of host memory, or None if they have holes or are on a device."""
+        if isinstance(self.raw, DeviceMemory):
+            return None
         if self.lay.contiguous:
             if self.base == 0 and self.nbytes == len(self.raw):
                 return self.raw
@@ -51,7 +66,17 @@ class Message:
         return None
 
     def gather(self) -> memoryview:
-        """Return the selected bytes in type-map order, as one contiguous stream."""
+        """Return the selected bytes in type-map order, as one contiguous stream (in host memory)."""
+        dev = self.device
+        if dev is not None:
+            run = self.run()
+            if self.nbytes == 0:
+                return memoryview(b"")
+            if run is not None:
+                copy = memoryview(bytearray(run[1]))
+                staging.to_host(dev, run[0], copy)
+                return copy
+            return self._on_host()[0].gather()
         view = self.contiguous()
         if view is not None:
             return view
@@ -66,6 +91,16 @@ class Message:
         n = len(stream)
         if n == 0:
             return
+        dev = self.device
+        if dev is not None:
+            run = self.run()
+            if run is not None:
+                staging.from_host(dev, run[0], stream)
+                return
+            host, copy, lo = self._on_host()     # the holes keep their bytes: copied down, filled, copied back
+            host.scatter(stream)
+            staging.from_host(dev, lo, copy)
+            return
         offs, lens = self.lay.tiled(self.count, self.base)
         if n < self.nbytes:
             cut = int(np.searchsorted(np.cumsum(lens), n, side="left"))
@@ -73,6 +108,15 @@ class Message:
             lens[-1] -= int(lens.sum()) - n
         _copy_runs(np.frombuffer(self.raw, dtype=np.uint8), offs, lens,
                    np.frombuffer(stream, dtype=np.uint8), to_stream=False)
+
+
+    def _on_host(self) -> tuple[Message, memoryview, int]:
+        """Copy the device bytes the message spans to the host: the message over the copy, the copy, its first byte."""
+        offs, lens = self.lay.tiled(self.count, self.base)
+        lo, hi = int(offs.min()), int((offs + lens).max())
+        copy = memoryview(bytearray(hi - lo))
+        staging.to_host(self.device, lo, copy)
+        return Message(copy, self.base - lo, self.count, self.lay), copy, lo
 
 
 def _copy_runs(mem: np.ndarray, offs: np.ndarray, lens: np.ndarray, stream: np.ndarray, to_stream: bool) -> None:
@@ -115,47 +159,6 @@ def datatype(spec: Any) -> MPI.Datatype:
         raise KeyError(f"cannot map {spec!r} to MPI datatype") from None
 
 
-def host_bytes(obj: Any, writable: bool) -> memoryview:
-    """Return a flat byte view, in memory order, of a host buffer.
-
-    Raises
-    ------
-    mpiburst.errors.DeviceBufferError
-        For a buffer in device memory (``__cuda_array_interface__``, DLPack
-        on a device).
-    TypeError, BufferError
-        As mpi4py raises them: not a buffer, or read-only where a buffer to
-        read into is needed.
-    """
-    try:
-        view = memoryview(obj)
-    except TypeError:
-        view = _array_of(obj).data
-    if writable and view.readonly:
-        raise BufferError("Object is not writable.")
-    if not view.contiguous:
-        raise BufferError("buffer is not contiguous")
-    if not view.c_contiguous:  # Fortran order: its bytes in memory order, as MPI.File takes them
-        view = np.asarray(view).T.data
-    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
-
-
-def _array_of(obj: Any) -> np.ndarray:
-    """Wrap a host object that speaks DLPack or the array interface (not the buffer protocol)."""
-    if hasattr(obj, "__dlpack_device__"):
-        device = obj.__dlpack_device__()
-        if int(device[0]) != _DLPACK_CPU:
-            raise DeviceBufferError(f"mpiburst.File takes host memory only; this buffer is on DLPack device "
-                                    f"{tuple(device)}: copy it to the host first (e.g. with numpy.asarray).")
-        return np.from_dlpack(obj)
-    if hasattr(obj, "__cuda_array_interface__"):
-        raise DeviceBufferError("mpiburst.File takes host memory only; this buffer is in GPU memory "
-                                "(__cuda_array_interface__): copy it to the host first.")
-    if hasattr(obj, "__array_interface__"):
-        return np.asarray(obj)
-    raise TypeError("message: expecting buffer or list/tuple")
-
-
 def _absolute(dtype: MPI.Datatype, count: int) -> Message:
     """The message ``[MPI.BOTTOM, count, dtype]``: a datatype built from absolute addresses (``MPI.Get_address``)."""
     lay = layout(dtype)
@@ -191,7 +194,7 @@ def message(buf: Any, writable: bool) -> Message:
         obj = buf
     if obj is MPI.BOTTOM and dtype is not None:
         return _absolute(dtype, 1 if count is None else count)
-    raw = host_bytes(obj, writable)
+    raw = decode(obj, writable)
     if dtype is None:
         return Message(raw, 0, len(raw), _BYTES)
     lay = layout(dtype)

@@ -330,6 +330,28 @@ class DLPackOnly:
         return self._arr.__dlpack_device__()
 
 
+class CudaInterfaceOnly:
+    """Host memory behind ``__cuda_array_interface__`` alone, as mpi4py's ``FakeGPUArray*`` test arrays.
+
+    Without a CUDA device such a pointer is host memory to both drivers. ``strides``
+    publishes the array's strides (version 2+ may, version 0 may not), ``version`` 3
+    adds a ``stream`` of None; ``mask`` and ``readonly`` go into the interface as given.
+    """
+
+    def __init__(self, arr: np.ndarray, version: int = 3, strides: bool = False, readonly: bool = False,
+                 mask: Any = None):
+        self._arr = arr
+        cai: dict[str, Any] = {"shape": arr.shape, "typestr": arr.dtype.str, "data": (arr.ctypes.data, readonly),
+                               "version": version}
+        if strides:
+            cai["strides"] = arr.strides
+        if version >= 3:
+            cai["stream"] = None
+        if mask is not None:
+            cai["mask"] = mask
+        self.__cuda_array_interface__ = cai
+
+
 def buffer_kinds(seed: int) -> dict[str, Callable[[], tuple[Any, Any]]]:
     """Named makers of (write buffer, read buffer factory result) pairs, every kind mpi4py takes."""
     a = ramp(48, seed)
@@ -342,6 +364,13 @@ def buffer_kinds(seed: int) -> dict[str, Callable[[], tuple[Any, Any]]]:
         "numpy_2d_fortran": lambda: (np.asfortranarray(ints.reshape(3, 4)), np.zeros((3, 4), np.int32, order="F")),
         "array_interface": lambda: (ArrayInterfaceOnly(ints.copy()), ArrayInterfaceOnly(np.zeros(12, np.int32))),
         "dlpack": lambda: (DLPackOnly(ints.copy()), DLPackOnly(np.zeros(12, np.int32))),
+        "cuda_interface_v0": lambda: (CudaInterfaceOnly(ints.copy(), version=0),
+                                      CudaInterfaceOnly(np.zeros(12, np.int32), version=0)),
+        "cuda_interface_v3_fortran_strides": lambda: (
+            CudaInterfaceOnly(np.asfortranarray(ints.reshape(3, 4)), strides=True),
+            CudaInterfaceOnly(np.zeros((3, 4), np.int32, order="F"), strides=True)),
+        "cuda_interface_spec": lambda: ([CudaInterfaceOnly(ints.copy(), version=2), 4, 2, MPI.INT],
+                                        [CudaInterfaceOnly(np.zeros(12, np.int32), version=1), 4, 2, MPI.INT]),
         "spec_dtype": lambda: ([ints.copy(), MPI.INT], [np.zeros(12, np.int32), MPI.INT]),
         "spec_count": lambda: ([ints.copy(), 5, MPI.INT], [np.zeros(12, np.int32), 5, MPI.INT]),
         "spec_count_displ": lambda: ([ints.copy(), (4, 3), MPI.INT], [np.zeros(12, np.int32), (4, 3), MPI.INT]),
@@ -401,6 +430,10 @@ def errors_body() -> Body:
         seen.append(error_class(lambda: f.Write_at(0, [np.zeros(3, np.int32), MPI.DOUBLE])))
         seen.append(error_class(lambda: f.Write_at(0, [np.zeros(4, np.int32), (1, 9), MPI.INT])))
         seen.append(error_class(lambda: f.Write_at(0, object())))
+        grid = np.zeros((4, 4), np.int32)
+        seen.append(error_class(lambda: f.Write_at(0, CudaInterfaceOnly(grid[:, ::2], strides=True))))
+        seen.append(error_class(lambda: f.Read_at(0, CudaInterfaceOnly(grid, readonly=True))))
+        seen.append(error_class(lambda: f.Write_at(0, CudaInterfaceOnly(grid, mask=grid))))
         f.Close()
         seen.append(error_class(lambda: f.Write_at(0, b"abcd")))
         vec.Free()

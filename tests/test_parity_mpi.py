@@ -100,7 +100,8 @@ def test_shared_pointer_and_ordered(run, which):
     assert seen[1] == size * (size + 1) // 2 if which == "world" else seen[1] == 1
 
 
-@pytest.mark.parametrize("kind", ["bytes", "numpy_2d_fortran", "dlpack", "spec_count_displ"])
+@pytest.mark.parametrize("kind", ["bytes", "numpy_2d_fortran", "dlpack", "spec_count_displ",
+                                  "cuda_interface_v3_fortran_strides"])
 def test_buffer_kind(run, kind):
     counts = run(parity.buffer_body(parity.buffer_kinds(11 + rank)[kind]), comm)
     assert counts[0] == counts[1] > 0
