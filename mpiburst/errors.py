@@ -121,7 +121,7 @@ class ChannelBusyError(ChannelError):
 
 
 class DeviceBufferError(MpiburstError, TypeError):
-    """A buffer in device (GPU) memory was given where mpiburst.File takes host memory only."""
+    """A buffer in device memory that mpiburst cannot stage: no CUDA runtime for a CUDA DLPack device, or not CUDA."""
 
 
 #: Set (to anything but ``0`` or empty) to print mpiburst errors with their full traceback and causes.

@@ -33,6 +33,7 @@ from .collective import on_root, together
 from .errors import MpiburstError
 from .fileobj import BurstIO
 from .fileobj import open as burst_open
+from .memory import host_array
 
 if TYPE_CHECKING:   # mpi4py only for parallel use
     from mpi4py import MPI
@@ -319,7 +320,9 @@ class ParallelFile:
         (``selection=None`` for none). ``selection`` is what NumPy indexing
         takes for a box: a tuple of integers and step-1 slices, ``...``, or
         ``numpy.s_[a:b, c:d]``. ``array`` is converted to the dataset's dtype
-        and must have the box's shape (or its number of elements).
+        and must have the box's shape (or its number of elements); device
+        arrays (``__cuda_array_interface__``, DLPack) are copied to the host
+        first (:func:`mpiburst.memory.host_array`).
 
         Raises
         ------
@@ -343,6 +346,8 @@ class ParallelFile:
         if fh is None:
             raise ValueError(f"{self.name} is closed; create it again with parallel_create to write more.")
         starts, counts, squeezed = hyperslab(dset.shape, selection)
+        if hasattr(array, "__cuda_array_interface__") or hasattr(array, "__dlpack_device__"):
+            array = host_array(array)      # device memory: a host copy (numpy converts and lays it out)
         data = np.ascontiguousarray(array, dtype=dset.dtype)
         if data.shape not in (tuple(counts), squeezed) and data.size != math.prod(counts):
             raise ValueError(f"array of shape {data.shape} does not fit selection {selection!r} of "

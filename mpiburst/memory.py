@@ -122,7 +122,7 @@ def host_array(obj: Any) -> np.ndarray:
     if not found.device:
         raw = np.asarray(host_view(found.ptr, found.nbytes, found.readonly, found.owner))
     else:
-        from .staging import to_host    # staging builds on this module
+        from .staging import to_host  # staging builds on this module
         raw = np.empty(found.nbytes, np.uint8)
         to_host(DeviceMemory(found.ptr, found.nbytes, found.readonly, found.runtime, found.owner), 0,
                 memoryview(raw))

@@ -22,6 +22,7 @@ from mpi4py.util import dtlib
 from . import staging
 from .datatypes import Layout, layout
 from .memory import DeviceMemory, decode
+
 #: The layout of a plain buffer: bytes.
 _BYTES = layout(MPI.BYTE)
 

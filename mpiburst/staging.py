@@ -13,9 +13,10 @@ once (``cudaMallocHost`` is slow) and kept for the process.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from . import cuda
 from .memory import DeviceMemory, host_view

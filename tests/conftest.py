@@ -23,6 +23,8 @@ Reusable by every test module:
 * ``require_tool(tool, package)``: the path of a system tool a test needs;
   when it is missing the test is skipped with a one-line reason naming the
   Debian package (listed in ``tests/system-packages.txt``).
+* ``require_cuda_device()``: cupy, where a CUDA device is usable; else a
+  skip that stays a skip in CI (a GPU is hardware, not a package).
 
 Tests that need root call :func:`require_root`: skipped with the reason when
 not root. With ``MPIBURST_REQUIRE_TOOLS=1`` (set by ``.ci/run``, which runs
@@ -44,7 +46,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -369,6 +371,25 @@ def require_root(why: str) -> None:
     if os.geteuid() == 0:
         return
     missing_tool(f"needs root: {why}")
+
+
+def require_cuda_device() -> Any:
+    """Return ``cupy`` where a CUDA device is usable; else skip the test with a one-line reason.
+
+    Unlike :func:`require_tool` and :func:`require_root` this stays a skip under
+    ``MPIBURST_REQUIRE_TOOLS=1``: a GPU is hardware, not a package ``.ci/run``
+    could install, and CI's machines have none (docs/ci.md).
+    """
+    from mpiburst import cuda
+
+    if cuda.runtime() is None:
+        pytest.skip("no CUDA device here (no runtime among cupy, cuda-python, libcudart sees one): "
+                    "this test runs on a machine with a GPU")
+    try:
+        import cupy
+    except ImportError:
+        pytest.skip("a CUDA device is present but cupy is not installed: pip install cupy-cuda12x to run this test")
+    return cupy
 
 
 @pytest.fixture

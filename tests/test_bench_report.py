@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import cli_env
 from mpiburst.bench import report
 from mpiburst.bench.main import filesystem
 
@@ -131,3 +132,14 @@ def test_bench_rejects_checkpoints_the_tier_cannot_hold(cli):
     assert result.returncode == 2
     assert "cannot hold 40 checkpoints of 1 ranks x 64.0 MiB" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_bench_on_the_device_without_one_says_so_in_one_sentence(cli):
+    """``--device cuda`` where no CUDA device is visible (CUDA_VISIBLE_DEVICES hides a GPU the machine may have)."""
+    result = cli("bench", "--device", "cuda", env=cli_env(CUDA_VISIBLE_DEVICES=""))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        "mpiburst bench: --device cuda: no CUDA device is visible to this process (no CUDA runtime among cupy, "
+        "cuda-python and libcudart sees one); run it on a GPU node, or leave out --device.")
+    assert result.stdout == ""

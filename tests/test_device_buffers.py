@@ -230,3 +230,14 @@ def test_host_array_gives_numpy_the_declared_dtype_and_shape(gpu):
     f = np.asfortranarray(np.arange(6, dtype=np.int16).reshape(2, 3))
     same = memory.host_array(CudaInterfaceOnly(f, strides=True))
     assert same.tolist() == f.tolist() and same.ctypes.data == f.ctypes.data     # host memory: a view, no copy
+
+
+def test_h5_parallel_write_takes_device_and_interface_arrays(gpu, mem_tier):
+    from mpiburst import h5 as mh5
+
+    u = np.arange(24, dtype="f8").reshape(4, 6)
+    with mh5.parallel_create("burst://dev.h5", MPI.COMM_SELF, {"u": (u.shape, u.dtype)}) as pf:
+        pf.write("u", np.s_[:2], DeviceArray(gpu, u[:2]))                     # device memory: staged
+        pf.write("u", np.s_[2:], CudaInterfaceOnly(u[2:].astype("f4")))       # host memory, converted to f8
+    with mh5.File("burst://dev.h5", "r", tier=mem_tier) as f:
+        np.testing.assert_array_equal(f["u"][()], u)

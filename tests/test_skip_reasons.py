@@ -74,3 +74,28 @@ def test_a_session_without_root_skips_the_slurm_tests_whatever_lock_root_left(tm
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_no_cuda_device_is_a_skip_even_where_ci_requires_every_tool(monkeypatch):
+    """A GPU is hardware, not a Debian package .ci/run could install: the GPU tests skip in CI too (docs/ci.md)."""
+    from conftest import require_cuda_device
+    from mpiburst import cuda
+
+    monkeypatch.setenv("MPIBURST_REQUIRE_TOOLS", "1")
+    monkeypatch.setattr(cuda, "runtime", lambda: None)
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        require_cuda_device()
+    reason = str(skipped.value)
+    assert "\n" not in reason and reason.startswith("no CUDA device here")
+
+
+def test_mpi4py_tests_that_cannot_be_downloaded_say_what_is_missing_in_one_line(tmp_path, monkeypatch):
+    """Without PyPI the upstream parity test is skipped naming mpi4py's sdist (and fails under CI's setting)."""
+    import upstream
+
+    monkeypatch.setenv("MPIBURST_UPSTREAM_TESTS", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")                 # as on a machine without network
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    folder, reason = upstream.tests_dir(timeout=120)
+    assert folder is None and "\n" not in reason
+    assert f"mpi4py {upstream.VERSION}'s sdist" in reason and "PyPI" in reason

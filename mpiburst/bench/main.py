@@ -10,6 +10,7 @@ in a local temporary directory.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
@@ -27,6 +28,7 @@ from ..server import connect_redis
 from ..sizes import format_size, parse_size
 from ..writeback import buffer_size
 from . import baselines, burst, ckpt, files, report, view
+from . import device as cuda_bench
 from .patterns import DEFAULT_PATTERNS, PATTERNS, Layout, rank_data, records
 
 DEFAULT_TRANSFERS = ("4k", "47008", "1m", "16m")
@@ -52,6 +54,7 @@ class Options:
     nfiles: int = files.DEFAULT_FILES
     flush_every: int = 4
     compute: tuple[str, ...] = ckpt.COMPUTE_MODES
+    device: str = "host"
 
 
 def _split(values: list[str] | None, default: tuple[str, ...]) -> list[str]:
@@ -63,8 +66,10 @@ def _split(values: list[str] | None, default: tuple[str, ...]) -> list[str]:
 def options(patterns: list[str] | None, transfers: list[str] | None, size: str, repeat: int,
             json: str | None, plot: str | None, bfs_dir: str, capacity: str, server: str | None,
             steps: int = 4, work: float = 0.25, nfiles: int = files.DEFAULT_FILES, flush_every: int = 4,
-            compute: list[str] | None = None) -> Options:
+            compute: list[str] | None = None, device: str = "host") -> Options:
     """Check the command line's values and return them as :class:`Options` (raises :class:`ConfigError`)."""
+    if device == "cuda":
+        cuda_bench.check()      # before MPI starts: one sentence when there is no device
     pats = _split(patterns, DEFAULT_PATTERNS)
     for p in pats:
         if p not in PATTERNS:
@@ -106,7 +111,7 @@ def options(patterns: list[str] | None, transfers: list[str] | None, size: str, 
         except ImportError:
             raise ConfigError("--plot needs matplotlib; install it with 'pip install mpiburst[bench]'.") from None
     return Options(pats, sizes, per_rank, repeat, json, plot, os.path.abspath(bfs_dir), capacity, server,
-                   steps, work, nfiles, flush_every, tuple(modes))
+                   steps, work, nfiles, flush_every, tuple(modes), device)
 
 
 def check_capacity(opts: Options, nranks: int) -> None:
@@ -284,6 +289,8 @@ def run(opts: Options) -> int:
         params |= {"steps": opts.steps, "work_seconds": opts.work, "ckpt_size": format_size(opts.size),
                    "flush_every": opts.flush_every, "compute": list(opts.compute)}
     scratch, rundir = _scratch(comm, opts.bfs_dir)
+    if opts.device == "cuda":
+        return _run_cuda(comm, opts, params, scratch, rundir)
     results = []
     views: list[dict[str, Any]] = []
     try:
@@ -349,3 +356,31 @@ def run(opts: Options) -> int:
         return 0
 
     return on_root(comm, publish)   # rank 0 reports (an unwritable --json raises on every rank)
+
+
+def _run_cuda(comm: Any, opts: Options, params: dict[str, Any], scratch: str, rundir: str) -> int:
+    """``--device cuda``: device to tier against host to tier and the copy limit (:mod:`.device`)."""
+    from .. import cuda
+
+    cp = cuda_bench.check()
+    try:
+        with burst.start_tier(comm, os.path.join(scratch, "bfs"), opts.capacity, rundir, opts.server):
+            rows = cuda_bench.run(comm, cp, opts.transfers, opts.size, opts.repeat)
+    finally:
+        if comm.rank == 0:
+            shutil.rmtree(scratch, ignore_errors=True)
+            shutil.rmtree(rundir, ignore_errors=True)
+
+    def publish() -> int:
+        print(cuda_bench.table(rows, comm.size, opts.size, opts.repeat, cuda.runtime().name))
+        if opts.json:
+            params["device"] = {"kind": "cuda", "runtime": cuda.runtime().name}
+            with open(opts.json, "w", encoding="utf-8") as f:
+                json.dump({"params": params, "device_rows": rows}, f, indent=2)
+        if not all(r["verified"] for r in rows):
+            print("mpiburst bench: wrong output from the device runs (marked !); these figures are worthless.",
+                  file=sys.stderr)
+            return 1
+        return 0
+
+    return on_root(comm, publish)

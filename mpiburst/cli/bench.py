@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--files", type=int, default=200, metavar="N",
                    help="files: files each rank makes per measurement, each of one --transfer size (default: 200; "
                    "sizes default to 4k,64k when only this pattern runs)")
+    p.add_argument("--device", choices=("host", "cuda"), default="host",
+                   help="cuda: measure writes from CUDA device memory (CuPy) to the tier against host memory and "
+                   "the device-to-host copy limit, per --transfer, instead of the patterns (default: host)")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser(
@@ -73,7 +76,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     opts = main.options(args.pattern, args.transfer, args.size, args.repeat, args.json, args.plot,
                         args.bfs_dir, args.capacity, args.server, args.steps, args.work, args.files,
-                        args.flush_every, args.compute)
+                        args.flush_every, args.compute, args.device)
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
