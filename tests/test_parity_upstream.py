@@ -23,10 +23,11 @@ import pytest
 import upstream
 from conftest import REPO, cli_env, missing_tool
 
-#: Seconds the 2-rank run may take (about 25 s on an idle 2-core machine; minutes on a loaded one).
-LIMIT = 400
+#: Seconds the 2-rank run may take: 370 to 400 s measured at a load of 15 to 17 on 2 cores (the ranks spin in
+#: MPI waits while others run); far less on a quiet machine. A hang is caught here, not by pytest.
+LIMIT = 600
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(LIMIT + 120)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(LIMIT + 60)]
 
 
 def test_mpi4py_test_io_passes_through_mpiburst_file(tmp_path: Path, server_binary: str) -> None:
