@@ -96,7 +96,7 @@ def decode(obj: Any, writable: bool) -> memoryview | DeviceMemory:
     except TypeError:
         found = _interface(obj)
         if isinstance(found, np.ndarray):
-            view = memoryview(found)
+            view = found.data
         else:
             if writable and found.readonly:
                 raise BufferError("Object is not writable.") from None
@@ -125,7 +125,7 @@ def host_array(obj: Any) -> np.ndarray:
         from .staging import to_host  # staging builds on this module
         raw = np.empty(found.nbytes, np.uint8)
         to_host(DeviceMemory(found.ptr, found.nbytes, found.readonly, found.runtime, found.owner), 0,
-                memoryview(raw))
+                raw.data)
     return raw.view(found.dtype).reshape(found.shape, order="F" if found.fortran else "C")
 
 
@@ -135,7 +135,7 @@ def _flat(view: memoryview, writable: bool) -> memoryview:
     if not view.contiguous:
         raise BufferError("buffer is not contiguous")
     if not view.c_contiguous:  # Fortran order: its bytes in memory order, as MPI.File takes them
-        view = memoryview(np.asarray(view).T)
+        view = np.asarray(view).T.data
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
@@ -163,7 +163,7 @@ def host_view(ptr: int, nbytes: int, readonly: bool, owner: Any) -> memoryview:
     """Return a byte view of ``nbytes`` of host memory at ``ptr`` that keeps ``owner`` alive."""
     if nbytes == 0:
         return memoryview(b"") if readonly else memoryview(bytearray())
-    return memoryview(np.asarray(_HostMemory(ptr, nbytes, readonly, owner)))
+    return np.asarray(_HostMemory(ptr, nbytes, readonly, owner)).data
 
 
 # -- __cuda_array_interface__ -------------------------------------------------------------------

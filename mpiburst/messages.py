@@ -68,22 +68,22 @@ class Message:
 
     def gather(self) -> memoryview:
         """Return the selected bytes in type-map order, as one contiguous stream (in host memory)."""
-        dev = self.device
-        if dev is not None:
+        raw = self.raw
+        if isinstance(raw, DeviceMemory):
             run = self.run()
             if self.nbytes == 0:
                 return memoryview(b"")
             if run is not None:
                 copy = memoryview(bytearray(run[1]))
-                staging.to_host(dev, run[0], copy)
+                staging.to_host(raw, run[0], copy)
                 return copy
-            return self._on_host()[0].gather()
+            return self._on_host(raw)[0].gather()
         view = self.contiguous()
         if view is not None:
             return view
         offs, lens = self.lay.tiled(self.count, self.base)
         out = bytearray(self.nbytes)
-        _copy_runs(np.frombuffer(self.raw, dtype=np.uint8), offs, lens, np.frombuffer(out, dtype=np.uint8),
+        _copy_runs(np.frombuffer(raw, dtype=np.uint8), offs, lens, np.frombuffer(out, dtype=np.uint8),
                    to_stream=True)
         return memoryview(out)
 
@@ -92,31 +92,30 @@ class Message:
         n = len(stream)
         if n == 0:
             return
-        dev = self.device
-        if dev is not None:
+        raw = self.raw
+        if isinstance(raw, DeviceMemory):
             run = self.run()
             if run is not None:
-                staging.from_host(dev, run[0], stream)
+                staging.from_host(raw, run[0], stream)
                 return
-            host, copy, lo = self._on_host()     # the holes keep their bytes: copied down, filled, copied back
+            host, copy, lo = self._on_host(raw)     # the holes keep their bytes: copied down, filled, copied back
             host.scatter(stream)
-            staging.from_host(dev, lo, copy)
+            staging.from_host(raw, lo, copy)
             return
         offs, lens = self.lay.tiled(self.count, self.base)
         if n < self.nbytes:
             cut = int(np.searchsorted(np.cumsum(lens), n, side="left"))
             offs, lens = offs[:cut + 1].copy(), lens[:cut + 1].copy()
             lens[-1] -= int(lens.sum()) - n
-        _copy_runs(np.frombuffer(self.raw, dtype=np.uint8), offs, lens,
+        _copy_runs(np.frombuffer(raw, dtype=np.uint8), offs, lens,
                    np.frombuffer(stream, dtype=np.uint8), to_stream=False)
 
-
-    def _on_host(self) -> tuple[Message, memoryview, int]:
+    def _on_host(self, dev: DeviceMemory) -> tuple[Message, memoryview, int]:
         """Copy the device bytes the message spans to the host: the message over the copy, the copy, its first byte."""
         offs, lens = self.lay.tiled(self.count, self.base)
         lo, hi = int(offs.min()), int((offs + lens).max())
         copy = memoryview(bytearray(hi - lo))
-        staging.to_host(self.device, lo, copy)
+        staging.to_host(dev, lo, copy)
         return Message(copy, self.base - lo, self.count, self.lay), copy, lo
 
 

@@ -39,6 +39,12 @@ def check() -> Any:
     return cupy
 
 
+def runtime_name() -> str:
+    """The binding through which the CUDA runtime was loaded (``cupy``, ``cuda-python``, ``libcudart``)."""
+    rt = cuda.runtime()
+    return rt.name if rt is not None else "none"
+
+
 def _discard(at: int, chunk: memoryview) -> None:
     """A sink that drops the staged bytes: what is left is the device-to-host copy."""
 

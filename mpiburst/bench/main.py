@@ -360,8 +360,6 @@ def run(opts: Options) -> int:
 
 def _run_cuda(comm: Any, opts: Options, params: dict[str, Any], scratch: str, rundir: str) -> int:
     """``--device cuda``: device to tier against host to tier and the copy limit (:mod:`.device`)."""
-    from .. import cuda
-
     cp = cuda_bench.check()
     try:
         with burst.start_tier(comm, os.path.join(scratch, "bfs"), opts.capacity, rundir, opts.server):
@@ -371,10 +369,12 @@ def _run_cuda(comm: Any, opts: Options, params: dict[str, Any], scratch: str, ru
             shutil.rmtree(scratch, ignore_errors=True)
             shutil.rmtree(rundir, ignore_errors=True)
 
+    runtime = cuda_bench.runtime_name()
+
     def publish() -> int:
-        print(cuda_bench.table(rows, comm.size, opts.size, opts.repeat, cuda.runtime().name))
+        print(cuda_bench.table(rows, comm.size, opts.size, opts.repeat, runtime))
         if opts.json:
-            params["device"] = {"kind": "cuda", "runtime": cuda.runtime().name}
+            params["device"] = {"kind": "cuda", "runtime": runtime}
             with open(opts.json, "w", encoding="utf-8") as f:
                 json.dump({"params": params, "device_rows": rows}, f, indent=2)
         if not all(r["verified"] for r in rows):
