@@ -33,7 +33,7 @@ from .collective import on_root, together
 from .errors import MpiburstError
 from .fileobj import BurstIO
 from .fileobj import open as burst_open
-from .memory import host_array
+from .staging import host_array
 
 if TYPE_CHECKING:   # mpi4py only for parallel use
     from mpi4py import MPI
@@ -322,7 +322,7 @@ class ParallelFile:
         ``numpy.s_[a:b, c:d]``. ``array`` is converted to the dataset's dtype
         and must have the box's shape (or its number of elements); device
         arrays (``__cuda_array_interface__``, DLPack) are copied to the host
-        first (:func:`mpiburst.memory.host_array`).
+        first (:func:`mpiburst.staging.host_array`).
 
         Raises
         ------

@@ -65,8 +65,11 @@ class DeviceMemory:
 
 
 @dataclass(frozen=True)
-class _Described:
-    """An array's memory as its interface describes it (after the contiguity and read-only checks)."""
+class Described:
+    """An array's memory as its interface describes it (after the contiguity and read-only checks).
+
+    ``device`` is True for device memory (staged), False for memory the host may touch.
+    """
 
     ptr: int
     nbytes: int
@@ -74,7 +77,7 @@ class _Described:
     dtype: np.dtype
     shape: tuple[int, ...]
     fortran: bool
-    device: bool      # True: device memory (needs staging); False: the host may touch it
+    device: bool
     runtime: Any
     owner: Any
 
@@ -94,7 +97,7 @@ def decode(obj: Any, writable: bool) -> memoryview | DeviceMemory:
     try:
         view = memoryview(obj)
     except TypeError:
-        found = _interface(obj)
+        found = interface(obj)
         if isinstance(found, np.ndarray):
             view = found.data
         else:
@@ -104,29 +107,6 @@ def decode(obj: Any, writable: bool) -> memoryview | DeviceMemory:
                 return DeviceMemory(found.ptr, found.nbytes, found.readonly, found.runtime, found.owner)
             view = host_view(found.ptr, found.nbytes, found.readonly, found.owner)
     return _flat(view, writable)
-
-
-def host_array(obj: Any) -> np.ndarray:
-    """Return ``obj`` as a numpy array of host memory: itself, a view of its host memory, or a copy from the device.
-
-    For array APIs that need numpy (h5py): what :func:`decode` accepts,
-    with the dtype and shape the interface declares.
-    """
-    try:
-        memoryview(obj)
-        return np.asarray(obj)
-    except TypeError:
-        found = _interface(obj)
-    if isinstance(found, np.ndarray):
-        return found
-    if not found.device:
-        raw = np.asarray(host_view(found.ptr, found.nbytes, found.readonly, found.owner))
-    else:
-        from .staging import to_host  # staging builds on this module
-        raw = np.empty(found.nbytes, np.uint8)
-        to_host(DeviceMemory(found.ptr, found.nbytes, found.readonly, found.runtime, found.owner), 0,
-                raw.data)
-    return raw.view(found.dtype).reshape(found.shape, order="F" if found.fortran else "C")
 
 
 def _flat(view: memoryview, writable: bool) -> memoryview:
@@ -139,9 +119,15 @@ def _flat(view: memoryview, writable: bool) -> memoryview:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
-def _interface(obj: Any) -> np.ndarray | _Described:
+def interface(obj: Any) -> np.ndarray | Described:
     """Read an object without the buffer protocol, in mpi4py's order: DLPack, CUDA array interface; then
-    ``__array_interface__``. Host memory a numpy array can wrap comes back as one."""
+    ``__array_interface__`` (a numpy array of it).
+
+    Raises
+    ------
+    TypeError
+        For an object that speaks none of them.
+    """
     if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
         return _dlpack(obj)
     if hasattr(obj, "__cuda_array_interface__"):
@@ -168,7 +154,7 @@ def host_view(ptr: int, nbytes: int, readonly: bool, owner: Any) -> memoryview:
 
 # -- __cuda_array_interface__ -------------------------------------------------------------------
 
-def _cuda_array(obj: Any) -> _Described:
+def _cuda_array(obj: Any) -> Described:
     """Read ``__cuda_array_interface__`` (versions 0 to 3), checked as mpi4py checks it."""
     cai = obj.__cuda_array_interface__
     ptr, readonly = cai["data"]
@@ -206,7 +192,7 @@ def _cuda_array(obj: Any) -> _Described:
             raise ValueError("__cuda_array_interface__: stream 0 is not allowed (version 3): use 1 for the "
                              "legacy default stream or 2 for the per-thread one")
         rt.stream_synchronize(int(stream))
-    return _Described(ptr, nbytes, bool(readonly), dtype, shape, fortran, device, rt, obj)
+    return Described(ptr, nbytes, bool(readonly), dtype, shape, fortran, device, rt, obj)
 
 
 def _contiguous(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> tuple[bool, bool]:
@@ -255,7 +241,7 @@ _capsule_valid = ctypes.pythonapi.PyCapsule_IsValid
 _capsule_valid.restype, _capsule_valid.argtypes = ctypes.c_int, [ctypes.py_object, ctypes.c_char_p]
 
 
-def _dlpack(obj: Any) -> _Described:
+def _dlpack(obj: Any) -> Described:
     """Read an object's DLPack capsule, as mpi4py does: never consumed (renamed), kept as the memory's owner.
 
     A consumer that takes the capsule over (``numpy.from_dlpack``) calls
@@ -303,4 +289,4 @@ def _dlpack(obj: Any) -> _Described:
         fortran = fortran and not c_order
     ptr = int(tensor.data or 0) + int(tensor.byte_offset)
     nbytes = math.prod(shape) * dtype.itemsize
-    return _Described(ptr, nbytes, readonly, dtype, shape, fortran, not on_host, rt, capsule)
+    return Described(ptr, nbytes, readonly, dtype, shape, fortran, not on_host, rt, capsule)

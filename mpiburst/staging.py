@@ -8,6 +8,7 @@ large write to the tier overlaps its device-to-host copies; :func:`upload`
 has the caller fill one buffer while the other's host-to-device copy runs,
 so reads land in device memory the same way. Pinned memory is allocated
 once (``cudaMallocHost`` is slow) and kept for the process.
+:func:`host_array` gives numpy-only APIs (h5py) any such buffer as a numpy array.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from . import cuda
-from .memory import DeviceMemory, host_view
+from .memory import DeviceMemory, host_view, interface
 
 #: Bytes of one pinned staging buffer (two per runtime): large enough that each tier write is
 #: sent straight from it (the default write-back buffer is 4 MiB), small enough to overlap.
@@ -131,3 +134,25 @@ def from_host(dev: DeviceMemory, lo: int, data: memoryview) -> None:
         return len(chunk)
 
     upload(dev, lo, len(data), fill)
+
+
+def host_array(obj: Any) -> np.ndarray:
+    """Return ``obj`` as a numpy array of host memory: itself, a view of its host memory, or a copy from the device.
+
+    For array APIs that take numpy only (h5py): what
+    :func:`mpiburst.memory.decode` accepts, with the dtype and shape its
+    interface declares.
+    """
+    try:
+        memoryview(obj)
+        return np.asarray(obj)
+    except TypeError:
+        found = interface(obj)
+    if isinstance(found, np.ndarray):
+        return found
+    if not found.device:
+        raw = np.asarray(host_view(found.ptr, found.nbytes, found.readonly, found.owner))
+    else:
+        raw = np.empty(found.nbytes, np.uint8)
+        to_host(DeviceMemory(found.ptr, found.nbytes, found.readonly, found.runtime, found.owner), 0, raw.data)
+    return raw.view(found.dtype).reshape(found.shape, order="F" if found.fortran else "C")

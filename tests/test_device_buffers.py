@@ -225,10 +225,10 @@ def test_mpiburst_open_takes_device_buffers(gpu, mem_tier):
 
 
 def test_host_array_gives_numpy_the_declared_dtype_and_shape(gpu):
-    arr = memory.host_array(DeviceArray(gpu, np.arange(12, dtype=np.float64).reshape(3, 4)))
+    arr = staging.host_array(DeviceArray(gpu, np.arange(12, dtype=np.float64).reshape(3, 4)))
     assert arr.shape == (3, 4) and arr.dtype == np.float64 and arr[2, 3] == 11
     f = np.asfortranarray(np.arange(6, dtype=np.int16).reshape(2, 3))
-    same = memory.host_array(CudaInterfaceOnly(f, strides=True))
+    same = staging.host_array(CudaInterfaceOnly(f, strides=True))
     assert same.tolist() == f.tolist() and same.ctypes.data == f.ctypes.data     # host memory: a view, no copy
 
 

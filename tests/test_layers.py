@@ -17,7 +17,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mpiburst"
 #: Bottom to top; a module may import modules of its own layer or of layers below.
 #: A package (``store``, ``server``, ``cli``, ``bench``, ``testing``) is placed as one unit.
 LAYERS: list[set[str]] = [
-    {"errors", "sizes", "overlay", "buffers", "paths", "align", "collective", "perms", "progress", "nodes"},  # pure helpers
+    {"errors", "sizes", "overlay", "buffers", "paths", "align", "collective", "perms", "progress", "nodes",
+     "cuda"},                                                  # pure helpers
     {"store"},                                                 # the boundary to the server's data
     {"assembly", "iostats"},                                   # the current bytes of a range; I/O counters
     {"runconf", "server", "engine_process"},                   # the server's and the engine's processes
@@ -25,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"flush", "drain"},                                        # tier data -> BFS (drain: while it is written)
     {"residency"},                                             # purge, pin, prestage, make_room
     {"writeback"},                                             # one process's buffered file
-    {"datatypes", "views", "messages"},                        # mpiburst.File's datatypes, views, buffers
+    {"datatypes", "views", "messages", "memory", "staging"},   # mpiburst.File's datatypes, views, buffers
     {"file", "fileobj", "channels", "policy"},                 # the APIs applications use
     {"h5", "engine", "jobrun", "report", "nodeserve", "checkpoint", "halt"},   # built on those APIs
     {"memio", "cli", "bench", "testing", "__init__", "__main__"},   # entry points and test helpers
