@@ -8,7 +8,8 @@ its PID (``server.stop_run``). Every ``interval`` (0.5 s) it:
   (the store's request queue, :meth:`mpiburst.store.Store.dequeue`);
 * reads the server's memory use (``INFO memory``: ``used_memory`` against
   ``maxmemory``); at or above the run's ``sync_threshold`` (default 0.5) it
-  syncs the dirty unpinned files, the longest-dirty first; at or above
+  syncs the dirty unpinned files as the application last closed or
+  synced them (docs/consistency.md, "Published states"); at or above
   ``purge_threshold`` (0.8) it drops the clean data of unpinned files.
   On a multi-node run the thresholds apply to each server: the fullest
   node's fill decides (one engine, on rank 0's node, for the whole run);
@@ -107,7 +108,9 @@ class Engine:
         self.sample()
         used, cap = self.memory()
         conf = self.tier.conf
-        dirty = residency.dirty_files(self.tier)
+        # Only what may be published: a file being written waits for its next consistent point (its
+        # writes since are dirty, but nothing of them is to sync), so it does not make a round sync.
+        dirty = [m for m in residency.dirty_files(self.tier) if (s := m.settled_state()) is not None and s.dirty]
         if used >= conf.sync_threshold * cap and dirty:
             self.log.info("memory %d of %d bytes: syncing %d dirty files", used, cap, len(dirty))
             started = time.time()

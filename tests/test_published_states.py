@@ -95,3 +95,27 @@ def test_a_tier_full_of_an_open_file_still_makes_room(tmp_path) -> None:
         f.write(data)
     residency.auto_sync(tier)
     assert _bfs(tier, "big.dat") == data
+
+
+def test_the_engine_makes_no_sync_round_for_a_file_only_being_written(mem_tier: Tier, caplog) -> None:
+    """A file being written is dirty but has nothing to publish: the engine logs no sync every round.
+
+    Before, each round above the threshold logged "syncing 1 dirty files"
+    and a sync event into the run's I/O log, for nothing.
+    """
+    import logging
+
+    from mpiburst import engine
+
+    mem_tier.conf.sync_threshold = 0.0          # every round is above it
+    f = _open(mem_tier, "ck.dat", b"H" * 5000)
+    eng = engine.Engine(mem_tier, logging.getLogger("test.engine"))
+    with caplog.at_level(logging.INFO, logger="test.engine"):
+        eng.thresholds()
+        eng.thresholds()
+    assert "syncing" not in caplog.text
+    assert not [e for e in mem_tier.store.stats()[1] if e.get("kind") == "sync"]
+    f.close()
+    with caplog.at_level(logging.INFO, logger="test.engine"):
+        eng.thresholds()
+    assert "syncing 1 dirty files" in caplog.text and _bfs(mem_tier, "ck.dat") == b"H" * 5000
