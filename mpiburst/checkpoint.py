@@ -366,7 +366,7 @@ class Checkpoints:
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"Checkpoints: {what} must be a whole number of at least 1 (got {value!r}).")
         self.comm = comm.Dup() if comm is not None and comm.Get_size() > 1 else comm
-        self.tier = tier if tier is not None else Tier.current()
+        self.tier = tier if tier is not None else Tier.current(self.comm)   # a failed connect fails every rank
         self.catalog = Catalog(name, self.tier)
         self.name, self.keep, self.flush_every = name, keep, flush_every
         #: Completed saves of this object (every rank): the k of ``k % flush_every``.

@@ -37,35 +37,40 @@ STALLED_OPEN = textwrap.dedent("""\
     if comm.rank == 0:
         os.kill(RunConf.load(os.environ["MPIBURST_CONF"]).pid, signal.SIGSTOP)
     try:
-        f = mpiburst.File.Open(comm, "burst://a.dat", MPI.MODE_WRONLY | MPI.MODE_CREATE)
+        if sys.argv[1] == "open":
+            mpiburst.File.Open(comm, "burst://a.dat", MPI.MODE_WRONLY | MPI.MODE_CREATE).Close()
+        else:
+            mpiburst.Checkpoints(comm, "sim")
     except Exception as exc:
         print(f"rank {comm.rank} raised {type(exc).__name__}", flush=True)
         sys.exit(1)
     print(f"rank {comm.rank} opened", flush=True)
-    f.Close()
     """)
 
 
-def _mpiexec(script: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
-    """Run ``mpiexec -n 2 python script`` (no ``-m mpi4py``); a hang shows as ``TimeoutExpired``."""
+def _mpiexec(script: Path, env: dict, timeout: float, *args: str) -> subprocess.CompletedProcess:
+    """Run ``mpiexec -n 2 python script ARGS`` (no ``-m mpi4py``); a hang shows as ``TimeoutExpired``."""
     mpiexec = str(Path(sys.executable).parent / "mpiexec")
-    return subprocess.run([mpiexec, "-n", "2", sys.executable, str(script)], env=env, capture_output=True,
+    return subprocess.run([mpiexec, "-n", "2", sys.executable, str(script), *args], env=env, capture_output=True,
                           text=True, timeout=timeout, start_new_session=True)
 
 
 @pytest.mark.slow   # about 8 s: the stalled server's connect takes redis-py's 5 s socket timeout
 @pytest.mark.timeout(90)
-def test_a_connect_failing_inside_open_fails_every_rank(tier: Tier, tmp_path: Path, server_binary: str) -> None:
+@pytest.mark.parametrize("first", ["open", "checkpoints"])
+def test_a_connect_failing_inside_open_fails_every_rank(tier: Tier, tmp_path: Path, server_binary: str,
+                                                        first: str) -> None:
     """Promise: a connect failure inside a collective call fails on every rank; none waits.
 
     Before the fix rank 0's connect timed out and raised before Open's
-    collective, and rank 1 waited in it for ever (here: until the timeout).
+    collective, and rank 1 waited in it for ever (here: until the timeout);
+    with ``mpiburst.Checkpoints`` rank 1 went on alone.
     """
     script = tmp_path / "app.py"
     script.write_text(STALLED_OPEN)
     env = job_env(server_binary, MPIBURST_CONF=tier.conf.path)
     try:
-        done = _mpiexec(script, env, timeout=45)
+        done = _mpiexec(script, env, 45, first)
     except subprocess.TimeoutExpired:
         pytest.fail("a rank waited in File.Open after the other rank's connect failed")
     finally:
