@@ -204,8 +204,10 @@ class Trial:
             time.sleep(self.rnd.uniform(0.0, 1.0))
             _signal(proc.pid, signal.SIGTERM)
         elif self.kind == "stop-server":
+            stopped = self.rnd.uniform(1.0, 6.0)
+            self.notes.append(f"server stopped for {stopped:.1f} s")
             _signal(conf.pid, signal.SIGSTOP)
-            time.sleep(self.rnd.uniform(1.0, 6.0))
+            time.sleep(stopped)
             _signal(conf.pid, signal.SIGCONT)
 
     def check_said(self, text: str, who: str) -> None:
