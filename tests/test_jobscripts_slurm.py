@@ -111,6 +111,7 @@ def test_time_limit_commit_with_signal(slurm, tmp_path: Path, server_binary: str
     assert processes_gone(tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.timeout(300)
 def test_checkpoints_stop_before_the_time_limit_with_the_last_one_on_the_bfs(slurm, tmp_path: Path,
