@@ -275,7 +275,7 @@ def ls(path: str | os.PathLike | None = None, *, tier: Tier | None = None) -> li
     """Return the records of the tier's files, sorted by path: all, or those at or under ``path``.
 
     One read of every record (:meth:`Store.cut <mpiburst.store.Store.cut>`),
-    not one round trip per file.
+    not one round trip per file; ``pending`` is not part of it (0: see :func:`stat`).
     """
     tier = _tier(tier)
     records = tier.store.cut()
@@ -520,14 +520,15 @@ def expand(paths: Iterable[str | os.PathLike], *, recursive: bool, tier: Tier | 
 # ----------------------------------------------------------------------------- threshold actions
 
 def dirty_files(tier: Tier, include_pinned: bool = False) -> list[FileMeta]:
-    """Return the records of the tier's files holding data not on the BFS (unpinned unless asked)."""
-    store = tier.store
-    out = []
-    for p in sorted(store.files()):
-        meta = store.meta(p)
-        if meta is not None and meta.dirty and (include_pinned or not meta.pinned):
-            out.append(meta)
-    return out
+    """Return the records of the tier's files holding data not on the BFS (unpinned unless asked).
+
+    One read of every record (:meth:`Store.cut <mpiburst.store.Store.cut>`):
+    the engine asks this every round, and a round trip per file would grow
+    with the files the tier holds.
+    """
+    records = tier.store.cut()
+    return [records[p] for p in sorted(records)
+            if records[p].dirty and (include_pinned or not records[p].pinned)]
 
 
 def auto_sync(tier: Tier, log: Callable[[str], None] | None = None, settled: bool = True) -> int:

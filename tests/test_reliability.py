@@ -376,17 +376,20 @@ def test_a_commit_overtaken_by_a_later_flush_never_publishes_its_older_cut(mem_t
 
 
 _KILLED_COMMIT = """
-import os, sys, time
+import os, sys, threading, time
 from mpiburst import flush
 from mpiburst.tier import Tier
 flush.snapshot.LEASE_SECONDS = 2.0
 flush.writes.WRITE_SIZE = 1
 where = sys.argv[2]
+lock = threading.Lock()   # the commit's threads write and rename at once: one of them says HERE
 if where == "writing":
     def pause(p, o, n, seen=[]):
-        seen.append(n)
-        if len(seen) == 2:
-            print("HERE", flush=True)
+        with lock:
+            seen.append(n)
+            if len(seen) == 2:
+                print("HERE", flush=True)
+        if len(seen) >= 2:
             time.sleep(60)
     flush.writes.write_observers.append(pause)
 else:
@@ -394,7 +397,10 @@ else:
     def pause(src, dst, seen=[]):
         rename(src, dst)
         if ".mpiburst-commit-" not in dst:
-            print("HERE", flush=True)
+            with lock:
+                seen.append(dst)
+                if len(seen) == 1:
+                    print("HERE", flush=True)
             time.sleep(60)
     os.rename = pause
 flush.commit(tier=Tier.connect(conf=sys.argv[1]))

@@ -165,3 +165,139 @@ def test_delete_has_mpi_semantics_and_waits_for_no_flush(mem_tier):
     lease.release()
     mpiburst.File.Delete("burst://busy")
     assert mpiburst.residency.ls(tier=mem_tier) == []
+
+
+# ----------------------------------------------------------------------------- many files committed at once
+
+def _files(tier: Any, n: int, directory: str = "ckpt") -> dict[str, bytes]:
+    """Write ``n`` files of varied sizes (some over a stripe) under ``burst://<directory>/``; return path -> bytes."""
+    rng = np.random.default_rng(n)
+    out = {}
+    for i in range(n):
+        data = rng.integers(0, 256, int(rng.choice([1, 4096, 65_536, 70_001, 2 << 20])), dtype=np.uint8).tobytes()
+        with mpiburst.open(f"burst://{directory}/r{i % 3}/f{i}", "wb", tier=tier) as f:
+            f.write(data)
+        out[resolve(f"burst://{directory}/r{i % 3}/f{i}", tier.bfs_root)] = data
+    return out
+
+
+def _on_bfs(files: dict[str, bytes]) -> dict[str, bytes]:
+    found = {}
+    for path in files:
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                found[path] = f.read()
+    return found
+
+
+def _leftovers(root: str) -> list[str]:
+    return [os.path.join(d, n) for d, _, names in os.walk(root) for n in names if ".mpiburst" in n]
+
+
+def test_a_commit_of_many_files_is_byte_exact_and_fsyncs_each_file_once(mem_tier, monkeypatch):
+    from mpiburst import flush
+
+    monkeypatch.setenv("MPIBURST_COMMIT_THREADS", "4")
+    old = os.path.join(mem_tier.bfs_root, "ckpt", "r1", "f1")
+    os.makedirs(os.path.dirname(old))
+    with open(old, "wb") as f:   # an older, longer version on the BFS: replaced, not merged
+        f.write(b"old" * 1_000_000)
+    files = _files(mem_tier, 40)
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    reports = flush.commit(tier=mem_tier)
+    assert [r.path for r in reports] == sorted(files)
+    assert _on_bfs(files) == files
+    assert not any(m.dirty for m in mpiburst.residency.ls(tier=mem_tier))
+    assert _leftovers(mem_tier.bfs_root) == []
+    journal = [s for s in synced if ".mpiburst-commit-" in s]
+    versions = [s for s in synced if ".mpiburst-" in os.path.basename(s) and s not in journal]
+    assert len(versions) == len(set(versions)) == len(files)      # each new version once: written all, then fsync'd
+    root = os.path.realpath(mem_tier.bfs_root)
+    dirs = sorted({os.path.dirname(p) for p in files})
+    rest = sorted(s for s in synced if s not in versions and s not in journal)
+    assert len(journal) == 1
+    assert rest == sorted([*dirs, root])                          # each directory once, and the root for the journal
+
+
+def test_a_failure_in_the_middle_of_a_commit_publishes_nothing(mem_tier, monkeypatch):
+    from mpiburst import flush
+    from mpiburst.flush import writes
+
+    monkeypatch.setenv("MPIBURST_COMMIT_THREADS", "4")
+    files = _files(mem_tier, 30)
+    bad = sorted(files)[17]
+
+    def broken(path: str, offset: int, length: int) -> None:
+        if path == bad:
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(writes, "write_observers", [broken])
+    with pytest.raises(mpiburst.FlushError, match="commit of 30 files failed: .*nothing of it was published"):
+        flush.commit(tier=mem_tier)
+    assert _on_bfs(files) == {}                       # not one of the 29 others
+    assert all(m.dirty for m in mpiburst.residency.ls(tier=mem_tier))
+    assert _leftovers(mem_tier.bfs_root) == []        # no new version, lock or journal left behind
+    monkeypatch.setattr(writes, "write_observers", [])
+    assert len(flush.commit(tier=mem_tier)) == 30
+    assert _on_bfs(files) == files
+
+
+def test_a_commit_failing_while_renaming_is_completed_by_the_next(mem_tier, monkeypatch):
+    from mpiburst import flush
+
+    monkeypatch.setenv("MPIBURST_COMMIT_THREADS", "4")
+    files = _files(mem_tier, 12)
+    bad = sorted(files)[5]
+    real_rename = os.rename
+
+    def rename(src: str, dst: str) -> None:
+        if dst == bad:
+            raise OSError(28, "No space left on device")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(mpiburst.FlushError, match="while publishing them.*the next sync or commit completes it"):
+        flush.commit(tier=mem_tier)
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert flush.recover(mem_tier.bfs_root) == 1      # the journal names every file of every thread
+    assert _on_bfs(files) == files
+
+
+def test_a_commit_takes_one_cut_and_leaves_later_writes_dirty(mem_tier, monkeypatch):
+    from mpiburst import flush
+
+    monkeypatch.setenv("MPIBURST_COMMIT_THREADS", "4")
+    files = _files(mem_tier, 10)
+    late = sorted(files)[3]
+
+    def select(path: str) -> bool:   # called after the cut: a write now is past every file's mark
+        if path == late:
+            with mpiburst.open(late, "r+b", tier=mem_tier) as f:
+                f.write(b"LATE")
+        return True
+
+    flush.commit(tier=mem_tier, select=select)
+    assert _on_bfs(files) == files                    # the cut's bytes, not the late write
+    assert [m.path for m in mpiburst.residency.ls(tier=mem_tier) if m.dirty] == [late]
+    flush.commit(tier=mem_tier)
+    assert _on_bfs({late: b""})[late] == b"LATE" + files[late][4:]
+
+
+def test_a_commit_meeting_another_flush_waits_for_it_in_path_order(mem_tier, monkeypatch):
+    import threading
+
+    from mpiburst import flush
+
+    monkeypatch.setenv("MPIBURST_COMMIT_THREADS", "4")
+    files = _files(mem_tier, 8)
+    held = mem_tier.store.flush_lease(sorted(files)[6], 30)   # another flush of one file, ending soon
+    timer = threading.Timer(0.5, held.release)
+    timer.start()
+    try:
+        assert len(flush.commit(tier=mem_tier)) == 8
+    finally:
+        timer.cancel()
+    assert _on_bfs(files) == files
+    assert _leftovers(mem_tier.bfs_root) == []

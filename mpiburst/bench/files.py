@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 
-from ..collective import on_root
 from ..flush.writes import fsync_dir
 from ..sizes import format_size
 from .baselines import agree
@@ -110,11 +109,11 @@ def _direct(comm: Any, cfg: Files, directory: str, contents: Sequence[np.ndarray
 
 
 def _commit(comm: Any, tier: Any, directory: str) -> None:
-    """Make every file under ``directory`` durable: one commit of the tier's files there (collective)."""
+    """Make every file under ``directory`` durable: one collective commit of the tier's files there."""
     from .. import flush
 
     prefix = directory.rstrip("/") + "/"
-    on_root(comm, lambda: flush.commit(tier=tier, select=lambda p: p.startswith(prefix)))
+    flush.commit(tier=tier, select=lambda p: p.startswith(prefix), comm=comm)
 
 
 def _tier(comm: Any, tier: Any, cfg: Files, sub: str, contents: Sequence[np.ndarray], check: bool

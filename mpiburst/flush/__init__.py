@@ -68,6 +68,7 @@ The package is split along the flush's jobs, bottom to top:
 * :mod:`~mpiburst.flush.writes`: the BFS writes, seal, rename and mark clean
   (:data:`~mpiburst.flush.writes.WRITE_SIZE`, ``write_observers``);
 * :mod:`~mpiburst.flush.journal`: a commit's journal and :func:`recover`;
+* :mod:`~mpiburst.flush.many`: a commit's files shared by the ranks, each share flushed in threads;
 * :mod:`~mpiburst.flush.orchestrate`: :func:`sync`, :func:`commit`, :func:`enqueue`.
 """
 

@@ -21,6 +21,10 @@ class LeaseLost(Exception):
     """The flush lease expired or was released by a failing flusher."""
 
 
+class Busy(FlushError):
+    """Another flush holds the file (its BFS lock or its flush lease), and the caller chose not to wait."""
+
+
 LEASE_LOST = "the flush lease was lost (another flusher failed, or this one stalled past the lease)"
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -27,11 +26,11 @@ from ..collective import on_root
 from ..errors import FlushError, MpiburstError, PathError
 from ..paths import resolve
 from ..progress import JobBytes
-from ..store import FlushLease, Store
+from ..store import FlushLease
 from ..tier import Tier
-from . import locality, snapshot, writes
-from .failures import LEASE_LOST, LeaseLost, cause, failed
-from .journal import recover, write_journal
+from . import locality, many, snapshot, writes
+from .failures import LEASE_LOST, cause, failed
+from .journal import recover
 from .snapshot import Plan
 
 if TYPE_CHECKING:   # mpi4py is imported only by those who pass a communicator
@@ -240,7 +239,8 @@ def _report(plan: Plan, checksum: str | None) -> FlushReport:
 def commit(paths: Iterable[str] | None = None, *, tier: Tier | None = None, include_pinned: bool = True,
            select: Callable[[str], bool] | None = None,
            log: Callable[[str], None] | None = None,
-           progress: Callable[[int], None] | None = None, settled: bool = False) -> list[FlushReport]:
+           progress: Callable[[int], None] | None = None, settled: bool = False,
+           comm: MPI.Comm | None = None) -> list[FlushReport]:
     """Flush a consistent cut of the tier's files to the BFS, all or nothing.
 
     Every file's watermark is taken in one atomic step (:meth:`Store.cut
@@ -250,7 +250,9 @@ def commit(paths: Iterable[str] | None = None, *, tier: Tier | None = None, incl
     (``.mpiburst-commit-<token>.json`` in the BFS root) that the next sync or
     commit completes if this one is killed while renaming. So if write B
     was issued after write A had completed (its file closed or synced), B on
-    the BFS implies A on the BFS.
+    the BFS implies A on the BFS. The files are flushed many at once: each
+    rank of ``comm`` takes a share, and flushes it in a pool of threads
+    (:mod:`mpiburst.flush.many`).
 
     Parameters
     ----------
@@ -265,11 +267,12 @@ def commit(paths: Iterable[str] | None = None, *, tier: Tier | None = None, incl
         Called with each BFS path of the cut: only those it returns True for
         are committed. Choose files this way, not by a list made before the
         call: a file created after such a list but before the cut would be
-        left out while later writes that depend on it are in.
+        left out while later writes that depend on it are in. With ``comm``
+        it is called on rank 0 only.
     log
-        Called with one line per file committed.
+        Called with one line per file committed (by this rank).
     progress
-        Called with the bytes written to the BFS so far, over all files.
+        Called with the bytes written to the BFS so far by this rank, over all its files.
     settled
         Publish only states the application made consistent (the engine, a
         writer making room, a commit on SIGUSR1, a stage-out after a failed
@@ -280,127 +283,57 @@ def commit(paths: Iterable[str] | None = None, *, tier: Tier | None = None, incl
         truncation clipped it before the BFS had it), nothing is committed:
         the commit waits for the next consistent point. False: every file
         as the cut has it (an explicit commit).
+    comm
+        Commit collectively over this communicator's ranks (every rank calls
+        ``commit`` with the same arguments); default this process alone.
 
     Returns
     -------
     list of FlushReport
-        One per file that was dirty in the cut, in path order.
+        One per file that was dirty in the cut, in path order (every file, on every rank).
 
     Raises
     ------
     FlushError
-        If any file fails: nothing of the commit is published, every file
-        stays dirty (or, if the commit failed while renaming, the next sync
-        or commit finishes publishing it).
+        If any file fails (on every rank): nothing of the commit is
+        published, every file stays dirty (or, if the commit failed while
+        renaming, the next sync or commit finishes publishing it).
     """
-    tier = tier or Tier.current()
+    tier = tier or Tier.current(comm)
     store = tier.store
     started, began = time.monotonic(), time.time()
-    try:
-        recover(tier.bfs_root)
-        cut = store.cut()
-    except Exception as exc:
-        raise FlushError(f"commit failed: {cause(exc)}; the data stays dirty in the tier, fix the cause and "
-                         f"commit again.") from None
-    wanted = cut if paths is None else {p: cut[p] for p in paths if p in cut}
-    if settled:   # a file being written: only its last consistent state (docs/consistency.md)
-        states = {p: m.settled_state() for p, m in wanted.items()
-                  if (include_pinned or not m.pinned) and (select is None or select(p))}
-        if any(state is None for state in states.values()):
-            return []   # one file's last consistent state is gone from the tier: a cut without it could
-            #             hold a later write of another file without an earlier one of that file; wait
-        wanted = {p: state for p, state in states.items() if state is not None}
-    chosen = sorted(p for p, m in wanted.items()
-                    if m.dirty and (include_pinned or not m.pinned) and (select is None or select(p)))
-    plans: list[Plan] = []
-    tallies: list[writes.Tally] = []
-    keeper = _LeaseKeeper(store)
-    published = False
-    try:
-        for target in chosen:           # locks and leases in path order: two commits never deadlock
-            plan = snapshot.prepare(store, target, tier.align, cut=wanted[target])
-            if plan is None:            # a later flush already put this file's cut on the BFS
-                continue
-            plans.append(plan)
-            keeper.hold(plan)
-        written = 0
-        for plan in plans:
-            tally = writes.Tally(_from(progress, written))
-            writes.write_run(store, plan, [locality.stripe_range(plan, 0, 1)], tally, 1)
-            written += tally.bytes
-            writes.seal(plan)
-            tallies.append(tally)
-        keeper.check()
-        journal = write_journal(tier.bfs_root, plans)
-        published = True
-        writes.publish(plans)
-        os.unlink(journal)
-        keeper.stop()
-        reports = [_report(plan, writes.settle(store, plan, False)) for plan in plans]
-    except Exception as exc:
-        keeper.stop()
-        for plan in plans:
-            if published:   # the journal completes the renames at the next sync or commit
-                FlushLease(store, plan.target, plan.token, snapshot.LEASE_SECONDS).release()
-                snapshot.release_lock(plan.token)
-            else:
-                writes.abort(store, plan)
-        why = exc if isinstance(exc, MpiburstError) else cause(exc)
-        raise FlushError(f"commit of {len(chosen)} files failed: {str(why).rstrip('.')}; nothing of it was "
-                         "published and the data stays dirty in the tier, fix the cause and commit again."
-                         if not published else
-                         f"commit of {len(chosen)} files failed while publishing them: {cause(exc)}; the next "
-                         "sync or commit completes it.") from None
-    for report, tally in zip(reports, tallies):
+
+    def choose() -> list[tuple[str, Any]]:
+        try:
+            recover(tier.bfs_root)
+            cut = store.cut()
+        except Exception as exc:
+            raise FlushError(f"commit failed: {cause(exc)}; the data stays dirty in the tier, fix the cause and "
+                             f"commit again.") from None
+        wanted = cut if paths is None else {p: cut[p] for p in paths if p in cut}
+        if settled:   # a file being written: only its last consistent state (docs/consistency.md)
+            states = {p: m.settled_state() for p, m in wanted.items()
+                      if (include_pinned or not m.pinned) and (select is None or select(p))}
+            if any(state is None for state in states.values()):
+                return []   # one file's last consistent state is gone from the tier: a cut without it could
+                #             hold a later write of another file without an earlier one of that file; wait
+            wanted = {p: state for p, state in states.items() if state is not None}
+        return [(p, wanted[p]) for p in sorted(wanted)
+                if wanted[p].dirty and (include_pinned or not wanted[p].pinned) and (select is None or select(p))]
+
+    chosen = on_root(comm, choose)
+    mine = []
+    for plan, tally in many.flush_cut(tier, chosen, comm, progress):
+        report = _report(plan, None)
         report.bytes, report.writes, report.drained = tally.bytes, sum(tally.sizes.values()), tally.drained
         report.write_sizes = dict(sorted(tally.sizes.items()))
         report.seconds = time.monotonic() - started
         iostats.record_flush(store, report, tier.align, 0, began)   # each file: the whole commit's time
         if log is not None:
             log(f"committed {report.path}: {report.bytes} bytes in {report.writes} writes")
-    return reports
-
-
-def _from(progress: Callable[[int], None] | None, base: int) -> Callable[[int], None] | None:
-    """Return a progress callback that adds ``base`` (the bytes of the files before) to a file's bytes."""
-    if progress is None:
-        return None
-    report = progress
-    return lambda done: report(base + done)
-
-
-class _LeaseKeeper:
-    """Renews the leases of every file a commit holds, from a thread, until stopped."""
-
-    def __init__(self, store: Store) -> None:
-        self._store = store
-        self._plans: list[Plan] = []
-        self._lost: str | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="mpiburst-lease-keeper")
-        self._thread.start()
-
-    def hold(self, plan: Plan) -> None:
-        self._plans.append(plan)
-
-    def check(self) -> None:
-        """Raise if a lease was lost meanwhile."""
-        if self._lost is not None:
-            raise LeaseLost()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(snapshot.LEASE_SECONDS / 4):
-            for plan in list(self._plans):
-                try:
-                    ok = self._store.renew(plan.target, plan.token, snapshot.LEASE_SECONDS)
-                except Exception:  # noqa: BLE001 - the commit reports the cause when it next talks to the tier
-                    ok = True
-                if not ok:
-                    self._lost = plan.target
+        mine.append(report)
+    everyone = comm.allgather(mine) if comm is not None else [mine]
+    return sorted((r for share in everyone for r in share), key=lambda r: r.path)
 
 
 def enqueue(tier: Tier, op: str, path: str, **fields: Any) -> None:

@@ -25,7 +25,7 @@ from .. import drain
 from ..errors import FlushError, MpiburstError, PathError
 from ..perms import create_aside, current_umask, make_dirs
 from ..store import FlushLease, Store
-from .failures import cause, quiet
+from .failures import Busy, cause, quiet
 
 _log = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ class Plan:
     in_place: bool = False   # set by writes.seal: ``work`` was copied into ``target`` (another user's file)
 
 
-def prepare(store: Store, target: str, align: int, cut: Any = None) -> Plan | None:
+def prepare(store: Store, target: str, align: int, cut: Any = None, wait: float | None = None,
+            beside: list[str] | None = None) -> Plan | None:
     """Lock the BFS path, take the lease, snapshot the file and create its new version aside (rank 0 only).
 
     ``cut`` (a :class:`~mpiburst.store.FileMeta` taken by a commit) fixes the
@@ -68,6 +69,13 @@ def prepare(store: Store, target: str, align: int, cut: Any = None) -> Plan | No
     (lock and lease given back) when that flush already went past the cut:
     rewriting the file from the older cut would replace newer bytes on the
     BFS with older ones.
+
+    ``wait``: seconds to wait for the lock and the lease held by another
+    flush (default :data:`LEASE_WAIT`); 0 raises :class:`Busy` at once.
+    ``beside``: the paths beside the target named ``.<name>.mpiburst-*``
+    (stale new versions, drain files), from one listing of the directory
+    made for many files before any of them was locked (a commit); default:
+    looked up here, with the lock held (each lookup reads the directory).
     """
     meta = store.meta(target)
     if meta is None and cut is not None:
@@ -78,13 +86,13 @@ def prepare(store: Store, target: str, align: int, cut: Any = None) -> Plan | No
     directory, name = os.path.split(target)
     try:
         make_dirs(directory, umask)
-        lock = BfsLock.take(target)
+        lock = BfsLock.take(target, wait)
     except OSError as exc:
         raise FlushError(f"sync of {target} failed: {cause(exc)}; the data stays dirty in the tier, "
                          f"fix the cause and run the sync again.") from None
     lease: FlushLease | None = None
     try:
-        lease = _take_lease(store, target)
+        lease = _take_lease(store, target, LEASE_WAIT if wait is None else wait)
         token = lease.token
         snap = lease.begin()
         if cut is not None:
@@ -99,8 +107,11 @@ def prepare(store: Store, target: str, align: int, cut: Any = None) -> Plan | No
             old = None
         work = os.path.join(directory, f".{name}.mpiburst-{token}")
         # A new file's chunks written ahead by a drain while the application wrote it (mpiburst.drain).
-        claimed = drain.claim(target, work, align) if old is None and snap.trunc is None else None
-        for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.mpiburst-*")):
+        drained = beside is None or any(os.path.basename(p).startswith(f".{name}.mpiburst-drain-") for p in beside)
+        claimed = drain.claim(target, work, align) if old is None and snap.trunc is None and drained else None
+        if beside is None:
+            beside = glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.mpiburst-*"))
+        for stale in beside:
             if stale != work:   # left by a killed flusher or an unclaimed drain: we hold the lock and the lease
                 quiet(lambda: os.unlink(stale))  # noqa: B023 - called at once
         if old is not None and not stat.S_ISREG(old.st_mode):
@@ -150,7 +161,8 @@ class BfsLock:
         Raises
         ------
         FlushError
-            If another flush of the same BFS path held it all that time.
+            If another flush of the same BFS path held it all that time
+            (:class:`Busy` when ``wait`` is 0).
         """
         path = cls.path_for(target)
         deadline = time.monotonic() + (LEASE_WAIT if wait is None else wait)
@@ -160,6 +172,8 @@ class BfsLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
+                if wait == 0:
+                    raise Busy(f"another run is flushing {target} (it holds {path}).") from None
                 if time.monotonic() > deadline:
                     raise FlushError(f"another run has been flushing {target} for over "
                                      f"{LEASE_WAIT if wait is None else wait:.0f} s (it holds {path}); wait for it to "
@@ -195,20 +209,22 @@ def release_lock(token: str) -> None:
         lock.release()
 
 
-def _take_lease(store: Store, target: str) -> FlushLease:
-    """Return the file's flush lease, waiting up to :data:`LEASE_WAIT` for another flusher."""
+def _take_lease(store: Store, target: str, wait: float) -> FlushLease:
+    """Return the file's flush lease, waiting up to ``wait`` seconds for another flusher (0: :class:`Busy` at once)."""
     started = time.monotonic()
-    deadline = started + LEASE_WAIT
+    deadline = started + wait
     noted = False
     while True:
         lease = store.flush_lease(target, LEASE_SECONDS)
         if lease is not None:
             return lease
+        if wait == 0:
+            raise Busy(f"another flush of {target} holds its lease.")
         if not noted and time.monotonic() > started + LEASE_NOTE_AFTER:
             _log.warning("sync of %s waits for its flush lease: another flush holds it, or one that died left "
                          "it, and then it expires within %.0f s.", target, LEASE_SECONDS)
             noted = True
         if time.monotonic() > deadline:
-            raise FlushError(f"another flush of {target} has held it for over {LEASE_WAIT:.0f} s; "
+            raise FlushError(f"another flush of {target} has held it for over {wait:.0f} s; "
                              "wait for it to finish and try again.")
         time.sleep(0.05)

@@ -65,8 +65,13 @@ class Tally:
             self._progress(total)
 
 
-def write_run(store: Store, plan: Plan, ranges: list[tuple[int, int]], tally: Tally, workers: int) -> None:
-    """Copy the kept bytes of the stripe ``ranges``, write their dirty runs (in ``workers`` threads), fsync."""
+def write_run(store: Store, plan: Plan, ranges: list[tuple[int, int]], tally: Tally, workers: int,
+              sync: bool = True) -> None:
+    """Copy the kept bytes of the stripe ``ranges``, write their dirty runs (in ``workers`` threads), fsync.
+
+    ``sync`` False leaves the fsync to :func:`seal` (a commit writes all its
+    files first, then fsyncs them all).
+    """
     ranges = [(first, last) for first, last in ranges if first < last]
     if not ranges:
         return
@@ -94,7 +99,8 @@ def write_run(store: Store, plan: Plan, ranges: list[tuple[int, int]], tally: Ta
             with ThreadPoolExecutor(len(parts)) as pool:
                 for f in [pool.submit(_write_stripes, store, plan, part, src, fd, tally) for part in parts]:
                     f.result()
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
         if src is not None:
@@ -113,6 +119,13 @@ def _write_stripes(store: Store, plan: Plan, runs: list[tuple[int, int]], src: i
     per = max(1, WRITE_SIZE // plan.align)
     parts = list(batches(runs, per))
     size = min(per, sum(b - a for a, b in runs)) * plan.align
+    if len(parts) == 1:   # a small file: no helper thread to start for one batch
+        with borrowed(size) as one:
+            for lo, view in assemble_runs(store, plan, parts[0], src, one):
+                pwrite_all(fd, view, lo, plan.target, tally)
+        if not store.renew(plan.target, plan.token, snapshot.LEASE_SECONDS):
+            raise LeaseLost()
+        return
     with borrowed(size) as one, borrowed(size) as two, ThreadPoolExecutor(1) as helper:
         buffers = [one, two]
         ahead = helper.submit(assemble_runs, store, plan, parts[0], src, buffers[0])

@@ -1,0 +1,293 @@
+"""A commit of many files at once: the ranks share the cut's files, each flushes its share with a pool of threads.
+
+A file-per-process checkpoint is hundreds of small files; flushed one after
+the other, each costs a few tier round trips, a few BFS metadata calls and
+an fsync, 10 to 60 ms on a network filesystem. Here every rank of the
+communicator takes every ``size``-th file of the cut, and flushes its
+share in :func:`threads` threads, in steps that every rank ends together
+(:func:`~mpiburst.collective.together`: a failure on one rank is raised on
+every rank):
+
+1. prepare every file (lock, lease, snapshot, new version aside) without
+   waiting: each directory is listed once for the leftovers of earlier
+   flushes, not once per file;
+2. write every file's new version, then fsync them all (write all, then
+   fsync all);
+3. rank 0 writes the commit's journal, naming every rank's renames;
+4. every rank renames its new versions into place, then fsyncs each of
+   their directories once; rank 0 removes the journal;
+5. mark every file's snapshot clean.
+
+The promises of :func:`mpiburst.flush.commit` hold as for one process:
+one cut (taken by rank 0), nothing renamed before every file of every rank
+is written and fsync'd, the journal before the first rename. A failure
+before the journal aborts every rank's files (nothing published, all
+stays dirty); after it, the journal completes the renames at the next sync
+or commit. If another flush holds one of the files (its lock or its lease),
+waiting for it while holding the others could deadlock with that flush: the
+attempt is given up on every rank (:class:`~mpiburst.flush.failures.Busy`)
+and rank 0 commits the whole cut alone, taking the files in path order
+and waiting for each as a sync does.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ..collective import on_root, together
+from ..errors import FlushError, MpiburstError
+from ..store import FileMeta, FlushLease, Store
+from ..tier import Tier
+from . import locality, snapshot, writes
+from .failures import Busy, LeaseLost, cause
+from .journal import write_journal
+from .snapshot import Plan
+
+if TYPE_CHECKING:   # mpi4py is imported only by those who pass a communicator
+    from mpi4py import MPI
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: Threads each rank flushes its share of a commit with (``MPIBURST_COMMIT_THREADS`` overrides).
+THREADS = 8
+#: Leftovers of earlier flushes beside a target: ``.<name>`` then this, then a token.
+_ASIDE = ".mpiburst-"
+
+
+def threads() -> int:
+    """Return the threads per rank of a commit: ``$MPIBURST_COMMIT_THREADS``, else :data:`THREADS`."""
+    value = os.environ.get("MPIBURST_COMMIT_THREADS", "")
+    try:
+        return max(1, int(value)) if value else THREADS
+    except ValueError:
+        raise FlushError(f"MPIBURST_COMMIT_THREADS={value!r} is not a number of threads; give e.g. 8.") from None
+
+
+def flush_cut(tier: Tier, chosen: Sequence[tuple[str, FileMeta]], comm: MPI.Comm | None,
+              progress: Callable[[int], None] | None = None) -> list[tuple[Plan, writes.Tally]]:
+    """Flush and publish the files ``chosen`` from a cut (path, mark), all or none, over ``comm``'s ranks.
+
+    Collective over ``comm`` (None: this process alone). Returns the files
+    this rank flushed, each with its :class:`~mpiburst.flush.writes.Tally`;
+    a file another flush already put on the BFS past its mark is left out.
+
+    Raises
+    ------
+    FlushError
+        On every rank, if any file failed (see the module docstring for what
+        is then published).
+    """
+    rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
+    nthreads = threads()
+    try:
+        return _attempt(tier, list(chosen[rank::size]), len(chosen), comm, nthreads, parallel=True,
+                        progress=progress)
+    except FlushError as exc:
+        busy = isinstance(exc, Busy)
+        if not all(comm.allgather(busy)) if comm is not None else not busy:
+            raise   # a real failure somewhere: every rank raises (each its own error)
+    # another flush holds a file: rank 0 alone, in path order, waiting for each file as a sync does
+    done = on_root(comm, lambda: _attempt(tier, list(chosen), len(chosen), None, 1, parallel=False,
+                                          progress=progress))
+    return done if rank == 0 else []
+
+
+def _attempt(tier: Tier, files: list[tuple[str, FileMeta]], total: int, comm: MPI.Comm | None, nthreads: int,
+             parallel: bool, progress: Callable[[int], None] | None) -> list[tuple[Plan, writes.Tally]]:
+    """Run the five steps over this rank's ``files`` (of ``total`` in the commit).
+
+    ``parallel``: take no lock or lease another flush holds (raise
+    :class:`Busy` instead, on every rank that met one) and find the
+    leftovers beside the files with one listing per directory; otherwise wait
+    for each file and look its leftovers up under its lock, as a sync does.
+    """
+    store = tier.store
+    plans: list[Plan] = []
+    keeper = _LeaseKeeper(store)
+    published = False
+    pool = ThreadPoolExecutor(nthreads, thread_name_prefix="mpiburst-commit") if nthreads > 1 else None
+    written = _Written(progress)
+    try:
+        beside = _leftovers([path for path, _ in files]) if parallel else {}
+
+        def prepare(item: tuple[str, FileMeta]) -> Plan | None:
+            path, mark = item
+            if not parallel:
+                return snapshot.prepare(store, path, tier.align, cut=mark)
+            return snapshot.prepare(store, path, tier.align, cut=mark, wait=0, beside=beside.get(path, []))
+
+        plans = together(comm, lambda: _prepared(store, _each(pool, prepare, files)))
+        for plan in plans:
+            keeper.hold(plan)
+        tallies = [writes.Tally(written.file()) for _ in plans]
+
+        def write(i: int) -> None:
+            writes.write_run(store, plans[i], [locality.stripe_range(plans[i], 0, 1)], tallies[i], 1, sync=False)
+
+        together(comm, lambda: _all(_each(pool, write, list(range(len(plans))))))
+        together(comm, lambda: _all(_each(pool, writes.seal, plans)))
+        together(comm, keeper.check)
+        everyone = comm.allgather(plans) if comm is not None else [plans]
+        journal = on_root(comm, lambda: write_journal(tier.bfs_root, [p for share in everyone for p in share]))
+        published = True
+        together(comm, lambda: _publish(pool, plans))
+        on_root(comm, lambda: os.unlink(journal))
+        keeper.stop()
+        together(comm, lambda: _all(_each(pool, lambda p: writes.settle(store, p, False), plans)))
+    except Exception as exc:
+        keeper.stop()
+        for plan in plans:
+            if published:   # the journal completes the renames at the next sync or commit
+                FlushLease(store, plan.target, plan.token, snapshot.LEASE_SECONDS).release()
+                snapshot.release_lock(plan.token)
+            else:
+                writes.abort(store, plan)
+        if isinstance(exc, Busy) and not published:
+            raise
+        why = exc if isinstance(exc, MpiburstError) else cause(exc)
+        raise FlushError(f"commit of {total} files failed: {str(why).rstrip('.')}; nothing of it was "
+                         "published and the data stays dirty in the tier, fix the cause and commit again."
+                         if not published else
+                         f"commit of {total} files failed while publishing them: {cause(exc)}; the next "
+                         "sync or commit completes it.") from None
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return list(zip(plans, tallies))
+
+
+def _leftovers(targets: Sequence[str]) -> dict[str, list[str]]:
+    """Return, for each target, the paths beside it named ``.<name>.mpiburst-*``: one listing per directory."""
+    wanted: dict[str, set[str]] = {}
+    for target in targets:
+        directory, name = os.path.split(target)
+        wanted.setdefault(directory, set()).add(name)
+    found: dict[str, list[str]] = {}
+    for directory, names in wanted.items():
+        try:
+            entries = os.listdir(directory)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            if not entry.startswith(".") or _ASIDE not in entry:
+                continue
+            name = entry[1:entry.rindex(_ASIDE)]
+            while name not in names and _ASIDE in name:   # a name holding the marker itself
+                name = name[:name.rindex(_ASIDE)]
+            if name in names:
+                found.setdefault(os.path.join(directory, name), []).append(os.path.join(directory, entry))
+    return found
+
+
+def _each(pool: ThreadPoolExecutor | None, action: Callable[[T], R], items: Sequence[T]) -> list[R | BaseException]:
+    """Run ``action`` on every item (in ``pool``'s threads, or in order); return each result or exception."""
+    def one(item: T) -> R | BaseException:
+        try:
+            return action(item)
+        except Exception as exc:   # every item runs: the caller undoes what the others did
+            return exc
+
+    if pool is None:
+        return [one(item) for item in items]
+    return list(pool.map(one, items))
+
+
+def _first_error(results: Sequence[Any]) -> BaseException | None:
+    """The error to raise of ``results``: one that is not :class:`Busy` first (a real failure is no reason to retry)."""
+    errors = [r for r in results if isinstance(r, BaseException)]
+    return next((e for e in errors if not isinstance(e, Busy)), errors[0] if errors else None)
+
+
+def _all(results: Sequence[Any]) -> None:
+    """Raise the first error of ``results`` (see :func:`_first_error`), if any."""
+    error = _first_error(results)
+    if error is not None:
+        raise error
+
+
+def _prepared(store: Store, results: Sequence[Plan | None | BaseException]) -> list[Plan]:
+    """Return the plans prepared; if any file failed, abort the others first and raise its error."""
+    plans = [r for r in results if isinstance(r, Plan)]
+    error = _first_error(results)
+    if error is not None:
+        for plan in plans:
+            writes.abort(store, plan)
+        raise error
+    return plans
+
+
+def _publish(pool: ThreadPoolExecutor | None, plans: list[Plan]) -> None:
+    """Rename every new version into place, then fsync each of their directories once."""
+    def rename(plan: Plan) -> None:
+        if plan.in_place:
+            os.unlink(plan.work)
+        else:
+            os.rename(plan.work, plan.target)
+
+    _all(_each(pool, rename, plans))
+    _all(_each(pool, writes.fsync_dir, list(dict.fromkeys(os.path.dirname(p.target) for p in plans))))
+
+
+class _Written:
+    """The bytes this process's commit threads wrote so far, over all its files, for a progress callback."""
+
+    def __init__(self, progress: Callable[[int], None] | None) -> None:
+        self._progress = progress
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def file(self) -> Callable[[int], None] | None:
+        """Return the callback of one file's :class:`~mpiburst.flush.writes.Tally` (its running total)."""
+        progress = self._progress
+        if progress is None:
+            return None
+        last = 0
+
+        def add(done: int) -> None:
+            nonlocal last
+            with self._lock:
+                self._bytes += done - last
+                last = done
+                total = self._bytes
+            progress(total)
+
+        return add
+
+
+class _LeaseKeeper:
+    """Renews the leases of every file a commit holds, from a thread, until stopped."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._plans: list[Plan] = []
+        self._lost: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="mpiburst-lease-keeper")
+        self._thread.start()
+
+    def hold(self, plan: Plan) -> None:
+        self._plans.append(plan)
+
+    def check(self) -> None:
+        """Raise if a lease was lost meanwhile."""
+        if self._lost is not None:
+            raise LeaseLost()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(snapshot.LEASE_SECONDS / 4):
+            for plan in list(self._plans):
+                try:
+                    ok = self._store.renew(plan.target, plan.token, snapshot.LEASE_SECONDS)
+                except Exception:  # noqa: BLE001 - the commit reports the cause when it next talks to the tier
+                    ok = True
+                if not ok:
+                    self._lost = plan.target

@@ -1,0 +1,71 @@
+"""A collective commit of many small files with real MPI ranks and a real server (run under ``mpiexec -n 2``).
+
+Each rank writes its own files (file per process) through ``mpiburst.File``
+on ``COMM_SELF``; ``flush.commit(comm=...)`` shares the cut's files among the
+ranks. A failure on one rank in the middle publishes nothing on any rank.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import mpiburst
+from mpiburst import flush
+from mpiburst.flush import writes
+
+pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.timeout(120)]
+
+
+def _write(rank: int, n: int) -> dict[str, bytes]:
+    """Write ``n`` files of this rank (varied sizes) on COMM_SELF; return BFS path -> bytes of every rank's files."""
+    from mpi4py import MPI
+
+    mine = {}
+    for i in range(n):
+        data = np.random.default_rng(rank * 1000 + i).integers(0, 256, 1 + 7919 * i, dtype=np.uint8)
+        url = f"burst://out/{rank}/f{i}"
+        f = mpiburst.File.Open(MPI.COMM_SELF, url, MPI.MODE_WRONLY | MPI.MODE_CREATE)
+        f.Write_at(0, data)
+        f.Close()
+        mine[os.path.join(mpiburst.Tier.current().bfs_root, "out", str(rank), f"f{i}")] = data.tobytes()
+    everyone: dict[str, bytes] = {}
+    for part in MPI.COMM_WORLD.allgather(mine):
+        everyone |= part
+    return everyone
+
+
+def _on_bfs(files: dict[str, bytes]) -> dict[str, bytes]:
+    found = {}
+    for path in files:
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                found[path] = f.read()
+    return found
+
+
+def test_a_collective_commit_of_many_files_is_all_or_nothing_across_ranks(world_tier, monkeypatch):
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    files = _write(comm.rank, 12)
+    bad = sorted(files)[-2]   # in rank 0's share (every size-th file of the cut): the other ranks fail with it
+
+    def broken(path: str, offset: int, length: int) -> None:
+        if path == bad:
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(writes, "write_observers", [broken])   # on every rank: only the one flushing it fails
+    with pytest.raises(mpiburst.FlushError, match=f"commit of {len(files)} files failed"):
+        flush.commit(tier=world_tier, comm=comm)
+    comm.Barrier()
+    assert _on_bfs(files) == {}                                # nothing of any rank's share
+    assert all(m.dirty for m in mpiburst.residency.ls(tier=world_tier))
+    monkeypatch.setattr(writes, "write_observers", [])
+    reports = flush.commit(tier=world_tier, comm=comm)
+    assert [r.path for r in reports] == sorted(files)          # every file, on every rank
+    comm.Barrier()
+    assert _on_bfs(files) == files
+    assert not any(m.dirty for m in mpiburst.residency.ls(tier=world_tier))
