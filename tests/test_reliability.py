@@ -235,7 +235,7 @@ def test_a_full_or_stalled_server_gives_mpiburst_errors_not_raw_redis_ones(tmp_p
     """Promise: a server over its memory limit, or one that stopped answering, reaches users as an mpiburst error.
 
     Real faults: the server filled past ``maxmemory`` with data no flush can
-    free (the engine stopped): Open, pin and a queued sync raise
+    free (the engine stopped): Open with a write, pin and a queued sync raise
     ``TierFullError``; then the server stopped with SIGSTOP: Open raises
     ``TierConnectionError``; each one sentence saying what to do, never
     redis-py's ``OutOfMemoryError`` or ``TimeoutError`` (#13 item 14).
@@ -265,8 +265,13 @@ def test_a_full_or_stalled_server_gives_mpiburst_errors_not_raw_redis_ones(tmp_p
                 # frees about 2 s after it idles: the tier was then no longer full, and the test's outcome
                 # hung on how long the calls below took. A new connection tops up with small values.
                 t.redis.connection_pool.disconnect()
+            def open_write_close() -> None:   # a new file's record alone (an Open writes nothing more) may
+                f = File.Open(MPI.COMM_SELF, "burst://new.dat", RW)   # fit in the last bytes the server takes
+                f.Write_at(0, b"n" * 65536)
+                f.Close()
+
             calls = {
-                "Open": lambda: File.Open(MPI.COMM_SELF, "burst://new.dat", RW).Close(),
+                "Open": open_write_close,
                 "pin": lambda: mpiburst.pin(str(bfs / "kept.bin"), tier=t),
                 "queued sync": lambda: mpiburst.sync("burst://kept.bin", tier=t, block=False),
             }
