@@ -305,7 +305,8 @@ def open_run(options: StartOptions, log: Log | None = None, nodes: int = 1) -> t
         tier = Tier.connect(conf=conf)
         if log:
             log(f"started the tier of run {run_id} on {nodes} nodes (PIDs "
-                f"{', '.join(str(n['pid']) for n in conf.nodes)}, {tier.channels} channels, BFS root {tier.bfs_root})")
+                f"{', '.join(str(n['pid']) for n in conf.nodes)}, {tier.channels} channels, BFS root {tier.bfs_root}, "
+                f"{'mutual TLS' if conf.tls else 'plaintext TCP: the network was declared private (--trust-network)'})")
         return tier, True
     if restart and log:
         log(f"reloading the data run {run_id} saved in {_snapshot_name(directory, run_id)}")

@@ -35,6 +35,7 @@ import dataclasses
 import errno
 import json
 import os
+import platform
 import re
 import secrets
 import stat
@@ -192,10 +193,14 @@ class RunConf:
     def node(self, index: int) -> RunConf:
         """Return the single-server view of node ``index`` (its address, socket and PID; never saved).
 
-        What a connection to, or a status of, one node's server needs.
+        What a connection to, or a status of, one node's server needs. The
+        unix socket is only the view's when the node's server runs on this
+        host: another host's socket may show on a shared filesystem, but
+        only TCP (mutual TLS) reaches that server.
         """
         entry = self.nodes[index]
-        return self.view(entry["host"], entry["port"], entry["socket"], entry["pid"], index)
+        here = entry.get("hostname", platform.node()) == platform.node()
+        return self.view(entry["host"], entry["port"], entry["socket"] if here else "", entry["pid"], index)
 
     def view(self, host: str, port: int, socket: str, pid: int | None, node: int) -> RunConf:
         """Return a copy of this conf for one node's server at ``host:port`` / ``socket`` (its :meth:`save` refuses)."""

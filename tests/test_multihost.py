@@ -35,7 +35,6 @@ from mpiburst.runconf import RunConf
 
 from conftest import ENGINE_TLS, EXAMPLES, REPO, cli_env, expected_file, require_root, require_tool
 from netns import Hosts
-from test_cluster_strangers import Stranger, _known_nodes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -88,6 +87,7 @@ def test_mpiburst_run_on_three_hosts(hosts, server_binary, tmp_path):
                     timeout=200, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "started the tier of run mh on 3 nodes" in out.stderr and "stopped the tier of run mh" in out.stderr
+    assert "BFS root" in out.stderr and "mutual TLS)" in out.stderr
     assert (bfs / "sim/result.bin").read_bytes() == expected_file(6, 5000, 4)
     report = json.loads((tmp_path / "mpiburst_mh.report.json").read_text())
     assert report["network"] == {"tls": True}
@@ -127,16 +127,16 @@ def test_prolog_job_stranger_and_epilog_across_hosts(hosts, server_binary, tmp_p
         job_env = dict(site, MPIBURST_CONF=str(conf_path), MPIBURST_RANKS_PER_NODE="2")
         out = hosts.run(1, [*hosts.mpiexec_argv(2, 3), *APP], job_env, timeout=150, cwd=tmp_path)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-        before = _keyspace(conf)
+        before = _state(hosts, conf_path)
+        assert before["known"] == [3, 3, 3] and all(before["keys"]), before
         # a stranger on host 4, outside the job, tries the MEET takeover against every node
         stranger = hosts.popen(4, [sys.executable, "-c", _STRANGER, str(conf_path), server_binary, str(tmp_path)],
                                hosts.env(4, cli_env()))
         told = stranger.communicate(timeout=60)[0]
         assert stranger.returncode == 0, told
-        # over their unix sockets (the root namespace reaches no host's address): no server knows the stranger,
+        # asked from host 1 (node 0 over its unix socket, the others over TLS): no server knows the stranger,
         # and each holds the keys it held
-        assert _known_nodes(conf) == [3, 3, 3]
-        assert _keyspace(conf) == before and all(before), before
+        assert _state(hosts, conf_path) == before
     finally:
         on_every_host("epilog.sh")
     assert not any(server.pid_alive(n["pid"]) for n in conf.nodes)
@@ -169,13 +169,29 @@ finally:
 
 
 
-def _keyspace(conf: RunConf) -> list[str]:
-    """Return each node's ``INFO keyspace`` line (its key count), asked over its unix socket."""
-    found = []
-    for k in range(len(conf.nodes)):
-        client = server.connect_redis(conf.node(k))
-        try:
-            found.append(str(client.info("keyspace")))
-        finally:
-            client.close()
-    return found
+def _state(hosts: Hosts, conf_path: Path) -> dict:
+    """Return, asked from host 1, how many nodes each of the run's servers knows and its ``INFO keyspace``."""
+    out = hosts.run(1, [sys.executable, "-c", _STATE, str(conf_path)], hosts.env(1, cli_env()), timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return json.loads(out.stdout)
+
+
+_STATE = """
+import json, sys
+from mpiburst import server
+from mpiburst.runconf import AdminCredentials, RunConf
+conf = RunConf.load(sys.argv[1])
+admin = AdminCredentials.load(conf)
+known, keys = [], []
+for k in range(len(conf.nodes)):
+    view = conf.node(k)
+    assert bool(view.socket) == (k == 0), view.socket   # only node 0's server is on host 1
+    client = server.connect_redis(view, admin=admin)
+    info = client.execute_command("CLUSTER", "INFO").decode()
+    known.append(int(dict(f.split(":", 1) for f in info.split() if ":" in f)["cluster_known_nodes"]))
+    client.close()
+    client = server.connect_redis(view)
+    keys.append(str(client.info("keyspace")))
+    client.close()
+print(json.dumps(dict(known=known, keys=keys)))
+"""
