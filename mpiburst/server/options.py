@@ -48,7 +48,9 @@ class StartOptions:
         node memory (``"50%"``, the default); at least :data:`MIN_CAPACITY`.
     bind
         Address to listen on for TCP. Default: none on one node (unix socket
-        only), this host's address when the job spans several nodes.
+        only), this host's address when the job spans several nodes. A
+        multi-node run takes one address for every node or ``A,B,C``, one per
+        node; without it each node its own (:func:`.discovery.node_address`).
     port
         TCP port (default: a free one). Giving one also opens TCP on one node.
     socket_dir
