@@ -8,7 +8,8 @@ Reusable by every test module:
   server) in a fresh tmp dir with ``bfs_root = tmp/bfs``; stopped at teardown.
   ``world_tier`` is the same for every rank of COMM_WORLD (MPI tests),
   ``module_tier`` one per module; all three come from :func:`started_tier`.
-* ``mem_tier``: the in-process memory tier (a MemoryStore), for unit tests only.
+* ``mem_tier``: the in-process memory tier (a MemoryStore), for unit tests only;
+  ``module_mem_tier`` one per module.
 * ``atier`` / ``mem_atier``: ``tier`` / ``mem_tier`` with a 64 KiB flush
   alignment (:data:`ALIGN`); ``bfs_file`` and ``check_aligned`` help the flush
   and residency tests.
@@ -193,6 +194,14 @@ def three_nodes(tmp_path: Path, server_binary: str) -> Iterator[Callable[..., Ru
         for conf in started:
             if os.path.exists(conf.path):
                 server.stop_run(RunConf.load(conf.path))
+
+
+@pytest.fixture(scope="module")
+def module_mem_tier(tmp_path_factory: pytest.TempPathFactory) -> Tier:
+    """One memory tier for a whole module (unit tests whose cases use distinct file names)."""
+    bfs = tmp_path_factory.mktemp("memmod") / "bfs"
+    bfs.mkdir()
+    return Tier.memory(str(bfs))
 
 
 @pytest.fixture

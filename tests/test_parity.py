@@ -4,6 +4,11 @@ Each test runs one body of ``tests/parity.py`` against both drivers and
 compares what they observed and the file bytes (mpiburst's after a sync to
 the BFS). ``test_parity_mpi.py`` runs the same bodies on 2 and 4 ranks. The
 property tests draw random datatypes and views (hypothesis).
+
+One process is a unit test of the driver: the tier is a memory tier for the
+module (``module_mem_tier``), since the driver reaches it only through the
+``Store`` interface (whose contract runs on both engines); the same bodies
+against a real server, on real ranks, are ``test_parity_mpi.py``.
 """
 
 from __future__ import annotations
@@ -33,12 +38,12 @@ INT_TYPES = ["named", "contiguous", "vector", "indexed", "hindexed", "indexed_bl
 
 
 @pytest.fixture
-def run(module_tier, tmp_path, request):
+def run(module_mem_tier, tmp_path, request):
     """``run(body, comm)``: :func:`parity.check` with a file name unique to the test."""
     name = "".join(c if c.isalnum() else "_" for c in request.node.name)
 
     def go(body, comm=MPI.COMM_SELF, suffix=""):
-        return parity.check(body, comm, str(tmp_path), module_tier.bfs_root, name + suffix)
+        return parity.check(body, comm, str(tmp_path), module_mem_tier.bfs_root, name + suffix)
 
     return go
 
@@ -118,7 +123,7 @@ class _Device:
 
 
 @pytest.mark.parametrize("device_type,says", [(2, "no CUDA runtime"), (10, "CUDA devices only")])
-def test_device_buffers_that_cannot_be_staged_are_refused_clearly(module_tier, monkeypatch, device_type, says):
+def test_device_buffers_that_cannot_be_staged_are_refused_clearly(module_mem_tier, monkeypatch, device_type, says):
     monkeypatch.setattr(cuda, "runtime", lambda: None)     # as on a machine without CUDA
     with File.Open(MPI.COMM_SELF, f"burst://dev-{device_type}.dat", MPI.MODE_CREATE | MPI.MODE_RDWR) as f:
         with pytest.raises(DeviceBufferError, match=says) as refused:
@@ -197,7 +202,7 @@ def datatype_trees(draw, depth=3):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(dt=datatype_trees(), count=st.integers(1, 3), disp=st.integers(0, 40), seed=st.integers(0, 1000))
-def test_property_random_memory_types_and_views(module_tier, tmp_path, dt, count, disp, seed):
+def test_property_random_memory_types_and_views(module_mem_tier, tmp_path, dt, count, disp, seed):
     dt.Commit()
     try:
         offs, lens = dtypes.runs_of(dt)
@@ -206,14 +211,14 @@ def test_property_random_memory_types_and_views(module_tier, tmp_path, dt, count
         if dt.Get_size() == 0:
             return
         name = f"prop-{next(_EXAMPLES)}"
-        parity.check(parity.memory_type_body(dt, count, seed), MPI.COMM_SELF, str(tmp_path), module_tier.bfs_root,
+        parity.check(parity.memory_type_body(dt, count, seed), MPI.COMM_SELF, str(tmp_path), module_mem_tier.bfs_root,
                      name + "-mem")
         if not np.all(offs[1:] >= offs[:-1] + lens[:-1]) or offs[0] < 0:
             print("not a filetype", offs.tolist(), lens.tolist())  # overlapping or backwards: no view
             return
         nbytes = count * dt.Get_size()
         parity.check(parity.view_body(disp, MPI.BYTE, dt, nbytes, seed, offset=1), MPI.COMM_SELF, str(tmp_path),
-                     module_tier.bfs_root, name + "-view")
+                     module_mem_tier.bfs_root, name + "-view")
     finally:
         dt.Free()
 
@@ -243,7 +248,7 @@ def test_atomic_mode(run, comm):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ft=datatype_trees(), mt=datatype_trees(), count=st.integers(1, 3), disp=st.integers(0, 17),
        seed=st.integers(0, 1000))
-def test_property_memory_type_through_view(module_tier, tmp_path, ft, mt, count, disp, seed):
+def test_property_memory_type_through_view(module_mem_tier, tmp_path, ft, mt, count, disp, seed):
     ft.Commit()
     mt.Commit()
     try:
@@ -252,7 +257,7 @@ def test_property_memory_type_through_view(module_tier, tmp_path, ft, mt, count,
             np.all(offs[1:] >= offs[:-1] + lens[:-1]))
         if usable:
             parity.check(parity.view_and_memory_body(disp, ft, mt, count, seed), MPI.COMM_SELF, str(tmp_path),
-                         module_tier.bfs_root, f"propvm-{next(_EXAMPLES)}")
+                         module_mem_tier.bfs_root, f"propvm-{next(_EXAMPLES)}")
     finally:
         ft.Free()
         mt.Free()
@@ -306,7 +311,7 @@ def test_bottom_with_absolute_addresses(run):
     assert count == 32 and back == parity.ramp(12, 30).tobytes() + parity.ramp(20, 31).tobytes()
 
 
-def test_requests_mix_with_other_mpi_requests(module_tier):
+def test_requests_mix_with_other_mpi_requests(module_mem_tier):
     """The nonblocking calls return MPI.Request objects: Waitall/Testany take them with any other request."""
     with File.Open(MPI.COMM_SELF, "burst://mixed-requests.dat", MPI.MODE_CREATE | MPI.MODE_RDWR) as f:
         got = bytearray(3)
