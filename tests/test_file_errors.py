@@ -310,8 +310,8 @@ def test_full_tier_with_nothing_to_free_raises_tier_full_and_keeps_acknowledged_
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_single_write_larger_than_bulk_limit(tmp_path, server_binary):
-    """One 600 MiB Write_at (the server's proto-max-bulk-len is 512 MB) is split and reads back intact."""
-    n = 600 << 20
+    """One 520 MiB Write_at (the server's proto-max-bulk-len is 512 MiB) is split and reads back intact."""
+    n = 520 << 20
     period = (1 << 20) + 7          # a period unrelated to blob and extent sizes: misplaced pieces show
     data = np.resize(np.random.default_rng(7).integers(0, 256, period, dtype=np.uint8), n)
     digest = hashlib.sha256(data).hexdigest()
