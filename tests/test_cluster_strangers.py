@@ -230,9 +230,9 @@ def test_a_bus_peer_and_a_client_with_another_cas_certificate_are_refused(tls_ru
     _assert_exact(tls_run)
 
 
-def _plaintext_answer(port: int, data: bytes) -> bytes:
-    """Send ``data`` in plaintext to ``port`` and return what comes back before the server closes (b'' if nothing)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+def plaintext_answer(port: int, data: bytes, host: str = "127.0.0.1") -> bytes:
+    """Send ``data`` in plaintext to ``host:port``; return what comes back before the server closes (b'' if nothing)."""
+    with socket.create_connection((host, port), timeout=5) as s:
         s.sendall(data)
         got = b""
         try:
@@ -252,7 +252,7 @@ def test_no_plaintext_port_and_a_plaintext_client_gets_nothing(tls_run):
         assert ports == {entry["port"], entry["bus_port"]}, f"node {k} listens on {ports}"
         for port in ports:
             hello = f"AUTH {tls_run.user} {tls_run.password}\r\nPING\r\nKEYS *\r\n".encode()
-            answer = _plaintext_answer(port, hello)
+            answer = plaintext_answer(port, hello)
             assert b"PONG" not in answer and b"+OK" not in answer and b"f0" not in answer, (port, answer[:80])
         good = server.connect_redis(_over_tcp(tls_run).node(k))   # the run's own client: TLS on the same port
         assert good.ping() and good.connection_pool.connection_kwargs.get("ssl_certfile")

