@@ -27,6 +27,7 @@ message). See docs/reliability.md, "The fault loop".
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -98,10 +99,8 @@ def _pids(workdir: Path, word: str) -> list[int]:
 def _signal(pid: int | None, sig: int) -> None:
     if pid is None:
         return
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 class Trial:
@@ -197,6 +196,8 @@ class Trial:
             ranks = _pids(self.dir, f"{sys.executable} writer.py")
             if ranks:
                 _signal(self.rnd.choice(sorted(ranks)), signal.SIGKILL)
+            else:
+                self.notes.append("no rank was running yet")
         elif self.kind == "term-run":
             _signal(proc.pid, signal.SIGTERM)
         elif self.kind == "usr1-term":
