@@ -16,7 +16,7 @@ every rank):
 3. rank 0 writes the commit's journal, naming every rank's renames;
 4. every rank renames its new versions into place, then fsyncs each of
    their directories once; rank 0 removes the journal;
-5. mark every file's snapshot clean.
+5. mark every file's snapshot clean (and log its flush for ``mpiburst report``).
 
 The promises of :func:`mpiburst.flush.commit` hold as for one process:
 one cut (taken by rank 0), nothing renamed before every file of every rank
@@ -69,12 +69,14 @@ def threads() -> int:
 
 
 def flush_cut(tier: Tier, chosen: Sequence[tuple[str, FileMeta]], comm: MPI.Comm | None,
-              progress: Callable[[int], None] | None = None) -> list[tuple[Plan, writes.Tally]]:
+              done: Callable[[Plan, writes.Tally], R], progress: Callable[[int], None] | None = None) -> list[R]:
     """Flush and publish the files ``chosen`` from a cut (path, mark), all or none, over ``comm``'s ranks.
 
-    Collective over ``comm`` (None: this process alone). Returns the files
-    this rank flushed, each with its :class:`~mpiburst.flush.writes.Tally`;
-    a file another flush already put on the BFS past its mark is left out.
+    Collective over ``comm`` (None: this process alone). ``done`` is called
+    with each file's plan and :class:`~mpiburst.flush.writes.Tally` once it
+    is marked clean, in the commit's threads (its round trips overlap as
+    the flush's do); returns its results for the files this rank flushed.
+    A file another flush already put on the BFS past its mark is left out.
 
     Raises
     ------
@@ -86,19 +88,20 @@ def flush_cut(tier: Tier, chosen: Sequence[tuple[str, FileMeta]], comm: MPI.Comm
     nthreads = threads()
     try:
         return _attempt(tier, list(chosen[rank::size]), len(chosen), comm, nthreads, parallel=True,
-                        progress=progress)
+                        done=done, progress=progress)
     except FlushError as exc:
         busy = isinstance(exc, Busy)
         if not all(comm.allgather(busy)) if comm is not None else not busy:
             raise   # a real failure somewhere: every rank raises (each its own error)
     # another flush holds a file: rank 0 alone, in path order, waiting for each file as a sync does
-    done = on_root(comm, lambda: _attempt(tier, list(chosen), len(chosen), None, 1, parallel=False,
-                                          progress=progress))
-    return done if rank == 0 else []
+    results = on_root(comm, lambda: _attempt(tier, list(chosen), len(chosen), None, 1, parallel=False, done=done,
+                                             progress=progress))
+    return results if rank == 0 else []
 
 
 def _attempt(tier: Tier, files: list[tuple[str, FileMeta]], total: int, comm: MPI.Comm | None, nthreads: int,
-             parallel: bool, progress: Callable[[int], None] | None) -> list[tuple[Plan, writes.Tally]]:
+             parallel: bool, done: Callable[[Plan, writes.Tally], R], progress: Callable[[int], None] | None
+             ) -> list[R]:
     """Run the five steps over this rank's ``files`` (of ``total`` in the commit).
 
     ``parallel``: take no lock or lease another flush holds (raise
@@ -138,7 +141,11 @@ def _attempt(tier: Tier, files: list[tuple[str, FileMeta]], total: int, comm: MP
         together(comm, lambda: _publish(pool, plans))
         on_root(comm, lambda: os.unlink(journal))
         keeper.stop()
-        together(comm, lambda: _all(_each(pool, lambda p: writes.settle(store, p, False), plans)))
+        def settle(i: int) -> R:
+            writes.settle(store, plans[i], False)
+            return done(plans[i], tallies[i])
+
+        results = together(comm, lambda: _all(_each(pool, settle, list(range(len(plans))))))
     except Exception as exc:
         keeper.stop()
         for plan in plans:
@@ -158,7 +165,7 @@ def _attempt(tier: Tier, files: list[tuple[str, FileMeta]], total: int, comm: MP
     finally:
         if pool is not None:
             pool.shutdown()
-    return list(zip(plans, tallies))
+    return results
 
 
 def _leftovers(targets: Sequence[str]) -> dict[str, list[str]]:
@@ -203,11 +210,12 @@ def _first_error(results: Sequence[Any]) -> BaseException | None:
     return next((e for e in errors if not isinstance(e, Busy)), errors[0] if errors else None)
 
 
-def _all(results: Sequence[Any]) -> None:
-    """Raise the first error of ``results`` (see :func:`_first_error`), if any."""
+def _all(results: Sequence[T | BaseException]) -> list[T]:
+    """Return ``results``; raise the first error among them instead (see :func:`_first_error`), if any."""
     error = _first_error(results)
     if error is not None:
         raise error
+    return [r for r in results if not isinstance(r, BaseException)]
 
 
 def _prepared(store: Store, results: Sequence[Plan | None | BaseException]) -> list[Plan]:

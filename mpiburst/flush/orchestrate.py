@@ -321,9 +321,7 @@ def commit(paths: Iterable[str] | None = None, *, tier: Tier | None = None, incl
         return [(p, wanted[p]) for p in sorted(wanted)
                 if wanted[p].dirty and (include_pinned or not wanted[p].pinned) and (select is None or select(p))]
 
-    chosen = on_root(comm, choose)
-    mine = []
-    for plan, tally in many.flush_cut(tier, chosen, comm, progress):
+    def done(plan: Plan, tally: writes.Tally) -> FlushReport:
         report = _report(plan, None)
         report.bytes, report.writes, report.drained = tally.bytes, sum(tally.sizes.values()), tally.drained
         report.write_sizes = dict(sorted(tally.sizes.items()))
@@ -331,7 +329,9 @@ def commit(paths: Iterable[str] | None = None, *, tier: Tier | None = None, incl
         iostats.record_flush(store, report, tier.align, 0, began)   # each file: the whole commit's time
         if log is not None:
             log(f"committed {report.path}: {report.bytes} bytes in {report.writes} writes")
-        mine.append(report)
+        return report
+
+    mine = many.flush_cut(tier, on_root(comm, choose), comm, done, progress)
     everyone = comm.allgather(mine) if comm is not None else [mine]
     return sorted((r for share in everyone for r in share), key=lambda r: r.path)
 

@@ -119,12 +119,10 @@ def _write_stripes(store: Store, plan: Plan, runs: list[tuple[int, int]], src: i
     per = max(1, WRITE_SIZE // plan.align)
     parts = list(batches(runs, per))
     size = min(per, sum(b - a for a, b in runs)) * plan.align
-    if len(parts) == 1:   # a small file: no helper thread to start for one batch
+    if len(parts) == 1:   # a small file: no helper thread for one batch, no renewal (mark_clean checks the lease)
         with borrowed(size) as one:
             for lo, view in assemble_runs(store, plan, parts[0], src, one):
                 pwrite_all(fd, view, lo, plan.target, tally)
-        if not store.renew(plan.target, plan.token, snapshot.LEASE_SECONDS):
-            raise LeaseLost()
         return
     with borrowed(size) as one, borrowed(size) as two, ThreadPoolExecutor(1) as helper:
         buffers = [one, two]
