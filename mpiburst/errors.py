@@ -60,6 +60,10 @@ class NodeLostError(TierConnectionError):
         return type(self), (str(self), self.node, self.files)
 
 
+class ReplicaError(TierConnectionError):
+    """A node's replica did not confirm a write in time: the data is on one node only (a run with ``replicas=1``)."""
+
+
 class CollectiveError(MpiburstError):
     """Another rank failed in a collective call with an error that could not travel as it was."""
 

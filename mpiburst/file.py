@@ -475,8 +475,9 @@ class File:
         """Push this rank's buffered writes to the tier (collective).
 
         After the writer's ``Sync``, a barrier and the reader's ``Sync``, the
-        reader sees the data (MPI's sync-barrier-sync). Durability on the BFS
-        is :func:`mpiburst.sync`.
+        reader sees the data (MPI's sync-barrier-sync). On a run with
+        ``replicas=1`` it returns once the data is on its node and that node's
+        replica. Durability on the BFS is :func:`mpiburst.sync`.
 
         Every rank's writes being in the tier, the file's state is one the
         application made consistent: when this handle is the file's only
@@ -484,7 +485,7 @@ class File:
         automatic sync may publish while the file stays open
         (docs/consistency.md, "Published states").
         """
-        self._together(self._push_all)
+        self._together(lambda: self._handle().sync())
         if self._amode & _WRITING:
             path = self._handle().path
             self._rank0(lambda: self._tier.store.writers(path, 0, 1))

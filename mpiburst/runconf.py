@@ -100,6 +100,11 @@ def node_member(run_id: str, node: int | None) -> str:
     return run_id if node is None else f"{run_id}@{node}"
 
 
+def replica_member(run_id: str, node: int) -> str:
+    """Return the name part of the files of node ``node``'s replica server: ``<id>@<node>.replica``."""
+    return f"{run_id}@{node}.replica"
+
+
 def cluster_conf_name(member: str) -> str:
     """Return the file name of a cluster-mode server's own state file, ``nodes_<member>.conf``."""
     return f"nodes_{member}.conf"
@@ -189,6 +194,9 @@ class RunConf:
     #: TCP connections to the servers use mutual TLS with the run's certificates (``.mpiburst_<id>.tls/``);
     #: False on a multi-node run means plaintext on a network its user declared private (``--trust-network``).
     tls: bool = False
+    #: Copies of each node's data on another node (0 or 1): with 1, ``nodes[k]["replica"]`` is the entry
+    #: (``host``, ``port``, ``socket``, ``pid``, ``hostname``, ``bus_port``) of node k's replica, on node k+1 mod n.
+    replicas: int = 0
 
     def node(self, index: int) -> RunConf:
         """Return the single-server view of node ``index`` (its address, socket and PID; never saved).
@@ -201,6 +209,13 @@ class RunConf:
         entry = self.nodes[index]
         here = entry.get("hostname", platform.node()) == platform.node()
         return self.view(entry["host"], entry["port"], entry["socket"] if here else "", entry["pid"], index)
+
+    def replica(self, index: int) -> RunConf | None:
+        """Return the single-server view of node ``index``'s replica (on the next node), or None without one."""
+        entry = self.nodes[index].get("replica") if index < len(self.nodes) else None
+        if not isinstance(entry, dict):
+            return None
+        return self.view(entry["host"], entry["port"], entry["socket"], entry["pid"], index)
 
     def view(self, host: str, port: int, socket: str, pid: int | None, node: int) -> RunConf:
         """Return a copy of this conf for one node's server at ``host:port`` / ``socket`` (its :meth:`save` refuses)."""
@@ -266,6 +281,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     **{name: (int,) for name in ("port", "channels", "capacity", "align")},
     "pid": (int, type(None)), "engine_pid": (int, type(None)),
     "sync_threshold": (int, float), "purge_threshold": (int, float), "nodes": (list,), "tls": (bool,),
+    "replicas": (int,),
 }
 
 #: The fields of a node entry and their JSON types.

@@ -228,6 +228,11 @@ class TierFile:
         """Bytes waiting in the write-back buffer."""
         return len(self._payload)
 
+    def sync(self) -> None:
+        """:meth:`push`, then wait until the writes are as safe as the tier makes them (with replicas: on two nodes)."""
+        self.push()
+        self.store.confirm()
+
     def push(self) -> None:
         """Send the buffered writes to the tier and wait until it has them all.
 
@@ -337,6 +342,7 @@ class TierFile:
                 self.stats.writes.ns += perf_counter_ns() - t0
             self.stats.merge(self.store, self.path)
             self._await()
+            self.store.confirm()   # with replicas: on two nodes before the close returns
         finally:
             self._writer.close()
 

@@ -61,14 +61,20 @@ def warner(command: str) -> Callable[[str], None]:
 
 
 def do_store(tier: Tier, channel: int, source: str) -> int:
-    """Store ``source`` (a path or ``-`` for stdin) to ``channel``; shared with ``mem_io_store``."""
+    """Store ``source`` (a path or ``-`` for stdin) to ``channel``; shared with ``mem_io_store``.
+
+    Returns once the data is on its node and, with replicas, on its replica too.
+    """
     if source == "-":
-        return channels.store(tier, channel, sys.stdin.buffer)
-    try:
-        with open(source, "rb") as f:
-            return channels.store(tier, channel, f)
-    except FileNotFoundError:
-        raise PathError(f"input file {source} does not exist; give an existing file or '-' for stdin.") from None
+        status = channels.store(tier, channel, sys.stdin.buffer)
+    else:
+        try:
+            with open(source, "rb") as f:
+                status = channels.store(tier, channel, f)
+        except FileNotFoundError:
+            raise PathError(f"input file {source} does not exist; give an existing file or '-' for stdin.") from None
+    tier.store.confirm()
+    return status
 
 
 def do_retrieve(tier: Tier, channel: int | None, split: bool, print_id: bool, sep: str, directory: str,

@@ -88,6 +88,9 @@ def add_start_options(p: argparse.ArgumentParser, restart: bool = True) -> None:
                    help="a run over several nodes talks plaintext TCP, as the network is private to the job "
                         "(default: $MPIBURST_TRUST_NETWORK; otherwise mutual TLS, and a server without TLS "
                         "refuses to start on several nodes; see docs/security.md)")
+    p.add_argument("--replicas", type=int, choices=(0, 1), default=None,
+                   help="copies of each node's data on a partner node (default: $MPIBURST_REPLICAS, else 0); "
+                        "1 survives the loss of one node (docs/reliability.md)")
     if restart:
         p.add_argument("--restart", action="store_true",
                        help="reload the snapshot redis_<id>.rdb of a run stopped with --save")

@@ -40,6 +40,7 @@ from ..runconf import (
     node_entry_path,
     node_member,
     rdb_name,
+    replica_member,
     server_conf_path,
     socket_dir_path,
 )
@@ -79,6 +80,10 @@ def launch_node(conf: RunConf, admin: AdminCredentials, index: int, count: int, 
                 maxclients: int, tied: bool, socket_dir: str | None = None) -> dict[str, Any]:
     """Start node ``index``'s cluster-mode server on this host and return its entry for :attr:`RunConf.nodes`.
 
+    With ``conf.replicas`` the node also starts the replica of the previous
+    node (``index - 1`` mod ``count``, a ring): its entry is ``"replica_here"``,
+    which :func:`form` moves to that node's entry as ``"replica"``.
+
     Parameters
     ----------
     conf
@@ -101,8 +106,39 @@ def launch_node(conf: RunConf, admin: AdminCredentials, index: int, count: int, 
     ServerError
         If the server does not come up (its log's tail is in the message).
     """
-    member = node_member(conf.id, index)
-    sockdir = node_socket_dir(conf, index, socket_dir)
+    entry = launch_server(conf, admin, node_member(conf.id, index), node_socket_dir(conf, index, socket_dir),
+                          bind, maxclients, tied, f"node {index}")
+    first, last = slot_ranges(count)[index]
+    entry.update(ranks=list(ranks), slots=[first, last])
+    if conf.replicas:
+        partner = (index - 1) % count
+        sockdir = socket_dir_path(conf.dir, replica_member(conf.id, partner),
+                                  os.path.join(socket_dir, f"node{partner}.replica") if socket_dir else None)
+        try:
+            entry["replica_here"] = launch_server(conf, admin, replica_member(conf.id, partner), sockdir, bind,
+                                                  maxclients, tied, f"node {partner}'s replica")
+        except BaseException:
+            kill(entry["pid"], conf.server)
+            clean_node(conf, index, entry["socket"], keep_snapshot=True)
+            raise
+    return entry
+
+
+def kill_node(conf: RunConf, entry: dict[str, Any]) -> None:
+    """SIGKILL a node's server and the replica in its entry: the one it hosts (``replica_here``, before
+    :func:`form`) or its own (``replica``, after)."""
+    kill(entry["pid"], conf.server)
+    for name in ("replica_here", "replica"):
+        if name in entry:
+            kill(entry[name]["pid"], conf.server)
+
+
+def launch_server(conf: RunConf, admin: AdminCredentials, member: str, sockdir: str, bind: str, maxclients: int,
+                  tied: bool, label: str) -> dict[str, Any]:
+    """Start one cluster-mode server (files named for ``member``) on a free port and bus port of ``bind``.
+
+    Returns its ``host``, ``port``, ``socket``, ``pid``, ``hostname`` and ``bus_port``.
+    """
     sock = os.path.join(sockdir, SOCKET_NAME)
     if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
         raise ConfigError(f"unix socket path {sock} is {len(os.fsencode(sock))} bytes, more than the OS allows "
@@ -112,7 +148,7 @@ def launch_node(conf: RunConf, admin: AdminCredentials, index: int, count: int, 
     remove_file(log)
     remove_file(os.path.join(conf.dir, cluster_conf_name(member)))  # a stale cluster state would rejoin an old cluster
     os.close(create_private(log))
-    view = conf.view(bind, 0, sock, None, index)
+    view = conf.view(bind, 0, sock, None, 0)
     try:
         for _ in range(PORT_ATTEMPTS):
             try:
@@ -127,15 +163,14 @@ def launch_node(conf: RunConf, admin: AdminCredentials, index: int, count: int, 
                        TlsFiles.of(conf.dir, conf.id) if conf.tls else None)
             except PortInUse:
                 continue
-            first, last = slot_ranges(count)[index]
-            return dict(host=bind, port=view.port, socket=sock, pid=view.pid, ranks=list(ranks), slots=[first, last],
-                        hostname=socket.gethostname(), bus_port=bus)
-        raise ServerError(f"the server of node {index} of run {conf.id} found no free port after {PORT_ATTEMPTS} "
+            return dict(host=bind, port=view.port, socket=sock, pid=view.pid, hostname=socket.gethostname(),
+                        bus_port=bus)
+        raise ServerError(f"the server of {label} of run {conf.id} found no free port after {PORT_ATTEMPTS} "
                           f"attempts; try again.")
     except BaseException:
         if view.pid:
             kill(view.pid, conf.server)
-        clean_node(conf, index, sock, keep_snapshot=True)   # a failed restart keeps the snapshot it came for
+        _clean_member(conf, member, sock, keep_snapshot=True)   # a failed restart keeps the snapshot it came for
         raise
 
 
@@ -154,10 +189,16 @@ def form(conf: RunConf, admin: AdminCredentials, timeout: float | None = None) -
         ADDSLOTSRANGE) or the cluster is not whole within ``timeout`` seconds
         (default :data:`FORM_TIMEOUT`).
     """
-    clients = []
+    _place_replicas(conf)
+    clients: list[redis.Redis] = []
+    replicas: list[redis.Redis] = []
     try:
         for k in range(len(conf.nodes)):
             clients.append(connect_redis(conf.node(k), admin=admin))
+        for k in range(len(conf.nodes) if conf.replicas else 0):
+            view = conf.replica(k)
+            assert view is not None, "every node launched its partner's replica"
+            replicas.append(connect_redis(view, admin=admin))
         try:
             for client, entry in zip(clients, conf.nodes):
                 lacking = _missing_slots(client, *entry["slots"])
@@ -165,13 +206,27 @@ def form(conf: RunConf, admin: AdminCredentials, timeout: float | None = None) -
                     client.execute_command("CLUSTER", "ADDSLOTSRANGE", *[s for r in lacking for s in r])
             for entry in conf.nodes[1:]:
                 clients[0].execute_command("CLUSTER", "MEET", entry["host"], entry["port"], entry["bus_port"])
+            for entry in conf.nodes if replicas else []:
+                clients[0].execute_command("CLUSTER", "MEET", entry["replica"]["host"], entry["replica"]["port"],
+                                           entry["replica"]["bus_port"])
         except redis.RedisError as exc:
             raise ServerError(f"the servers of run {conf.id} cannot form a cluster ({exc}); a run over several nodes "
                               f"needs Redis >= 7.0 or Valkey >= 7.2.") from None
         timeout = FORM_TIMEOUT if timeout is None else timeout
         deadline = time.monotonic() + timeout
+        paired = False
         while True:
-            missing = _not_formed(conf, clients)
+            missing = _not_formed(conf, clients + replicas)
+            if missing is None and replicas and not paired:
+                try:
+                    for client, replica in zip(clients, replicas):
+                        replica.execute_command("CLUSTER", "REPLICATE", _text(client.execute_command("CLUSTER", "MYID")))
+                except redis.RedisError as exc:
+                    raise ServerError(f"the servers of run {conf.id} cannot pair each node with its replica ({exc}); "
+                                      f"see the logs in {conf.dir}.") from None
+                paired = True
+            if missing is None and replicas:
+                missing = _not_linked(replicas)
             if missing is None:
                 return
             if time.monotonic() > deadline:
@@ -179,8 +234,38 @@ def form(conf: RunConf, admin: AdminCredentials, timeout: float | None = None) -
                                   f"({missing}); see the logs {log_name(node_member(conf.id, 0))} etc. in {conf.dir}.")
             time.sleep(0.05)
     finally:
-        for client in clients:
+        for client in clients + replicas:
             client.close()
+
+
+def _place_replicas(conf: RunConf) -> None:
+    """Move each node's ``replica_here`` (the replica of the previous node it started) to that node's ``replica``."""
+    count = len(conf.nodes)
+    for k, here in enumerate([entry.pop("replica_here", None) for entry in conf.nodes]):
+        if here is not None:
+            conf.nodes[(k - 1) % count]["replica"] = here
+
+
+def _text(reply: Any) -> str:
+    """Return a server's reply as text."""
+    return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+
+def replication_info(client: redis.Redis) -> dict[str, str]:
+    """Return the fields of a server's ``INFO replication`` (``role``, ``master_link_status``, ...) as text."""
+    return {str(k): str(v) for k, v in client.info("replication").items()}
+
+
+def _not_linked(replicas: list[redis.Redis]) -> str | None:
+    """Return which replica has not yet synced with its primary, or None when every one has."""
+    for k, replica in enumerate(replicas):
+        try:
+            info = replication_info(replica)
+        except redis.RedisError as exc:
+            return f"node {k}'s replica does not answer: {exc}"
+        if info.get("role") != "slave" or info.get("master_link_status") != "up":
+            return f"node {k}'s replica is {info.get('role')}, link {info.get('master_link_status')}"
+    return None
 
 
 def _missing_slots(client: redis.Redis, first: int, last: int) -> list[tuple[int, int]]:
@@ -212,7 +297,9 @@ def _missing_slots(client: redis.Redis, first: int, last: int) -> list[tuple[int
 
 
 def _not_formed(conf: RunConf, clients: list[redis.Redis]) -> str | None:
-    """Return what is still missing from the cluster (which node, what it sees), or None when it is whole."""
+    """Return what is still missing from the cluster (which server, what it sees), or None when it is whole.
+
+    ``clients``: every server of the run, the nodes' then their replicas'."""
     count = len(clients)
     for k, client in enumerate(clients):
         try:
@@ -230,15 +317,24 @@ def _not_formed(conf: RunConf, clients: list[redis.Redis]) -> str | None:
 
 
 def clean_node(conf: RunConf, index: int, sock: str | None = None, keep_snapshot: bool = False) -> None:
-    """Remove node ``index``'s server files: socket (and its directory), config, log, cluster state, entry, snapshot."""
-    member = node_member(conf.id, index)
-    sock = sock or (conf.nodes[index]["socket"] if index < len(conf.nodes) else "")
+    """Remove node ``index``'s server files (socket and its directory, config, log, cluster state, entry, snapshot)
+    and those of its replica, if it has one."""
+    entry = conf.nodes[index] if index < len(conf.nodes) else {}
+    _clean_member(conf, node_member(conf.id, index), sock or entry.get("socket", ""), keep_snapshot)
+    remove_file(node_entry_path(conf.dir, conf.id, index))
+    replica = entry.get("replica")
+    if conf.replicas:
+        _clean_member(conf, replica_member(conf.id, index), replica["socket"] if replica else "", False)
+
+
+def _clean_member(conf: RunConf, member: str, sock: str, keep_snapshot: bool) -> None:
+    """Remove one server's files: socket (and its directory), config, log, cluster state, snapshot unless kept."""
     if sock:
         remove_file(sock)
         with contextlib.suppress(OSError):
             os.rmdir(os.path.dirname(sock))
     for name in (server_conf_path(conf.dir, member), os.path.join(conf.dir, log_name(member)),
-                 os.path.join(conf.dir, cluster_conf_name(member)), node_entry_path(conf.dir, conf.id, index)):
+                 os.path.join(conf.dir, cluster_conf_name(member))):
         remove_file(name)
     if not keep_snapshot:
         remove_file(os.path.join(conf.dir, rdb_name(member)))
@@ -246,42 +342,57 @@ def clean_node(conf: RunConf, index: int, sock: str | None = None, keep_snapshot
 
 def node_alive(conf: RunConf, index: int) -> bool:
     """Return True if node ``index``'s server runs: by PID on its own host, else by an answer to PING."""
-    entry = conf.nodes[index]
+    return server_alive(conf, conf.node(index), conf.nodes[index])
+
+
+def server_alive(conf: RunConf, view: RunConf, entry: dict[str, Any]) -> bool:
+    """Return True if the server of ``entry`` (``view``: its connection view) runs: by PID here, else by PING."""
     if is_here(entry):
         return pid_alive(entry["pid"], conf.server)
     try:
-        connect_redis(conf.node(index)).close()
+        connect_redis(view).close()
         return True
     except ServerError:
         return False
 
 
 def stop_nodes(conf: RunConf, admin: AdminCredentials, timeout: float) -> list[int]:
-    """SHUTDOWN NOSAVE every node's server and wait for each to end; return the nodes that were already gone."""
+    """SHUTDOWN NOSAVE every node's server (and replica) and wait for each to end; return the nodes already gone.
+
+    A node counts as gone when its own server was (its replica, promoted, may have served it since).
+    """
     gone = []
     for k, entry in enumerate(conf.nodes):
-        if not node_alive(conf, k):
+        if not _stop_server(conf, conf.node(k), entry, admin, timeout):
             gone.append(k)
-            continue
-        try:
-            client = connect_redis(conf.node(k), admin=admin)
-        except ServerError:
-            gone.append(k)
-            continue
-        try:
-            client.shutdown(nosave=True)
-        except redis.RedisError:
-            pass  # the connection closes while the server exits; the check below decides
-        finally:
-            client.close()
-        if is_here(entry):
-            if not wait_gone(entry["pid"], conf.server, timeout):
-                kill(entry["pid"], conf.server)
-        else:
-            deadline = time.monotonic() + timeout
-            while node_alive(conf, k) and time.monotonic() < deadline:
-                time.sleep(0.05)
+        replica = conf.replica(k)
+        if replica is not None:
+            _stop_server(conf, replica, entry["replica"], admin, timeout)
     return gone
+
+
+def _stop_server(conf: RunConf, view: RunConf, entry: dict[str, Any], admin: AdminCredentials, timeout: float) -> bool:
+    """SHUTDOWN NOSAVE one server and wait for it to end (SIGKILL after ``timeout`` here); False if it was gone."""
+    if not server_alive(conf, view, entry):
+        return False
+    try:
+        client = connect_redis(view, admin=admin)
+    except ServerError:
+        return False
+    try:
+        client.shutdown(nosave=True)
+    except redis.RedisError:
+        pass  # the connection closes while the server exits; the check below decides
+    finally:
+        client.close()
+    if is_here(entry):
+        if not wait_gone(entry["pid"], conf.server, timeout):
+            kill(entry["pid"], conf.server)
+    else:
+        deadline = time.monotonic() + timeout
+        while server_alive(conf, view, entry) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return True
 
 
 def node_status(conf: RunConf, index: int) -> dict[str, Any]:

@@ -97,7 +97,16 @@ def connect_store(conf: RunConf, node: int | None = None,
     try:
         for k in range(len(conf.nodes)):
             clients.append(connect_redis(conf.node(k), check=k in asked))
-        store = ClusterStore(clients, node, ranks=[n["ranks"] for n in conf.nodes], slots=[n["slots"] for n in conf.nodes])
+        replicas = [connect_redis(view, check=False) if view else None
+                    for view in map(conf.replica, range(len(conf.nodes)))]   # used when their node is lost
+        spare = [r for r in replicas if r is not None]
+        try:
+            store = ClusterStore(clients, node, ranks=[n["ranks"] for n in conf.nodes],
+                                 slots=[n["slots"] for n in conf.nodes], replicas=replicas)
+        except BaseException:
+            for client in spare:
+                client.close()
+            raise
     except BaseException:
         for client in clients:
             client.close()

@@ -46,7 +46,7 @@ from .config import ADMIN_USER, USER
 from .connection import connect_redis, connect_store
 from .discovery import default_bind, find_server, free_port, host_address, job_nodes, node_address
 from .launch import MAX_SOCKET_PATH, SOCKET_NAME, PortInUse, launch, make_socket_dir, remove_file
-from .options import StartOptions, parse_capacity
+from .options import DEFAULT_REPLICATED_CAPACITY, StartOptions, parse_capacity
 from .process import kill, log_tail, pid_alive, wait_gone
 from .runlock import RunLock
 from .tls import TRUST_NETWORK, has_tls, make_certificates, remove_certificates, trust_network_from_env
@@ -320,7 +320,11 @@ def plan_cluster(opts: StartOptions, nodes_here: bool, count: int, addresses: Se
         raise ConfigError(f"run {run_id} was saved {'on ' + str(saved) + ' nodes' if saved else 'as one server'}; "
                           f"restart it on {saved or 1} node{'s' if saved != 1 else ''} ('mpiburst stage-out --id "
                           f"{run_id}' reloads it on this host).")
+    replicas = opts.replica_count()
+    if replicas and opts.capacity is None:   # each node holds its own server's data and a neighbour's copy
+        opts = opts.replace(capacity=DEFAULT_REPLICATED_CAPACITY)
     conf = _new_conf(opts, run_id, directory, old, "")
+    conf.replicas = replicas
     conf.tls = use_tls(opts, conf.server)
     bind = opts.bind or ("127.0.0.1" if nodes_here else None)
     if not addresses:
@@ -414,7 +418,7 @@ def start_cluster(options: StartOptions | None = None, nodes: int = 3, *, tied: 
             return form_planned(plan, entries)
         except BaseException:
             for k, entry in enumerate(entries):
-                kill(entry["pid"], plan.conf.server)
+                cluster.kill_node(plan.conf, entry)
                 cluster.clean_node(plan.conf, k, entry["socket"], keep_snapshot=True)
             abandon_cluster(plan.conf, keep_conf=opts.restart)
             raise

@@ -11,6 +11,7 @@ exist, is the port free) happen when the server starts.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,10 @@ from ..sizes import format_size, parse_size
 from .discovery import node_memory
 
 DEFAULT_CAPACITY = "50%"
+#: The default capacity of a run with a replica per node: each node holds its own server's data and a neighbour's.
+DEFAULT_REPLICATED_CAPACITY = "25%"
+#: The environment variable giving the default of the ``replicas`` option.
+REPLICAS_ENV = "MPIBURST_REPLICAS"
 #: The smallest tier: the server's own memory (about 1 MiB) and two 4 MiB write batches.
 MIN_CAPACITY = 8 << 20
 #: The smallest ``maxclients``: the engine and lifecycle commands need a few connections besides the ranks.
@@ -67,6 +72,12 @@ class StartOptions:
         A multi-node run's nodes talk plaintext TCP, as the network is private
         to the job (default: ``$MPIBURST_TRUST_NETWORK``). Otherwise they use
         mutual TLS, and a server without TLS refuses to start on several nodes.
+    replicas
+        Copies of each node's data on other nodes, 0 or 1 (default:
+        ``$MPIBURST_REPLICAS``, else 0). With 1 each node also runs a replica
+        of the previous node's server (a ring), syncs and closes return once
+        their data is on both, and the run survives the loss of one node
+        (docs/reliability.md). A run on one node ignores it.
     """
 
     id: str | None = None
@@ -82,6 +93,7 @@ class StartOptions:
     restart: bool = False
     maxclients: int | None = None
     trust_network: bool | None = None
+    replicas: int | None = None
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -129,12 +141,14 @@ class StartOptions:
             raise ConfigError(f"tier option restart must be True or False, not {self.restart!r}.")
         if self.trust_network is not None and not isinstance(self.trust_network, bool):
             raise ConfigError(f"tier option trust_network must be True or False, not {self.trust_network!r}.")
-        for name in ("channels", "port", "maxclients"):
+        for name in ("channels", "port", "maxclients", "replicas"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ConfigError(f"tier option {name} must be a whole number, not {value!r}.")
         if self.channels is not None and self.channels < 1:
             raise ConfigError(f"the number of channels must be a whole number of at least 1 (got {self.channels!r}).")
+        if self.replicas is not None and self.replicas not in (0, 1):
+            raise ConfigError(f"tier option replicas must be 0 or 1 (one copy on a partner node), not {self.replicas}.")
         if self.port is not None and not 0 < self.port < 65536:
             raise ConfigError(f"port {self.port} is out of range; give 1-65535 or leave it out for a free one.")
         if self.maxclients is not None and self.maxclients < self.min_maxclients():
@@ -147,6 +161,16 @@ class StartOptions:
             parse_capacity(self.capacity)
         if self.align is not None:
             parse_size(self.align, "alignment")
+
+    def replica_count(self) -> int:
+        """Return the number of replicas per node: the option, else ``$MPIBURST_REPLICAS``, else 0."""
+        if self.replicas is not None:
+            return self.replicas
+        text = os.environ.get(REPLICAS_ENV, "").strip() or "0"
+        if text not in ("0", "1"):
+            raise ConfigError(f"{REPLICAS_ENV}={text!r} is not 0 or 1; set it to 1 for a copy on a partner node, "
+                              f"or unset it.")
+        return int(text)
 
     def min_maxclients(self) -> int:
         """Return the fewest client connections a run with these options can work with."""

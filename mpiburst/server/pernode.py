@@ -51,7 +51,6 @@ from .lifecycle import (
     run_directory,
 )
 from .options import StartOptions
-from .process import kill
 from .runlock import RunLock
 
 #: Seconds a node waits for node 0's plan, and node 0 for every other node's entry.
@@ -113,7 +112,7 @@ def start_node(options: StartOptions | None, index: int, count: int,
     try:
         _write_entry(plan.conf, index, entry)
     except BaseException:
-        kill(entry["pid"], plan.conf.server)
+        cluster.kill_node(plan.conf, entry)
         cluster.clean_node(plan.conf, index, entry["socket"])
         raise
     return plan.conf, entry["pid"]
@@ -140,7 +139,7 @@ def _lead(plan: ClusterPlan, count: int, wait: float) -> RunConf:
         entries = [entry] + _await_entries(conf, count, wait)
         return form_planned(plan, entries)
     except BaseException:
-        kill(entry["pid"], conf.server)
+        cluster.kill_node(conf, entry)
         cluster.clean_node(conf, 0, entry["socket"])
         abandon_cluster(conf)
         raise
@@ -189,7 +188,7 @@ def _await_entries(conf: RunConf, count: int, wait: float) -> list[dict[str, Any
                 continue  # being replaced
             if isinstance(entry, dict) and entry.get("plan") == token:
                 found[k] = {name: entry[name] for name in ("host", "port", "socket", "pid", "ranks", "slots",
-                                                            "hostname", "bus_port")}
+                                                            "hostname", "bus_port", "replica_here") if name in entry}
         if len(found) == count - 1:
             return [found[k] for k in range(1, count)]
         if time.monotonic() > deadline:

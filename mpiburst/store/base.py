@@ -658,6 +658,16 @@ class Store(ABC):
     def empty(self) -> bool:
         """True if the store holds nothing at all (no file, channel or request; statistics do not count)."""
 
+    def confirm(self, timeout: float | None = None) -> None:
+        """Return once this process's writes are as safe as the store makes them: on a node and its replica.
+
+        What ``Sync``, ``Close``, ``mem_io_store`` and a run's commit points
+        call before they return. A store without replicas has nothing to wait
+        for (this default). See :meth:`ClusterStore.confirm
+        <mpiburst.store.cluster_store.ClusterStore.confirm>`.
+        """
+        return None
+
     @abstractmethod
     def close(self) -> None:
         """Close the store's connections; the data stays."""

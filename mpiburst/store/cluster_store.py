@@ -71,15 +71,18 @@ holds every record).
 
 from __future__ import annotations
 
+import functools
 import heapq
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import inspect
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import redis
 from redis.crc import key_slot
 
-from ..errors import MpiburstError, NodeLostError, ServerError, TierConnectionError
+from ..errors import MpiburstError, NodeLostError, ReplicaError, ServerError, TierConnectionError
 from ..overlay import Entry, Extent, Strided, overlapping
 from . import schema
 from .base import (
@@ -100,10 +103,54 @@ from .redis_errors import as_mpiburst_error, public_methods_translated
 from .redis_store import RedisStore
 from .resp import resp_frames
 
+_C = TypeVar("_C", bound=type)
+
 #: How many times a batch is numbered anew when flushes or truncations keep overtaking it.
 RETRIES = 100
+#: Seconds a process waits for a lost node's replica to be promoted (the cluster's node timeout is 5 s).
+FAILOVER_WAIT = 20.0
+#: Seconds :meth:`ClusterStore.confirm` waits for a replica to confirm a write.
+CONFIRM_TIMEOUT = 10.0
 #: Candidate tags asked of a server at once when looking for one of its slots.
 _PROBE = 64
+
+class FailedOver(TierConnectionError):
+    """A node's replica took over while a store call ran on it: the call is run again (see :func:`_failover_retried`)."""
+
+    def __init__(self, node: int) -> None:
+        super().__init__(f"node {node}'s replica took over; run the call again.")
+        self.node = node
+
+
+def _moved(exc: BaseException) -> bool:
+    """Return True for a ``MOVED`` reply: the server is no longer primary of the slot (its replica took over)."""
+    return isinstance(exc, redis.exceptions.AskError) or str(exc).startswith("MOVED ")
+
+
+def _failover_retried(cls: _C) -> _C:
+    """Class decorator: run a public method again when a node's replica took over during it (:class:`FailedOver`).
+
+    Every store method may be run again: a batch numbered twice leaves a gap
+    in the numbers, a batch stored twice is one the first run never indexed.
+    Generators are not wrapped: their caller sees :class:`FailedOver` (a
+    :class:`TierConnectionError`) and may ask again.
+    """
+    def retried(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def run(self: ClusterStore, *args: Any, **kwargs: Any) -> Any:
+            for _ in range(len(self.clients)):
+                try:
+                    return method(self, *args, **kwargs)
+                except FailedOver:
+                    continue
+            return method(self, *args, **kwargs)
+        return run
+
+    for name, value in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.isfunction(value) and not inspect.isgeneratorfunction(value):
+            setattr(cls, name, retried(value))
+    return cls
+
 
 def _bytes_in(e: Entry, lo: int, hi: int) -> int:
     """Return how many of entry ``e``'s bytes lie in ``[lo, hi)``."""
@@ -152,6 +199,7 @@ def node_tag(client: redis.Redis, node: int) -> str:
     raise ServerError(f"the server of node {node} owns no hash slot of the cluster; form the cluster again.")
 
 
+@_failover_retried
 @public_methods_translated
 class ClusterStore(Store):
     """The tier store over a cluster of one server per node (see the module docstring).
@@ -172,14 +220,25 @@ class ClusterStore(Store):
         Optionally each node's slot range ``[first, last]`` (the run conf's):
         the tags are then computed here instead of asked of every server,
         so a store can be made while a node other than 0 is down.
+    replicas
+        Optionally a client per node (None: no replica) of that node's
+        replica server, on another node: when a node is lost its promoted
+        replica serves its keys (:meth:`_promote`), and :meth:`confirm` waits
+        for writes to be on both.
     """
 
     def __init__(self, clients: Sequence[redis.Redis], local: int | None,
                  ranks: Sequence[Sequence[int]] | None = None,
-                 slots: Sequence[Sequence[int]] | None = None) -> None:
+                 slots: Sequence[Sequence[int]] | None = None,
+                 replicas: Sequence[redis.Redis | None] | None = None) -> None:
         if not clients:
             raise ValueError("a cluster store needs at least one server")
         self.clients = list(clients)
+        self.replicas: list[redis.Redis | None] = list(replicas or [])
+        #: Nodes now served by their promoted replica.
+        self.failed_over: set[int] = set()
+        self._unconfirmed: set[int] = set()
+        self._lost_writes: set[int] = set()
         self.local = local
         self.ranks = [tuple(r) for r in ranks] if ranks else None
         self.tags: list[str] = []
@@ -192,6 +251,7 @@ class ClusterStore(Store):
         self.shards = [RedisStore(c, prefix=schema.shard_prefix(t)) for c, t in zip(self.clients, self.tags)]
         self.home = RedisStore(self.clients[0], prefix=schema.home_prefix(self.tags[0]))
         self._counter = schema.Keys.counter(self.tags[0])
+        self._confirmed = [schema.shard_prefix(t) + "confirmed" for t in self.tags]   # the marker :meth:`confirm` writes
         self._reserve = self.clients[0].register_script(schema.RESERVE)
         self._fence = [c.register_script(schema.FENCE) for c in self.clients]
         #: Payload bytes this process has fetched from each node's server (:meth:`fetch_into`), in node order.
@@ -213,14 +273,106 @@ class ClusterStore(Store):
         return kw.get("path") or f"{kw.get('host')}:{kw.get('port')}"
 
     @contextmanager
-    def _on(self, node: int) -> Iterator[None]:
-        """Turn a lost connection to ``node``'s server into an error naming the node (and its files)."""
+    def _on(self, node: int, write: bool = True) -> Iterator[None]:
+        """Turn a lost connection to ``node``'s server into an error naming the node (and its files).
+
+        With a replica, a lost node's replica is taken on instead once it is
+        promoted (:meth:`_promote`) and :class:`FailedOver` is raised: the
+        public method that was running is run again on it. ``write``: what
+        runs may change the server's data (:meth:`confirm` then waits for it
+        to be on the replica too).
+        """
         try:
             yield
         except (redis.ConnectionError, redis.TimeoutError, OSError, TierConnectionError) as exc:
+            if not isinstance(exc, FailedOver) and self._promote(node):
+                raise FailedOver(node) from None
             raise self._lost(node, exc) from None
         except redis.RedisError as exc:
+            if _moved(exc) and self._promote(node):
+                raise FailedOver(node) from None
             raise as_mpiburst_error(exc) from None
+        if write:
+            self._unconfirmed.add(node)
+
+    def _promote(self, node: int) -> bool:
+        """Take on ``node``'s replica once it serves as primary; return False if it has none or it cannot.
+
+        The cluster promotes the replica of a failed primary itself when a
+        majority of primaries agrees (3 nodes or more; within about
+        ``cluster-node-timeout`` plus a second). This waits for that, at most
+        :data:`FAILOVER_WAIT` seconds. Writes this process made to the lost
+        server since its last :meth:`confirm` may not have reached the
+        replica: the next :meth:`confirm` raises :class:`NodeLostError`.
+        """
+        replica = self.replicas[node] if node < len(self.replicas) else None
+        if replica is None or node in self.failed_over:
+            return False
+        deadline = time.monotonic() + FAILOVER_WAIT
+        while True:
+            try:
+                if replica.info("replication").get("role") == "master":
+                    break
+            except (redis.RedisError, OSError):
+                return False   # its partner is gone too
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        if node in self._unconfirmed:
+            self._lost_writes.add(node)
+        self._take_on(node, replica)
+        return True
+
+    def _take_on(self, node: int, client: redis.Redis) -> None:
+        """Serve ``node``'s keys from ``client`` (its promoted replica) from now on."""
+        old, self.clients[node] = self.clients[node], client
+        self.shards[node] = RedisStore(client, prefix=schema.shard_prefix(self.tags[node]))
+        self._fence[node] = client.register_script(schema.FENCE)
+        if node == 0:
+            self.home = RedisStore(client, prefix=schema.home_prefix(self.tags[0]))
+            self._reserve = client.register_script(schema.RESERVE)
+        self.failed_over.add(node)
+        with suppress(redis.RedisError, OSError):
+            old.close()
+
+    def confirm(self, timeout: float | None = None) -> None:
+        """Return once every write this process made since its last call is on two servers (see :meth:`Store.confirm`).
+
+        For each node written to: a marker write, then ``WAIT 1`` on the same
+        connection, which covers every earlier write to that server. A node
+        whose replica took over holds the only copy of its data now: nothing
+        is waited for there.
+
+        Raises
+        ------
+        NodeLostError
+            If a node was lost after this process wrote to it and before those
+            writes were confirmed (they may not have reached its replica).
+        ReplicaError
+            If a replica does not confirm within ``timeout`` seconds (default
+            :data:`CONFIRM_TIMEOUT`).
+        """
+        if not any(self.replicas):
+            self._unconfirmed.clear()
+            return
+        wait_ms = int(1000 * (CONFIRM_TIMEOUT if timeout is None else timeout))
+        for node in sorted(self._unconfirmed):
+            if node in self._lost_writes:
+                raise NodeLostError(f"the tier server of node {node} was lost before this process's latest writes to "
+                                    f"it were on its replica (promoted since); they may be gone: write them "
+                                    f"again.", node)
+            if node in self.failed_over:
+                continue
+            with self._on(node, write=False):
+                pipe = self.clients[node].pipeline(transaction=False)
+                pipe.set(self._confirmed[node], 1)
+                pipe.execute_command("WAIT", 1, wait_ms)
+                copies = int(pipe.execute()[1])
+            if copies < 1:
+                raise ReplicaError(f"the replica of node {node} ({self._where(node)}) did not confirm this "
+                                   f"process's writes within {wait_ms / 1000:.0f} s; they are on one node only. "
+                                   f"Check the replica's server log and 'mpiburst status'.")
+        self._unconfirmed.clear()
 
     def _lost(self, node: int, exc: BaseException) -> NodeLostError:
         """Return the error for an unreachable ``node``, naming the files whose data it held when known."""
@@ -252,7 +404,7 @@ class ClusterStore(Store):
 
     def _record(self, path: str) -> tuple[FileMeta | None, list[int]]:
         """Return the file's record and the nodes it marks, in one read of the home."""
-        with self._on(0):
+        with self._on(0, write=False):
             raw = cast("dict[bytes, bytes]", self.home.r.hgetall(self.home.keys.file(file_id(path), "m")))   # bytes: never decoded
         if not raw:
             return None, []
@@ -279,14 +431,14 @@ class ClusterStore(Store):
         fid = file_id(path)
         start = 0
         while True:
-            with self._on(node):
+            with self._on(node, write=False):
                 found = list(schema.parse_extents(shard.r.execute_command(
                     "ZRANGE", shard.keys.file(fid, "x"), start, start + page - 1, "WITHSCORES")))
             yield from found
             if len(found) < page:
                 break
             start += page
-        with self._on(node):
+        with self._on(node, write=False):
             raw = shard.r.execute_command("ZRANGE", shard.keys.file(fid, "v"), 0, -1, "WITHSCORES")
         yield from schema.parse_strided(raw)
 
@@ -307,7 +459,7 @@ class ClusterStore(Store):
 
     # -- file records -------------------------------------------------------
     def meta(self, path: str) -> FileMeta | None:
-        with self._on(0):
+        with self._on(0, write=False):
             return self.home.meta(path)
 
     def create(self, path: str, bfs_size: int | None, umask: int | None = None) -> FileMeta:
@@ -315,12 +467,12 @@ class ClusterStore(Store):
             return self.home.create(path, bfs_size, umask)
 
     def files(self) -> dict[str, str]:
-        with self._on(0):
+        with self._on(0, write=False):
             return self.home.files()
 
     def cut(self) -> dict[str, FileMeta]:
         """Return every file's record in one atomic read of the home (see the module docstring for why it is a cut)."""
-        with self._on(0):
+        with self._on(0, write=False):
             return self.home.cut()
 
     def drop(self, path: str) -> None:
@@ -365,6 +517,20 @@ class ClusterStore(Store):
                 shard.r.execute_command("SET", tmp, bytes(payload))
             except redis.ResponseError as exc:
                 raise as_mpiburst_error(exc) from None
+        return self._numbered(path, node, tmp, channel, payload, extents, staged)
+
+    def _numbered(self, path: str, node: int, tmp: str, channel: int, payload: Payload,
+                  extents: Sequence[Sequence[int]], staged: bool) -> int:
+        """:meth:`_number_and_index`, again if another node's replica took over meanwhile (the payload stays).
+
+        If ``node`` itself, which holds the payload, was lost, :class:`FailedOver` goes up: store the batch again.
+        """
+        for _ in range(len(self.clients)):
+            try:
+                return self._number_and_index(path, node, tmp, channel, payload, extents, staged)
+            except FailedOver as exc:
+                if exc.node == node:
+                    raise
         return self._number_and_index(path, node, tmp, channel, payload, extents, staged)
 
     def _number_and_index(self, path: str, node: int, tmp: str, channel: int, payload: Payload,
@@ -446,7 +612,7 @@ class ClusterStore(Store):
         """Ask each of ``nodes``' shards for extents; return them all in offset order (then sequence)."""
         found: list[Any] = []
         for node in nodes:
-            with self._on(node):
+            with self._on(node, write=False):
                 found += self._extents_of(node, ask(self.shards[node]))
         found.sort(key=lambda e: (e.start, e.seq))
         return found
@@ -455,7 +621,7 @@ class ClusterStore(Store):
         _, nodes = self._record(path)
         pages = []
         for node in nodes:
-            with self._on(node):
+            with self._on(node, write=False):
                 pages.append(self._extents_of(node, self.shards[node].extents_from(path, start, count)))
         found = sorted((e for page in pages for e in page), key=lambda e: (e.start, e.seq))
         full = [page for page in pages if len(page) == count]
@@ -483,7 +649,7 @@ class ClusterStore(Store):
     def _stream(self, node: int, path: str) -> Iterator[Extent]:
         """Yield a shard's extents of ``path`` in (offset, sequence) order, a run of equal offsets at a time."""
         run: list[Extent] = []
-        with self._on(node):
+        with self._on(node, write=False):
             for e in self.shards[node].all_extents(path):
                 if run and e.start != run[0].start:
                     yield from self._extents_of(node, sorted(run, key=lambda x: x.seq))
@@ -515,7 +681,7 @@ class ClusterStore(Store):
                 by_node.setdefault(e.blob % n, []).append(e)
             runs = sorted(by_node.items())
         for node, run in runs:
-            with self._on(node):
+            with self._on(node, write=False):
                 if not self.shards[node].fetch_into(path, [e._replace(blob=e.blob // n) for e in run], lo, out):
                     return False
             self.read_bytes[node] += sum(_bytes_in(e, lo, hi) for e in run)
@@ -525,7 +691,7 @@ class ClusterStore(Store):
         _, nodes = self._record(path)
         found = []
         for node in nodes:
-            with self._on(node):
+            with self._on(node, write=False):
                 found += [b._replace(blob=self._global(node, b.blob))
                           for b in self.shards[node].blobs(path, lo_seq, hi_seq)]
         return sorted(found, key=lambda b: (b.last, b.blob))
@@ -568,7 +734,7 @@ class ClusterStore(Store):
             self.home.release(path, token)
 
     def leased(self, path: str) -> bool:
-        with self._on(0):
+        with self._on(0, write=False):
             return self.home.leased(path)
 
     # -- channels -----------------------------------------------------------
@@ -595,24 +761,24 @@ class ClusterStore(Store):
         with self._on(node):
             self.shards[node].channel_close(channel, token)
 
-    def _per_node(self, channels: Sequence[int], ask: Any) -> list:
+    def _per_node(self, channels: Sequence[int], ask: Any, write: bool = True) -> list:
         """Ask each node about its own ``channels``; return the answers in the order of ``channels``."""
         by_node: dict[int, list[int]] = {}
         for i, c in enumerate(channels):
             by_node.setdefault(self._channel_node(c), []).append(i)
         out: list = [None] * len(channels)
         for node, where in by_node.items():
-            with self._on(node):
+            with self._on(node, write=write):
                 for i, answer in zip(where, ask(self.shards[node], [channels[i] for i in where])):
                     out[i] = answer
         return out
 
     def channel_states(self, channels: Sequence[int]) -> list[ChannelState]:
-        return self._per_node(channels, lambda shard, mine: shard.channel_states(mine))
+        return self._per_node(channels, lambda shard, mine: shard.channel_states(mine), write=False)
 
     def channel_read(self, channel: int, start: int, count: int) -> list[bytes]:
         node = self._channel_node(channel)
-        with self._on(node):
+        with self._on(node, write=False):
             return self.shards[node].channel_read(channel, start, count)
 
     def channel_reset(self, channels: Sequence[int]) -> list[bool]:
@@ -628,7 +794,7 @@ class ClusterStore(Store):
             return self.home.dequeue(timeout)
 
     def queued(self) -> int:
-        with self._on(0):
+        with self._on(0, write=False):
             return self.home.queued()
 
     def shared_pointer(self, path: str, token: str, delta: int = 0) -> int:
@@ -664,7 +830,7 @@ class ClusterStore(Store):
         counters: dict[str, dict[str, dict[str, int]]] = {}
         log: list[dict[str, Any]] = []
         for node in nodes:
-            with self._on(node):
+            with self._on(node, write=False):
                 held = self.shards[node].stats()[0]
                 if node == 0:
                     log = self.home.stats()[1]
@@ -680,7 +846,7 @@ class ClusterStore(Store):
         """Return ``(bytes used, limit)`` of each node's server, in node order."""
         out = []
         for node, shard in enumerate(self.shards):
-            with self._on(node):
+            with self._on(node, write=False):
                 out.append(shard.memory())
         return out
 
@@ -693,7 +859,7 @@ class ClusterStore(Store):
     def traffic(self) -> tuple[int, int] | None:
         got, sent = 0, 0
         for node, shard in enumerate(self.shards):
-            with self._on(node):
+            with self._on(node, write=False):
                 one = shard.traffic()
             got, sent = got + one[0], sent + one[1]
         return got, sent
@@ -701,15 +867,15 @@ class ClusterStore(Store):
     def empty(self) -> bool:
         keys = other = 0
         for node, client in enumerate(self.clients):
-            with self._on(node):   # neither statistics nor the counter are data
+            with self._on(node, write=False):   # neither statistics nor the counter are data
                 keys += int(client.dbsize())
-                other += int(client.exists(self.shards[node].keys.stats))
-        with self._on(0):
+                other += int(client.exists(self.shards[node].keys.stats, self._confirmed[node]))
+        with self._on(0, write=False):
             other += int(self.clients[0].exists(self.home.keys.stats_log, self._counter))
         return keys == other
 
     def close(self) -> None:
-        for client in self.clients:
+        for client in self.clients + [r for r in self.replicas if r is not None]:
             client.close()
 
 
@@ -724,18 +890,32 @@ class ClusterBatchWriter(BatchWriter):
     def __init__(self, store: ClusterStore) -> None:
         self.store = store
         self.node = store._writer_node()
-        with store._on(self.node):
-            self._conn: Any = borrow(store.clients[self.node].connection_pool)
-        self._sent: tuple[str, int, Payload, list[Sequence[int]], str] | None = None
+        self._pool: Any = None
+        self._conn: Any = None
+        self._sent: tuple[str, int, Payload, list[Sequence[int]], str | None] | None = None
+
+    def _borrow(self) -> Any:
+        """Return this writer's connection to its node's server (anew after the node's replica took over)."""
+        pool = self.store.clients[self.node].connection_pool
+        if self._conn is not None and self._pool is not pool:
+            self._conn = None   # the lost server's: its client is closed
+        if self._conn is None:
+            with self.store._on(self.node, write=False):
+                self._conn, self._pool = borrow(pool), pool
+        return self._conn
 
     def send(self, path: str, channel: int, payload: Payload, extents: Sequence[Sequence[int]]) -> None:
-        tmp = self.store.shards[self.node].keys.temporary(path)
-        with self.store._on(self.node):
-            try:
-                self._conn.send_packed_command(resp_frames([("SET", tmp, payload)]), check_health=False)
-            except BaseException:
-                self._conn.disconnect()
-                raise
+        tmp: str | None = self.store.shards[self.node].keys.temporary(path)
+        try:
+            conn = self._borrow()
+            with self.store._on(self.node):
+                try:
+                    conn.send_packed_command(resp_frames([("SET", tmp, payload)]), check_health=False)
+                except BaseException:
+                    conn.disconnect()
+                    raise
+        except FailedOver:
+            tmp = None   # finish() stores the batch on the promoted replica
         self._sent = (path, channel, payload, list(extents), tmp)
 
     def finish(self) -> int:
@@ -743,19 +923,24 @@ class ClusterBatchWriter(BatchWriter):
         if sent is None:
             raise RuntimeError("finish() without a batch in flight")
         path, channel, payload, extents, tmp = sent
-        with self.store._on(self.node):
+        if tmp is not None:
             try:
-                self._conn.read_response()
-            except redis.ResponseError as exc:
-                raise as_mpiburst_error(exc) from None
-            except BaseException:
-                self._conn.disconnect()   # a half-read reply stream must not be reused
-                raise
-        return self.store._number_and_index(path, self.node, tmp, channel, payload, extents, False)
+                with self.store._on(self.node):
+                    try:
+                        self._conn.read_response()
+                    except redis.ResponseError as exc:
+                        raise as_mpiburst_error(exc) from None
+                    except BaseException:
+                        self._conn.disconnect()   # a half-read reply stream must not be reused
+                        raise
+                return self.store._numbered(path, self.node, tmp, channel, payload, extents, False)
+            except FailedOver:
+                pass   # this node's server was lost with the payload
+        return self.store.commit(path, channel, payload, extents)   # again, on the node's promoted replica
 
     def close(self) -> None:
         if self._conn is not None:
-            self.store.clients[self.node].connection_pool.release(self._conn)
+            self._pool.release(self._conn)
             self._conn = None
 
 

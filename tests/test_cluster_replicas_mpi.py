@@ -1,0 +1,115 @@
+"""A node's server lost on a run of three nodes, with and without a replica on a partner node (#23).
+
+``tests/run.sh`` runs this file with ``-n 6`` and ``MPIBURST_RANKS_PER_NODE=2``
+(three nodes of two ranks): the cluster then promotes a lost node's replica
+by itself (a majority of primaries is left). With fewer ranks these tests
+are skipped (a run of two nodes has no majority to promote a replica).
+
+Every rank writes its own block of one shared file and closes it; then node
+1's server is SIGKILLed. With ``replicas=1`` every byte is still read back
+through the tier on every rank, and a collective sync puts it on the BFS
+exactly; without replicas the same kill loses node 1's data
+(:class:`NodeLostError` on every rank).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mpiburst
+from mpiburst import nodes
+from mpiburst.errors import NodeLostError
+from mpiburst.tier import Tier
+
+pytestmark = [pytest.mark.mpi(min_size=6), pytest.mark.timeout(120)]
+
+BLOCK = 256 << 10
+
+
+def _pattern(rank: int) -> np.ndarray:
+    """Rank ``rank``'s block: bytes no other rank writes."""
+    return ((np.arange(BLOCK, dtype=np.uint32) * 7 + rank * 131) % 251).astype(np.uint8)
+
+
+def _write_close_kill(comm, tier: Tier, path: str) -> None:  # noqa: ANN001
+    """Every rank writes its block (in two writes) and closes the file; then node 1's server is SIGKILLed."""
+    from mpi4py import MPI
+
+    rank = comm.Get_rank()
+    f = mpiburst.File.Open(comm, path, MPI.MODE_WRONLY | MPI.MODE_CREATE)
+    block = _pattern(rank)
+    f.Write_at(rank * BLOCK, block[:BLOCK // 2])
+    f.Write_at(rank * BLOCK + BLOCK // 2, block[BLOCK // 2:])
+    f.Close()
+    comm.Barrier()
+    if rank == 0:
+        os.kill(tier.conf.nodes[1]["pid"], signal.SIGKILL)
+    comm.Barrier()
+
+
+def _read_all(comm, path: str) -> np.ndarray:  # noqa: ANN001
+    """Read the whole file through the tier on this rank."""
+    from mpi4py import MPI
+
+    f = mpiburst.File.Open(comm, path, MPI.MODE_RDONLY)
+    try:
+        out = np.zeros(comm.Get_size() * BLOCK, dtype=np.uint8)
+        f.Read_at(0, out)
+    finally:
+        f.Close()
+    return out
+
+
+@pytest.fixture
+def three_nodes(monkeypatch) -> None:
+    """Two ranks per node: six ranks are three nodes."""
+    monkeypatch.setenv(nodes.RANKS_PER_NODE, os.environ.get(nodes.RANKS_PER_NODE) or "2")
+
+
+@pytest.mark.slow
+def test_a_node_killed_after_close_loses_nothing_with_a_replica(mpi_tmp_path: Path, server_binary: str,
+                                                                three_nodes: None):
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    bfs = mpi_tmp_path / "bfs"
+    if rank == 0:
+        bfs.mkdir()
+    comm.Barrier()
+    with Tier.start(comm, id="rep", dir=str(mpi_tmp_path), bfs_root=str(bfs), capacity="64M",
+                    server=server_binary, replicas=1) as tier:
+        assert tier.conf.replicas == 1 and len(tier.conf.nodes) == size // 2
+        # node k's replica lives on node k+1 (a ring): another server, started by that node's first rank
+        assert all(n["replica"]["pid"] != m["pid"] for n in tier.conf.nodes for m in tier.conf.nodes)
+        _write_close_kill(comm, tier, "burst://kept.dat")
+        expected = np.concatenate([_pattern(r) for r in range(size)])
+        assert np.array_equal(_read_all(comm, "burst://kept.dat"), expected)
+        assert 1 in tier.store.failed_over
+        mpiburst.sync("burst://kept.dat", comm=comm)
+        comm.Barrier()
+        assert np.array_equal(np.fromfile(bfs / "kept.dat", dtype=np.uint8), expected)
+
+
+def test_the_same_kill_without_replicas_loses_the_node_s_data(mpi_tmp_path: Path, server_binary: str,
+                                                              three_nodes: None):
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    bfs = mpi_tmp_path / "bfs"
+    if rank == 0:
+        bfs.mkdir()
+    comm.Barrier()
+    with Tier.start(comm, id="norep", dir=str(mpi_tmp_path), bfs_root=str(bfs), capacity="64M",
+                    server=server_binary, replicas=0) as tier:
+        assert tier.conf.replicas == 0
+        _write_close_kill(comm, tier, "burst://lost.dat")
+        with pytest.raises(NodeLostError) as lost:
+            _read_all(comm, "burst://lost.dat")
+        assert lost.value.node == 1 and "lost.dat" in str(lost.value)
