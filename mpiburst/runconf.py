@@ -206,16 +206,17 @@ class RunConf:
         host: another host's socket may show on a shared filesystem, but
         only TCP (mutual TLS) reaches that server.
         """
-        entry = self.nodes[index]
-        here = entry.get("hostname", platform.node()) == platform.node()
-        return self.view(entry["host"], entry["port"], entry["socket"] if here else "", entry["pid"], index)
+        return self._server_view(self.nodes[index], index)
 
     def replica(self, index: int) -> RunConf | None:
         """Return the single-server view of node ``index``'s replica (on the next node), or None without one."""
         entry = self.nodes[index].get("replica") if index < len(self.nodes) else None
-        if not isinstance(entry, dict):
-            return None
-        return self.view(entry["host"], entry["port"], entry["socket"], entry["pid"], index)
+        return self._server_view(entry, index) if isinstance(entry, dict) else None
+
+    def _server_view(self, entry: dict, index: int) -> RunConf:
+        """Return the view of the server of ``entry``: its unix socket only when it runs on this host."""
+        here = entry.get("hostname", platform.node()) == platform.node()
+        return self.view(entry["host"], entry["port"], entry["socket"] if here else "", entry["pid"], index)
 
     def view(self, host: str, port: int, socket: str, pid: int | None, node: int) -> RunConf:
         """Return a copy of this conf for one node's server at ``host:port`` / ``socket`` (its :meth:`save` refuses)."""
