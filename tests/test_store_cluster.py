@@ -270,7 +270,6 @@ def test_a_dead_node_is_named_with_the_files_it_held(tmp_path: Path, server_bina
         dead.stop()
 
 
-@pytest.mark.slow
 def test_commits_under_a_writer_spanning_two_nodes_are_consistent_cuts(cluster: Cluster, tmp_path: Path) -> None:
     """flush.commit on the cluster: a writer puts checkpoint k through node 1, then ``latest = k`` through node 2;
     after every commit taken meanwhile, the checkpoint the BFS's ``latest`` names is whole on the BFS."""
