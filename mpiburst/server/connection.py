@@ -95,8 +95,15 @@ def connect_store(conf: RunConf, node: int | None = None,
     asked = {node or 0, 0} if check is None else set(check)
     clients: list[redis.Redis] = []
     try:
+        lost = []
         for k in range(len(conf.nodes)):
-            clients.append(connect_redis(conf.node(k), check=k in asked))
+            try:
+                clients.append(connect_redis(conf.node(k), check=k in asked))
+            except ServerError as exc:
+                if isinstance(exc, AuthenticationError) or conf.replica(k) is None:
+                    raise
+                clients.append(connect_redis(conf.node(k), check=False))
+                lost.append(k)   # its replica may serve it: asked below
         replicas = [connect_redis(view, check=False) if view else None
                     for view in map(conf.replica, range(len(conf.nodes)))]   # used when their node is lost
         spare = [r for r in replicas if r is not None]
@@ -107,8 +114,13 @@ def connect_store(conf: RunConf, node: int | None = None,
             for client in spare:
                 client.close()
             raise
+        for k in lost:
+            if not store.promote(k):
+                store.close()
+                raise ServerError(f"cannot reach the server of node {k} of run {conf.id}, nor a promoted replica of "
+                                  f"it; check the run with 'mpiburst status --id {conf.id}'.")
     except BaseException:
         for client in clients:
             client.close()
         raise
-    return store, clients
+    return store, store.clients   # the store's own list: a node's promoted replica replaces its client

@@ -109,6 +109,9 @@ _C = TypeVar("_C", bound=type)
 RETRIES = 100
 #: Seconds a process waits for a lost node's replica to be promoted (the cluster's node timeout is 5 s).
 FAILOVER_WAIT = 20.0
+#: How far the sequence counter moves when node 0's replica takes over: more than the lost home can have handed
+#: out since its replica's last copy, and far below 2**53 (numbers are sorted-set scores, exact as doubles).
+COUNTER_GAP = 1 << 32
 #: Seconds :meth:`ClusterStore.confirm` waits for a replica to confirm a write.
 CONFIRM_TIMEOUT = 10.0
 #: Candidate tags asked of a server at once when looking for one of its slots.
@@ -295,6 +298,11 @@ class ClusterStore(Store):
         if write:
             self._unconfirmed.add(node)
 
+    def promote(self, node: int) -> bool:
+        """Serve ``node``'s keys from its replica once the cluster promoted it (a process that starts after a
+        node was lost); return False if it has no replica or it is not promoted within :data:`FAILOVER_WAIT`."""
+        return self._promote(node)
+
     def _promote(self, node: int) -> bool:
         """Take on ``node``'s replica once it serves as primary; return False if it has none or it cannot.
 
@@ -326,12 +334,17 @@ class ClusterStore(Store):
     def _take_on(self, node: int, client: redis.Redis) -> None:
         """Serve ``node``'s keys from ``client`` (its promoted replica) from now on."""
         old, self.clients[node] = self.clients[node], client
+        self.failed_over.add(node)
         self.shards[node] = RedisStore(client, prefix=schema.shard_prefix(self.tags[node]))
         self._fence[node] = client.register_script(schema.FENCE)
         if node == 0:
             self.home = RedisStore(client, prefix=schema.home_prefix(self.tags[0]))
             self._reserve = client.register_script(schema.RESERVE)
-        self.failed_over.add(node)
+            # Numbers the lost home handed out after its replica's last copy must never be handed out again (a
+            # batch indexed late with one would share its number, and blob, with a newer one): every process
+            # that takes the promoted home on first moves the counter past them.
+            with self._on(0, write=False):
+                client.incrby(self._counter, COUNTER_GAP)
         with suppress(redis.RedisError, OSError):
             old.close()
 

@@ -1,0 +1,99 @@
+"""The cluster store of a run with ``replicas=1`` on real servers: what ``confirm`` promises (#23).
+
+One run of three cluster-mode servers, each with its replica on the next
+node, started in this process (``server.start_cluster``). The store's
+``confirm`` is what ``Sync``, ``Close`` and ``mem_io_store`` call; the
+whole-run test (six ranks, a node killed after ``Close``) is
+``tests/test_cluster_replicas_mpi.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from mpiburst import server
+from mpiburst.errors import NodeLostError, ReplicaError
+from mpiburst.runconf import RunConf
+from mpiburst.server.connection import connect_store
+from mpiburst.store.cluster_store import COUNTER_GAP, ClusterStore
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory: pytest.TempPathFactory, server_binary: str) -> Iterator[RunConf]:
+    """A run of 3 nodes with a replica each (a ring), stopped after the tests.
+
+    Shared, to start it once: the first test kills node 1's replica, the second node 0's server (whose replica
+    runs on node 1, beside the first one).
+    """
+    conf = server.start_cluster(nodes=3, id="rp", dir=str(tmp_path_factory.mktemp("rp")), capacity="64M", channels=3,
+                                server=server_binary, tied=True, replicas=1)
+    try:
+        yield conf
+    finally:
+        server.stop_run(conf)
+
+
+def _store(conf: RunConf, node: int) -> ClusterStore:
+    store, _ = connect_store(conf, node)
+    assert isinstance(store, ClusterStore)
+    return store
+
+
+def _write(store: ClusterStore, path: str, offset: int, data: bytes) -> None:
+    store.commit(path, 0, data, [(offset, 0, len(data))])
+
+
+def test_confirm_waits_for_the_replica_and_says_when_it_cannot(replicated: RunConf):
+    conf = replicated
+    assert [conf.replica(k) is not None for k in range(3)] == [True] * 3
+    store = _store(conf, 1)
+    try:
+        store.create("/a", None)
+        _write(store, "/a", 0, b"x" * 4096)
+        store.confirm()   # on node 1 and on its replica (on node 2)
+        replica = server.connect_redis(conf.replica(1))
+        try:
+            assert replica.info("replication")["role"] == "slave"
+            assert replica.dbsize() > 0   # the batch's keys came over
+        finally:
+            replica.close()
+        os.kill(conf.nodes[1]["replica"]["pid"], signal.SIGKILL)
+        _write(store, "/a", 4096, b"y" * 4096)
+        t0 = time.monotonic()
+        with pytest.raises(ReplicaError, match="replica of node 1"):
+            store.confirm(timeout=0.5)
+        assert time.monotonic() - t0 < 5   # bounded
+    finally:
+        store.close()
+
+
+def test_node_0_lost_its_replica_serves_and_an_unconfirmed_write_is_never_acknowledged(replicated: RunConf):
+    conf = replicated
+    store = _store(conf, 0)
+    try:
+        store.create("/b", None)
+        _write(store, "/b", 0, b"a" * 4096)
+        store.confirm()
+        _write(store, "/b", 4096, b"b" * 4096)   # pushed, not confirmed
+        os.kill(conf.nodes[0]["pid"], signal.SIGKILL)
+        out = bytearray(4096)
+        meta, extents = store.window("/b", 0, 4096)   # waits for the cluster to promote node 0's replica
+        assert meta is not None and store.fetch_into("/b", extents, 0, memoryview(out))
+        assert bytes(out) == b"a" * 4096 and store.failed_over == {0}
+        with pytest.raises(NodeLostError, match="node 0 was lost before"):
+            store.confirm()
+        other = _store(conf, 2)   # another process: numbers past any the lost home may have handed out
+        try:
+            _write(other, "/b", 8192, b"c" * 4096)
+            assert other.failed_over == {0} and other.meta("/b").seq > COUNTER_GAP
+        finally:
+            other.close()
+    finally:
+        store.close()
