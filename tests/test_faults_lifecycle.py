@@ -29,7 +29,7 @@ import redis
 
 import mpiburst
 
-from conftest import cli_env, make_readonly_dir, processes_gone, undo_readonly_dir, wait_until
+from conftest import cli_env, listening_tcp_ports, make_readonly_dir, processes_gone, undo_readonly_dir, wait_until
 from mpiburst import server
 from mpiburst.errors import ConfigError, ServerError
 from mpiburst.runconf import AdminCredentials, RunConf
@@ -229,7 +229,7 @@ def test_junk_at_the_conf_path_is_refused_at_once(workdir: Path, server_binary: 
 @pytest.mark.timeout(120)
 def test_a_connection_flood_cannot_lock_a_one_node_run_out(tmp_path: Path, server_binary: str) -> None:
     with Tier.start(id="flood", dir=str(tmp_path), capacity="32M", server=server_binary, maxclients=16) as tier:
-        ports = _listening_tcp_ports(tier.conf.pid)
+        ports = sorted(listening_tcp_ports(tier.conf.pid))
         assert ports == [] and tier.conf.port == 0  # one node: unix socket only
         flood = []
         try:
@@ -243,26 +243,6 @@ def test_a_connection_flood_cannot_lock_a_one_node_run_out(tmp_path: Path, serve
         finally:
             for s in flood:
                 s.close()
-
-
-def _listening_tcp_ports(pid: int) -> list[int]:
-    """Return the TCP ports process ``pid`` listens on (from /proc: its socket inodes in LISTEN state)."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    ports = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as f:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-                    ports.append(int(fields[1].rsplit(":", 1)[1], 16))
-    return sorted(ports)
 
 
 # ----------------------------------------------------------------------------- item 12: credentials
