@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -64,6 +65,7 @@ def main() -> int:
                 print(f"pair {pair} {mode:9s} absorb {absorb:.3f} GB/s  flush {flush:.3f} GB/s", flush=True)
     finally:
         hosts.down()
+        shutil.rmtree(work, ignore_errors=True)
     med = {m: (statistics.median(a for a, _ in r), statistics.median(f for _, f in r)) for m, r in rows.items()}
     for mode, (absorb, flush) in med.items():
         print(f"median {mode:9s} absorb {absorb:.3f} GB/s  flush {flush:.3f} GB/s")
