@@ -5,7 +5,8 @@ runs ``python -m mpiburst.engine --conf PATH``) and stopped with SIGTERM by
 its PID (``server.stop_run``). Every ``interval`` (0.5 s) it:
 
 * serves the queued requests of non-blocking ``sync`` and ``prestage``
-  (the store's request queue, :meth:`mpiburst.store.Store.dequeue`);
+  (the store's request queue, :meth:`mpiburst.store.Store.dequeue`), the
+  syncs in a row as one commit of many files;
 * reads the server's memory use (``INFO memory``: ``used_memory`` against
   ``maxmemory``); at or above the run's ``sync_threshold`` (default 0.5) it
   syncs the dirty unpinned files as the application last closed or
@@ -45,6 +46,15 @@ INTERVAL = 0.5
 #: Queued requests served per round, so the thresholds are checked often even with a long queue.
 REQUESTS_PER_ROUND = 16
 
+def _sync_path(raw: bytes) -> str | None:
+    """Return the path of a well-formed sync request, else None (served, or refused, one by one)."""
+    try:
+        req = json.loads(raw)
+        return req["path"] if req["op"] == "sync" and isinstance(req["path"], str) else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class Engine:
     """One run's engine loop (see the module docstring).
 
@@ -74,24 +84,62 @@ class Engine:
         return max(each, key=lambda m: m[0] / m[1])
 
     def serve_queue(self) -> None:
-        """Carry out queued requests; wait up to one interval for the first one."""
+        """Carry out queued requests; wait up to one interval for the first one.
+
+        Sync requests in a row are served together, as one commit of their
+        files (:func:`mpiburst.flush.commit`: many files at once), not one
+        flush after the other; a request of another kind ends the row, so
+        the order of requests on one file is kept.
+        """
+        syncs: list[str] = []
         for k in range(REQUESTS_PER_ROUND):
             if self.stopping:
-                return
+                break
             raw = self.tier.store.dequeue(timeout=self.interval if k == 0 else 0)
             if raw is None:
-                return
+                break
+            path = _sync_path(raw)
+            if path is not None:
+                syncs.append(path)
+                continue
+            self._sync(syncs)
+            syncs = []
             self._serve(raw)
+        self._sync(syncs)
+
+    def _sync(self, paths: list[str]) -> None:
+        """Sync the requested files together; if that fails, one by one (one file's failure keeps no other back)."""
+        paths = list(dict.fromkeys(paths))
+        if len(paths) > 1:
+            try:
+                reports = {r.path: r for r in flush.commit(paths=paths, tier=self.tier)}
+            except MpiburstError as exc:
+                self.log.error("sync of %d requested files together failed (%s); syncing them one by one",
+                               len(paths), exc)
+            else:
+                for path in paths:
+                    if path in reports or self.tier.store.meta(path) is not None:   # clean: nothing to write
+                        self._synced(path, reports.get(path))
+                    else:
+                        self.log.error("%s is not in the tier; there is nothing to sync.", path)
+                return
+        for path in paths:
+            try:
+                self._synced(path, flush.sync(path, tier=self.tier))
+            except MpiburstError as exc:
+                self.log.error("%s", exc)
+
+    def _synced(self, path: str, rep: flush.FlushReport | None) -> None:
+        """Log a requested sync of ``path`` (``rep`` None: the file was clean) and its I/O event."""
+        written, writes, seconds = (rep.bytes, rep.writes, rep.seconds) if rep is not None else (0, 0, 0.0)
+        self.log.info("sync %s: %d bytes in %d writes, %.3f s", path, written, writes, seconds)
+        iostats.log_event(self.tier.store, "sync", trigger="request", path=path, bytes=written, seconds=seconds)
 
     def _serve(self, raw: bytes) -> None:
         try:
             req = json.loads(raw)
-            if req["op"] == "sync":
-                rep = flush.sync(req["path"], tier=self.tier)
-                self.log.info("sync %s: %d bytes in %d writes, %.3f s", req["path"], rep.bytes, rep.writes,
-                              rep.seconds)
-                iostats.log_event(self.tier.store, "sync", trigger="request", path=req["path"], bytes=rep.bytes,
-                                  seconds=rep.seconds)
+            if req["op"] == "sync":   # one that _sync_path refused
+                self.log.error("malformed request %r ignored", raw[:200])
             elif req["op"] == "prestage":
                 n = residency.prestage(req["path"], keep=bool(req.get("keep")), tier=self.tier)
                 self.log.info("prestage %s: %d bytes", req["path"], n)

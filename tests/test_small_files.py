@@ -302,3 +302,39 @@ def test_a_commit_meeting_another_flush_waits_for_it_in_path_order(mem_tier, mon
         timer.cancel()
     assert _on_bfs(files) == files
     assert _leftovers(mem_tier.bfs_root) == []
+
+
+def test_the_engine_serves_queued_syncs_in_a_row_as_one_commit(mem_tier, monkeypatch, caplog):
+    import logging
+
+    from mpiburst import engine, flush
+    from mpiburst.flush import writes
+
+    files = _files(mem_tier, 6)
+    paths = sorted(files)
+    for path in paths[:3]:
+        mpiburst.sync(path, tier=mem_tier, block=False)
+    flush.enqueue(mem_tier, "sync", os.path.join(mem_tier.bfs_root, "missing"))
+    flush.enqueue(mem_tier, "prestage", os.path.join(mem_tier.bfs_root, "nothing-to-stage"))   # ends the row
+    for path in paths[3:]:
+        mpiburst.sync(path, tier=mem_tier, block=False)
+    commits: list[list[str]] = []
+    real_commit = flush.commit
+    monkeypatch.setattr(flush, "commit", lambda paths, **kw: commits.append(paths) or real_commit(paths, **kw))
+    bad = paths[4]
+
+    def broken(path: str, offset: int, length: int) -> None:
+        if path == bad:
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(writes, "write_observers", [broken])
+    eng = engine.Engine(mem_tier, logging.getLogger("test.engine"))
+    with caplog.at_level(logging.INFO, logger="test.engine"):
+        eng.serve_queue()
+    assert commits == [[*paths[:3], os.path.join(mem_tier.bfs_root, "missing")], paths[3:]]
+    assert "missing is not in the tier" in caplog.text
+    assert "syncing them one by one" in caplog.text   # the second row failed together: one file kept none back
+    assert _on_bfs(files) == {p: files[p] for p in paths if p != bad}
+    assert [m.path for m in mpiburst.residency.ls(tier=mem_tier) if m.dirty] == [bad]
+    events = [e["path"] for e in mem_tier.store.stats()[1] if e.get("kind") == "sync"]
+    assert sorted(events) == sorted(p for p in paths if p != bad)
