@@ -55,8 +55,9 @@ def test_a_new_file_costs_the_same_few_store_calls_however_many_files_the_tier_h
     counting.calls = []
     _one_file("burst://last/f", data)
     # the record (create-if-absent), the writer count up (#29), the write-back buffer's batch, the I/O
-    # counters, the writer count down: no read of the record, no listing
-    assert first == counting.calls == ["create", "writers", "writer", "stats_add", "writers"]
+    # counters, the replicas' confirmation (#23: no round trip without replicas), the writer count down:
+    # no read of the record, no listing
+    assert first == counting.calls == ["create", "writers", "writer", "stats_add", "confirm", "writers"]
     assert mpiburst.open("burst://last/f", "rb", tier=mem_tier).read() == data.tobytes()
 
 
