@@ -13,6 +13,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,7 @@ from mpiburst import server
 from mpiburst.errors import NodeLostError, ReplicaError
 from mpiburst.runconf import RunConf
 from mpiburst.server.connection import connect_store
+from mpiburst.server.process import wait_gone
 from mpiburst.store.cluster_store import COUNTER_GAP, ClusterStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -97,3 +99,36 @@ def test_node_0_lost_its_replica_serves_and_an_unconfirmed_write_is_never_acknow
             other.close()
     finally:
         store.close()
+
+
+def test_two_nodes_a_dead_server_s_replica_is_promoted_by_mpiburst_a_stopped_one_s_never(tmp_path: Path,
+                                                                                         server_binary: str):
+    # two primaries: no majority, the cluster promotes nothing; the store does (CLUSTER FAILOVER TAKEOVER), but
+    # only for a server whose port refuses connections, never for one that is only stopped
+    conf = server.start_cluster(nodes=2, id="two", dir=str(tmp_path), capacity="64M", channels=2,
+                                server=server_binary, tied=True, replicas=1)
+    writer, reader = _store(conf, 1), _store(conf, 0)
+    try:
+        writer.create("/c", None)
+        _write(writer, "/c", 0, b"w" * 4096)
+        writer.confirm()
+        pid = conf.nodes[1]["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            assert not reader._dead(1)   # stopped: its port still takes connections
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        os.kill(pid, signal.SIGKILL)
+        assert wait_gone(pid, conf.server, 10)
+        t0 = time.monotonic()
+        out = bytearray(4096)
+        meta, extents = reader.window("/c", 0, 4096)
+        assert meta is not None and reader.fetch_into("/c", extents, 0, memoryview(out)) and bytes(out) == b"w" * 4096
+        assert reader.failed_over == {1} and time.monotonic() - t0 < 10   # no node timeout to wait for
+        _write(writer, "/c", 4096, b"v" * 4096)   # node 1's ranks write on, to the promoted replica
+        writer.confirm()
+        assert writer.failed_over == {1} and reader.window("/c", 0, 8192)[0].size == 8192
+    finally:
+        writer.close()
+        reader.close()
+        server.stop_run(conf)

@@ -20,7 +20,11 @@
   ``cluster_port`` of the same bind address, no full-coverage requirement (a
   dead node's slots do not stop the others serving theirs). The ranks' user
   can run no CLUSTER command (not even CLUSTER INFO or SLOTS) nor MIGRATE; only
-  the admin user may MEET and ADDSLOTSRANGE, to form the cluster. The cluster
+  the admin user may MEET and ADDSLOTSRANGE, to form the cluster. A run with
+  replicas adds a replication user (PSYNC, REPLCONF, PING only; its password
+  in the clear in every node's 0600 config as ``masterauth``), CLUSTER
+  REPLICATE and FAILOVER for the admin user, and CLUSTER FAILOVER for the
+  ranks' user (promoting a dead node's replica on two nodes). The cluster
   bus itself is not authenticated by Redis or Valkey: anyone who can reach
   the bus port can join the node to a cluster. So with the run's TLS files
   (:mod:`.tls`) every TCP path is mutual TLS: ``port 0`` and ``tls-port`` (no
@@ -52,6 +56,10 @@ ADMIN_CLUSTER_RULES = "+cluster|meet +cluster|addslotsrange +cluster|info +clust
 #: What the admin user of a run with replicas may add: giving a primary its replica, and promoting a replica
 #: when the cluster cannot (two nodes: no majority), see :mod:`.replicas`.
 ADMIN_REPLICA_RULES = "+cluster|replicate +cluster|failover"
+#: What the ranks' user of a run with replicas may add: promoting its node's replica when the node's server is
+#: dead and the cluster has no majority to do it (two nodes; see :meth:`ClusterStore._promote
+#: <mpiburst.store.cluster_store.ClusterStore._promote>`). On a primary the command fails; it touches no data.
+USER_REPLICA_RULES = "+cluster|failover"
 #: The user a replica authenticates as to its primary: the replication protocol only.
 REPL_USER = "mpiburst-repl"
 REPL_RULES = "-@all +psync +replconf +ping"
@@ -164,7 +172,8 @@ def render_config(conf: RunConf, admin: AdminCredentials, bind: str, maxclients:
         "enable-debug-command no",
         "enable-module-command no",
         "user default off",
-        f"user {conf.user} on {_acl_hash(conf.password)} {USER_RULES}",
+        f"user {conf.user} on {_acl_hash(conf.password)} {USER_RULES}"
+        + (f" {USER_REPLICA_RULES}" if cluster_port is not None and conf.replicas else ""),
         f"user {admin.user} on {_acl_hash(admin.password)} {admin_rules}",
         *cluster,
         "",

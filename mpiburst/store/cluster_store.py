@@ -74,6 +74,7 @@ from __future__ import annotations
 import functools
 import heapq
 import inspect
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -109,6 +110,8 @@ _C = TypeVar("_C", bound=type)
 RETRIES = 100
 #: Seconds a process waits for a lost node's replica to be promoted (the cluster's node timeout is 5 s).
 FAILOVER_WAIT = 20.0
+#: Seconds a connection to a lost node's server may take before it counts as not refused (not certainly dead).
+DEAD_PROBE = 1.0
 #: How far the sequence counter moves when node 0's replica takes over: more than the lost home can have handed
 #: out since its replica's last copy, and far below 2**53 (numbers are sorted-set scores, exact as doubles).
 COUNTER_GAP = 1 << 32
@@ -309,7 +312,9 @@ class ClusterStore(Store):
         The cluster promotes the replica of a failed primary itself when a
         majority of primaries agrees (3 nodes or more; within about
         ``cluster-node-timeout`` plus a second). This waits for that, at most
-        :data:`FAILOVER_WAIT` seconds. Writes this process made to the lost
+        :data:`FAILOVER_WAIT` seconds. With two nodes there is no majority:
+        this process promotes the replica (``CLUSTER FAILOVER TAKEOVER``),
+        but only once the primary is certainly dead (:meth:`_dead`). Writes this process made to the lost
         server since its last :meth:`confirm` may not have reached the
         replica: the next :meth:`confirm` raises :class:`NodeLostError`.
         """
@@ -317,10 +322,15 @@ class ClusterStore(Store):
         if replica is None or node in self.failed_over:
             return False
         deadline = time.monotonic() + FAILOVER_WAIT
+        taken = False
         while True:
             try:
                 if replica.info("replication").get("role") == "master":
                     break
+                if len(self.clients) == 2 and not taken and self._dead(node):
+                    taken = True   # no majority to promote it: this process does, the primary being dead
+                    with suppress(redis.ResponseError):   # another process was first: it is no replica now
+                        replica.execute_command("CLUSTER", "FAILOVER", "TAKEOVER")
             except (redis.RedisError, OSError):
                 return False   # its partner is gone too
             if time.monotonic() > deadline:
@@ -330,6 +340,27 @@ class ClusterStore(Store):
             self._lost_writes.add(node)
         self._take_on(node, replica)
         return True
+
+    def _dead(self, node: int) -> bool:
+        """Return True only if ``node``'s server is certainly gone: a new connection to it is refused.
+
+        A server that is stopped (SIGSTOP) or cut off still accepts a
+        connection or lets it time out: it is never taken for dead, so
+        mpiburst never makes a second primary beside a live one.
+        """
+        kw = self.clients[node].connection_pool.connection_kwargs
+        family, address = ((socket.AF_UNIX, kw["path"]) if kw.get("path") else
+                           (socket.AF_INET6 if ":" in str(kw.get("host")) else socket.AF_INET,
+                            (kw.get("host"), kw.get("port"))))
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.settimeout(DEAD_PROBE)
+            try:
+                probe.connect(address)
+            except (ConnectionRefusedError, FileNotFoundError):
+                return True
+            except OSError:
+                return False
+        return False
 
     def _take_on(self, node: int, client: redis.Redis) -> None:
         """Serve ``node``'s keys from ``client`` (its promoted replica) from now on."""
