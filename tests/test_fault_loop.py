@@ -44,28 +44,34 @@ from conftest import job_env, processes_gone
 
 from mpiburst.runconf import RunConf
 
-#: The fault kinds, each tried at least once per loop.
-FAULTS = ("none", "kill-server", "kill-engine", "kill-rank", "term-run", "usr1-term", "stop-server")
+#: The fault kinds, each tried at least once per loop (``MPIBURST_FAULT_KINDS=a,b`` keeps only those).
+FAULTS = tuple(k for k in ("none", "kill-server", "kill-engine", "kill-rank", "term-run", "usr1-term", "stop-server")
+               if k in os.environ.get("MPIBURST_FAULT_KINDS", k).split(","))
 #: Trials of one CI loop (every kind once, then random kinds); the soak sets MPIBURST_FAULT_TRIALS.
 TRIALS = int(os.environ.get("MPIBURST_FAULT_TRIALS", "0")) or len(FAULTS)
 #: Checkpoints per trial, bytes per checkpoint, bytes per strided record.
 CHECKPOINTS, CHECKPOINT, RECORD = 6, 3 << 20, 64 << 10
 #: The small tier (the engine syncs at half of it while the job runs) and the large one.
 SMALL, LARGE = "16M", "256M"
+#: Seconds each rank pauses after each record with the small tier: a checkpoint then takes longer than
+#: one round of the engine (0.5 s), so the engine's syncs come while one is half written.
+PAUSE = 0.025
 
 WRITER = textwrap.dedent("""\
-    import os, sys
+    import os, sys, time
     import numpy as np
     from mpi4py import MPI
     import mpiburst
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     count, total, record = (int(a) for a in sys.argv[1:4])
+    pause = float(sys.argv[4])
     for k in range(count):
         data = np.random.default_rng(k).integers(0, 256, total, dtype=np.uint8)
         f = mpiburst.File.Open(comm, f"burst://ck{k}", MPI.MODE_WRONLY | MPI.MODE_CREATE)
         for i in range(rank, total // record, size):
             f.Write_at(i * record, data[i * record:(i + 1) * record])
+            time.sleep(pause)
         f.Close()
         if rank == 0:
             with open("closed", "a") as log:
@@ -130,7 +136,7 @@ class Trial:
         mpiexec = str(Path(sys.executable).parent / "mpiexec")
         proc = self.mpiburst("run", "--id", self.id, "--bfs-root", "bfs", "--capacity", SMALL if self.small else LARGE,
                              "--", mpiexec, "-n", "2", sys.executable, "writer.py", str(CHECKPOINTS),
-                             str(CHECKPOINT), str(RECORD), wait=False)
+                             str(CHECKPOINT), str(RECORD), str(PAUSE if self.small else 0), wait=False)
         try:
             self.fault(proc)
             out, err = proc.communicate(timeout=90)
@@ -176,7 +182,7 @@ class Trial:
             while proc.poll() is None and time.monotonic() < deadline and \
                     len(closed.read_text().split() if closed.exists() else []) < after:
                 time.sleep(0.005)
-            at = time.monotonic() + self.rnd.uniform(0.0, 0.3)
+            at = time.monotonic() + self.rnd.uniform(0.0, 0.8)
         while time.monotonic() < at and proc.poll() is None:
             time.sleep(0.005)
         if proc.poll() is not None or self.kind == "none":
