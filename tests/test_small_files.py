@@ -339,3 +339,25 @@ def test_the_engine_serves_queued_syncs_in_a_row_as_one_commit(mem_tier, monkeyp
     assert [m.path for m in mpiburst.residency.ls(tier=mem_tier) if m.dirty] == [bad]
     events = [e["path"] for e in mem_tier.store.stats()[1] if e.get("kind") == "sync"]
     assert sorted(events) == sorted(p for p in paths if p != bad)
+
+
+def test_a_commit_preparing_files_for_longer_than_a_lease_keeps_every_lease(mem_tier, monkeypatch):
+    """Found by 10,000 files on a loaded machine: the leases taken first expired before the last file was ready."""
+    import time
+
+    from mpiburst import flush
+    from mpiburst.flush import snapshot
+
+    monkeypatch.setenv("MPIBURST_COMMIT_THREADS", "2")
+    monkeypatch.setattr(snapshot, "LEASE_SECONDS", 0.5)
+    files = _files(mem_tier, 12)
+    real_prepare = snapshot.prepare
+
+    def slow(*args, **kwargs):
+        plan = real_prepare(*args, **kwargs)
+        time.sleep(0.15)   # 12 files in 2 threads: about 0.9 s of preparing, past the first leases
+        return plan
+
+    monkeypatch.setattr(snapshot, "prepare", slow)
+    assert len(flush.commit(tier=mem_tier)) == 12
+    assert _on_bfs(files) == files

@@ -111,7 +111,7 @@ def _attempt(tier: Tier, files: list[tuple[str, FileMeta]], total: int, comm: MP
     """
     store = tier.store
     plans: list[Plan] = []
-    keeper = _LeaseKeeper(store)
+    keeper = _LeaseKeeper(store, nthreads)
     published = False
     pool = ThreadPoolExecutor(nthreads, thread_name_prefix="mpiburst-commit") if nthreads > 1 else None
     written = _Written(progress)
@@ -121,12 +121,14 @@ def _attempt(tier: Tier, files: list[tuple[str, FileMeta]], total: int, comm: MP
         def prepare(item: tuple[str, FileMeta]) -> Plan | None:
             path, mark = item
             if not parallel:
-                return snapshot.prepare(store, path, tier.align, cut=mark)
-            return snapshot.prepare(store, path, tier.align, cut=mark, wait=0, beside=beside.get(path, []))
+                plan = snapshot.prepare(store, path, tier.align, cut=mark)
+            else:
+                plan = snapshot.prepare(store, path, tier.align, cut=mark, wait=0, beside=beside.get(path, []))
+            if plan is not None:   # renewed from now on: preparing thousands of files outlasts a lease
+                keeper.hold(plan)
+            return plan
 
         plans = together(comm, lambda: _prepared(store, _each(pool, prepare, files)))
-        for plan in plans:
-            keeper.hold(plan)
         tallies = [writes.Tally(written.file()) for _ in plans]
 
         def write(i: int) -> None:
@@ -268,17 +270,25 @@ class _Written:
 
 
 class _LeaseKeeper:
-    """Renews the leases of every file a commit holds, from a thread, until stopped."""
+    """Renews the leases of every file a commit holds, from a thread, until stopped.
 
-    def __init__(self, store: Store) -> None:
+    A commit of thousands of files holds thousands of leases, one round trip
+    each to renew: the renewals of a round go out from ``threads`` threads,
+    a round every eighth of a lease, so that a slow server (a loaded machine)
+    still renews each lease well before it expires.
+    """
+
+    def __init__(self, store: Store, threads: int = 1) -> None:
         self._store = store
         self._plans: list[Plan] = []
         self._lost: str | None = None
+        self._threads = threads
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="mpiburst-lease-keeper")
         self._thread.start()
 
     def hold(self, plan: Plan) -> None:
+        """Renew ``plan``'s lease from now on (thread-safe)."""
         self._plans.append(plan)
 
     def check(self) -> None:
@@ -290,12 +300,17 @@ class _LeaseKeeper:
         self._stop.set()
         self._thread.join()
 
+    def _renew(self, plan: Plan) -> None:
+        try:
+            ok = self._store.renew(plan.target, plan.token, snapshot.LEASE_SECONDS)
+        except Exception:  # noqa: BLE001 - the commit reports the cause when it next talks to the tier
+            ok = True
+        if not ok:
+            self._lost = plan.target
+
     def _run(self) -> None:
-        while not self._stop.wait(snapshot.LEASE_SECONDS / 4):
-            for plan in list(self._plans):
-                try:
-                    ok = self._store.renew(plan.target, plan.token, snapshot.LEASE_SECONDS)
-                except Exception:  # noqa: BLE001 - the commit reports the cause when it next talks to the tier
-                    ok = True
-                if not ok:
-                    self._lost = plan.target
+        with ThreadPoolExecutor(self._threads, thread_name_prefix="mpiburst-lease-renew") as pool:
+            while not self._stop.wait(snapshot.LEASE_SECONDS / 8):
+                for _ in pool.map(self._renew, list(self._plans)):
+                    if self._stop.is_set():
+                        break
