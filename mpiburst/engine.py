@@ -35,7 +35,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import flush, iostats, residency
+from . import flush, iostats, named, residency
 from .engine_process import log_path, open_log
 from .errors import MpiburstError, TierConnectionError
 from .server import pid_alive
@@ -72,6 +72,9 @@ class Engine:
         self.interval = interval
         self.stopping = False
         self.sampler = iostats.FillSampler()
+        self.warned_expiry = False
+        #: The PID of the ``mpiburst destroy`` this engine started at its named tier's expiry (it stops the engine).
+        self.destroyer: int | None = None
 
     def memory(self) -> tuple[int, int]:
         """Return ``(used_memory, capacity)`` in bytes of the server, or of the fullest node's on a cluster.
@@ -172,6 +175,31 @@ class Engine:
             if freed:
                 iostats.log_event(self.tier.store, "purge", trigger="threshold", bytes=freed, used=used, capacity=cap)
 
+    def expire(self) -> None:
+        """End a named tier whose TTL is past (:mod:`mpiburst.named`).
+
+        ``on_expiry`` ``flush``: a ``mpiburst destroy NAME --flush`` in the
+        background writes the dirty files to the BFS and stops the tier
+        (and this engine). ``keep``: the clean data is dropped; dirty files
+        stay, with one warning in the engine's log, until their owner
+        destroys the tier; once nothing is dirty the tier is destroyed.
+        """
+        meta = named.read_meta(self.tier.conf.dir)
+        if meta is None or meta.left() > 0:
+            return
+        dirty = residency.dirty_files(self.tier, include_pinned=True)
+        if meta.on_expiry == "keep" and dirty:
+            freed = residency.auto_purge(self.tier)
+            if not self.warned_expiry:
+                self.log.warning("named tier %s expired; its %d dirty files are kept (--on-expiry keep) and %d "
+                                 "clean bytes dropped: destroy it with 'mpiburst destroy %s --flush' or --discard",
+                                 meta.name, len(dirty), freed, meta.name)
+                self.warned_expiry = True
+            return
+        self.destroyer = named.spawn_destroy(meta.name, self.tier.conf.dir, flush=bool(dirty))
+        self.log.info("named tier %s expired; destroying it%s (pid %d)", meta.name,
+                      f" after flushing {len(dirty)} dirty files" if dirty else "", self.destroyer)
+
     def sample(self, force: bool = False) -> None:
         """Log a tier-fill sample for the I/O report when one is due (or ``force``)."""
         now = time.time()
@@ -198,6 +226,8 @@ class Engine:
                 self.serve_queue()
                 if not self.stopping:
                     self.thresholds()
+                if not self.stopping and self.destroyer is None:
+                    self.expire()
             except TierConnectionError as exc:
                 self.log.warning("server connection lost (%s)", exc)
                 time.sleep(self.interval)

@@ -27,6 +27,12 @@ data, and the error names the commands that get the data out. One it joined
 
 :func:`stage_in` and :func:`stage_out` are also the ``mpiburst stage-in`` /
 ``stage-out`` commands.
+
+With ``$MPIBURST_TIER`` set (a tier URL such as ``mpiburst://NAME``, see
+:meth:`mpiburst.tier.Tier.attach`), :func:`run` starts no tier: the command
+runs attached to that one, and its data stays there after the command (the
+next job reads it; the tier's TTL or ``mpiburst destroy`` ends it), unless a
+policy is given: then a successful command's files are staged out per it.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ from .runconf import RunConf, conf_path, log_name, rdb_name, resolve_id
 from .server import StartOptions
 from .server.runlock import RunLock
 from .store import Store
-from .tier import Tier
+from .tier import TIER_ENV, Tier
 
 #: What to do with the tier's data when the command fails.
 ON_FAILURE = ("retain", "sync", "discard")
@@ -521,12 +527,31 @@ def run(command: Sequence[str], options: StartOptions | None = None, *, policy: 
         raise ConfigError(f"--on-failure {on_failure!r} is not one of {', '.join(ON_FAILURE)}.")
     if not command:
         raise ConfigError("no command to run; give it after '--', e.g. mpiburst run -- mpiexec -n 4 ./app.")
+    if os.environ.get(TIER_ENV):
+        return _run_attached(command, os.environ[TIER_ENV], policy, log or (lambda line: None), log is not None)
     run_id = resolve_id(opts.id, warn=True)
     directory = server.run_directory(opts.dir)
     # One job wrapper per run: a second one (another step of the same job) is refused, never merged.
     with RunLock(directory, run_id, "mpiburst run"):
         return _run_locked(command, opts.replace(id=run_id, dir=directory), policy or Policy(), on_failure,
                            log or (lambda line: None), progress=log is not None, nodes=nodes or run_nodes())
+
+
+def _run_attached(command: Sequence[str], url: str, policy: Policy | None, say: Log, progress: bool) -> int:
+    """:func:`run` on the tier ``url`` names (``$MPIBURST_TIER``): no tier is started or stopped here."""
+    tier = Tier.attach(url)
+    kept = "its data stays there" if policy is None else "a successful command's files are staged out per the policy"
+    say(f"attached to the tier {url} ({tier.channels} channels, BFS root {tier.bfs_root}); {kept}")
+    signals = _Signals()
+    signals.install()
+    try:
+        status = _supervise(command, tier, policy or Policy(), signals, say, progress)
+        if policy is not None and status == 0 and signals.aborted is None:
+            stage_out(tier, policy, log=say, progress=progress)
+        return status
+    finally:
+        signals.restore()
+        tier.disconnect()
 
 
 def run_nodes() -> int:

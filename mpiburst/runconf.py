@@ -445,6 +445,40 @@ def parse_json(text: str, path: str, what: str = "run conf") -> Any:
         ) from None
 
 
+def tiers_dir(create: bool = False) -> str:
+    """Return the user's directory of named tiers: ``$MPIBURST_TIERS_DIR``, else ``~/.mpiburst/tiers``.
+
+    Each named tier (``mpiburst create NAME``) is a run whose ID is its name,
+    with its files in ``<tiers>/NAME/``. The directory is the user's own,
+    mode 0700 (made so with ``create``); one that group or others can enter,
+    or that another user owns, is refused, as its tiers' passwords could be read.
+
+    Raises
+    ------
+    ConfigError
+        If the directory is not private to the user, or cannot be created.
+    """
+    path = os.path.abspath(os.environ.get("MPIBURST_TIERS_DIR") or os.path.expanduser("~/.mpiburst/tiers"))
+    if create and not os.path.isdir(path):
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the named tiers' directory {path} ({exc.strerror}); set "
+                              f"MPIBURST_TIERS_DIR to a private directory of yours.") from None
+    if os.path.isdir(path):
+        st = os.lstat(path)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077 or stat.S_ISLNK(st.st_mode):
+            raise ConfigError(f"the named tiers' directory {path} is not private to you (mode "
+                              f"{stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid}); make it yours with "
+                              f"'chmod 700 {path}'.")
+    return path
+
+
+def named_dir(name: str, create: bool = False) -> str:
+    """Return the directory of named tier ``name``: ``<tiers>/NAME`` (see :func:`tiers_dir`)."""
+    return os.path.join(tiers_dir(create), validate_id(name))
+
+
 def find_conf_path(run_id: str | None = None, directory: str | None = None) -> str:
     """Return the conf path of a run: ``--id``/``--dir`` if given, else ``$MPIBURST_CONF``, else ID rules in cwd."""
     if run_id is None and directory is None and os.environ.get("MPIBURST_CONF"):

@@ -26,13 +26,16 @@ import redis
 
 from . import engine_process, nodes, server
 from .collective import on_root, together
-from .errors import ConfigError
-from .runconf import RunConf, conf_path, find_conf_path, resolve_id
-from .server import StartOptions
+from .errors import AuthenticationError, ConfigError
+from .runconf import RunConf, conf_path, find_conf_path, named_dir, resolve_id
+from .server import StartOptions, site
 from .store import MemoryStore, Store
 
 if TYPE_CHECKING:   # mpi4py is imported only by those who pass a communicator
     from mpi4py import MPI
+
+#: The environment variable naming a job's tier by URL (``mpiburst://NAME``; see :meth:`Tier.attach`).
+TIER_ENV = "MPIBURST_TIER"
 
 
 class Tier:
@@ -115,7 +118,7 @@ class Tier:
 
     @classmethod
     def connect(cls, id: str | None = None, conf: RunConf | str | None = None, dir: str | None = None) -> Tier:
-        """Join an existing run (a process that did not start it).
+        """Join an existing run (a process that did not start it), or a tier named by a URL.
 
         On a multi-node run the process writes to the server of its node
         (:func:`mpiburst.nodes.node_of_process`: the node on this host, or
@@ -125,9 +128,14 @@ class Tier:
         ----------
         id
             The run ID; with ``dir`` (default: cwd) it locates ``mpiburst_<id>.conf``.
+            Or a URL (see :meth:`attach`): ``mpiburst://NAME`` (a named tier,
+            ``mpiburst create NAME``), ``memory://NAME`` (this process's
+            memory tier NAME, for tests), ``valkey://`` / ``redis://HOST:PORT``
+            (a server the site runs).
         conf
             A :class:`RunConf` or the path of a conf file; wins over ``id``.
-            Without either, ``$MPIBURST_CONF``, else the ID rules in the cwd.
+            Without either, ``$MPIBURST_TIER`` (a URL), else ``$MPIBURST_CONF``,
+            else the ID rules in the cwd.
 
         Raises
         ------
@@ -136,12 +144,67 @@ class Tier:
         AuthenticationError, ServerError
             If the server refuses the password or cannot be reached.
         """
+        if conf is None and dir is None and (id or os.environ.get(TIER_ENV, "")).partition("://")[1]:
+            return cls.attach(id or os.environ[TIER_ENV])
         if not isinstance(conf, RunConf):
             path = conf or (conf_path(os.path.abspath(dir or os.getcwd()), id) if id else find_conf_path(None, dir))
             conf = RunConf.load(path)
         if conf.pid is None:
             raise ConfigError(f"run {conf.id} is not running; start it with 'mpiburst start --restart --id {conf.id}'.")
         return cls._attach(conf, node=nodes.node_of_process(conf.nodes) if conf.nodes else None)
+
+    @classmethod
+    def attach(cls, url: str) -> Tier:
+        """Connect to the tier a URL names.
+
+        Parameters
+        ----------
+        url
+            ``mpiburst://NAME``: the named tier NAME of this user (its conf in
+            ``~/.mpiburst/tiers/NAME/``, see :func:`mpiburst.runconf.tiers_dir`).
+            ``memory://NAME``: a memory tier shared by everything in this
+            process that attaches to the same NAME (unit tests only; its BFS
+            root is the current directory when it is first made).
+            ``valkey://HOST:PORT`` or ``redis://HOST:PORT`` (query options
+            ``credentials=FILE``, ``bfs_root=DIR``, ``channels=N``): a server the
+            site runs, checked for what mpiburst needs of it (see
+            :mod:`mpiburst.server.site`).
+
+        Raises
+        ------
+        ConfigError
+            For an unknown scheme, a named tier that does not exist, or a
+            site server that lacks what mpiburst needs.
+        """
+        scheme, _, rest = url.partition("://")
+        if scheme == "mpiburst":
+            name = rest.strip("/")
+            path = conf_path(named_dir(name), name)
+            if not os.path.lexists(path):
+                raise ConfigError(f"there is no named tier {name!r} ({path} is missing); create it with "
+                                  f"'mpiburst create {name} --capacity SIZE --ttl TIME'.")
+            return cls.connect(conf=path)
+        if scheme == "memory":
+            name = rest.strip("/") or "default"
+            if name not in _memory_tiers:
+                _memory_tiers[name] = cls.memory(os.getcwd())
+            made = _memory_tiers[name]
+            return cls(made.conf, made.store)
+        if scheme in site.SCHEMES:
+            conf = site.site_conf(url)
+            try:
+                store, client = open_store(conf)
+            except AuthenticationError as exc:
+                raise site.refused(conf, exc) from None
+            try:
+                site.check(client, conf)
+            except BaseException:
+                store.close()
+                client.close()
+                raise
+            return cls(conf, store, client)
+        raise ConfigError(f"tier URL {url!r} has an unknown scheme; use mpiburst://NAME, memory://NAME, "
+                          f"valkey://HOST:PORT or redis://HOST:PORT.")
 
     @classmethod
     def current(cls, comm: MPI.Comm | None = None) -> Tier:
@@ -263,6 +326,10 @@ class Tier:
 
     def __repr__(self) -> str:
         return f"<Tier {self.id} {self.conf.host}:{self.conf.port} channels={self.channels}>"
+
+
+#: The memory tiers of this process made by ``memory://NAME``, by name.
+_memory_tiers: dict[str, Tier] = {}
 
 
 def open_store(conf: RunConf, node: int | None = None) -> tuple[Store, redis.Redis]:

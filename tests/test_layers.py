@@ -28,7 +28,7 @@ LAYERS: list[set[str]] = [
     {"writeback"},                                             # one process's buffered file
     {"datatypes", "views", "messages", "memory", "staging"},   # mpiburst.File's datatypes, views, buffers
     {"file", "fileobj", "channels", "policy"},                 # the APIs applications use
-    {"h5", "engine", "jobrun", "report", "nodeserve", "checkpoint", "halt"},   # built on those APIs
+    {"h5", "engine", "jobrun", "named", "report", "nodeserve", "checkpoint", "halt"},   # built on those APIs
     {"memio", "cli", "bench", "testing", "__init__", "__main__"},   # entry points and test helpers
 ]
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from ..errors import MpiburstError
 
-AREAS = ("lifecycle", "residency", "jobs", "channels", "bench", "report", "checkpoint")
+AREAS = ("lifecycle", "named", "residency", "jobs", "channels", "bench", "report", "checkpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -78,7 +78,7 @@ def _stdout(line: str) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     command = args.job_command[1:] if args.job_command[:1] == ["--"] else args.job_command
-    policy = policies.load(args.policy)
+    policy = policies.load(args.policy) if args.policy else None   # None: the default (SYNC every file)
     return jobs.run(command, start_options(args), policy=policy, on_failure=args.on_failure,
                     log=None if args.quiet else _stderr, nodes=args.nodes)
 

@@ -1,0 +1,254 @@
+"""Named tiers that outlive a job: ``mpiburst create`` / ``destroy`` / ``list`` and what happens at expiry.
+
+A named tier is a run whose ID is its name, started detached (untied, like
+``mpiburst start``) with the same hardened server configuration and the
+same automatic engine as a job's tier; its files live in the user's
+``<tiers>/NAME/`` (:func:`mpiburst.runconf.tiers_dir`: ``~/.mpiburst/tiers``,
+mode 0700; every secret file in it 0600). Jobs attach to it with
+``MPIBURST_TIER=mpiburst://NAME`` (:meth:`mpiburst.tier.Tier.attach`).
+
+Beside the run's files, ``tier.json`` (0600) records its TTL and expiry
+policy. Once the TTL is past, the tier's engine (:meth:`mpiburst.engine.Engine.expire`)
+ends it: with ``on_expiry`` ``flush`` it runs ``mpiburst destroy NAME
+--flush`` (dirty data goes to the BFS, then the tier is gone); with ``keep``
+it drops the clean data and keeps the dirty files, warning in its log and
+in ``mpiburst list``, until the owner destroys the tier; a tier left with
+nothing dirty is destroyed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from . import engine_process, jobrun, residency, server
+from .errors import ConfigError, MpiburstError
+from .policy import Policy
+from .runconf import RunConf, conf_path, named_dir, parse_json, read_secure, tiers_dir, validate_id, write_secure
+from .server import StartOptions
+from .tier import Tier
+
+#: What happens to dirty data when a named tier's TTL is past.
+ON_EXPIRY = ("flush", "keep")
+#: The name of the 0600 file holding a named tier's TTL and expiry policy, beside its run files.
+META_NAME = "tier.json"
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+Log = Callable[[str], None]
+
+
+def parse_ttl(text: str) -> float:
+    """Return the seconds of a TTL: a number with an optional unit ``s``, ``m``, ``h`` or ``d`` (``90m``, ``2d``).
+
+    Raises
+    ------
+    ConfigError
+        If the text is not such a duration, or not above 0.
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(text))
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f"TTL {text!r} is not a duration above 0; give seconds or a number with s, m, h or d "
+                          f"(e.g. 90m, 2d).")
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+@dataclass
+class TierMeta:
+    """A named tier's lifetime: when it was made, its TTL, when it expires and what expiry does to dirty data."""
+
+    name: str
+    created: float
+    ttl: float
+    on_expiry: str
+
+    @property
+    def expires(self) -> float:
+        """The time (seconds since the epoch) at which the tier's TTL is past."""
+        return self.created + self.ttl
+
+    def left(self, now: float | None = None) -> float:
+        """Seconds until expiry (negative once past)."""
+        return self.expires - (time.time() if now is None else now)
+
+    def save(self, directory: str) -> None:
+        """Write ``tier.json`` into the tier's directory (0600 from the first byte)."""
+        write_secure(os.path.join(directory, META_NAME), json.dumps(asdict(self)) + "\n")
+
+
+def read_meta(directory: str) -> TierMeta | None:
+    """Return the lifetime of the named tier whose run files are in ``directory`` (None: not a named tier).
+
+    Raises
+    ------
+    ConfigError
+        If ``tier.json`` is there but unsafe or not written by mpiburst.
+    """
+    path = os.path.join(directory, META_NAME)
+    if not os.path.lexists(path):
+        return None
+    data = parse_json(read_secure(path, "named tier file"), path, "named tier file")
+    try:
+        meta = TierMeta(str(data["name"]), float(data["created"]), float(data["ttl"]), str(data["on_expiry"]))
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(f"named tier file {path} was not written by mpiburst; destroy the tier and create it "
+                          f"again.") from None
+    return meta
+
+
+def create(name: str, capacity: str | None, ttl: str, *, on_expiry: str = "flush", nodes: int | None = None,
+           bfs_root: str | None = None, channels: int | None = None, server_binary: str | None = None) -> RunConf:
+    """Start named tier ``name`` for ``ttl`` (detached: it outlives this process) and return its conf.
+
+    Parameters
+    ----------
+    capacity
+        The server's memory limit (``8G``, ``50%``), as ``mpiburst start --capacity``.
+    ttl
+        How long it lives (see :func:`parse_ttl`).
+    on_expiry
+        ``flush`` (dirty data goes to the BFS at expiry) or ``keep`` (it stays, with a warning).
+    nodes
+        Only 1 (or None): a named tier over several nodes is not built yet.
+
+    Raises
+    ------
+    ConfigError
+        On a bad option, or a live tier of that name.
+    ServerError
+        If the server does not come up.
+    """
+    validate_id(name)
+    seconds = parse_ttl(ttl)
+    if on_expiry not in ON_EXPIRY:
+        raise ConfigError(f"--on-expiry {on_expiry!r} is not one of {', '.join(ON_EXPIRY)}.")
+    if nodes is not None and nodes != 1:
+        raise ConfigError("a named tier over several nodes is not supported yet; create it on one node (leave out "
+                          "--nodes), or give a multi-node job its own tier with 'mpiburst run --nodes N'.")
+    opts = StartOptions.of(id=name, capacity=capacity, bfs_root=os.path.abspath(bfs_root or os.getcwd()),
+                           channels=channels, server=server_binary)
+    directory = named_dir(name, create=True)
+    path = conf_path(directory, name)
+    old = RunConf.load(path) if os.path.lexists(path) else None
+    if old is not None and server.pid_alive(old.pid, old.server):
+        raise ConfigError(f"named tier {name} exists already; use it, or end it first with "
+                          f"'mpiburst destroy {name} --flush'.")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(directory, 0o700)
+    TierMeta(name, time.time(), seconds, on_expiry).save(directory)
+    try:
+        return engine_process.attach(server.start_run(opts.replace(dir=directory)))
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+
+def dirty_bytes(tier: Tier) -> tuple[int, int]:
+    """Return ``(files, bytes)`` of the tier's data not on the BFS (dirty or pending)."""
+    files = residency.dirty_files(tier, include_pinned=True)
+    total = 0
+    for meta in files:
+        with contextlib.suppress(MpiburstError):   # a file removed meanwhile holds nothing
+            stat = residency.frag_stat(meta.path, tier=tier)
+            total += stat.dirty + stat.pending
+    return len(files), total
+
+
+def destroy(name: str, flush: bool = False, discard: bool = False, log: Log | None = None) -> str:
+    """End named tier ``name``: optionally flush its dirty files to the BFS, stop its server, remove its files.
+
+    Without ``flush`` or ``discard`` a tier holding data the BFS lacks is
+    refused (nothing is touched). Returns a one-line report.
+
+    Raises
+    ------
+    ConfigError
+        If there is no such tier, both options are given, or dirty data
+        would be dropped without ``discard``.
+    FlushError
+        If the flush fails (the tier keeps running with its data).
+    """
+    if flush and discard:
+        raise ConfigError("choose either --flush or --discard, not both.")
+    directory = named_dir(name)
+    path = conf_path(directory, name)
+    if not os.path.lexists(path):
+        raise ConfigError(f"there is no named tier {name!r} ({path} is missing); 'mpiburst list' shows yours.")
+    conf = RunConf.load(path, exposed_ok=True)
+    flushed = 0
+    if server.pid_alive(conf.pid, conf.server):
+        tier = Tier.connect(conf=conf)
+        try:
+            files, nbytes = dirty_bytes(tier)
+            if files and not (flush or discard):
+                raise ConfigError(f"named tier {name} holds {files} file{'s' if files != 1 else ''} with {nbytes} "
+                                  f"bytes not on the BFS; destroy it with --flush to write them to the BFS "
+                                  f"first, or with --discard to drop them.")
+            if files and flush:
+                flushed = len(jobrun.stage_out(tier, Policy(), log=log))
+        finally:
+            tier.disconnect()
+    report = server.stop_run(conf, discard=True, exposed_ok=True)
+    shutil.rmtree(directory, ignore_errors=True)
+    return f"{report} {'Flushed ' + str(flushed) + ' files to the BFS; ' if flush else ''}named tier {name} is gone."
+
+
+def listing() -> list[dict[str, Any]]:
+    """Return one entry per named tier of the user: name, up, used/capacity, dirty files and bytes, TTL left."""
+    root = tiers_dir()
+    out: list[dict[str, Any]] = []
+    if not os.path.isdir(root):
+        return out
+    for name in sorted(os.listdir(root)):
+        directory = os.path.join(root, name)
+        path = conf_path(directory, name)
+        if not os.path.lexists(path):
+            continue
+        entry: dict[str, Any] = dict(name=name, up=False, used=None, capacity=None, dirty_files=None,
+                                     dirty_bytes=None, ttl_left=None, on_expiry=None, url=f"mpiburst://{name}")
+        try:
+            meta = read_meta(directory)
+            conf = RunConf.load(path)
+            entry["capacity"] = conf.capacity
+            if meta is not None:
+                entry.update(ttl_left=meta.left(), on_expiry=meta.on_expiry)
+            state = server.status(conf)
+            entry.update(up=state["up"], used=state["used_memory"])
+            if state["up"]:
+                tier = Tier.connect(conf=conf)
+                try:
+                    entry["dirty_files"], entry["dirty_bytes"] = dirty_bytes(tier)
+                finally:
+                    tier.disconnect()
+        except MpiburstError as exc:
+            entry["error"] = str(exc)
+        out.append(entry)
+    return out
+
+
+def spawn_destroy(name: str, directory: str, flush: bool) -> int:
+    """Run ``mpiburst destroy NAME [--flush]`` in the background (the engine's expiry) and return its PID.
+
+    A process of its own, in its own session: the destroy stops the engine
+    that asked for it. Its output goes to ``<tiers>/NAME.expiry.log`` (0600),
+    which outlives the tier.
+    """
+    env = dict(os.environ, MPIBURST_TIERS_DIR=os.path.dirname(directory))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([here] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    fd = engine_process.open_log(os.path.join(os.path.dirname(directory), f"{name}.expiry.log"))
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "mpiburst", "destroy", name] + (["--flush"] if flush else []),
+                                stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, cwd="/", env=env,
+                                start_new_session=True)
+    finally:
+        os.close(fd)
+    return proc.pid

@@ -1,0 +1,158 @@
+"""Named tiers that outlive a job (mpiburst create / destroy / list, mpiburst://NAME, expiry) and tier URLs.
+
+The unit tests need no server; the lifecycle tests run the real CLI against a
+real server, since the server's survival between jobs is what they test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import mpiburst
+from mpiburst import named
+from mpiburst.errors import ConfigError
+from mpiburst.server import site
+from mpiburst.tier import Tier
+from tests.conftest import cli_env
+
+WRITE = ("import sys, mpiburst\n"
+         "with mpiburst.open('burst://' + sys.argv[1], 'wb') as f: f.write(bytes(range(256)) * int(sys.argv[2]))\n")
+READ = "import sys, mpiburst\nsys.stdout.buffer.write(mpiburst.open('burst://' + sys.argv[1], 'rb').read())\n"
+
+
+# ----------------------------------------------------------------------------- units, no server
+
+def test_parse_ttl_units_and_bad_input() -> None:
+    assert named.parse_ttl("90") == 90
+    assert named.parse_ttl("90m") == 5400
+    assert named.parse_ttl("2d") == 172800
+    for bad in ("", "0", "-1h", "2 weeks", "h"):
+        with pytest.raises(ConfigError, match="not a duration above 0"):
+            named.parse_ttl(bad)
+
+
+def test_memory_url_is_one_tier_per_name_in_the_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    a, b = Tier.attach("memory://shared-test"), Tier.connect("memory://shared-test")
+    with mpiburst.open("burst://seen", "wb", tier=a) as f:
+        f.write(b"written through a")
+    assert mpiburst.open("burst://seen", "rb", tier=b).read() == b"written through a"
+    assert Tier.attach("memory://other-test").store is not a.store
+
+
+def test_tier_env_url_wins_in_connect(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MPIBURST_TIER", "memory://env-test")
+    monkeypatch.setenv("MPIBURST_CONF", str(tmp_path / "none.conf"))
+    assert Tier.connect().store is Tier.attach("memory://env-test").store
+
+
+def test_unknown_scheme_and_missing_named_tier(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MPIBURST_TIERS_DIR", str(tmp_path / "tiers"))
+    with pytest.raises(ConfigError, match="unknown scheme"):
+        Tier.attach("ftp://x")
+    with pytest.raises(ConfigError, match="there is no named tier 'nope'.*mpiburst create nope"):
+        Tier.attach("mpiburst://nope")
+
+
+def test_tiers_dir_that_others_can_enter_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shared = tmp_path / "tiers"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    monkeypatch.setenv("MPIBURST_TIERS_DIR", str(shared))
+    with pytest.raises(ConfigError, match="not private to you.*chmod 700"):
+        Tier.attach("mpiburst://x")
+
+
+def test_site_credentials_must_be_private_and_off_the_url(tmp_path: Path) -> None:
+    cred = tmp_path / "cred"
+    cred.write_text("alice secret\n")
+    cred.chmod(0o644)
+    with pytest.raises(ConfigError, match="not a private file of yours.*chmod 600"):
+        site.site_conf(f"valkey://127.0.0.1:1?credentials={cred}")
+    cred.chmod(0o600)
+    assert site.read_credentials(str(cred)) == ("alice", "secret")
+    with pytest.raises(ConfigError, match="must not carry a user or password"):
+        site.site_conf("redis://alice:secret@127.0.0.1:1")
+    with pytest.raises(ConfigError, match=r"\(rediss://\) is not supported yet"):
+        site.site_conf(f"rediss://127.0.0.1:1?credentials={cred}")
+
+
+def test_create_refuses_several_nodes_and_bad_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MPIBURST_TIERS_DIR", str(tmp_path / "tiers"))
+    with pytest.raises(ConfigError, match="several nodes is not supported yet"):
+        named.create("x", "8M", "1h", nodes=2)
+    with pytest.raises(ConfigError, match="--on-expiry 'later'"):
+        named.create("x", "8M", "1h", on_expiry="later")
+
+
+# ----------------------------------------------------------------------------- the real lifecycle
+
+@pytest.fixture
+def tiers(tmp_path: Path, server_binary: str) -> Iterator[Callable[..., subprocess.CompletedProcess]]:
+    """Run ``python -m mpiburst ARGS`` (or ``python -c CODE`` with ``code=``) with a private tiers dir; BFS = tmp/bfs."""
+    (tmp_path / "bfs").mkdir()
+    env = cli_env(MPIBURST_SERVER=server_binary, MPIBURST_TIERS_DIR=str(tmp_path / "tiers"))
+
+    def run(*args: str, code: str | None = None, tier: str | None = None) -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "mpiburst", *args]
+        extra = {"MPIBURST_TIER": tier} if tier else {}
+        return subprocess.run(argv, cwd=tmp_path / "bfs", env={**env, **extra}, capture_output=True, timeout=60)
+
+    yield run
+    for name in os.listdir(tmp_path / "tiers") if (tmp_path / "tiers").is_dir() else ():
+        if (tmp_path / "tiers" / name).is_dir():
+            run("destroy", name, "--discard")
+
+
+@pytest.mark.slow
+def test_named_tier_outlives_jobs_and_destroy_flushes_exactly(tmp_path: Path, tiers: Callable) -> None:
+    made = tiers("create", "wf", "--capacity", "64M", "--ttl", "1h")
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.decode() == "MPIBURST_TIER=mpiburst://wf\n"
+    home = tmp_path / "tiers" / "wf"
+    assert (tmp_path / "tiers").stat().st_mode & 0o777 == 0o700
+    assert all((home / f).stat().st_mode & 0o777 == 0o600 for f in os.listdir(home) if (home / f).is_file())
+    assert tiers("wf", "4000", code=WRITE, tier="mpiburst://wf").returncode == 0   # a job, then it ends
+    got = tiers("wf", code=READ, tier="mpiburst://wf")                             # another job reads it
+    assert got.stdout == bytes(range(256)) * 4000 and not (tmp_path / "bfs" / "wf").exists()
+    [entry] = [json.loads(line) for line in tiers("list", "--json").stdout.splitlines()]
+    assert entry["up"] and entry["dirty_files"] == 1 and entry["dirty_bytes"] == 256 * 4000
+    assert 3500 < entry["ttl_left"] <= 3600 and entry["capacity"] == 64 << 20
+    refused = tiers("destroy", "wf")
+    assert refused.returncode == 2 and b"--flush" in refused.stderr and b"--discard" in refused.stderr
+    assert home.is_dir()
+    done = tiers("destroy", "wf", "--flush")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "bfs" / "wf").read_bytes() == bytes(range(256)) * 4000
+    assert not home.exists() and tiers("list", "--json").stdout == b""
+    assert tiers("create", "wf", "--ttl", "1h", "--capacity", "64M").returncode == 0  # the name is free again
+
+
+@pytest.mark.slow
+def test_expiry_flushes_dirty_data_or_keeps_it_by_policy(tmp_path: Path, tiers: Callable) -> None:
+    assert tiers("create", "gone", "--capacity", "32M", "--ttl", "1h").returncode == 0
+    assert tiers("create", "kept", "--capacity", "32M", "--ttl", "1h", "--on-expiry", "keep").returncode == 0
+    for name in ("gone", "kept"):
+        assert tiers(name, "100", code=WRITE, tier=f"mpiburst://{name}").returncode == 0
+        home = tmp_path / "tiers" / name   # an hour passes: the TTL is past
+        meta = named.read_meta(str(home))
+        named.TierMeta(name, time.time() - 3601, meta.ttl, meta.on_expiry).save(str(home))
+    deadline = time.monotonic() + 30
+    while (tmp_path / "tiers" / "gone").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not (tmp_path / "tiers" / "gone").exists()
+    assert (tmp_path / "bfs" / "gone").read_bytes() == bytes(range(256)) * 100
+    [kept] = [json.loads(line) for line in tiers("list", "--json").stdout.splitlines()]
+    assert kept["name"] == "kept" and kept["up"] and kept["ttl_left"] <= 0 and kept["dirty_files"] == 1
+    assert not (tmp_path / "bfs" / "kept").exists()
+    log = (tmp_path / "tiers" / "kept" / "mpiburst_kept.engine.log").read_text()
+    assert "expired; its 1 dirty files are kept" in log
