@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,10 @@ from mpiburst.errors import NodeLostError, ReplicaError
 from mpiburst.runconf import RunConf
 from mpiburst.server.connection import connect_store
 from mpiburst.server.process import wait_gone
+from mpiburst.store import Store
 from mpiburst.store.cluster_store import COUNTER_GAP, ClusterStore
+from mpiburst.testing.cluster import Cluster
+from mpiburst.testing.store import StoreTests
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -31,8 +34,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 def replicated(tmp_path_factory: pytest.TempPathFactory, server_binary: str) -> Iterator[RunConf]:
     """A run of 3 nodes with a replica each (a ring), stopped after the tests.
 
-    Shared, to start it once: the first test kills node 1's replica, the second node 0's server (whose replica
-    runs on node 1, beside the first one).
+    Shared, to start it once: the store contract runs first, then one test kills node 1's replica, the next node
+    0's server (whose replica runs on node 1, beside the first one).
     """
     conf = server.start_cluster(nodes=3, id="rp", dir=str(tmp_path_factory.mktemp("rp")), capacity="64M", channels=3,
                                 server=server_binary, tied=True, replicas=1)
@@ -40,6 +43,45 @@ def replicated(tmp_path_factory: pytest.TempPathFactory, server_binary: str) -> 
         yield conf
     finally:
         server.stop_run(conf)
+
+
+@pytest.fixture(scope="module")
+def replicated_cluster(replicated: RunConf) -> Iterator[Cluster]:
+    """The run of :func:`replicated` with a client per node, for the store contract (before any server is killed)."""
+    cluster = Cluster(replicated)
+    cluster.clients = [cluster.connect(i) for i in range(3)]
+    yield cluster
+    for client in cluster.clients:
+        client.close()
+
+
+class ConfirmingClusterStore(ClusterStore):
+    """A cluster store with replicas that waits for the replica after every batch, as ``Sync`` after each write."""
+
+    def commit(self, *args, **kwargs) -> int:  # noqa: ANN002, ANN003
+        first = super().commit(*args, **kwargs)
+        self.confirm()
+        return first
+
+
+class TestReplicatedClusterStore(StoreTests):
+    """The store contract on a cluster whose nodes have replicas, every batch confirmed on two servers."""
+
+    placed = True
+
+    @pytest.fixture
+    def store(self, replicated_cluster: Cluster) -> Iterator[Store]:
+        replicated_cluster.wipe()
+        store = ConfirmingClusterStore(replicated_cluster.clients, local=1,
+                                       replicas=replicated_cluster.replica_clients())
+        yield store
+        store.confirm()   # what else the test wrote reached the replicas too: each holds its primary's keys
+        assert [r.dbsize() for r in store.replicas if r] == [c.dbsize() for c in replicated_cluster.clients]
+
+    @pytest.fixture
+    def reopen(self, replicated_cluster: Cluster) -> Callable[[], Store]:
+        return lambda: ClusterStore([replicated_cluster.connect(i) for i in range(3)], local=1,
+                                    replicas=replicated_cluster.replica_clients())   # new connections
 
 
 def _store(conf: RunConf, node: int) -> ClusterStore:

@@ -39,6 +39,10 @@ class Cluster:
         """Return a new ordinary-user client of node ``i``'s server."""
         return server.connect_redis(self.conf.node(i))
 
+    def replica_clients(self) -> list[redis.Redis | None]:
+        """Return a new ordinary-user client of each node's replica server (None for a node without one)."""
+        return [server.connect_redis(view) if view else None for view in map(self.conf.replica, range(len(self.clients)))]
+
     def wipe(self) -> None:
         """Remove every key of every server, as the ordinary user (SCAN and UNLINK)."""
         for client in self.clients:
