@@ -108,7 +108,10 @@ def test_confirm_waits_for_the_replica_and_says_when_it_cannot(replicated: RunCo
             assert replica.dbsize() > 0   # the batch's keys came over
         finally:
             replica.close()
+        assert [n["replica"] for n in server.status(conf)["nodes"]] == ["linked"] * 3
         os.kill(conf.nodes[1]["replica"]["pid"], signal.SIGKILL)
+        assert wait_gone(conf.nodes[1]["replica"]["pid"], conf.server, 10)
+        assert [n["replica"] for n in server.status(conf)["nodes"]] == ["linked", "down", "linked"]
         _write(store, "/a", 4096, b"y" * 4096)
         t0 = time.monotonic()
         with pytest.raises(ReplicaError, match="replica of node 1"):
@@ -131,6 +134,8 @@ def test_node_0_lost_its_replica_serves_and_an_unconfirmed_write_is_never_acknow
         meta, extents = store.window("/b", 0, 4096)   # waits for the cluster to promote node 0's replica
         assert meta is not None and store.fetch_into("/b", extents, 0, memoryview(out))
         assert bytes(out) == b"a" * 4096 and store.failed_over == {0}
+        state = server.status(conf)   # node 0's server is gone, its replica serves it: the run is up
+        assert state["up"] and state["nodes"][0]["up"] and state["nodes"][0]["replica"] == "serving"
         with pytest.raises(NodeLostError, match="node 0 was lost before"):
             store.confirm()
         other = _store(conf, 2)   # another process: numbers past any the lost home may have handed out

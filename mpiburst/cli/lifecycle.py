@@ -184,7 +184,9 @@ def _status(args: argparse.Namespace) -> int:
         for node in state.get("nodes", []):
             used = format_size(node["used_memory"]) if node["used_memory"] is not None else "-"
             lo, hi = node["ranks"]
+            replica = f"  replica {node['replica']}" if node.get("replica") else ""
             print(f"node {node['node']:<5} {'up  ' if node['up'] else 'DOWN'}  pid {node['pid']}  "
                   f"{node['host']}:{node['port']}  ranks {lo}-{hi - 1}  slots {node['slots'][0]}-{node['slots'][1]}  "
-                  f"{used} used of {format_size(state['capacity'])}  clients {node['clients'] if node['up'] else '-'}")
+                  f"{used} used of {format_size(state['capacity'])}  clients {node['clients'] if node['up'] else '-'}"
+                  f"{replica}")
     return 0 if state["up"] else 3

@@ -396,13 +396,31 @@ def _stop_server(conf: RunConf, view: RunConf, entry: dict[str, Any], admin: Adm
 
 
 def node_status(conf: RunConf, index: int) -> dict[str, Any]:
-    """Return node ``index``'s state: up, pid, host, port, ranks, slots, used memory, clients."""
+    """Return node ``index``'s state: up, pid, host, port, ranks, slots, used memory, clients, replica.
+
+    ``replica`` (a run with replicas): ``"linked"``, ``"serving"`` (promoted:
+    it serves the node, whose own server is gone, and ``up`` is True),
+    ``"down"``; None without one. Memory and clients are then the serving server's.
+    """
     entry = conf.nodes[index]
     info: dict[str, Any] = dict(node=index, up=node_alive(conf, index), pid=entry["pid"], host=entry["host"],
                                 port=entry["port"], hostname=entry.get("hostname"), ranks=entry["ranks"],
-                                slots=entry["slots"], used_memory=None, clients=None)
+                                slots=entry["slots"], used_memory=None, clients=None, replica=None)
+    view = conf.node(index)
+    replica = conf.replica(index)
+    if replica is not None:
+        info["replica"] = "down"
+        with contextlib.suppress(ServerError, redis.RedisError):
+            client = connect_redis(replica)
+            try:
+                role = replication_info(client).get("role")
+            finally:
+                client.close()
+            info["replica"] = "serving" if role == "master" else "linked"
+        if info["replica"] == "serving" and not info["up"]:
+            info["up"], view = True, replica
     if info["up"]:
-        client = connect_redis(conf.node(index))
+        client = connect_redis(view)
         try:
             stats = client.info()
         finally:
