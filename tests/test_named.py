@@ -156,3 +156,55 @@ def test_expiry_flushes_dirty_data_or_keeps_it_by_policy(tmp_path: Path, tiers: 
     assert not (tmp_path / "bfs" / "kept").exists()
     log = (tmp_path / "tiers" / "kept" / "mpiburst_kept.engine.log").read_text()
     assert "expired; its 1 dirty files are kept" in log
+
+
+# ----------------------------------------------------------------------------- a site's server, by URL
+
+@pytest.mark.timeout(60)
+def test_site_server_is_checked_for_noeviction_and_rights(tmp_path: Path, server_binary: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from mpiburst.server.discovery import free_port
+    from mpiburst.server.config import USER_RULES
+
+    port = free_port("127.0.0.1")
+    conf = tmp_path / "site.conf"
+    conf.write_text(f"port {port}\nbind 127.0.0.1\nunixsocket ''\nsave ''\nappendonly no\ndir {tmp_path}\n"
+                    f"maxmemory 64mb\nmaxmemory-policy allkeys-lru\nuser default off\n"
+                    f"user admin on >adminpw ~* &* +@all\nuser mp on >mppw {USER_RULES}\n"
+                    f"user noscript on >nspw ~* &* -@all +@read +@write +@connection +info\n")
+    conf.chmod(0o600)
+    proc = subprocess.Popen([server_binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import redis
+
+        admin = redis.Redis(port=port, username="admin", password="adminpw")
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                admin.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "the site server did not come up"
+                time.sleep(0.1)
+        for user, password in (("mp", "mppw"), ("noscript", "nspw")):
+            (tmp_path / user).write_text(f"{user} {password}\n")
+            (tmp_path / user).chmod(0o600)
+        (tmp_path / "bfs").mkdir()
+        monkeypatch.chdir(tmp_path / "bfs")
+        url = f"valkey://127.0.0.1:{port}?credentials={tmp_path / 'mp'}"
+        with pytest.raises(ConfigError, match="maxmemory-policy allkeys-lru.*needs 'maxmemory-policy noeviction'"):
+            Tier.attach(url)
+        admin.config_set("maxmemory-policy", "noeviction")
+        with pytest.raises(ConfigError, match="user noscript of the server .* lacks a right mpiburst needs"):
+            Tier.attach(f"redis://127.0.0.1:{port}?credentials={tmp_path / 'noscript'}")
+        tier = Tier.attach(url)
+        assert tier.capacity == 64 << 20
+        with mpiburst.open("burst://site.dat", "wb", tier=tier) as f:
+            f.write(b"on the site's server")
+        mpiburst.sync("burst://site.dat", tier=tier)
+        assert (tmp_path / "bfs" / "site.dat").read_bytes() == b"on the site's server"
+        tier.disconnect()
+        admin.close()
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
