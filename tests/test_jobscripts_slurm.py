@@ -357,3 +357,49 @@ def test_epilogs_of_every_node_save_each_nodes_data_when_stage_out_fails(tmp_pat
         for pid in _server_pids_in(tmp_path) + _server_pids_in(shared):
             os.kill(pid, 9)
     assert processes_gone(tmp_path) and processes_gone(shared) and not list(run_dir.glob("redis_990003@*"))
+
+
+PRODUCE = """import sys, mpiburst
+with mpiburst.open("burst://wf/data.bin", "wb") as f:
+    for k in range(40):
+        f.write(bytes([k]) * 100_000)
+"""
+CONSUME = """import os, sys, mpiburst
+on_bfs = os.path.exists(os.path.join(sys.argv[1], "wf/data.bin"))
+data = mpiburst.open("burst://wf/data.bin", "rb").read()
+with open(os.path.join(sys.argv[1], "consumed.bin"), "wb") as f:
+    f.write(data)
+print("the BFS held data.bin when the consumer read it:", on_bfs)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.timeout(300)
+def test_producer_and_consumer_on_a_named_tier(slurm, shared: Path, server_binary: str) -> None:
+    """producer.sbatch, then consumer.sbatch (afterok): the consumer reads the producer's unflushed file exactly;
+    its DESTROY=flush leaves the file exact on the BFS and the tier gone."""
+    (shared / "bfs").mkdir()
+    for name, code in (("produce.py", PRODUCE), ("consume.py", CONSUME)):
+        (shared / name).write_text(code)
+    mpiexec = str(Path(sys.executable).parent / "mpiexec")
+    env = job_env(server_binary, TIER="wf", MPIBURST_TIERS_DIR=str(shared / "tiers"),
+                  LAUNCH=f"{mpiexec} -launcher fork -n 1")
+    made = subprocess.run([sys.executable, "-m", "mpiburst", "create", "wf", "--capacity", "64M", "--ttl", "1h"],
+                          cwd=shared / "bfs", env=env, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    producer = slurm.submit(SCRIPTS / "producer.sbatch", cwd=shared / "bfs",
+                            env={**env, "APP": f"python {shared / 'produce.py'}"},
+                            extra_args=("-n", "1", "-o", str(shared / "producer.out")))
+    consumer = slurm.submit(SCRIPTS / "consumer.sbatch", cwd=shared / "bfs",
+                            env={**env, "APP": f"python {shared / 'consume.py'} {shared / 'bfs'}", "DESTROY": "flush"},
+                            extra_args=("-n", "1", f"--dependency=afterok:{producer}", "-o", str(shared / "consumer.out")))
+    assert slurm.wait(producer, timeout=120) == ("COMPLETED", 0, 0), (shared / "producer.out").read_text()
+    result = slurm.wait(consumer, timeout=120)
+    log = (shared / "consumer.out").read_text()
+    assert result == ("COMPLETED", 0, 0), log
+    expected = b"".join(bytes([k]) * 100_000 for k in range(40))
+    assert "the BFS held data.bin when the consumer read it: False" in log
+    assert (shared / "bfs" / "consumed.bin").read_bytes() == expected
+    assert (shared / "bfs" / "wf" / "data.bin").read_bytes() == expected      # destroy --flush
+    assert "named tier wf is gone" in log and not (shared / "tiers" / "wf").exists()
