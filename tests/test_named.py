@@ -208,3 +208,50 @@ def test_site_server_is_checked_for_noeviction_and_rights(tmp_path: Path, server
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+# ----------------------------------------------------------------------------- two jobs attached at once
+
+WRITER = """import sys, mpiburst
+f = mpiburst.open("burst://shared.bin", "wb")
+for line in sys.stdin:
+    step = line.strip()
+    if step == "write":
+        f.write(b"A" * 65536)
+    elif step == "flush":
+        f.flush()
+    elif step == "close":
+        f.close()
+    print(step, flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_reader_job_sees_a_writer_jobs_bytes_after_its_flush_or_close(tier: Tier) -> None:
+    """docs/consistency.md, "Two jobs on one tier": close-to-open between processes attached to one server."""
+    env = cli_env(MPIBURST_CONF=tier.conf.path)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              env=env, text=True)
+
+    def step(name: str) -> None:
+        writer.stdin.write(name + "\n")
+        writer.stdin.flush()
+        assert writer.stdout.readline().strip() == name
+
+    def read() -> bytes:
+        with mpiburst.open("burst://shared.bin", "rb", tier=tier) as f:
+            return f.read()
+
+    try:
+        step("write")   # 64 KiB in the writer's 4 MiB write-back buffer: not in the tier yet
+        assert read() == b""
+        step("flush")   # pushed: a reader opening now sees it
+        assert read() == b"A" * 65536
+        step("write")
+        assert read() == b"A" * 65536
+        step("close")
+        assert read() == b"A" * 131072
+        assert not os.path.exists(os.path.join(tier.bfs_root, "shared.bin"))   # all of it from the tier
+    finally:
+        writer.stdin.close()
+        writer.wait(timeout=30)
