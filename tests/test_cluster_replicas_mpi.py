@@ -6,7 +6,8 @@ by itself (a majority of primaries is left). With fewer ranks these tests
 are skipped (a run of two nodes has no majority to promote a replica).
 
 Every rank writes its own block of one shared file and closes it; then node
-1's server is SIGKILLed. With ``replicas=1`` every byte is still read back
+1's server is SIGKILLed (and later node 2's, between a rank's synced and
+buffered writes). With ``replicas=1`` every byte is still read back
 through the tier on every rank, and a collective sync puts it on the BFS
 exactly; without replicas the same kill loses node 1's data
 (:class:`NodeLostError` on every rank).
@@ -72,7 +73,7 @@ def three_nodes(monkeypatch) -> None:
 
 
 @pytest.mark.slow
-def test_a_node_killed_after_close_loses_nothing_with_a_replica(mpi_tmp_path: Path, server_binary: str,
+def test_a_node_killed_after_close_then_another_mid_write_lose_nothing_with_replicas(mpi_tmp_path: Path, server_binary: str,
                                                                 three_nodes: None):
     from mpi4py import MPI
 
@@ -94,6 +95,25 @@ def test_a_node_killed_after_close_loses_nothing_with_a_replica(mpi_tmp_path: Pa
         mpiburst.sync("burst://kept.dat", comm=comm)
         comm.Barrier()
         assert np.array_equal(np.fromfile(bfs / "kept.dat", dtype=np.uint8), expected)
+
+        # then node 2's server, in the middle of the writes: each rank's first half synced, its second half still
+        # in its write-back buffer; Close pushes it to the promoted replica (the cluster still has a majority)
+        f = mpiburst.File.Open(comm, "burst://midway.dat", MPI.MODE_WRONLY | MPI.MODE_CREATE)
+        block = _pattern(rank + size)
+        f.Write_at(rank * BLOCK, block[:BLOCK // 2])
+        f.Sync()
+        comm.Barrier()
+        if rank == 0:
+            os.kill(tier.conf.nodes[2]["pid"], signal.SIGKILL)
+        comm.Barrier()
+        f.Write_at(rank * BLOCK + BLOCK // 2, block[BLOCK // 2:])
+        f.Close()
+        expected = np.concatenate([_pattern(r + size) for r in range(size)])
+        assert np.array_equal(_read_all(comm, "burst://midway.dat"), expected)
+        assert tier.store.failed_over == {1, 2}
+        mpiburst.sync("burst://midway.dat", comm=comm)
+        comm.Barrier()
+        assert np.array_equal(np.fromfile(bfs / "midway.dat", dtype=np.uint8), expected)
 
 
 def test_the_same_kill_without_replicas_loses_the_node_s_data(mpi_tmp_path: Path, server_binary: str,

@@ -401,7 +401,9 @@ class ClusterStore(Store):
             return
         wait_ms = int(1000 * (CONFIRM_TIMEOUT if timeout is None else timeout))
         for node in sorted(self._unconfirmed):
-            if node in self._lost_writes:
+            if node in self._lost_writes:   # said once: what is written again after it is confirmed anew
+                self._lost_writes.discard(node)
+                self._unconfirmed.discard(node)
                 raise NodeLostError(f"the tier server of node {node} was lost before this process's latest writes to "
                                     f"it were on its replica (promoted since); they may be gone: write them "
                                     f"again.", node)
