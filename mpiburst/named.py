@@ -13,7 +13,9 @@ ends it: with ``on_expiry`` ``flush`` it runs ``mpiburst destroy NAME
 --flush`` (dirty data goes to the BFS, then the tier is gone); with ``keep``
 it drops the clean data and keeps the dirty files, warning in its log and
 in ``mpiburst list``, until the owner destroys the tier; a tier left with
-nothing dirty is destroyed.
+nothing dirty is destroyed. A destroyed tier's job records (the I/O
+statistics ``mpiburst report`` reads) stay in ``<tiers>/`` for
+:data:`RECORDS_TTL` (7 days).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import engine_process, jobrun, residency, server
+from . import engine_process, iostats, jobrun, residency, server
 from .errors import ConfigError, MpiburstError
 from .policy import Policy
 from .runconf import RunConf, conf_path, named_dir, parse_json, read_secure, tiers_dir, validate_id, write_secure
@@ -42,6 +44,8 @@ ON_EXPIRY = ("flush", "keep")
 #: The name of the 0600 file holding a named tier's TTL and expiry policy, beside its run files.
 META_NAME = "tier.json"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+#: Seconds a destroyed tier's job records (its I/O statistics, for ``mpiburst report``) are kept.
+RECORDS_TTL = 7 * 86400
 
 Log = Callable[[str], None]
 
@@ -197,16 +201,54 @@ def destroy(name: str, flush: bool = False, discard: bool = False, log: Log | No
         finally:
             tier.disconnect()
     report = server.stop_run(conf, discard=True, exposed_ok=True)
+    records = keep_records(name, directory)
     shutil.rmtree(directory, ignore_errors=True)
-    return f"{report} {'Flushed ' + str(flushed) + ' files to the BFS; ' if flush else ''}named tier {name} is gone."
+    kept = (f" Its I/O records stay {RECORDS_TTL // 86400} days: 'mpiburst report --id {name} --dir "
+            f"{os.path.dirname(directory)}'." if records else "")
+    return f"{report} {'Flushed ' + str(flushed) + ' files to the BFS; ' if flush else ''}named tier {name} is gone.{kept}"
+
+
+def keep_records(name: str, directory: str) -> bool:
+    """Move a stopped tier's I/O statistics out of its directory into the tiers' one; return True if there were any.
+
+    ``mpiburst report --id NAME --dir <tiers>`` reads them there until
+    :func:`prune_records` removes them, :data:`RECORDS_TTL` after the destroy.
+    """
+    saved = iostats.stats_path(directory, name)
+    if not os.path.exists(saved):
+        return False
+    target = iostats.stats_path(os.path.dirname(directory), name)
+    os.replace(saved, target)
+    os.utime(target)   # the destroy's time: the records' TTL runs from here
+    return True
+
+
+def prune_records(now: float | None = None) -> list[str]:
+    """Remove the job records of destroyed tiers older than :data:`RECORDS_TTL`; return their paths."""
+    root = tiers_dir()
+    if not os.path.isdir(root):
+        return []
+    now = time.time() if now is None else now
+    gone = []
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if name.startswith("mpiburst_") and name.endswith(".stats.json") and os.path.getmtime(path) + RECORDS_TTL < now:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            gone.append(path)
+    return gone
 
 
 def listing() -> list[dict[str, Any]]:
-    """Return one entry per named tier of the user: name, up, used/capacity, dirty files and bytes, TTL left."""
+    """Return one entry per named tier of the user: name, up, used/capacity, dirty files and bytes, TTL left.
+
+    Job records of destroyed tiers past their TTL are removed on the way (:func:`prune_records`).
+    """
     root = tiers_dir()
     out: list[dict[str, Any]] = []
     if not os.path.isdir(root):
         return out
+    prune_records()
     for name in sorted(os.listdir(root)):
         directory = os.path.join(root, name)
         path = conf_path(directory, name)

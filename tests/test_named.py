@@ -134,6 +134,13 @@ def test_named_tier_outlives_jobs_and_destroy_flushes_exactly(tmp_path: Path, ti
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "bfs" / "wf").read_bytes() == bytes(range(256)) * 4000
     assert not home.exists() and tiers("list", "--json").stdout == b""
+    report = tiers("report", "--id", "wf", "--dir", str(tmp_path / "tiers"))   # the jobs' I/O records stay
+    assert report.returncode == 0 and b"wf" in report.stdout, report.stderr
+    records = tmp_path / "tiers" / "mpiburst_wf.stats.json"
+    assert records.stat().st_mode & 0o777 == 0o600
+    os.utime(records, (time.time() - named.RECORDS_TTL - 60,) * 2)   # a week passes
+    tiers("list")
+    assert not records.exists()
     assert tiers("create", "wf", "--ttl", "1h", "--capacity", "64M").returncode == 0  # the name is free again
 
 
