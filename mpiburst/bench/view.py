@@ -99,7 +99,7 @@ def run_config(comm: Any, tier: Any, layout: Layout, repeat: int) -> dict[str, A
                 absorb, _ = collective_time(comm, lambda: absorb_records(comm, url, recs))  # noqa: B023 - called at once
             entries[method] = _entries(tier.store, os.path.join(tier.bfs_root, name)) if comm.rank == 0 else 0
             flush, _ = collective_time(comm, lambda: mpiburst.sync(url, comm=comm))  # noqa: B023 - called at once
-            seconds[f"{method}absorb"].append(absorb)
+            seconds[f"{method}_absorb"].append(absorb)
             seconds[f"{method}_flush"].append(flush)
             if i == 0:
                 verified[method] = agree(comm, verify_file(layout, os.path.join(tier.bfs_root, name)))
