@@ -16,10 +16,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from mpiburst import server
 from mpiburst.errors import NodeLostError, ReplicaError
 from mpiburst.runconf import RunConf
+from mpiburst.server import connection
 from mpiburst.server.connection import connect_store
 from mpiburst.server.process import wait_gone
 from mpiburst.store import Store
@@ -146,6 +148,44 @@ def test_node_0_lost_its_replica_serves_and_an_unconfirmed_write_is_never_acknow
             assert other.failed_over == {0} and other.meta("/b").seq > COUNTER_GAP
         finally:
             other.close()
+    finally:
+        store.close()
+
+
+def test_a_stopped_server_is_replaced_by_its_replica_and_serves_no_write_again(replicated: RunConf,
+                                                                              monkeypatch: pytest.MonkeyPatch):
+    # three primaries left (node 0's promoted replica, nodes 1 and 2): node 2 SIGSTOPped, the others promote its
+    # replica; a rank waiting on the stopped server gives up after the reply timeout and goes on with the replica
+    monkeypatch.setattr(connection, "REPLICATED_REPLY_TIMEOUT", 2.0)
+    conf = replicated
+    store = _store(conf, 2)
+    pid = conf.nodes[2]["pid"]
+    try:
+        store.create("/d", None)
+        _write(store, "/d", 0, b"d" * 4096)
+        store.confirm()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            out = bytearray(4096)
+            meta, extents = store.window("/d", 0, 4096)
+            assert meta is not None and store.fetch_into("/d", extents, 0, memoryview(out)) and bytes(out) == b"d" * 4096
+            assert 2 in store.failed_over
+            _write(store, "/d", 4096, b"e" * 4096)
+            store.confirm()
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        old = server.connect_redis(conf.node(2))   # resumed, it learns of the newer configuration: a replica now
+        try:
+            deadline = time.monotonic() + 30
+            while old.info("replication")["role"] != "slave":
+                assert time.monotonic() < deadline, "the stopped server came back as a second primary"
+                time.sleep(0.2)
+            with pytest.raises(redis.ResponseError) as moved:
+                old.set(store.shards[2].keys.stats, 1)   # no write lands there any more
+            assert isinstance(moved.value, redis.exceptions.AskError) or str(moved.value).startswith("MOVED ")
+        finally:
+            old.close()
+        assert store.window("/d", 0, 8192)[0].size == 8192
     finally:
         store.close()
 

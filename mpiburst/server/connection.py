@@ -15,8 +15,14 @@ from ..runconf import AdminCredentials, RunConf
 from ..store import ClusterStore, RedisStore, Store
 from .tls import TlsFiles, client_options
 
+#: Seconds a reply of a run with replicas may take before its server counts as lost (a stopped or cut-off
+#: server): its promoted replica then serves (docs/reliability.md). Runs without replicas wait for ever, as
+#: there is nothing else to serve.
+REPLICATED_REPLY_TIMEOUT = 30.0
 
-def connect_redis(conf: RunConf, admin: bool | AdminCredentials = False, check: bool = True) -> redis.Redis:
+
+def connect_redis(conf: RunConf, admin: bool | AdminCredentials = False, check: bool = True,
+                  socket_timeout: float | None = None) -> redis.Redis:
     """Return an authenticated redis-py client for the run (bytes replies).
 
     ``admin`` (True: read from the run's admin file) connects as the admin
@@ -25,6 +31,8 @@ def connect_redis(conf: RunConf, admin: bool | AdminCredentials = False, check: 
     The unix socket is used when it exists on this host (fast, private);
     otherwise TCP to ``conf.host:conf.port``: mutual TLS with the run's
     certificate when ``conf.tls`` (a multi-node run, see :mod:`.tls`).
+
+    ``socket_timeout``: seconds a reply may take (default: no limit).
 
     With ``check`` False nothing is sent yet: the client connects on first
     use (a multi-node run's other nodes, which a process may never need, and
@@ -43,7 +51,7 @@ def connect_redis(conf: RunConf, admin: bool | AdminCredentials = False, check: 
     # No automatic re-send: a lost connection is reported, never silently retried (a retried
     # INCRBY or SHUTDOWN would run twice or hang on reconnect back-off).
     options: dict[str, Any] = dict(username=user, password=password, socket_connect_timeout=10,
-                                   retry=Retry(NoBackoff(), 0))
+                                   socket_timeout=socket_timeout, retry=Retry(NoBackoff(), 0))
     targets: list[dict[str, Any]] = []
     if conf.socket and os.path.exists(conf.socket):
         targets.append(dict(unix_socket_path=conf.socket))
@@ -96,15 +104,16 @@ def connect_store(conf: RunConf, node: int | None = None,
     clients: list[redis.Redis] = []
     try:
         lost = []
+        wait = REPLICATED_REPLY_TIMEOUT if conf.replicas else None
         for k in range(len(conf.nodes)):
             try:
-                clients.append(connect_redis(conf.node(k), check=k in asked))
+                clients.append(connect_redis(conf.node(k), check=k in asked, socket_timeout=wait))
             except ServerError as exc:
                 if isinstance(exc, AuthenticationError) or conf.replica(k) is None:
                     raise
-                clients.append(connect_redis(conf.node(k), check=False))
+                clients.append(connect_redis(conf.node(k), check=False, socket_timeout=wait))
                 lost.append(k)   # its replica may serve it: asked below
-        replicas = [connect_redis(view, check=False) if view else None
+        replicas = [connect_redis(view, check=False, socket_timeout=wait) if view else None
                     for view in map(conf.replica, range(len(conf.nodes)))]   # used when their node is lost
         spare = [r for r in replicas if r is not None]
         try:
