@@ -109,7 +109,9 @@ def read_meta(directory: str) -> TierMeta | None:
 
 
 def create(name: str, capacity: str | None, ttl: str, *, on_expiry: str = "flush", nodes: int | None = None,
-           bfs_root: str | None = None, channels: int | None = None, server_binary: str | None = None) -> RunConf:
+           node: int | None = None, bfs_root: str | None = None, channels: int | None = None,
+           server_binary: str | None = None, bind: str | None = None, trust_network: bool | None = None,
+           join_timeout: float | None = None) -> RunConf:
     """Start named tier ``name`` for ``ttl`` (detached: it outlives this process) and return its conf.
 
     Parameters
@@ -120,8 +122,15 @@ def create(name: str, capacity: str | None, ttl: str, *, on_expiry: str = "flush
         How long it lives (see :func:`parse_ttl`).
     on_expiry
         ``flush`` (dirty data goes to the BFS at expiry) or ``keep`` (it stays, with a warning).
-    nodes
-        Only 1 (or None): a named tier over several nodes is not built yet.
+    nodes, node
+        A tier over ``nodes`` nodes is created one node at a time: each node
+        ``node`` (0 to ``nodes`` - 1) runs this, as ``mpiburst start --nodes N
+        --node K`` does (:func:`mpiburst.server.start_node`: one server per
+        node joined into one cluster, mutual TLS unless ``trust_network``);
+        the tiers' directory must be the same on every node. Node 0 records
+        the lifetime and starts the engine.
+    bind, trust_network, join_timeout
+        As ``mpiburst start``'s ``--bind``, ``--trust-network``, ``--join-timeout``.
 
     Raises
     ------
@@ -134,11 +143,13 @@ def create(name: str, capacity: str | None, ttl: str, *, on_expiry: str = "flush
     seconds = parse_ttl(ttl)
     if on_expiry not in ON_EXPIRY:
         raise ConfigError(f"--on-expiry {on_expiry!r} is not one of {', '.join(ON_EXPIRY)}.")
-    if nodes is not None and nodes != 1:
-        raise ConfigError("a named tier over several nodes is not supported yet; create it on one node (leave out "
-                          "--nodes), or give a multi-node job its own tier with 'mpiburst run --nodes N'.")
+    several = nodes is not None and nodes != 1
+    if several and node is None or node is not None and not several:
+        raise ConfigError(f"a named tier over several nodes is created one node at a time: run 'mpiburst create "
+                          f"{name} --nodes N --node K' on each node K (with the same tiers' directory), or leave "
+                          f"out both for one node.")
     opts = StartOptions.of(id=name, capacity=capacity, bfs_root=os.path.abspath(bfs_root or os.getcwd()),
-                           channels=channels, server=server_binary)
+                           channels=channels, server=server_binary, bind=bind, trust_network=trust_network)
     directory = named_dir(name, create=True)
     path = conf_path(directory, name)
     old = RunConf.load(path) if os.path.lexists(path) else None
@@ -147,8 +158,14 @@ def create(name: str, capacity: str | None, ttl: str, *, on_expiry: str = "flush
                           f"'mpiburst destroy {name} --flush'.")
     with contextlib.suppress(FileExistsError):
         os.mkdir(directory, 0o700)
+    if node:   # node 0 records the lifetime; the others only start their server
+        conf, _ = server.start_node(opts.replace(dir=directory), node, nodes or 1, join_timeout)
+        return conf
     TierMeta(name, time.time(), seconds, on_expiry).save(directory)
     try:
+        if several:
+            return engine_process.attach(server.start_node(opts.replace(dir=directory), 0, nodes or 1,
+                                                           join_timeout)[0])
         return engine_process.attach(server.start_run(opts.replace(dir=directory)))
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)

