@@ -26,6 +26,18 @@ def open_log(path: str) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
 
 
+def package_env(**extra: str) -> dict[str, str]:
+    """Return this process's environment (plus ``extra``) with this mpiburst first on ``PYTHONPATH``.
+
+    For the background processes mpiburst starts with ``python -m`` (the
+    engine, a named tier's destroy at expiry): they run this same package.
+    """
+    env = dict(os.environ, **extra)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([here] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
 def spawn(conf: RunConf) -> int:
     """Start the engine of a run in the background and return its PID.
 
@@ -33,12 +45,9 @@ def spawn(conf: RunConf) -> int:
     PID as ``conf.engine_pid``. The engine's output goes to its log file.
     """
     fd = open_log(log_path(conf))
-    env = dict(os.environ)
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([here] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     try:
         proc = subprocess.Popen([sys.executable, "-m", "mpiburst.engine", "--conf", conf.path],
-                                stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, cwd=conf.dir, env=env,
+                                stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, cwd=conf.dir, env=package_env(),
                                 start_new_session=True)
     finally:
         os.close(fd)

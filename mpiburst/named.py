@@ -300,9 +300,7 @@ def spawn_destroy(name: str, directory: str, flush: bool) -> int:
     that asked for it. Its output goes to ``<tiers>/NAME.expiry.log`` (0600),
     which outlives the tier.
     """
-    env = dict(os.environ, MPIBURST_TIERS_DIR=os.path.dirname(directory))
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([here] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = engine_process.package_env(MPIBURST_TIERS_DIR=os.path.dirname(directory))
     fd = engine_process.open_log(os.path.join(os.path.dirname(directory), f"{name}.expiry.log"))
     try:
         proc = subprocess.Popen([sys.executable, "-m", "mpiburst", "destroy", name] + (["--flush"] if flush else []),
