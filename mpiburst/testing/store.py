@@ -323,6 +323,17 @@ class StoreTests:
         store.create("/bfs/unwritten", None)
         assert place.holders("/bfs/unwritten") == [] and place.holders("/bfs/none") == []
 
+    def test_confirm_returns_with_the_writes_in_place(self, store: Store) -> None:
+        """confirm (what Sync and Close call) returns within its bound, before and after writes, and changes
+        no byte: on a store without replicas it has nothing to wait for; with replicas it waits for them."""
+        store.confirm(timeout=5.0)
+        path = "/bfs/confirmed"
+        store.create(path, None)
+        put(store, path, None, [(0, b"x" * 3000), (5000, b"y" * 10)])
+        before = store.window(path, 0, 6000)
+        store.confirm(timeout=5.0)
+        assert store.window(path, 0, 6000) == before
+
     def test_cut_reads_every_record(self, store: Store) -> None:
         """cut returns every file's record (as meta does, without pending), one entry per file."""
         assert store.cut() == {}
