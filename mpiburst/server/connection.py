@@ -15,14 +15,17 @@ from ..runconf import AdminCredentials, RunConf
 from ..store import ClusterStore, RedisStore, Store
 from .tls import TlsFiles, client_options
 
-#: Seconds a reply of a run with replicas may take before its server counts as lost (a stopped or cut-off
-#: server): its promoted replica then serves (docs/reliability.md). Runs without replicas wait for ever, as
-#: there is nothing else to serve.
+#: Seconds one read from a server may block before the server counts as lost (a stopped or cut-off
+#: server): a connect inside a collective then fails on every rank instead of hanging (docs/reliability.md).
+#: Set here, not left to redis-py, whose default changed across the versions setup.py admits (none in 5.0,
+#: 5 s in 8.x).
+REPLY_TIMEOUT = 5.0
+#: The same for a run with replicas: longer, since the promoted replica then serves (docs/reliability.md).
 REPLICATED_REPLY_TIMEOUT = 30.0
 
 
 def connect_redis(conf: RunConf, admin: bool | AdminCredentials = False, check: bool = True,
-                  socket_timeout: float | None = None) -> redis.Redis:
+                  socket_timeout: float = REPLY_TIMEOUT) -> redis.Redis:
     """Return an authenticated redis-py client for the run (bytes replies).
 
     ``admin`` (True: read from the run's admin file) connects as the admin
@@ -32,7 +35,7 @@ def connect_redis(conf: RunConf, admin: bool | AdminCredentials = False, check: 
     otherwise TCP to ``conf.host:conf.port``: mutual TLS with the run's
     certificate when ``conf.tls`` (a multi-node run, see :mod:`.tls`).
 
-    ``socket_timeout``: seconds a reply may take (default: no limit).
+    ``socket_timeout``: seconds one read from the server may block (:data:`REPLY_TIMEOUT`).
 
     With ``check`` False nothing is sent yet: the client connects on first
     use (a multi-node run's other nodes, which a process may never need, and
@@ -104,7 +107,7 @@ def connect_store(conf: RunConf, node: int | None = None,
     clients: list[redis.Redis] = []
     try:
         lost = []
-        wait = REPLICATED_REPLY_TIMEOUT if conf.replicas else None
+        wait = REPLICATED_REPLY_TIMEOUT if conf.replicas else REPLY_TIMEOUT
         for k in range(len(conf.nodes)):
             try:
                 clients.append(connect_redis(conf.node(k), check=k in asked, socket_timeout=wait))
