@@ -520,3 +520,13 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
             os.environ.pop("MPIBURST_SERVER", None)
         else:
             os.environ["MPIBURST_SERVER"] = saved
+
+
+def on_bfs(files: dict[str, bytes]) -> dict[str, bytes]:
+    """The bytes on the BFS of each path of ``files`` that exists there (the others are left out)."""
+    found = {}
+    for path in files:
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                found[path] = f.read()
+    return found

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import on_bfs
 from mpi4py import MPI
 
 import mpiburst
@@ -183,15 +184,6 @@ def _files(tier: Any, n: int, directory: str = "ckpt") -> dict[str, bytes]:
     return out
 
 
-def _on_bfs(files: dict[str, bytes]) -> dict[str, bytes]:
-    found = {}
-    for path in files:
-        if os.path.exists(path):
-            with open(path, "rb") as f:
-                found[path] = f.read()
-    return found
-
-
 def _leftovers(root: str) -> list[str]:
     return [os.path.join(d, n) for d, _, names in os.walk(root) for n in names if ".mpiburst" in n]
 
@@ -210,7 +202,7 @@ def test_a_commit_of_many_files_is_byte_exact_and_fsyncs_each_file_once(mem_tier
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
     reports = flush.commit(tier=mem_tier)
     assert [r.path for r in reports] == sorted(files)
-    assert _on_bfs(files) == files
+    assert on_bfs(files) == files
     assert not any(m.dirty for m in mpiburst.residency.ls(tier=mem_tier))
     assert _leftovers(mem_tier.bfs_root) == []
     journal = [s for s in synced if ".mpiburst-commit-" in s]
@@ -238,12 +230,12 @@ def test_a_failure_in_the_middle_of_a_commit_publishes_nothing(mem_tier, monkeyp
     monkeypatch.setattr(writes, "write_observers", [broken])
     with pytest.raises(mpiburst.FlushError, match="commit of 30 files failed: .*nothing of it was published"):
         flush.commit(tier=mem_tier)
-    assert _on_bfs(files) == {}                       # not one of the 29 others
+    assert on_bfs(files) == {}                       # not one of the 29 others
     assert all(m.dirty for m in mpiburst.residency.ls(tier=mem_tier))
     assert _leftovers(mem_tier.bfs_root) == []        # no new version, lock or journal left behind
     monkeypatch.setattr(writes, "write_observers", [])
     assert len(flush.commit(tier=mem_tier)) == 30
-    assert _on_bfs(files) == files
+    assert on_bfs(files) == files
 
 
 def test_a_commit_failing_while_renaming_is_completed_by_the_next(mem_tier, monkeypatch):
@@ -264,7 +256,7 @@ def test_a_commit_failing_while_renaming_is_completed_by_the_next(mem_tier, monk
         flush.commit(tier=mem_tier)
     monkeypatch.setattr(os, "rename", real_rename)
     assert flush.recover(mem_tier.bfs_root) == 1      # the journal names every file of every thread
-    assert _on_bfs(files) == files
+    assert on_bfs(files) == files
 
 
 def test_a_commit_takes_one_cut_and_leaves_later_writes_dirty(mem_tier, monkeypatch):
@@ -281,10 +273,10 @@ def test_a_commit_takes_one_cut_and_leaves_later_writes_dirty(mem_tier, monkeypa
         return True
 
     flush.commit(tier=mem_tier, select=select)
-    assert _on_bfs(files) == files                    # the cut's bytes, not the late write
+    assert on_bfs(files) == files                    # the cut's bytes, not the late write
     assert [m.path for m in mpiburst.residency.ls(tier=mem_tier) if m.dirty] == [late]
     flush.commit(tier=mem_tier)
-    assert _on_bfs({late: b""})[late] == b"LATE" + files[late][4:]
+    assert on_bfs({late: b""})[late] == b"LATE" + files[late][4:]
 
 
 def test_a_commit_meeting_another_flush_waits_for_it_in_path_order(mem_tier, monkeypatch):
@@ -301,7 +293,7 @@ def test_a_commit_meeting_another_flush_waits_for_it_in_path_order(mem_tier, mon
         assert len(flush.commit(tier=mem_tier)) == 8
     finally:
         timer.cancel()
-    assert _on_bfs(files) == files
+    assert on_bfs(files) == files
     assert _leftovers(mem_tier.bfs_root) == []
 
 
@@ -335,7 +327,7 @@ def test_the_engine_serves_queued_syncs_in_a_row_as_one_commit(mem_tier, monkeyp
     assert commits == [[*paths[:3], os.path.join(mem_tier.bfs_root, "missing")], paths[3:]]
     assert "missing is not in the tier" in caplog.text
     assert "syncing them one by one" in caplog.text   # the second row failed together: one file kept none back
-    assert _on_bfs(files) == {p: files[p] for p in paths if p != bad}
+    assert on_bfs(files) == {p: files[p] for p in paths if p != bad}
     assert [m.path for m in mpiburst.residency.ls(tier=mem_tier) if m.dirty] == [bad]
     events = [e["path"] for e in mem_tier.store.stats()[1] if e.get("kind") == "sync"]
     assert sorted(events) == sorted(p for p in paths if p != bad)
@@ -360,4 +352,4 @@ def test_a_commit_preparing_files_for_longer_than_a_lease_keeps_every_lease(mem_
 
     monkeypatch.setattr(snapshot, "prepare", slow)
     assert len(flush.commit(tier=mem_tier)) == 12
-    assert _on_bfs(files) == files
+    assert on_bfs(files) == files

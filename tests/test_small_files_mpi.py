@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import on_bfs
 
 import mpiburst
 from mpiburst import flush
@@ -37,15 +38,6 @@ def _write(rank: int, n: int) -> dict[str, bytes]:
     return everyone
 
 
-def _on_bfs(files: dict[str, bytes]) -> dict[str, bytes]:
-    found = {}
-    for path in files:
-        if os.path.exists(path):
-            with open(path, "rb") as f:
-                found[path] = f.read()
-    return found
-
-
 def test_a_collective_commit_of_many_files_is_all_or_nothing_across_ranks(world_tier, monkeypatch):
     from mpi4py import MPI
 
@@ -61,11 +53,11 @@ def test_a_collective_commit_of_many_files_is_all_or_nothing_across_ranks(world_
     with pytest.raises(mpiburst.FlushError, match=f"commit of {len(files)} files failed"):
         flush.commit(tier=world_tier, comm=comm)
     comm.Barrier()
-    assert _on_bfs(files) == {}                                # nothing of any rank's share
+    assert on_bfs(files) == {}                                # nothing of any rank's share
     assert all(m.dirty for m in mpiburst.residency.ls(tier=world_tier))
     monkeypatch.setattr(writes, "write_observers", [])
     reports = flush.commit(tier=world_tier, comm=comm)
     assert [r.path for r in reports] == sorted(files)          # every file, on every rank
     comm.Barrier()
-    assert _on_bfs(files) == files
+    assert on_bfs(files) == files
     assert not any(m.dirty for m in mpiburst.residency.ls(tier=world_tier))
