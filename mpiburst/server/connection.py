@@ -13,7 +13,7 @@ from redis.retry import Retry
 from ..errors import AuthenticationError, ServerError
 from ..runconf import AdminCredentials, RunConf
 from ..store import ClusterStore, RedisStore, Store
-from .tls import TlsFiles, client_options
+from .tls import TlsFiles, client_options, site_client_options
 
 #: Seconds one read from a server may block before the server counts as lost (a stopped or cut-off
 #: server): a connect inside a collective then fails on every rank instead of hanging (docs/reliability.md).
@@ -33,7 +33,8 @@ def connect_redis(conf: RunConf, admin: bool | AdminCredentials = False, check: 
 
     The unix socket is used when it exists on this host (fast, private);
     otherwise TCP to ``conf.host:conf.port``: mutual TLS with the run's
-    certificate when ``conf.tls`` (a multi-node run, see :mod:`.tls`).
+    certificate when ``conf.tls`` (a multi-node run, see :mod:`.tls`), TLS
+    checked against the site's CA when ``conf.site_tls`` (``rediss://``).
 
     ``socket_timeout``: seconds one read from the server may block (:data:`REPLY_TIMEOUT`).
 
@@ -60,6 +61,8 @@ def connect_redis(conf: RunConf, admin: bool | AdminCredentials = False, check: 
         targets.append(dict(unix_socket_path=conf.socket))
     if conf.port:
         tls = client_options(TlsFiles.of(conf.dir, conf.id)) if conf.tls else {}
+        if conf.site_tls:
+            tls = site_client_options(conf.site_tls)
         targets.append(dict(host=conf.host, port=conf.port, **tls))
     if not check and targets:
         return redis.Redis(**targets[0], **options)

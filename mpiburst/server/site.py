@@ -1,14 +1,25 @@
 """A Valkey/Redis server the site runs, named by URL: its conf from the URL and a 0600 credentials file, and the
 check that it gives mpiburst what it needs.
 
-``valkey://HOST:PORT`` or ``redis://HOST:PORT`` (query options:
-``credentials=FILE``, default ``$MPIBURST_CREDENTIALS``; ``bfs_root=DIR``,
-default the current directory; ``channels=N``, default 1; ``socket=PATH``, a
-unix socket instead of TCP). The credentials file holds ``USER PASSWORD`` (or
-only ``PASSWORD``, for the ``default`` user) on its first line and is refused
-when group or others may read it: the password is never in the URL, on a
-command line or in the environment. TLS to a site server (``rediss://``) is
-not supported yet.
+``valkey://HOST:PORT``, ``redis://HOST:PORT`` or, over TLS,
+``rediss://HOST:PORT`` (query options: ``credentials=FILE``, default
+``$MPIBURST_CREDENTIALS``; ``bfs_root=DIR``, default the current directory;
+``channels=N``, default 1; ``socket=PATH``, a unix socket instead of TCP;
+``ca=FILE``, ``cert=FILE``, ``key=FILE`` for TLS; ``trust_network=1``). The
+credentials file holds ``USER PASSWORD`` (or only ``PASSWORD``, for the
+``default`` user) on its first line and is refused when group or others may
+read it: the password is never in the URL, on a command line or in the
+environment. Its further lines may name the TLS files (``ca=FILE``,
+``cert=FILE``, ``key=FILE``); the URL's win.
+
+TLS (``rediss://``) checks the server's certificate against ``ca`` (default:
+the system's trust store) and its host name against the URL's host; with
+``cert`` and ``key`` (a private file, as the credentials) the client shows
+its own certificate, for servers with ``tls-auth-clients yes``. Plaintext
+(``valkey://``, ``redis://``) is refused to a host that is not this one's
+loopback, since the password and the data would cross the network in clear
+(docs/security.md), unless ``trust_network=1`` or
+``$MPIBURST_TRUST_NETWORK`` states that the network is private.
 
 What mpiburst needs of the server, checked at connect: ``maxmemory-policy
 noeviction`` (any other policy lets the server drop a file's fragments the
@@ -20,7 +31,9 @@ when the jobs ask for them.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 import stat
 from urllib.parse import parse_qs, urlsplit
 
@@ -30,41 +43,103 @@ from ..align import detect_align
 from ..errors import AuthenticationError, ConfigError, ServerError
 from ..runconf import RunConf
 from .config import USER_RULES
+from .tls import trust_network_from_env
 
 #: The URL schemes of a site's server.
 SCHEMES = ("valkey", "redis", "rediss")
 #: The environment variable naming the credentials file when the URL does not.
 CREDENTIALS_ENV = "MPIBURST_CREDENTIALS"
+#: The TLS files a site URL or credentials file may name: the CA to check the server against, the client's own
+#: certificate and key.
+TLS_FILES = ("ca", "cert", "key")
 #: The key the rights check writes and deletes (in mpiburst's own key space).
 PROBE_KEY = "mpiburst:probe"
 #: A script using the commands mpiburst's scripts use: it needs scripting and read/write rights.
 PROBE_SCRIPT = "redis.call('SET', KEYS[1], '1'); redis.call('EXISTS', KEYS[1]); return redis.call('DEL', KEYS[1])"
 
 
-def read_credentials(path: str) -> tuple[str, str]:
-    """Return ``(user, password)`` from a credentials file that only its owner may read.
+def _open_private(path: str, what: str, option: str) -> int:
+    """Open ``path`` for reading, refusing it unless it is a regular file of this user that only they may read.
 
     Raises
     ------
     ConfigError
-        If the file is missing, group/world-accessible, owned by another user or empty.
+        If it is missing, not a regular file, another user's, or group/world-accessible.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise ConfigError(f"cannot read the credentials file {path} ({exc.strerror}); give a readable one with "
-                          f"?credentials=FILE or ${CREDENTIALS_ENV}.") from None
+        raise ConfigError(f"cannot read the {what} {path} ({exc.strerror}); give a readable one with "
+                          f"{option}.") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        os.close(fd)
+        raise ConfigError(f"the {what} {path} is not a private file of yours (mode {stat.S_IMODE(st.st_mode):04o}), "
+                          f"so its secret may be known; refusing it: 'chmod 600 {path}' and replace the secret.")
+    return fd
+
+
+def read_credentials(path: str) -> tuple[str, str, dict[str, str]]:
+    """Return ``(user, password, tls)`` from a credentials file that only its owner may read.
+
+    ``tls`` holds the TLS files its further lines name (``ca=FILE``, ``cert=FILE``, ``key=FILE``).
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing, group/world-accessible, owned by another user, empty, or has a line that is
+        none of these.
+    """
+    fd = _open_private(path, "credentials file", f"?credentials=FILE or ${CREDENTIALS_ENV}")
     with os.fdopen(fd, encoding="utf-8", errors="replace") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-            raise ConfigError(f"the credentials file {path} is not a private file of yours (mode "
-                              f"{stat.S_IMODE(st.st_mode):04o}), so its password may be known; refusing it: "
-                              f"'chmod 600 {path}' and change the password.")
         words = f.readline().split()
+        rest = [line.strip() for line in f.read(1 << 16).splitlines() if line.strip()]
     if not words or len(words) > 2:
         raise ConfigError(f"the credentials file {path} does not hold 'USER PASSWORD' or 'PASSWORD' on its first "
                           f"line; write them there.")
-    return (words[0], words[1]) if len(words) == 2 else ("default", words[0])
+    tls: dict[str, str] = {}
+    for line in rest:
+        name, eq, value = line.partition("=")
+        if not eq or name.strip() not in TLS_FILES or not value.strip():
+            raise ConfigError(f"the credentials file {path} has a line {line[:40]!r} that is not ca=FILE, cert=FILE "
+                              f"or key=FILE; fix it.")
+        tls[name.strip()] = value.strip()
+    user, password = (words[0], words[1]) if len(words) == 2 else ("default", words[0])
+    return user, password, tls
+
+
+def is_loopback(host: str) -> bool:
+    """Return True if every address ``host`` resolves to is this host's loopback (127.0.0.0/8, ::1).
+
+    Raises
+    ------
+    ConfigError
+        If the name does not resolve.
+    """
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError as exc:
+        raise ConfigError(f"the host {host!r} of the tier URL does not resolve ({exc}); fix the URL.") from None
+    return all(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos)
+
+
+def _tls_files(scheme: str, query: dict[str, str], listed: dict[str, str]) -> dict[str, str]:
+    """Return the TLS files of a ``rediss://`` URL (the query's, else the credentials file's), checked; {} otherwise."""
+    named = {k: os.path.abspath(os.path.expanduser(v)) for k, v in {**listed, **query}.items() if k in TLS_FILES and v}
+    if scheme != "rediss":
+        if named:
+            raise ConfigError(f"the tier URL names TLS files ({', '.join(sorted(named))}) but its scheme is "
+                              f"{scheme}://, which is plaintext; use rediss://HOST:PORT.")
+        return {}
+    if ("cert" in named) != ("key" in named):
+        raise ConfigError("a client certificate needs its key and a key its certificate; give both cert=FILE and "
+                          "key=FILE, or neither.")
+    for what, path in named.items():
+        if what == "key":
+            os.close(_open_private(path, "TLS key", "key=FILE"))
+        elif not os.path.isfile(path):
+            raise ConfigError(f"the TLS {what} file {path} does not exist; fix {what}=FILE.")
+    return {k: named.get(k, "") for k in TLS_FILES}
 
 
 def site_conf(url: str) -> RunConf:
@@ -73,12 +148,10 @@ def site_conf(url: str) -> RunConf:
     Raises
     ------
     ConfigError
-        On a malformed URL, ``rediss://``, or an unusable credentials file.
+        On a malformed URL, an unusable credentials or TLS file, or plaintext to another host on a network
+        not stated private.
     """
     parts = urlsplit(url)
-    if parts.scheme == "rediss":
-        raise ConfigError("TLS to a site's server (rediss://) is not supported yet; reach it over a unix socket "
-                          "or a private network with valkey://HOST:PORT.")
     if parts.username or parts.password:
         raise ConfigError("a tier URL must not carry a user or password (it would show in process lists); put "
                           "them in a 0600 credentials file given with ?credentials=FILE.")
@@ -92,18 +165,27 @@ def site_conf(url: str) -> RunConf:
     if not (parts.hostname or sock) or channels < 1:
         raise ConfigError(f"tier URL {url!r} needs a host (valkey://HOST:PORT) or ?socket=PATH, and at least 1 "
                           f"channel; fix it.")
+    if parts.scheme == "rediss" and (sock or not parts.hostname):
+        raise ConfigError("rediss:// is TLS over TCP and needs a host (rediss://HOST:PORT), not ?socket=PATH; a "
+                          "unix socket is reached with valkey://?socket=PATH.")
     cred = query.get("credentials") or os.environ.get(CREDENTIALS_ENV)
     if not cred:
         raise ConfigError(f"no credentials file for {parts.scheme}://{parts.netloc}; give a 0600 file holding "
                           f"'USER PASSWORD' with ?credentials=FILE or ${CREDENTIALS_ENV}.")
-    user, password = read_credentials(cred)
+    user, password, listed = read_credentials(cred)
+    tls = _tls_files(parts.scheme, query, listed)
+    trusted = query.get("trust_network", "").lower() in ("1", "yes", "true") or trust_network_from_env()
+    if not tls and not sock and parts.hostname and not trusted and not is_loopback(parts.hostname):
+        raise ConfigError(f"{parts.scheme}://{parts.netloc} is plaintext to another host: the password and the data "
+                          f"would cross the network in clear (docs/security.md); use rediss://{parts.netloc} "
+                          f"with ?ca=FILE, or add ?trust_network=1 if the network is private to you.")
     bfs_root = os.path.abspath(query.get("bfs_root") or os.getcwd())
     if not os.path.isdir(bfs_root):
         raise ConfigError(f"BFS root {bfs_root} is not a directory; give another with ?bfs_root=DIR.")
     name = "".join(c if c.isalnum() else "_" for c in f"site_{parts.hostname or 'socket'}_{port}")
     return RunConf(id=name, dir=os.getcwd(), host=parts.hostname or "", port=port, socket=sock, user=user,
                    password=password, channels=channels, bfs_root=bfs_root, capacity=0,
-                   align=detect_align(bfs_root, None), pid=None, server="site")
+                   align=detect_align(bfs_root, None), pid=None, server="site", site_tls=tls)
 
 
 def check(client: redis.Redis, conf: RunConf) -> None:
@@ -136,3 +218,13 @@ def refused(conf: RunConf, exc: AuthenticationError) -> ConfigError:
     where = f"{conf.host}:{conf.port}" if conf.port else conf.socket
     return ConfigError(f"the server at {where} refused user {conf.user} with the password in the credentials file; "
                        f"check the file.")
+
+
+def unreachable(conf: RunConf, exc: ServerError) -> ServerError:
+    """Return the error for a site's server that could not be reached (``exc``): its address, TLS, the cause."""
+    where = f"{conf.host}:{conf.port}" if conf.port else conf.socket
+    cause = exc.__cause__ or exc
+    how = "over TLS " if conf.site_tls else ""
+    hint = (" check the URL's host and its ca=FILE (the server's certificate must be signed by it and name that host)"
+            if conf.site_tls and "SSL" in type(cause).__name__ + str(cause) else " check the URL and that it runs")
+    return ServerError(f"cannot reach the site's server at {where} {how}({cause});{hint}.")

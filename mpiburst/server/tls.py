@@ -158,6 +158,13 @@ def client_options(files: TlsFiles) -> dict[str, Any]:
                 ssl_cert_reqs="required", ssl_check_hostname=False)   # the server allows TLS 1.2 and 1.3 only
 
 
+def site_client_options(files: dict[str, str]) -> dict[str, Any]:
+    """Return the redis-py options of a TLS connection to a site's server: its certificate checked against ``ca``
+    (the system's trust store when empty) and the URL's host name; the client's own ``cert`` and ``key`` if given."""
+    return dict(ssl=True, ssl_ca_certs=files.get("ca") or None, ssl_certfile=files.get("cert") or None,
+                ssl_keyfile=files.get("key") or None, ssl_cert_reqs="required", ssl_check_hostname=True)
+
+
 @functools.lru_cache(maxsize=8)
 def _probe(path: str, mtime: float) -> bool:
     """Run ``path`` with a TLS directive and no certificate: a server with TLS asks for one, one without says so."""
