@@ -26,7 +26,7 @@ import redis
 
 from . import engine_process, nodes, server
 from .collective import on_root, together
-from .errors import AuthenticationError, ConfigError, ServerError
+from .errors import ConfigError
 from .runconf import RunConf, conf_path, find_conf_path, named_dir, resolve_id
 from .server import StartOptions, site
 from .store import MemoryStore, Store
@@ -168,8 +168,9 @@ class Tier:
             ``valkey://HOST:PORT``, ``redis://HOST:PORT`` or, over TLS,
             ``rediss://HOST:PORT`` (query options ``credentials=FILE``,
             ``bfs_root=DIR``, ``channels=N``, ``ca=FILE``, ``cert=FILE``,
-            ``key=FILE``): a server the site runs, checked for what mpiburst
-            needs of it (see :mod:`mpiburst.server.site`).
+            ``key=FILE``, ``cluster=1``): a server the site runs, or any node
+            of a cluster it runs, checked for what mpiburst needs of it (see
+            :mod:`mpiburst.server.site`).
 
         Raises
         ------
@@ -195,20 +196,7 @@ class Tier:
             made = _memory_tiers[name]
             return cls(made.conf, made.store)
         if scheme in site.SCHEMES:
-            conf = site.site_conf(url)
-            try:
-                store, client = open_store(conf)
-            except AuthenticationError as exc:
-                raise site.refused(conf, exc) from None
-            except ServerError as exc:
-                raise site.unreachable(conf, exc) from exc.__cause__
-            try:
-                site.check(client, conf)
-            except BaseException:
-                store.close()
-                client.close()
-                raise
-            return cls(conf, store, client)
+            return cls(*site.open_site(url))
         raise ConfigError(f"tier URL {url!r} has an unknown scheme; use mpiburst://NAME, memory://NAME, "
                           f"valkey://HOST:PORT, redis://HOST:PORT or rediss://HOST:PORT.")
 

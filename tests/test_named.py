@@ -25,6 +25,8 @@ from mpiburst.runconf import RunConf
 from mpiburst.server import site, tls
 from mpiburst.server.config import USER_RULES
 from mpiburst.server.discovery import free_port
+from mpiburst.store import ClusterStore
+from mpiburst.testing.cluster import start_cluster
 from mpiburst.tier import Tier
 from tests.conftest import cli_env
 
@@ -293,6 +295,52 @@ def test_plaintext_to_another_host_is_refused_unless_the_network_is_trusted(
     private(tmp_path / "cred", "mp mppw\nca /x\n")
     with pytest.raises(ConfigError, match="line 'ca /x' that is not ca=FILE"):
         site.site_conf(f"rediss://localhost:1?credentials={cred}")
+
+
+@pytest.mark.timeout(90)
+def test_a_sites_cluster_is_found_from_any_node_and_every_node_is_checked(
+        tmp_path: Path, server_binary: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 3-node cluster as a site runs it (here one mpiburst starts: its ranks' user has no CLUSTER right)."""
+    site_cluster = start_cluster(str(tmp_path), server_binary, n=3, capacity="16M", run_id="site")
+    try:
+        conf = site_cluster.conf
+        lines, scheme = f"{conf.user} {conf.password}\n", "valkey"
+        if conf.tls:   # a server with TLS: the cluster speaks only TLS, checked against its CA
+            files = tls.TlsFiles.of(conf.dir, conf.id)
+            lines, scheme = lines + f"ca={files.ca}\ncert={files.cert}\nkey={files.key}\n", "rediss"
+        cred = private(tmp_path / "cred", lines)
+        (tmp_path / "bfs").mkdir()
+        monkeypatch.chdir(tmp_path / "bfs")
+        monkeypatch.setenv("PMI_RANK", "5")   # this process is MPI rank 5: its writes go to node 5 mod 3
+        url = f"{scheme}://127.0.0.1:{conf.nodes[1]['port']}?credentials={cred}&cluster=1"   # any node will do
+        tier = Tier.attach(url)
+        assert [n["port"] for n in tier.conf.nodes] == [n["port"] for n in conf.nodes]   # ordered by slot
+        for found, node in zip(tier.conf.nodes, conf.nodes):   # the slot of the tag each node's keys carry
+            assert node["slots"][0] <= found["slots"][0] == found["slots"][1] <= node["slots"][1]
+        assert isinstance(tier.store, ClusterStore) and tier.store.local == 2
+        assert tier.capacity == 3 * (16 << 20)   # every node's maxmemory: each was asked
+        with mpiburst.open("burst://c.dat", "wb", tier=tier) as f:
+            f.write(bytes(range(256)) * 1000)
+        node2 = tier.store.shards[2].prefix
+        assert any(k.startswith(node2.encode()) for k in site_cluster.clients[2].scan_iter(count=1000))
+        assert mpiburst.open("burst://c.dat", "rb", tier=tier).read() == bytes(range(256)) * 1000
+        mpiburst.sync("burst://c.dat", tier=tier)
+        assert (tmp_path / "bfs" / "c.dat").read_bytes() == bytes(range(256)) * 1000
+        tier.disconnect()
+        site_cluster.kill(2)   # every node is reached at attach, not only the one the URL names
+        with pytest.raises(ServerError, match=f"cannot reach the site's server at 127.0.0.1:{conf.nodes[2]['port']}"):
+            Tier.attach(url)
+    finally:
+        site_cluster.stop()
+
+
+def test_cluster_1_on_a_server_not_in_cluster_mode_is_refused(tmp_path: Path, server_binary: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with site_server(tmp_path, server_binary, "maxmemory-policy noeviction\n") as (port, _):
+        cred = private(tmp_path / "cred", "mp mppw\n")
+        with pytest.raises(ConfigError, match="is not in cluster mode, but the URL says \\?cluster=1"):
+            Tier.attach(f"valkey://127.0.0.1:{port}?credentials={cred}&cluster=1")
 
 
 # ----------------------------------------------------------------------------- two jobs attached at once

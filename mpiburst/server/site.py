@@ -25,24 +25,32 @@ What mpiburst needs of the server, checked at connect: ``maxmemory-policy
 noeviction`` (any other policy lets the server drop a file's fragments the
 BFS does not hold yet), and the rights of the ACL categories of a run's own
 user (:data:`.config.USER_RULES`: read, write, keyspace, transactions,
-scripts, INFO). No engine runs beside such a server: syncs and purges happen
+scripts, INFO). A server in cluster mode is one node of a site's cluster:
+:func:`open_site` finds its primaries (:func:`cluster_nodes`) and checks
+each. No engine runs beside such a server: syncs and purges happen
 when the jobs ask for them.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import socket
 import stat
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import redis
+from redis.crc import key_slot
 
 from ..align import detect_align
 from ..errors import AuthenticationError, ConfigError, ServerError
+from ..nodes import world_rank
 from ..runconf import RunConf
+from ..store import ClusterStore, RedisStore, Store
 from .config import USER_RULES
+from .connection import connect_redis
 from .tls import trust_network_from_env
 
 #: The URL schemes of a site's server.
@@ -53,7 +61,11 @@ CREDENTIALS_ENV = "MPIBURST_CREDENTIALS"
 #: certificate and key.
 TLS_FILES = ("ca", "cert", "key")
 #: The key the rights check writes and deletes (in mpiburst's own key space).
-PROBE_KEY = "mpiburst:probe"
+PROBE_KEY = "mpb:probe"
+#: The hash slots of a Valkey/Redis cluster.
+SLOTS = 16384
+#: Every how many slots a site's cluster is asked who owns the slot (:func:`cluster_nodes`).
+PROBE_STRIDE = 16
 #: A script using the commands mpiburst's scripts use: it needs scripting and read/write rights.
 PROBE_SCRIPT = "redis.call('SET', KEYS[1], '1'); redis.call('EXISTS', KEYS[1]); return redis.call('DEL', KEYS[1])"
 
@@ -188,19 +200,145 @@ def site_conf(url: str) -> RunConf:
                    align=detect_align(bfs_root, None), pid=None, server="site", site_tls=tls)
 
 
-def check(client: redis.Redis, conf: RunConf) -> None:
-    """Check that the site's server gives mpiburst what it needs; set ``conf.capacity`` from its ``maxmemory``.
+def open_site(url: str) -> tuple[RunConf, Store, redis.Redis]:
+    """Connect to the site's server or cluster at ``url``, check every server, and return the conf, store and client.
+
+    A server in cluster mode (``INFO cluster``; ``?cluster=1`` demands one)
+    is one of a cluster: its primaries are found (:func:`cluster_nodes`),
+    each is connected to and checked, and the store is a
+    :class:`~mpiburst.store.ClusterStore` over them whose writes go to the
+    node of this process's MPI rank modulo their count (node 0 without one).
+
+    Raises
+    ------
+    ConfigError
+        On a bad URL or credentials, a server refusing them, or one lacking what mpiburst needs.
+    ServerError
+        If a server cannot be reached.
+    """
+    conf = site_conf(url)
+    demanded = parse_qs(urlsplit(url).query).get("cluster", [""])[-1].lower() in ("1", "yes", "true")
+    client = _connect(conf)
+    try:
+        cluster = client.info("cluster").get("cluster_enabled") == 1
+        if demanded and not cluster:
+            raise ConfigError(f"the server at {_where(conf)} is not in cluster mode, but the URL says ?cluster=1; "
+                              f"drop it, or name a node of the site's cluster.")
+        if not cluster:
+            conf.capacity = check(client, conf)
+            return conf, RedisStore(client), client
+        conf.nodes = cluster_nodes(client, conf)
+    except BaseException:
+        client.close()
+        raise
+    client.close()
+    rank = world_rank()
+    local = rank % len(conf.nodes) if rank is not None else None
+    clients: list[redis.Redis] = []
+    try:
+        for k in range(len(conf.nodes)):
+            clients.append(_connect(conf.node(k)))
+        store = ClusterStore(clients, local)   # each node's tag asked of its server
+        conf.capacity = sum(check(clients[k], conf.node(k), f"mpb:{{{tag}}}:probe") for k, tag in enumerate(store.tags))
+    except BaseException:
+        for node in clients:
+            node.close()
+        raise
+    for entry, tag in zip(conf.nodes, store.tags):   # the slot of the node's tag: what slot_tag finds again
+        entry["slots"] = [key_slot(tag.encode())] * 2
+    return conf, store, clients[local or 0]
+
+
+def _connect(conf: RunConf) -> redis.Redis:
+    """Return a client of the site's server ``conf`` names, its errors said as a site's (a refused password, ...)."""
+    try:
+        return connect_redis(conf)
+    except AuthenticationError:
+        raise ConfigError(f"the server at {_where(conf)} refused user {conf.user} with the password in the "
+                          f"credentials file; check the file.") from None
+    except ServerError as exc:
+        raise unreachable(conf, exc) from exc.__cause__
+
+
+def _where(conf: RunConf) -> str:
+    """Return a site server's address for messages."""
+    return f"{conf.host}:{conf.port}" if conf.port else conf.socket
+
+
+@functools.lru_cache(maxsize=1)
+def probe_tags() -> tuple[tuple[int, str], ...]:
+    """Return ``(slot, tag)`` for every :data:`PROBE_STRIDE`-th hash slot: a hash tag (``s<k>``) whose slot it is."""
+    wanted = dict.fromkeys(range(0, SLOTS, PROBE_STRIDE), "")
+    k = 0
+    while not all(wanted.values()):
+        slot = key_slot(f"s{k}".encode())
+        if wanted.get(slot) == "":
+            wanted[slot] = f"s{k}"
+        k += 1
+    return tuple(wanted.items())
+
+
+def cluster_nodes(client: redis.Redis, conf: RunConf) -> list[dict[str, Any]]:
+    """Return the primaries of the site's cluster ``client`` is a node of, as run conf node entries.
+
+    Found with no CLUSTER right: one pipelined ``EXISTS`` for every
+    :data:`PROBE_STRIDE`-th hash slot; the node answers for its own slots
+    and names the owner of every other (``MOVED SLOT HOST:PORT``). A primary
+    owning no probed slot (fewer than :data:`PROBE_STRIDE` slots in a row) is
+    not used, which costs only its memory: every key mpiburst writes
+    carries the tag of a slot its node was seen to own
+    (:func:`mpiburst.store.cluster_store.node_tag`). The nodes are ordered
+    by their first slot (node 0, which holds the file records, owns slot 0),
+    so every process finds the same order whichever node its URL names.
+    Each entry's ``slots`` is ``[s, s]`` for the first probed slot ``s`` its
+    node owns (:func:`open_site` narrows it to its tag's slot).
+
+    Raises
+    ------
+    ServerError
+        If a probed slot is served by no node (the cluster is down), or the node fails otherwise.
+    """
+    pipe = client.pipeline(transaction=False)
+    tags = probe_tags()
+    for _, tag in tags:
+        pipe.exists(f"mpb:{{{tag}}}:probe")
+    try:
+        replies = pipe.execute(raise_on_error=False)
+    except redis.RedisError as exc:
+        raise ServerError(f"the site's server at {_where(conf)} failed while its cluster's nodes were looked up "
+                          f"({exc}).") from None
+    entries: dict[tuple[str, int], dict[str, Any]] = {}
+    for (slot, _), reply in zip(tags, replies):
+        if not isinstance(reply, Exception):
+            owner = (conf.host, conf.port)
+        elif isinstance(reply, redis.exceptions.AskError) or str(reply).startswith("MOVED "):
+            host, _, port = str(reply).split()[-1].rpartition(":")   # "[MOVED ]SLOT HOST:PORT"
+            owner = (host or conf.host, int(port))
+        else:
+            raise ServerError(f"the site's cluster at {_where(conf)} does not serve hash slot {slot} ({reply}); "
+                              f"it must serve every slot before mpiburst can use it.")
+        entries.setdefault(owner, dict(host=owner[0], port=owner[1], socket="", pid=None, ranks=[0, 0],
+                                       slots=[slot, slot]))
+    return list(entries.values())
+
+
+def check(client: redis.Redis, conf: RunConf, probe: str = PROBE_KEY) -> int:
+    """Check that a site's server gives mpiburst what it needs; return its capacity (``maxmemory``, else its RAM).
+
+    ``probe``: the key the rights check writes and deletes (in a cluster, one of the node's slots).
 
     Raises
     ------
     ConfigError
         If the server's eviction policy is not ``noeviction``, or its user
         lacks a right mpiburst's commands and scripts need.
+    ServerError
+        If the server fails the check otherwise.
     """
-    where = f"{conf.host}:{conf.port}" if conf.port else conf.socket
+    where = _where(conf)
     try:
         memory = client.info("memory")
-        client.eval(PROBE_SCRIPT, 1, PROBE_KEY)
+        client.eval(PROBE_SCRIPT, 1, probe)
     except redis.exceptions.NoPermissionError as exc:
         raise ConfigError(f"user {conf.user} of the server at {where} lacks a right mpiburst needs ({exc}); grant "
                           f"it the ACL rules '{USER_RULES}'.") from None
@@ -210,21 +348,13 @@ def check(client: redis.Redis, conf: RunConf) -> None:
     if policy != "noeviction":
         raise ConfigError(f"the server at {where} has maxmemory-policy {policy}, which lets it evict data the BFS "
                           f"does not hold yet; mpiburst needs 'maxmemory-policy noeviction'.")
-    conf.capacity = int(memory.get("maxmemory") or 0) or int(memory.get("total_system_memory") or 0)
-
-
-def refused(conf: RunConf, exc: AuthenticationError) -> ConfigError:
-    """Return the error for a site's server that refused the credentials ``exc`` reports (instead of the run's)."""
-    where = f"{conf.host}:{conf.port}" if conf.port else conf.socket
-    return ConfigError(f"the server at {where} refused user {conf.user} with the password in the credentials file; "
-                       f"check the file.")
+    return int(memory.get("maxmemory") or 0) or int(memory.get("total_system_memory") or 0)
 
 
 def unreachable(conf: RunConf, exc: ServerError) -> ServerError:
     """Return the error for a site's server that could not be reached (``exc``): its address, TLS, the cause."""
-    where = f"{conf.host}:{conf.port}" if conf.port else conf.socket
     cause = exc.__cause__ or exc
     how = "over TLS " if conf.site_tls else ""
     hint = (" check the URL's host and its ca=FILE (the server's certificate must be signed by it and name that host)"
             if conf.site_tls and "SSL" in type(cause).__name__ + str(cause) else " check the URL and that it runs")
-    return ServerError(f"cannot reach the site's server at {where} {how}({cause});{hint}.")
+    return ServerError(f"cannot reach the site's server at {_where(conf)} {how}({cause});{hint}.")
