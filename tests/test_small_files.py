@@ -297,6 +297,39 @@ def test_a_commit_meeting_another_flush_waits_for_it_in_path_order(mem_tier, mon
     assert _leftovers(mem_tier.bfs_root) == []
 
 
+def test_a_commit_locks_each_directory_once_and_waits_for_another_runs_lock(mem_tier, monkeypatch):
+    """One BFS lock per directory (#25), not one per file; another run holding one is waited for, not overrun."""
+    import threading
+
+    from mpiburst import flush
+    from mpiburst.flush.snapshot import LOCK_NAME, BfsLock
+
+    monkeypatch.setenv("MPIBURST_COMMIT_THREADS", "4")
+    files = _files(mem_tier, 12)
+    dirs = sorted({os.path.dirname(p) for p in files})
+    locked: list[str] = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda path, *a, **k: (locked.append(os.fspath(path)) if os.fspath(path).endswith(
+        LOCK_NAME) else None, real_open(path, *a, **k))[1])
+    assert len(flush.commit(tier=mem_tier)) == 12
+    assert sorted(locked) == [os.path.join(d, LOCK_NAME) for d in dirs]   # 3 directories: 3 locks for 12 files
+    assert on_bfs(files) == files
+    newer = {p: b"newer" + d for p, d in files.items()}
+    for path, data in newer.items():
+        with mpiburst.open(path, "wb", tier=mem_tier) as f:
+            f.write(data)
+    other = BfsLock.take(dirs[1])   # another run flushing a file of one directory, ending soon
+    timer = threading.Timer(0.5, other.release)
+    timer.start()
+    try:
+        assert len(flush.commit(tier=mem_tier)) == 12
+        assert not timer.is_alive()   # the commit waited for the other run's lock
+    finally:
+        timer.cancel()
+    assert on_bfs(newer) == newer
+    assert _leftovers(mem_tier.bfs_root) == []
+
+
 def test_the_engine_serves_queued_syncs_in_a_row_as_one_commit(mem_tier, monkeypatch, caplog):
     import logging
 

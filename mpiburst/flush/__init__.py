@@ -34,8 +34,9 @@ unchanged bytes are copied into it in the kernel, hole-aware, with
 directory: a reader, or a crash, sees the old file or the new one, never a
 mix. The new version gets the permissions a direct write by the application
 would have given it, or the replaced file's (:mod:`mpiburst.perms`). A lock
-file beside the target (``.<name>.mpiburst.lock``, ``flock``)
-serialises flushes of one BFS path by different runs. Only after every
+file in the target's directory (``.mpiburst.lock``, ``flock``; one per
+directory, which a commit takes once for all its files there) serialises
+flushes of one BFS path by different runs. Only after every
 flusher's bytes are fsync'd is the snapshot marked clean
 (:meth:`~mpiburst.store.FlushLease.mark_clean`, which checks the flush still
 holds the file's lease). Any failure releases the lease, leaves the data dirty and

@@ -55,8 +55,8 @@ def recover(bfs_root: str) -> int:
             continue                      # not one of ours: leave it alone
         locks: list[BfsLock] = []
         try:
-            for _, target in renames:
-                locks.append(BfsLock.take(target, wait=0))
+            for directory in sorted({os.path.dirname(t) for _, t in renames}):   # one lock per directory
+                locks.append(BfsLock.take(directory, wait=0))
         except (FlushError, OSError):
             for lock in locks:
                 lock.release()

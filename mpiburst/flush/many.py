@@ -8,9 +8,11 @@ share in :func:`threads` threads, in steps that every rank ends together
 (:func:`~mpiburst.collective.together`: a failure on one rank is raised on
 every rank):
 
-1. prepare every file (lock, lease, snapshot, new version aside) without
-   waiting: each directory is listed once for the leftovers of earlier
-   flushes, not once per file;
+1. rank 0 locks each directory of the cut once (:class:`~mpiburst.flush.snapshot.BfsLock`,
+   one lock per directory, held for every rank until the end), then every
+   file is prepared (lease, snapshot, new version aside) without waiting:
+   each directory is listed once for the leftovers of earlier flushes, not
+   once per file;
 2. write every file's new version, then fsync them all (write all, then
    fsync all);
 3. rank 0 writes the commit's journal, naming every rank's renames;
@@ -26,8 +28,8 @@ stays dirty); after it, the journal completes the renames at the next sync
 or commit. If another flush holds one of the files (its lock or its lease),
 waiting for it while holding the others could deadlock with that flush: the
 attempt is given up on every rank (:class:`~mpiburst.flush.failures.Busy`)
-and rank 0 commits the whole cut alone, taking the files in path order
-and waiting for each as a sync does.
+and rank 0 commits the whole cut alone, taking the directories' locks and
+the files' leases in path order and waiting for each as a sync does.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..collective import on_root, together
 from ..errors import FlushError, MpiburstError
+from ..perms import current_umask
 from ..store import FileMeta, FlushLease, Store
 from ..tier import Tier
 from . import locality, snapshot, writes
@@ -86,28 +89,30 @@ def flush_cut(tier: Tier, chosen: Sequence[tuple[str, FileMeta]], comm: MPI.Comm
     """
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
     nthreads = threads()
+    umask = current_umask()
+    dirs = {os.path.dirname(path): mark.umask if mark.umask is not None else umask for path, mark in chosen}
     try:
-        return _attempt(tier, list(chosen[rank::size]), len(chosen), comm, nthreads, parallel=True,
+        return _attempt(tier, list(chosen[rank::size]), len(chosen), dirs, comm, nthreads, parallel=True,
                         done=done, progress=progress)
     except FlushError as exc:
         busy = isinstance(exc, Busy)
         if not all(comm.allgather(busy)) if comm is not None else not busy:
             raise   # a real failure somewhere: every rank raises (each its own error)
     # another flush holds a file: rank 0 alone, in path order, waiting for each file as a sync does
-    results = on_root(comm, lambda: _attempt(tier, list(chosen), len(chosen), None, 1, parallel=False, done=done,
+    results = on_root(comm, lambda: _attempt(tier, list(chosen), len(chosen), dirs, None, 1, parallel=False, done=done,
                                              progress=progress))
     return results if rank == 0 else []
 
 
-def _attempt(tier: Tier, files: list[tuple[str, FileMeta]], total: int, comm: MPI.Comm | None, nthreads: int,
-             parallel: bool, done: Callable[[Plan, writes.Tally], R], progress: Callable[[int], None] | None
-             ) -> list[R]:
-    """Run the five steps over this rank's ``files`` (of ``total`` in the commit).
+def _attempt(tier: Tier, files: list[tuple[str, FileMeta]], total: int, dirs: dict[str, int],
+             comm: MPI.Comm | None, nthreads: int, parallel: bool, done: Callable[[Plan, writes.Tally], R],
+             progress: Callable[[int], None] | None) -> list[R]:
+    """Run the five steps over this rank's ``files`` (of ``total``); ``dirs``: the commit's directories → umask.
 
     ``parallel``: take no lock or lease another flush holds (raise
     :class:`Busy` instead, on every rank that met one) and find the
     leftovers beside the files with one listing per directory; otherwise wait
-    for each file and look its leftovers up under its lock, as a sync does.
+    for each lock and lease and look the leftovers up file by file, as a sync does.
     """
     store = tier.store
     plans: list[Plan] = []
@@ -115,15 +120,18 @@ def _attempt(tier: Tier, files: list[tuple[str, FileMeta]], total: int, comm: MP
     published = False
     pool = ThreadPoolExecutor(nthreads, thread_name_prefix="mpiburst-commit") if nthreads > 1 else None
     written = _Written(progress)
+    locks: list[snapshot.BfsLock] = []   # rank 0's, for every rank
     try:
+        on_root(comm, lambda: locks.extend(snapshot.lock_directories(dirs, wait=0 if parallel else None)))
         beside = _leftovers([path for path, _ in files]) if parallel else {}
 
         def prepare(item: tuple[str, FileMeta]) -> Plan | None:
             path, mark = item
             if not parallel:
-                plan = snapshot.prepare(store, path, tier.align, cut=mark)
+                plan = snapshot.prepare(store, path, tier.align, cut=mark, locked=True)
             else:
-                plan = snapshot.prepare(store, path, tier.align, cut=mark, wait=0, beside=beside.get(path, []))
+                plan = snapshot.prepare(store, path, tier.align, cut=mark, wait=0, beside=beside.get(path, []),
+                                        locked=True)
             if plan is not None:   # renewed from now on: preparing thousands of files outlasts a lease
                 keeper.hold(plan)
             return plan
@@ -167,6 +175,8 @@ def _attempt(tier: Tier, files: list[tuple[str, FileMeta]], total: int, comm: MP
     finally:
         if pool is not None:
             pool.shutdown()
+        for lock in locks:   # every rank is done with its files (each step above is collective)
+            lock.release()
     return results
 
 

@@ -4,7 +4,8 @@ Rank 0 of a flush calls :func:`prepare`; the :class:`Plan` it returns is
 shared with every flusher. A flush works on the file's sequence number when
 it starts (or a commit's cut): writes that arrive later stay dirty for the
 next flush. Two runs flushing one BFS path take turns on a :class:`BfsLock`
-beside it; two flushers of one tier take turns on the file's flush lease
+in its directory (one lock per directory: a commit of a thousand files in
+one directory takes one lock, not a thousand); two flushers of one tier take turns on the file's flush lease
 (:class:`~mpiburst.store.FlushLease`). The lease timings are read from this
 module at each use, so a test may change them.
 """
@@ -57,7 +58,7 @@ class Plan:
 
 
 def prepare(store: Store, target: str, align: int, cut: Any = None, wait: float | None = None,
-            beside: list[str] | None = None) -> Plan | None:
+            beside: list[str] | None = None, locked: bool = False) -> Plan | None:
     """Lock the BFS path, take the lease, snapshot the file and create its new version aside (rank 0 only).
 
     ``cut`` (a :class:`~mpiburst.store.FileMeta` taken by a commit) fixes the
@@ -76,6 +77,10 @@ def prepare(store: Store, target: str, align: int, cut: Any = None, wait: float 
     (stale new versions, drain files), from one listing of the directory
     made for many files before any of them was locked (a commit); default:
     looked up here, with the lock held (each lookup reads the directory).
+    ``locked``: the caller holds the directory's :class:`BfsLock` (a commit
+    takes each directory's once, :func:`lock_directories`, and made the
+    directory); else it is made and locked here, and released by
+    :func:`release_lock`.
     """
     meta = store.meta(target)
     if meta is None and cut is not None:
@@ -84,12 +89,14 @@ def prepare(store: Store, target: str, align: int, cut: Any = None, wait: float 
         raise PathError(f"{target} is not in the tier; there is nothing to sync.")
     umask = meta.umask if meta.umask is not None else current_umask()
     directory, name = os.path.split(target)
-    try:
-        make_dirs(directory, umask)
-        lock = BfsLock.take(target, wait)
-    except OSError as exc:
-        raise FlushError(f"sync of {target} failed: {cause(exc)}; the data stays dirty in the tier, "
-                         f"fix the cause and run the sync again.") from None
+    lock: BfsLock | None = None
+    if not locked:
+        try:
+            make_dirs(directory, umask)
+            lock = BfsLock.take(directory, wait)
+        except OSError as exc:
+            raise FlushError(f"sync of {target} failed: {cause(exc)}; the data stays dirty in the tier, "
+                             f"fix the cause and run the sync again.") from None
     lease: FlushLease | None = None
     try:
         lease = _take_lease(store, target, LEASE_WAIT if wait is None else wait)
@@ -98,7 +105,8 @@ def prepare(store: Store, target: str, align: int, cut: Any = None, wait: float 
         if cut is not None:
             if snap.clean >= cut.seq and (snap.clean > cut.clean or cut.trunc is None):
                 lease.release()
-                lock.release()
+                if lock is not None:
+                    lock.release()
                 return None
             snap = replace(cut, clean=snap.clean, trunc=snap.trunc) if snap.clean > cut.clean else cut
         try:
@@ -125,23 +133,30 @@ def prepare(store: Store, target: str, align: int, cut: Any = None, wait: float 
     except BaseException as exc:
         if lease is not None:
             lease.release()
-        lock.release()
+        if lock is not None:
+            lock.release()
         if isinstance(exc, MpiburstError):
             raise
         raise FlushError(f"sync of {target} failed: {cause(exc)}; the data stays dirty in the tier, "
                          f"fix the cause and run the sync again.") from None
-    _LOCKS[token] = lock
+    if lock is not None:
+        _LOCKS[token] = lock
     return Plan(target=target, work=work, token=token, upto=snap.seq, clean=snap.clean, size=snap.size,
                  trunc=snap.trunc, align=align, base=base, new=old is None, umask=umask, claimed=claimed)
 
 
 class BfsLock:
-    """An exclusive ``flock`` on ``.<name>.mpiburst.lock`` beside a BFS file, held while it is flushed.
+    """An exclusive ``flock`` on ``.mpiburst.lock`` in a BFS directory, held while files in it are flushed.
 
     Flushes of one BFS path by different runs (different tiers, whose leases
-    do not see each other) take turns. The lock file is removed on release;
-    a taker that locked a file already removed (its inode is no longer at
-    the path) tries again.
+    do not see each other) take turns. The lock is one per directory, not one
+    per file: creating and removing a lock file costs two metadata
+    operations on the BFS (milliseconds each on a network filesystem), and a
+    commit of many files in one directory takes it once
+    (:func:`lock_directories`). Flushes of different files of one directory
+    by different processes take turns too. The lock file is removed on
+    release; a taker that locked a file already removed (its inode is no
+    longer at the path) tries again.
     """
 
     def __init__(self, path: str, fd: int) -> None:
@@ -149,14 +164,13 @@ class BfsLock:
         self._fd: int | None = fd
 
     @staticmethod
-    def path_for(target: str) -> str:
-        """Return the lock file's path for the BFS file ``target``."""
-        directory, name = os.path.split(target)
-        return os.path.join(directory, f".{name}.mpiburst.lock")
+    def path_for(directory: str) -> str:
+        """Return the path of the lock file of the BFS directory ``directory``."""
+        return os.path.join(directory, LOCK_NAME)
 
     @classmethod
-    def take(cls, target: str, wait: float | None = None) -> BfsLock:
-        """Lock ``target``, waiting up to ``wait`` seconds (default :data:`LEASE_WAIT`).
+    def take(cls, directory: str, wait: float | None = None) -> BfsLock:
+        """Lock ``directory``, waiting up to ``wait`` seconds (default :data:`LEASE_WAIT`).
 
         Raises
         ------
@@ -164,7 +178,7 @@ class BfsLock:
             If another flush of the same BFS path held it all that time
             (:class:`Busy` when ``wait`` is 0).
         """
-        path = cls.path_for(target)
+        path = cls.path_for(directory)
         deadline = time.monotonic() + (LEASE_WAIT if wait is None else wait)
         while True:
             fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -173,11 +187,11 @@ class BfsLock:
             except BlockingIOError:
                 os.close(fd)
                 if wait == 0:
-                    raise Busy(f"another run is flushing {target} (it holds {path}).") from None
+                    raise Busy(f"another flush holds {path}, the lock of {directory}.") from None
                 if time.monotonic() > deadline:
-                    raise FlushError(f"another run has been flushing {target} for over "
-                                     f"{LEASE_WAIT if wait is None else wait:.0f} s (it holds {path}); wait for it to "
-                                     "finish and try again.") from None
+                    raise FlushError(f"another flush has held {path}, the lock of {directory}, for "
+                                     f"over {LEASE_WAIT if wait is None else wait:.0f} s; wait for it to finish and "
+                                     "try again.") from None
                 time.sleep(0.05)
                 continue
             try:
@@ -196,6 +210,34 @@ class BfsLock:
         with contextlib.suppress(OSError):
             os.unlink(self.path)
         os.close(fd)
+
+
+#: The name of a directory's :class:`BfsLock` file.
+LOCK_NAME = ".mpiburst.lock"
+
+
+def lock_directories(dirs: dict[str, int], wait: float | None = None) -> list[BfsLock]:
+    """Make each directory of ``dirs`` (directory → umask) and lock it, in path order; return the locks.
+
+    A commit's rank 0 holds them for all its ranks until every file is
+    published. Path order: two commits waiting for each other's directories
+    cannot deadlock. On a failure the locks taken are released and the
+    error raised (:class:`Busy` when ``wait`` is 0 and another flush holds one).
+    """
+    locks: list[BfsLock] = []
+    try:
+        for directory in sorted(dirs):
+            try:
+                make_dirs(directory, dirs[directory])
+                locks.append(BfsLock.take(directory, wait))
+            except OSError as exc:
+                raise FlushError(f"cannot lock {directory} for a flush: {cause(exc)}; the data stays dirty in "
+                                 "the tier, fix the cause and run again.") from None
+    except BaseException:
+        for lock in locks:
+            lock.release()
+        raise
+    return locks
 
 
 #: Locks held by flushes this process prepared, by lease token (released by writes.settle / writes.abort).
