@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -36,6 +38,10 @@ if TYPE_CHECKING:   # mpi4py is imported only by those who pass a communicator
 
 #: The environment variable naming a job's tier by URL (``mpiburst://NAME``; see :meth:`Tier.attach`).
 TIER_ENV = "MPIBURST_TIER"
+#: The environment variable giving the seconds a job waits for a named tier that does not exist yet.
+TIER_WAIT_ENV = "MPIBURST_TIER_WAIT"
+#: Default seconds a job waits for its named tier to be created (DataWarp holds it until then; bounded here).
+TIER_WAIT = 300.0
 
 
 class Tier:
@@ -154,7 +160,7 @@ class Tier:
         return cls._attach(conf, node=nodes.node_of_process(conf.nodes) if conf.nodes else None)
 
     @classmethod
-    def attach(cls, url: str) -> Tier:
+    def attach(cls, url: str, wait: float | None = None) -> Tier:
         """Connect to the tier a URL names.
 
         Parameters
@@ -162,6 +168,8 @@ class Tier:
         url
             ``mpiburst://NAME``: the named tier NAME of this user (its conf in
             ``~/.mpiburst/tiers/NAME/``, see :func:`mpiburst.runconf.tiers_dir`).
+            One that does not exist yet is waited for, as DataWarp holds a
+            job until its persistent buffer exists (see ``wait``).
             ``memory://NAME``: a memory tier shared by everything in this
             process that attaches to the same NAME (unit tests only; its BFS
             root is the current directory when it is first made).
@@ -171,11 +179,15 @@ class Tier:
             ``key=FILE``, ``cluster=1``): a server the site runs, or any node
             of a cluster it runs, checked for what mpiburst needs of it (see
             :mod:`mpiburst.server.site`).
+        wait
+            Seconds to wait for a named tier that does not exist yet to be
+            created (default ``$MPIBURST_TIER_WAIT``, else
+            :data:`TIER_WAIT`; 0: fail at once).
 
         Raises
         ------
         ConfigError
-            For an unknown scheme, a named tier that does not exist, a site
+            For an unknown scheme, a named tier that does not exist (after ``wait``), a site
             server that lacks what mpiburst needs, or plaintext to another host.
         ServerError
             If a site's server cannot be reached (over TLS: its certificate
@@ -183,12 +195,7 @@ class Tier:
         """
         scheme, _, rest = url.partition("://")
         if scheme == "mpiburst":
-            name = rest.strip("/")
-            path = conf_path(named_dir(name), name)
-            if not os.path.lexists(path):
-                raise ConfigError(f"there is no named tier {name!r} ({path} is missing); create it with "
-                                  f"'mpiburst create {name} --capacity SIZE --ttl TIME'.")
-            return cls.connect(conf=path)
+            return cls.connect(conf=wait_for_named(rest.strip("/"), wait))
         if scheme == "memory":
             name = rest.strip("/") or "default"
             if name not in _memory_tiers:
@@ -320,6 +327,41 @@ class Tier:
 
     def __repr__(self) -> str:
         return f"<Tier {self.id} {self.conf.host}:{self.conf.port} channels={self.channels}>"
+
+
+def wait_for_named(name: str, wait: float | None = None) -> str:
+    """Return the conf path of named tier ``name`` once it exists, waiting up to ``wait`` seconds for its creation.
+
+    ``wait`` None: ``$MPIBURST_TIER_WAIT``, else :data:`TIER_WAIT`. While it
+    waits, the process of MPI rank 0 (or one outside MPI) says so on stderr,
+    once.
+
+    Raises
+    ------
+    ConfigError
+        If the tier still does not exist when the wait is over, or ``$MPIBURST_TIER_WAIT`` is not a number.
+    """
+    if wait is None:
+        text = os.environ.get(TIER_WAIT_ENV, "").strip()
+        try:
+            wait = float(text) if text else TIER_WAIT
+        except ValueError:
+            raise ConfigError(f"{TIER_WAIT_ENV}={text!r} is not a number of seconds; set it to how long a job waits "
+                              f"for a named tier to be created (0: not at all).") from None
+    path = conf_path(named_dir(name), name)
+    deadline = time.monotonic() + max(0.0, wait)
+    told = False
+    while not os.path.lexists(path):
+        if time.monotonic() >= deadline:
+            raise ConfigError(f"there is no named tier {name!r} ({path} is missing{f' after {wait:g} s' if wait > 0 else ''}); "
+                              f"create it with 'mpiburst create {name} --capacity SIZE --ttl TIME'.")
+        if not told and nodes.world_rank() in (None, 0):
+            print(f"mpiburst: named tier {name} does not exist yet; waiting up to {wait:g} s for 'mpiburst create "
+                  f"{name}' ({TIER_WAIT_ENV})", file=sys.stderr, flush=True)
+        told = True
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        path = conf_path(named_dir(name), name)   # the tiers' directory may be made meanwhile: checked again
+    return path
 
 
 #: The memory tiers of this process made by ``memory://NAME``, by name.

@@ -62,11 +62,22 @@ def test_tier_env_url_wins_in_connect(tmp_path: Path, monkeypatch: pytest.Monkey
     assert Tier.connect().store is Tier.attach("memory://env-test").store
 
 
-def test_unknown_scheme_and_missing_named_tier(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unknown_scheme_and_missing_named_tier_after_the_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capfd: pytest.CaptureFixture) -> None:
     monkeypatch.setenv("MPIBURST_TIERS_DIR", str(tmp_path / "tiers"))
     with pytest.raises(ConfigError, match="unknown scheme"):
         Tier.attach("ftp://x")
-    with pytest.raises(ConfigError, match="there is no named tier 'nope'.*mpiburst create nope"):
+    with pytest.raises(ConfigError, match="there is no named tier 'nope' .*is missing\\); create it with 'mpiburst "
+                                          "create nope"):
+        Tier.attach("mpiburst://nope", wait=0)
+    monkeypatch.setenv("MPIBURST_TIER_WAIT", "0.3")
+    began = time.monotonic()
+    with pytest.raises(ConfigError, match="there is no named tier 'nope' .* after 0.3 s\\); create it"):
+        Tier.connect("mpiburst://nope")
+    assert time.monotonic() - began >= 0.3
+    assert "named tier nope does not exist yet; waiting up to 0.3 s" in capfd.readouterr().err
+    monkeypatch.setenv("MPIBURST_TIER_WAIT", "soon")
+    with pytest.raises(ConfigError, match="MPIBURST_TIER_WAIT='soon' is not a number of seconds"):
         Tier.attach("mpiburst://nope")
 
 
@@ -147,6 +158,29 @@ def test_named_tier_outlives_jobs_and_destroy_flushes_exactly(tmp_path: Path, ti
     tiers("list")
     assert not records.exists()
     assert tiers("create", "wf", "--ttl", "1h", "--capacity", "64M").returncode == 0  # the name is free again
+
+
+@pytest.mark.timeout(90)
+def test_a_consumer_started_before_create_waits_for_the_tier_and_proceeds(
+        tmp_path: Path, server_binary: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DataWarp semantics: a job naming a persistent buffer that does not exist yet waits for it (bounded)."""
+    monkeypatch.setenv("MPIBURST_TIERS_DIR", str(tmp_path / "tiers"))
+    (tmp_path / "bfs").mkdir()
+    monkeypatch.chdir(tmp_path / "bfs")
+    env = cli_env(MPIBURST_TIERS_DIR=str(tmp_path / "tiers"), MPIBURST_TIER="mpiburst://late", MPIBURST_TIER_WAIT="60")
+    consumer = subprocess.Popen([sys.executable, "-c", WRITE, "early", "10"], env=env, stderr=subprocess.PIPE)
+    try:
+        assert consumer.stderr.readline().startswith(b"mpiburst: named tier late does not exist yet; waiting")
+        named.create("late", "32M", "1h", server_binary=server_binary)
+        assert consumer.wait(timeout=60) == 0, consumer.stderr.read()
+        tier = Tier.attach("mpiburst://late", wait=0)
+        assert mpiburst.open("burst://early", "rb", tier=tier).read() == bytes(range(256)) * 10   # in the new tier
+        tier.disconnect()
+    finally:
+        consumer.kill()
+        consumer.wait()
+        with contextlib.suppress(ConfigError):
+            named.destroy("late", discard=True)
 
 
 @pytest.mark.slow
