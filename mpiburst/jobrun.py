@@ -528,6 +528,7 @@ def run(command: Sequence[str], options: StartOptions | None = None, *, policy: 
     if not command:
         raise ConfigError("no command to run; give it after '--', e.g. mpiburst run -- mpiexec -n 4 ./app.")
     if os.environ.get(TIER_ENV):
+        _refuse_start_options(os.environ[TIER_ENV], opts, on_failure, nodes)
         return _run_attached(command, os.environ[TIER_ENV], policy, log or (lambda line: None), log is not None)
     run_id = resolve_id(opts.id, warn=True)
     directory = server.run_directory(opts.dir)
@@ -535,6 +536,23 @@ def run(command: Sequence[str], options: StartOptions | None = None, *, policy: 
     with RunLock(directory, run_id, "mpiburst run"):
         return _run_locked(command, opts.replace(id=run_id, dir=directory), policy or Policy(), on_failure,
                            log or (lambda line: None), progress=log is not None, nodes=nodes or run_nodes())
+
+
+def _refuse_start_options(url: str, opts: StartOptions, on_failure: str, nodes: int | None) -> None:
+    """Refuse the options that start a tier when ``run`` attaches to the one ``url`` names (they would do nothing).
+
+    Raises
+    ------
+    ConfigError
+        Naming the options given.
+    """
+    given = [name for name in StartOptions.names() if getattr(opts, name) != getattr(StartOptions(), name)]
+    given += (["nodes"] if nodes is not None else []) + (["on_failure"] if on_failure != "retain" else [])
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ConfigError(f"MPIBURST_TIER={url} makes 'mpiburst run' attach to that tier and start none, so {flags} "
+                          f"would do nothing; drop {'it' if len(given) == 1 else 'them'}, or unset MPIBURST_TIER to "
+                          f"start a tier for the job.")
 
 
 def _run_attached(command: Sequence[str], url: str, policy: Policy | None, say: Log, progress: bool) -> int:

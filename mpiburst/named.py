@@ -14,8 +14,9 @@ ends it: with ``on_expiry`` ``flush`` it runs ``mpiburst destroy NAME
 it drops the clean data and keeps the dirty files, warning in its log and
 in ``mpiburst list``, until the owner destroys the tier; a tier left with
 nothing dirty is destroyed. A destroyed tier's job records (the I/O
-statistics ``mpiburst report`` reads) stay in ``<tiers>/`` for
-:data:`RECORDS_TTL` (7 days).
+statistics ``mpiburst report`` reads) stay in ``<tiers>/`` for its record
+TTL (``create --record-ttl``, default :data:`RECORDS_TTL`, 7 days): the
+records file's modification time is set to the time it may be removed.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ ON_EXPIRY = ("flush", "keep")
 #: The name of the 0600 file holding a named tier's TTL and expiry policy, beside its run files.
 META_NAME = "tier.json"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-#: Seconds a destroyed tier's job records (its I/O statistics, for ``mpiburst report``) are kept.
+#: Default seconds a destroyed tier's job records (its I/O statistics, for ``mpiburst report``) are kept.
 RECORDS_TTL = 7 * 86400
 
 Log = Callable[[str], None]
@@ -67,12 +68,13 @@ def parse_ttl(text: str) -> float:
 
 @dataclass
 class TierMeta:
-    """A named tier's lifetime: when it was made, its TTL, when it expires and what expiry does to dirty data."""
+    """A named tier's lifetime: when it was made, its TTL, what expiry does to dirty data, how long its records stay."""
 
     name: str
     created: float
     ttl: float
     on_expiry: str
+    record_ttl: float = RECORDS_TTL
 
     @property
     def expires(self) -> float:
@@ -101,14 +103,16 @@ def read_meta(directory: str) -> TierMeta | None:
         return None
     data = parse_json(read_secure(path, "named tier file"), path, "named tier file")
     try:
-        meta = TierMeta(str(data["name"]), float(data["created"]), float(data["ttl"]), str(data["on_expiry"]))
+        meta = TierMeta(str(data["name"]), float(data["created"]), float(data["ttl"]), str(data["on_expiry"]),
+                        float(data.get("record_ttl", RECORDS_TTL)))
     except (KeyError, TypeError, ValueError):
         raise ConfigError(f"named tier file {path} was not written by mpiburst; destroy the tier and create it "
                           f"again.") from None
     return meta
 
 
-def create(name: str, capacity: str | None, ttl: str, *, on_expiry: str = "flush", nodes: int | None = None,
+def create(name: str, capacity: str | None, ttl: str, *, on_expiry: str = "flush", record_ttl: str | None = None,
+           nodes: int | None = None,
            node: int | None = None, bfs_root: str | None = None, channels: int | None = None,
            server_binary: str | None = None, bind: str | None = None, trust_network: bool | None = None,
            join_timeout: float | None = None) -> RunConf:
@@ -122,6 +126,8 @@ def create(name: str, capacity: str | None, ttl: str, *, on_expiry: str = "flush
         How long it lives (see :func:`parse_ttl`).
     on_expiry
         ``flush`` (dirty data goes to the BFS at expiry) or ``keep`` (it stays, with a warning).
+    record_ttl
+        How long its job records stay after it is destroyed (as ``ttl``; default :data:`RECORDS_TTL`).
     nodes, node
         A tier over ``nodes`` nodes is created one node at a time: each node
         ``node`` (0 to ``nodes`` - 1) runs this, as ``mpiburst start --nodes N
@@ -141,6 +147,7 @@ def create(name: str, capacity: str | None, ttl: str, *, on_expiry: str = "flush
     """
     validate_id(name)
     seconds = parse_ttl(ttl)
+    keep_for = parse_ttl(record_ttl) if record_ttl is not None else RECORDS_TTL
     if on_expiry not in ON_EXPIRY:
         raise ConfigError(f"--on-expiry {on_expiry!r} is not one of {', '.join(ON_EXPIRY)}.")
     several = nodes is not None and nodes != 1
@@ -161,7 +168,7 @@ def create(name: str, capacity: str | None, ttl: str, *, on_expiry: str = "flush
     if node:   # node 0 records the lifetime; the others only start their server
         conf, _ = server.start_node(opts.replace(dir=directory), node, nodes or 1, join_timeout)
         return conf
-    TierMeta(name, time.time(), seconds, on_expiry).save(directory)
+    TierMeta(name, time.time(), seconds, on_expiry, keep_for).save(directory)
     try:
         if several:
             return engine_process.attach(server.start_node(opts.replace(dir=directory), 0, nodes or 1,
@@ -204,6 +211,10 @@ def destroy(name: str, flush: bool = False, discard: bool = False, log: Log | No
     if not os.path.lexists(path):
         raise ConfigError(f"there is no named tier {name!r} ({path} is missing); 'mpiburst list' shows yours.")
     conf = RunConf.load(path, exposed_ok=True)
+    meta: TierMeta | None = None
+    with contextlib.suppress(ConfigError):   # an unreadable tier.json does not keep the tier from ending
+        meta = read_meta(directory)
+    keep_for = meta.record_ttl if meta is not None else RECORDS_TTL
     flushed = 0
     if server.pid_alive(conf.pid, conf.server):
         tier = Tier.connect(conf=conf)
@@ -218,30 +229,32 @@ def destroy(name: str, flush: bool = False, discard: bool = False, log: Log | No
         finally:
             tier.disconnect()
     report = server.stop_run(conf, discard=True, exposed_ok=True)
-    records = keep_records(name, directory)
+    until = keep_records(name, directory, keep_for)
     shutil.rmtree(directory, ignore_errors=True)
-    kept = (f" Its I/O records stay {RECORDS_TTL // 86400} days: 'mpiburst report --id {name} --dir "
-            f"{os.path.dirname(directory)}'." if records else "")
+    kept = (f" Its I/O records stay until {time.strftime('%Y-%m-%d %H:%M %Z', time.localtime(until))}: 'mpiburst "
+            f"report --id {name} --dir {os.path.dirname(directory)}'." if until is not None else "")
     return f"{report} {'Flushed ' + str(flushed) + ' files to the BFS; ' if flush else ''}named tier {name} is gone.{kept}"
 
 
-def keep_records(name: str, directory: str) -> bool:
-    """Move a stopped tier's I/O statistics out of its directory into the tiers' one; return True if there were any.
+def keep_records(name: str, directory: str, keep_for: float = RECORDS_TTL) -> float | None:
+    """Move a stopped tier's I/O statistics out of its directory into the tiers' one for ``keep_for`` seconds.
 
     ``mpiburst report --id NAME --dir <tiers>`` reads them there until
-    :func:`prune_records` removes them, :data:`RECORDS_TTL` after the destroy.
+    :func:`prune_records` removes them. Returns the time they may be removed
+    (set as the file's modification time), None if there were none.
     """
     saved = iostats.stats_path(directory, name)
     if not os.path.exists(saved):
-        return False
+        return None
     target = iostats.stats_path(os.path.dirname(directory), name)
     os.replace(saved, target)
-    os.utime(target)   # the destroy's time: the records' TTL runs from here
-    return True
+    until = time.time() + keep_for
+    os.utime(target, (until, until))   # the time they may go: prune_records needs no other record of the TTL
+    return until
 
 
 def prune_records(now: float | None = None) -> list[str]:
-    """Remove the job records of destroyed tiers older than :data:`RECORDS_TTL`; return their paths."""
+    """Remove the job records of destroyed tiers whose record TTL is past (see :func:`keep_records`); return their paths."""
     root = tiers_dir()
     if not os.path.isdir(root):
         return []
@@ -249,7 +262,7 @@ def prune_records(now: float | None = None) -> list[str]:
     gone = []
     for name in os.listdir(root):
         path = os.path.join(root, name)
-        if name.startswith("mpiburst_") and name.endswith(".stats.json") and os.path.getmtime(path) + RECORDS_TTL < now:
+        if name.startswith("mpiburst_") and name.endswith(".stats.json") and os.path.getmtime(path) < now:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             gone.append(path)

@@ -19,9 +19,9 @@ import pytest
 import redis
 
 import mpiburst
-from mpiburst import named
+from mpiburst import jobrun, named
 from mpiburst.errors import ConfigError, ServerError
-from mpiburst.runconf import RunConf
+from mpiburst.runconf import RunConf, named_dir
 from mpiburst.server import site, tls
 from mpiburst.server.config import USER_RULES
 from mpiburst.server.discovery import free_port
@@ -102,6 +102,23 @@ def test_site_credentials_must_be_private_and_off_the_url(tmp_path: Path) -> Non
         site.site_conf("redis://alice:secret@127.0.0.1:1")
 
 
+def test_records_stay_their_ttl_after_the_destroy_then_list_prunes_them(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MPIBURST_TIERS_DIR", str(tmp_path / "tiers"))
+    home = Path(named_dir("old", create=True))
+    home.mkdir(mode=0o700)
+    named.TierMeta("old", 0.0, 60.0, "flush").save(str(home))   # a tier.json written before record_ttl existed
+    assert named.read_meta(str(home)).record_ttl == named.RECORDS_TTL == 7 * 86400
+    private(home / "mpiburst_old.stats.json", '{"counters": {}, "log": []}\n')
+    until = named.keep_records("old", str(home), 3600)
+    records = tmp_path / "tiers" / "mpiburst_old.stats.json"
+    assert records.stat().st_mtime == pytest.approx(until) and until == pytest.approx(time.time() + 3600, abs=5)
+    assert named.prune_records(now=until - 1) == [] and records.exists()
+    assert named.prune_records(now=until + 1) == [str(records)] and not records.exists()
+    with pytest.raises(ConfigError, match="TTL 'forever' is not a duration"):
+        named.create("x", "8M", "1h", record_ttl="forever")
+
+
 def test_create_refuses_several_nodes_and_bad_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MPIBURST_TIERS_DIR", str(tmp_path / "tiers"))
     with pytest.raises(ConfigError, match="created one node at a time.*--nodes N --node K"):
@@ -131,7 +148,7 @@ def tiers(tmp_path: Path, server_binary: str) -> Iterator[Callable[..., subproce
 
 @pytest.mark.slow
 def test_named_tier_outlives_jobs_and_destroy_flushes_exactly(tmp_path: Path, tiers: Callable) -> None:
-    made = tiers("create", "wf", "--capacity", "64M", "--ttl", "1h")
+    made = tiers("create", "wf", "--capacity", "64M", "--ttl", "1h", "--record-ttl", "2h")
     assert made.returncode == 0, made.stderr
     assert made.stdout.decode() == "MPIBURST_TIER=mpiburst://wf\n"
     home = tmp_path / "tiers" / "wf"
@@ -148,13 +165,15 @@ def test_named_tier_outlives_jobs_and_destroy_flushes_exactly(tmp_path: Path, ti
     assert home.is_dir()
     done = tiers("destroy", "wf", "--flush")
     assert done.returncode == 0, done.stderr
+    assert b"Its I/O records stay until" in done.stderr
     assert (tmp_path / "bfs" / "wf").read_bytes() == bytes(range(256)) * 4000
     assert not home.exists() and tiers("list", "--json").stdout == b""
     report = tiers("report", "--id", "wf", "--dir", str(tmp_path / "tiers"))   # the jobs' I/O records stay
     assert report.returncode == 0 and b"wf" in report.stdout, report.stderr
     records = tmp_path / "tiers" / "mpiburst_wf.stats.json"
     assert records.stat().st_mode & 0o777 == 0o600
-    os.utime(records, (time.time() - named.RECORDS_TTL - 60,) * 2)   # a week passes
+    assert 7100 < records.stat().st_mtime - time.time() <= 7200   # --record-ttl 2h: the time they may go
+    os.utime(records, (time.time() - 60,) * 2)   # two hours pass
     tiers("list")
     assert not records.exists()
     assert tiers("create", "wf", "--ttl", "1h", "--capacity", "64M").returncode == 0  # the name is free again
@@ -243,6 +262,24 @@ def private(path: Path, text: str) -> Path:
     path.write_text(text)
     path.chmod(0o600)
     return path
+
+
+def test_run_under_a_tier_url_refuses_the_options_that_start_a_tier(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MPIBURST_TIER", "memory://run-options-test")
+    from mpiburst.cli import main
+
+    for argv, named_flags in ((["--id", "x"], "--id"), (["--channels", "4", "--capacity", "1G"], "--channels, --capacity"),
+                              (["--on-failure", "discard", "--nodes", "2"], "--nodes, --on-failure")):
+        assert main(["run", *argv, "--", sys.executable, "-c", "open('ran', 'w')"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("mpiburst run: MPIBURST_TIER=") and f"so {named_flags} would" in err, err
+        assert err.count("\n") == 1 and not (tmp_path / "ran").exists()
+    with pytest.raises(ConfigError, match=f"MPIBURST_TIER=memory://run-options-test makes 'mpiburst run' attach to "
+                                          f"that tier and start none, so --id would do nothing; drop it, or unset"):
+        jobrun.run([sys.executable, "-c", "open('ran', 'w')"], id="x")
+    assert jobrun.run([sys.executable, "-c", "open('ran', 'w')"]) == 0 and (tmp_path / "ran").exists()
 
 
 @pytest.mark.timeout(60)

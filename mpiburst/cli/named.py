@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--on-expiry", choices=named.ON_EXPIRY, default="flush",
                    help="at expiry, flush the dirty data to the BFS and end the tier (default), or keep the dirty "
                         "files (clean data is dropped) with a warning until you destroy it")
+    p.add_argument("--record-ttl", metavar="TIME", help="how long its job records (the I/O statistics 'mpiburst "
+                   "report' reads) stay after it is destroyed, as --ttl (default 7d)")
     p.add_argument("--nodes", type=int, metavar="N", help="with --node: one node of a tier over N nodes (run it "
                    "on every node; the tiers' directory must be shared)")
     p.add_argument("--node", type=int, metavar="K", help="with --nodes: this node's index, 0 to N-1")
@@ -50,7 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _create(args: argparse.Namespace) -> int:
-    conf = named.create(args.name, args.capacity, args.ttl, on_expiry=args.on_expiry, nodes=args.nodes,
+    conf = named.create(args.name, args.capacity, args.ttl, on_expiry=args.on_expiry, record_ttl=args.record_ttl,
+                        nodes=args.nodes,
                         node=args.node, bfs_root=args.bfs_root, channels=args.channels, server_binary=args.server,
                         bind=args.bind, trust_network=args.trust_network, join_timeout=args.join_timeout)
     print(f"MPIBURST_TIER=mpiburst://{conf.id}")
