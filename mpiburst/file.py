@@ -178,8 +178,11 @@ class File:
     def Close(self) -> None:
         """Push this rank's buffered writes and close the file (collective)."""
         tf = self._handle()
+        # alone, this rank's last batch counts the handle out of the file's writers (no round trip of its own);
+        # with several ranks rank 0 does, once every rank's writes are in (below)
+        alone = self._comm.Get_size() == 1 and self._drain is None and bool(self._amode & _WRITING)
         try:
-            self._together(tf.close)
+            self._together(lambda: tf.close(writer=alone))
         except BaseException:
             if self._drain is not None:
                 self._drain.abandon()
@@ -195,7 +198,7 @@ class File:
         def forget() -> None:
             if self._shared.touched or self._comm.Get_size() > 1:   # another rank may have made the counter
                 self._shared.drop()
-            if self._amode & _WRITING:   # every rank's writes are in the tier: this handle writes no more
+            if self._amode & _WRITING and not tf.counted_out:   # every rank's writes are in: it writes no more
                 self._tier.store.writers(tf.path, -1)
             if self._amode & MPI.MODE_DELETE_ON_CLOSE:
                 _delete(self._tier, tf.path)
@@ -808,11 +811,12 @@ def _open_on_rank0(tier: Tier, path: str, amode: int, found: os.stat_result | No
     size with ``MODE_APPEND``) and whether the file is drained while written.
     """
     drained = bool(amode & _WRITING) and drain.wanted(path)
-    outcome = register(tier, path, bool(amode & MPI.MODE_CREATE), bool(amode & MPI.MODE_EXCL), found)
+    # with a writing mode, one writer for all the ranks until Close (docs/consistency.md, "Published states"),
+    # counted in the create's own round trip
+    outcome = register(tier, path, bool(amode & MPI.MODE_CREATE), bool(amode & MPI.MODE_EXCL), found,
+                       writing=bool(amode & _WRITING))
     if isinstance(outcome, str):
         return {"exists": MPI.ERR_FILE_EXISTS, "missing": MPI.ERR_NO_SUCH_FILE}[outcome]
-    if amode & _WRITING:   # one writer for all the ranks, until Close (docs/consistency.md, "Published states")
-        tier.store.writers(path, 1, 1)
     start = outcome.size if amode & MPI.MODE_APPEND else 0
     token = uuid.uuid4().hex
     if start:   # a pointer the tier does not hold reads 0: one round trip less for a new file

@@ -116,13 +116,12 @@ def _register(tier: Any, target: str, flags: tuple, name: str | os.PathLike, fou
     ``found`` is what the BFS holds at ``target`` (:func:`mpiburst.paths.locate`).
     """
     readable, writable, create, exclusive, truncate, _ = flags
-    outcome = register(tier, target, create, exclusive, found)
+    # a writer is counted before the truncation: the state it settles is the one before this open
+    outcome = register(tier, target, create, exclusive, found, writing=writable)
     if outcome == "missing":
         raise FileNotFoundError(errno.ENOENT, "No such file in the tier or on the BFS", os.fspath(name))
     if outcome == "exists":
         raise FileExistsError(errno.EEXIST, "File exists in the tier or on the BFS", os.fspath(name))
-    if writable:   # counted before the truncation: the state it settles is the one before this open
-        tier.store.writers(target, 1, 1)
     if truncate:
         with_room(tier, lambda: tier.store.set_size(target, 0), f"truncate {target}")
 

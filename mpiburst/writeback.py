@@ -86,6 +86,8 @@ class TierFile:
         self._payload = bytearray()
         self._extents: list[list[int]] = []
         self._inflight: tuple | None = None
+        #: True once :meth:`close` counted this handle out of the file's writers (``close(writer=True)``).
+        self.counted_out = False
         self._writer = self.store.writer()
         self.stats = iostats.Recorder()
         #: The write calls not yet counted (see :mod:`mpiburst.iostats`); None when recording is off.
@@ -277,20 +279,21 @@ class TierFile:
         self._await()
         self.stats.writes.ns += perf_counter_ns() - t0
 
-    def _send(self, payload: memoryview, extents) -> None:
+    def _send(self, payload: memoryview, extents, closing: bool = False) -> None:
         """Send one batch without waiting for it, after the previous one is acknowledged.
 
         One batch at most is in flight (a large write's next blob goes out
         while the server stores the previous one). Its payload is kept until
         acknowledged, so a full tier can still be answered by making room and
-        sending it again.
+        sending it again. ``closing``: the batch also counts this handle out
+        of the file's writers once stored (:meth:`~mpiburst.store.BatchWriter.send`).
         """
         self._await()
         try:
-            self._writer.send(self.path, self.channel, payload, extents)
+            self._writer.send(self.path, self.channel, payload, extents, closing=closing)
         except TierConnectionError as exc:
             raise _lost(exc) from None
-        self._inflight = (True, payload, extents)
+        self._inflight = (True, payload, extents, closing)
 
     def _await(self) -> None:
         """Wait for the batch in flight, if any; retry it through :meth:`_commit` if it did not land.
@@ -300,12 +303,13 @@ class TierFile:
         """
         if self._inflight is None:
             return
-        on_wire, payload, extents = self._inflight
+        on_wire, payload, extents, closing = self._inflight
         if on_wire:
-            self._inflight = (False, payload, extents)  # its replies are read now: no longer on the wire
+            self._inflight = (False, payload, extents, False)  # its replies are read now: no longer on the wire
             try:
                 self._writer.finish()
                 self._inflight = None
+                self.counted_out = self.counted_out or closing
                 return
             except (TierFullError, RecordGone):
                 pass
@@ -326,17 +330,21 @@ class TierFile:
             except TierConnectionError as exc:
                 raise _lost(exc) from None
 
-    def close(self) -> None:
+    def close(self, writer: bool = False) -> None:
         """Push what is buffered, add this handle's counters to the tier's and give the connection back.
 
         The last batch goes out first and is waited for after the counters are
         merged (one call on the store's own connection), so recording adds no
         round trip to a close; that batch's wait is not in the write time.
+        ``writer``: this handle is the last of its open counted among the
+        file's writers; the last batch counts it out in the same round trip
+        (then :attr:`counted_out` is True; else the caller still must, with
+        :meth:`~mpiburst.store.Store.writers`).
         """
         try:
             if self._extents:
                 t0 = perf_counter_ns()
-                self._send(memoryview(self._payload), self._extents)
+                self._send(memoryview(self._payload), self._extents, closing=writer)
                 self._payload = bytearray()
                 self._extents = []
                 self.stats.writes.ns += perf_counter_ns() - t0
@@ -445,13 +453,17 @@ def check_offset(end: int, what: str) -> None:
                           "mpi4py.MPI.File.")
 
 
-def register(tier: Tier, path: str, create: bool, exclusive: bool, found: os.stat_result | None) -> str | FileMeta:
+def register(tier: Tier, path: str, create: bool, exclusive: bool, found: os.stat_result | None,
+             writing: bool = False) -> str | FileMeta:
     """Make sure the tier knows ``path`` before it is opened; no MPI involved.
 
     ``found`` is what the BFS holds at ``path`` (:func:`mpiburst.paths.locate`,
     :func:`~mpiburst.paths.bfs_stat`). A create that is not exclusive takes
     one round trip (the store's create-if-absent, which keeps a record
-    already there); the other modes read the record first.
+    already there), with ``writing`` also counting the handle as one of the
+    file's writers (:meth:`~mpiburst.store.Store.writers`) in that same
+    call; the other modes read the record first (and count the writer in a
+    second call when the record exists).
 
     Returns
     -------
@@ -471,7 +483,10 @@ def register(tier: Tier, path: str, create: bool, exclusive: bool, found: os.sta
     if not exists and not create:
         return "missing"
     if meta is None:
-        return with_room(tier, lambda: store.create(path, bfs_size, umask=current_umask()), f"create {path}")
+        return with_room(tier, lambda: store.create(path, bfs_size, umask=current_umask(), writing=writing),
+                         f"create {path}")
+    if writing:
+        store.writers(path, 1, 1)
     return meta
 
 

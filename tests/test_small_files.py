@@ -55,10 +55,12 @@ def test_a_new_file_costs_the_same_few_store_calls_however_many_files_the_tier_h
         _one_file(f"burst://many/f{i}", data)
     counting.calls = []
     _one_file("burst://last/f", data)
-    # the record (create-if-absent), the writer count up (#29), the write-back buffer's batch, the I/O
-    # counters, the replicas' confirmation (#23: no round trip without replicas), the writer count down:
-    # no read of the record, no listing
-    assert first == counting.calls == ["create", "writers", "writer", "stats_add", "confirm", "writers"]
+    # the record (create-if-absent) with the writer count up (#29) in the same call, the write-back buffer's
+    # batch (its connection: the writer; the batch counts the writer down in its own round trip), the I/O
+    # counters, the replicas' confirmation (#23: no round trip without replicas): no read of the record,
+    # no listing
+    assert first == counting.calls == ["create", "writer", "stats_add", "confirm"]
+    assert mem_tier.store.meta(resolve("burst://last/f", mem_tier.bfs_root)).writers == 0
     assert mpiburst.open("burst://last/f", "rb", tier=mem_tier).read() == data.tobytes()
 
 

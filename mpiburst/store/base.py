@@ -219,8 +219,17 @@ class BatchWriter(ABC):
     """
 
     @abstractmethod
-    def send(self, path: str, channel: int, payload: Payload, extents: Sequence[Sequence[int]]) -> None:
-        """Send one batch (see :meth:`Store.commit`) without waiting for the answer."""
+    def send(self, path: str, channel: int, payload: Payload, extents: Sequence[Sequence[int]],
+             closing: bool = False) -> None:
+        """Send one batch (see :meth:`Store.commit`) without waiting for the answer.
+
+        ``closing``: the batch is the last of a handle counted among the
+        file's writers (:meth:`Store.writers`); once the batch is stored the
+        handle is counted out (as ``writers(path, -1)``), on one server in
+        the same round trip (a small file's Close costs one round trip, not
+        two). A batch that is not stored (:meth:`finish` raises) leaves the
+        count as it was.
+        """
 
     @abstractmethod
     def finish(self) -> int:
@@ -335,12 +344,17 @@ class Store(ABC):
         """Return the tier's record of ``path``, or None if the tier does not know it."""
 
     @abstractmethod
-    def create(self, path: str, bfs_size: int | None, umask: int | None = None) -> FileMeta:
+    def create(self, path: str, bfs_size: int | None, umask: int | None = None,
+               writing: bool = False) -> FileMeta:
         """Make the tier's record of ``path`` unless it exists; return the record.
 
         ``bfs_size`` is the size of the BFS file (None when there is none):
         the logical size starts there. ``umask`` is the creating process's
-        umask, kept for the flush (:attr:`FileMeta.umask`).
+        umask, kept for the flush (:attr:`FileMeta.umask`). With ``writing``
+        the call also counts a handle opening the file for writing, as
+        :meth:`writers` ``(path, 1, 1)`` does, atomically with the create and
+        in the same round trip (an open for writing costs one call, not two);
+        the record returned has that count.
         """
 
     @abstractmethod

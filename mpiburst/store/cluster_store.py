@@ -508,9 +508,10 @@ class ClusterStore(Store):
         with self._on(0, write=False):
             return self.home.meta(path)
 
-    def create(self, path: str, bfs_size: int | None, umask: int | None = None) -> FileMeta:
-        with self._on(0):
-            return self.home.create(path, bfs_size, umask)
+    def create(self, path: str, bfs_size: int | None, umask: int | None = None,
+               writing: bool = False) -> FileMeta:
+        with self._on(0):   # the record and its writer count live on node 0
+            return self.home.create(path, bfs_size, umask, writing)
 
     def files(self) -> dict[str, str]:
         with self._on(0, write=False):
@@ -939,6 +940,7 @@ class ClusterBatchWriter(BatchWriter):
         self._pool: Any = None
         self._conn: Any = None
         self._sent: tuple[str, int, Payload, list[Sequence[int]], str | None] | None = None
+        self._closing = False
 
     def _borrow(self) -> Any:
         """Return this writer's connection to its node's server (anew after the node's replica took over)."""
@@ -950,7 +952,9 @@ class ClusterBatchWriter(BatchWriter):
                 self._conn, self._pool = borrow(pool), pool
         return self._conn
 
-    def send(self, path: str, channel: int, payload: Payload, extents: Sequence[Sequence[int]]) -> None:
+    def send(self, path: str, channel: int, payload: Payload, extents: Sequence[Sequence[int]],
+             closing: bool = False) -> None:
+        self._closing = closing   # the count lives on the home: counted there once the batch is stored (finish)
         tmp: str | None = self.store.shards[self.node].keys.temporary(path)
         try:
             conn = self._borrow()
@@ -969,6 +973,14 @@ class ClusterBatchWriter(BatchWriter):
         if sent is None:
             raise RuntimeError("finish() without a batch in flight")
         path, channel, payload, extents, tmp = sent
+        base = self._store_sent(path, channel, payload, extents, tmp)
+        if self._closing:
+            self.store.writers(path, -1)
+        return base
+
+    def _store_sent(self, path: str, channel: int, payload: Payload, extents: list[Sequence[int]],
+                    tmp: str | None) -> int:
+        """Read the payload's reply, then have the batch numbered and indexed; return its first sequence number."""
         if tmp is not None:
             try:
                 with self.store._on(self.node):

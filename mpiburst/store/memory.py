@@ -99,12 +99,15 @@ class MemoryStore(Store):
             f = self._files.get(path)
             return None if f is None else replace(f.meta)
 
-    def create(self, path: str, bfs_size: int | None, umask: int | None = None) -> FileMeta:
+    def create(self, path: str, bfs_size: int | None, umask: int | None = None,
+               writing: bool = False) -> FileMeta:
         with self._lock:
             if path not in self._files:
                 meta = FileMeta(path=path, size=bfs_size or 0, seq=0, clean=0, pending=0, trunc=None,
                                 pinned=False, bfs=bfs_size is not None, umask=umask)
                 self._files[path] = _File(meta)
+            if writing:
+                self.writers(path, 1, 1)   # the lock is reentrant: one atomic step with the create
             return replace(self._files[path].meta)
 
     def files(self) -> dict[str, str]:
@@ -495,15 +498,22 @@ class MemoryBatchWriter(BatchWriter):
     def __init__(self, store: MemoryStore) -> None:
         self.store = store
         self._batch: tuple[str, int, Payload, Sequence[Sequence[int]]] | None = None
+        self._closing = False
 
-    def send(self, path: str, channel: int, payload: Payload, extents: Sequence[Sequence[int]]) -> None:
+    def send(self, path: str, channel: int, payload: Payload, extents: Sequence[Sequence[int]],
+             closing: bool = False) -> None:
         self._batch = (path, channel, payload, extents)
+        self._closing = closing
 
     def finish(self) -> int:
         batch, self._batch = self._batch, None
         if batch is None:
             raise RuntimeError("finish() without a batch in flight")
-        return self.store.commit(*batch)
+        with self.store._lock:   # one step, as the server's script: stored, then one writer less
+            base = self.store.commit(*batch)
+            if self._closing:
+                self.store.writers(batch[0], -1)
+        return base
 
     def close(self) -> None:
         self._batch = None

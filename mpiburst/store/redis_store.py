@@ -112,19 +112,31 @@ class RedisStore(Store):
             return None
         return schema.meta_from(raw)
 
-    def create(self, path: str, bfs_size: int | None, umask: int | None = None) -> FileMeta:
+    def create(self, path: str, bfs_size: int | None, umask: int | None = None,
+               writing: bool = False) -> FileMeta:
         fid = file_id(path)
         mkey = self.keys.file(fid, "m")
         fields: dict[str, str | int] = {"path": path, "size": bfs_size or 0, "seq": 0, "clean": 0,
                                         "bfs": 1 if bfs_size is not None else 0}
         if umask is not None:
             fields["umask"] = umask
-        pipe = self.r.pipeline(transaction=True)
-        for name, value in fields.items():
-            pipe.hsetnx(mkey, name, value)
-        pipe.hset(self.keys.files, fid, path)
-        pipe.hgetall(mkey)
-        return schema.meta_from(pipe.execute()[-1])
+
+        def once() -> Any:
+            pipe = self.r.pipeline(transaction=True)
+            for name, value in fields.items():
+                pipe.hsetnx(mkey, name, value)
+            pipe.hset(self.keys.files, fid, path)
+            if writing:   # the writer count's script by its SHA, in the transaction (one round trip)
+                pipe.execute_command("EVALSHA", self._writers.sha, 1, mkey, 1, 1)
+            pipe.hgetall(mkey)
+            return pipe.execute()[-1]
+
+        try:
+            raw = once()
+        except redis.exceptions.NoScriptError:   # not loaded yet (or the server restarted): the rest ran, again
+            self.r.script_load(self._writers.script)
+            raw = once()
+        return schema.meta_from(raw)
 
     def files(self) -> dict[str, str]:
         registry = cast("dict[bytes, bytes]", self.r.hgetall(self.keys.files))   # bytes
@@ -182,10 +194,11 @@ class RedisStore(Store):
         return RedisBatchWriter(self)
 
     def _pack_commit(self, path: str, channel: int, payload: Payload, extents: Sequence[Sequence[int]],
-                     staged: bool = False) -> tuple[str, list[tuple]]:
+                     staged: bool = False, closing: bool = False) -> tuple[str, list[tuple]]:
         """Return the temporary key and the two commands that commit one batch (see :meth:`commit`)."""
         tmp = self.keys.temporary(path)
-        keys, args = schema.commit_keys_args(self.keys, path, tmp, channel, len(payload), extents, staged, None)
+        keys, args = schema.commit_keys_args(self.keys, path, tmp, channel, len(payload), extents, staged, None,
+                                             closing)
         return tmp, [("SET", tmp, payload), ("EVALSHA", self._commit.sha, len(keys), *keys, *args)]
 
     def index_sent(self, path: str, tmp: str, channel: int, nbytes: int, extents: Sequence[Sequence[int]],
@@ -568,8 +581,9 @@ class RedisBatchWriter(BatchWriter):
         self._conn: Any = borrow(store.r.connection_pool)
         self._tmp: str | None = None
 
-    def send(self, path: str, channel: int, payload: Payload, extents: Sequence[Sequence[int]]) -> None:
-        tmp, commands = self.store._pack_commit(path, channel, payload, extents)
+    def send(self, path: str, channel: int, payload: Payload, extents: Sequence[Sequence[int]],
+             closing: bool = False) -> None:
+        tmp, commands = self.store._pack_commit(path, channel, payload, extents, closing=closing)
         self.store._ensure_loaded()
         try:
             self._conn.send_packed_command(resp_frames(commands), check_health=False)

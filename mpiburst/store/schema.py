@@ -105,12 +105,15 @@ def home_prefix(tag: str) -> str:
 
 
 def commit_keys_args(keys: Keys, path: str, tmp: str, channel: int, nbytes: int, extents: Sequence[Sequence[int]],
-                     staged: bool, base: int | None) -> tuple[list[str], list]:
+                     staged: bool, base: int | None, closing: bool = False) -> tuple[list[str], list]:
     """Return the KEYS and ARGV of :data:`COMMIT` for one batch whose payload is (or will be) at ``tmp``.
 
     ``base``: the batch's first sequence number, taken elsewhere (a cluster
     store's global counter) instead of from the file's record; the script
     then refuses it (``STALE``) if it is not above the record's ``fence``.
+    ``closing``: the batch is the last of a writing handle, which the
+    script counts out of the file's writers once the batch is stored
+    (:meth:`~mpiburst.store.BatchWriter.send`).
     """
     fid = file_id(path)
     strided: list = []
@@ -120,7 +123,7 @@ def commit_keys_args(keys: Keys, path: str, tmp: str, channel: int, nbytes: int,
             strided += (i, e[3], e[4])
         plain += (e[0], e[1], e[2])
     args: list = [keys.file(fid, "b:"), len(extents), batch_end(extents), nbytes, channel, int(staged),
-                  "" if base is None else base, len(strided) // 3, *strided, *plain]
+                  "" if base is None else base, int(closing), len(strided) // 3, *strided, *plain]
     return [keys.file(fid, "m"), keys.file(fid, "x"), keys.file(fid, "B"), tmp, keys.file(fid, "v")], args
 
 
@@ -147,10 +150,10 @@ else
   blob = base
 end
 redis.call('RENAME', KEYS[4], ARGV[1] .. blob)
-local k = tonumber(ARGV[8])
+local k = tonumber(ARGV[9])
 local strided = {}
-for j = 0, k - 1 do strided[tonumber(ARGV[9 + 3 * j])] = 10 + 3 * j end
-local p = 9 + 3 * k
+for j = 0, k - 1 do strided[tonumber(ARGV[10 + 3 * j])] = 11 + 3 * j end
+local p = 10 + 3 * k
 local args, vargs = {}, {}
 for i = 0, n - 1 do
   local seq = base
@@ -178,6 +181,7 @@ if #vargs > 0 then redis.call('ZADD', KEYS[5], unpack(vargs)) end
 redis.call('ZADD', KEYS[3], last, blob .. ':' .. n .. ':' .. ARGV[4] .. ':' .. ARGV[5])
 local size = tonumber(redis.call('HGET', KEYS[1], 'size') or '0')
 if tonumber(ARGV[3]) > size then redis.call('HSET', KEYS[1], 'size', ARGV[3]) end
+if ARGV[8] == '1' and redis.call('HINCRBY', KEYS[1], 'writers', -1) < 0 then redis.call('HSET', KEYS[1], 'writers', 0) end
 return base
 """ % (2 * ZADD_CHUNK, 2 * ZADD_CHUNK)  # noqa: UP031 - str.format would need every Lua brace doubled
 

@@ -378,6 +378,17 @@ class StoreTests:
         done = record(store, path)
         assert done.settled_state() == done and done.writers == 0
 
+    def test_a_create_for_writing_counts_the_writer_in_the_same_call(self, store: Store) -> None:
+        """create(writing=True) is create, then writers(path, 1, 1), as one step: an open for writing's one call."""
+        meta = store.create("/bfs/cw", 5, writing=True)
+        assert (meta.writers, meta.settled, meta.settled_size, meta.size) == (1, 0, 5, 5)
+        assert record(store, "/bfs/cw") == meta
+        put(store, "/bfs/cw", None, [(0, b"ab")])                # seq 1
+        again = store.create("/bfs/cw", None, writing=True)      # the record kept; a second writer: no settle
+        assert (again.writers, again.settled, again.seq, again.size) == (2, 0, 1, 5)
+        assert store.writers("/bfs/cw", -1) == 1 and store.writers("/bfs/cw", -1) == 0
+        assert store.create("/bfs/cw", None).writers == 0        # without writing: no count
+
     def test_window_of_an_unknown_file(self, store: Store) -> None:
         assert store.window("/bfs/unknown", 0, 100) == (None, [])
         assert store.extents("/bfs/unknown", 0, 100) == [] and list(store.all_extents("/bfs/unknown")) == []
@@ -444,6 +455,28 @@ class StoreTests:
         finally:
             writer.close()
         assert current(store, "/bfs/w", 0, 6) == b"Jello!"
+
+    def test_a_closing_batch_counts_its_writer_out_once_stored(self, store: Store) -> None:
+        """send(closing=True): stored, then one writer less (a Close's one round trip); not stored, no change."""
+        store.create("/bfs/wc", None, writing=True)
+        store.create("/bfs/wc", None, writing=True)              # two writing handles
+        writer = store.writer()
+        try:
+            writer.send("/bfs/wc", 1, b"last", [(0, 0, 4)], closing=True)
+            assert writer.finish() == 1
+            assert record(store, "/bfs/wc").writers == 1
+            writer.send("/bfs/gone", 1, b"x", [(0, 0, 1)], closing=True)
+            with pytest.raises(RecordGone):                       # no record: nothing stored, nothing made
+                writer.finish()
+            assert store.meta("/bfs/gone") is None
+            writer.send("/bfs/wc", 1, b"!", [(4, 0, 1)], closing=True)
+            writer.finish()
+            writer.send("/bfs/wc", 1, b"?", [(5, 0, 1)], closing=True)   # never below zero
+            writer.finish()
+        finally:
+            writer.close()
+        assert record(store, "/bfs/wc").writers == 0
+        assert current(store, "/bfs/wc", 0, 6) == b"last!?"
 
     def test_drop_clean_frees_only_clean_batches(self, store: Store) -> None:
         store.create("/bfs/dc", None)
