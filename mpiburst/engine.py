@@ -21,6 +21,15 @@ its PID (``server.stop_run``). Every ``interval`` (0.5 s) it:
 A transient error never stops it: it is logged to ``mpiburst_<id>.engine.log``
 (mode 0600) in the run directory and the loop goes on. It exits when the
 server is gone or its run conf was removed.
+
+Beside a site's server (``python -m mpiburst.engine --tier URL``, a
+``valkey://`` / ``rediss://`` URL of :mod:`mpiburst.server.site`) nobody
+starts it: whoever wants the queued requests served and the thresholds
+applied runs it, its log in the current directory, until SIGTERM (the
+site's server has no PID of ours to watch; a lost connection is logged and
+tried again). The thresholds are the URL's ``sync_threshold`` and
+``purge_threshold`` (default 0.5 and 0.8) of each server's ``maxmemory``;
+a site's server has no TTL, so nothing expires.
 """
 
 from __future__ import annotations
@@ -37,8 +46,9 @@ from typing import Any
 
 from . import flush, iostats, named, residency
 from .engine_process import log_path, open_log
-from .errors import MpiburstError, TierConnectionError
+from .errors import ConfigError, MpiburstError, TierConnectionError
 from .server import pid_alive
+from .server.site import SCHEMES as SITE_SCHEMES
 from .tier import Tier
 
 #: Seconds between two rounds of the engine (also the longest wait for a queued request).
@@ -184,7 +194,7 @@ class Engine:
         stay, with one warning in the engine's log, until their owner
         destroys the tier; once nothing is dirty the tier is destroyed.
         """
-        meta = named.read_meta(self.tier.conf.dir)
+        meta = named.read_meta(self.tier.conf.dir) if self.tier.conf.server != "site" else None
         if meta is None or meta.left() > 0:
             return
         dirty = residency.dirty_files(self.tier, include_pinned=True)
@@ -211,8 +221,10 @@ class Engine:
                          self.tier.store.traffic(), now)
 
     def server_gone(self) -> bool:
-        """True if the run's server process ended or its conf file was removed."""
+        """True if the run's server process ended or its conf file was removed (never for a site's server)."""
         conf = self.tier.conf
+        if conf.server == "site":
+            return False
         return not os.path.exists(conf.path) or not pid_alive(conf.pid, conf.server)
 
     def run(self) -> int:
@@ -243,14 +255,20 @@ class Engine:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the engine of the run whose conf file is given (``--conf PATH``)."""
+    """Run the engine of the run whose conf file is given (``--conf PATH``), or beside a site's server (``--tier URL``)."""
     parser = argparse.ArgumentParser(prog="python -m mpiburst.engine",
                                      description="The automatic sync/purge engine of an mpiburst run.")
-    parser.add_argument("--conf", required=True, help="the run's conf file mpiburst_<id>.conf")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--conf", help="the run's conf file mpiburst_<id>.conf")
+    where.add_argument("--tier", metavar="URL", help="a site's server or cluster (valkey://, rediss://; see "
+                       "docs/cli.md, 'Tier URLs'): run beside it until SIGTERM, logging in the current directory")
     parser.add_argument("--interval", type=float, default=INTERVAL, help="seconds between rounds")
     args = parser.parse_args(argv)
     try:
-        tier = Tier.connect(conf=args.conf)
+        if args.tier and args.tier.partition("://")[0] not in SITE_SCHEMES:
+            raise ConfigError(f"--tier takes the URL of a site's server ({', '.join(SITE_SCHEMES)}); a named or "
+                              f"job's tier runs its own engine.")
+        tier = Tier.attach(args.tier) if args.tier else Tier.connect(conf=args.conf)
     except MpiburstError as exc:
         print(f"mpiburst engine: {exc}", file=sys.stderr)
         return exc.exit_code

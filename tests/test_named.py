@@ -20,6 +20,7 @@ import redis
 
 import mpiburst
 from mpiburst import jobrun, named
+from mpiburst.engine import main as engine_main
 from mpiburst.errors import ConfigError, ServerError
 from mpiburst.runconf import RunConf, named_dir
 from mpiburst.server import site, tls
@@ -303,6 +304,44 @@ def test_site_server_is_checked_for_noeviction_and_rights(tmp_path: Path, server
         mpiburst.sync("burst://site.dat", tier=tier)
         assert (tmp_path / "bfs" / "site.dat").read_bytes() == b"on the site's server"
         tier.disconnect()
+
+
+@pytest.mark.timeout(60)
+def test_an_engine_beside_a_sites_server_serves_queued_syncs_until_sigterm(
+        tmp_path: Path, server_binary: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "bfs").mkdir()
+    monkeypatch.chdir(tmp_path / "bfs")
+    with site_server(tmp_path, server_binary, "maxmemory-policy noeviction\n") as (port, _):
+        cred = private(tmp_path / "mp", "mp mppw\n")
+        url = f"valkey://127.0.0.1:{port}?credentials={cred}&sync_threshold=0.9"
+        tier = Tier.attach(url)
+        assert (tier.conf.sync_threshold, tier.conf.purge_threshold) == (0.9, 0.8)
+        with mpiburst.open("burst://queued.dat", "wb", tier=tier) as f:
+            f.write(b"synced by the engine")
+        mpiburst.sync("burst://queued.dat", tier=tier, block=False)   # queued: no engine yet, nothing happens
+        time.sleep(0.3)
+        assert not (tmp_path / "bfs" / "queued.dat").exists()
+        engine = subprocess.Popen([sys.executable, "-m", "mpiburst.engine", "--tier", url, "--interval", "0.1"],
+                                  env=cli_env(), stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 30
+            while not (tmp_path / "bfs" / "queued.dat").exists():
+                assert time.monotonic() < deadline and engine.poll() is None, engine.stderr.read()
+                time.sleep(0.1)
+            assert (tmp_path / "bfs" / "queued.dat").read_bytes() == b"synced by the engine"
+            engine.terminate()
+            assert engine.wait(timeout=20) == 0
+        finally:
+            engine.kill()
+            engine.wait()
+        log = next((tmp_path / "bfs").glob("mpiburst_site_127_0_0_1_*.engine.log")).read_text()
+        assert "sync " in log and "queued.dat" in log and "stopped" in log
+        tier.disconnect()
+    with pytest.raises(ConfigError, match="threshold outside \\(0, 1\\]"):
+        site.site_conf(f"{url.partition('&')[0]}&purge_threshold=2")
+    assert engine_main(["--tier", "mpiburst://x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mpiburst engine: --tier takes the URL of a site's server") and err.count("\n") == 1
 
 
 def tls_admin_options(tmp_path: Path) -> dict:

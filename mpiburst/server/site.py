@@ -5,7 +5,8 @@ check that it gives mpiburst what it needs.
 ``rediss://HOST:PORT`` (query options: ``credentials=FILE``, default
 ``$MPIBURST_CREDENTIALS``; ``bfs_root=DIR``, default the current directory;
 ``channels=N``, default 1; ``socket=PATH``, a unix socket instead of TCP;
-``ca=FILE``, ``cert=FILE``, ``key=FILE`` for TLS; ``trust_network=1``). The
+``ca=FILE``, ``cert=FILE``, ``key=FILE`` for TLS; ``trust_network=1``;
+``sync_threshold=F``, ``purge_threshold=F``, for an engine run beside it). The
 credentials file holds ``USER PASSWORD`` (or only ``PASSWORD``, for the
 ``default`` user) on its first line and is refused when group or others may
 read it: the password is never in the URL, on a command line or in the
@@ -25,7 +26,9 @@ What mpiburst needs of the server, checked at connect: ``maxmemory-policy
 noeviction`` (any other policy lets the server drop a file's fragments the
 BFS does not hold yet), and the rights of the ACL categories of a run's own
 user (:data:`.config.USER_RULES`: read, write, keyspace, transactions,
-scripts, INFO). A server in cluster mode is one node of a site's cluster:
+scripts, INFO). No engine runs beside such a server unless its user runs
+one (``python -m mpiburst.engine --tier URL``): without it queued
+(non-blocking) syncs and prestages wait, and no threshold applies. A server in cluster mode is one node of a site's cluster:
 :func:`open_site` finds its primaries (:func:`cluster_nodes`) and checks
 each. No engine runs beside such a server: syncs and purges happen
 when the jobs ask for them.
@@ -62,6 +65,8 @@ CREDENTIALS_ENV = "MPIBURST_CREDENTIALS"
 TLS_FILES = ("ca", "cert", "key")
 #: The key the rights check writes and deletes (in mpiburst's own key space).
 PROBE_KEY = "mpb:probe"
+#: The URL's engine thresholds (fractions of a server's maxmemory) and their defaults, a run's.
+THRESHOLDS = {"sync_threshold": 0.5, "purge_threshold": 0.8}
 #: The hash slots of a Valkey/Redis cluster.
 SLOTS = 16384
 #: Every how many slots a site's cluster is asked who owns the slot (:func:`cluster_nodes`).
@@ -172,8 +177,13 @@ def site_conf(url: str) -> RunConf:
     try:
         port = parts.port or (0 if sock else 6379)
         channels = int(query.get("channels", "1"))
+        thresholds = [float(query.get(name, default)) for name, default in THRESHOLDS.items()]
     except ValueError:
-        raise ConfigError(f"tier URL {url!r} has a port or channel count that is not a number; fix it.") from None
+        raise ConfigError(f"tier URL {url!r} has a port, channel count or threshold that is not a number; "
+                          f"fix it.") from None
+    if not all(0 < t <= 1 for t in thresholds):
+        raise ConfigError(f"tier URL {url!r} has a threshold outside (0, 1]; give the fill at which the engine "
+                          f"syncs or purges, as a fraction of the server's maxmemory.")
     if not (parts.hostname or sock) or channels < 1:
         raise ConfigError(f"tier URL {url!r} needs a host (valkey://HOST:PORT) or ?socket=PATH, and at least 1 "
                           f"channel; fix it.")
@@ -197,7 +207,8 @@ def site_conf(url: str) -> RunConf:
     name = "".join(c if c.isalnum() else "_" for c in f"site_{parts.hostname or 'socket'}_{port}")
     return RunConf(id=name, dir=os.getcwd(), host=parts.hostname or "", port=port, socket=sock, user=user,
                    password=password, channels=channels, bfs_root=bfs_root, capacity=0,
-                   align=detect_align(bfs_root, None), pid=None, server="site", site_tls=tls)
+                   align=detect_align(bfs_root, None), pid=None, server="site", site_tls=tls,
+                   sync_threshold=thresholds[0], purge_threshold=thresholds[1])
 
 
 def open_site(url: str) -> tuple[RunConf, Store, redis.Redis]:
