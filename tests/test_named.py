@@ -22,6 +22,7 @@ import mpiburst
 from mpiburst import jobrun, named
 from mpiburst.engine import main as engine_main
 from mpiburst.errors import ConfigError, ServerError
+from mpiburst.nodes import world_rank
 from mpiburst.runconf import RunConf, named_dir
 from mpiburst.server import site, tls
 from mpiburst.server.config import USER_RULES
@@ -421,18 +422,19 @@ def test_a_sites_cluster_is_found_from_any_node_and_every_node_is_checked(
         cred = private(tmp_path / "cred", lines)
         (tmp_path / "bfs").mkdir()
         monkeypatch.chdir(tmp_path / "bfs")
-        monkeypatch.setenv("PMI_RANK", "5")   # this process is MPI rank 5: its writes go to node 5 mod 3
+        monkeypatch.setenv("PMI_RANK", "5")   # this process is MPI rank 5: its writes go to node 5 mod 3 = 2
         url = f"{scheme}://127.0.0.1:{conf.nodes[1]['port']}?credentials={cred}&cluster=1"   # any node will do
         tier = Tier.attach(url)
         assert [n["port"] for n in tier.conf.nodes] == [n["port"] for n in conf.nodes]   # ordered by slot
         for found, node in zip(tier.conf.nodes, conf.nodes):   # the slot of the tag each node's keys carry
             assert node["slots"][0] <= found["slots"][0] == found["slots"][1] <= node["slots"][1]
-        assert isinstance(tier.store, ClusterStore) and tier.store.local == 2
+        local = world_rank() % 3   # 5 % 3, or 0 where mpi4py is initialised in this process (rank 0 of 1)
+        assert isinstance(tier.store, ClusterStore) and tier.store.local == local
         assert tier.capacity == 3 * (16 << 20)   # every node's maxmemory: each was asked
         with mpiburst.open("burst://c.dat", "wb", tier=tier) as f:
             f.write(bytes(range(256)) * 1000)
-        node2 = tier.store.shards[2].prefix
-        assert any(k.startswith(node2.encode()) for k in site_cluster.clients[2].scan_iter(count=1000))
+        mine = tier.store.shards[local].prefix   # the payload went to this process's node
+        assert any(k.startswith(mine.encode()) for k in site_cluster.clients[local].scan_iter(count=1000))
         assert mpiburst.open("burst://c.dat", "rb", tier=tier).read() == bytes(range(256)) * 1000
         mpiburst.sync("burst://c.dat", tier=tier)
         assert (tmp_path / "bfs" / "c.dat").read_bytes() == bytes(range(256)) * 1000
