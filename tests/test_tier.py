@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 import sys
@@ -118,6 +119,22 @@ def test_single_process_start_never_imports_mpi(tmp_path, server_binary):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+    assert os.listdir(tmp_path) == []
+
+
+def test_stop_after_the_server_was_killed_ends_its_engine_too(tmp_path, server_binary):
+    """Promise: stopping a tier whose server died leaves no process behind: its engine is ended, not left to notice.
+
+    (It used to be left running, a child this process never waited for:
+    the ResourceWarning of tests/test_checkpoint_mpi.py.)
+    """
+    tier = Tier.start(id="killed", dir=str(tmp_path), capacity="32M", server=server_binary)
+    engine = tier.conf.engine_pid
+    assert process.pid_alive(engine)
+    os.kill(tier.conf.pid, signal.SIGKILL)
+    assert process.wait_gone(tier.conf.pid, server_binary, 10)
+    tier.stop()
+    assert not process.pid_alive(engine)   # ended and reaped by stop(), not a second later by itself
     assert os.listdir(tmp_path) == []
 
 

@@ -461,6 +461,7 @@ def stop_run(conf: RunConf, save: bool = False, discard: bool = False, timeout: 
                 f"run {conf.id} is not running (its snapshot {rdb} is kept); restart it with "
                 f"'mpiburst start --restart --id {conf.id}' or remove it with 'mpiburst stop --discard --id {conf.id}'."
             )
+        _end_engine(conf.engine_pid)   # it would end by itself soon, but stop means stopped: no child left behind
         was = "was stopped" if conf.pid is None else f"was not running (PID {conf.pid} gone)"
         clean_run(conf, keep_snapshot=os.path.exists(rdb) and not discard)
         return f"run {conf.id} {was}; its files were removed."
