@@ -28,13 +28,15 @@ size, which also covers a manifest published in the same commit as its data
 (the end of ``mpiburst run`` stages out every tier file, manifests included)
 by a commit killed half-way through its renames.
 
-The background flush runs in one thread of rank 0, in save order. It makes
-no MPI call at all (so any thread level works, ``MPI_THREAD_SINGLE``
-included: only the main thread calls MPI), and it touches only the tier and
-the BFS; the collective calls (:meth:`Checkpoints.wait`,
-:meth:`Checkpoints.should_exit`) only ask rank 0's thread how far it is.
-One flusher per job means one process's bandwidth to the BFS; see
-``docs/checkpoint.md``.
+The background flush runs in one thread of rank 0, in save order; that
+thread is the process's, shared by every ``Checkpoints`` object whose rank 0
+the process is, so a flush one object asked for later never reaches the BFS
+before one another object asked for earlier. It makes no MPI call at all (so
+any thread level works, ``MPI_THREAD_SINGLE`` included: only the main thread
+calls MPI), and it touches only the tier and the BFS; the collective calls
+(:meth:`Checkpoints.wait`, :meth:`Checkpoints.should_exit`) only ask rank
+0's thread how far it is. One flusher means one process's bandwidth to the
+BFS; see ``docs/checkpoint.md``.
 """
 
 from __future__ import annotations
@@ -261,47 +263,53 @@ def _parse(raw: bytes, step: int) -> dict[str, Any] | None:
 
 @dataclass
 class _Flusher:
-    """Rank 0's one background thread: flushes and evictions, in the order they were asked for."""
+    """The process's one background thread: the flushes and evictions of every :class:`Checkpoints`, in order.
+
+    One per process, shared by every object whose rank 0 this process is
+    (:func:`_process_flusher`): a flush asked for later, by any object, never
+    reaches the BFS before one asked for earlier. Each task's error goes to
+    its own object's list, so one object's ``wait`` reports only its own.
+    """
 
     tasks: queue.Queue = field(default_factory=queue.Queue)
-    errors: list[str] = field(default_factory=list)
     flushed_bytes: int = 0
     flush_seconds: float = 0.0
     queued_bytes: int = 0
+    users: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     thread: threading.Thread | None = None
 
-    def submit(self, task: Callable[[], None], nbytes: int = 0) -> None:
-        """Run ``task`` after every task submitted before it; ``nbytes``: what it flushes (for the rate)."""
-        if self.thread is None:
-            self.thread = threading.Thread(target=self._run, name="mpiburst-checkpoint-flush", daemon=True)
-            self.thread.start()
+    def submit(self, task: Callable[[], None], errors: list[str], nbytes: int = 0) -> None:
+        """Run ``task`` after every task submitted before it (by any object); its error goes to ``errors``.
+
+        ``nbytes``: what it flushes (for the rate).
+        """
         with self.lock:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="mpiburst-checkpoint-flush", daemon=True)
+                self.thread.start()
             self.queued_bytes += nbytes
-        self.tasks.put((task, nbytes))
+        self.tasks.put((task, errors, nbytes))
 
-    def join(self) -> list[str]:
-        """Wait until every task submitted so far is done; return (and forget) the errors since the last join."""
+    def join(self) -> None:
+        """Wait until every task submitted so far (by any object) is done."""
         self.tasks.join()
-        return self.take_errors()
-
-    def take_errors(self) -> list[str]:
-        """Return (and forget) the errors of the tasks done since the last call."""
-        with self.lock:
-            errors, self.errors = self.errors, []
-        return errors
 
     def rate(self) -> float:
         """The measured flush rate in bytes per second (:data:`DEFAULT_FLUSH_RATE` before any was measured)."""
         with self.lock:
             return self.flushed_bytes / self.flush_seconds if self.flush_seconds > 0.05 else DEFAULT_FLUSH_RATE
 
-    def stop(self) -> None:
-        """End the thread after the tasks already submitted."""
-        if self.thread is not None:
-            self.tasks.put(None)
-            self.thread.join()
-            self.thread = None
+    def release(self) -> None:
+        """One object is done with the thread; the last one ends it, after the tasks already submitted."""
+        with self.lock:
+            self.users -= 1
+            thread = self.thread if self.users == 0 else None
+            if thread is not None:
+                self.thread = None
+                self.tasks.put(None)
+        if thread is not None:
+            thread.join()
 
     def _run(self) -> None:
         while True:
@@ -309,7 +317,7 @@ class _Flusher:
             if item is None:
                 self.tasks.task_done()
                 return
-            task, nbytes = item
+            task, errors, nbytes = item
             started = time.monotonic()
             try:
                 task()
@@ -320,11 +328,21 @@ class _Flusher:
             except Exception as exc:   # reported by the next wait(); the checkpoint stays in the tier
                 _log.warning("%s", exc)
                 with self.lock:
-                    self.errors.append(str(exc))
+                    errors.append(str(exc))
             finally:
                 with self.lock:
                     self.queued_bytes -= nbytes
                 self.tasks.task_done()
+
+
+_shared_flusher = _Flusher()
+
+
+def _process_flusher() -> _Flusher:
+    """Return this process's flusher, counting one more user (each :class:`Checkpoints` releases it once)."""
+    with _shared_flusher.lock:
+        _shared_flusher.users += 1
+    return _shared_flusher
 
 
 # ----------------------------------------------------------------------------- the API
@@ -373,7 +391,9 @@ class Checkpoints:
         self.saves = 0
         self._saved_at: list[float] = []     # when each completed (rank 0), for halt --checkpoints
         self.exit_reason: str | None = None  # why should_exit() said True
-        self._flusher = _Flusher()
+        self._flusher = _process_flusher()   # one per process: flushes of every object in the order asked for
+        self._errors: list[str] = []         # this object's flush errors since the last wait (rank 0)
+        self._released = False
         self._flushing: set[int] = set()     # steps whose flush was asked for (rank 0)
         self._leaving: set[int] = set()      # steps asked to leave the tier (rank 0)
         self._in_tier: set[int] | None = None   # complete in the tier and staying (rank 0; read at the first save)
@@ -468,7 +488,7 @@ class Checkpoints:
     def _begin(self, step: int) -> None:
         """Remove what a step holds before it is written again (rank 0)."""
         if step in self._flushing or step in self._leaving:
-            self._flusher.tasks.join()   # its queued flush would take the new files (errors: for wait())
+            self._flusher.join()   # its queued flush would take the new files (errors: for wait())
         if self._in_tier is None:   # once: a retained tier's checkpoints count towards keep
             self._in_tier = {s for s, e in self.catalog.scan().items() if e.in_tier}
         self._flushing.discard(step)
@@ -513,7 +533,7 @@ class Checkpoints:
         for old in sorted(self._in_tier)[:-self.keep]:
             self._in_tier.discard(old)
             self._leaving.add(old)
-            self._flusher.submit(functools.partial(self._evict, old))
+            self._flusher.submit(functools.partial(self._evict, old), self._errors)
         return due
 
     def _evict(self, step: int) -> None:
@@ -538,7 +558,7 @@ class Checkpoints:
                 raise CheckpointError(f"the flush of checkpoint {step} of {self.name} failed: {exc} It stays in "
                                       "the tier.") from None
 
-        self._flusher.submit(task, nbytes)
+        self._flusher.submit(task, self._errors, nbytes)
 
     def wait(self) -> None:
         """Wait until every flush asked for so far is durable on the BFS (collective).
@@ -549,16 +569,23 @@ class Checkpoints:
             On every rank, if a background flush failed since the last
             ``wait`` (that checkpoint stays in the tier; later ones went on).
         """
-        on_root(self.comm, lambda: self._report(self._flusher.join()))
+        def check() -> None:
+            self._flusher.join()
+            self._report()
 
-    def _report(self, errors: list[str]) -> None:
+        on_root(self.comm, check)
+
+    def _report(self) -> None:
+        """Raise this object's flush errors since the last report, if any (and forget them)."""
+        with self._flusher.lock:
+            errors, self._errors[:] = list(self._errors), []
         if errors:
             raise CheckpointError(" ".join(errors))
 
     def drop(self, step: int, bfs: bool = False) -> None:
         """Remove checkpoint ``step`` from the tier, and with ``bfs`` its BFS copy too (collective)."""
         def act() -> None:
-            self._flusher.tasks.join()   # its queued flush or eviction first (their errors: for wait())
+            self._flusher.join()   # its queued flush or eviction first (their errors: for wait())
             self._flush_failed.discard(step)
             if self._in_tier is not None:
                 self._in_tier.discard(step)
@@ -656,9 +683,10 @@ class Checkpoints:
                 newest = max((s for s, e in entries.items() if e.in_tier), default=None)
                 if newest is not None and not entries[newest].on_bfs and newest not in self._flushing:
                     self._queue_flush(newest, entries[newest].nbytes)
-                self._report(self._flusher.join())
+                self._flusher.join()
+                self._report()
             finally:
-                self._flusher.stop()
+                self._release()
 
         self._closed = True
         on_root(self.comm, finish)
@@ -672,7 +700,13 @@ class Checkpoints:
             self.close()
         else:
             self._closed = True
-            self._flusher.stop()
+            self._release()
+
+    def _release(self) -> None:
+        """Let go of the process's flusher, once (the last object to do so ends its thread)."""
+        if not self._released:
+            self._released = True
+            self._flusher.release()
 
     def _check_open(self) -> None:
         if self._closed:

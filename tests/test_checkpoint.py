@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 
 import pytest
@@ -93,6 +94,32 @@ def test_a_failed_flush_never_leaves_a_complete_copy_on_the_bfs(mem_tier, monkey
     ck.wait()
     assert bfs_only(mem_tier) == {2: "bfs"}
     assert {e.step: e.where() for e in ck.entries()} == {1: "tier", 2: "tier+bfs"}   # keep=1; 1's only copy stays
+
+
+def test_two_objects_flush_in_the_order_they_asked_and_each_hears_only_its_own_errors(mem_tier, monkeypatch):
+    """Promise: what the application completed first is never missing from the BFS when something later is there,
+    across Checkpoints objects of one process (they share rank 0's one flush thread)."""
+    held, gate = threading.Event(), threading.Event()
+
+    def hold_fluid(path, offset, length):   # the fluid's flush waits in its first write until the test looked
+        if "/fluid/" in path:
+            held.set()
+            assert gate.wait(10)
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(flush.writes, "write_observers", [hold_fluid])
+    fluid, parts = Checkpoints(None, "fluid", flush_every=1), Checkpoints(None, "parts", flush_every=1)
+    save(fluid, 1)
+    save(parts, 1)
+    assert held.wait(10)
+    time.sleep(0.3)   # a flusher of its own would have put parts' checkpoint on the BFS by now
+    assert Catalog("parts", bfs_root=mem_tier.bfs_root).scan() == {}
+    gate.set()
+    parts.wait()      # waits for the fluid's flush too (asked for first), but its error is the fluid's
+    assert {e.step: e.where() for e in parts.entries()} == {1: "tier+bfs"}
+    with pytest.raises(CheckpointError, match="flush of checkpoint 1 of fluid failed"):
+        fluid.close()
+    parts.close()
 
 
 def test_a_manifest_whose_files_are_short_on_the_bfs_does_not_count(mem_tier):
