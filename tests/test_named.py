@@ -403,6 +403,8 @@ def test_plaintext_to_another_host_is_refused_unless_the_network_is_trusted(
         site.site_conf(f"valkey://127.0.0.1:1?credentials={cred}&ca={cred}")
     with pytest.raises(ConfigError, match="rediss:// is TLS over TCP and needs a host"):
         site.site_conf(f"rediss://?socket=/x&credentials={cred}")
+    private(tmp_path / "cred", "mp mppw\nca=site-ca.crt\n")   # named beside the credentials file, run anywhere
+    assert site.read_credentials(str(cred))[2] == {"ca": str(tmp_path / "site-ca.crt")}
     private(tmp_path / "cred", "mp mppw\nca /x\n")
     with pytest.raises(ConfigError, match="line 'ca /x' that is not ca=FILE"):
         site.site_conf(f"rediss://localhost:1?credentials={cred}")

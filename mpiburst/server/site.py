@@ -99,7 +99,8 @@ def _open_private(path: str, what: str, option: str) -> int:
 def read_credentials(path: str) -> tuple[str, str, dict[str, str]]:
     """Return ``(user, password, tls)`` from a credentials file that only its owner may read.
 
-    ``tls`` holds the TLS files its further lines name (``ca=FILE``, ``cert=FILE``, ``key=FILE``).
+    ``tls`` holds the TLS files its further lines name (``ca=FILE``, ``cert=FILE``, ``key=FILE``; a relative
+    name is taken from the credentials file's directory, wherever the job runs).
 
     Raises
     ------
@@ -120,7 +121,7 @@ def read_credentials(path: str) -> tuple[str, str, dict[str, str]]:
         if not eq or name.strip() not in TLS_FILES or not value.strip():
             raise ConfigError(f"the credentials file {path} has a line {line[:40]!r} that is not ca=FILE, cert=FILE "
                               f"or key=FILE; fix it.")
-        tls[name.strip()] = value.strip()
+        tls[name.strip()] = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.expanduser(value.strip()))
     user, password = (words[0], words[1]) if len(words) == 2 else ("default", words[0])
     return user, password, tls
 
