@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -55,6 +56,8 @@ from .tier import Tier
 INTERVAL = 0.5
 #: Queued requests served per round, so the thresholds are checked often even with a long queue.
 REQUESTS_PER_ROUND = 16
+#: Seconds before a named tier's end at expiry is tried again after its destroy failed.
+EXPIRY_RETRY = 60.0
 
 def _sync_path(raw: bytes) -> str | None:
     """Return the path of a well-formed sync request, else None (served, or refused, one by one)."""
@@ -83,8 +86,10 @@ class Engine:
         self.stopping = False
         self.sampler = iostats.FillSampler()
         self.warned_expiry = False
-        #: The PID of the ``mpiburst destroy`` this engine started at its named tier's expiry (it stops the engine).
-        self.destroyer: int | None = None
+        #: The ``mpiburst destroy`` this engine started at its named tier's expiry (it stops the engine).
+        self.destroyer: subprocess.Popen | None = None
+        #: When (``time.monotonic()``) the expiry may be tried again after a destroy that failed.
+        self.retry_at = 0.0
 
     def memory(self) -> tuple[int, int]:
         """Return ``(used_memory, capacity)`` in bytes of the server, or of the fullest node's on a cluster.
@@ -208,7 +213,27 @@ class Engine:
             return
         self.destroyer = named.spawn_destroy(meta.name, self.tier.conf.dir, flush=bool(dirty))
         self.log.info("named tier %s expired; destroying it%s (pid %d)", meta.name,
-                      f" after flushing {len(dirty)} dirty files" if dirty else "", self.destroyer)
+                      f" after flushing {len(dirty)} dirty files" if dirty else "", self.destroyer.pid)
+
+    def expiry(self) -> None:
+        """One round's expiry: note a destroy at expiry that failed (tried again :data:`EXPIRY_RETRY` later), else
+        :meth:`expire` when none runs.
+
+        A destroy that succeeds stops this engine; one that fails (the
+        flush of the dirty files failed: a full BFS, a path taken) leaves
+        the tier and its data as they were, so its end is tried again.
+        """
+        if self.destroyer is not None:
+            code = self.destroyer.poll()
+            if code is None:
+                return
+            self.destroyer = None
+            self.retry_at = time.monotonic() + EXPIRY_RETRY
+            self.log.warning("the destroy of named tier %s at its expiry failed (exit status %d; see %s); the tier "
+                             "and its data stay, and it is tried again in %.0f s", self.tier.id, code,
+                             named.expiry_log(self.tier.id, self.tier.conf.dir), EXPIRY_RETRY)
+        if time.monotonic() >= self.retry_at:
+            self.expire()
 
     def sample(self, force: bool = False) -> None:
         """Log a tier-fill sample for the I/O report when one is due (or ``force``)."""
@@ -238,8 +263,8 @@ class Engine:
                 self.serve_queue()
                 if not self.stopping:
                     self.thresholds()
-                if not self.stopping and self.destroyer is None:
-                    self.expire()
+                if not self.stopping:
+                    self.expiry()
             except TierConnectionError as exc:
                 self.log.warning("server connection lost (%s)", exc)
                 time.sleep(self.interval)

@@ -306,19 +306,24 @@ def listing() -> list[dict[str, Any]]:
     return out
 
 
-def spawn_destroy(name: str, directory: str, flush: bool) -> int:
-    """Run ``mpiburst destroy NAME [--flush]`` in the background (the engine's expiry) and return its PID.
+def expiry_log(name: str, directory: str) -> str:
+    """Return where the destroy at named tier ``name``'s expiry writes: ``<tiers>/NAME.expiry.log`` (it outlives the tier)."""
+    return os.path.join(os.path.dirname(directory), f"{name}.expiry.log")
+
+
+def spawn_destroy(name: str, directory: str, flush: bool) -> subprocess.Popen:
+    """Run ``mpiburst destroy NAME [--flush]`` in the background (the engine's expiry) and return its process.
 
     A process of its own, in its own session: the destroy stops the engine
     that asked for it. Its output goes to ``<tiers>/NAME.expiry.log`` (0600),
     which outlives the tier.
     """
     env = engine_process.package_env(MPIBURST_TIERS_DIR=os.path.dirname(directory))
-    fd = engine_process.open_log(os.path.join(os.path.dirname(directory), f"{name}.expiry.log"))
+    fd = engine_process.open_log(expiry_log(name, directory))
     try:
         proc = subprocess.Popen([sys.executable, "-m", "mpiburst", "destroy", name] + (["--flush"] if flush else []),
                                 stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, cwd="/", env=env,
                                 start_new_session=True)
     finally:
         os.close(fd)
-    return proc.pid
+    return proc

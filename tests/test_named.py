@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,6 +22,7 @@ import redis
 
 import mpiburst
 from mpiburst import jobrun, named
+from mpiburst.engine import Engine
 from mpiburst.engine import main as engine_main
 from mpiburst.errors import ConfigError, ServerError
 from mpiburst.nodes import world_rank
@@ -202,6 +205,39 @@ def test_a_consumer_started_before_create_waits_for_the_tier_and_proceeds(
         consumer.wait()
         with contextlib.suppress(ConfigError):
             named.destroy("late", discard=True)
+
+
+@pytest.mark.timeout(90)
+def test_a_destroy_at_expiry_that_fails_keeps_the_data_and_is_tried_again(
+        tmp_path: Path, server_binary: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MPIBURST_TIERS_DIR", str(tmp_path / "tiers"))
+    (tmp_path / "bfs").mkdir()
+    monkeypatch.chdir(tmp_path / "bfs")
+    conf = named.create("exp", "32M", "1h", server_binary=server_binary)
+    try:
+        os.kill(conf.engine_pid, signal.SIGTERM)   # this test's engine, in this process, takes its place
+        tier = Tier.attach("mpiburst://exp", wait=0)
+        with mpiburst.open("burst://out.dat", "wb", tier=tier) as f:
+            f.write(b"must reach the BFS")
+        (tmp_path / "bfs" / "out.dat").mkdir()   # the BFS path is taken: the flush at expiry fails
+        home = tmp_path / "tiers" / "exp"
+        named.TierMeta("exp", time.time() - 3601, 3600, "flush").save(str(home))   # the TTL is past
+        log = logging.getLogger("test-expiry")
+        eng = Engine(tier, log, interval=0.05)
+        eng.expiry()
+        assert eng.destroyer is not None and eng.destroyer.wait(timeout=60) != 0
+        eng.expiry()   # the failure is seen: the tier and its data stay, the next try waits
+        assert eng.destroyer is None and eng.retry_at > time.monotonic() + 30 and home.is_dir()
+        assert mpiburst.open("burst://out.dat", "rb", tier=tier).read() == b"must reach the BFS"
+        (tmp_path / "bfs" / "out.dat").rmdir()
+        eng.retry_at = 0.0   # the retry's time has come
+        eng.expiry()
+        assert eng.destroyer is not None and eng.destroyer.wait(timeout=60) == 0
+        assert (tmp_path / "bfs" / "out.dat").read_bytes() == b"must reach the BFS" and not home.exists()
+        tier.disconnect()
+    finally:
+        with contextlib.suppress(ConfigError):
+            named.destroy("exp", discard=True)
 
 
 @pytest.mark.slow
