@@ -94,17 +94,30 @@ def create_aside(path: str) -> None:
     a default ACL it is created as a direct ``open(O_CREAT, 0666)`` would be,
     so it inherits the ACL a direct write would get.
     """
-    mode = 0o666 if has_default_acl(os.path.dirname(path)) else 0o600
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode))
+    os.close(open_aside(path))
 
 
-def give_final_attrs(fd: int, target: str, umask: int) -> bool:
+def open_aside(path: str, default_acl: bool | None = None) -> int:
+    """:func:`create_aside`, returning the new file open for reading and writing (the caller closes it).
+
+    ``default_acl``: whether the directory has a default ACL, when the caller
+    knows (a commit looks once per directory, not once per file); None: looked up.
+    """
+    if default_acl is None:
+        default_acl = has_default_acl(os.path.dirname(path))
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666 if default_acl else 0o600)
+
+
+def give_final_attrs(fd: int, target: str, umask: int, default_acl: bool | None = None) -> bool:
     """Give the temporary file open as ``fd`` the attributes ``target`` must have after the rename.
 
     If ``target`` exists, its mode, owner, group and access ACL are copied
     (the rename replaces it: its attributes must survive); else the file gets
     ``0666 & ~umask``, unless its directory has a default ACL (then the file
     already has what it inherited at creation). Call it before the rename.
+    ``default_acl`` not None: the caller knows ``target`` is absent (a
+    listing of its directory under the flush's lock) and whether the
+    directory has a default ACL; nothing is looked up.
 
     Returns
     -------
@@ -119,6 +132,10 @@ def give_final_attrs(fd: int, target: str, umask: int) -> bool:
     OSError
         If another attribute cannot be given: the caller must not rename then.
     """
+    if default_acl is not None:
+        if not default_acl:
+            os.fchmod(fd, 0o666 & ~umask)
+        return True
     try:
         old = os.stat(target)
     except FileNotFoundError:

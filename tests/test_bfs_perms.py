@@ -51,10 +51,17 @@ def write_through(tier: Tier, rel: str, data: bytes, app_umask: int, mode: str =
     return os.path.join(tier.bfs_root, rel)
 
 
-def sync_as(tier: Tier, path: str, flusher_umask: int) -> None:
-    """Flush ``path`` from a process whose umask is ``flusher_umask``."""
+def sync_as(tier: Tier, path: str, flusher_umask: int, how: str = "sync") -> None:
+    """Flush ``path`` from a process whose umask is ``flusher_umask``: a sync, or a ``"commit"`` of it alone.
+
+    A commit lists each directory once under its lock and opens each new version once (flush/many.py): the
+    attributes it gives must be a sync's.
+    """
     with umask(flusher_umask):
-        flush.sync(path, tier=tier)
+        if how == "commit":
+            assert [r.path for r in flush.commit(tier=tier, select=lambda p: p == path)] == [path]
+        else:
+            flush.sync(path, tier=tier)
 
 
 def direct_file(path: str, app_umask: int) -> os.stat_result:
@@ -101,7 +108,8 @@ def test_directories_the_flush_creates_get_0777_and_not_umask(mem_tier):
     assert mode(path) == 0o664
 
 
-def test_private_while_written_and_final_mode_before_the_rename(mem_tier, monkeypatch):
+@pytest.mark.parametrize("how", ["sync", "commit"])
+def test_private_while_written_and_final_mode_before_the_rename(mem_tier, monkeypatch, how):
     """The temporary file is 0600 while its bytes are written, and has its final mode when renamed into place."""
     path = write_through(mem_tier, "big.dat", os.urandom(3 * mem_tier.align + 100), 0o022)
     seen_writing, seen_renaming = [], []
@@ -118,13 +126,14 @@ def test_private_while_written_and_final_mode_before_the_rename(mem_tier, monkey
 
     monkeypatch.setattr(flush.writes, "write_observers", [observe])
     monkeypatch.setattr(os, "rename", rename)
-    sync_as(mem_tier, path, 0o077)
+    sync_as(mem_tier, path, 0o077, how)
     assert seen_writing and set(seen_writing) == {0o600}
     assert seen_renaming == [0o644]
     assert mode(path) == 0o644
 
 
-def test_existing_file_keeps_mode_owner_and_group(mem_tier):
+@pytest.mark.parametrize("how", ["sync", "commit"])
+def test_existing_file_keeps_mode_owner_and_group(mem_tier, how):
     """A flush that rewrites and truncates an existing file leaves its mode, owner and group alone."""
     path = os.path.join(mem_tier.bfs_root, "old.dat")
     Path(path).write_bytes(b"o" * 100_000)
@@ -136,7 +145,7 @@ def test_existing_file_keeps_mode_owner_and_group(mem_tier):
         f.seek(10)
         f.write(b"new")
         f.truncate(50_000)
-    sync_as(mem_tier, path, 0o077)
+    sync_as(mem_tier, path, 0o077, how)
     after = os.stat(path)
     assert (stat.S_IMODE(after.st_mode), after.st_uid, after.st_gid) == \
         (0o640, before.st_uid, before.st_gid)
@@ -190,14 +199,15 @@ def test_setgid_directory_gives_its_group_as_a_direct_write_does(mem_tier):
     assert flushed.st_gid == os.stat(shared).st_gid
 
 
-def test_default_acl_is_inherited_as_by_a_direct_write(mem_tier):
+@pytest.mark.parametrize("how", ["sync", "commit"])
+def test_default_acl_is_inherited_as_by_a_direct_write(mem_tier, how):
     """A default ACL decides the modes, not the umask: the flushed file and directory match direct ones."""
     setfacl = require_tool("setfacl", "acl")
     shared = os.path.join(mem_tier.bfs_root, "acl")
     os.mkdir(shared)
     subprocess.run([setfacl, "-d", "-m", f"u::rwx,g::rwx,o::r-x,u:{NOBODY}:rwx", shared], check=True, timeout=30)
     path = write_through(mem_tier, "acl/sub/out.dat", b"data", 0o077)   # a umask the default ACL overrides
-    sync_as(mem_tier, path, 0o077)
+    sync_as(mem_tier, path, 0o077, how)
     ref_file = direct_file(os.path.join(shared, "direct.dat"), 0o077)
     direct_dirs(os.path.join(shared, "direct"), 0o077)
     sub, ref_dir = os.path.join(shared, "sub"), os.path.join(shared, "direct")

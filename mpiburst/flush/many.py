@@ -9,12 +9,15 @@ share in :func:`threads` threads, in steps that every rank ends together
 every rank):
 
 1. rank 0 locks each directory of the cut once (:class:`~mpiburst.flush.snapshot.BfsLock`,
-   one lock per directory, held for every rank until the end), then every
-   file is prepared (lease, snapshot, new version aside) without waiting:
-   each directory is listed once for the leftovers of earlier flushes, not
-   once per file;
-2. write every file's new version, then fsync them all (write all, then
-   fsync all);
+   one lock per directory, held for every rank until the end); each rank
+   lists each of its directories once, under that lock (the leftovers of
+   earlier flushes, which targets exist, whether new files inherit an ACL),
+   not once per file;
+2. each file, in one task of the pool: prepared without waiting (lease,
+   snapshot, new version aside; a name the listing did not hold is not
+   looked up), its new version written and fsync'd through the one
+   descriptor that created it: a new file costs the BFS a create, a write,
+   a chmod, an fsync and, at 4., a rename;
 3. rank 0 writes the commit's journal, naming every rank's renames;
 4. every rank renames its new versions into place, then fsyncs each of
    their directories once; rank 0 removes the journal;
@@ -115,7 +118,7 @@ def _attempt(tier: Tier, files: list[tuple[str, FileMeta]], total: int, dirs: di
     for each lock and lease and look the leftovers up file by file, as a sync does.
     """
     store = tier.store
-    plans: list[Plan] = []
+    plans: list[Plan] = []   # every file prepared (appended from the threads): undone on a failure
     keeper = _LeaseKeeper(store, nthreads)
     published = False
     pool = ThreadPoolExecutor(nthreads, thread_name_prefix="mpiburst-commit") if nthreads > 1 else None
@@ -124,26 +127,27 @@ def _attempt(tier: Tier, files: list[tuple[str, FileMeta]], total: int, dirs: di
     try:
         on_root(comm, lambda: locks.extend(snapshot.lock_directories(dirs, wait=0 if parallel else None)))
         beside = _leftovers([path for path, _ in files]) if parallel else {}
+        listings = {d: snapshot.Listing.of(d) for d in {os.path.dirname(p) for p, _ in files}} if parallel else {}
 
-        def prepare(item: tuple[str, FileMeta]) -> Plan | None:
+        def make(item: tuple[str, FileMeta]) -> tuple[Plan, writes.Tally] | None:
+            """Prepare, write and fsync one file's new version, opened once (no file waits for the others)."""
             path, mark = item
             if not parallel:
                 plan = snapshot.prepare(store, path, tier.align, cut=mark, locked=True)
             else:
                 plan = snapshot.prepare(store, path, tier.align, cut=mark, wait=0, beside=beside.get(path, []),
-                                        locked=True)
-            if plan is not None:   # renewed from now on: preparing thousands of files outlasts a lease
-                keeper.hold(plan)
-            return plan
+                                        locked=True, listing=listings.get(os.path.dirname(path)))
+            if plan is None:
+                return None
+            plans.append(plan)
+            keeper.hold(plan)   # renewed from now on: preparing thousands of files outlasts a lease
+            tally = writes.Tally(written.file())
+            writes.write_run(store, plan, [locality.stripe_range(plan, 0, 1)], tally, 1, sync=False)
+            writes.seal(plan)
+            return plan, tally
 
-        plans = together(comm, lambda: _prepared(store, _each(pool, prepare, files)))
-        tallies = [writes.Tally(written.file()) for _ in plans]
-
-        def write(i: int) -> None:
-            writes.write_run(store, plans[i], [locality.stripe_range(plans[i], 0, 1)], tallies[i], 1, sync=False)
-
-        together(comm, lambda: _all(_each(pool, write, list(range(len(plans))))))
-        together(comm, lambda: _all(_each(pool, writes.seal, plans)))
+        made = together(comm, lambda: [m for m in _all(_each(pool, make, files)) if m is not None])
+        tallies = {id(plan): tally for plan, tally in made}
         together(comm, keeper.check)
         everyone = comm.allgather(plans) if comm is not None else [plans]
         journal = on_root(comm, lambda: write_journal(tier.bfs_root, [p for share in everyone for p in share]))
@@ -151,11 +155,11 @@ def _attempt(tier: Tier, files: list[tuple[str, FileMeta]], total: int, dirs: di
         together(comm, lambda: _publish(pool, plans))
         on_root(comm, lambda: os.unlink(journal))
         keeper.stop()
-        def settle(i: int) -> R:
-            writes.settle(store, plans[i], False)
-            return done(plans[i], tallies[i])
+        def settle(plan: Plan) -> R:
+            writes.settle(store, plan, False)
+            return done(plan, tallies[id(plan)])
 
-        results = together(comm, lambda: _all(_each(pool, settle, list(range(len(plans))))))
+        results = together(comm, lambda: _all(_each(pool, settle, plans)))
     except Exception as exc:
         keeper.stop()
         for plan in plans:
@@ -228,17 +232,6 @@ def _all(results: Sequence[T | BaseException]) -> list[T]:
     if error is not None:
         raise error
     return [r for r in results if not isinstance(r, BaseException)]
-
-
-def _prepared(store: Store, results: Sequence[Plan | None | BaseException]) -> list[Plan]:
-    """Return the plans prepared; if any file failed, abort the others first and raise its error."""
-    plans = [r for r in results if isinstance(r, Plan)]
-    error = _first_error(results)
-    if error is not None:
-        for plan in plans:
-            writes.abort(store, plan)
-        raise error
-    return plans
 
 
 def _publish(pool: ThreadPoolExecutor | None, plans: list[Plan]) -> None:

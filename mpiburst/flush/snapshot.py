@@ -24,7 +24,7 @@ from typing import Any
 
 from .. import drain
 from ..errors import FlushError, MpiburstError, PathError
-from ..perms import create_aside, current_umask, make_dirs
+from ..perms import create_aside, current_umask, has_default_acl, make_dirs, open_aside
 from ..store import FlushLease, Store
 from .failures import Busy, cause, quiet
 
@@ -55,10 +55,31 @@ class Plan:
     umask: int         # of the application: new files and directories get the modes it gives
     claimed: drain.Claim | None = None   # a finished drain's data file, now ``work``
     in_place: bool = False   # set by writes.seal: ``work`` was copied into ``target`` (another user's file)
+    # A commit's own (never a plan shared between processes): ``work`` kept open from its creation to its seal
+    # (one open of the new version, not three), and, for a target its directory's listing did not hold,
+    # whether that directory has a default ACL (nothing looked up again at the seal).
+    fd: int | None = None
+    listed_acl: bool | None = None
+
+
+@dataclass(frozen=True)
+class Listing:
+    """One listing of a directory, made by a commit under the directory's lock, for all its files there."""
+
+    names: frozenset[str]
+    default_acl: bool
+
+    @classmethod
+    def of(cls, directory: str) -> Listing | None:
+        """List ``directory`` (None if it cannot be listed: each file is then looked up)."""
+        try:
+            return cls(frozenset(os.listdir(directory)), has_default_acl(directory))
+        except OSError:
+            return None
 
 
 def prepare(store: Store, target: str, align: int, cut: Any = None, wait: float | None = None,
-            beside: list[str] | None = None, locked: bool = False) -> Plan | None:
+            beside: list[str] | None = None, locked: bool = False, listing: Listing | None = None) -> Plan | None:
     """Lock the BFS path, take the lease, snapshot the file and create its new version aside (rank 0 only).
 
     ``cut`` (a :class:`~mpiburst.store.FileMeta` taken by a commit) fixes the
@@ -81,6 +102,10 @@ def prepare(store: Store, target: str, align: int, cut: Any = None, wait: float 
     takes each directory's once, :func:`lock_directories`, and made the
     directory); else it is made and locked here, and released by
     :func:`release_lock`.
+    ``listing``: the target's directory as listed under that lock (a
+    commit): a name it does not hold is a new file, not looked up, and the
+    new version stays open in :attr:`Plan.fd` for the caller to write and
+    seal (:func:`~mpiburst.flush.writes.seal` closes it).
     """
     meta = store.meta(target)
     if meta is None and cut is not None:
@@ -109,10 +134,10 @@ def prepare(store: Store, target: str, align: int, cut: Any = None, wait: float 
                     lock.release()
                 return None
             snap = replace(cut, clean=snap.clean, trunc=snap.trunc) if snap.clean > cut.clean else cut
-        try:
-            old: os.stat_result | None = os.stat(target, follow_symlinks=False)
-        except FileNotFoundError:
-            old = None
+        old: os.stat_result | None = None
+        if listing is None or name in listing.names:   # else: not in its directory, listed under the lock
+            with contextlib.suppress(FileNotFoundError):
+                old = os.stat(target, follow_symlinks=False)
         work = os.path.join(directory, f".{name}.mpiburst-{token}")
         # A new file's chunks written ahead by a drain while the application wrote it (mpiburst.drain).
         drained = beside is None or any(os.path.basename(p).startswith(f".{name}.mpiburst-drain-") for p in beside)
@@ -128,7 +153,10 @@ def prepare(store: Store, target: str, align: int, cut: Any = None, wait: float 
         base = 0
         if old is not None:
             base = old.st_size if snap.trunc is None else min(old.st_size, snap.trunc)
-        if claimed is None:
+        fd = None
+        if claimed is None and listing is not None:
+            fd = open_aside(work, listing.default_acl)
+        elif claimed is None:
             create_aside(work)
     except BaseException as exc:
         if lease is not None:
@@ -142,7 +170,8 @@ def prepare(store: Store, target: str, align: int, cut: Any = None, wait: float 
     if lock is not None:
         _LOCKS[token] = lock
     return Plan(target=target, work=work, token=token, upto=snap.seq, clean=snap.clean, size=snap.size,
-                 trunc=snap.trunc, align=align, base=base, new=old is None, umask=umask, claimed=claimed)
+                 trunc=snap.trunc, align=align, base=base, new=old is None, umask=umask, claimed=claimed, fd=fd,
+                 listed_acl=listing.default_acl if listing is not None and old is None else None)
 
 
 class BfsLock:

@@ -76,7 +76,7 @@ def write_run(store: Store, plan: Plan, ranges: list[tuple[int, int]], tally: Ta
     if not ranges:
         return
     src = os.open(plan.target, os.O_RDONLY | os.O_NOFOLLOW) if plan.base else None
-    fd = os.open(plan.work, os.O_RDWR | os.O_NOFOLLOW)
+    fd = plan.fd if plan.fd is not None else os.open(plan.work, os.O_RDWR | os.O_NOFOLLOW)
     try:
         runs: list[tuple[int, int]] = []
         for first, last in ranges:
@@ -102,7 +102,8 @@ def write_run(store: Store, plan: Plan, ranges: list[tuple[int, int]], tally: Ta
         if sync:
             os.fsync(fd)
     finally:
-        os.close(fd)
+        if fd != plan.fd:   # a commit's new version stays open until its seal
+            os.close(fd)
         if src is not None:
             os.close(src)
 
@@ -261,11 +262,13 @@ def seal(plan: Plan) -> None:
     (``plan.in_place``; without the rename's all-or-nothing, but the data
     stays dirty in the tier until this is done, so a failure is retried).
     """
-    fd = os.open(plan.work, os.O_RDWR | os.O_NOFOLLOW)
+    fd = plan.fd if plan.fd is not None else os.open(plan.work, os.O_RDWR | os.O_NOFOLLOW)
+    plan.fd = None
     try:
         if os.fstat(fd).st_size != plan.size:
             os.ftruncate(fd, plan.size)
-        if give_final_attrs(fd, plan.target, plan.umask):   # visible only with its final mode (mpiburst.perms)
+        # visible only with its final mode (mpiburst.perms)
+        if give_final_attrs(fd, plan.target, plan.umask, plan.listed_acl):
             os.fsync(fd)
         else:
             _rewrite_in_place(fd, plan)
@@ -317,6 +320,9 @@ def settle(store: Store, plan: Plan, verify: bool) -> str | None:
 
 def abort(store: Store, plan: Plan) -> None:
     """Undo what a failed flush can undo: remove its new version, give the lease and the lock back."""
+    if plan.fd is not None:
+        fd, plan.fd = plan.fd, None
+        quiet(lambda: os.close(fd))
     quiet(lambda: os.unlink(plan.work))
     FlushLease(store, plan.target, plan.token, snapshot.LEASE_SECONDS).release()
     release_lock(plan.token)
