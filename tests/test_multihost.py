@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,8 @@ import pytest
 
 from mpiburst import server
 from mpiburst.runconf import RunConf
+from mpiburst.server import tls
+from mpiburst.server.config import USER_RULES
 
 from conftest import ENGINE_TLS, EXAMPLES, REPO, cli_env, expected_file, require_root, require_tool
 from netns import Hosts
@@ -144,6 +147,84 @@ def test_prolog_job_stranger_and_epilog_across_hosts(hosts, server_binary, tmp_p
     left = sorted(p.name for p in run_dir.iterdir()) if run_dir.exists() else []
     assert not [n for n in left if n.endswith((".conf", ".admin", ".node", ".rdb")) or n.startswith(".mpiburst_")]
     assert (bfs / "sim/result.bin").read_bytes() == expected_file(6, 5000, 4)
+
+
+_WRITE = ("import sys, mpiburst\n"
+          "with mpiburst.open('burst://' + sys.argv[1], 'wb') as f: f.write(bytes(range(256)) * int(sys.argv[2]))\n")
+_READ = "import sys, mpiburst\nsys.stdout.buffer.write(mpiburst.open('burst://' + sys.argv[1], 'rb').read())\n"
+
+
+def test_a_named_tier_on_two_hosts_attached_from_two_others(hosts, server_binary, tmp_path):
+    """#28 across hosts: 'create --nodes 2 --node K' on h1 and h2; a job on h3 writes, one on h4 reads, by URL."""
+    os.chmod(tmp_path, 0o755)
+    bfs = tmp_path / "bfs"
+    bfs.mkdir()
+    base = cli_env(MPIBURST_SERVER=server_binary, MPIBURST_TIERS_DIR=str(tmp_path / "tiers"))
+    base.pop("MPIBURST_TRUST_NETWORK", None)
+    made = [hosts.popen(k + 1, [sys.executable, "-m", "mpiburst", "create", "wf", "--capacity", "32M", "--ttl", "1h",
+                                "--nodes", "2", "--node", str(k)], hosts.env(k + 1, base), cwd=bfs) for k in (1, 0)]
+    outs = [p.communicate(timeout=120)[0] for p in made]
+    try:
+        assert [p.returncode for p in made] == [0, 0], outs
+        conf = RunConf.load(str(tmp_path / "tiers" / "wf" / "mpiburst_wf.conf"))
+        assert conf.tls and [n["host"] for n in conf.nodes] == [hosts.address(1), hosts.address(2)]
+        job = dict(base, MPIBURST_TIER="mpiburst://wf", MPIBURST_TIER_WAIT="0")
+        wrote = hosts.run(3, [sys.executable, "-c", _WRITE, "wf.dat", "3000"], hosts.env(3, job), timeout=60, cwd=bfs)
+        assert wrote.returncode == 0, wrote.stdout + wrote.stderr
+        got = subprocess.run(hosts.argv(4, [sys.executable, "-c", _READ, "wf.dat"]), env=hosts.env(4, job), cwd=bfs,
+                             capture_output=True, timeout=60)
+        assert got.returncode == 0 and got.stdout == bytes(range(256)) * 3000, got.stderr[-2000:]
+        assert not (bfs / "wf.dat").exists()   # read from the tier, over TLS from another host
+    finally:
+        done = hosts.run(1, [sys.executable, "-m", "mpiburst", "destroy", "wf", "--flush"], hosts.env(1, base),
+                         timeout=120, cwd=bfs)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (bfs / "wf.dat").read_bytes() == bytes(range(256)) * 3000
+    assert not any(server.pid_alive(n["pid"]) for n in conf.nodes)
+
+
+_SITE_JOB = """import sys, mpiburst
+from mpiburst.tier import Tier
+tier = Tier.attach(sys.argv[1])
+with mpiburst.open("burst://site.dat", "wb", tier=tier) as f:
+    f.write(b"across hosts over TLS")
+mpiburst.sync("burst://site.dat", tier=tier)
+try:
+    Tier.attach(sys.argv[1] + "&ca=" + sys.argv[2])
+except mpiburst.MpiburstError as exc:
+    print(exc)
+"""
+
+
+def test_rediss_to_a_sites_server_on_another_host(hosts, server_binary, tmp_path):
+    """A site's TLS-only redis-server on h1 (its certificate names 127.77.0.1); a job on h2 attaches by rediss://."""
+    os.chmod(tmp_path, 0o755)
+    (tmp_path / "bfs").mkdir()
+    files = tls.make_certificates(str(tmp_path), "site", [hosts.address(1)])
+    other = tls.make_certificates(str(tmp_path), "other", [hosts.address(1)])   # another CA, the same address
+    conf = tmp_path / "site.conf"
+    conf.write_text(f"port 0\ntls-port 6390\nbind {hosts.address(1)}\nunixsocket ''\nsave ''\ndir {tmp_path}\n"
+                    f"maxmemory 32mb\nmaxmemory-policy noeviction\nuser default off\nuser mp on >mppw {USER_RULES}\n"
+                    f"tls-cert-file {files.cert}\ntls-key-file {files.key}\ntls-ca-cert-file {files.ca}\n"
+                    f"tls-auth-clients no\n")
+    cred = tmp_path / "cred"
+    cred.write_text(f"mp mppw\nca={files.ca}\n")
+    cred.chmod(0o600)
+    site_server = hosts.popen(1, [server_binary, str(conf)], hosts.env(1, cli_env()))   # port 6390 of h1's own netns
+    try:
+        url = f"rediss://{hosts.address(1)}:6390?credentials={cred}&bfs_root={tmp_path / 'bfs'}"
+        deadline = time.monotonic() + 30
+        while True:
+            out = hosts.run(2, [sys.executable, "-c", _SITE_JOB, url, other.ca], hosts.env(2, cli_env()), timeout=60)
+            if out.returncode == 0 or "Connection refused" not in out.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)   # the server is not listening yet
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert (tmp_path / "bfs" / "site.dat").read_bytes() == b"across hosts over TLS"
+        assert "over TLS" in out.stdout and "certificate verify failed" in out.stdout, out.stdout   # another CA
+    finally:
+        site_server.kill()
+        site_server.wait(timeout=10)
 
 
 #: Run on host 4: a plaintext cluster-mode server claiming every slot with epoch 1000 MEETs every node of the run
