@@ -254,7 +254,11 @@ def keep_records(name: str, directory: str, keep_for: float = RECORDS_TTL) -> fl
 
 
 def prune_records(now: float | None = None) -> list[str]:
-    """Remove the job records of destroyed tiers whose record TTL is past (see :func:`keep_records`); return their paths."""
+    """Remove the job records of destroyed tiers whose record TTL is past (see :func:`keep_records`); return their paths.
+
+    The log of a destroy at expiry (:func:`expiry_log`) goes too once its
+    tier is gone and it is older than :data:`RECORDS_TTL`.
+    """
     root = tiers_dir()
     if not os.path.isdir(root):
         return []
@@ -262,7 +266,9 @@ def prune_records(now: float | None = None) -> list[str]:
     gone = []
     for name in os.listdir(root):
         path = os.path.join(root, name)
-        if name.startswith("mpiburst_") and name.endswith(".stats.json") and os.path.getmtime(path) < now:
+        records = name.startswith("mpiburst_") and name.endswith(".stats.json")
+        log = name.endswith(".expiry.log") and not os.path.isdir(os.path.join(root, name[:-len(".expiry.log")]))
+        if records and os.path.getmtime(path) < now or log and os.path.getmtime(path) + RECORDS_TTL < now:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             gone.append(path)

@@ -120,6 +120,12 @@ def test_records_stay_their_ttl_after_the_destroy_then_list_prunes_them(tmp_path
     assert records.stat().st_mtime == pytest.approx(until) and until == pytest.approx(time.time() + 3600, abs=5)
     assert named.prune_records(now=until - 1) == [] and records.exists()
     assert named.prune_records(now=until + 1) == [str(records)] and not records.exists()
+    for name in ("old", "live"):   # the logs of destroys at expiry: one whose tier is gone, one of a live tier
+        private(Path(named.expiry_log(name, named_dir(name))), "destroyed at expiry\n")
+    home.rename(tmp_path / "tiers" / "live")
+    later = time.time() + named.RECORDS_TTL + 60
+    assert named.prune_records(now=later) == [named.expiry_log("old", named_dir("old"))]
+    assert os.path.exists(named.expiry_log("live", named_dir("live")))
     with pytest.raises(ConfigError, match="TTL 'forever' is not a duration"):
         named.create("x", "8M", "1h", record_ttl="forever")
 
