@@ -329,7 +329,8 @@ def test_run_under_a_tier_url_refuses_the_options_that_start_a_tier(tmp_path: Pa
 @pytest.mark.timeout(60)
 def test_site_server_is_checked_for_noeviction_and_rights(tmp_path: Path, server_binary: str,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    users = "maxmemory-policy allkeys-lru\nuser noscript on >nspw ~* &* -@all +@read +@write +@connection +info\n"
+    users = ("maxmemory-policy allkeys-lru\nuser noscript on >nspw ~* &* -@all +@read +@write +@connection +info\n"
+             "user noinfo on >nipw ~* &* -@all +@read +@write +@connection +@scripting\n")
     with site_server(tmp_path, server_binary, users) as (port, admin):
         mp, noscript = private(tmp_path / "mp", "mp mppw\n"), private(tmp_path / "noscript", "noscript nspw\n")
         (tmp_path / "bfs").mkdir()
@@ -340,6 +341,9 @@ def test_site_server_is_checked_for_noeviction_and_rights(tmp_path: Path, server
         admin.config_set("maxmemory-policy", "noeviction")
         with pytest.raises(ConfigError, match="user noscript of the server .* lacks a right mpiburst needs"):
             Tier.attach(f"redis://127.0.0.1:{port}?credentials={noscript}")
+        noinfo = private(tmp_path / "noinfo", "noinfo nipw\n")   # INFO is asked first, whether it is a cluster
+        with pytest.raises(ConfigError, match="user noinfo of the server .* lacks a right mpiburst needs.*info"):
+            Tier.attach(f"redis://127.0.0.1:{port}?credentials={noinfo}")
         tier = Tier.attach(url)
         assert tier.capacity == 64 << 20
         with mpiburst.open("burst://site.dat", "wb", tier=tier) as f:

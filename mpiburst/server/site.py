@@ -232,7 +232,12 @@ def open_site(url: str) -> tuple[RunConf, Store, redis.Redis]:
     demanded = parse_qs(urlsplit(url).query).get("cluster", [""])[-1].lower() in ("1", "yes", "true")
     client = _connect(conf)
     try:
-        cluster = client.info("cluster").get("cluster_enabled") == 1
+        try:
+            cluster = client.info("cluster").get("cluster_enabled") == 1
+        except redis.exceptions.NoPermissionError as exc:
+            raise _lacks(conf, exc) from None
+        except redis.RedisError as exc:
+            raise ServerError(f"the server at {_where(conf)} failed the check of what mpiburst needs ({exc}).") from None
         if demanded and not cluster:
             raise ConfigError(f"the server at {_where(conf)} is not in cluster mode, but the URL says ?cluster=1; "
                               f"drop it, or name a node of the site's cluster.")
@@ -321,6 +326,8 @@ def cluster_nodes(client: redis.Redis, conf: RunConf) -> list[dict[str, Any]]:
                           f"({exc}).") from None
     entries: dict[tuple[str, int], dict[str, Any]] = {}
     for (slot, _), reply in zip(tags, replies):
+        if isinstance(reply, redis.exceptions.NoPermissionError):
+            raise _lacks(conf, reply)
         if not isinstance(reply, Exception):
             owner = (conf.host, conf.port)
         elif isinstance(reply, redis.exceptions.AskError) or str(reply).startswith("MOVED "):
@@ -352,8 +359,7 @@ def check(client: redis.Redis, conf: RunConf, probe: str = PROBE_KEY) -> int:
         memory = client.info("memory")
         client.eval(PROBE_SCRIPT, 1, probe)
     except redis.exceptions.NoPermissionError as exc:
-        raise ConfigError(f"user {conf.user} of the server at {where} lacks a right mpiburst needs ({exc}); grant "
-                          f"it the ACL rules '{USER_RULES}'.") from None
+        raise _lacks(conf, exc) from None
     except redis.RedisError as exc:
         raise ServerError(f"the server at {where} failed the check of what mpiburst needs ({exc}).") from None
     policy = memory.get("maxmemory_policy")
@@ -361,6 +367,12 @@ def check(client: redis.Redis, conf: RunConf, probe: str = PROBE_KEY) -> int:
         raise ConfigError(f"the server at {where} has maxmemory-policy {policy}, which lets it evict data the BFS "
                           f"does not hold yet; mpiburst needs 'maxmemory-policy noeviction'.")
     return int(memory.get("maxmemory") or 0) or int(memory.get("total_system_memory") or 0)
+
+
+def _lacks(conf: RunConf, exc: redis.RedisError) -> ConfigError:
+    """Return the error for a site server's user that lacks a right mpiburst needs (``exc``: the server's refusal)."""
+    return ConfigError(f"user {conf.user} of the server at {_where(conf)} lacks a right mpiburst needs ({exc}); grant "
+                       f"it the ACL rules '{USER_RULES}'.")
 
 
 def unreachable(conf: RunConf, exc: ServerError) -> ServerError:
