@@ -28,7 +28,7 @@ import redis
 
 from . import engine_process, nodes, server
 from .collective import on_root, together
-from .errors import ConfigError
+from .errors import AuthenticationError, ConfigError, ServerError
 from .runconf import RunConf, conf_path, find_conf_path, named_dir, resolve_id
 from .server import StartOptions, site
 from .store import MemoryStore, Store
@@ -195,7 +195,15 @@ class Tier:
         """
         scheme, _, rest = url.partition("://")
         if scheme == "mpiburst":
-            return cls.connect(conf=wait_for_named(rest.strip("/"), wait))
+            name = rest.strip("/")
+            try:
+                return cls.connect(conf=wait_for_named(name, wait))
+            except AuthenticationError:
+                raise
+            except ServerError as exc:   # the run's advice ('mpiburst status --id') does not find a named tier
+                raise ServerError(f"named tier {name} cannot be reached ({exc.__cause__ or 'no server'}); 'mpiburst "
+                                  f"list' shows whether its server is up; if it is down its data is lost: 'mpiburst "
+                                  f"destroy {name} --discard', then create it again.") from exc.__cause__
         if scheme == "memory":
             name = rest.strip("/") or "default"
             if name not in _memory_tiers:

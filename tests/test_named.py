@@ -30,6 +30,7 @@ from mpiburst.runconf import RunConf, named_dir
 from mpiburst.server import site, tls
 from mpiburst.server.config import USER_RULES
 from mpiburst.server.discovery import free_port
+from mpiburst.server.process import wait_gone
 from mpiburst.store import ClusterStore
 from mpiburst.testing.cluster import start_cluster
 from mpiburst.tier import Tier
@@ -206,6 +207,11 @@ def test_a_consumer_started_before_create_waits_for_the_tier_and_proceeds(
         tier = Tier.attach("mpiburst://late", wait=0)
         assert mpiburst.open("burst://early", "rb", tier=tier).read() == bytes(range(256)) * 10   # in the new tier
         tier.disconnect()
+        os.kill(tier.conf.pid, signal.SIGKILL)   # its server dies: attaching says what to do about a named tier
+        wait_gone(tier.conf.pid, None, 20)
+        with pytest.raises(ServerError, match="named tier late cannot be reached .*'mpiburst list' shows.*'mpiburst "
+                                              "destroy late --discard', then create it again"):
+            Tier.attach("mpiburst://late", wait=0)
     finally:
         consumer.kill()
         consumer.wait()
