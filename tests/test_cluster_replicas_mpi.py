@@ -25,6 +25,8 @@ import pytest
 import mpiburst
 from mpiburst import nodes
 from mpiburst.errors import NodeLostError
+from mpiburst.server.process import wait_gone
+from mpiburst.store import file_id
 from mpiburst.tier import Tier
 
 pytestmark = [pytest.mark.mpi(min_size=6), pytest.mark.timeout(120)]
@@ -96,17 +98,41 @@ def test_a_node_killed_after_close_then_another_mid_write_lose_nothing_with_repl
         comm.Barrier()
         assert np.array_equal(np.fromfile(bfs / "kept.dat", dtype=np.uint8), expected)
 
-        # then node 2's server, in the middle of the writes: each rank's first half synced, its second half still
-        # in its write-back buffer; Close pushes it to the promoted replica (the cluster still has a majority)
+        # then node 2's server, in the middle of the writes: each rank's first third synced; its second third pushed
+        # but not confirmed, with node 2's replica held back (stopped, 24 MiB queued for it) so that node 2's ranks'
+        # batches never reach it; node 2's server killed; its last third still in its write-back buffer. Sync sends
+        # what node 2's replica lacks to it again once promoted (the cluster still has a majority); Close pushes the
+        # last third there
         f = mpiburst.File.Open(comm, "burst://midway.dat", MPI.MODE_WRONLY | MPI.MODE_CREATE)
         block = _pattern(rank + size)
-        f.Write_at(rank * BLOCK, block[:BLOCK // 2])
+        third = BLOCK // 3
+        f.Write_at(rank * BLOCK, block[:third])
         f.Sync()
         comm.Barrier()
+        node2 = tier.conf.nodes[2]
         if rank == 0:
-            os.kill(tier.conf.nodes[2]["pid"], signal.SIGKILL)
+            os.kill(node2["replica"]["pid"], signal.SIGSTOP)
+            tier.store.clients[2].set(f"mpb:{{{tier.store.tags[2]}}}:filler", b"f" * (24 << 20))
         comm.Barrier()
-        f.Write_at(rank * BLOCK + BLOCK // 2, block[BLOCK // 2:])
+        try:
+            f.Write_at(rank * BLOCK + third, block[third:2 * third])
+            f.Get_size()   # pushes this rank's writes to its node's server, without waiting for the replica
+            pushed = list(tier.store.pushed)   # the batches not yet confirmed, kept to be sent again
+            assert pushed and all(p.node == tier.store.local for p in pushed)
+            comm.Barrier()
+            if rank == 0:
+                os.kill(node2["pid"], signal.SIGKILL)
+                assert wait_gone(node2["pid"], server_binary, 10)
+        finally:
+            comm.Barrier()
+            if rank == 0:
+                os.kill(node2["replica"]["pid"], signal.SIGCONT)
+        f.Sync()
+        if tier.store.local == 2:   # the promoted replica never had them under their first numbers: sent again
+            shard = tier.store.shards[2]
+            assert 2 in tier.store.failed_over
+            assert not any(shard.r.exists(shard.keys.file(file_id(p.path), f"b:{p.base}")) for p in pushed)
+        f.Write_at(rank * BLOCK + 2 * third, block[2 * third:])
         f.Close()
         expected = np.concatenate([_pattern(r + size) for r in range(size)])
         assert np.array_equal(_read_all(comm, "burst://midway.dat"), expected)

@@ -78,7 +78,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import redis
 from redis.crc import key_slot
@@ -117,8 +117,28 @@ DEAD_PROBE = 1.0
 COUNTER_GAP = 1 << 32
 #: Seconds :meth:`ClusterStore.confirm` waits for a replica to confirm a write.
 CONFIRM_TIMEOUT = 10.0
+#: Payload bytes a process keeps of the batches it pushed since its last :meth:`ClusterStore.confirm`, to send
+#: them again to a lost node's promoted replica; past it, the next batch first waits for the replicas (a confirm).
+RESEND_BYTES = 64 << 20
 #: Candidate tags asked of a server at once when looking for one of its slots.
 _PROBE = 64
+
+
+class Pushed(NamedTuple):
+    """A batch this process pushed since its last confirm: what :meth:`ClusterStore.confirm` may yet have to resend."""
+
+    path: str
+    channel: int
+    payload: bytes
+    extents: list[Sequence[int]]
+    node: int          # the node that holds its payload and index
+    base: int          # its first sequence number (and the node's blob id)
+
+    @property
+    def last(self) -> int:
+        """Its last sequence number."""
+        return self.base + len(self.extents) - 1
+
 
 class FailedOver(TierConnectionError):
     """A node's replica took over while a store call ran on it: the call is run again (see :func:`_failover_retried`)."""
@@ -243,8 +263,15 @@ class ClusterStore(Store):
         self.replicas: list[redis.Redis | None] = list(replicas or [])
         #: Nodes now served by their promoted replica.
         self.failed_over: set[int] = set()
+        #: Nodes this process wrote to since its last :meth:`confirm` (a WAIT on each), and those of them written
+        #: other than by a batch (what a failover may lose of those is not kept to be sent again).
         self._unconfirmed: set[int] = set()
+        self._unconfirmed_other: set[int] = set()
         self._lost_writes: set[int] = set()
+        #: The batches pushed since the last :meth:`confirm` (only with replicas), in the order they were numbered.
+        self.pushed: list[Pushed] = []
+        self._pushed_bytes = 0
+        self._resending = False
         self.local = local
         self.ranks = [tuple(r) for r in ranks] if ranks else None
         self.tags: list[str] = []
@@ -279,14 +306,19 @@ class ClusterStore(Store):
         return kw.get("path") or f"{kw.get('host')}:{kw.get('port')}"
 
     @contextmanager
-    def _on(self, node: int, write: bool = True) -> Iterator[None]:
+    def _on(self, node: int, write: bool = True, redone: bool = False) -> Iterator[None]:
         """Turn a lost connection to ``node``'s server into an error naming the node (and its files).
 
         With a replica, a lost node's replica is taken on instead once it is
         promoted (:meth:`_promote`) and :class:`FailedOver` is raised: the
         public method that was running is run again on it. ``write``: what
         runs may change the server's data (:meth:`confirm` then waits for it
-        to be on the replica too).
+        to be on the replica too). ``redone``: a write whose loss with the
+        server is made good without the caller: a step of storing a batch
+        (:attr:`pushed` keeps it to send again), a flush's lease, fence,
+        clean mark or freed batches (lost, the next flush does that work
+        again), statistics. Other writes lost with a server make the next
+        :meth:`confirm` raise.
         """
         try:
             yield
@@ -298,8 +330,10 @@ class ClusterStore(Store):
             if _moved(exc) and self._promote(node):
                 raise FailedOver(node) from None
             raise as_mpiburst_error(exc) from None
-        if write:
+        if write or redone:
             self._unconfirmed.add(node)
+            if not redone:
+                self._unconfirmed_other.add(node)
 
     def promote(self, node: int) -> bool:
         """Serve ``node``'s keys from its replica once the cluster promoted it (a process that starts after a
@@ -314,9 +348,11 @@ class ClusterStore(Store):
         ``cluster-node-timeout`` plus a second). This waits for that, at most
         :data:`FAILOVER_WAIT` seconds. With two nodes there is no majority:
         this process promotes the replica (``CLUSTER FAILOVER TAKEOVER``),
-        but only once the primary is certainly dead (:meth:`_dead`). Writes this process made to the lost
-        server since its last :meth:`confirm` may not have reached the
-        replica: the next :meth:`confirm` raises :class:`NodeLostError`.
+        but only once the primary is certainly dead (:meth:`_dead`). The
+        batches this process pushed since its last :meth:`confirm` that the
+        replica does not hold are sent to it again (:meth:`_resend`); other
+        writes this process made to the lost server since then may not have
+        reached the replica: the next :meth:`confirm` raises :class:`NodeLostError`.
         """
         replica = self.replicas[node] if node < len(self.replicas) else None
         if replica is None or node in self.failed_over:
@@ -336,10 +372,62 @@ class ClusterStore(Store):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.1)
-        if node in self._unconfirmed:
+        if node in self._unconfirmed_other:
             self._lost_writes.add(node)
         self._take_on(node, replica)
+        self._resend(node)
         return True
+
+    def _resend(self, node: int) -> None:
+        """Send again each batch of :attr:`pushed` that ``node``'s promoted replica may lack (see :meth:`_held`).
+
+        A batch the replica lacks is stored and numbered anew: above any
+        flush's snapshot taken meanwhile (a flush never marks it clean unread)
+        and, the batches being sent again in the order they were first
+        numbered, after this process's earlier writes as before. So it counts
+        as arriving now: where it overlaps a write another process made since
+        without a sync between them (MPI leaves that outcome undefined), it wins.
+        """
+        pushed, self.pushed, self._pushed_bytes = self.pushed, [], 0
+        self._resending = True
+        try:
+            for p in pushed:
+                if node in (0, p.node) and not self._held(node, p):
+                    with suppress(RecordGone):   # the file was deleted meanwhile
+                        self.commit(p.path, p.channel, p.payload, p.extents)   # kept again, numbered anew
+                else:
+                    self._keep(p)
+        finally:
+            self._resending = False
+
+    def _held(self, node: int, p: Pushed) -> bool:
+        """Return True if ``node``'s promoted replica holds batch ``p`` as its lost server did.
+
+        On the batch's own node: its payload is there (the commit script
+        stores the payload, its index and the record's numbers at once, and a
+        replica holds a prefix of its primary's writes). On the home (node 0,
+        the batch's payload elsewhere): the record has the batch's numbers
+        (its ``seq`` reached them, from one counter) and its node's mark.
+        """
+        for _ in range(len(self.clients)):
+            try:
+                fid = file_id(p.path)
+                if p.node == node:
+                    with self._on(node, write=False):
+                        return bool(self.clients[node].exists(self.shards[node].keys.file(fid, f"b:{p.base}")))
+                with self._on(0, write=False):
+                    seq, mark = self.clients[0].hmget(self.home.keys.file(fid, "m"), ["seq", f"@{p.node}"])
+                return mark is not None and int(seq or 0) >= p.last
+            except FailedOver:
+                continue   # yet another node lost meanwhile: ask its replica
+        return False
+
+    def _keep(self, p: Pushed) -> None:
+        """Add ``p`` to :attr:`pushed`; past :data:`RESEND_BYTES`, wait for the replicas (:meth:`confirm`) first."""
+        self.pushed.append(p)
+        self._pushed_bytes += len(p.payload)
+        if self._pushed_bytes > RESEND_BYTES and not self._resending:
+            self.confirm()
 
     def _dead(self, node: int) -> bool:
         """Return True only if ``node``'s server is certainly gone: a new connection to it is refused.
@@ -398,14 +486,17 @@ class ClusterStore(Store):
         """
         if not any(self.replicas):
             self._unconfirmed.clear()
+            self._unconfirmed_other.clear()
             return
         wait_ms = int(1000 * (CONFIRM_TIMEOUT if timeout is None else timeout))
         for node in sorted(self._unconfirmed):
             if node in self._lost_writes:   # said once: what is written again after it is confirmed anew
                 self._lost_writes.discard(node)
                 self._unconfirmed.discard(node)
-                raise NodeLostError(f"the tier server of node {node} was lost before this process's latest writes to "
-                                    f"it were on its replica (promoted since); they may be gone: write them "
+                self._unconfirmed_other.discard(node)
+                raise NodeLostError(f"the tier server of node {node} was lost before this process's latest changes "
+                                    f"to it other than writes (a file's creation, size, open count) were on its "
+                                    f"replica (promoted since); they may be gone: check the files and open them "
                                     f"again.", node)
             if node in self.failed_over:
                 continue
@@ -419,6 +510,8 @@ class ClusterStore(Store):
                                    f"process's writes within {wait_ms / 1000:.0f} s; they are on one node only. "
                                    f"Check the replica's server log and 'mpiburst status'.")
         self._unconfirmed.clear()
+        self._unconfirmed_other.clear()
+        self.pushed, self._pushed_bytes = [], 0
 
     def _lost(self, node: int, exc: BaseException) -> NodeLostError:
         """Return the error for an unreachable ``node``, naming the files whose data it held when known."""
@@ -500,7 +593,7 @@ class ClusterStore(Store):
         """Raise the fence of ``path`` on ``nodes`` to ``value`` (see the module docstring)."""
         fid = file_id(path)
         for node in nodes:
-            with self._on(node):
+            with self._on(node, redone=True):
                 self._fence[node](keys=[self.shards[node].keys.file(fid, "m")], args=[value, path])
 
     # -- file records -------------------------------------------------------
@@ -559,12 +652,13 @@ class ClusterStore(Store):
         node = self._writer_node()
         shard = self.shards[node]
         tmp = shard.keys.temporary(path)
-        with self._on(node):
+        data = bytes(payload)   # redis-py with hiredis takes no memoryview; kept as is in :attr:`pushed`
+        with self._on(node, redone=True):
             try:
-                shard.r.execute_command("SET", tmp, bytes(payload))
+                shard.r.execute_command("SET", tmp, data)
             except redis.ResponseError as exc:
                 raise as_mpiburst_error(exc) from None
-        return self._numbered(path, node, tmp, channel, payload, extents, staged)
+        return self._numbered(path, node, tmp, channel, data, extents, staged)
 
     def _numbered(self, path: str, node: int, tmp: str, channel: int, payload: Payload,
                   extents: Sequence[Sequence[int]], staged: bool) -> int:
@@ -574,11 +668,17 @@ class ClusterStore(Store):
         """
         for _ in range(len(self.clients)):
             try:
-                return self._number_and_index(path, node, tmp, channel, payload, extents, staged)
+                base = self._number_and_index(path, node, tmp, channel, payload, extents, staged)
+                break
             except FailedOver as exc:
                 if exc.node == node:
                     raise
-        return self._number_and_index(path, node, tmp, channel, payload, extents, staged)
+        else:
+            base = self._number_and_index(path, node, tmp, channel, payload, extents, staged)
+        if not staged and any(self.replicas):   # a staged batch is a copy of the BFS: nothing to send again
+            self._keep(Pushed(path, channel, payload if isinstance(payload, bytes) else bytes(payload),
+                              list(extents), node, base))
+        return base
 
     def _number_and_index(self, path: str, node: int, tmp: str, channel: int, payload: Payload,
                           extents: Sequence[Sequence[int]], staged: bool) -> int:
@@ -594,10 +694,10 @@ class ClusterStore(Store):
             if base is None:
                 base = self._number(path, fid, node, len(extents), end, staged)
                 if base < 0:
-                    with self._on(node):
+                    with self._on(node, redone=True):
                         shard.r.unlink(tmp)
                     raise RecordGone(path)
-            with self._on(node):
+            with self._on(node, redone=True):
                 try:
                     shard.index_sent(path, tmp, channel, len(payload), extents, staged, None if staged else base)
                     return base
@@ -609,14 +709,14 @@ class ClusterStore(Store):
                     if not isinstance(exc, TierConnectionError):   # a lost node: _on says so
                         shard.r.unlink(tmp)
                     raise
-        with self._on(node):
+        with self._on(node, redone=True):
             shard.r.unlink(tmp)
         raise ServerError(f"a batch of {path} was overtaken by {RETRIES} flushes or truncations in a row; "
                           "write it again.")
 
     def _number(self, path: str, fid: str, node: int, count: int, end: int, staged: bool) -> int:
         """Have the home hand out ``count`` sequence numbers for a batch on ``node``; return the first (-1: no record)."""
-        with self._on(0):
+        with self._on(0, redone=True):
             try:
                 return int(self._reserve(keys=[self.home.keys.file(fid, "m"), self._counter],
                                          args=[count, end, f"@{node}", int(staged)]))
@@ -634,11 +734,11 @@ class ClusterStore(Store):
         name lands here.
         """
         if fence is None:
-            with self._on(0):
+            with self._on(0, write=False):
                 fence = int(self.clients[0].get(self._counter) or 0)
         shard = self.shards[node]
         mkey = shard.keys.file(file_id(path), "m")
-        with self._on(node):
+        with self._on(node, redone=True):
             pipe = shard.r.pipeline(transaction=True)
             pipe.hsetnx(mkey, "path", path)
             pipe.hsetnx(mkey, "fence", fence)
@@ -749,22 +849,22 @@ class ClusterStore(Store):
             return 0
         freed = 0
         for node in nodes:
-            with self._on(node):
+            with self._on(node, redone=True):
                 freed += self.shards[node].free_clean(path, meta.clean)
         return freed
 
     # -- the flush lease ----------------------------------------------------
     def lease(self, path: str, seconds: float) -> str | None:
-        with self._on(0):
+        with self._on(0, redone=True):
             return self.home.lease(path, seconds)
 
     def renew(self, path: str, token: str, seconds: float) -> bool:
-        with self._on(0):
+        with self._on(0, redone=True):
             return self.home.renew(path, token, seconds)
 
     def begin(self, path: str) -> FileMeta:
         """Record the snapshot on the home, then fence every node of the file at it (before any index is read)."""
-        with self._on(0):
+        with self._on(0, redone=True):
             meta = self.home.begin(path)
         _, nodes = self._record(path)
         self._fence_nodes(path, nodes, meta.pending)
@@ -773,11 +873,11 @@ class ClusterStore(Store):
     def mark_clean(self, path: str, token: str, upto: int, trunc: int | None) -> bool:
         _, nodes = self._record(path)
         self._fence_nodes(path, nodes, upto)     # raising a fence is always safe: a late batch is numbered anew
-        with self._on(0):
+        with self._on(0, redone=True):
             return self.home.mark_clean(path, token, upto, trunc)
 
     def release(self, path: str, token: str) -> None:
-        with self._on(0):
+        with self._on(0, redone=True):
             self.home.release(path, token)
 
     def leased(self, path: str) -> bool:
@@ -858,11 +958,11 @@ class ClusterStore(Store):
 
     def stats_add(self, path: str, who: str, counters: Mapping[str, int]) -> None:
         node = self._writer_node()   # on this process's node, as its batches: they outlive a lost node 0
-        with self._on(node):
+        with self._on(node, redone=True):
             self.shards[node].stats_add(path, who, counters)
 
     def stats_log(self, event: Mapping[str, Any]) -> None:
-        with self._on(0):
+        with self._on(0, redone=True):
             self.home.stats_log(event)
 
     def stats(self) -> tuple[dict[str, dict[str, dict[str, int]]], list[dict[str, Any]]]:
@@ -958,7 +1058,7 @@ class ClusterBatchWriter(BatchWriter):
         tmp: str | None = self.store.shards[self.node].keys.temporary(path)
         try:
             conn = self._borrow()
-            with self.store._on(self.node):
+            with self.store._on(self.node, redone=True):
                 try:
                     conn.send_packed_command(resp_frames([("SET", tmp, payload)]), check_health=False)
                 except BaseException:
@@ -983,7 +1083,7 @@ class ClusterBatchWriter(BatchWriter):
         """Read the payload's reply, then have the batch numbered and indexed; return its first sequence number."""
         if tmp is not None:
             try:
-                with self.store._on(self.node):
+                with self.store._on(self.node, redone=True):
                     try:
                         self._conn.read_response()
                     except redis.ResponseError as exc:
