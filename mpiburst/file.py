@@ -179,10 +179,11 @@ class File:
         """Push this rank's buffered writes and close the file (collective)."""
         tf = self._handle()
         # alone, this rank's last batch counts the handle out of the file's writers (no round trip of its own);
-        # with several ranks rank 0 does, once every rank's writes are in (below)
+        # with several ranks rank 0 does, once every rank's writes are in (below); rank 0 confirms its writes
+        # with the changes it makes there
         alone = self._comm.Get_size() == 1 and self._drain is None and bool(self._amode & _WRITING)
         try:
-            self._together(lambda: tf.close(writer=alone))
+            self._together(lambda: tf.close(writer=alone, confirm=self._comm.Get_rank() != 0))
         except BaseException:
             if self._drain is not None:
                 self._drain.abandon()
@@ -202,6 +203,7 @@ class File:
                 self._tier.store.writers(tf.path, -1)
             if self._amode & MPI.MODE_DELETE_ON_CLOSE:
                 _delete(self._tier, tf.path)
+            self._tier.store.confirm()   # with replicas: its writes and these changes on two nodes before Close returns
 
         try:
             self._rank0(forget)   # a lost server on rank 0 raises on every rank

@@ -313,9 +313,7 @@ class BurstIO(io.BufferedIOBase):
         finally:
             self._pages.clear()
             if flushed:
-                self._tf.close()
-                if self._writable:   # every write is in the tier: no longer written by this handle
-                    self._tf.store.writers(self._tf.path, -1)
+                self._tf.close(writer=self._writable)   # counted out of the writers, then confirmed
             else:  # the flush's error is the one to report; still give the connection back
                 with contextlib.suppress(MpiburstError):
                     self._tf.close()

@@ -330,16 +330,18 @@ class TierFile:
             except TierConnectionError as exc:
                 raise _lost(exc) from None
 
-    def close(self, writer: bool = False) -> None:
+    def close(self, writer: bool = False, confirm: bool = True) -> None:
         """Push what is buffered, add this handle's counters to the tier's and give the connection back.
 
         The last batch goes out first and is waited for after the counters are
         merged (one call on the store's own connection), so recording adds no
         round trip to a close; that batch's wait is not in the write time.
         ``writer``: this handle is the last of its open counted among the
-        file's writers; the last batch counts it out in the same round trip
-        (then :attr:`counted_out` is True; else the caller still must, with
-        :meth:`~mpiburst.store.Store.writers`).
+        file's writers: it is counted out, by the last batch in the same round
+        trip (or, without one, by :meth:`~mpiburst.store.Store.writers`), and
+        :attr:`counted_out` is then True; else the caller still must. Then the
+        confirm covers it too. ``confirm`` False: the caller confirms later
+        (after changes of its own).
         """
         try:
             if self._extents:
@@ -350,7 +352,11 @@ class TierFile:
                 self.stats.writes.ns += perf_counter_ns() - t0
             self.stats.merge(self.store, self.path)
             self._await()
-            self.store.confirm()   # with replicas: on two nodes before the close returns
+            if writer and not self.counted_out:   # no last batch counted it out: every write is in the tier
+                self.store.writers(self.path, -1)
+                self.counted_out = True
+            if confirm:
+                self.store.confirm()   # with replicas: on two nodes before the close returns
         finally:
             self._writer.close()
 

@@ -6,17 +6,20 @@ by itself (a majority of primaries is left). With fewer ranks these tests
 are skipped (a run of two nodes has no majority to promote a replica).
 
 Every rank writes its own block of one shared file and closes it; then node
-1's server is SIGKILLed (and later node 2's, between a rank's synced and
-buffered writes). With ``replicas=1`` every byte is still read back
-through the tier on every rank, and a collective sync puts it on the BFS
-exactly; without replicas the same kill loses node 1's data
-(:class:`NodeLostError` on every rank).
+1's server is SIGKILLed (later node 2's, between a rank's pushed and
+confirmed writes, and node 0's in the middle of a collective sync; in
+another run node 1's in the middle of a commit). With ``replicas=1`` every
+byte is still read back through the tier on every rank, and a collective
+sync or commit puts it on the BFS exactly; without replicas the same kill
+loses node 1's data (:class:`NodeLostError` on every rank).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +27,8 @@ import pytest
 
 import mpiburst
 from mpiburst import nodes
-from mpiburst.errors import NodeLostError
+from mpiburst.errors import FlushError, NodeLostError
+from mpiburst.flush import writes
 from mpiburst.server.process import wait_gone
 from mpiburst.store import file_id
 from mpiburst.tier import Tier
@@ -75,8 +79,9 @@ def three_nodes(monkeypatch) -> None:
 
 
 @pytest.mark.slow
-def test_a_node_killed_after_close_then_another_mid_write_lose_nothing_with_replicas(mpi_tmp_path: Path, server_binary: str,
-                                                                three_nodes: None):
+def test_nodes_killed_after_close_mid_write_and_mid_sync_lose_nothing_with_replicas(mpi_tmp_path: Path,
+                                                                                   server_binary: str,
+                                                                                   three_nodes: None):
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
@@ -141,6 +146,52 @@ def test_a_node_killed_after_close_then_another_mid_write_lose_nothing_with_repl
         comm.Barrier()
         assert np.array_equal(np.fromfile(bfs / "midway.dat", dtype=np.uint8), expected)
 
+        # then node 0's server (every file's record, the lease) in the middle of a collective sync: killed at rank 0's
+        # first write to the BFS of any rank, so the rest of the flush (its lease, its clean mark, its log) runs on node 0's
+        # promoted replica; it completes, or fails on every rank and a second sync completes it
+        f = mpiburst.File.Open(comm, "burst://flushed.dat", MPI.MODE_WRONLY | MPI.MODE_CREATE)
+        f.Write_at(rank * BLOCK, _pattern(rank + 2 * size))
+        f.Close()
+        expected = np.concatenate([_pattern(r + 2 * size) for r in range(size)])
+        with _killed_at_first_bfs_write(comm, tier.conf.nodes[0]["pid"]) as killed:
+            _sync_or_again(comm, "burst://flushed.dat")
+        assert killed == [True]   # inside the flush
+        assert np.array_equal(np.fromfile(bfs / "flushed.dat", dtype=np.uint8), expected)
+        assert np.array_equal(_read_all(comm, "burst://flushed.dat"), expected)
+        assert 0 in tier.store.failed_over
+        assert not tier.store.meta(str(bfs / "flushed.dat")).dirty   # marked clean on the promoted replica
+
+
+@contextmanager
+def _killed_at_first_bfs_write(comm, pid: int) -> Iterator[list[bool]]:  # noqa: ANN001
+    """SIGKILL ``pid`` (a node's server) at the first write to the BFS of any rank inside the block.
+
+    Yields a list that holds, once the block is done, whether some rank killed it (every rank's answer).
+    """
+    mine: list[bool] = []
+
+    def kill(path: str, offset: int, length: int) -> None:
+        if not mine:
+            mine.append(True)
+            with suppress(ProcessLookupError):   # another rank was first
+                os.kill(pid, signal.SIGKILL)
+
+    writes.write_observers.append(kill)
+    killed: list[bool] = []
+    try:
+        yield killed
+    finally:
+        writes.write_observers.remove(kill)
+        killed.append(any(comm.allgather(bool(mine))))
+
+
+def _sync_or_again(comm, path: str) -> None:  # noqa: ANN001
+    """A collective sync of ``path``; if it fails (on every rank, the data still dirty), a second one."""
+    try:
+        mpiburst.sync(path, comm=comm)
+    except FlushError:
+        mpiburst.sync(path, comm=comm)
+
 
 def test_the_same_kill_without_replicas_loses_the_node_s_data(mpi_tmp_path: Path, server_binary: str,
                                                               three_nodes: None):
@@ -159,3 +210,46 @@ def test_the_same_kill_without_replicas_loses_the_node_s_data(mpi_tmp_path: Path
         with pytest.raises(NodeLostError) as lost:
             _read_all(comm, "burst://lost.dat")
         assert lost.value.node == 1 and "lost.dat" in str(lost.value)
+
+
+@pytest.mark.slow
+def test_a_node_killed_during_a_commit_leaves_no_torn_cut_and_loses_nothing_with_replicas(mpi_tmp_path: Path,
+                                                                                         server_binary: str,
+                                                                                         three_nodes: None):
+    # each rank closes a file of its own; node 1's server is killed at the first BFS write of a collective
+    # commit of all six (node 1 holds ranks 2 and 3's files). The commit completes on node 1's promoted replica, or
+    # fails on every rank having published nothing (or left its journal, which the next commit completes); a
+    # second commit then completes it. Every file is exact on the BFS.
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    bfs = mpi_tmp_path / "bfs"
+    if rank == 0:
+        bfs.mkdir()
+    comm.Barrier()
+    with Tier.start(comm, id="repc", dir=str(mpi_tmp_path), bfs_root=str(bfs), capacity="64M",
+                    server=server_binary, replicas=1) as tier:
+        f = mpiburst.File.Open(MPI.COMM_SELF, f"burst://part{rank}.dat", MPI.MODE_WRONLY | MPI.MODE_CREATE)
+        f.Write_at(0, _pattern(rank))
+        f.Close()
+        comm.Barrier()
+        with _killed_at_first_bfs_write(comm, tier.conf.nodes[1]["pid"]) as killed:
+            try:
+                mpiburst.commit(tier=tier, comm=comm)
+                failed = False
+            except FlushError:
+                failed = True
+        assert killed == [True]   # inside the commit
+        assert len(set(comm.allgather(failed))) == 1   # every rank, or none
+        if failed:   # nothing published, or the journal of a commit killed while publishing: no torn cut
+            comm.Barrier()
+            published = sorted(p.name for p in bfs.glob("part*.dat"))
+            assert published == [] or list(bfs.glob(".mpiburst-commit-*.json"))
+            comm.Barrier()
+            mpiburst.commit(tier=tier, comm=comm)
+        comm.Barrier()
+        for r in range(size):
+            assert np.array_equal(np.fromfile(bfs / f"part{r}.dat", dtype=np.uint8), _pattern(r))
+        assert all(not m.dirty for m in tier.store.cut().values())
+        assert any(comm.allgather(1 in tier.store.failed_over))   # the commit went on with node 1's replica

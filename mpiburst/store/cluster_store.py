@@ -75,6 +75,7 @@ import functools
 import heapq
 import inspect
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -272,6 +273,7 @@ class ClusterStore(Store):
         self.pushed: list[Pushed] = []
         self._pushed_bytes = 0
         self._resending = False
+        self._failover_lock = threading.RLock()   # one failover at a time; a resend's calls may need another
         self.local = local
         self.ranks = [tuple(r) for r in ranks] if ranks else None
         self.tags: list[str] = []
@@ -320,14 +322,15 @@ class ClusterStore(Store):
         again), statistics. Other writes lost with a server make the next
         :meth:`confirm` raise.
         """
+        client = self.clients[node]
         try:
             yield
         except (redis.ConnectionError, redis.TimeoutError, OSError, TierConnectionError) as exc:
-            if not isinstance(exc, FailedOver) and self._promote(node):
+            if not isinstance(exc, FailedOver) and self._promote(node, client):
                 raise FailedOver(node) from None
             raise self._lost(node, exc) from None
         except redis.RedisError as exc:
-            if _moved(exc) and self._promote(node):
+            if _moved(exc) and self._promote(node, client):
                 raise FailedOver(node) from None
             raise as_mpiburst_error(exc) from None
         if write or redone:
@@ -340,7 +343,7 @@ class ClusterStore(Store):
         node was lost); return False if it has no replica or it is not promoted within :data:`FAILOVER_WAIT`."""
         return self._promote(node)
 
-    def _promote(self, node: int) -> bool:
+    def _promote(self, node: int, failed: redis.Redis | None = None) -> bool:
         """Take on ``node``'s replica once it serves as primary; return False if it has none or it cannot.
 
         The cluster promotes the replica of a failed primary itself when a
@@ -353,7 +356,18 @@ class ClusterStore(Store):
         replica does not hold are sent to it again (:meth:`_resend`); other
         writes this process made to the lost server since then may not have
         reached the replica: the next :meth:`confirm` raises :class:`NodeLostError`.
+
+        ``failed``: the client that lost its server. Threads of one process
+        (a commit's) share the store: one takes the replica on while the
+        others wait here, then run their calls again on it (True).
         """
+        with self._failover_lock:
+            if failed is not None and self.clients[node] is not failed:
+                return True   # another thread took the replica on meanwhile
+            return self._promote_alone(node)
+
+    def _promote_alone(self, node: int) -> bool:
+        """:meth:`_promote`, under its lock."""
         replica = self.replicas[node] if node < len(self.replicas) else None
         if replica is None or node in self.failed_over:
             return False
