@@ -61,6 +61,7 @@ from .runconf import RunConf, conf_path, log_name, rdb_name, resolve_id
 from .server import StartOptions
 from .server.runlock import RunLock
 from .store import Store
+from .store.cluster_store import FAILOVER_WAIT
 from .tier import TIER_ENV, Tier
 
 #: What to do with the tier's data when the command fails.
@@ -728,9 +729,16 @@ def _say_incomplete(tier: Tier, say: Log) -> None:
 
 
 def _server_died(tier: Tier, started: bool, watch: _Watch | None = None) -> ServerError | None:
-    """Return the error to report if the run's server is gone (cleaning its files if this process started it)."""
+    """Return the error to report if the run's server is gone (cleaning its files if this process started it).
+
+    With replicas, node 0's server (the records) gone but its replica
+    promoted is no death: the run goes on from the replica, so its
+    stage-out commits, or its stop saves, what the nodes hold.
+    """
     conf = tier.conf
     if server.pid_alive(conf.pid, conf.server):
+        return None
+    if conf.nodes and conf.replicas and server.serving(conf, 0, wait=FAILOVER_WAIT) is not None:
         return None
     tail = server.log_tail(os.path.join(conf.dir, log_name(conf.id)))
     tier.disconnect()

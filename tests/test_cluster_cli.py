@@ -306,3 +306,25 @@ def test_mpiburst_run_on_three_nodes_retains_a_failed_job_and_the_next_run_finis
     assert "resuming from step 4 on 6 ranks" in second.stdout, second.stdout
     assert (bfs / "sim/result.bin").read_bytes() == expected_file(6, 5000, 6)
     assert server_pids_in(tmp_path) == [] and not list(tmp_path.glob("redis_rr*")) and not (tmp_path / "mpiburst_rr.conf").exists()
+
+
+@pytest.mark.slow
+def test_mpiburst_run_with_replicas_commits_what_survives_node_0_killed_after_the_job(tmp_path, server_binary,
+                                                                                      server_pids_in):
+    """'mpiburst run --nodes 3 --replicas 1': the job writes its result, then node 0's server (every file's record)
+    is killed before the stage-out; node 0's replica is promoted, and the stage-out commits every byte from it."""
+    bfs = tmp_path / "bfs"
+    bfs.mkdir()
+    mpiexec = str(Path(sys.executable).parent / "mpiexec")
+    env = job_env(server_binary, MPIBURST_NODE_LAUNCH=f"{mpiexec} -n 3", MPIBURST_RANKS_PER_NODE="2")
+    app = f"{mpiexec} -n 6 {sys.executable} {EXAMPLES / 'checkpoint_restart.py'} --steps 2 --every 2 --size 5000"
+    kill = ("import json, os, signal; "
+            "os.kill(json.load(open(os.environ['MPIBURST_CONF']))['nodes'][0]['pid'], signal.SIGKILL)")
+    out = subprocess.run([sys.executable, "-m", "mpiburst", "run", "--id", "rk", "--nodes", "3", "--replicas", "1",
+                          "--channels", "6", "--capacity", "64M", "--bfs-root", str(bfs), "--",
+                          "sh", "-c", f"{app} && {sys.executable} -c \"{kill}\""],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150)
+    assert out.returncode == 0, out.stderr
+    assert "died" not in out.stderr and "stopped the tier of run rk" in out.stderr
+    assert (bfs / "sim/result.bin").read_bytes() == expected_file(6, 5000, 2)
+    assert server_pids_in(tmp_path) == [] and not list(tmp_path.glob("redis_rk*"))

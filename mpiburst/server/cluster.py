@@ -345,6 +345,35 @@ def node_alive(conf: RunConf, index: int) -> bool:
     return server_alive(conf, conf.node(index), conf.nodes[index])
 
 
+def serving(conf: RunConf, index: int, wait: float = 0.0) -> tuple[RunConf, bool] | None:
+    """Return the connection view of the server that serves node ``index``'s keys now, and whether it is the
+    node's replica; None if none serves them.
+
+    Its replica once promoted (the node's own server is then gone, or back
+    as a replica of it), else its own server if it runs. ``wait``: seconds
+    to wait for the replica of a node whose own server is gone to be
+    promoted (the cluster takes about 6-7 s).
+    """
+    replica = conf.replica(index)
+    deadline = time.monotonic() + wait
+    while True:
+        answered = False
+        if replica is not None:
+            with contextlib.suppress(ServerError, redis.RedisError):
+                client = connect_redis(replica)
+                try:
+                    if replication_info(client).get("role") == "master":
+                        return replica, True
+                    answered = True
+                finally:
+                    client.close()
+        if node_alive(conf, index):
+            return conf.node(index), False
+        if not answered or time.monotonic() > deadline:
+            return None
+        time.sleep(0.2)
+
+
 def server_alive(conf: RunConf, view: RunConf, entry: dict[str, Any]) -> bool:
     """Return True if the server of ``entry`` (``view``: its connection view) runs: by PID here, else by PING."""
     if is_here(entry):
@@ -417,7 +446,7 @@ def node_status(conf: RunConf, index: int) -> dict[str, Any]:
             finally:
                 client.close()
             info["replica"] = "serving" if role == "master" else "linked"
-        if info["replica"] == "serving" and not info["up"]:
+        if info["replica"] == "serving":   # the node's own server is gone, or back as its replica
             info["up"], view = True, replica
     if info["up"]:
         client = connect_redis(view)

@@ -35,12 +35,14 @@ from ..runconf import (
     new_password,
     node_member,
     rdb_name,
+    replica_member,
     resolve_id,
     server_conf_path,
     socket_dir_path,
     write_secure,
 )
 from ..store import ClusterStore
+from ..store.cluster_store import FAILOVER_WAIT
 from . import cluster
 from .config import ADMIN_USER, USER
 from .connection import connect_redis, connect_store
@@ -492,7 +494,9 @@ def _stop_cluster(conf: RunConf, save: bool, discard: bool, timeout: float, expo
     count = len(conf.nodes)
     saved = saved_nodes(conf.dir, conf.id) == count
     first = os.path.join(conf.dir, rdb_name(node_member(conf.id, 0)))
-    alive = [k for k in range(count) if cluster.node_alive(conf, k)]
+    # a node's promoted replica serves it after a failover (a save waits for one being promoted)
+    views = [cluster.serving(conf, k, wait=FAILOVER_WAIT if save else 0.0) for k in range(count)]
+    alive = [k for k, view in enumerate(views) if view is not None]
     if not alive:
         if conf.pid is None and saved and not discard:
             raise ConfigError(f"run {conf.id} is not running (its {count} snapshots {first} etc. are kept); restart "
@@ -504,7 +508,7 @@ def _stop_cluster(conf: RunConf, save: bool, discard: bool, timeout: float, expo
         return f"run {conf.id} {was}; its files were removed."
     admin = AdminCredentials.load(conf, exposed_ok=exposed_ok)
     if save:
-        _save_nodes(conf, admin, alive)
+        _save_nodes(conf, admin, views)
     _end_engine(conf.engine_pid)
     _save_stats(conf, alive)   # read the run's statistics before any server goes
     gone = cluster.stop_nodes(conf, admin, timeout)
@@ -517,8 +521,13 @@ def _stop_cluster(conf: RunConf, save: bool, discard: bool, timeout: float, expo
     return f"run {conf.id} stopped: {len(conf.nodes)} servers{note}."
 
 
-def _save_nodes(conf: RunConf, admin: AdminCredentials, alive: list[int]) -> None:
+def _save_nodes(conf: RunConf, admin: AdminCredentials, views: Sequence[tuple[RunConf, bool] | None]) -> None:
     """SAVE every node's server to its own ``redis_<id>@<k>.rdb``; nothing is stopped if one cannot be saved.
+
+    ``views``: the server that serves each node (:func:`cluster.serving`),
+    None for a node down. A node whose replica took over is saved from
+    that replica, whose snapshot then takes the node's name: a restart
+    reloads it as that node's server.
 
     Raises
     ------
@@ -529,20 +538,27 @@ def _save_nodes(conf: RunConf, admin: AdminCredentials, alive: list[int]) -> Non
         and new snapshots is left to restart from.
     """
     where = f"--id {conf.id} --dir {shlex.quote(conf.dir)}"
-    down = [k for k in range(len(conf.nodes)) if k not in alive]
+    down = [k for k, view in enumerate(views) if view is None]
     if down:
         raise ServerError(f"node{'s' if len(down) > 1 else ''} {', '.join(map(str, down))} of run {conf.id} "
                           f"{'are' if len(down) > 1 else 'is'} down, so the run cannot be saved whole; nothing was "
                           f"stopped: copy what the other nodes hold to the BFS with 'mpiburst stage-out {where}', "
                           f"or drop it with 'mpiburst stop --discard {where}'.")
-    for k in range(len(conf.nodes)):
-        client = connect_redis(conf.node(k), admin=admin)
+    for k, serves in enumerate(views):
+        assert serves is not None
+        view, promoted = serves
+        member = replica_member(conf.id, k) if promoted else node_member(conf.id, k)
+        client = connect_redis(view, admin=admin)
         try:
             client.save()
-        except redis.RedisError as exc:
+            if promoted:   # the promoted replica's snapshot is the node's now
+                os.replace(os.path.join(conf.dir, rdb_name(member)),
+                           os.path.join(conf.dir, rdb_name(node_member(conf.id, k))))
+        except (redis.RedisError, OSError) as exc:
             for j in range(len(conf.nodes)):
                 remove_file(os.path.join(conf.dir, rdb_name(node_member(conf.id, j))))
-            cause = _save_cause(exc, os.path.join(conf.dir, log_name(node_member(conf.id, k))))
+            cause = (_save_cause(exc, os.path.join(conf.dir, log_name(member))) if isinstance(exc, redis.RedisError)
+                     else str(exc))
             raise ServerError(f"saving node {k} of run {conf.id} failed ({cause}); "
                               f"nothing was stopped and no snapshot kept: the data is still in the run's servers. "
                               f"Copy it to the BFS with 'mpiburst stage-out {where}', or free space in {conf.dir} "

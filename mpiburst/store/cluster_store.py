@@ -667,11 +667,8 @@ class ClusterStore(Store):
         shard = self.shards[node]
         tmp = shard.keys.temporary(path)
         data = bytes(payload)   # redis-py with hiredis takes no memoryview; kept as is in :attr:`pushed`
-        with self._on(node, redone=True):
-            try:
-                shard.r.execute_command("SET", tmp, data)
-            except redis.ResponseError as exc:
-                raise as_mpiburst_error(exc) from None
+        with self._on(node, redone=True):   # a refusal is translated there; MOVED: the node's replica took over
+            shard.r.execute_command("SET", tmp, data)
         return self._numbered(path, node, tmp, channel, data, extents, staged)
 
     def _numbered(self, path: str, node: int, tmp: str, channel: int, payload: Payload,
@@ -1100,8 +1097,8 @@ class ClusterBatchWriter(BatchWriter):
                 with self.store._on(self.node, redone=True):
                     try:
                         self._conn.read_response()
-                    except redis.ResponseError as exc:
-                        raise as_mpiburst_error(exc) from None
+                    except redis.ResponseError:
+                        raise   # a whole reply: the connection stays usable (_on translates it, or fails over)
                     except BaseException:
                         self._conn.disconnect()   # a half-read reply stream must not be reused
                         raise
