@@ -249,10 +249,11 @@ def _site_nodes_env(tmp_path: Path, shared: Path, server_binary: str, job: str, 
                    MPIBURST_CAPACITY="128M", MPIBURST_SITE_CONF=str(tmp_path / "none.sh"), **extra)
 
 
-def _on_every_node(script: str, env: dict, nodes: int = 3, timeout: float = 240) -> None:
-    """Run ``script`` once per simulated node, all at once (as slurmd runs a job's prologs / epilogs)."""
+def _on_every_node(script: str, env: dict, nodes: int = 3, timeout: float = 240, first: int = 0) -> None:
+    """Run ``script`` once per simulated node (``nodes`` of them from ``first``), all at once (as slurmd runs a
+    job's prologs / epilogs)."""
     procs = [subprocess.Popen(["bash", str(SCRIPTS / script)], env=dict(env, MPIBURST_NODE_INDEX=str(k)))
-             for k in range(nodes)]
+             for k in range(first, first + nodes)]
     try:
         assert [p.wait(timeout=timeout) for p in procs] == [0] * nodes   # a failing prolog/epilog drains the node
     finally:
@@ -357,6 +358,32 @@ def test_epilogs_of_every_node_save_each_nodes_data_when_stage_out_fails(tmp_pat
         for pid in _server_pids_in(tmp_path) + _server_pids_in(shared):
             os.kill(pid, 9)
     assert processes_gone(tmp_path) and processes_gone(shared) and not list(run_dir.glob("redis_990003@*"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_the_epilog_of_a_node_with_replicas_leaves_neither_its_server_nor_the_replica_it_hosts(
+        tmp_path: Path, shared: Path, server_binary: str) -> None:
+    """3 simulated nodes with replicas (each hosts the previous node's replica): node 0's stop never came (its
+    conf is gone); the epilogs of nodes 1 and 2 kill both servers each runs, and nothing else."""
+    (tmp_path / "bfs").mkdir()
+    site = _site_nodes_env(tmp_path, shared, server_binary, "990004", MPIBURST_REPLICAS="1",
+                           MPIBURST_TRUST_NETWORK="1")
+    _on_every_node("prolog.sh", site)
+    run_dir = shared / "990004"
+    conf = json.loads((run_dir / "mpiburst_990004.conf").read_text())
+    assert conf["replicas"] == 1, [p.read_text() for p in run_dir.glob("prolog*.log")]
+    own = [n["pid"] for n in conf["nodes"]]
+    hosted = [conf["nodes"][(k - 1) % 3]["replica"]["pid"] for k in range(3)]   # node k hosts node k-1's replica
+    try:
+        (run_dir / "mpiburst_990004.conf").rename(run_dir / "gone.conf")   # as if node 0's stop were over
+        _on_every_node("epilog.sh", site, nodes=2, first=1)
+        assert not any(server.pid_alive(p) for p in own[1:] + hosted[1:])
+        assert all(server.pid_alive(p) for p in (own[0], hosted[0]))   # node 0's: its own epilog's
+        assert "replica" in (run_dir / "epilog@1.log").read_text()
+    finally:
+        for pid in _server_pids_in(tmp_path) + _server_pids_in(shared):
+            os.kill(pid, 9)
 
 
 PRODUCE = """import sys, mpiburst

@@ -17,6 +17,10 @@
 # node K > 0 reads its own server's PID from the node's entry file, waits until
 # node 0's epilog has stopped it (at most the stage-out timeout plus 180 s, less
 # once the run's conf is gone), then does step 3 on its node. Logs: epilog@K.log.
+# With replicas (MPIBURST_REPLICAS=1) each node also hosts the previous node's
+# replica (its PID in the entry file too): it counts as the node's server for
+# the wait (promoted, it may hold a lost node's data until node 0's stop) and
+# for step 3.
 #
 # Root acts on nothing the job's user controls without checking it: every file
 # of the run directory is opened by the user's own processes (the conf is read
@@ -62,18 +66,27 @@ pid, server = c["pid"], c["server"]
 ok = type(pid) is int and pid > 0 and isinstance(server, str) and server.startswith("/") and len(server.split()) == 1
 print(pid if ok else 0, server if ok else "-")' 2>/dev/null) || PID=0
 [[ $PID =~ ^[0-9]+$ ]] || PID=0
+# The replica this node hosts (a run with replicas), from its entry file, read the same way.
+REPLICA=0
+if (( NODES > 1 )); then
+    REPLICA=$(as_user timeout 10 cat -- "$RUN_DIR/mpiburst_$JOB@$NODE.node" 2>/dev/null | "$PYTHON" -c '
+import json, sys
+pid = (json.loads(sys.stdin.read()).get("replica_here") or {}).get("pid")
+print(pid if type(pid) is int and pid > 0 else 0)' 2>/dev/null) || REPLICA=0
+    [[ $REPLICA =~ ^[0-9]+$ ]] || REPLICA=0
+fi
 
-# The job's server: a process of the job's user, running the server binary, in the run directory.
+# The job's server (PID $1): a process of the job's user, running the server binary, in the run directory.
 is_server() {
-    [[ -e /proc/$PID && $(stat -c %u "/proc/$PID" 2>/dev/null) == "$USER_ID" \
-        && $(readlink -f "/proc/$PID/exe" 2>/dev/null) == "$(readlink -f -- "$BINARY")" \
-        && $(readlink -f "/proc/$PID/cwd" 2>/dev/null) == "$(readlink -f -- "$RUN_DIR")" ]]
+    [[ $1 -gt 0 && -e /proc/$1 && $(stat -c %u "/proc/$1" 2>/dev/null) == "$USER_ID" \
+        && $(readlink -f "/proc/$1/exe" 2>/dev/null) == "$(readlink -f -- "$BINARY")" \
+        && $(readlink -f "/proc/$1/cwd" 2>/dev/null) == "$(readlink -f -- "$RUN_DIR")" ]]
 }
 
 if [[ $PID -gt 0 && $NODE -gt 0 ]]; then
     # Node 0's epilog stages every node's data out, then stops every server: wait for it, bounded.
     limit=$(( $(date +%s) + $STAGEOUT_TIMEOUT + 180 ))
-    while is_server && (( $(date +%s) < limit )); do
+    while { is_server "$PID" || is_server "$REPLICA"; } && (( $(date +%s) < limit )); do
         [[ -e $CONF ]] || { sleep 2; break; }     # node 0's stop is over (it removed the conf)
         sleep 1
     done
@@ -88,9 +101,13 @@ elif [[ $PID -gt 0 ]]; then
         logged timeout 120 "${MPIBURST[@]}" stop --save --id "$JOB" --dir "$RUN_DIR"
     fi
 fi
-# Never leave a server behind; but kill only the job's server (is_server), and kill it as the user.
-if [[ $PID -gt 0 ]] && is_server; then
+# Never leave a server behind; but kill only the job's servers (is_server), and kill them as the user.
+if [[ $PID -gt 0 ]] && is_server "$PID"; then
     note "server $PID still running after stop: killing it"
     as_user kill -KILL "$PID" 2>/dev/null
+fi
+if [[ $PID -gt 0 ]] && is_server "$REPLICA"; then
+    note "replica $REPLICA still running after stop: killing it"
+    as_user kill -KILL "$REPLICA" 2>/dev/null
 fi
 exit 0
