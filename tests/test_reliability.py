@@ -388,7 +388,15 @@ flush.snapshot.LEASE_SECONDS = 2.0
 flush.writes.WRITE_SIZE = 1
 where = sys.argv[2]
 lock = threading.Lock()   # the commit's threads write and rename at once: one of them says HERE
-if where == "writing":
+if where == "journaling":
+    rename = os.rename
+    def pause(src, dst):
+        if src.endswith(".json.tmp"):
+            print("HERE", flush=True)
+            time.sleep(60)
+        rename(src, dst)
+    os.rename = pause
+elif where == "writing":
     def pause(p, o, n, seen=[]):
         with lock:
             seen.append(n)
@@ -413,14 +421,15 @@ flush.commit(tier=Tier.connect(conf=sys.argv[1]))
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("where", ["writing", "renaming"])
+@pytest.mark.parametrize("where", ["writing", "journaling", "renaming"])
 def test_a_killed_commit_leaves_no_later_file_without_an_earlier_one(tier, where):
     """Promise: a commit killed midway publishes nothing, or (killed while renaming) all once completed.
 
     The application writes ``data/step`` (closed), then ``a_index`` naming
     it: the later file sorts first, so a one-by-one sync publishes it first.
-    The commit is SIGKILLed while writing (nothing may be visible) or after
-    its first rename (the journal lets the next sync, commit or stage-in
+    The commit is SIGKILLed while writing (nothing may be visible), while
+    writing its journal (nothing visible, and the unfinished journal is
+    removed by the next commit), or after its first rename (the journal lets the next sync, commit or stage-in
     finish the publication: then everything is visible).
     """
     from mpiburst import flush
@@ -450,7 +459,7 @@ def test_a_killed_commit_leaves_no_later_file_without_an_earlier_one(tier, where
     finally:
         proc.kill()
         proc.wait(10)
-    if where == "writing":
+    if where in ("writing", "journaling"):
         assert consistent() == 1                   # nothing of the killed commit is visible
     else:
         assert flush.recover(tier.bfs_root) == 1    # what the next sync, commit or stage-in does first
