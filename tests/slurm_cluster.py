@@ -204,31 +204,6 @@ def _other_live_users(users: Path) -> list[int]:
     return live
 
 
-#: The machine-wide lock of :func:`one_test_at_a_time` (not under :func:`users_dir`, which a test may move).
-JOBS_LOCK = "/tmp/mpiburst-slurm-jobs.lock"
-
-
-@contextlib.contextmanager
-def one_test_at_a_time() -> Iterator[None]:
-    """Hold the machine's Slurm test lock: one test at a time, across test sessions, runs Slurm jobs.
-
-    The test cluster has one node: a job of another session's test (e.g. the other server
-    engine's pass of ``.ci/run``) would make this test's job sit PENDING into its timeout.
-    Use it from an autouse fixture of every module whose tests submit jobs or start Slurm.
-    Without root no test can use the test cluster (:func:`require_slurm` skips them), so
-    nothing is locked: another user's lock file (root's, 0600) must not make them errors.
-    """
-    if os.geteuid() != 0:
-        yield
-        return
-    fd = os.open(JOBS_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)   # releases the lock
-
-
 def require_slurm() -> None:
     """Skip the calling test (CI: fail) unless the test cluster can run: root, slurm-wlm and munge installed."""
     require_root("the test Slurm cluster runs as root (SlurmUser=root)")

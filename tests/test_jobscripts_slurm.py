@@ -42,14 +42,6 @@ def slurm():
         yield c
 
 
-@pytest.fixture(autouse=True)
-def _one_test_at_a_time() -> Iterator[None]:
-    from slurm_cluster import one_test_at_a_time
-
-    with one_test_at_a_time():
-        yield
-
-
 @pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.timeout(300)

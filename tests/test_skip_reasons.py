@@ -50,32 +50,6 @@ def test_tests_needing_root_or_a_tool_say_so_through_conftest_so_ci_fails_instea
     assert not found, f"use conftest.require_root / require_tool instead of skipif: {found}"
 
 
-def test_a_session_without_root_skips_the_slurm_tests_whatever_lock_root_left(tmp_path, monkeypatch):
-    """After a root session made the machine's Slurm test lock (0600), a user's session must skip the
-    Slurm tests, not fail them with EACCES on that lock (seen on the bare-machine run)."""
-    import slurm_cluster
-    from conftest import require_root
-
-    require_root("running a process as another user")
-    lock = tmp_path / "jobs.lock"
-    lock.touch()
-    lock.chmod(0o600)
-    monkeypatch.setattr(slurm_cluster, "JOBS_LOCK", str(lock))
-    pid = os.fork()
-    if pid == 0:   # the child: user nobody, then what the autouse fixture of the Slurm test files does
-        code = 1
-        try:
-            os.setgroups([])
-            os.setresgid(65534, 65534, 65534)
-            os.setresuid(65534, 65534, 65534)
-            with slurm_cluster.one_test_at_a_time():
-                code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-
-
 def test_no_cuda_device_is_a_skip_even_where_ci_requires_every_tool(monkeypatch):
     """A GPU is hardware, not a Debian package .ci/run could install: the GPU tests skip in CI too (docs/ci.md)."""
     from conftest import require_cuda_device

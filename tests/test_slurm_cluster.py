@@ -20,15 +20,9 @@ from typing import Iterator
 
 import pytest
 
-from slurm_cluster import SCRIPT, SlurmCluster, cluster, one_test_at_a_time, require_slurm
+from slurm_cluster import SCRIPT, SlurmCluster, cluster, require_slurm
 
 pytestmark = pytest.mark.slurm
-
-
-@pytest.fixture(autouse=True)
-def _one_test_at_a_time() -> Iterator[None]:
-    with one_test_at_a_time():
-        yield
 
 
 @pytest.fixture(scope="session")
