@@ -44,6 +44,7 @@ setup(
             "pytest>=7.0.0",
             "pytest-mpi>=0.6",
             "pytest-timeout>=2.1.0",
+            "pytest-xdist>=3.2.0",   # --dist worksteal (tests/run.sh runs the serial tests in parallel)
             "hypothesis>=6.84.0",   # HealthCheck.differing_executors (mpiburst.testing.store)
             *H5PY,
             "matplotlib",

@@ -64,9 +64,21 @@ case $pass in
     *) echo "tests/run.sh: MPIBURST_TEST_PASS must be 'all', 'server' or unset, not '$pass'" >&2; exit 2 ;;
 esac
 
+# Idle MPI ranks sleep in short naps instead of spinning (MPICH's heavy yield): with more ranks
+# than cores, a spinning rank takes the CPU that the rank it waits for needs.
+export MPIR_CVAR_ENABLE_HEAVY_YIELD=${MPIR_CVAR_ENABLE_HEAVY_YIELD:-1}
+# A short base for pytest's temporary directories: unix socket paths in them must stay under
+# 108 bytes, and /tmp/pytest-of-root/pytest-N/popen-gwK/ is long. One per run: runs may overlap.
+basetemp=$(mktemp -d "${TMPDIR:-/tmp}/mpb.XXXXXX")
+trap 'rm -rf "$basetemp"' EXIT
+
 if [[ $parts == *serial* ]]; then
-    echo "tests/run.sh: serial tests${select:+ (${select[*]})}"
+    # Most serial tests wait (on servers, jobs, time limits) rather than compute: run them in
+    # MPIBURST_TEST_WORKERS processes (pytest-xdist; default 4), each test taken by the next free one.
+    workers=${MPIBURST_TEST_WORKERS:-4}
+    echo "tests/run.sh: serial tests${select:+ (${select[*]})} in $workers processes"
     timeout "${MPIBURST_SERIAL_TIMEOUT:-3600}" "$python" -m pytest -x -q -rs --timeout=300 \
+        -n "$workers" --dist worksteal --basetemp="$basetemp/serial" \
         -m "not mpi${select:+ and server and not workflow}" --ignore-glob='*_mpi*' tests "$@"
 fi
 [[ $parts == *mpi* ]] || { echo "tests/run.sh: serial tests passed"; exit 0; }
