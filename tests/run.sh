@@ -8,7 +8,8 @@
 #    it installs nothing itself; the tests that need a missing tool are skipped,
 #    each with a reason naming its package (listed at the end of the run), and
 #    with MPIBURST_REQUIRE_TOOLS=1 (CI: .ci/run installs them) that is an error;
-# 3. runs every test file except those named *_mpi*.py in one process;
+# 3. runs every test file except those named *_mpi*.py, in $MPIBURST_TEST_WORKERS
+#    processes (pytest-xdist; default 4: most tests wait rather than compute);
 # 4. runs every tests/*_mpi*.py under `mpiexec -n 2` and `mpiexec -n 4` with
 #    `python -m mpi4py -m pytest --with-mpi -x` (a failing rank aborts the job),
 #    per-test timeouts, and an outer `timeout`;
