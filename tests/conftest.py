@@ -486,17 +486,46 @@ def pytest_runtest_makereport(item, call):  # noqa: ANN001 - pytest hook signatu
 NO_SERVER = "no-server-for-this-test:mark-it-pytest.mark.server"
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark ``server`` every test that starts or talks to a real server: those using ``server_binary``.
 
     Every fixture that starts a server (``tier``, ``atier``, ``world_tier``,
     ``module_tier``, ``three_nodes``, ``cli``) takes ``server_binary``; a test
     that starts one another way carries ``@pytest.mark.server`` itself. The
     second engine's pass of ``.ci/run`` runs only these (``-m server``).
+    In a pytest-xdist worker, the ``slow`` tests are also spread out
+    (:func:`_slow_first_in_each_share`).
     """
     for item in items:
         if "server_binary" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.server)
+    workers = getattr(config, "workerinput", {}).get("workercount", 1)
+    if workers > 1:
+        items[:] = _slow_first_in_each_share(items, workers)
+
+
+def _slow_first_in_each_share(items: list[pytest.Item], workers: int) -> list[pytest.Item]:
+    """Order ``items`` so that each worker's first share (``--dist worksteal``) starts with its part of the slow tests.
+
+    worksteal gives worker k the k-th of ``workers`` consecutive shares and
+    lets an idle worker steal from the end of another's queue. In file order
+    the long waits (Slurm time limits, mpi4py's upstream suite) would sit
+    together at the end of one share, the whole run waiting on them; dealt
+    round-robin to the front of every share, they start at once. Every
+    worker computes the same order from the same collection.
+    """
+    slow = [item for item in items if item.get_closest_marker("slow") is not None]
+    rest = [item for item in items if item.get_closest_marker("slow") is None]
+    ordered: list[pytest.Item] = []
+    left = len(items)
+    for k in range(workers):
+        size = left // (workers - k)                  # as worksteal sizes the k-th share
+        share = slow[k::workers]
+        take = max(size - len(share), 0)
+        share, rest = share + rest[:take], rest[take:]
+        ordered += share
+        left -= len(share)
+    return ordered + rest
 
 
 @pytest.hookimpl(hookwrapper=True)
