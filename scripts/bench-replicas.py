@@ -8,8 +8,11 @@ on this machine, on loopback) in pairs: one run with ``MPIBURST_REPLICAS=1``,
 one with 0, alternating which goes first. Prints absorb (Open..Close, which
 with replicas waits for each node's replica: ``WAIT 1``), flush
 (``mpiburst.sync``) and end-to-end per run, their medians and the ratio
-replicas=1 / replicas=0. On one machine the replication stream shares the
-cores with the ranks and the servers; on real nodes it crosses the network.
+replicas=1 / replicas=0, and for each replicas=1 run every node's
+``sync_full`` (``INFO stats``: full copies sent to its replica; 1 is the
+initial copy, more means the burst dropped the replica into a full resync).
+On one machine the replication stream shares the cores with the ranks and
+the servers; on real nodes it crosses the network.
 """
 
 from __future__ import annotations
@@ -53,10 +56,13 @@ def main() -> int:
                 if done.returncode != 0:
                     print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)
                     return 1
-                (summary,) = [s for s in json.loads(out.read_text())["results"] if s.get("pattern") == "segmented"]
+                doc = json.loads(out.read_text())
+                (summary,) = [s for s in doc["results"] if s.get("pattern") == "segmented"]
                 got = {name: float(summary["methods"][m]["gbps"]["median"]) for name, m in METHODS.items()}
                 rows[mode].append(got)
-                print(f"pair {pair} {mode}  " + "  ".join(f"{k} {v:.3f} GB/s" for k, v in got.items()), flush=True)
+                syncs = f"  sync_full per node {doc['params']['sync_full']}" if "sync_full" in doc["params"] else ""
+                print(f"pair {pair} {mode}  " + "  ".join(f"{k} {v:.3f} GB/s" for k, v in got.items()) + syncs,
+                      flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     med = {mode: {k: statistics.median(r[k] for r in runs) for k in METHODS} for mode, runs in rows.items()}

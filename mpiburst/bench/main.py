@@ -331,6 +331,8 @@ def run(opts: Options) -> int:
                         print(f"done: {pattern} {report.short_size(transfer)}", file=sys.stderr, flush=True)
             about = on_root(comm, lambda: machine(opts, admin))
             params["server"] = about["server"]
+            if tier.conf.nodes and tier.conf.replicas:   # did the burst drop a replica into a full resync?
+                params["sync_full"] = on_root(comm, lambda: full_resyncs(tier.conf))
             client.close()
     finally:
         if comm.rank == 0:
@@ -356,6 +358,22 @@ def run(opts: Options) -> int:
         return 0
 
     return on_root(comm, publish)   # rank 0 reports (an unwritable --json raises on every rank)
+
+
+def full_resyncs(conf: Any) -> list[int]:
+    """Return each node's ``sync_full`` (``INFO stats``): the full copies its server sent a replica.
+
+    The first is its replica's initial copy; any more means a burst dropped
+    the replica (its output buffer overflowed) and it had to copy it all again.
+    """
+    counts = []
+    for k in range(len(conf.nodes)):
+        client = connect_redis(conf.node(k))
+        try:
+            counts.append(int(client.info("stats").get("sync_full", 0)))
+        finally:
+            client.close()
+    return counts
 
 
 def _run_cuda(comm: Any, opts: Options, params: dict[str, Any], scratch: str, rundir: str) -> int:
