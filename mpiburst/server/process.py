@@ -63,6 +63,25 @@ def pid_alive(pid: int | None, binary: str | None = None) -> bool:
     return True
 
 
+def _unreaped(pid: int | None) -> bool:
+    """Return True while ``pid`` is a child of this process that is still exiting (reaping it once it can be).
+
+    False once it is reaped, or once it has exited whole while a ``wait``
+    elsewhere in this thread holds it (a signal handler that interrupted
+    ``Popen.wait``): that wait reaps it.
+    """
+    child = _children.get(pid) if pid else None
+    if child is None:
+        return False
+    if child.poll() is not None:
+        del _children[child.pid]
+        return False
+    try:   # poll() also says None when another wait holds the child: ask the kernel without reaping
+        return os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+    except ChildProcessError:
+        return False
+
+
 def _exists(pid: int) -> bool:
     """Return True if a process (perhaps a zombie) still has ``pid``."""
     try:
@@ -73,9 +92,14 @@ def _exists(pid: int) -> bool:
 
 
 def wait_gone(pid: int | None, binary: str | None, timeout: float) -> bool:
-    """Wait up to ``timeout`` seconds for ``pid`` to exit; return True if it did (at once for None: no process)."""
+    """Wait up to ``timeout`` seconds for ``pid`` to exit; return True if it did (at once for None: no process).
+
+    A child of this process is gone only once reaped: its main thread can
+    show as a zombie (not alive, for :func:`pid_alive`) while its other
+    threads still exit, and until they have it cannot be reaped.
+    """
     deadline = time.monotonic() + timeout
-    while pid_alive(pid, binary):
+    while pid_alive(pid, binary) or _unreaped(pid):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
