@@ -37,8 +37,7 @@ def replicated(tmp_path_factory: pytest.TempPathFactory, server_binary: str) -> 
     """A run of 3 nodes with a replica each (a ring), stopped after the tests.
 
     Shared, to start it once: the store contract runs first, then one test kills node 1's replica, the next node
-    0's server (whose replica runs on node 1, beside the first one), the next stops node 2's; the last saves the
-    run (stopping it) and restarts it from the snapshots.
+    0's server (whose replica runs on node 1, beside the first one), the next stops node 2's.
     """
     conf = server.start_cluster(nodes=3, id="rp", dir=str(tmp_path_factory.mktemp("rp")), capacity="64M", channels=3,
                                 server=server_binary, tied=True, replicas=1)
@@ -202,53 +201,22 @@ def test_a_stopped_server_is_replaced_by_its_replica_and_serves_no_write_again(r
             assert isinstance(moved.value, redis.exceptions.AskError) or str(moved.value).startswith("MOVED ")
         finally:
             old.close()
-        assert store.window("/d", 0, 8192)[0].size == 8192
+        fresh = _store(conf, 2)   # a process that connects now reaches the old server, which answers MOVED
+        try:
+            _write(fresh, "/d", 8192, b"f" * 4096)   # taken as a failover: written to the promoted replica
+            assert 2 in fresh.failed_over
+        finally:
+            fresh.close()
+        assert store.window("/d", 0, 12288)[0].size == 12288
     finally:
         store.close()
 
 
-def test_a_run_saved_after_a_failover_restarts_with_every_byte(replicated: RunConf, server_binary: str):
-    # after the tests above node 0 and node 2 are served by their promoted replicas (node 2's own server is back as
-    # a replica); run alone, node 1's server is killed here first. The save takes each node from the server that
-    # serves it; the restart reloads every node's snapshot, replicas again.
-    conf = replicated
-    served = [server.serving(conf, k) for k in range(3)]
-    if not any(s is not None and s[1] for s in served):
-        os.kill(conf.nodes[1]["pid"], signal.SIGKILL)
-        assert wait_gone(conf.nodes[1]["pid"], conf.server, 10)
-        served = [server.serving(conf, k, wait=20) for k in range(3)]
-    assert all(s is not None for s in served) and any(s[1] for s in served if s)
-    parts = [bytes([65 + k]) * 5000 for k in range(3)]
-    for k in range(3):   # a batch on each node, from a process on it
-        store = _store(conf, k)
-        try:
-            if k == 0:
-                store.create("/saved", None)
-            _write(store, "/saved", 5000 * k, parts[k])   # not confirmed: node 1's replica is gone above
-        finally:
-            store.close()
-    said = server.stop_run(conf, save=True)
-    assert "snapshot saved" in said
-    again = server.start_cluster(nodes=3, id=conf.id, dir=conf.dir, restart=True, capacity="64M", channels=3,
-                                 server=server_binary, tied=True, replicas=1)
-    try:
-        store = _store(again, 1)
-        try:
-            meta, extents = store.window("/saved", 0, 15000)
-            out = bytearray(15000)
-            assert meta is not None and meta.size == 15000 and store.fetch_into("/saved", extents, 0, memoryview(out))
-            assert bytes(out) == b"".join(parts)
-        finally:
-            store.close()
-        assert [n["replica"] for n in server.status(again)["nodes"]] == ["linked"] * 3
-    finally:
-        server.stop_run(again, discard=True)
-
-
-def test_two_nodes_a_dead_server_s_replica_is_promoted_by_mpiburst_a_stopped_one_s_never(tmp_path: Path,
-                                                                                         server_binary: str):
+def test_two_nodes_a_dead_server_s_replica_is_promoted_by_mpiburst_a_stopped_one_s_never_and_the_run_saves_whole(
+        tmp_path: Path, server_binary: str):
     # two primaries: no majority, the cluster promotes nothing; the store does (CLUSTER FAILOVER TAKEOVER), but
-    # only for a server whose port refuses connections, never for one that is only stopped
+    # only for a server whose port refuses connections, never for one that is only stopped. Then the run is saved,
+    # node 1 from its promoted replica, and restarted from the snapshots with every byte.
     conf = server.start_cluster(nodes=2, id="two", dir=str(tmp_path), capacity="64M", channels=2,
                                 server=server_binary, tied=True, replicas=1)
     writer, reader = _store(conf, 1), _store(conf, 0)
@@ -275,4 +243,18 @@ def test_two_nodes_a_dead_server_s_replica_is_promoted_by_mpiburst_a_stopped_one
     finally:
         writer.close()
         reader.close()
-        server.stop_run(conf)
+    assert "snapshot saved" in server.stop_run(conf, save=True)   # node 1's own server is gone: from its replica
+    again = server.start_cluster(nodes=2, id="two", dir=str(tmp_path), restart=True, capacity="64M", channels=2,
+                                 server=server_binary, tied=True, replicas=1)
+    try:
+        store = _store(again, 0)
+        try:
+            meta, extents = store.window("/c", 0, 8192)
+            out = bytearray(8192)
+            assert meta is not None and meta.size == 8192 and store.fetch_into("/c", extents, 0, memoryview(out))
+            assert bytes(out) == b"w" * 4096 + b"v" * 4096
+        finally:
+            store.close()
+        assert [n["replica"] for n in server.status(again)["nodes"]] == ["linked"] * 2
+    finally:
+        server.stop_run(again, discard=True)
