@@ -61,7 +61,7 @@ def test_sync_non_blocking_is_served_by_the_engine(atier, cli):
 
 
 def test_sync_non_blocking_queues_and_warns_without_engine(atier, cli):
-    lifecycle._end_engine(atier.conf.engine_pid)
+    lifecycle._end_engine(atier.conf)
     _file(atier, "q.dat")
     proc = cli("sync", "--id", atier.id, "burst://q.dat")
     assert proc.returncode == 0 and "no engine runs" in proc.stderr

@@ -446,3 +446,38 @@ def test_a_process_reaped_while_its_state_is_read_is_not_alive(monkeypatch) -> N
     finally:
         victim.kill()
         victim.wait()
+
+
+def test_a_stale_engine_pid_taken_by_another_process_is_never_signalled(tmp_path: Path) -> None:
+    """An engine that exited leaves its PID in the conf; once PIDs wrap (32768 here) another process may hold it.
+
+    ``mpiburst stop`` SIGTERMed whatever held the engine's PID: in a parallel
+    test run it killed a pytest worker. Only a process that is this run's
+    engine (``-m mpiburst.engine``, working in the run directory) is signalled.
+    """
+    from mpiburst.runconf import RunConf
+    from mpiburst.server import engine_alive, lifecycle
+
+    other = tmp_path / "other"
+    other.mkdir()
+    sleep = "import time; time.sleep(60)"
+    impostor = subprocess.Popen([sys.executable, "-c", sleep], cwd=tmp_path)          # a PID reused by anyone
+    elsewhere = subprocess.Popen([sys.executable, "-c", sleep, "-m", "mpiburst.engine"], cwd=other)
+    engine = subprocess.Popen([sys.executable, "-c", sleep, "-m", "mpiburst.engine"], cwd=tmp_path)
+    try:
+        assert not engine_alive(impostor.pid, str(tmp_path)) and not engine_alive(elsewhere.pid, str(tmp_path))
+        assert engine_alive(engine.pid, str(tmp_path)) and not engine_alive(None, str(tmp_path))
+        def conf(pid: int) -> RunConf:
+            return RunConf(id="e", dir=str(tmp_path), host="", port=0, socket="s", user="u", password="p" * 64,
+                           channels=1, bfs_root=str(tmp_path), capacity=1 << 30, align=1 << 20, pid=None,
+                           server="x", engine_pid=pid)
+
+        for proc in (impostor, elsewhere):
+            lifecycle._end_engine(conf(proc.pid))
+            assert proc.poll() is None          # not signalled
+        lifecycle._end_engine(conf(engine.pid))
+        assert engine.wait(10) == -signal.SIGTERM
+    finally:
+        for proc in (impostor, elsewhere, engine):
+            proc.kill()
+            proc.wait(10)

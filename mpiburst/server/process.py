@@ -82,6 +82,25 @@ def _unreaped(pid: int | None) -> bool:
         return False
 
 
+def engine_alive(pid: int | None, run_dir: str) -> bool:
+    """Return True if ``pid`` is the engine of the run in ``run_dir``: alive, ``python -m mpiburst.engine``, working there.
+
+    The engine is a Python process like many others: once it has exited, its
+    PID may go to another one (PIDs wrap after 32768 on many systems), which
+    a signal meant for the engine must never reach.
+    """
+    if not pid_alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return False
+    engine = any(argv[i:i + 2] == [b"-m", b"mpiburst.engine"] for i in range(len(argv)))
+    return engine and os.path.realpath(cwd) == os.path.realpath(run_dir)
+
+
 def _exists(pid: int) -> bool:
     """Return True if a process (perhaps a zombie) still has ``pid``."""
     try:
