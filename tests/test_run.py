@@ -84,9 +84,13 @@ def server_pid(tmp_path: Path) -> int:
     return json.loads((tmp_path / "mpiburst_job.conf").read_text())["pid"]
 
 
-def wait_for(path: Path, timeout: float = 30) -> None:
+def wait_for(path: Path, proc: subprocess.Popen | None = None, timeout: float = 60) -> None:
+    """Wait for ``path`` to appear; fail at once, with its output, if ``proc`` (the run) ended first."""
     deadline = time.monotonic() + timeout
     while not path.exists():
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"{path} never appeared: the run ended with status {proc.returncode}: {out}{err}")
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.05)
 
@@ -98,7 +102,7 @@ def gone(pid: int, binary: str) -> bool:
 @pytest.mark.timeout(120)
 def test_success_syncs_everything_and_stops(job, tmp_path: Path, server_binary: str) -> None:
     proc = job(files=("out/a.dat", "b.dat"))
-    wait_for(tmp_path / "ready")
+    wait_for(tmp_path / "ready", proc)
     pid = server_pid(tmp_path)
     code, err = finish(proc)
     assert code == 0, err
@@ -114,7 +118,7 @@ def test_success_syncs_everything_and_stops(job, tmp_path: Path, server_binary: 
 @pytest.mark.timeout(180)
 def test_failure_retains_then_stage_out_finishes(job, tmp_path: Path, server_binary: str, cli) -> None:
     proc = job(status=3)
-    wait_for(tmp_path / "ready")
+    wait_for(tmp_path / "ready", proc)
     pid = server_pid(tmp_path)
     code, err = finish(proc)
     assert code == 3, err
@@ -147,7 +151,7 @@ def test_failure_retained_run_is_reloaded_by_the_next_run(job, tmp_path: Path) -
 @pytest.mark.timeout(120)
 def test_failure_sync_flushes_anyway(job, tmp_path: Path, server_binary: str) -> None:
     proc = job("--on-failure", "sync", status=2)
-    wait_for(tmp_path / "ready")
+    wait_for(tmp_path / "ready", proc)
     pid = server_pid(tmp_path)
     code, err = finish(proc)
     assert code == 2, err
@@ -159,7 +163,7 @@ def test_failure_sync_flushes_anyway(job, tmp_path: Path, server_binary: str) ->
 @pytest.mark.timeout(120)
 def test_failure_discard_drops_the_data(job, tmp_path: Path, server_binary: str) -> None:
     proc = job("--on-failure", "discard", status=2)
-    wait_for(tmp_path / "ready")
+    wait_for(tmp_path / "ready", proc)
     pid = server_pid(tmp_path)
     code, err = finish(proc)
     assert code == 2, err
@@ -171,7 +175,7 @@ def test_failure_discard_drops_the_data(job, tmp_path: Path, server_binary: str)
 @pytest.mark.timeout(120)
 def test_sigusr1_commits_while_the_command_runs(job, tmp_path: Path, server_binary: str) -> None:
     proc = job(wait=True)
-    wait_for(tmp_path / "ready")
+    wait_for(tmp_path / "ready", proc)
     pid = server_pid(tmp_path)
     proc.send_signal(signal.SIGUSR1)
     wait_for(tmp_path / "bfs/out/a.dat")
@@ -194,7 +198,7 @@ def test_sigusr1_commits_while_the_command_runs(job, tmp_path: Path, server_bina
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_abort_signal_is_forwarded_and_data_retained(job, tmp_path: Path, server_binary: str, sig: int) -> None:
     proc = job(wait=True)
-    wait_for(tmp_path / "ready")
+    wait_for(tmp_path / "ready", proc)
     pid = server_pid(tmp_path)
     proc.send_signal(sig)
     code, err = finish(proc)
