@@ -510,19 +510,27 @@ def _slow_first_in_each_share(items: list[pytest.Item], workers: int) -> list[py
     worksteal gives worker k the k-th of ``workers`` consecutive shares and
     lets an idle worker steal from the end of another's queue. In file order
     the long waits (Slurm time limits, mpi4py's upstream suite) would sit
-    together at the end of one share, the whole run waiting on them; dealt
-    round-robin to the front of every share, they start at once. Every
-    worker computes the same order from the same collection.
+    together at the end of one share, the whole run waiting on them; put at
+    the front of the shares instead, they start at once. A file's slow tests
+    stay together and in order (its module fixtures, e.g. one replicated
+    cluster whose tests kill a server each after the contract has run on it,
+    are made once), the files dealt largest first to the share holding the
+    fewest. Every worker computes the same order from the same collection.
     """
-    slow = [item for item in items if item.get_closest_marker("slow") is not None]
+    files: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            files.setdefault(item.nodeid.split("::")[0], []).append(item)
+    fronts: list[list[pytest.Item]] = [[] for _ in range(workers)]
+    for group in sorted(files.values(), key=len, reverse=True):
+        min(fronts, key=len).extend(group)
     rest = [item for item in items if item.get_closest_marker("slow") is None]
     ordered: list[pytest.Item] = []
     left = len(items)
-    for k in range(workers):
+    for k, front in enumerate(fronts):
         size = left // (workers - k)                  # as worksteal sizes the k-th share
-        share = slow[k::workers]
-        take = max(size - len(share), 0)
-        share, rest = share + rest[:take], rest[take:]
+        take = max(size - len(front), 0)
+        share, rest = front + rest[:take], rest[take:]
         ordered += share
         left -= len(share)
     return ordered + rest
