@@ -28,7 +28,7 @@ import redis
 
 from . import engine_process, nodes, server
 from .collective import on_root, together
-from .errors import AuthenticationError, ConfigError, ServerError
+from .errors import AuthenticationError, ConfigError, MpiburstError, ServerError
 from .runconf import RunConf, conf_path, find_conf_path, named_dir, resolve_id
 from .server import StartOptions, site
 from .store import MemoryStore, Store
@@ -359,7 +359,7 @@ def wait_for_named(name: str, wait: float | None = None) -> str:
     path = conf_path(named_dir(name), name)
     deadline = time.monotonic() + max(0.0, wait)
     told = False
-    while not os.path.lexists(path):
+    while not _started(path):
         if time.monotonic() >= deadline:
             raise ConfigError(f"there is no named tier {name!r} ({path} is missing{f' after {wait:g} s' if wait > 0 else ''}); "
                               f"create it with 'mpiburst create {name} --capacity SIZE --ttl TIME'.")
@@ -370,6 +370,17 @@ def wait_for_named(name: str, wait: float | None = None) -> str:
         time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
         path = conf_path(named_dir(name), name)   # the tiers' directory may be made meanwhile: checked again
     return path
+
+
+def _started(path: str) -> bool:
+    """True once the conf at ``path`` exists and names its server: ``mpiburst create`` saves it first without one."""
+    if not os.path.lexists(path):
+        return False
+    try:
+        conf = RunConf.load(path)
+    except MpiburstError:
+        return True            # unreadable: attaching says what is wrong with it
+    return conf.pid is not None or bool(conf.nodes)
 
 
 #: The memory tiers of this process made by ``memory://NAME``, by name.
