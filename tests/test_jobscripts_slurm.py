@@ -33,8 +33,7 @@ SCRIPTS = REPO / "jobscripts" / "slurm"
 pytestmark = pytest.mark.workflow
 
 
-
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")   # a test process joins the cluster once and leaves at its end
 def slurm():
     from slurm_cluster import cluster
 
