@@ -10,6 +10,7 @@ bytes, the run's files (conf, snapshot) and that the server's PID is gone.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -53,7 +54,7 @@ def content(name: str) -> bytes:
 
 
 @pytest.fixture
-def job(tmp_path: Path, server_binary: str):
+def job(tmp_path: Path, server_binary: str, server_pids_in):
     """Return ``start(*run_args, status=0, files=(...), wait=False) -> Popen`` of ``mpiburst run``."""
     (tmp_path / "bfs").mkdir()
     (tmp_path / "job.py").write_text(JOB)
@@ -73,6 +74,8 @@ def job(tmp_path: Path, server_binary: str):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    for pid in server_pids_in(tmp_path):   # a run killed above leaves its server: never leak one
+        os.kill(pid, signal.SIGKILL)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str]:
