@@ -44,7 +44,12 @@ done < <(sed 's/#.*//' "$repo/tests/system-packages.txt" | awk 'NF')
 hidden=$(mktemp -d /tmp/bare-machine.XXXXXX)
 trap 'rm -rf "$hidden"' EXIT
 mkdir -p "$hidden"/{bin,sbin}/{upper,work}
-for package in $(printf '%s\n' "${packages[@]}" | awk 'NF' | sort -u); do
+# Essential packages (util-linux: unshare, and setpriv, which this script needs) are on every Debian
+# machine, fresh ones too: they stay.
+mapfile -t packages < <(for package in $(printf '%s\n' "${packages[@]}" | awk 'NF' | sort -u); do
+    [[ $(dpkg-query -W -f='${Essential}' "$package" 2>/dev/null) == yes ]] || echo "$package"
+done)
+for package in "${packages[@]}"; do
     dpkg -L "$package" 2>/dev/null | sed -nE 's#^(/usr)?/(s?bin)/([^/]+)$#\2 \3#p'
 done | sort -u | while read -r dir name; do
     mknod "$hidden/$dir/upper/$name" c 0 0       # an overlay whiteout: the name does not exist
