@@ -85,14 +85,15 @@ def test_many_small_tasks_job(slurm, tmp_path: Path, server_binary: str) -> None
 @pytest.mark.slurm
 @pytest.mark.timeout(300)
 def test_time_limit_commit_with_signal(slurm, tmp_path: Path, server_binary: str) -> None:
-    """--time=1 with --signal=B:USR1@40: the commit lands checkpoints on the BFS before the limit kills the job.
+    """--time=2 with --signal=B:USR1@40: the commit lands checkpoints on the BFS before the limit kills the job.
 
-    The signal comes 20 to 50 s after the start (Slurm checks every 30 s), late enough that a
-    slow start under load has written a checkpoint, and early enough for the commit.
+    Slurm may send the signal up to 60 s before the time asked (sbatch(1), --signal) and checks
+    every 30 s: with --time=1 it once came at the job's start, before any checkpoint (and before the
+    batch shell's trap). With --time=2 it comes 20 to 110 s after the start, before the limit.
     """
     app = f"python {EXAMPLES / 'checkpoint_restart.py'} --steps 100000 --every 2 --size 1000 --step-time 0.5"
     job = slurm.submit(SCRIPTS / "time_limit.sbatch", cwd=tmp_path, env=job_env(server_binary, APP=app),
-                       extra_args=("-n", "2", "--time=1", "--signal=B:USR1@40", "-o", "limit.out"))
+                       extra_args=("-n", "2", "--time=2", "--signal=B:USR1@40", "-o", "limit.out"))
     result = slurm.wait(job, timeout=200)
     log = (tmp_path / "limit.out").read_text()
     assert result.state == "TIMEOUT", log
