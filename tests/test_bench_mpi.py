@@ -96,12 +96,14 @@ def test_checkpoint_loop_measures_every_way_and_has_no_target_on_a_local_disk(mp
     for r in doc["results"]:
         assert r["pattern"] == "ckpt" and r["steps"] == 3 and r["flush_every"] == 2
         assert r["total_bytes"] == 3 * 128 * 1024 * comm.size
-        assert set(r["methods"]) == {"compute", "mpiio_ckpt", "mpiio_ckpt_1inN", "mpiburst_ckpt"}
+        assert set(r["methods"]) == {"compute", "mpiio_ckpt", "mpiio_ckpt_1inN", "mpiburst_ckpt", "tier_ingest",
+                                     "bfs_write"}
         for key, m in r["methods"].items():
             assert m["verified"] is True, key
             assert 0 < m["seconds"]["min"] <= m["seconds"]["median"] <= m["seconds"]["max"], key
         assert 0 < r["ratios"]["job_time_vs_mpiio"] < math.inf
         assert 0 < r["ratios"]["job_time_vs_mpiio_1inN"] < math.inf
+        assert 0 < r["ratios"]["floor_vs_mpiio"] < math.inf and r["ratios"]["own_time_vs_floor"] > 0
     assert len(doc["targets"]) == 2
     assert all(t["met"] is None and "job time / direct MPI-IO" in t["target"] for t in doc["targets"])
     assert not list(mpi_tmp_path.glob("mpiburst-bench-*")), "the scratch directory was left behind"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from conftest import cli_env
@@ -20,12 +22,14 @@ def _raw(pattern: str, transfer: int, **seconds: float) -> dict:
     }
 
 
-def _ckpt(compute: float, direct: float, burst: float, direct_1in4: float = 2.0, mode: str = "numpy") -> dict:
+def _ckpt(compute: float, direct: float, burst: float, direct_1in4: float = 2.0, mode: str = "numpy",
+          ingest: float = 0.2, bfs: float = 0.2) -> dict:
     return {"pattern": "ckpt", "compute": mode, "flush_every": 4, "transfer": 4096, "ranks": 2, "steps": 4,
             "work_iterations": 10, "work_seconds": 0.25, "bytes_per_rank": 1 << 20, "total_bytes": 2 << 20,
             "seconds": {"compute": [compute], "mpiio_ckpt": [direct], "mpiio_ckpt_1inN": [direct_1in4],
-                        "mpiburst_ckpt": [burst]},
-            "verified": {"compute": True, "mpiio_ckpt": True, "mpiio_ckpt_1inN": True, "mpiburst_ckpt": True}}
+                        "mpiburst_ckpt": [burst], "tier_ingest": [ingest], "bfs_write": [bfs]},
+            "verified": {"compute": True, "mpiio_ckpt": True, "mpiio_ckpt_1inN": True, "mpiburst_ckpt": True,
+                         "tier_ingest": True, "bfs_write": True}}
 
 
 PARAMS = {"write_buffer": 4 << 20, "size": "1.0 MiB"}
@@ -78,15 +82,18 @@ def test_checkpoint_loop_is_judged_on_a_network_filesystem_only_against_its_work
     assert results[0]["ratios"]["job_time_vs_mpiio"] == 0.5
     assert results[0]["ratios"]["job_time_vs_mpiio_1inN"] == 1.0
     assert results[0]["ratios"]["io_share_of_direct_job"] == 0.75
+    assert results[0]["ratios"]["floor_vs_mpiio"] == 0.35                  # (1.0 + 0.2 + 0.2) / 4.0
+    assert math.isclose(results[0]["ratios"]["own_time_vs_floor"], 2.5)    # (2.0 - 1.0) / (0.2 + 0.2)
     (numpy, met), (idle, idle_met) = report.targets(results, GLUSTER)
     assert met is True and "(numpy work): job time / direct MPI-IO every checkpoint = 0.50 (<= 0.50" in numpy
-    assert "75%" in numpy and "against direct one in 4: 1.00" in numpy
+    assert "75%" in numpy and "against direct one in 4: 1.00" in numpy and "one raw BFS write: 0.35" in numpy
     assert idle_met is False and "(idle work)" in idle and "= 0.40 (<= 0.30" in idle and "one in 4: 0.50" in idle
     assert [met for _, met in report.targets(results, EXT4)] == [None, None]
     table = report.table(results, GLUSTER | {"repeat": 1, "ranks": 2, "server": "redis", "steps": 4,
                                              "work_seconds": 0.25, "work_iterations": 10, "ckpt_size": "256 KiB",
                                              "flush_every": 4})
     assert "mpiburst/direct 1/N" in table and "fuse.glusterfs on 127.0.0.2:/dfsvol" in table
+    assert "floor/direct" in table and "every checkpoint's records SET into the tier by plain redis-py" in table
     assert "idle = every rank waits on a timer" in table
 
 

@@ -59,6 +59,16 @@ def _batches(n: int, value_bytes: int) -> list[range]:
     return [range(a, min(n, a + per)) for a in range(0, n, per)]
 
 
+def raw_keys(tier: Any, stem: str, rank: int, count: int) -> list[bytes]:
+    """Return ``count`` keys for a rank's raw baseline values.
+
+    On a multi-node run they carry this node's hash tag, so they stay on the
+    rank's own server.
+    """
+    tag = f"{{{tier.store.tags[tier.store.local]}}}:" if tier.conf.nodes else ""
+    return [f"{stem}:{tag}{rank}:{i}".encode() for i in range(count)]
+
+
 def tier_ingest(comm: Any, client: Any, keys: Sequence[bytes], values: Sequence[bytes]) -> float:
     """Return the seconds for every rank to ``SET`` its values under its keys, pipelined (no transaction)."""
     batches = _batches(len(keys), len(values[0]))

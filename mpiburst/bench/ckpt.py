@@ -19,6 +19,18 @@ as a domain-decomposed array does in a shared file). Four ways:
   newest if it was not and waits until every flush is durable. That wait is
   part of the job's time.
 
+Two limits, measured in the same run on the same server and BFS, bound what
+any burst buffer over this tier could reach (the floor of ``mpiburst_ckpt``):
+
+* ``tier_ingest``: every checkpoint's records ``SET`` into the tier's server
+  by plain redis-py, pipelined, one key per record, all kept until the end:
+  the server's own ingest of the bytes mpiburst absorbs, with no file, index
+  or bookkeeping;
+* ``bfs_write``: one checkpoint written to the BFS at its raw speed (each
+  rank its contiguous domain of one file, 8 MiB ``pwrite`` blocks,
+  ``fdatasync``): the least the job waits at its end for its last
+  checkpoint to be durable.
+
 Two kinds of work (``--compute``): ``numpy``, the same number of
 iterations of a small 1-D stencil (single threaded numpy, no BLAS threads)
 in every method, calibrated once per run to take about ``--work`` seconds
@@ -37,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from . import baselines
 from .baselines import agree, remove_output
 from .burst import absorb_records
 from .patterns import Layout, rank_data, records, verify_file
@@ -178,16 +191,37 @@ def through_mpiburst(comm: Any, tier: Any, loop: Loop, recs: Sequence[tuple[int,
     return seconds, ok
 
 
-def run_config(comm: Any, tier: Any, loop: Loop, repeat: int, scratch: str) -> dict[str, Any]:
-    """Measure the four ways ``repeat`` times, interleaved; return the raw dict :mod:`.report` expects."""
-    recs = records(loop.layout, rank_data(loop.layout))
-    keys = ("compute", "mpiio_ckpt", "mpiio_ckpt_1inN", "mpiburst_ckpt")
+def tier_ingest(comm: Any, tier: Any, client: Any, loop: Loop, recs: Sequence[tuple[int, np.ndarray]]) -> float:
+    """Return the seconds for every rank to ``SET`` the records of all ``steps`` checkpoints with plain redis-py.
+
+    Pipelined, one key per record, every checkpoint kept until the end (as
+    the tier holds them while they are absorbed); the keys are removed
+    afterwards, untimed.
+    """
+    values = [bytes(buf) for _, buf in recs] * loop.steps   # a plain client sends bytes; built before timing
+    keys = baselines.raw_keys(tier, "bench-ckpt-raw", comm.rank, len(values))
+    seconds = baselines.tier_ingest(comm, client, keys, values)
+    baselines.tier_clear(client, keys)
+    return seconds
+
+
+def run_config(comm: Any, tier: Any, client: Any, loop: Loop, repeat: int, scratch: str) -> dict[str, Any]:
+    """Measure the four ways and the two limits ``repeat`` times, interleaved; return the raw dict :mod:`.report`
+    expects. ``client``: a plain redis-py client of this rank's server (the ingest limit)."""
+    data = rank_data(loop.layout)
+    recs = records(loop.layout, data)
+    keys = ("compute", "mpiio_ckpt", "mpiio_ckpt_1inN", "mpiburst_ckpt", "tier_ingest", "bfs_write")
     seconds: dict[str, list[float]] = {k: [] for k in keys}
     verified = dict.fromkeys(keys, True)
     direct_dir = os.path.join(scratch, "direct")
+    raw_file = os.path.join(scratch, "raw", "ckpt.dat")
     for i in range(repeat):
         check = i == 0
         seconds["compute"].append(compute(comm, loop))
+        seconds["tier_ingest"].append(tier_ingest(comm, tier, client, loop, recs))
+        s, ok = baselines.bfs_shared_write(comm, raw_file, data, check)
+        seconds["bfs_write"].append(s)
+        verified["bfs_write"] = verified["bfs_write"] and ok
         for key, every in (("mpiio_ckpt", 1), ("mpiio_ckpt_1inN", loop.flush_every)):
             s, ok = direct(comm, loop, direct_dir, recs, check, every)
             seconds[key].append(s)

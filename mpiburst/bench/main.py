@@ -186,9 +186,7 @@ def _run_config(comm: Any, tier: Any, admin: Any, client: Any, layout: Layout, r
     data = rank_data(layout)
     recs = records(layout, data)
     values = [bytes(buf) for _, buf in recs]  # a plain client sends bytes; built before timing
-    # on a multi-node run the keys carry this node's hash tag, so they stay on the rank's own server
-    tag = f"{{{tier.store.tags[tier.store.local]}}}:" if tier.conf.nodes else ""
-    keys = [f"bench-raw:{tag}{layout.rank}:{i}".encode() for i in range(layout.count)]
+    keys = baselines.raw_keys(tier, "bench-raw", layout.rank, layout.count)
     stem = f"{layout.pattern}-{layout.transfer}"
     direct = {kind: os.path.join(scratch, "direct", layout.file_name(f"{stem}-{kind}"))
               for kind in ("independent", "collective")}
@@ -307,7 +305,7 @@ def run(opts: Options) -> int:
                             layout = ckpt.checkpoint_layout(transfer, opts.size, comm.size, comm.rank)
                             loop = ckpt.Loop(layout, opts.steps, params["work_iterations"], opts.flush_every, mode,
                                              opts.work)
-                            raw = ckpt.run_config(comm, tier, loop, opts.repeat, scratch)
+                            raw = ckpt.run_config(comm, tier, client, loop, opts.repeat, scratch)
                             if comm.rank == 0:
                                 results.append(report.summarize(raw))
                                 print(f"done: ckpt {report.short_size(transfer)} ({mode} work)", file=sys.stderr,
