@@ -24,6 +24,7 @@ from mpi4py.typing import BufSpec
 
 from . import drain, staging
 from .collective import on_root, together
+from .lookup import looked
 from .messages import Message, message
 from .paths import is_burst, locate
 from .tier import Tier
@@ -153,10 +154,12 @@ class File:
             return MPI.File.Open(comm, filename, amode, info)
         hints = _hints(info)
         tier = Tier.current(comm)   # a rank that cannot connect fails every rank, not only itself
-        path, found = locate(filename, tier.bfs_root)
+        # a create that need not know what the BFS holds leaves the file unlooked (mpiburst.lookup)
+        look = not amode & MPI.MODE_CREATE or bool(amode & (MPI.MODE_EXCL | MPI.MODE_APPEND))
+        path, found = locate(filename, tier.bfs_root, look)
         outcome: Any = _check_amode(amode)
         if outcome is None:  # rank 0 registers the file; its failure (a dead server) raises on every rank
-            outcome = on_root(comm, lambda: _open_on_rank0(tier, path, amode, found))
+            outcome = on_root(comm, lambda: _open_on_rank0(tier, path, amode, found, look))
         if isinstance(outcome, int):
             raise _mpi_error(outcome)
         token, start, drained = outcome
@@ -803,10 +806,13 @@ def _check_amode(amode: int) -> int | None:
     return None
 
 
-def _open_on_rank0(tier: Tier, path: str, amode: int, found: os.stat_result | None) -> int | tuple[str, int, bool]:
+def _open_on_rank0(tier: Tier, path: str, amode: int, found: os.stat_result | None,
+                   look: bool = True) -> int | tuple[str, int, bool]:
     """Check existence, register the file in the tier and start its shared file pointer.
 
-    ``found`` is what the BFS holds at ``path`` (:func:`mpiburst.paths.locate`).
+    ``found`` is what the BFS holds at ``path`` (:func:`mpiburst.paths.locate`);
+    ``look`` False: it was not looked at, and a new record is made unlooked
+    (:mod:`mpiburst.lookup`).
 
     Returns an MPI error class, or the shared pointer's token (which also
     names a drain's data file), the file pointers' start (0, or the file
@@ -816,10 +822,11 @@ def _open_on_rank0(tier: Tier, path: str, amode: int, found: os.stat_result | No
     # with a writing mode, one writer for all the ranks until Close (docs/consistency.md, "Published states"),
     # counted in the create's own round trip
     outcome = register(tier, path, bool(amode & MPI.MODE_CREATE), bool(amode & MPI.MODE_EXCL), found,
-                       writing=bool(amode & _WRITING))
+                       writing=bool(amode & _WRITING), look=look)
     if isinstance(outcome, str):
         return {"exists": MPI.ERR_FILE_EXISTS, "missing": MPI.ERR_NO_SUCH_FILE}[outcome]
-    start = outcome.size if amode & MPI.MODE_APPEND else 0
+    # another open may have made the record unlooked: the start needs its BFS size
+    start = looked(tier.store, outcome).size if amode & MPI.MODE_APPEND else 0
     token = uuid.uuid4().hex
     if start:   # a pointer the tier does not hold reads 0: one round trip less for a new file
         _SharedPointer(tier, path, token).set(start)

@@ -41,26 +41,35 @@ def resolve(path: str | os.PathLike, bfs_root: str) -> str:
     return _resolved(path, bfs_root)[0]
 
 
-def locate(path: str | os.PathLike, bfs_root: str) -> tuple[str, os.stat_result | None]:
+def locate(path: str | os.PathLike, bfs_root: str, look: bool = True) -> tuple[str, os.stat_result | None]:
     """Return :func:`resolve`'s path and what the BFS holds there (its ``stat``, None if nothing).
 
     One lookup of the BFS file serves both: opening a new file looks its
     path up once, not twice (each lookup is a round trip on a network
-    filesystem). Raises as :func:`resolve`.
+    filesystem). ``look`` False: only the file's directories are looked up,
+    not the file (its ``stat`` is None: unknown, see :mod:`mpiburst.lookup`),
+    and a symbolic link as its last component is not resolved. Raises as
+    :func:`resolve`.
     """
-    real, below = _resolved(path, bfs_root)
+    real, below = _resolved(path, bfs_root, look)
+    if not look:
+        return real, None
     return real, below[1] if below else bfs_stat(real)
 
 
-def _resolved(path: str | os.PathLike, bfs_root: str) -> tuple[str, tuple[str, os.stat_result | None] | None]:
-    """Return :func:`resolve`'s path and, when it came from :func:`_below`, that function's answer."""
+def _resolved(path: str | os.PathLike, bfs_root: str,
+              look: bool = True) -> tuple[str, tuple[str, os.stat_result | None] | None]:
+    """Return :func:`resolve`'s path and, when it came from :func:`_below`, that function's answer.
+
+    ``look`` False: :func:`_below` does not look the last component up.
+    """
     text = os.fspath(path)
     root = _real_root(bfs_root)
     rest = text[len(SCHEME):] if is_burst(text) else text
     if not rest.strip("/"):
         raise PathError(f"{text!r} names no file; write burst://dir/file (relative to the BFS root {root}).")
     relative = is_burst(text) and not rest.startswith("/")
-    below = _below(root, rest) if relative else None
+    below = _below(root, rest, look) if relative else None
     if below is not None:
         real = below[0]
     else:
@@ -86,7 +95,7 @@ def _real_root(bfs_root: str) -> str:
     return os.path.realpath(bfs_root)
 
 
-def _below(root: str, rest: str) -> tuple[str, os.stat_result | None] | None:
+def _below(root: str, rest: str, look: bool = True) -> tuple[str, os.stat_result | None] | None:
     """Return ``os.path.realpath(root/rest)`` for a ``root`` already free of symlinks, and the file's ``lstat``.
 
     ``realpath`` looks up every component from ``/``: a dozen ``lstat`` calls
@@ -94,7 +103,8 @@ def _below(root: str, rest: str) -> tuple[str, os.stat_result | None] | None:
     components below the root are looked up here one by one until one does
     not exist (nothing below it can: the file's ``stat`` is then None).
     Returns None for a symlink or ``..`` among them: :func:`locate` leaves
-    those to ``realpath``.
+    those to ``realpath``. ``look`` False: the last component is not looked
+    up (its ``lstat`` is returned as None).
     """
     parts = [p for p in rest.split("/") if p not in ("", ".")]
     if ".." in parts:
@@ -103,6 +113,8 @@ def _below(root: str, rest: str) -> tuple[str, os.stat_result | None] | None:
     found: os.stat_result | None = None
     for i, part in enumerate(parts):
         cur = os.path.join(cur, part)
+        if not look and i == len(parts) - 1:
+            return cur, None
         try:
             found = os.lstat(cur)
         except FileNotFoundError:

@@ -35,6 +35,7 @@ import numpy as np
 from . import flush
 from .assembly import BfsBytes, current_bytes
 from .errors import FlushError, MpiburstError, PathError, ServerError
+from .lookup import looked
 from .overlay import Entry, Strided, bounds, gaps, visible
 from .overlay import expand as blocks_of
 from .paths import resolve
@@ -71,11 +72,11 @@ def _locate(path: str | os.PathLike, tier: Tier | None) -> tuple[Tier, Store, st
 
 
 def _known(store: Store, target: str) -> FileMeta:
-    """Return the record of ``target``, or raise PathError if the tier does not hold it."""
+    """Return the record of ``target`` (its BFS size joined, :mod:`mpiburst.lookup`); PathError if there is none."""
     meta = store.meta(target)
     if meta is None:
         raise PathError(f"{target} is not in the tier; check the path (mpiburst ls lists the tier's files).")
-    return meta
+    return looked(store, meta)
 
 
 def _bfs_size(target: str) -> int | None:
@@ -283,7 +284,7 @@ def ls(path: str | os.PathLike | None = None, *, tier: Tier | None = None) -> li
     if path is not None:
         target = resolve(path, tier.bfs_root)
         paths = [p for p in paths if p == target or p.startswith(target.rstrip("/") + "/")]
-    return [records[p] for p in paths]
+    return [looked(tier.store, records[p]) for p in paths]
 
 
 def listdir(path: str | os.PathLike, *, tier: Tier | None = None) -> list[str]:

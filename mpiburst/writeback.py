@@ -19,6 +19,7 @@ import numpy as np
 from . import iostats
 from .assembly import BfsBytes, current_bytes
 from .errors import OffsetError, ServerError, TierConnectionError, TierFullError
+from .lookup import looked
 from .paths import bfs_stat
 from .perms import current_umask
 from .residency import make_room
@@ -362,8 +363,10 @@ class TierFile:
 
     # -- reads --------------------------------------------------------------
     def meta(self) -> FileMeta | None:
-        """Return the tier's record of the file; without one (purged), what the BFS file says."""
-        return self.store.meta(self.path) or _bfs_meta(self.path)
+        """Return the tier's record of the file (its BFS size joined, :mod:`mpiburst.lookup`); without one
+        (purged), what the BFS file says."""
+        meta = self.store.meta(self.path)
+        return looked(self.store, meta) if meta is not None else _bfs_meta(self.path)
 
     def size(self) -> int:
         """Return the file's logical size, including this process's buffered writes."""
@@ -383,7 +386,7 @@ class TierFile:
         self.push()
         for _ in range(_READ_TRIES):
             meta, found = self.store.window(self.path, offset, offset + len(out))
-            meta = meta or _bfs_meta(self.path)
+            meta = looked(self.store, meta) if meta is not None else _bfs_meta(self.path)
             if meta is None:
                 return 0
             hi = min(offset + len(out), meta.size)
@@ -400,6 +403,9 @@ class TierFile:
         """Set the file's logical size (truncate or extend with zeros)."""
         check_offset(size, f"set the size {size} of")
         self.push()
+        meta = self.store.meta(self.path)
+        if meta is not None:   # an unlooked record is joined to its BFS size first: it never holds a truncation
+            looked(self.store, meta)
         with_room(self.tier, lambda: self.store.set_size(self.path, size), f"set the size of {self.path}")
 
 
@@ -460,7 +466,7 @@ def check_offset(end: int, what: str) -> None:
 
 
 def register(tier: Tier, path: str, create: bool, exclusive: bool, found: os.stat_result | None,
-             writing: bool = False) -> str | FileMeta:
+             writing: bool = False, look: bool = True) -> str | FileMeta:
     """Make sure the tier knows ``path`` before it is opened; no MPI involved.
 
     ``found`` is what the BFS holds at ``path`` (:func:`mpiburst.paths.locate`,
@@ -469,7 +475,9 @@ def register(tier: Tier, path: str, create: bool, exclusive: bool, found: os.sta
     already there), with ``writing`` also counting the handle as one of the
     file's writers (:meth:`~mpiburst.store.Store.writers`) in that same
     call; the other modes read the record first (and count the writer in a
-    second call when the record exists).
+    second call when the record exists). ``look`` False (a create that is
+    not exclusive): the BFS was not looked at, ``found`` means nothing, and
+    a new record is made unlooked (:mod:`mpiburst.lookup`).
 
     Returns
     -------
@@ -489,8 +497,8 @@ def register(tier: Tier, path: str, create: bool, exclusive: bool, found: os.sta
     if not exists and not create:
         return "missing"
     if meta is None:
-        return with_room(tier, lambda: store.create(path, bfs_size, umask=current_umask(), writing=writing),
-                         f"create {path}")
+        return with_room(tier, lambda: store.create(path, bfs_size, umask=current_umask(), writing=writing,
+                                                    looked=look), f"create {path}")
     if writing:
         store.writers(path, 1, 1)
     return meta

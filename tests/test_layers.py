@@ -20,7 +20,8 @@ LAYERS: list[set[str]] = [
     {"errors", "sizes", "overlay", "buffers", "paths", "align", "collective", "perms", "progress", "nodes",
      "cuda"},                                                  # pure helpers
     {"store"},                                                 # the boundary to the server's data
-    {"assembly", "iostats"},                                   # the current bytes of a range; I/O counters
+    {"assembly", "iostats", "lookup"},                         # the current bytes of a range; I/O counters;
+                                                               # an unlooked record's BFS size
     {"runconf", "server", "engine_process"},                   # the server's and the engine's processes
     {"tier"},                                                  # a run as seen by one process
     {"flush", "drain"},                                        # tier data -> BFS (drain: while it is written)

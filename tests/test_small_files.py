@@ -8,6 +8,8 @@ tier holds no other file or hundreds.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -424,3 +426,129 @@ def test_the_lease_keeper_renews_each_lease_once_a_quarter_lease_not_every_round
     assert set(renewals) == set(paths)                        # every lease renewed...
     gaps = [b - a for times in renewals.values() for a, b in zip(times, times[1:])]
     assert min(gaps, default=1.0) >= 0.1 - 0.01               # ...at most once a quarter lease (it was every round)
+
+
+# ----------------------------------------------------------------------------- a create does not look at the BFS
+
+#: A file on the BFS before the run, longer than what the tier gets of it.
+OLD = bytes(range(256)) * 40
+#: What the tier writes over its start.
+NEW = b"new"
+
+
+def _unlooked(tier: Any, name: str) -> str:
+    """Put :data:`OLD` on the BFS at ``name``, open it with ``MODE_CREATE``, write :data:`NEW` at 0, close it.
+
+    Returns its BFS path; the open looked up neither the file nor its size.
+    """
+    path = os.path.join(tier.bfs_root, name)
+    with open(path, "wb") as f:
+        f.write(OLD)
+    _one_file(f"burst://{name}", np.frombuffer(NEW, dtype=np.uint8))
+    assert tier.store.meta(path).unlooked
+    return path
+
+
+def test_an_open_with_mode_create_does_not_look_the_file_up_on_the_bfs(mem_tier, monkeypatch):
+    counting = Counting(mem_tier.store)
+    mem_tier.store = counting
+    os.makedirs(os.path.join(mem_tier.bfs_root, "d"))
+    resolve("burst://d", mem_tier.bfs_root)   # the root's own resolution, once per process
+    looked: list[str] = []
+    for name in ("lstat", "stat"):
+        real: Callable[..., os.stat_result] = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda p, *a, real=real, **k: looked.append(str(p)) or real(p, *a, **k))
+    _one_file("burst://d/f", np.zeros(10, dtype=np.uint8))
+    monkeypatch.undo()
+    path = os.path.join(mem_tier.bfs_root, "d", "f")
+    assert path not in looked and looked == [os.path.join(mem_tier.bfs_root, "d")]   # its directory only
+    assert counting.calls[0] == "create" and "meta" not in counting.calls and "found_on_bfs" not in counting.calls
+    with pytest.raises(MPI.Exception) as err:   # an exclusive create still looks
+        mpiburst.File.Open(MPI.COMM_SELF, "burst://d/f", MPI.MODE_WRONLY | MPI.MODE_CREATE | MPI.MODE_EXCL)
+    assert err.value.Get_error_class() == MPI.ERR_FILE_EXISTS
+    with open(os.path.join(mem_tier.bfs_root, "d", "bfs-only"), "wb") as f:
+        f.write(b"x")
+    with pytest.raises(MPI.Exception) as err:
+        mpiburst.File.Open(MPI.COMM_SELF, "burst://d/bfs-only", MPI.MODE_WRONLY | MPI.MODE_CREATE | MPI.MODE_EXCL)
+    assert err.value.Get_error_class() == MPI.ERR_FILE_EXISTS
+
+
+def _first_need(tier: Any, path: str, url: str, first: str) -> bytes:
+    """Do ``first``, the first thing that needs the unlooked file's size; check what it saw; return the bytes due."""
+    rdonly, wronly = MPI.MODE_RDONLY, MPI.MODE_WRONLY
+    if first == "Get_size":
+        with mpiburst.File.Open(MPI.COMM_SELF, url, rdonly) as f:
+            assert f.Get_size() == len(OLD)
+    elif first == "Read_at":
+        buf = bytearray(1000)
+        with mpiburst.File.Open(MPI.COMM_SELF, url, rdonly) as f:
+            f.Read_at(5000, buf)   # past what the tier holds
+        assert bytes(buf) == OLD[5000:6000]
+    elif first == "MODE_APPEND":
+        with mpiburst.File.Open(MPI.COMM_SELF, url, wronly | MPI.MODE_APPEND) as f:
+            assert f.Get_position() == len(OLD)
+            f.Write(b"end")
+        return NEW + OLD[len(NEW):] + b"end"
+    elif first == "Set_size":
+        with mpiburst.File.Open(MPI.COMM_SELF, url, wronly) as f:
+            f.Set_size(4000)   # a truncation of bytes only the BFS holds
+            assert f.Get_size() == 4000
+        return (NEW + OLD[len(NEW):])[:4000]
+    elif first == "stat":
+        assert mpiburst.residency.stat(url, tier=tier)["size"] == len(OLD)
+    elif first == "ls":
+        assert [m.size for m in mpiburst.residency.ls(url, tier=tier)] == [len(OLD)]
+    elif first == "sync":
+        mpiburst.flush.sync(path, tier=tier)
+    elif first == "mpiburst.open":
+        assert mpiburst.open(url, "rb", tier=tier).read() == NEW + OLD[len(NEW):]
+    return NEW + OLD[len(NEW):]
+
+
+@pytest.mark.parametrize("first", ["Get_size", "Read_at", "MODE_APPEND", "Set_size", "stat", "ls", "sync",
+                                   "mpiburst.open", "commit"])
+def test_a_file_opened_unlooked_shows_the_bfs_bytes_to_whatever_first_needs_its_size(mem_tier, first):
+    os.makedirs(os.path.join(mem_tier.bfs_root, "ckpt"))
+    path = _unlooked(mem_tier, "ckpt/f")
+    due = _first_need(mem_tier, path, "burst://ckpt/f", first)
+    mpiburst.flush.commit(tier=mem_tier)
+    with open(path, "rb") as f:
+        assert f.read() == due
+    meta = mem_tier.store.meta(path)
+    assert not meta.unlooked and meta.size == len(due) and not meta.dirty
+    assert mpiburst.open("burst://ckpt/f", "rb", tier=mem_tier).read() == due
+
+
+def test_a_file_opened_unlooked_over_a_symlink_is_never_followed(mem_tier, tmp_path):
+    outside = tmp_path / "outside"
+    outside.write_bytes(OLD)
+    os.symlink(outside, os.path.join(mem_tier.bfs_root, "link"))
+    _one_file("burst://link", np.frombuffer(NEW, dtype=np.uint8))
+    with mpiburst.File.Open(MPI.COMM_SELF, "burst://link", MPI.MODE_RDWR | MPI.MODE_CREATE) as f:
+        with pytest.raises(mpiburst.PathError, match="symbolic link"):   # its size would be the outside file's
+            f.Get_size()
+        with pytest.raises(mpiburst.PathError, match="symbolic link"):
+            f.Read_at(100, bytearray(10))
+    with pytest.raises(mpiburst.PathError, match="outside the run's BFS root"):   # a lookup resolves the link
+        mpiburst.File.Open(MPI.COMM_SELF, "burst://link", MPI.MODE_RDONLY)
+    with pytest.raises(mpiburst.FlushError, match="not a regular file"):
+        mpiburst.flush.commit(tier=mem_tier)
+    assert outside.read_bytes() == OLD and os.path.islink(os.path.join(mem_tier.bfs_root, "link"))
+
+
+@pytest.mark.timeout(60)
+def test_another_process_sees_the_bfs_bytes_of_a_file_opened_unlooked(tier):
+    """On a real server: a second process reads the whole file; what it found is recorded once, for all."""
+    os.makedirs(os.path.join(tier.bfs_root, "ckpt"))
+    path = _unlooked(tier, "ckpt/f")
+    code = ("import sys, mpiburst; from mpiburst.tier import Tier; "
+            "sys.stdout.buffer.write(mpiburst.open(sys.argv[2], 'rb', tier=Tier.connect(conf=sys.argv[1])).read())")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    seen = subprocess.run([sys.executable, "-c", code, tier.conf.path, "burst://ckpt/f"], capture_output=True,
+                          check=True, env=env, timeout=60).stdout
+    assert seen == NEW + OLD[len(NEW):]
+    meta = tier.store.meta(path)
+    assert not meta.unlooked and meta.size == len(OLD)
+    mpiburst.flush.commit(tier=tier)
+    with open(path, "rb") as f:
+        assert f.read() == seen

@@ -150,6 +150,11 @@ def prepare(store: Store, target: str, align: int, cut: Any = None, wait: float 
         if old is not None and not stat.S_ISREG(old.st_mode):
             raise FlushError(f"{target} on the BFS is not a regular file (a link or a directory); remove it "
                              "or sync the data to another path.")
+        if snap.unlooked and old is not None:
+            # opened without a BFS lookup (mpiburst.lookup): the file found here extends it; the record learns
+            # so now (a new file needs no call: the mark-clean says it is on the BFS)
+            store.found_on_bfs(target, old.st_size)
+            snap = replace(snap, unlooked=False, bfs=True, size=max(snap.size, old.st_size))
         base = 0
         if old is not None:
             base = old.st_size if snap.trunc is None else min(old.st_size, snap.trunc)

@@ -134,6 +134,11 @@ class FileMeta:
         Exempt from automatic sync and purge.
     bfs : bool
         The BFS file is known to hold this file's clean data.
+    unlooked : bool
+        Made without looking at the BFS (``create(..., looked=False)``): a
+        BFS file there may hold bytes past ``size``, and ``bfs`` is not yet
+        known. Whoever needs the starting size looks the BFS file up and
+        joins it with :meth:`Store.found_on_bfs` (:mod:`mpiburst.lookup`).
     umask : int or None
         The umask of the process that first created or opened the file
         through mpiburst: the flush gives new BFS files and directories the
@@ -166,6 +171,7 @@ class FileMeta:
     settled_size: int = 0
     truncs: int = 0
     settled_truncs: int = 0
+    unlooked: bool = False
 
     @property
     def dirty(self) -> bool:
@@ -345,16 +351,32 @@ class Store(ABC):
 
     @abstractmethod
     def create(self, path: str, bfs_size: int | None, umask: int | None = None,
-               writing: bool = False) -> FileMeta:
+               writing: bool = False, looked: bool = True) -> FileMeta:
         """Make the tier's record of ``path`` unless it exists; return the record.
 
         ``bfs_size`` is the size of the BFS file (None when there is none):
-        the logical size starts there. ``umask`` is the creating process's
+        the logical size starts there. ``looked`` False: the BFS was not
+        looked at (``bfs_size`` is then ignored): a new record starts at size
+        0 and is :attr:`FileMeta.unlooked` until :meth:`found_on_bfs`; a
+        record that exists is kept as it is. ``umask`` is the creating process's
         umask, kept for the flush (:attr:`FileMeta.umask`). With ``writing``
         the call also counts a handle opening the file for writing, as
         :meth:`writers` ``(path, 1, 1)`` does, atomically with the create and
         in the same round trip (an open for writing costs one call, not two);
         the record returned has that count.
+        """
+
+    @abstractmethod
+    def found_on_bfs(self, path: str, bfs_size: int | None) -> FileMeta | None:
+        """Join what the BFS holds at ``path`` (its size, None if nothing) to a record made unlooked; return it.
+
+        Atomic, and only the first call changes the record: an
+        :attr:`FileMeta.unlooked` record's size becomes the larger of its size
+        and ``bfs_size`` (its settled size too), ``bfs`` says whether a BFS
+        file exists, and the record is no longer unlooked. An unlooked record
+        has had no truncation (:meth:`set_size` is preceded by this call), so
+        the BFS bytes below the larger size are all the file's. Any other
+        record is returned unchanged; None when there is no record.
         """
 
     @abstractmethod

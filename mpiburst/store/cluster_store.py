@@ -616,9 +616,13 @@ class ClusterStore(Store):
             return self.home.meta(path)
 
     def create(self, path: str, bfs_size: int | None, umask: int | None = None,
-               writing: bool = False) -> FileMeta:
+               writing: bool = False, looked: bool = True) -> FileMeta:
         with self._on(0):   # the record and its writer count live on node 0
-            return self.home.create(path, bfs_size, umask, writing)
+            return self.home.create(path, bfs_size, umask, writing, looked)
+
+    def found_on_bfs(self, path: str, bfs_size: int | None) -> FileMeta | None:
+        with self._on(0):
+            return self.home.found_on_bfs(path, bfs_size)
 
     def files(self) -> dict[str, str]:
         with self._on(0, write=False):

@@ -100,15 +100,30 @@ class MemoryStore(Store):
             return None if f is None else replace(f.meta)
 
     def create(self, path: str, bfs_size: int | None, umask: int | None = None,
-               writing: bool = False) -> FileMeta:
+               writing: bool = False, looked: bool = True) -> FileMeta:
         with self._lock:
             if path not in self._files:
-                meta = FileMeta(path=path, size=bfs_size or 0, seq=0, clean=0, pending=0, trunc=None,
-                                pinned=False, bfs=bfs_size is not None, umask=umask)
+                size = bfs_size or 0 if looked else 0
+                meta = FileMeta(path=path, size=size, seq=0, clean=0, pending=0, trunc=None,
+                                pinned=False, bfs=looked and bfs_size is not None, umask=umask, unlooked=not looked)
                 self._files[path] = _File(meta)
             if writing:
                 self.writers(path, 1, 1)   # the lock is reentrant: one atomic step with the create
             return replace(self._files[path].meta)
+
+    def found_on_bfs(self, path: str, bfs_size: int | None) -> FileMeta | None:
+        with self._lock:
+            f = self._files.get(path)
+            if f is None:
+                return None
+            m = f.meta
+            if m.unlooked:
+                m.unlooked = False
+                m.bfs = bfs_size is not None
+                if bfs_size is not None:
+                    m.size = max(m.size, bfs_size)
+                    m.settled_size = max(m.settled_size, bfs_size)
+            return replace(m)
 
     def files(self) -> dict[str, str]:
         with self._lock:
@@ -353,6 +368,7 @@ class MemoryStore(Store):
                 if trunc is not None and f.meta.trunc == trunc:
                     f.meta.trunc = None
                 f.meta.bfs = True
+                f.meta.unlooked = False
                 f.meta.pending = 0
             return True
 

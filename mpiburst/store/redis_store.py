@@ -100,6 +100,7 @@ class RedisStore(Store):
         self._release = client.register_script(oom + schema.RELEASE)
         self._channel_close = client.register_script(oom + schema.CHANNEL_CLOSE)
         self._cut = client.register_script(schema.CUT)
+        self._found = client.register_script(oom + schema.FOUND_ON_BFS)
         self._writers = client.register_script(oom + schema.WRITERS)
         self._stats_add = client.register_script(oom + schema.STATS_ADD)   # a close on a full tier
         self._stats_push = client.register_script(oom + schema.STATS_LOG_PUSH)
@@ -113,11 +114,11 @@ class RedisStore(Store):
         return schema.meta_from(raw)
 
     def create(self, path: str, bfs_size: int | None, umask: int | None = None,
-               writing: bool = False) -> FileMeta:
+               writing: bool = False, looked: bool = True) -> FileMeta:
         fid = file_id(path)
         mkey = self.keys.file(fid, "m")
-        fields: dict[str, str | int] = {"path": path, "size": bfs_size or 0, "seq": 0, "clean": 0,
-                                        "bfs": 1 if bfs_size is not None else 0}
+        fields: dict[str, str | int] = {"path": path, "size": bfs_size or 0 if looked else 0, "seq": 0, "clean": 0,
+                                        "bfs": schema.UNLOOKED if not looked else 1 if bfs_size is not None else 0}
         if umask is not None:
             fields["umask"] = umask
 
@@ -137,6 +138,10 @@ class RedisStore(Store):
             self.r.script_load(self._writers.script)
             raw = once()
         return schema.meta_from(raw)
+
+    def found_on_bfs(self, path: str, bfs_size: int | None) -> FileMeta | None:
+        raw = self._found(keys=[self.keys.file(file_id(path), "m")], args=["" if bfs_size is None else bfs_size])
+        return schema.meta_from(dict(zip(raw[::2], raw[1::2]))) if raw else None
 
     def files(self) -> dict[str, str]:
         registry = cast("dict[bytes, bytes]", self.r.hgetall(self.keys.files))   # bytes

@@ -13,7 +13,8 @@ with the store's prefix, ``mpb:`` here; a shard of a cluster store
 all of its keys hash to one slot of its own server::
 
     mpb:files            hash   fid -> BFS path          (registry, for ls / auto engine)
-    mpb:{fid}:m          hash   path, size, seq, clean, pending, trunc, pinned, bfs, staged, umask,
+    mpb:{fid}:m          hash   path, size, seq, clean, pending, trunc, pinned, bfs (1, 0, or ? when
+                                made unlooked), staged, umask,
                                 fence (a cluster shard: lowest sequence number it accepts, minus one)
     mpb:{fid}:x          zset   extents scored by file offset;
                                 member "seq:boff:len:blob" (ASCII decimals)
@@ -127,7 +128,26 @@ def commit_keys_args(keys: Keys, path: str, tmp: str, channel: int, nbytes: int,
     return [keys.file(fid, "m"), keys.file(fid, "x"), keys.file(fid, "B"), tmp, keys.file(fid, "v")], args
 
 
+#: The record's ``bfs`` field of a file made without looking at the BFS (:attr:`FileMeta.unlooked`).
+UNLOOKED = "?"
+
 # ----------------------------------------------------------------------------- Lua scripts
+
+FOUND_ON_BFS = """
+if redis.call('HGET', KEYS[1], 'bfs') == '?' then
+  if ARGV[1] == '' then
+    redis.call('HSET', KEYS[1], 'bfs', '0')
+  else
+    local n = tonumber(ARGV[1])
+    redis.call('HSET', KEYS[1], 'bfs', '1')
+    if tonumber(redis.call('HGET', KEYS[1], 'size') or '0') < n then redis.call('HSET', KEYS[1], 'size', n) end
+    if tonumber(redis.call('HGET', KEYS[1], 'settled_size') or '0') < n then
+      redis.call('HSET', KEYS[1], 'settled_size', n)
+    end
+  end
+end
+return redis.call('HGETALL', KEYS[1])
+"""
 
 COMMIT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('NOFILE the file has no record in the tier') end
@@ -371,6 +391,7 @@ def meta_from(raw: dict) -> FileMeta:
         trunc=int(g["trunc"]) if "trunc" in g else None,
         pinned=g.get("pinned") == "1",
         bfs=g.get("bfs") == "1",
+        unlooked=g.get("bfs") == UNLOOKED,
         umask=int(g["umask"]) if "umask" in g else None,
         writers=int(g.get("writers", 0)),
         settled=int(g.get("settled", 0)),

@@ -53,6 +53,12 @@ def _path() -> str:
     return f"/bfs/contract/{random.getrandbits(64):016x}.dat"
 
 
+def must(meta: FileMeta | None) -> FileMeta:
+    """Return ``meta``, failing the test where a store call returned no record."""
+    assert meta is not None, "the store returned no record"
+    return meta
+
+
 def record(store: Store, path: str) -> FileMeta:
     """Return ``path``'s record, failing the test where the tier has none."""
     meta = store.meta(path)
@@ -141,6 +147,24 @@ class StoreTests:
         put(store, "/bfs/a", None, [(0, b"x" * 100)])
         again = store.create("/bfs/a", 5)
         assert again.size == 100 and again.seq == 1 and again.bfs
+
+    def test_a_record_made_unlooked_takes_the_bfs_size_once(self, store: Store) -> None:
+        made = store.create("/bfs/u", 999, looked=False, writing=True)
+        assert made.unlooked and (made.size, made.bfs, made.writers) == (0, False, 1)   # bfs_size ignored
+        put(store, "/bfs/u", None, [(0, b"x" * 100)])
+        assert record(store, "/bfs/u").unlooked and store.cut()["/bfs/u"].unlooked
+        found = must(store.found_on_bfs("/bfs/u", 4096))
+        assert not found.unlooked and (found.size, found.bfs, found.seq) == (4096, True, 1)
+        assert store.found_on_bfs("/bfs/u", 10) == found == store.meta("/bfs/u")   # only the first call counts
+        assert store.create("/bfs/u", None, looked=False) == found   # an existing record is kept
+        store.create("/bfs/v", None, looked=False)
+        put(store, "/bfs/v", None, [(0, b"y" * 300)])
+        assert must(store.found_on_bfs("/bfs/v", 200)).size == 300 and store.found_on_bfs("/bfs/w", 1) is None
+        store.create("/bfs/n", None, looked=False)
+        nothing = must(store.found_on_bfs("/bfs/n", None))
+        assert (nothing.unlooked, nothing.bfs, nothing.size) == (False, False, 0)
+        looked = store.create("/bfs/l", 50)
+        assert store.found_on_bfs("/bfs/l", 80) == looked   # a looked record is kept as it is
 
     def test_pin_and_unpin(self, store: Store) -> None:
         store.create("/bfs/p", None)
