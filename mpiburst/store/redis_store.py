@@ -102,6 +102,7 @@ class RedisStore(Store):
         self._cut = client.register_script(schema.CUT)
         self._found = client.register_script(oom + schema.FOUND_ON_BFS)
         self._writers = client.register_script(oom + schema.WRITERS)
+        self._create = client.register_script(schema.CREATE)
         self._stats_add = client.register_script(oom + schema.STATS_ADD)   # a close on a full tier
         self._stats_push = client.register_script(oom + schema.STATS_LOG_PUSH)
         self._loaded = False
@@ -116,28 +117,12 @@ class RedisStore(Store):
     def create(self, path: str, bfs_size: int | None, umask: int | None = None,
                writing: bool = False, looked: bool = True) -> FileMeta:
         fid = file_id(path)
-        mkey = self.keys.file(fid, "m")
-        fields: dict[str, str | int] = {"path": path, "size": bfs_size or 0 if looked else 0, "seq": 0, "clean": 0,
-                                        "bfs": schema.UNLOOKED if not looked else 1 if bfs_size is not None else 0}
+        fields: list[str | int] = ["path", path, "size", bfs_size or 0 if looked else 0, "seq", 0, "clean", 0,
+                                   "bfs", schema.UNLOOKED if not looked else 1 if bfs_size is not None else 0]
         if umask is not None:
-            fields["umask"] = umask
-
-        def once() -> Any:
-            pipe = self.r.pipeline(transaction=True)
-            for name, value in fields.items():
-                pipe.hsetnx(mkey, name, value)
-            pipe.hset(self.keys.files, fid, path)
-            if writing:   # the writer count's script by its SHA, in the transaction (one round trip)
-                pipe.execute_command("EVALSHA", self._writers.sha, 1, mkey, 1, 1)
-            pipe.hgetall(mkey)
-            return pipe.execute()[-1]
-
-        try:
-            raw = once()
-        except redis.exceptions.NoScriptError:   # not loaded yet (or the server restarted): the rest ran, again
-            self.r.script_load(self._writers.script)
-            raw = once()
-        return schema.meta_from(raw)
+            fields += ["umask", umask]
+        raw = self._create(keys=[self.keys.file(fid, "m"), self.keys.files], args=[int(writing), 1, fid, *fields])
+        return schema.meta_from(dict(zip(raw[::2], raw[1::2])))
 
     def found_on_bfs(self, path: str, bfs_size: int | None) -> FileMeta | None:
         raw = self._found(keys=[self.keys.file(file_id(path), "m")], args=["" if bfs_size is None else bfs_size])

@@ -329,8 +329,7 @@ return out
 # Count a handle opening / closing a file for writing (KEYS[1]: the record; ARGV: delta, settle_at_most):
 # when the count after the change is at most settle_at_most, the file's seq, size and truncation count
 # now are its settled mark. -1 for a file without a record. Runs on a full tier (a Close must always be counted).
-WRITERS = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+_COUNT_WRITER = """
 local n = redis.call('HINCRBY', KEYS[1], 'writers', ARGV[1])
 if n < 0 then
   redis.call('HSET', KEYS[1], 'writers', 0)
@@ -340,7 +339,24 @@ if n <= tonumber(ARGV[2]) then
   local m = redis.call('HMGET', KEYS[1], 'seq', 'size', 'truncs')
   redis.call('HSET', KEYS[1], 'settled', m[1] or 0, 'settled_size', m[2] or 0, 'settled_truncs', m[3] or 0)
 end
+"""
+
+WRITERS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+""" + _COUNT_WRITER + """
 return n
+"""
+
+# Make a file's record unless it exists (each field set only where absent), register it, and with ARGV[1]
+# and ARGV[2] (1, 1) count a writer as WRITERS does, in one step. KEYS[1] the record, KEYS[2] the registry;
+# ARGV[3] the file id; then field, value pairs. Returns the record.
+CREATE = """
+for i = 4, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[2], ARGV[3], redis.call('HGET', KEYS[1], 'path'))
+if ARGV[1] ~= '0' then
+""" + _COUNT_WRITER + """
+end
+return redis.call('HGETALL', KEYS[1])
 """
 
 # Close a channel only for the writer that opened it (a reset may have taken it meanwhile).
