@@ -4,9 +4,9 @@ SCR's model (``SCR_Start_output`` / ``SCR_Complete_output``, ``SCR_FLUSH``,
 halt conditions, restart from the newest complete checkpoint) built only on
 what an application could use itself: :class:`mpiburst.File` (or
 :func:`mpiburst.open`, :class:`mpiburst.h5.File`) to write, the tier's file
-records (:func:`mpiburst.residency.ls`, ``purge``, ``rm``),
-:func:`mpiburst.flush.commit` (the all-or-nothing consistent cut) and
-:func:`mpiburst.sync`.
+records (the store's ``cut`` and ``drop``, which :func:`mpiburst.residency.ls`
+and ``purge`` are built on), :func:`mpiburst.flush.commit` (the
+all-or-nothing consistent cut) and :func:`mpiburst.sync`.
 
 Layout under the run's BFS root: checkpoint ``k`` of ``name`` is the
 directory ``<name>/ckpt.<k>/``; its files are whatever the application wrote
@@ -56,11 +56,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import flush, halt, residency
+from . import flush, halt
 from .collective import on_root
 from .errors import CheckpointError, ConfigError, MpiburstError, PathError
 from .fileobj import open as burst_open
 from .paths import resolve
+from .store import FileMeta
 from .tier import Tier
 
 if TYPE_CHECKING:   # mpi4py is imported only by those who pass a communicator
@@ -140,7 +141,19 @@ class Catalog:
         if self.tier is None:
             return {}
         base = self.step_dir(step)
-        return {os.path.relpath(m.path, base): m.size for m in residency.ls(base, tier=self.tier)}
+        return {os.path.relpath(m.path, base): m.size for m in self._tier_records(base)}
+
+    def _tier_records(self, under: str) -> list[FileMeta]:
+        """Return the tier's records of the files under directory ``under`` of this catalog, by path.
+
+        One read of the tier (as :func:`mpiburst.residency.ls`) and no BFS
+        lookup: the catalog's paths are resolved once, when it is made,
+        where ``ls`` would look up every component below the root again (a
+        round trip each on a network filesystem).
+        """
+        assert self.tier is not None
+        prefix = under.rstrip("/") + "/"
+        return [meta for path, meta in sorted(self.tier.store.cut().items()) if path.startswith(prefix)]
 
     def scan(self, tier_ok: bool = True) -> dict[int, Entry]:
         """Return every complete checkpoint by step: manifests in the tier, and on the BFS with their files.
@@ -151,7 +164,7 @@ class Catalog:
         """
         found: dict[int, Entry] = {}
         if self.tier is not None and tier_ok:
-            for meta in residency.ls(self.dir, tier=self.tier):
+            for meta in self._tier_records(self.dir):
                 step = self._manifest_step(meta.path)
                 if step is None:
                     continue
@@ -208,13 +221,14 @@ class Catalog:
         """Remove checkpoint ``step`` from the tier (its BFS files stay) and, with ``bfs``, from the BFS.
 
         The manifest goes first, so the checkpoint stops being complete
-        before any of its data goes.
+        before any of its data goes. Each file is dropped from the tier as
+        ``residency.purge(force=True)`` would, without its BFS lookups.
         """
         base = self.step_dir(step)
         if tier and self.tier is not None:
             files = self.tier_files(step)
             for file in sorted(files, key=lambda f: f != MANIFEST):
-                residency.purge(os.path.join(base, file), force=True, tier=self.tier)
+                self.tier.store.drop(os.path.join(base, file))
         if bfs and os.path.lexists(base):   # one metadata call when there is nothing (the usual case)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(base, MANIFEST))
