@@ -541,7 +541,7 @@ class Checkpoints:
         self._newest_bytes = sum(files.values())
         due = output or self._halting or (self.saves + 1) % self.flush_every == 0   # Saving counts it after
         if due:
-            self._queue_flush(step, sum(files.values()))
+            self._queue_flush(step, files)
         assert self._in_tier is not None   # set by _begin
         self._in_tier.add(step)
         for old in sorted(self._in_tier)[:-self.keep]:
@@ -557,22 +557,35 @@ class Checkpoints:
             return
         self.catalog.remove(step, tier=True)
 
-    def _queue_flush(self, step: int, nbytes: int) -> None:
-        """Queue the flush of checkpoint ``step``: its data in one commit, then its manifest (rank 0)."""
+    def _queue_flush(self, step: int, files: dict[str, int]) -> None:
+        """Queue the flush of checkpoint ``step`` (its data files ``files``, name → size): its data all or
+        nothing, then its manifest (rank 0).
+
+        Several data files go in one commit; a single one is synced: its
+        rename alone is all or nothing, and a commit's journal (written,
+        fsync'd, renamed and removed in the BFS root) would add about 10 ms
+        on a network filesystem to each flush, the last of which the job
+        waits for.
+        """
         self._flushing.add(step)
         base = self.catalog.step_dir(step) + os.sep
         manifest = os.path.join(base, MANIFEST)
+        data = [os.path.join(base, name) for name in files]
 
         def task() -> None:
             try:
-                flush.commit(tier=self.tier, select=lambda p: p.startswith(base) and p != manifest)
+                if len(data) == 1:
+                    with contextlib.suppress(PathError):   # no longer in the tier: as a commit, nothing to do
+                        flush.sync(data[0], tier=self.tier)
+                else:
+                    flush.commit(tier=self.tier, select=lambda p: p.startswith(base) and p != manifest)
                 flush.sync(manifest, tier=self.tier)   # only now does the BFS copy count as complete
             except MpiburstError as exc:
                 self._flush_failed.add(step)
                 raise CheckpointError(f"the flush of checkpoint {step} of {self.name} failed: {exc} It stays in "
                                       "the tier.") from None
 
-        self._flusher.submit(task, self._errors, nbytes)
+        self._flusher.submit(task, self._errors, sum(files.values()))
 
     def wait(self) -> None:
         """Wait until every flush asked for so far is durable on the BFS (collective).
@@ -628,7 +641,7 @@ class Checkpoints:
                 if newest is not None and newest not in self._flushing:
                     entry = self.catalog.scan()[newest]
                     if not entry.on_bfs:
-                        self._queue_flush(newest, entry.nbytes)
+                        self._queue_flush(newest, entry.manifest["files"])
             return reason
 
         self.exit_reason = on_root(self.comm, decide)
@@ -696,7 +709,7 @@ class Checkpoints:
                 entries = self.catalog.scan()
                 newest = max((s for s, e in entries.items() if e.in_tier), default=None)
                 if newest is not None and not entries[newest].on_bfs and newest not in self._flushing:
-                    self._queue_flush(newest, entries[newest].nbytes)
+                    self._queue_flush(newest, entries[newest].manifest["files"])
                 self._flusher.join()
                 self._report()
             finally:

@@ -96,6 +96,41 @@ def test_a_failed_flush_never_leaves_a_complete_copy_on_the_bfs(mem_tier, monkey
     assert {e.step: e.where() for e in ck.entries()} == {1: "tier", 2: "tier+bfs"}   # keep=1; 1's only copy stays
 
 
+def test_several_files_reach_the_bfs_all_or_nothing_in_one_commit_and_one_file_by_its_own_sync(mem_tier,
+                                                                                                monkeypatch):
+    """Promise: a checkpoint's data reaches the BFS all or nothing, before its manifest; a one-file checkpoint
+    needs no commit (its rename alone is atomic), so its flush skips the commit's journal."""
+    commits = []
+    real_commit = flush.commit
+
+    def counted(*args, **kwargs):
+        commits.append(kwargs.get("select"))
+        return real_commit(*args, **kwargs)
+
+    def broken(path, offset, length):
+        if "v.dat" in path:
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(flush, "commit", counted)
+    monkeypatch.setattr(flush.writes, "write_observers", [broken])
+    ck = Checkpoints(None, "sim", keep=4, flush_every=1)
+    save(ck, 1, files=("u.dat", "v.dat"))
+    with pytest.raises(CheckpointError, match="flush of checkpoint 1 of sim failed"):
+        ck.wait()
+    assert not os.path.exists(os.path.join(mem_tier.bfs_root, "sim", "ckpt.1", "u.dat"))   # v.dat failed: no u.dat
+    assert bfs_only(mem_tier) == {} and len(commits) == 1
+    monkeypatch.setattr(flush.writes, "write_observers", [])
+    save(ck, 2)
+    ck.wait()
+    assert bfs_only(mem_tier) == {2: "bfs"} and len(commits) == 1     # one file: synced, no commit
+    save(ck, 3, files=("u.dat", "v.dat"))
+    ck.close()
+    assert bfs_only(mem_tier) == {2: "bfs", 3: "bfs"} and len(commits) == 2
+    for name in ("u.dat", "v.dat"):
+        with open(os.path.join(mem_tier.bfs_root, "sim", "ckpt.3", name), "rb") as f:
+            assert f.read() == payload(3)
+
+
 def test_two_objects_flush_in_the_order_they_asked_and_each_hears_only_its_own_errors(mem_tier, monkeypatch):
     """Promise: what the application completed first is never missing from the BFS when something later is there,
     across Checkpoints objects of one process (they share rank 0's one flush thread)."""
