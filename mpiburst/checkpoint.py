@@ -706,10 +706,12 @@ class Checkpoints:
 
         def finish() -> None:
             try:
-                entries = self.catalog.scan()
-                newest = max((s for s, e in entries.items() if e.in_tier), default=None)
-                if newest is not None and not entries[newest].on_bfs and newest not in self._flushing:
-                    self._queue_flush(newest, entries[newest].manifest["files"])
+                known = max(self._in_tier, default=None) if self._in_tier else None
+                if known is None or known not in self._flushing:   # else the newest is queued: no need to look
+                    entries = self.catalog.scan()
+                    newest = max((s for s, e in entries.items() if e.in_tier), default=None)
+                    if newest is not None and not entries[newest].on_bfs and newest not in self._flushing:
+                        self._queue_flush(newest, entries[newest].manifest["files"])
                 self._flusher.join()
                 self._report()
             finally:
