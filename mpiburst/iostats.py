@@ -43,7 +43,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .errors import MpiburstError
-from .store import FileMeta, Store
+from .store import BatchWriter, FileMeta, Store
 
 #: Upper bounds (inclusive) of the access-size bins but the last, as Darshan's.
 EDGES = (100, 1 << 10, 10 << 10, 100 << 10, 1 << 20, 4 << 20, 10 << 20, 100 << 20, 1 << 30)
@@ -171,8 +171,13 @@ class Recorder:
         self.digest()
         return {**self.writes.counters("write_"), **self.reads.counters("read_")}
 
-    def merge(self, store: Store, path: str) -> None:
-        """Add the counters to the tier's for ``path`` and this process (one store call), then zero them."""
+    def merge(self, store: Store | BatchWriter, path: str) -> None:
+        """Add the counters to the tier's for ``path`` and this process (one store call), then zero them.
+
+        Given the handle's :class:`~mpiburst.store.BatchWriter` with its last
+        batch in flight, the counters travel with that batch (no round trip
+        of their own).
+        """
         counters = self.counters()
         if counters:
             store.stats_add(path, process_name(), counters)

@@ -334,9 +334,10 @@ class TierFile:
     def close(self, writer: bool = False, confirm: bool = True) -> None:
         """Push what is buffered, add this handle's counters to the tier's and give the connection back.
 
-        The last batch goes out first and is waited for after the counters are
-        merged (one call on the store's own connection), so recording adds no
-        round trip to a close; that batch's wait is not in the write time.
+        The last batch goes out first, the counters behind it on the same
+        connection (:meth:`~mpiburst.store.BatchWriter.stats_add`), and both
+        answers are read at once: recording adds no round trip to a close;
+        that batch's wait is not in the write time.
         ``writer``: this handle is the last of its open counted among the
         file's writers: it is counted out, by the last batch in the same round
         trip (or, without one, by :meth:`~mpiburst.store.Store.writers`), and
@@ -351,7 +352,7 @@ class TierFile:
                 self._payload = bytearray()
                 self._extents = []
                 self.stats.writes.ns += perf_counter_ns() - t0
-            self.stats.merge(self.store, self.path)
+            self.stats.merge(self._writer, self.path)   # with the last batch, in its round trip
             self._await()
             if writer and not self.counted_out:   # no last batch counted it out: every write is in the tier
                 self.store.writers(self.path, -1)

@@ -23,11 +23,15 @@ from mpiburst.paths import locate, resolve
 
 
 class Counting:
-    """A store that records the name of every method called on it, then calls the real one."""
+    """A store that records the name of every method called on it, then calls the real one.
 
-    def __init__(self, store: Any) -> None:
+    The batch writers it hands out are counted too, their calls as ``writer.<name>``.
+    """
+
+    def __init__(self, store: Any, calls: list[str] | None = None, prefix: str = "") -> None:
         self._store = store
-        self.calls: list[str] = []
+        self._prefix = prefix
+        self.calls: list[str] = [] if calls is None else calls
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._store, name)
@@ -35,8 +39,9 @@ class Counting:
             return value
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            self.calls.append(name)
-            return value(*args, **kwargs)
+            self.calls.append(self._prefix + name)
+            got = value(*args, **kwargs)
+            return Counting(got, self.calls, "writer.") if name == "writer" else got
 
         return call
 
@@ -58,10 +63,11 @@ def test_a_new_file_costs_the_same_few_store_calls_however_many_files_the_tier_h
     counting.calls = []
     _one_file("burst://last/f", data)
     # the record (create-if-absent) with the writer count up (#29) in the same call, the write-back buffer's
-    # batch (its connection: the writer; the batch counts the writer down in its own round trip), the I/O
-    # counters, the replicas' confirmation (#23: no round trip without replicas): no read of the record,
-    # no listing
-    assert first == counting.calls == ["create", "writer", "stats_add", "confirm"]
+    # batch (its connection: the writer; the batch counts the writer down in its own round trip) with the I/O
+    # counters behind it (their answer read with the batch's), the replicas' confirmation (#23: no round trip
+    # without replicas): two round trips; no read of the record, no listing
+    assert first == counting.calls == ["create", "writer", "writer.send", "writer.stats_add", "writer.finish",
+                                       "writer.close", "confirm"]
     assert mem_tier.store.meta(resolve("burst://last/f", mem_tier.bfs_root)).writers == 0
     assert mpiburst.open("burst://last/f", "rb", tier=mem_tier).read() == data.tobytes()
 

@@ -19,7 +19,7 @@ import redis
 from mpiburst.errors import MpiburstError, TierConnectionError
 from mpiburst.overlay import Extent
 from mpiburst.server import pid_alive
-from mpiburst.store import MemoryStore, Store
+from mpiburst.store import MemoryStore, RecordGone, Store
 from mpiburst.testing.store import FullStoreTests, StoreTests, wait_for
 from mpiburst.tier import Tier, open_store
 
@@ -142,3 +142,22 @@ def test_the_contract_suite_calls_every_method_of_the_interface():
                for name, value in vars(cls).items() if callable(value) and not name.startswith("_")}
     uncalled = sorted(m for m in methods if f".{m.split('.')[1]}(" not in source)
     assert not uncalled, f"methods the contract suite (mpiburst.testing.store) never calls: {uncalled}"
+
+
+def test_counters_sent_behind_a_batch_to_a_server_that_lost_its_scripts_are_added_again(server_tier):
+    """A restarted server (its script cache empty) refuses both; the batch is retried, the counters added alone."""
+    _wipe(server_tier)
+    store = server_tier.store
+    store.create("/bfs/r", None)
+    w = store.writer()
+    try:
+        w.send("/bfs/r", 0, b"ab", [(0, 0, 2)])
+        assert w.finish() == 1                     # the scripts are loaded now
+        server_tier.redis.script_flush()
+        w.send("/bfs/r", 0, b"cd", [(2, 0, 2)])
+        w.stats_add("/bfs/r", "p", {"writes": 1})
+        with pytest.raises(RecordGone):            # the writer's caller commits it again (TierFile._commit)
+            w.finish()
+    finally:
+        w.close()
+    assert store.stats()[0] == {"/bfs/r": {"p": {"writes": 1}}}

@@ -249,6 +249,17 @@ class BatchWriter(ABC):
         """
 
     @abstractmethod
+    def stats_add(self, path: str, who: str, counters: Mapping[str, int]) -> None:
+        """Add I/O counters as :meth:`Store.stats_add` does; with a batch in flight, in its round trip.
+
+        On one server the counters go behind the batch on the writer's
+        connection and their answer is read with the batch's by
+        :meth:`finish` (a small file's Close costs one round trip for its
+        last batch and its counters, not two); without a batch in flight, or
+        on another store, they are added at once.
+        """
+
+    @abstractmethod
     def close(self) -> None:
         """Give the writer's resources back (its connection)."""
 

@@ -1093,6 +1093,9 @@ class ClusterBatchWriter(BatchWriter):
             self.store.writers(path, -1)
         return base
 
+    def stats_add(self, path: str, who: str, counters: Mapping[str, int]) -> None:
+        self.store.stats_add(path, who, counters)   # on this process's node, as the batches
+
     def _store_sent(self, path: str, channel: int, payload: Payload, extents: list[Sequence[int]],
                     tmp: str | None) -> int:
         """Read the payload's reply, then have the batch numbered and indexed; return its first sequence number."""

@@ -534,5 +534,8 @@ class MemoryBatchWriter(BatchWriter):
             raise RuntimeError("finish() without a batch in flight")
         return self.store.commit_leaving(*batch) if self._closing else self.store.commit(*batch)
 
+    def stats_add(self, path: str, who: str, counters: Mapping[str, int]) -> None:
+        self.store.stats_add(path, who, counters)
+
     def close(self) -> None:
         self._batch = None

@@ -223,8 +223,10 @@ class RedisStore(Store):
         raise RecordGone(path)
 
     def _ensure_loaded(self) -> None:
+        """Load the scripts a batch writer sends by their SHA (the commit, the counters of a close)."""
         if not self._loaded:
             self.r.script_load(schema.COMMIT)
+            self.r.script_load(self._stats_add.script)
             self._loaded = True
 
     def _commit_result(self, tmp: str, replies: list) -> int:
@@ -516,9 +518,7 @@ class RedisStore(Store):
 
     # -- I/O statistics -----------------------------------------------------
     def stats_add(self, path: str, who: str, counters: Mapping[str, int]) -> None:
-        args: list = []
-        for name, value in counters.items():
-            args += [f"{path}\0{who}\0{name}", int(value)]
+        args = _stats_args(path, who, counters)
         if args:
             self._stats_add(keys=[self.keys.stats], args=args)
 
@@ -570,6 +570,7 @@ class RedisBatchWriter(BatchWriter):
         self.store = store
         self._conn: Any = borrow(store.r.connection_pool)
         self._tmp: str | None = None
+        self._stats: tuple[str, str, Mapping[str, int]] | None = None   # sent behind the batch in flight
 
     def send(self, path: str, channel: int, payload: Payload, extents: Sequence[Sequence[int]],
              closing: bool = False) -> None:
@@ -584,11 +585,12 @@ class RedisBatchWriter(BatchWriter):
 
     def finish(self) -> int:
         tmp, self._tmp = self._tmp, None
+        stats, self._stats = self._stats, None
         if tmp is None:
             raise RuntimeError("finish() without a batch in flight")
         replies: list = []
         try:
-            for _ in range(2):
+            for _ in range(2 if stats is None else 3):
                 try:
                     replies.append(self._conn.read_response())
                 except redis.ResponseError as exc:
@@ -596,13 +598,36 @@ class RedisBatchWriter(BatchWriter):
         except BaseException:
             self._conn.disconnect()  # a half-read reply stream must not be reused
             raise
+        if stats is not None and isinstance(replies.pop(), Exception):   # not added (a restarted server's
+            self.store.stats_add(*stats)                                  # empty script cache): alone, again
         return self.store._commit_result(tmp, replies)
+
+    def stats_add(self, path: str, who: str, counters: Mapping[str, int]) -> None:
+        args = _stats_args(path, who, counters)
+        if self._tmp is None or self._stats is not None or not args:
+            self.store.stats_add(path, who, counters)
+            return
+        command = ("EVALSHA", self.store._stats_add.sha, 1, self.store.keys.stats, *args)
+        try:
+            self._conn.send_packed_command(resp_frames([command]), check_health=False)
+        except BaseException:
+            self._conn.disconnect()
+            raise
+        self._stats = (path, who, counters)
 
     def close(self) -> None:
         if self._conn is not None:
             self.store.r.connection_pool.release(self._conn)
             self._conn = None
 
+
+
+def _stats_args(path: str, who: str, counters: Mapping[str, int]) -> list:
+    """Return the ARGV of :data:`~mpiburst.store.schema.STATS_ADD` for ``counters`` of ``path`` and process ``who``."""
+    args: list = []
+    for name, value in counters.items():
+        args += [f"{path}\0{who}\0{name}", int(value)]
+    return args
 
 
 def _scatter(out: np.ndarray, lo: int, run: Strided, i: int, j: int, data: memoryview) -> None:

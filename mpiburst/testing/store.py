@@ -662,6 +662,23 @@ class StoreTests:
                             "/bfs/t u": {"pid 7": {"read_bytes": 1 << 40}}}
         assert log == []
 
+    def test_a_writer_adds_counters_with_its_batch_in_flight(self, store: Store) -> None:
+        store.create("/bfs/s", None)
+        w = store.writer()
+        try:
+            w.stats_add("/bfs/s", "p", {"writes": 1})   # no batch in flight: added at once
+            w.send("/bfs/s", 0, b"abc", [(0, 0, 3)])
+            w.stats_add("/bfs/s", "p", {"writes": 2, "bytes": 3})
+            assert w.finish() == 1
+            w.send("/bfs/t", 0, b"x", [(0, 0, 1)])   # no record: the batch is refused, the counters count
+            w.stats_add("/bfs/t", "q", {"writes": 1})
+            with pytest.raises(RecordGone):
+                w.finish()
+        finally:
+            w.close()
+        assert store.stats()[0] == {"/bfs/s": {"p": {"writes": 3, "bytes": 3}}, "/bfs/t": {"q": {"writes": 1}}}
+        assert current(store, "/bfs/s", 0, 3) == b"abc"
+
     def test_stats_log_keeps_events_in_order(self, store: Store) -> None:
         event = {"kind": "flush", "path": "/bfs/s", "bytes": 10, "sizes": {"4096": 2}}
         store.stats_log(event)
