@@ -130,18 +130,20 @@ def server_binary() -> str:
 
 
 @contextlib.contextmanager
-def started_tier(root: Path, server_binary: str, comm=None, id: str = "t") -> Iterator[Tier]:  # noqa: ANN001
+def started_tier(root: Path, server_binary: str, comm=None, id: str = "t", **options) -> Iterator[Tier]:  # noqa: ANN001, ANN003
     """Start a real tier in ``root`` (``bfs_root = root/bfs``) for the ranks of ``comm`` (None: this process).
 
     Rank 0 (or this process) makes the BFS root and starts the server; the
-    tier is stopped (after a barrier) when the block ends.
+    tier is stopped (after a barrier) when the block ends. ``options`` go to
+    :meth:`Tier.start` (``capacity`` defaults to 256M).
     """
     bfs = root / "bfs"
     if comm is None or comm.Get_rank() == 0:
         bfs.mkdir(exist_ok=True)
     if comm is not None:
         comm.Barrier()
-    with Tier.start(comm, id=id, dir=str(root), bfs_root=str(bfs), capacity="256M", server=server_binary) as t:
+    options.setdefault("capacity", "256M")
+    with Tier.start(comm, id=id, dir=str(root), bfs_root=str(bfs), server=server_binary, **options) as t:
         yield t
 
 

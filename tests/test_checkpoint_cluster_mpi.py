@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import started_tier
 
 import mpiburst
 from mpiburst import nodes
-from mpiburst.tier import Tier
 
 pytestmark = [pytest.mark.mpi(min_size=6), pytest.mark.timeout(120)]
 
@@ -48,12 +48,8 @@ def test_a_checkpoint_only_in_the_tier_survives_a_node_s_server_killed_with_repl
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     bfs = mpi_tmp_path / "bfs"
-    if rank == 0:
-        bfs.mkdir()
-    comm.Barrier()
     mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-    with Tier.start(comm, id="ckrep", dir=str(mpi_tmp_path), bfs_root=str(bfs), capacity="64M",
-                    server=server_binary, replicas=1) as tier:
+    with started_tier(mpi_tmp_path, server_binary, comm, id="ckrep", capacity="64M", replicas=1) as tier:
         ck = mpiburst.Checkpoints(comm, "sim", keep=2, flush_every=100)   # nothing flushed: the tier's copy only
         for step in (1, 2):
             with ck.save(step) as c:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import started_tier
 
 import mpiburst
 from mpiburst import nodes
@@ -87,11 +88,7 @@ def test_nodes_killed_after_close_mid_write_and_mid_sync_lose_nothing_with_repli
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     bfs = mpi_tmp_path / "bfs"
-    if rank == 0:
-        bfs.mkdir()
-    comm.Barrier()
-    with Tier.start(comm, id="rep", dir=str(mpi_tmp_path), bfs_root=str(bfs), capacity="64M",
-                    server=server_binary, replicas=1) as tier:
+    with started_tier(mpi_tmp_path, server_binary, comm, id="rep", capacity="64M", replicas=1) as tier:
         assert tier.conf.replicas == 1 and len(tier.conf.nodes) == size // 2
         # node k's replica lives on node k+1 (a ring): another server, started by that node's first rank
         assert all(n["replica"]["pid"] != m["pid"] for n in tier.conf.nodes for m in tier.conf.nodes)
@@ -198,13 +195,7 @@ def test_the_same_kill_without_replicas_loses_the_node_s_data(mpi_tmp_path: Path
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
-    rank = comm.Get_rank()
-    bfs = mpi_tmp_path / "bfs"
-    if rank == 0:
-        bfs.mkdir()
-    comm.Barrier()
-    with Tier.start(comm, id="norep", dir=str(mpi_tmp_path), bfs_root=str(bfs), capacity="64M",
-                    server=server_binary, replicas=0) as tier:
+    with started_tier(mpi_tmp_path, server_binary, comm, id="norep", capacity="64M", replicas=0) as tier:
         assert tier.conf.replicas == 0
         _write_close_kill(comm, tier, "burst://lost.dat")
         with pytest.raises(NodeLostError) as lost:
@@ -225,11 +216,7 @@ def test_a_node_killed_during_a_commit_leaves_no_torn_cut_and_loses_nothing_with
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     bfs = mpi_tmp_path / "bfs"
-    if rank == 0:
-        bfs.mkdir()
-    comm.Barrier()
-    with Tier.start(comm, id="repc", dir=str(mpi_tmp_path), bfs_root=str(bfs), capacity="64M",
-                    server=server_binary, replicas=1) as tier:
+    with started_tier(mpi_tmp_path, server_binary, comm, id="repc", capacity="64M", replicas=1) as tier:
         f = mpiburst.File.Open(MPI.COMM_SELF, f"burst://part{rank}.dat", MPI.MODE_WRONLY | MPI.MODE_CREATE)
         f.Write_at(0, _pattern(rank))
         f.Close()

@@ -14,11 +14,12 @@ own ``read_bytes`` counters).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
+from conftest import started_tier
 
 from mpiburst import flush, nodes, residency
 from mpiburst.errors import FlushError, NodeLostError
@@ -44,12 +45,7 @@ def ctier(mpi_tmp_path: Path, server_binary: str, monkeypatch: pytest.MonkeyPatc
         monkeypatch.setenv(nodes.RANKS_PER_NODE, "1")
     monkeypatch.delenv(flush.locality.LOCALITY_ENV, raising=False)
     comm = MPI.COMM_WORLD
-    bfs = mpi_tmp_path / "bfs"
-    if comm.Get_rank() == 0:
-        bfs.mkdir()
-    comm.Barrier()
-    with Tier.start(comm, id="fl", dir=str(mpi_tmp_path), bfs_root=str(bfs), capacity="256M",
-                    server=server_binary, align=str(ALIGN)) as tier:
+    with started_tier(mpi_tmp_path, server_binary, comm, id="fl", align=str(ALIGN)) as tier:
         store = tier.store
         assert isinstance(store, ClusterStore)
         yield comm, tier, store, comm.allgather(store.local)

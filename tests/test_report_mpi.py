@@ -10,10 +10,10 @@ import os
 import time
 
 import pytest
+from conftest import started_tier
 
 from mpiburst import flush, progress, report
 from mpiburst.file import File
-from mpiburst.tier import Tier
 
 pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.timeout(120)]
 
@@ -23,12 +23,7 @@ def test_each_rank_and_the_collective_flush_are_counted_exactly(mpi_tmp_path, se
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
-    bfs = mpi_tmp_path / "bfs"
-    if rank == 0:
-        bfs.mkdir()
-    comm.Barrier()
-    with Tier.start(comm, id=f"r{os.getppid()}", dir=str(mpi_tmp_path), bfs_root=str(bfs), capacity="256M",
-                    server=server_binary, align="64K") as tier:
+    with started_tier(mpi_tmp_path, server_binary, comm, id=f"r{os.getppid()}", align="64K") as tier:
         fh = File.Open(comm, "burst://ckpt.dat", MPI.MODE_CREATE | MPI.MODE_RDWR)
         for i in range(100 + rank):                       # rank r: 100 + r interleaved 4 KiB records
             fh.Write_at((i * size + rank) * 4096, bytes([rank + 1]) * 4096)
@@ -67,10 +62,6 @@ def _sync_with_progress(mpi_tmp_path, server_binary, monkeypatch, progress_on_ra
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
-    bfs = mpi_tmp_path / "bfs"
-    if rank == 0:
-        bfs.mkdir()
-    comm.Barrier()
     seen: list[int] = []
     counters: set[str] = set()
     name = flush.orchestrate.progress_counter
@@ -83,8 +74,7 @@ def _sync_with_progress(mpi_tmp_path, server_binary, monkeypatch, progress_on_ra
             write(*args)
 
         monkeypatch.setattr(flush.writes, "pwrite_all", paced)
-    with Tier.start(comm, id=f"p{os.getppid()}", dir=str(mpi_tmp_path), bfs_root=str(bfs), capacity="512M",
-                    server=server_binary, align="1M") as tier:
+    with started_tier(mpi_tmp_path, server_binary, comm, id=f"p{os.getppid()}", capacity="512M", align="1M") as tier:
         fh = File.Open(comm, "burst://big.dat", MPI.MODE_CREATE | MPI.MODE_WRONLY)
         fh.Write_at(rank * _PER_RANK, bytes([rank + 1]) * _PER_RANK)
         fh.Close()
