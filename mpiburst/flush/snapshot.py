@@ -107,9 +107,8 @@ def prepare(store: Store, target: str, align: int, cut: Any = None, wait: float 
     new version stays open in :attr:`Plan.fd` for the caller to write and
     seal (:func:`~mpiburst.flush.writes.seal` closes it).
     """
-    meta = store.meta(target)
-    if meta is None and cut is not None:
-        return None                     # purged or removed since the cut: nothing of it to publish
+    # a commit's cut holds the record as read (its umask): no round trip; a record removed since is found below
+    meta = cut if cut is not None else store.meta(target)
     if meta is None:
         raise PathError(f"{target} is not in the tier; there is nothing to sync.")
     umask = meta.umask if meta.umask is not None else current_umask()
@@ -128,7 +127,8 @@ def prepare(store: Store, target: str, align: int, cut: Any = None, wait: float 
         token = lease.token
         snap = lease.begin()
         if cut is not None:
-            if snap.clean >= cut.seq and (snap.clean > cut.clean or cut.trunc is None):
+            # purged or removed since the cut (no record: nothing of it to publish), or another flush went past it
+            if not snap.path or snap.clean >= cut.seq and (snap.clean > cut.clean or cut.trunc is None):
                 lease.release()
                 if lock is not None:
                     lock.release()
