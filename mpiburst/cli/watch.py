@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 from typing import Any, TextIO
 
 from ..errors import MpiburstError
 from ..sizes import format_size
+
+#: Longest sleep between two looks at whether Ctrl-C was pressed (a signal does not cut a sleep short).
+NAP = 0.1
 
 
 def sample(tier: Any) -> dict[str, Any]:
@@ -39,33 +44,54 @@ def watch(conf_path: str, interval: float, count: int | None, stream: TextIO | N
 
     On a terminal the line is redrawn in place; elsewhere each refresh is a
     new line. Ctrl-C ends it cleanly (status 0); a server that goes away
-    ends it with one line and status 3.
+    ends it with one line and status 3. Ctrl-C only sets a flag that the
+    loop reads between refreshes: raised as KeyboardInterrupt, it could land
+    in a finalizer run by the garbage collector, which reports and drops it,
+    and the watch would go on.
     """
     from ..tier import Tier
 
     out = stream if stream is not None else sys.stdout
     tty = out.isatty()
+    stopped: list[int] = []
     tier = Tier.connect(conf=conf_path)
     before = None
     shown = 0
+    previous = _on_interrupt(stopped)
     try:
-        while count is None or shown < count:
-            if shown:
-                time.sleep(interval)
+        while (count is None or shown < count) and not (shown and _nap(interval, stopped)):
             now = sample(tier)
             text = line(now, before)
             out.write(f"\r{text}\x1b[K" if tty else text + "\n")
             out.flush()
             before = now
             shown += 1
-    except KeyboardInterrupt:
-        pass
     except MpiburstError as exc:
         out.write("\n" if tty else "")
         print(f"mpiburst status: run {tier.id}: {exc}", file=sys.stderr)
         return 3
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
         tier.disconnect()
     if tty:
         out.write("\n")
     return 0
+
+
+def _on_interrupt(stopped: list[int]) -> Any:
+    """Append to ``stopped`` on SIGINT instead of raising KeyboardInterrupt; return the handler replaced.
+
+    Off the main thread (where no handler can be set) nothing changes and None is returned.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, lambda signum, frame: stopped.append(signum))
+
+
+def _nap(seconds: float, stopped: list[int]) -> bool:
+    """Sleep ``seconds`` in steps of at most :data:`NAP`, ending early once ``stopped``; return whether it is."""
+    end = time.monotonic() + seconds
+    while not stopped and (left := end - time.monotonic()) > 0:
+        time.sleep(min(left, NAP))
+    return bool(stopped)
