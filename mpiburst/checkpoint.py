@@ -149,7 +149,12 @@ class Catalog:
         One read of the tier (as :func:`mpiburst.residency.ls`) and no BFS
         lookup: the catalog's paths are resolved once, when it is made,
         where ``ls`` would look up every component below the root again (a
-        round trip each on a network filesystem).
+        round trip each on a network filesystem). Nor does it join the BFS
+        size of a record opened unlooked (:mod:`mpiburst.lookup`), as ``ls``
+        would with one more lookup per file: a checkpoint's files are
+        written after its BFS copy was removed (:meth:`Checkpoints.save`),
+        so there is no BFS size to join, and a flushed file's record is
+        looked by its flush.
         """
         assert self.tier is not None
         prefix = under.rstrip("/") + "/"
