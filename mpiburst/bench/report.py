@@ -286,8 +286,8 @@ direct 1/N = the same for checkpoints k % {flush_every} == 0 only; mpiburst = ev
 mpiburst.Checkpoints (keep=2, flush_every={flush_every}): absorbed, one in {flush_every} flushed by rank 0's thread
 while the ranks work, the job ending with close() when every flushed checkpoint is durable on the BFS.
 limits: ingest = every checkpoint's records SET into the tier by plain redis-py (pipelined, kept); bfs 1 = one
-checkpoint by raw BFS write + fdatasync (each rank its domain, 8 MiB blocks). floor = compute + ingest + bfs 1, the
-least any burst buffer over this tier and BFS can take; own/floor = (mpiburst - compute) / (ingest + bfs 1);
+checkpoint by raw BFS write + fdatasync (each rank its domain, 8 MiB blocks). floor = compute + ingest + bfs 1, about
+the least a burst buffer over this tier and BFS can take; own/floor = (mpiburst - compute) / (ingest + bfs 1);
 direct I/O share = 1 - compute / direct."""
 
 
