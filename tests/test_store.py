@@ -161,3 +161,20 @@ def test_counters_sent_behind_a_batch_to_a_server_that_lost_its_scripts_are_adde
     finally:
         w.close()
     assert store.stats()[0] == {"/bfs/r": {"p": {"writes": 1}}}
+
+
+def test_a_drop_scans_no_keyspace(server_tier):
+    """Dropping a file finds its keys from its record's parts: its cost does not grow with the tier's files."""
+    _wipe(server_tier)
+    store = server_tier.store
+    for i in range(50):
+        store.create(f"/bfs/f{i}", None)
+        store.commit(f"/bfs/f{i}", 0, b"x" * 10, [(0, 0, 10)])
+
+    def scans() -> int:
+        return int(server_tier.redis.info("commandstats").get("cmdstat_scan", {}).get("calls", 0))
+
+    before = scans()
+    store.drop("/bfs/f7")
+    assert scans() == before and store.meta("/bfs/f7") is None and len(store.files()) == 49
+    assert server_tier.redis.dbsize() == 49 * 4 + 1   # each file's record, index, batches, blob; the registry

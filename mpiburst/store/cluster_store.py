@@ -16,7 +16,7 @@ same one)::
     mpb:{T0}:g:{fid}:m        hash   the file's record (as a single server's) plus
                                      "@<i>" = 1 for every node i that took sequence numbers for it
     mpb:{T0}:g:{fid}:lock     string the flush lease
-    mpb:{T0}:g:{fid}:sfp:<t>  string a shared file pointer
+    mpb:{T0}:g:{fid}:p        hash   the shared file pointers (token -> value)
     mpb:{T0}:g:queue, mpb:{T0}:g:stats:log
 
     every node i, the shard (the data its ranks wrote):

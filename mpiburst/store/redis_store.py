@@ -101,6 +101,7 @@ class RedisStore(Store):
         self._channel_close = client.register_script(oom + schema.CHANNEL_CLOSE)
         self._cut = client.register_script(schema.CUT)
         self._found = client.register_script(oom + schema.FOUND_ON_BFS)
+        self._drop = client.register_script(oom + schema.DROP)   # a drop frees memory: also on a full tier
         self._writers = client.register_script(oom + schema.WRITERS)
         self._create = client.register_script(schema.CREATE)
         self._stats_add = client.register_script(oom + schema.STATS_ADD)   # a close on a full tier
@@ -142,11 +143,8 @@ class RedisStore(Store):
 
     def drop(self, path: str) -> None:
         fid = file_id(path)
-        pipe = self.r.pipeline(transaction=False)
-        for key in self.r.scan_iter(match=f"{self.prefix}{{{fid}}}:*", count=1000):
-            pipe.unlink(key)
-        pipe.hdel(self.keys.files, fid)
-        pipe.execute()
+        keys = [self.keys.file(fid, part) for part in ("B", "m", "x", "v", "lock", "p")]
+        self._drop(keys=[*keys, self.keys.files], args=[self.keys.file(fid, "b:"), fid])
 
     def set_pinned(self, path: str, pinned: bool) -> None:
         mkey = self.keys.file(file_id(path), "m")
@@ -508,13 +506,13 @@ class RedisStore(Store):
 
     # -- shared file pointers -----------------------------------------------
     def shared_pointer(self, path: str, token: str, delta: int = 0) -> int:
-        return int(self.r.incrby(self.keys.file(file_id(path), f"sfp:{token}"), delta)) - delta
+        return int(self.r.hincrby(self.keys.file(file_id(path), "p"), token, delta)) - delta
 
     def set_shared_pointer(self, path: str, token: str, value: int) -> None:
-        self.r.set(self.keys.file(file_id(path), f"sfp:{token}"), value)
+        self.r.hset(self.keys.file(file_id(path), "p"), token, value)
 
     def drop_shared_pointer(self, path: str, token: str) -> None:
-        self.r.delete(self.keys.file(file_id(path), f"sfp:{token}"))
+        self.r.hdel(self.keys.file(file_id(path), "p"), token)
 
     # -- I/O statistics -----------------------------------------------------
     def stats_add(self, path: str, who: str, counters: Mapping[str, int]) -> None:

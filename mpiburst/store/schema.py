@@ -25,7 +25,7 @@ all of its keys hash to one slot of its own server::
     mpb:{fid}:b:<blob>   string payload of one client batch (many extents)
     mpb:{fid}:t:<token>  string a batch in flight (renamed by the commit script)
     mpb:{fid}:lock       string the flush lease of the file
-    mpb:{fid}:sfp:<tok>  string the shared file pointer of one open of the file (INCRBY)
+    mpb:{fid}:p          hash   token -> the shared file pointer of one open of the file (HINCRBY)
     mpb:{chan:C}:d       list   a channel's bytes, in pieces
     mpb:{chan:C}:m       hash   bytes, stores (present = the channel was used)
     mpb:{chan:C}:w       string writer token; present = the channel is open
@@ -74,7 +74,7 @@ class Keys:
         self.stats_log = prefix + "stats:log"
 
     def file(self, fid: str, part: str) -> str:
-        """Return the key of one part of file ``fid`` (``m``, ``x``, ``v``, ``B``, ``lock``, ``b:<n>``, ``t:<t>``, ``sfp:<t>``)."""
+        """Return the key of one part of file ``fid`` (``m``, ``x``, ``v``, ``B``, ``lock``, ``b:<n>``, ``t:<t>``, ``p``)."""
         return f"{self.prefix}{{{fid}}}:{part}"
 
     def channel(self, channel: int, part: str) -> str:
@@ -132,6 +132,23 @@ def commit_keys_args(keys: Keys, path: str, tmp: str, channel: int, nbytes: int,
 UNLOOKED = "?"
 
 # ----------------------------------------------------------------------------- Lua scripts
+
+# Remove a file's keys, found from its record's parts (no scan of the keyspace): KEYS[1] its batches (whose
+# members name the blob keys, ARGV[1] .. id), KEYS[2..n-1] the other parts, KEYS[n] the registry (field ARGV[2]).
+# A batch in flight (t:<token>) is not among them: its commit finds no record and its writer removes it.
+DROP = """
+local blobs = redis.call('ZRANGE', KEYS[1], 0, -1)
+for i = 1, #blobs, %d do
+  local batch = {}
+  for j = i, math.min(i + %d, #blobs) do
+    batch[#batch + 1] = ARGV[1] .. string.match(blobs[j], '^(-?%%d+):')
+  end
+  redis.call('UNLINK', unpack(batch))
+end
+for i = 1, #KEYS - 1 do redis.call('UNLINK', KEYS[i]) end
+redis.call('HDEL', KEYS[#KEYS], ARGV[2])
+return #blobs
+""" % (ZADD_CHUNK, ZADD_CHUNK - 1)  # noqa: UP031 - str.format would need every Lua brace doubled
 
 FOUND_ON_BFS = """
 if redis.call('HGET', KEYS[1], 'bfs') == '?' then

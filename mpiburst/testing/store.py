@@ -166,6 +166,21 @@ class StoreTests:
         looked = store.create("/bfs/l", 50)
         assert store.found_on_bfs("/bfs/l", 80) == looked   # a looked record is kept as it is
 
+    def test_drop_removes_every_key_of_the_file_and_nothing_else(self, store: Store) -> None:
+        for path in ("/bfs/d", "/bfs/k"):
+            store.create(path, None)
+            put(store, path, None, [(0, b"a" * 10), (5, b"b" * 10)])   # two batches
+            store.shared_pointer(path, "open1", 5)
+        store.commit("/bfs/d", 0, b"s" * 4, [(100, 0, 4)], staged=True)
+        store.set_shared_pointer("/bfs/d", "open2", 9)
+        lease_of(store, "/bfs/d", 30).begin()
+        store.drop("/bfs/d")
+        assert store.meta("/bfs/d") is None and set(store.files()) == {"/bfs/k"}
+        assert current(store, "/bfs/k", 0, 15) == b"a" * 5 + b"b" * 10 and store.shared_pointer("/bfs/k", "open1") == 5
+        store.drop_shared_pointer("/bfs/k", "open1")
+        store.drop("/bfs/k")
+        assert store.empty()   # no batch, staged blob, index, pointer or lease of either left
+
     def test_pin_and_unpin(self, store: Store) -> None:
         store.create("/bfs/p", None)
         store.set_pinned("/bfs/p", True)
