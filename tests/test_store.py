@@ -163,6 +163,35 @@ def test_counters_sent_behind_a_batch_to_a_server_that_lost_its_scripts_are_adde
     assert store.stats()[0] == {"/bfs/r": {"p": {"writes": 1}}}
 
 
+def test_a_closing_batch_and_the_counters_behind_it_leave_in_one_send(server_tier):
+    """A handle's last batch waits for its counters: both go out in one send; without counters, finish sends it."""
+    _wipe(server_tier)
+    store = server_tier.store
+    store.create("/bfs/a", None, writing=True)
+    store.create("/bfs/b", None, writing=True)
+    w = store.writer()
+    sends: list[int] = []
+    send = w._conn.send_packed_command
+    w._conn.send_packed_command = lambda frames, **kw: (sends.append(len(frames)), send(frames, **kw))[1]
+    try:
+        w.send("/bfs/a", 0, b"ab", [(0, 0, 2)], closing=True)
+        assert sends == []                          # held for the counters
+        w.stats_add("/bfs/a", "p", {"writes": 1})
+        assert len(sends) == 1
+        assert w.finish() == 1
+        w.send("/bfs/b", 0, b"cd", [(0, 0, 2)], closing=True)
+        assert w.finish() == 1 and len(sends) == 2  # no counters came: finish sent it
+    finally:
+        w.close()
+    for path, data in (("/bfs/a", b"ab"), ("/bfs/b", b"cd")):
+        meta = store.meta(path)
+        assert meta is not None and meta.writers == 0 and meta.size == 2
+        out = bytearray(2)
+        meta, extents = store.window(path, 0, 2)
+        assert store.fetch_into(path, extents, 0, memoryview(out)) and bytes(out) == data
+    assert store.stats()[0] == {"/bfs/a": {"p": {"writes": 1}}}
+
+
 def test_a_drop_scans_no_keyspace(server_tier):
     """Dropping a file finds its keys from its record's parts: its cost does not grow with the tier's files."""
     _wipe(server_tier)

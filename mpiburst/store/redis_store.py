@@ -569,23 +569,40 @@ class RedisBatchWriter(BatchWriter):
         self._conn: Any = borrow(store.r.connection_pool)
         self._tmp: str | None = None
         self._stats: tuple[str, str, Mapping[str, int]] | None = None   # sent behind the batch in flight
+        self._held: list[tuple] | None = None   # a closing batch not yet on the wire (see send)
 
     def send(self, path: str, channel: int, payload: Payload, extents: Sequence[Sequence[int]],
              closing: bool = False) -> None:
+        """Send one batch; a closing one waits for the handle's counters (:meth:`stats_add`) or :meth:`finish`.
+
+        A handle's last batch is followed by its counters: held back until
+        then, both leave in one send (a small file's batch and counters in
+        one system call and one wake-up of the server, not four).
+        """
         tmp, commands = self.store._pack_commit(path, channel, payload, extents, closing=closing)
         self.store._ensure_loaded()
+        if closing:
+            self._held = commands
+        else:
+            self._put(commands)
+        self._tmp = tmp
+
+    def _put(self, commands: list[tuple]) -> None:
+        """Send ``commands`` on the writer's connection (a failed send closes it: its stream is unknown)."""
         try:
             self._conn.send_packed_command(resp_frames(commands), check_health=False)
         except BaseException:
             self._conn.disconnect()
             raise
-        self._tmp = tmp
 
     def finish(self) -> int:
         tmp, self._tmp = self._tmp, None
         stats, self._stats = self._stats, None
         if tmp is None:
             raise RuntimeError("finish() without a batch in flight")
+        held, self._held = self._held, None
+        if held is not None:   # a closing batch no counters followed
+            self._put(held)
         replies: list = []
         try:
             for _ in range(2 if stats is None else 3):
@@ -606,11 +623,8 @@ class RedisBatchWriter(BatchWriter):
             self.store.stats_add(path, who, counters)
             return
         command = ("EVALSHA", self.store._stats_add.sha, 1, self.store.keys.stats, *args)
-        try:
-            self._conn.send_packed_command(resp_frames([command]), check_health=False)
-        except BaseException:
-            self._conn.disconnect()
-            raise
+        held, self._held = self._held, None
+        self._put([*(held or []), command])
         self._stats = (path, who, counters)
 
     def close(self) -> None:

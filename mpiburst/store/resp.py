@@ -14,8 +14,9 @@ from collections.abc import Iterable, Sequence
 
 import redis
 
-#: Arguments longer than this are sent as frames of their own instead of being joined.
-_JOIN_LIMIT = 16384
+#: Arguments longer than this are sent as frames of their own instead of being joined. Up to 64 KiB a copy
+#: costs less than the extra sends (a small file's batch in one send: 50 us of CPU against 70 us here, #25).
+_JOIN_LIMIT = 65536
 #: Replies shorter than this are read many per ``recv`` and copied out; longer ones land directly.
 _SMALL = 64 << 10
 #: Bytes asked for per ``recv`` while small replies are read.
