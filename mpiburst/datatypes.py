@@ -14,6 +14,7 @@ datatype object.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass, field
 
@@ -55,9 +56,13 @@ class Layout:
         object.__setattr__(self, "contiguous", bool(self.lb == 0 and self.extent == self.size and (
             self.size == 0 or (len(self.offs) == 1 and self.offs[0] == 0))))
 
-    @property
+    @functools.cached_property
     def monotone(self) -> bool:
-        """True when the runs are nonnegative and in nondecreasing, non-overlapping order (a legal filetype)."""
+        """True when the runs are nonnegative and in nondecreasing, non-overlapping order (a legal filetype).
+
+        Worked out once per layout (layouts are cached per datatype): every
+        ``File.Open`` checks its default view's.
+        """
         if len(self.offs) == 0:
             return True
         return bool(self.offs[0] >= 0 and np.all(self.offs[1:] >= self.offs[:-1] + self.lens[:-1]))

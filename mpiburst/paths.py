@@ -75,7 +75,8 @@ def _resolved(path: str | os.PathLike, bfs_root: str,
     else:
         real = os.path.realpath(os.path.join(root, rest) if relative else rest if is_burst(text) else
                                 os.path.abspath(text))
-    if real != root and os.path.commonpath([real, root]) != root:
+    # what _below found is the root joined with names free of ".." and symlinks: inside it by construction
+    if below is None and real != root and os.path.commonpath([real, root]) != root:
         raise PathError(f"{text!r} resolves to {real}, outside the run's BFS root {root}; "
                         "use a path inside the root or start the run with another --bfs-root.")
     return real, below

@@ -45,12 +45,19 @@ _umask_lock = threading.Lock()
 
 
 def current_umask() -> int:
-    """Return this process's umask without changing it (read from ``/proc/self/status`` on Linux)."""
+    """Return this process's umask without changing it (read from ``/proc/self/status`` on Linux).
+
+    Read with one ``os.read`` (no file object): each new tier file records
+    the umask, so it is read once per ``File.Open`` and may change between.
+    """
     try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
+        fd = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            status = os.read(fd, 1 << 16)
+        finally:
+            os.close(fd)
+        start = status.index(b"\nUmask:") + 7
+        return int(status[start:status.index(b"\n", start)], 8)
     except (OSError, ValueError):
         pass
     with _umask_lock:  # no /proc: the only other way is to set it and put it back
