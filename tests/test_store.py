@@ -163,6 +163,17 @@ def test_counters_sent_behind_a_batch_to_a_server_that_lost_its_scripts_are_adde
     assert store.stats()[0] == {"/bfs/r": {"p": {"writes": 1}}}
 
 
+def test_a_create_on_a_server_that_lost_its_scripts_loads_them_and_makes_the_record(server_tier):
+    """The create's own EVALSHA (not redis-py's script object) falls back to it on NOSCRIPT, once."""
+    _wipe(server_tier)
+    store = server_tier.store
+    server_tier.redis.script_flush()
+    meta = store.create("/bfs/n", None, umask=0o22, writing=True)
+    assert (meta.path, meta.size, meta.writers, meta.umask) == ("/bfs/n", 0, 1, 0o22)
+    assert store.create("/bfs/n", None, writing=True).writers == 2   # loaded now: the fast path keeps the record
+    assert list(store.files()) == ["/bfs/n"]
+
+
 def test_a_closing_batch_and_the_counters_behind_it_leave_in_one_send(server_tier):
     """A handle's last batch waits for its counters: both go out in one send; without counters, finish sends it."""
     _wipe(server_tier)
