@@ -100,6 +100,23 @@ def test_frames_are_what_redis_py_would_send(atier):
         atier.redis.connection_pool.release(conn)
 
 
+def test_frames_are_the_same_bytes_whichever_encoder_packs_a_command():
+    """Commands of names and numbers go through hiredis, the others through Python: one RESP stream either way."""
+    import numpy as np
+
+    def plain(command: tuple) -> bytes:
+        out = [b"*%d\r\n" % len(command)]
+        for arg in command:
+            data = bytes(arg) if isinstance(arg, (bytes, bytearray, memoryview)) else str(arg).encode()
+            out += [b"$%d\r\n" % len(data), data, b"\r\n"]
+        return b"".join(out)
+
+    commands = [("EVALSHA", "ab" * 20, 2, "k{é}", "k2", -1, 0, 2 ** 63, 0.25, 1e20, ""),
+                ("SET", "t", memoryview(bytearray(b"xy" * 40_000))), ("SET", "s", bytearray(b"z")),
+                ("X", np.int64(5), True), ("GET", "t")]
+    assert b"".join(resp_frames(commands)) == b"".join(plain(c) for c in commands)
+
+
 # ----------------------------------------------------------------------------- the fetch planner
 
 def test_coalesce_gathers_small_neighbours_and_leaves_large_pieces_alone():
