@@ -85,6 +85,19 @@ def test_write_calls_counted_in_bulk_match_counting_each_call(mem_tier) -> None:
     tf.close()
 
 
+@pytest.mark.parametrize("calls", [1, 2, 4, 5, 9])
+def test_a_few_write_calls_counted_one_by_one_match_the_bulk_count(calls) -> None:
+    """Up to a few calls are counted without numpy (a small file's one write); the figures are the same."""
+    rng = random.Random(calls)
+    flat = [v for _ in range(calls) for v in (rng.choice([0, 10, 4096, 9000]), rng.choice([1, 100, 4096]))]
+    few, reference = iostats._Direction(), iostats._Direction()
+    few.end = reference.end = 10
+    few.add_calls(flat)
+    for offset, size in zip(flat[0::2], flat[1::2]):
+        reference.add(offset, size, 0)
+    assert few.counters("w_") == reference.counters("w_") and few.end == reference.end
+
+
 @pytest.mark.parametrize("size", [100, 4096])
 def test_the_list_of_write_calls_stays_bounded_and_counts_exactly(mem_tier, size) -> None:
     """Records of one size (counted in bulk by the quicker way) give the per-call figures; the list stays bounded.
