@@ -9,6 +9,14 @@ NUMPY = [
     'numpy>=2.1.0; python_version == "3.13"',
     'numpy>=2.3.2; python_version >= "3.14"',
 ]
+# hiredis.pack_command (mpiburst.store.resp packs small commands with it) came in 2.2.1; later
+# floors are the first release with a wheel for that Python.
+HIREDIS = [
+    'hiredis>=2.2.1; python_version < "3.12"',
+    'hiredis>=2.3.2; python_version == "3.12"',
+    'hiredis>=3.1.0; python_version == "3.13"',
+    'hiredis>=3.3.0; python_version >= "3.14"',
+]
 H5PY = [
     'h5py>=3.8.0; python_version < "3.12"',
     'h5py>=3.10.0; python_version == "3.12"',
@@ -33,6 +41,7 @@ setup(
         "mpi4py>=4.1.0",     # the first release with wheels on PyPI (3.10 to 3.14)
         *NUMPY,
         "redis[hiredis]>=5.0.0",
+        *HIREDIS,
         "cryptography>=41.0.0",   # the per-run CA of a multi-node tier (mutual TLS); abi3 wheels cover 3.7+
     ],
     extras_require={
