@@ -225,7 +225,8 @@ def test_tier_data_stays_private_whatever_the_umask(tmp_path, server_binary):
     run = tmp_path / "run"
     run.mkdir()
     with umask(0o000):
-        t = Tier.start(id=f"perm{os.getpid()}", dir=str(run), bfs_root=str(bfs), capacity="64M",
+        # a short id (tmp_path is this test's own): under pytest-xdist without --basetemp the socket path is near the 107 bytes allowed
+        t = Tier.start(id="perm", dir=str(run), bfs_root=str(bfs), capacity="64M",
                        server=server_binary)
         try:
             path = write_through(t, "out.dat", b"data", 0o000)
