@@ -711,7 +711,7 @@ class Checkpoints:
 
         def finish() -> None:
             try:
-                known = max(self._in_tier, default=None) if self._in_tier else None
+                known = max(self._in_tier or (), default=None)
                 if known is None or known not in self._flushing:   # else the newest is queued: no need to look
                     entries = self.catalog.scan()
                     newest = max((s for s, e in entries.items() if e.in_tier), default=None)

@@ -366,7 +366,10 @@ class TierFile:
     def meta(self) -> FileMeta | None:
         """Return the tier's record of the file (its BFS size joined, :mod:`mpiburst.lookup`); without one
         (purged), what the BFS file says."""
-        meta = self.store.meta(self.path)
+        return self._joined(self.store.meta(self.path))
+
+    def _joined(self, meta: FileMeta | None) -> FileMeta | None:
+        """Return the tier's record ``meta`` with its BFS size joined; without one (purged), what the BFS file says."""
         return looked(self.store, meta) if meta is not None else _bfs_meta(self.path)
 
     def size(self) -> int:
@@ -387,7 +390,7 @@ class TierFile:
         self.push()
         for _ in range(_READ_TRIES):
             meta, found = self.store.window(self.path, offset, offset + len(out))
-            meta = looked(self.store, meta) if meta is not None else _bfs_meta(self.path)
+            meta = self._joined(meta)
             if meta is None:
                 return 0
             hi = min(offset + len(out), meta.size)

@@ -150,6 +150,8 @@ redis.call('HDEL', KEYS[#KEYS], ARGV[2])
 return #blobs
 """ % (ZADD_CHUNK, ZADD_CHUNK - 1)  # noqa: UP031 - str.format would need every Lua brace doubled
 
+# Join what the BFS holds to a record made unlooked (its bfs field '?'), once: ARGV[1] the BFS file's size, '' if
+# there is none; the size and settled size become the larger. Returns the record ({} if there is none).
 FOUND_ON_BFS = """
 if redis.call('HGET', KEYS[1], 'bfs') == '?' then
   if ARGV[1] == '' then
