@@ -230,8 +230,9 @@ class Trial:
         for k in range(CHECKPOINTS):
             path = self.bfs / f"ck{k}"
             if path.exists():
-                assert path.read_bytes() == expected(k), \
-                    f"{self.what}: ck{k} on the BFS is not the checkpoint the application closed"
+                assert _first_difference(path.read_bytes(), expected(k)) is None, \
+                    f"{self.what}: ck{k} on the BFS is not the checkpoint the application closed " \
+                    f"({_first_difference(path.read_bytes(), expected(k))})"
                 present.append(k)
         assert present == list(range(len(present))), \
             f"{self.what}: not a consistent cut: the BFS holds checkpoints {present}"
@@ -242,6 +243,18 @@ class Trial:
             assert not missing, f"{self.what}: closed checkpoints {missing} are not on the BFS; run said: {self.run_err}"
         extra = [n for n in names if not n.startswith(".") and not re.fullmatch(r"ck\d+(\.incomplete)?", n)]
         assert not extra, f"{self.what}: unexpected files on the BFS: {extra}"
+
+
+def _first_difference(got: bytes, want: bytes) -> str | None:
+    """Say where ``got`` first differs from ``want`` (None if equal): a 3 MiB checkpoint is not diffed by pytest."""
+    if got == want:
+        return None
+    a, b = np.frombuffer(got, np.uint8), np.frombuffer(want, np.uint8)
+    n = min(len(a), len(b))
+    wrong = np.flatnonzero(a[:n] != b[:n])
+    at = int(wrong[0]) if len(wrong) else n
+    return (f"{len(got)} bytes against {len(want)}; the first difference at byte {at}, "
+            f"{int(np.count_nonzero(a[:n] != b[:n]))} bytes differ in the common part")
 
 
 def _bytes(text: str) -> float:
