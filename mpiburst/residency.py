@@ -564,12 +564,13 @@ def auto_purge(tier: Tier) -> int:
     return freed
 
 
-def make_room(tier: Tier) -> bool:
+def make_room(tier: Tier, open_files: bool = True) -> bool:
     """Free tier memory when the tier is full: sync the dirty unpinned files, then drop clean data.
 
     First only what the application made consistent (:func:`auto_sync`);
-    when that neither flushes nor frees anything, the files still being
-    written as they are, so a file larger than the tier can still be written.
+    when that neither flushes nor frees anything, and ``open_files``, the
+    files still being written as they are, so a file larger than the tier
+    can still be written.
 
     Returns
     -------
@@ -581,7 +582,7 @@ def make_room(tier: Tier) -> bool:
     synced = auto_sync(tier)
     if auto_purge(tier) > 0 or synced > 0:
         return True
-    if not any(m.writers > 0 and m.dirty and not m.pinned for m in tier.store.cut().values()):
+    if not open_files or not any(m.writers > 0 and m.dirty and not m.pinned for m in tier.store.cut().values()):
         return False
     # Nothing consistent was left to publish or free: the open files' own data fills the tier (a file
     # larger than the tier, say). Publish them as they are rather than fail the write; the next flush

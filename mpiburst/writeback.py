@@ -447,14 +447,16 @@ def with_room(tier: Tier, action: Callable[[], T], what: str) -> T:
     that nothing can be freed: the action runs again, and only after
     :data:`_ROOM_TRIES` rounds in a row that neither flushed nor freed
     anything while the tier stayed full does it fail, saying it could not
-    ``what``.
+    ``what``. For the same reason the files still being written are
+    published as they are (:func:`~mpiburst.residency.make_room`) only
+    from the second such round on: the first retries the action first.
     """
     stalled = 0
     while True:
         try:
             return action()
         except TierFullError:
-            stalled = 0 if make_room(tier) else stalled + 1
+            stalled = 0 if make_room(tier, open_files=stalled > 0) else stalled + 1
             if stalled >= _ROOM_TRIES:
                 raise TierFullError(
                     f"the tier is full and nothing more can be flushed or freed to {what}; unpin files, "

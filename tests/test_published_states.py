@@ -119,3 +119,36 @@ def test_the_engine_makes_no_sync_round_for_a_file_only_being_written(mem_tier: 
     with caplog.at_level(logging.INFO, logger="test.engine"):
         eng.thresholds()
     assert "syncing 1 dirty files" in caplog.text and _bfs(mem_tier, "ck.dat") == b"H" * 5000
+
+
+
+def test_a_writer_that_finds_the_tier_full_retries_before_publishing_an_open_file(mem_tier: Tier) -> None:
+    """Another process freed the memory between this writer's failed write and its round of making room.
+
+    That round finds nothing of its own to flush or free; before, it then
+    published the file still being written, half-written, under its final
+    name (a job killed next left it there: the fault loop's usr1-term trial,
+    in CI). Now the write is tried again first; the open file is published
+    as it stands only when a second round in a row finds nothing either.
+    """
+    from mpiburst.errors import TierFullError
+    from mpiburst.writeback import with_room
+
+    _open(mem_tier, "closed.dat", b"C" * 6000).close()
+    residency.auto_sync(mem_tier)
+    residency.auto_purge(mem_tier)                    # what another writer's round did meanwhile
+    f = _open(mem_tier, "open.dat", b"H" * 5000)
+    tries: list[int] = []
+
+    def full_once() -> str:
+        tries.append(1)
+        if len(tries) == 1:
+            raise TierFullError("full (test)")
+        return "written"
+
+    assert with_room(mem_tier, full_once, "write (test)") == "written" and len(tries) == 2
+    assert _bfs(mem_tier, "open.dat") is None         # not published half-written
+    assert residency.make_room(mem_tier, open_files=False) is False
+    assert residency.make_room(mem_tier) is True      # a second round in a row: the exception of the rule
+    assert _bfs(mem_tier, "open.dat") == b"H" * 5000
+    f.close()
