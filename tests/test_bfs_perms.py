@@ -98,10 +98,14 @@ def test_new_file_gets_the_applications_umask_not_the_flushers(mem_tier, app_uma
     assert open(path, "rb").read() == b"x" * 5000
 
 
-def test_directories_the_flush_creates_get_0777_and_not_umask(mem_tier):
-    """Missing parents are made as the application's ``mkdir(0777)`` would make them (group-writable umask)."""
+@pytest.mark.parametrize("how", ["sync", "commit"])
+def test_directories_the_flush_creates_get_0777_and_not_umask(mem_tier, how):
+    """Missing parents are made as the application's ``mkdir(0777)`` would make them (group-writable umask).
+
+    A commit stages new directories and publishes them by one rename (flush/newdirs.py): the same modes.
+    """
     path = write_through(mem_tier, "a/b/c.dat", b"data", 0o002)
-    sync_as(mem_tier, path, 0o077)
+    sync_as(mem_tier, path, 0o077, how)
     direct_dirs(os.path.join(mem_tier.bfs_root, "d/e"), 0o002)
     for flushed, direct in (("a", "d"), ("a/b", "d/e")):
         assert mode(os.path.join(mem_tier.bfs_root, flushed)) == mode(os.path.join(mem_tier.bfs_root, direct)) == 0o775
@@ -129,6 +133,27 @@ def test_private_while_written_and_final_mode_before_the_rename(mem_tier, monkey
     sync_as(mem_tier, path, 0o077, how)
     assert seen_writing and set(seen_writing) == {0o600}
     assert seen_renaming == [0o644]
+    assert mode(path) == 0o644
+
+
+def test_a_file_of_a_new_directory_is_private_while_written_and_has_its_mode_before_the_directory_is_published(
+        mem_tier, monkeypatch):
+    """A commit writes the files of a new directory in a staging directory (flush/newdirs.py): the same modes."""
+    path = write_through(mem_tier, "fresh/big.dat", os.urandom(3 * mem_tier.align + 100), 0o022)
+    staged = os.path.join(mem_tier.bfs_root, ".fresh.mpiburst-stage-*", "big.dat")
+    seen_writing, seen_renaming = [], []
+    monkeypatch.setattr(flush.writes, "write_observers",
+                        [lambda *_: seen_writing.extend(mode(p) for p in glob.glob(staged))])
+    real = flush.newdirs.rename_noreplace
+
+    def rename(src, dst):
+        seen_renaming.append((dst, mode(os.path.join(src, "big.dat")), mode(src)))
+        real(src, dst)
+
+    monkeypatch.setattr(flush.newdirs, "rename_noreplace", rename)
+    sync_as(mem_tier, path, 0o077, "commit")
+    assert seen_writing and set(seen_writing) == {0o600}
+    assert seen_renaming == [(os.path.dirname(path), 0o644, 0o755)]
     assert mode(path) == 0o644
 
 
@@ -181,14 +206,15 @@ def _group_other_than_mine() -> int:
     return others[0] if others else os.getegid()
 
 
-def test_setgid_directory_gives_its_group_as_a_direct_write_does(mem_tier):
+@pytest.mark.parametrize("how", ["sync", "commit"])
+def test_setgid_directory_gives_its_group_as_a_direct_write_does(mem_tier, how):
     """In a setgid directory the flushed file and the directories the flush makes inherit its group (and bit)."""
     shared = os.path.join(mem_tier.bfs_root, "project")
     os.mkdir(shared)
     os.chown(shared, -1, _group_other_than_mine())
     os.chmod(shared, 0o2775)
     path = write_through(mem_tier, "project/run1/out.dat", b"data", 0o002)
-    sync_as(mem_tier, path, 0o077)
+    sync_as(mem_tier, path, 0o077, how)
     ref_file = direct_file(os.path.join(shared, "direct.dat"), 0o002)
     direct_dirs(os.path.join(shared, "direct"), 0o002)
     made, ref_dir = os.stat(os.path.join(shared, "run1")), os.stat(os.path.join(shared, "direct"))

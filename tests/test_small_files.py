@@ -195,7 +195,14 @@ def _files(tier: Any, n: int, directory: str = "ckpt") -> dict[str, bytes]:
 
 
 def _leftovers(root: str) -> list[str]:
-    return [os.path.join(d, n) for d, _, names in os.walk(root) for n in names if ".mpiburst" in n]
+    """Every file or directory under ``root`` a flush names ``.mpiburst*`` (new versions, staging, locks, journals)."""
+    return [os.path.join(d, n) for d, subdirs, names in os.walk(root) for n in names + subdirs if ".mpiburst" in n]
+
+
+def _make_dirs(files: dict[str, bytes]) -> None:
+    """Make the files' directories on the BFS: the commit then renames each file into place, not a new directory."""
+    for path in files:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
 
 
 def test_a_commit_of_many_files_is_byte_exact_and_fsyncs_each_file_once(mem_tier, monkeypatch):
@@ -216,21 +223,28 @@ def test_a_commit_of_many_files_is_byte_exact_and_fsyncs_each_file_once(mem_tier
     assert not any(m.dirty for m in mpiburst.residency.ls(tier=mem_tier))
     assert _leftovers(mem_tier.bfs_root) == []
     journal = [s for s in synced if ".mpiburst-commit-" in s]
-    versions = [s for s in synced if ".mpiburst-" in os.path.basename(s) and s not in journal]
+    stages = [s for s in synced if ".mpiburst-stage-" in os.path.basename(s)]
+    versions = [s for s in synced if s not in journal and s not in stages
+                and (".mpiburst-" in os.path.basename(s) or ".mpiburst-stage-" in os.path.dirname(s))]
     assert len(versions) == len(set(versions)) == len(files)      # each new version once: written all, then fsync'd
     root = os.path.realpath(mem_tier.bfs_root)
-    dirs = sorted({os.path.dirname(p) for p in files})
-    rest = sorted(s for s in synced if s not in versions and s not in journal)
+    rest = sorted(s for s in synced if s not in versions and s not in journal and s not in stages)
     assert len(journal) == 1
-    assert rest == sorted([*dirs, root])                          # each directory once, and the root for the journal
+    # r1 existed: its files renamed one by one, it fsync'd once; r0 and r2 were new: each staged (its staging
+    # directory fsync'd once) and published by one rename in ckpt, fsync'd once; the root for the journal
+    assert sorted(os.path.basename(s).split(".mpiburst-")[0] for s in stages) == [".r0", ".r2"]
+    assert rest == sorted([os.path.join(root, "ckpt"), os.path.join(root, "ckpt", "r1"), root])
 
 
-def test_a_failure_in_the_middle_of_a_commit_publishes_nothing(mem_tier, monkeypatch):
+@pytest.mark.parametrize("directories", ["new", "existing"])
+def test_a_failure_in_the_middle_of_a_commit_publishes_nothing(mem_tier, monkeypatch, directories):
     from mpiburst import flush
     from mpiburst.flush import writes
 
     monkeypatch.setenv("MPIBURST_COMMIT_THREADS", "4")
     files = _files(mem_tier, 30)
+    if directories == "existing":
+        _make_dirs(files)
     bad = sorted(files)[17]
 
     def broken(path: str, offset: int, length: int) -> None:
@@ -242,7 +256,8 @@ def test_a_failure_in_the_middle_of_a_commit_publishes_nothing(mem_tier, monkeyp
         flush.commit(tier=mem_tier)
     assert on_bfs(files) == {}                       # not one of the 29 others
     assert all(m.dirty for m in mpiburst.residency.ls(tier=mem_tier))
-    assert _leftovers(mem_tier.bfs_root) == []        # no new version, lock or journal left behind
+    assert _leftovers(mem_tier.bfs_root) == []        # no new version, staging directory, lock or journal left
+    assert os.path.isdir(os.path.join(mem_tier.bfs_root, "ckpt")) == (directories == "existing")
     monkeypatch.setattr(writes, "write_observers", [])
     assert len(flush.commit(tier=mem_tier)) == 30
     assert on_bfs(files) == files
@@ -253,6 +268,7 @@ def test_a_commit_failing_while_renaming_is_completed_by_the_next(mem_tier, monk
 
     monkeypatch.setenv("MPIBURST_COMMIT_THREADS", "4")
     files = _files(mem_tier, 12)
+    _make_dirs(files)
     bad = sorted(files)[5]
     real_rename = os.rename
 
@@ -316,6 +332,7 @@ def test_a_commit_locks_each_directory_once_and_waits_for_another_runs_lock(mem_
 
     monkeypatch.setenv("MPIBURST_COMMIT_THREADS", "4")
     files = _files(mem_tier, 12)
+    _make_dirs(files)   # new directories: one lock, their parent's (tests/test_new_directories.py)
     dirs = sorted({os.path.dirname(p) for p in files})
     locked: list[str] = []
     real_open = os.open

@@ -32,7 +32,9 @@ unchanged bytes are copied into it in the kernel, hole-aware, with
 ``copy_file_range``: a reflink on XFS or Btrfs, a server-side copy on NFS
 4.2), fsyncs it and renames it over the final name, then fsyncs the
 directory: a reader, or a crash, sees the old file or the new one, never a
-mix. The new version gets the permissions a direct write by the application
+mix. (A commit writes the files of a directory that does not exist yet
+under their final names in a hidden staging directory instead, and renames
+that directory into place: :mod:`~mpiburst.flush.newdirs`.) The new version gets the permissions a direct write by the application
 would have given it, or the replaced file's (:mod:`mpiburst.perms`). A lock
 file in the target's directory (``.mpiburst.lock``, ``flock``; one per
 directory, which a commit takes once for all its files there) serialises
@@ -68,6 +70,7 @@ The package is split along the flush's jobs, bottom to top:
 * :mod:`~mpiburst.flush.locality`: which flusher writes which stripes;
 * :mod:`~mpiburst.flush.writes`: the BFS writes, seal, rename and mark clean
   (:data:`~mpiburst.flush.writes.WRITE_SIZE`, ``write_observers``);
+* :mod:`~mpiburst.flush.newdirs`: a commit's new directories, staged and published by one rename;
 * :mod:`~mpiburst.flush.journal`: a commit's journal and :func:`recover`;
 * :mod:`~mpiburst.flush.many`: a commit's files shared by the ranks, each share flushed in threads;
 * :mod:`~mpiburst.flush.orchestrate`: :func:`sync`, :func:`commit`, :func:`enqueue`.

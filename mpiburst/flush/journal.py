@@ -1,9 +1,11 @@
 """A commit's journal: the renames it is about to make, so that a commit killed while renaming is completed.
 
-A commit writes every file's new version aside, then lists the renames in
+A commit writes every file's new version aside (the files of a new
+directory: in a staging directory, :mod:`~mpiburst.flush.newdirs`), then lists the renames in
 ``.mpiburst-commit-<token>.json`` in the BFS root (fsync'd) before it makes
 them. :func:`recover`, run by every sync and commit before it starts, makes
-the renames of a journal whose commit died, so either all of a commit's files
+the renames of a journal whose commit died (a staging directory's with
+:func:`~mpiburst.flush.newdirs.publish`), so either all of a commit's files
 are published or none. A journal that a killed commit was still writing
 (``.json.tmp``) never became its commit point: recover removes it.
 """
@@ -16,8 +18,10 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Iterable
 
 from ..errors import FlushError
+from . import newdirs
 from .snapshot import BfsLock, Plan
 from .writes import fsync_dir
 
@@ -28,13 +32,18 @@ _JOURNAL = ".mpiburst-commit-{}.json"
 UNFINISHED_AGE = 60.0
 
 
-def write_journal(bfs_root: str, plans: list[Plan]) -> str:
-    """Write and fsync the list of renames a commit is about to make; return its path."""
+def write_journal(bfs_root: str, plans: list[Plan], stages: Iterable[tuple[str, str]] = ()) -> str:
+    """Write and fsync the list of renames a commit is about to make; return its path.
+
+    ``stages``: the commit's staging directories and their final names
+    (:mod:`~mpiburst.flush.newdirs`), renamed as a whole; their files are not listed.
+    """
     path = os.path.join(bfs_root, _JOURNAL.format(secrets.token_hex(8)))
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
-        renames = [[p.work, p.target] for p in plans if not p.in_place]   # those are written already
+        renames = [[p.work, p.target] for p in plans if not p.in_place and not p.staged]   # in place: written already
+        renames += [[root, top] for root, top in stages]
         os.write(fd, json.dumps({"renames": renames}).encode())
         os.fsync(fd)
     finally:
@@ -63,6 +72,9 @@ def recover(bfs_root: str) -> int:
             continue                      # its commit is still running
         try:
             for work, target in renames:
+                if os.path.isdir(work) and not os.path.islink(work):   # a new directory, staged
+                    newdirs.publish(work, target)
+                    continue
                 with contextlib.suppress(FileNotFoundError):   # renamed before the commit was killed
                     os.rename(work, target)
             for directory in dict.fromkeys(os.path.dirname(t) for _, t in renames):

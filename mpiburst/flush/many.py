@@ -12,22 +12,27 @@ every rank):
    one lock per directory, held for every rank until the end); each rank
    lists each of its directories once, under that lock (the leftovers of
    earlier flushes, which targets exist, whether new files inherit an ACL),
-   not once per file;
+   not once per file. A directory that does not exist yet is not made:
+   rank 0 locks the parent of its topmost missing directory instead and
+   stages it (:mod:`~mpiburst.flush.newdirs`), and its files are written
+   there under their final names;
 2. each file, in one task of the pool: prepared without waiting (lease,
    snapshot, new version aside; a name the listing did not hold is not
    looked up), its new version written and fsync'd through the one
    descriptor that created it: a new file costs the BFS a create, a write,
    a chmod, an fsync and, at 4., a rename;
-3. rank 0 writes the commit's journal, naming every rank's renames;
-4. every rank renames its new versions into place, then fsyncs each of
-   their directories once; rank 0 removes the journal;
+3. rank 0 fsyncs the staged directories and writes the commit's journal,
+   naming every rank's renames and each staging directory's;
+4. every rank renames its new versions into place, rank 0 each staging
+   directory (one rename per new directory, whatever its files), then they
+   fsync each parent once; rank 0 removes the journal;
 5. mark every file's snapshot clean (and log its flush for ``mpiburst report``).
 
 The promises of :func:`mpiburst.flush.commit` hold as for one process:
 one cut (taken by rank 0), nothing renamed before every file of every rank
 is written and fsync'd, the journal before the first rename. A failure
-before the journal aborts every rank's files (nothing published, all
-stays dirty); after it, the journal completes the renames at the next sync
+before the journal aborts every rank's files and removes the staging
+directories (nothing published, all stays dirty); after it, the journal completes the renames at the next sync
 or commit. If another flush holds one of the files (its lock or its lease),
 waiting for it while holding the others could deadlock with that flush: the
 attempt is given up on every rank (:class:`~mpiburst.flush.failures.Busy`)
@@ -38,6 +43,7 @@ the files' leases in path order and waiting for each as a sync does.
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -49,7 +55,7 @@ from ..errors import FlushError, MpiburstError
 from ..perms import current_umask
 from ..store import FileMeta, FlushLease, Store
 from ..tier import Tier
-from . import locality, snapshot, writes
+from . import locality, newdirs, snapshot, writes
 from .failures import Busy, LeaseLost, cause
 from .journal import write_journal
 from .snapshot import Plan
@@ -125,10 +131,20 @@ def _attempt(tier: Tier, files: list[tuple[str, FileMeta]], total: int, dirs: di
     pool = ThreadPoolExecutor(nthreads, thread_name_prefix="mpiburst-commit") if nthreads > 1 else None
     written = _Written(progress)
     locks: list[snapshot.BfsLock] = []   # rank 0's, for every rank
+    stages: list[newdirs.Stage] = []     # rank 0's: the new directories it staged and publishes
+
+    def lay_out() -> dict[str, tuple[str, bool]]:
+        done = newdirs.layout(dirs, tier.bfs_root, secrets.token_hex(8), wait=0 if parallel else None,
+                              stage=parallel)
+        locks.extend(done.locks)
+        stages.extend(done.stages)
+        return done.staged
+
     try:
-        on_root(comm, lambda: locks.extend(snapshot.lock_directories(dirs, wait=0 if parallel else None)))
-        beside = _leftovers([path for path, _ in files]) if parallel else {}
-        listings = {d: snapshot.Listing.of(d) for d in {os.path.dirname(p) for p, _ in files}} if parallel else {}
+        staged = on_root(comm, lay_out)   # every rank: where each new directory's files are written
+        beside = _leftovers([path for path, _ in files if os.path.dirname(path) not in staged]) if parallel else {}
+        listings = {d: snapshot.Listing.of(d) if d not in staged else snapshot.Listing(frozenset(), staged[d][1])
+                    for d in {os.path.dirname(p) for p, _ in files}} if parallel else {}
 
         def make(item: tuple[str, FileMeta]) -> tuple[Plan, writes.Tally] | None:
             """Prepare, write and fsync one file's new version, opened once (no file waits for the others)."""
@@ -136,8 +152,10 @@ def _attempt(tier: Tier, files: list[tuple[str, FileMeta]], total: int, dirs: di
             if not parallel:
                 plan = snapshot.prepare(store, path, tier.align, cut=mark, locked=True)
             else:
+                directory = os.path.dirname(path)
                 plan = snapshot.prepare(store, path, tier.align, cut=mark, wait=0, beside=beside.get(path, []),
-                                        locked=True, listing=listings.get(os.path.dirname(path)))
+                                        locked=True, listing=listings.get(directory),
+                                        stage_dir=staged[directory][0] if directory in staged else None)
             if plan is None:
                 return None
             plans.append(plan)
@@ -151,9 +169,15 @@ def _attempt(tier: Tier, files: list[tuple[str, FileMeta]], total: int, dirs: di
         tallies = {id(plan): tally for plan, tally in made}
         together(comm, keeper.check)
         everyone = comm.allgather(plans) if comm is not None else [plans]
-        journal = on_root(comm, lambda: write_journal(tier.bfs_root, [p for share in everyone for p in share]))
+
+        def journal_it() -> str:
+            newdirs.fsync_staged(stages, [where for where, _ in staged.values()])   # their entries, then the journal
+            return write_journal(tier.bfs_root, [p for share in everyone for p in share],
+                                 [(one.root, one.top) for one in stages])
+
+        journal = on_root(comm, journal_it)
         published = True
-        together(comm, lambda: _publish(pool, plans))
+        together(comm, lambda: _publish(pool, plans, stages))
         on_root(comm, lambda: os.unlink(journal))
         keeper.stop()
         def settle(plan: Plan) -> R:
@@ -169,6 +193,9 @@ def _attempt(tier: Tier, files: list[tuple[str, FileMeta]], total: int, dirs: di
                 snapshot.release_lock(plan.token)
             else:
                 writes.abort(store, plan)
+        if not published:
+            for one in stages:   # every rank is done with its files in them (each step above is collective)
+                newdirs.remove(one.root)
         if isinstance(exc, Busy) and not published:
             raise
         why = exc if isinstance(exc, MpiburstError) else cause(exc)
@@ -235,16 +262,19 @@ def _all(results: Sequence[T | BaseException]) -> list[T]:
     return [r for r in results if not isinstance(r, BaseException)]
 
 
-def _publish(pool: ThreadPoolExecutor | None, plans: list[Plan]) -> None:
-    """Rename every new version into place, then fsync each of their directories once."""
+def _publish(pool: ThreadPoolExecutor | None, plans: list[Plan], stages: Sequence[newdirs.Stage]) -> None:
+    """Rename every new version into place and every staging directory to its name, then fsync each parent once."""
     def rename(plan: Plan) -> None:
         if plan.in_place:
             os.unlink(plan.work)
-        else:
+        elif not plan.staged:   # published with its directory
             os.rename(plan.work, plan.target)
 
     _all(_each(pool, rename, plans))
-    _all(_each(pool, writes.fsync_dir, list(dict.fromkeys(os.path.dirname(p.target) for p in plans))))
+    for one in stages:
+        newdirs.publish(one.root, one.top)
+    parents = [os.path.dirname(p.target) for p in plans if not p.staged] + [os.path.dirname(s.top) for s in stages]
+    _all(_each(pool, writes.fsync_dir, list(dict.fromkeys(parents))))
 
 
 class _Written:

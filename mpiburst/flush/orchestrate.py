@@ -248,7 +248,9 @@ def commit(paths: Iterable[str] | None = None, *, tier: Tier | None = None, incl
     mark (newer writes stay dirty), and the new versions are renamed into
     place only when all of them are written and fsync'd, under a journal
     (``.mpiburst-commit-<token>.json`` in the BFS root) that the next sync or
-    commit completes if this one is killed while renaming. So if write B
+    commit completes if this one is killed while renaming (the files of a
+    directory that does not exist yet are staged in a hidden directory and
+    published by one rename of it: :mod:`mpiburst.flush.newdirs`). So if write B
     was issued after write A had completed (its file closed or synced), B on
     the BFS implies A on the BFS. The files are flushed many at once: each
     rank of ``comm`` takes a share, and flushes it in a pool of threads

@@ -60,6 +60,9 @@ class Plan:
     # whether that directory has a default ACL (nothing looked up again at the seal).
     fd: int | None = None
     listed_acl: bool | None = None
+    # ``work`` is the file under its final name in a commit's staging directory (mpiburst.flush.newdirs),
+    # published by the rename of that directory, not by a rename of its own
+    staged: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,8 @@ class Listing:
 
 
 def prepare(store: Store, target: str, align: int, cut: Any = None, wait: float | None = None,
-            beside: list[str] | None = None, locked: bool = False, listing: Listing | None = None) -> Plan | None:
+            beside: list[str] | None = None, locked: bool = False, listing: Listing | None = None,
+            stage_dir: str | None = None) -> Plan | None:
     """Lock the BFS path, take the lease, snapshot the file and create its new version aside (rank 0 only).
 
     ``cut`` (a :class:`~mpiburst.store.FileMeta` taken by a commit) fixes the
@@ -106,6 +110,9 @@ def prepare(store: Store, target: str, align: int, cut: Any = None, wait: float 
     commit): a name it does not hold is a new file, not looked up, and the
     new version stays open in :attr:`Plan.fd` for the caller to write and
     seal (:func:`~mpiburst.flush.writes.seal` closes it).
+    ``stage_dir``: the target's directory is new, staged there by the
+    commit (:mod:`~mpiburst.flush.newdirs`, with an empty ``listing``): the
+    new version is made there under the file's own name.
     """
     # a commit's cut holds the record as read (its umask): no round trip; a record removed since is found below
     meta = cut if cut is not None else store.meta(target)
@@ -138,7 +145,8 @@ def prepare(store: Store, target: str, align: int, cut: Any = None, wait: float 
         if listing is None or name in listing.names:   # else: not in its directory, listed under the lock
             with contextlib.suppress(FileNotFoundError):
                 old = os.stat(target, follow_symlinks=False)
-        work = os.path.join(directory, f".{name}.mpiburst-{token}")
+        work = os.path.join(stage_dir, name) if stage_dir is not None else \
+            os.path.join(directory, f".{name}.mpiburst-{token}")
         # A new file's chunks written ahead by a drain while the application wrote it (mpiburst.drain).
         drained = beside is None or any(os.path.basename(p).startswith(f".{name}.mpiburst-drain-") for p in beside)
         claimed = drain.claim(target, work, align) if old is None and snap.trunc is None and drained else None
@@ -176,7 +184,8 @@ def prepare(store: Store, target: str, align: int, cut: Any = None, wait: float 
         _LOCKS[token] = lock
     return Plan(target=target, work=work, token=token, upto=snap.seq, clean=snap.clean, size=snap.size,
                  trunc=snap.trunc, align=align, base=base, new=old is None, umask=umask, claimed=claimed, fd=fd,
-                 listed_acl=listing.default_acl if listing is not None and old is None else None)
+                 listed_acl=listing.default_acl if listing is not None and old is None else None,
+                 staged=stage_dir is not None)
 
 
 class BfsLock:
