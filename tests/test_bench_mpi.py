@@ -172,6 +172,11 @@ def test_files_pattern_measures_every_phase_both_ways(mpi_tmp_path, server_binar
             assert 0 < s["min"] <= s["median"] <= s["max"] < math.inf, (r["transfer"], key)
         # durable through the tier is the create phase plus the commit
         assert r["methods"]["tier_durable"]["seconds"]["min"] > r["methods"]["tier_create"]["seconds"]["min"]
+        # the floor: the tier's create plus the commit's BFS work alone, timed once per repeat
+        floor = r["floor"]
+        assert 0 < floor["commit_seconds"]["min"] <= floor["commit_seconds"]["max"] < math.inf
+        assert floor["durable_seconds"] > r["methods"]["tier_create"]["seconds"]["median"]
+    assert "floor s" in table and "fl/d" in table
     judged = [t for t in doc["targets"] if "files 64.0 KiB" in t["target"]]
     assert [t["met"] is None for t in judged] == [False, True]   # local disk: create judged, durable not
     assert out_png.stat().st_size > 0

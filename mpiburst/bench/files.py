@@ -11,7 +11,18 @@ interleaved in every repeat (taking turns at going first):
   ``Close`` per file (what the application waits for), then one commit of
   the run's directory: the files are durable when it returns.
 
-Then, on each way's files: ``stat`` of every file (``os.stat``; through the
+and, as the floor of the tier's commit, its BFS work alone:
+
+* ``floor``: each rank writes the same files raw, in as many threads as a
+  commit uses (``MPIBURST_COMMIT_THREADS``), each ``open(O_CREAT)``,
+  ``write``, ``fsync``, ``close`` under its final name in a hidden staging
+  directory; then its directory is fsync'd and rank 0 fsyncs the staging
+  directory, renames it into place and fsyncs the parent, as a commit
+  publishes a new directory (:mod:`mpiburst.flush.newdirs`), with no tier
+  read and no bookkeeping. The tier's create phase plus this is how soon
+  every file could be durable through the tier on this BFS.
+
+Then, on the direct and tier ways' files: ``stat`` of every file (``os.stat``; through the
 tier :func:`mpiburst.residency.stat`'s record lookup, the tier's answer to a
 stat), a read-back of every file (``open``, ``read``, ``close``; through the
 tier ``File.Open`` read-only, ``Read_at``, ``Close``) checked byte for byte
@@ -24,6 +35,7 @@ are files per second over all ranks.
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -108,6 +120,47 @@ def _direct(comm: Any, cfg: Files, directory: str, contents: Sequence[np.ndarray
     return secs, agree(comm, ok)
 
 
+def _floor(comm: Any, cfg: Files, parent: str, sub: str, contents: Sequence[np.ndarray]) -> float:
+    """Time the commit's BFS work alone into ``parent/sub`` (see the module docstring); return the seconds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..flush.many import threads
+
+    stage = os.path.join(parent, f".{sub}.stage")
+    mine = os.path.join(stage, str(cfg.rank))
+    paths = [os.path.join(mine, cfg.name(i)) for i in range(cfg.count)]
+
+    def one(item: tuple[str, np.ndarray]) -> None:
+        fd = os.open(item[0], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, item[1].data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def publish() -> None:
+        if cfg.rank == 0:   # the commit's rank 0 makes the staging directories
+            os.makedirs(parent, exist_ok=True)
+            os.mkdir(stage)
+            for r in range(cfg.nranks):
+                os.mkdir(os.path.join(stage, str(r)))
+        comm.Barrier()
+        with ThreadPoolExecutor(threads()) as pool:
+            list(pool.map(one, zip(paths, contents)))
+        fsync_dir(mine)
+        comm.Barrier()
+        if cfg.rank == 0:
+            fsync_dir(stage)
+            os.rename(stage, os.path.join(parent, sub))
+            fsync_dir(parent)
+        comm.Barrier()
+
+    seconds, _ = collective_time(comm, publish)
+    if cfg.rank == 0:
+        shutil.rmtree(os.path.join(parent, sub))
+    return seconds
+
+
 def _commit(comm: Any, tier: Any, directory: str) -> None:
     """Make every file under ``directory`` durable: one collective commit of the tier's files there."""
     from .. import flush
@@ -171,9 +224,14 @@ def run_config(comm: Any, tier: Any, cfg: Files, repeat: int, scratch: str) -> d
     contents = cfg.contents()
     seconds: dict[str, list[float]] = {f"{w}_{p}": [] for w in WAYS for p in PHASES}
     verified = {w: True for w in WAYS}
+    floor: list[float] = []
+    order = (*WAYS, "floor")
     for i in range(repeat):
         sub = f"files-{cfg.size}-{i}"
-        for way in WAYS if i % 2 == 0 else WAYS[::-1]:   # each goes first as often
+        for way in order[i % 3:] + order[:i % 3]:   # each goes first in turn
+            if way == "floor":
+                floor.append(_floor(comm, cfg, os.path.join(scratch, "floor"), sub, contents))
+                continue
             if way == "direct":
                 directory = os.path.join(scratch, "direct", sub, str(cfg.rank))
                 os.makedirs(directory, exist_ok=True)
@@ -185,7 +243,7 @@ def run_config(comm: Any, tier: Any, cfg: Files, repeat: int, scratch: str) -> d
             verified[way] = verified[way] and ok
     return {"pattern": "files", "transfer": cfg.size, "ranks": cfg.nranks, "files_per_rank": cfg.count,
             "bytes_per_rank": cfg.size * cfg.count, "total_bytes": cfg.size * cfg.count * cfg.nranks,
-            "seconds": seconds, "verified": verified}
+            "seconds": seconds, "verified": verified, "floor_commit": floor}
 
 
 def summarize(raw: dict[str, Any]) -> dict[str, Any]:
@@ -200,7 +258,14 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     med = {key: m["seconds"]["median"] for key, m in methods.items()}
     ratios = {f"{p}_time_vs_direct": med[f"tier_{p}"] / med[f"direct_{p}"] for p in PHASES}
     keys = ("pattern", "transfer", "ranks", "files_per_rank", "bytes_per_rank", "total_bytes")
-    return {k: raw[k] for k in keys} | {"methods": methods, "ratios": ratios}
+    out = {k: raw[k] for k in keys} | {"methods": methods, "ratios": ratios}
+    if raw.get("floor_commit"):   # the commit's BFS work alone; with the tier's create, the durable floor
+        commit = raw["floor_commit"]
+        durable = med["tier_create"] + statistics.median(commit)
+        out["floor"] = {"commit_seconds": {"median": statistics.median(commit), "min": min(commit),
+                                           "max": max(commit)},
+                        "durable_seconds": durable, "durable_time_vs_direct": durable / med["direct_durable"]}
+    return out
 
 
 def targets(results: Sequence[dict[str, Any]], network: bool) -> list[tuple[str, bool | None]]:
@@ -224,13 +289,13 @@ def targets(results: Sequence[dict[str, Any]], network: bool) -> list[tuple[str,
     return out
 
 
-HEADER = ["files", "size", "create d", "create t", "t/d", "durable d s", "durable t s", "t/d", "stat d",
-          "stat t", "read d", "read t", "remove d", "remove t"]
+HEADER = ["files", "size", "create d", "create t", "t/d", "durable d s", "durable t s", "t/d", "floor s", "fl/d",
+          "stat d", "stat t", "read d", "read t", "remove d", "remove t"]
 
 
 def cells(r: dict[str, Any]) -> list[str]:
     """Return the table cells of one files measurement (rates in files/s, durable in seconds)."""
-    m, ra = r["methods"], r["ratios"]
+    m, ra, floor = r["methods"], r["ratios"], r.get("floor")
 
     def rate(key: str) -> str:
         return f"{m[key]['files_per_second']:.0f}" + ("" if m[key]["verified"] else "!")
@@ -238,7 +303,8 @@ def cells(r: dict[str, Any]) -> list[str]:
     return [f"{r['files_per_rank']}/rank", format_size(r["transfer"]), rate("direct_create"), rate("tier_create"),
             f"{ra['create_time_vs_direct']:.2f}", f"{m['direct_durable']['seconds']['median']:.3f}",
             f"{m['tier_durable']['seconds']['median']:.3f}", f"{ra['durable_time_vs_direct']:.2f}",
-            rate("direct_stat"), rate("tier_stat"), rate("direct_read"), rate("tier_read"),
+            f"{floor['durable_seconds']:.3f}" if floor else "-",
+            f"{floor['durable_time_vs_direct']:.2f}" if floor else "-", rate("direct_stat"), rate("tier_stat"), rate("direct_read"), rate("tier_read"),
             rate("direct_remove"), rate("tier_remove")]
 
 
@@ -246,7 +312,9 @@ LEGEND = """\
 files pattern (mdtest-like): each of {ranks} ranks makes its own files; files/s over all ranks, median of {repeat}.
 d = direct POSIX (open, write, fsync, close; the directory fsync'd once); t = through the tier (File.Open on
 COMM_SELF, Write_at, Close). durable = seconds until every file is durable on the BFS (direct: the create phase;
-tier: create, then one commit of the directory). stat: os.stat / mpiburst.residency.stat; read: open, read,
+tier: create, then one commit of the directory). floor = the tier's create, then the commit's BFS work alone
+(the same files written, fsync'd and closed raw in as many threads as a commit, in a staging directory published
+by one rename); fl/d = floor over direct. stat: os.stat / mpiburst.residency.stat; read: open, read,
 close / File.Open, Read_at, Close; remove: unlink / mpiburst.File.Delete (tier data and BFS file).
 t/d = time through the tier over direct. '!' = wrong bytes read back or on the BFS."""
 
