@@ -4,7 +4,10 @@ Each trial runs, as an operator would, ``mpiburst run -- mpiexec -n 2 python
 writer.py`` (without ``-m mpi4py``): two ranks write several strided
 checkpoints, each closed before the next, through a small write-back buffer
 (so the tier holds half of a checkpoint while it is written). Half the
-trials give the run a small tier, so the engine syncs while the job runs.
+trials give the run a small tier, so the engine syncs while the job runs;
+half put each checkpoint in a new directory of its own (``step<k>/ck``,
+which a commit stages and publishes by one rename of the directory), the
+others side by side in the BFS root (``ck<k>``, one rename per file).
 Each trial gets one fault at a random moment: SIGKILL of the server, of
 the engine or of a rank; SIGTERM to ``mpiburst run``; SIGUSR1 then SIGTERM;
 SIGSTOP of the server for a few seconds; or none. After the run (and the
@@ -65,10 +68,10 @@ WRITER = textwrap.dedent("""\
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     count, total, record = (int(a) for a in sys.argv[1:4])
-    pause = float(sys.argv[4])
+    pause, name = float(sys.argv[4]), sys.argv[5]
     for k in range(count):
         data = np.random.default_rng(k).integers(0, 256, total, dtype=np.uint8)
-        f = mpiburst.File.Open(comm, f"burst://ck{k}", MPI.MODE_WRONLY | MPI.MODE_CREATE)
+        f = mpiburst.File.Open(comm, "burst://" + name.format(k=k), MPI.MODE_WRONLY | MPI.MODE_CREATE)
         for i in range(rank, total // record, size):
             f.Write_at(i * record, data[i * record:(i + 1) * record])
             time.sleep(pause)
@@ -116,13 +119,16 @@ class Trial:
         self.rnd = random.Random(f"{seed}:{index}")
         self.kind, self.index = kind, index
         self.small = self.rnd.random() < 0.5
+        #: where checkpoint k lies under the BFS root: each in a new directory, or all side by side
+        self.name = "step{k}/ck" if self.rnd.random() < 0.5 else "ck{k}"
         self.dir = root / f"trial{index}"
         self.bfs = self.dir / "bfs"
         self.bfs.mkdir(parents=True)
         (self.dir / "writer.py").write_text(WRITER)
         self.env = job_env(server_binary, MPIBURST_WR_BUFFER="256K")
         self.id = f"loop{index}"
-        self.what = f"seed {seed} trial {index} ({kind}, {'small' if self.small else 'large'} tier)"
+        self.what = (f"seed {seed} trial {index} ({kind}, {'small' if self.small else 'large'} tier, "
+                     f"{'a directory per checkpoint' if '/' in self.name else 'checkpoints side by side'})")
         self.notes: list[str] = []
 
     def mpiburst(self, *args: str, wait: bool = True):
@@ -136,7 +142,7 @@ class Trial:
         mpiexec = str(Path(sys.executable).parent / "mpiexec")
         proc = self.mpiburst("run", "--id", self.id, "--bfs-root", "bfs", "--capacity", SMALL if self.small else LARGE,
                              "--", mpiexec, "-n", "2", sys.executable, "writer.py", str(CHECKPOINTS),
-                             str(CHECKPOINT), str(RECORD), str(PAUSE if self.small else 0), wait=False)
+                             str(CHECKPOINT), str(RECORD), str(PAUSE if self.small else 0), self.name, wait=False)
         try:
             self.fault(proc)
             out, err = proc.communicate(timeout=90)
@@ -223,15 +229,15 @@ class Trial:
             assert _bytes(done) <= _bytes(total), f"{self.what}: progress '{done} of {total}' does not add up"
 
     def check_bfs(self) -> None:
-        names = sorted(p.name for p in self.bfs.iterdir())
-        hidden = [n for n in names if n.startswith(".")]
+        found = sorted(str(p.relative_to(self.bfs)) for p in self.bfs.rglob("*"))
+        hidden = [n for n in found if any(part.startswith(".") for part in n.split(os.sep))]
         assert not hidden, f"{self.what}: hidden files left on the BFS: {hidden}"
         present = []
         for k in range(CHECKPOINTS):
-            path = self.bfs / f"ck{k}"
+            path = self.bfs / self.name.format(k=k)
             if path.exists():
                 assert _first_difference(path.read_bytes(), expected(k)) is None, \
-                    f"{self.what}: ck{k} on the BFS is not the checkpoint the application closed " \
+                    f"{self.what}: {self.name.format(k=k)} on the BFS is not the checkpoint the application closed " \
                     f"({_first_difference(path.read_bytes(), expected(k))})"
                 present.append(k)
         assert present == list(range(len(present))), \
@@ -241,8 +247,11 @@ class Trial:
         if self.kind != "kill-server":   # the server survived: nothing closed may be lost
             missing = sorted(set(closed) - set(present))
             assert not missing, f"{self.what}: closed checkpoints {missing} are not on the BFS; run said: {self.run_err}"
-        extra = [n for n in names if not n.startswith(".") and not re.fullmatch(r"ck\d+(\.incomplete)?", n)]
-        assert not extra, f"{self.what}: unexpected files on the BFS: {extra}"
+        # a new directory appears with its checkpoint in it, never empty
+        allowed = r"step\d+|step\d+/ck(\.incomplete)?" if "/" in self.name else r"ck\d+(\.incomplete)?"
+        extra = [n for n in found if not re.fullmatch(allowed, n)
+                 or (self.bfs / n).is_dir() and not any((self.bfs / n).iterdir())]
+        assert not extra, f"{self.what}: unexpected files or empty directories on the BFS: {extra}"
 
 
 def _first_difference(got: bytes, want: bytes) -> str | None:
