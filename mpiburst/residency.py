@@ -35,6 +35,7 @@ import numpy as np
 from . import flush
 from .assembly import BfsBytes, current_bytes
 from .errors import FlushError, MpiburstError, PathError, ServerError
+from .iostats import dirty_bytes
 from .lookup import looked
 from .overlay import Entry, Strided, bounds, gaps, visible
 from .overlay import expand as blocks_of
@@ -532,6 +533,13 @@ def dirty_files(tier: Tier, include_pinned: bool = False) -> list[FileMeta]:
             if records[p].dirty and (include_pinned or not records[p].pinned)]
 
 
+#: The share of the tier's used memory (at least half its limit) that the open files' own dirty data must
+#: hold before a writer that finds the tier full publishes them as they are (:func:`make_room`): less, and
+#: publishing them would free little of a tier full of something else. A third, since on a small tier the
+#: server's own memory and the batches in flight take a good part (8 MiB tier, 1 MiB batches: 3.2 MB).
+OPEN_SHARE = 1 / 3
+
+
 def auto_sync(tier: Tier, log: Callable[[str], None] | None = None, settled: bool = True) -> int:
     """Commit every dirty unpinned file (one consistent cut, see :func:`mpiburst.flush.commit`).
 
@@ -569,8 +577,13 @@ def make_room(tier: Tier, open_files: bool = True) -> bool:
 
     First only what the application made consistent (:func:`auto_sync`);
     when that neither flushes nor frees anything, and ``open_files``, the
-    files still being written as they are, so a file larger than the tier
-    can still be written.
+    files still being written as they are, but only when their own data
+    holds at least :data:`OPEN_SHARE` of the tier's used memory (a file
+    larger than the tier, say): then nothing else could make room for their
+    writes. When they hold less, the rest of the tier is held by what a
+    retry may find freed (another process's flush, a server's buffers) or
+    by nothing this process may touch (pinned files), and publishing them
+    half-written would break a promise for little.
 
     Returns
     -------
@@ -582,11 +595,15 @@ def make_room(tier: Tier, open_files: bool = True) -> bool:
     synced = auto_sync(tier)
     if auto_purge(tier) > 0 or synced > 0:
         return True
-    if not open_files or not any(m.writers > 0 and m.dirty and not m.pinned for m in tier.store.cut().values()):
+    if not open_files:
         return False
-    # Nothing consistent was left to publish or free: the open files' own data fills the tier (a file
-    # larger than the tier, say). Publish them as they are rather than fail the write; the next flush
-    # after their Close makes them whole (docs/reliability.md, "No half-written file", not promised).
+    writing = [m for m in tier.store.cut().values() if m.writers > 0 and m.dirty and not m.pinned]
+    used, limit = tier.store.memory()
+    if not writing or limit <= 0 or dirty_bytes(tier.store, writing) < OPEN_SHARE * max(used, limit // 2):
+        return False
+    # Nothing consistent was left to publish or free and the open files' own data fills the tier. Publish
+    # them as they are rather than fail the write; the next flush after their Close makes them whole
+    # (docs/reliability.md, "No half-written file", not promised).
     synced = auto_sync(tier, settled=False)
     return auto_purge(tier) > 0 or synced > 0
 

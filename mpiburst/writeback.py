@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from time import perf_counter_ns
+from time import perf_counter_ns, sleep
 from typing import TypeVar
 
 import numpy as np
@@ -43,6 +43,8 @@ DEFAULT_BUFFER = 4 << 20
 BLOB_SLACK = 64
 #: Rounds in a row of flushing and freeing that free nothing before a full tier is reported.
 _ROOM_TRIES = 3
+#: Seconds a writer naps after such a round, times the rounds so far: another process may be freeing memory.
+_ROOM_NAP = 0.01
 #: Length of a handle's list of write calls (two entries per call) at which a write counts it (iostats).
 _DIGEST_AT = 2 * iostats.DIGEST_CALLS
 #: Writes smaller than this check the length of that list themselves: a batch holds at most
@@ -444,12 +446,13 @@ def with_room(tier: Tier, action: Callable[[], T], what: str) -> T:
 
     Another writer, or the engine, may free the memory first, so a round of
     :func:`~mpiburst.residency.make_room` that freed nothing here is no proof
-    that nothing can be freed: the action runs again, and only after
+    that nothing can be freed: the action runs again after a nap of
+    :data:`_ROOM_NAP` seconds per such round, and only after
     :data:`_ROOM_TRIES` rounds in a row that neither flushed nor freed
     anything while the tier stayed full does it fail, saying it could not
     ``what``. For the same reason the files still being written are
-    published as they are (:func:`~mpiburst.residency.make_room`) only
-    from the second such round on: the first retries the action first.
+    published as they are (:func:`~mpiburst.residency.make_room`, when their
+    data fills the tier) only from the second such round on.
     """
     stalled = 0
     while True:
@@ -461,6 +464,8 @@ def with_room(tier: Tier, action: Callable[[], T], what: str) -> T:
                 raise TierFullError(
                     f"the tier is full and nothing more can be flushed or freed to {what}; unpin files, "
                     "purge data or restart the run with a larger --capacity.") from None
+            if stalled:
+                sleep(_ROOM_NAP * stalled)
 
 
 def check_offset(end: int, what: str) -> None:
