@@ -236,6 +236,37 @@ def test_a_commit_of_many_files_is_byte_exact_and_fsyncs_each_file_once(mem_tier
     assert rest == sorted([os.path.join(root, "ckpt"), os.path.join(root, "ckpt", "r1"), root])
 
 
+def test_a_commit_lists_a_small_files_index_once_for_its_stripes_and_their_bytes(mem_tier):
+    """One listing of a small file's index plans its stripes and assembles its one batch (not a walk, then a listing)."""
+    from collections import Counter
+
+    from mpiburst import flush
+
+    files = _files(mem_tier, 12)
+    small = sum(len(d) <= 8 << 20 for d in files.values())
+    counting = Counting(mem_tier.store)
+    mem_tier.store = counting
+    assert len(flush.commit(tier=mem_tier)) == 12
+    calls = Counter(counting.calls)
+    assert calls["index"] == small and calls["walk"] == 12 - small and calls["fetch_into"] >= 12
+    assert on_bfs(files) == files
+
+
+@pytest.mark.parametrize("directories", ["new", "existing"])
+def test_a_committed_new_file_ending_in_a_hole_has_its_size(mem_tier, directories):
+    """The seal of a commit's new file takes its size from what it wrote, not a stat: a hole at the end is kept."""
+    from mpiburst import flush
+
+    if directories == "existing":
+        os.makedirs(os.path.join(mem_tier.bfs_root, "holes"))
+    with mpiburst.open("burst://holes/f", "wb", tier=mem_tier) as f:
+        f.write(b"head")
+        f.truncate(3 * mem_tier.align + 5)
+    flush.commit(tier=mem_tier)
+    path = os.path.join(mem_tier.bfs_root, "holes", "f")
+    assert open(path, "rb").read() == b"head" + bytes(3 * mem_tier.align + 1)
+
+
 @pytest.mark.parametrize("directories", ["new", "existing"])
 def test_a_failure_in_the_middle_of_a_commit_publishes_nothing(mem_tier, monkeypatch, directories):
     from mpiburst import flush

@@ -63,6 +63,8 @@ class Plan:
     # ``work`` is the file under its final name in a commit's staging directory (mpiburst.flush.newdirs),
     # published by the rename of that directory, not by a rename of its own
     staged: bool = False
+    # A commit's new file: the end of the bytes written into ``work`` (its size; the seal needs no stat)
+    end: int | None = None
 
 
 @dataclass(frozen=True)

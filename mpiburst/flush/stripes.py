@@ -11,7 +11,7 @@ assembled in a buffer from the tier's extents over the BFS file's bytes
 from __future__ import annotations
 
 import heapq
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 
 import numpy as np
 
@@ -22,7 +22,8 @@ from ..store import Store
 from .snapshot import Plan
 
 
-def dirty_runs(store: Store, plan: Plan, first: int, last: int) -> Iterator[tuple[int, int]]:
+def dirty_runs(store: Store, plan: Plan, first: int, last: int,
+               listed: Sequence[Entry] | None = None) -> Iterator[tuple[int, int]]:
     """Yield the runs ``[a, b)`` of adjacent stripes of ``[first, last)`` holding data to write, in order.
 
     A stripe is written when an extent of the snapshot in it is dirty (newer
@@ -31,12 +32,14 @@ def dirty_runs(store: Store, plan: Plan, first: int, last: int) -> Iterator[tupl
     stays bounded), never from the file's size: holes cost nothing. A
     strided run costs one step when its stride is at most a stripe (it then
     touches every stripe of its span), else one per stripe it touches.
+    ``listed``: the index entries of ``[first, last)`` in offset order, if
+    the caller listed them already (a small file's, for its one batch).
     """
     align = plan.align
     lo, hi = first * align, min(plan.size, last * align)
     run: list[int] | None = None
     ahead: list[tuple[int, int]] = []      # stripe runs of entries seen, not yet merged (a heap)
-    for e in store.walk(plan.target, lo, hi):
+    for e in store.walk(plan.target, lo, hi) if listed is None else listed:
         if e.seq > plan.upto or not (plan.new or e.seq > plan.clean):
             continue
         while ahead and ahead[0][0] <= max(e.start, lo) // align:   # no later entry starts before these
@@ -95,8 +98,12 @@ def batches(runs: list[tuple[int, int]], per: int) -> Iterator[list[tuple[int, i
 
 
 def assemble_runs(store: Store, plan: Plan, runs: list[tuple[int, int]], src: int | None,
-                   buf: memoryview) -> list[tuple[int, memoryview]]:
-    """Assemble the stripe ``runs`` (at most one buffer's worth) into ``buf``; return ``(offset, bytes)`` of each."""
+                   buf: memoryview, listed: Sequence[Entry] | None = None) -> list[tuple[int, memoryview]]:
+    """Assemble the stripe ``runs`` (at most one buffer's worth) into ``buf``; return ``(offset, bytes)`` of each.
+
+    ``listed``: the snapshot's index entries over every run (``seq <= plan.upto``),
+    if the caller listed them already; else each run's are listed here.
+    """
     align = plan.align
     out = []
     used = 0
@@ -105,7 +112,7 @@ def assemble_runs(store: Store, plan: Plan, runs: list[tuple[int, int]], src: in
         view = buf[used:used + rhi - rlo]
         used += rhi - rlo
         bfs = BfsBytes(fd=src, limit=plan.base) if src is not None else None
-        if not current_bytes(store, plan.target, rlo, view, upto=plan.upto, bfs=bfs):
+        if not current_bytes(store, plan.target, rlo, view, extents=listed, upto=plan.upto, bfs=bfs):
             raise FlushError(f"the tier's bytes of {plan.target} in [{rlo}, {rhi}) vanished during the flush "
                              f"(purged meanwhile?); run it again.")
         out.append((rlo, view))

@@ -18,12 +18,13 @@ import os
 import threading
 import zlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from .. import drain
 from ..buffers import borrowed
 from ..errors import FlushError
+from ..overlay import Entry
 from ..perms import give_final_attrs
 from ..store import FlushLease, Store
 from . import snapshot
@@ -75,6 +76,10 @@ def write_run(store: Store, plan: Plan, ranges: list[tuple[int, int]], tally: Ta
     ranges = [(first, last) for first, last in ranges if first < last]
     if not ranges:
         return
+    # A small file written whole (a commit's, most often) in one batch: its index is listed once, for the
+    # stripes to write and for their bytes (a walk, then a listing per batch, would be two round trips).
+    whole = plan.claimed is None and plan.size <= WRITE_SIZE and ranges == [(0, -(-plan.size // plan.align))]
+    listed = store.index(plan.target, 0, plan.size, upto=plan.upto) if whole else None
     src = os.open(plan.target, os.O_RDONLY | os.O_NOFOLLOW) if plan.base else None
     fd = plan.fd if plan.fd is not None else os.open(plan.work, os.O_RDWR | os.O_NOFOLLOW)
     try:
@@ -82,7 +87,7 @@ def write_run(store: Store, plan: Plan, ranges: list[tuple[int, int]], tally: Ta
         for first, last in ranges:
             if src is not None:
                 copy_data(src, fd, first * plan.align, min(last * plan.align, plan.base))
-            mine = list(dirty_runs(store, plan, first, last))
+            mine = list(dirty_runs(store, plan, first, last, listed))
             if plan.claimed is not None:
                 fresh = drain.fresh_chunks(store, plan.target, plan.claimed, plan.upto, plan.size,
                                            first * plan.align, last * plan.align)
@@ -91,8 +96,10 @@ def write_run(store: Store, plan: Plan, ranges: list[tuple[int, int]], tally: Ta
                                      - max(first * plan.align, c * plan.claimed.chunk) for c in fresh)
             runs.extend(mine)
         total = sum(b - a for a, b in runs)
+        if plan.fd is not None and plan.base == 0 and plan.claimed is None:   # a commit's new file: no stat to seal
+            plan.end = max((min(plan.size, b * plan.align) for _, b in runs), default=0)
         if workers == 1 or total < 2:
-            _write_stripes(store, plan, runs, src, fd, tally)
+            _write_stripes(store, plan, runs, src, fd, tally, listed)
         else:
             n = min(workers, total)
             parts = list(batches(runs, -(-total // n)))
@@ -109,11 +116,12 @@ def write_run(store: Store, plan: Plan, ranges: list[tuple[int, int]], tally: Ta
 
 
 def _write_stripes(store: Store, plan: Plan, runs: list[tuple[int, int]], src: int | None, fd: int,
-                   tally: Tally) -> None:
+                   tally: Tally, listed: Sequence[Entry] | None = None) -> None:
     """Write the stripe ``runs`` into the new version, :data:`WRITE_SIZE` bytes at a time.
 
     A helper thread assembles the next batch of stripes into one buffer while
-    this one writes the previous batch from the other.
+    this one writes the previous batch from the other. ``listed``: the
+    snapshot's index entries over all ``runs`` (one batch), if listed already.
     """
     if not runs:
         return
@@ -122,7 +130,7 @@ def _write_stripes(store: Store, plan: Plan, runs: list[tuple[int, int]], src: i
     size = min(per, sum(b - a for a, b in runs)) * plan.align
     if len(parts) == 1:   # a small file: no helper thread for one batch, no renewal (mark_clean checks the lease)
         with borrowed(size) as one:
-            for lo, view in assemble_runs(store, plan, parts[0], src, one):
+            for lo, view in assemble_runs(store, plan, parts[0], src, one, listed):
                 pwrite_all(fd, view, lo, plan.target, tally)
         return
     with borrowed(size) as one, borrowed(size) as two, ThreadPoolExecutor(1) as helper:
@@ -265,7 +273,7 @@ def seal(plan: Plan) -> None:
     fd = plan.fd if plan.fd is not None else os.open(plan.work, os.O_RDWR | os.O_NOFOLLOW)
     plan.fd = None
     try:
-        if os.fstat(fd).st_size != plan.size:
+        if (plan.end if plan.end is not None else os.fstat(fd).st_size) != plan.size:
             os.ftruncate(fd, plan.size)
         # visible only with its final mode (mpiburst.perms)
         if give_final_attrs(fd, plan.target, plan.umask, plan.listed_acl):
