@@ -11,10 +11,20 @@ from __future__ import annotations
 import functools
 import os
 import stat
+import time
 
 from .errors import PathError
 
 SCHEME = "burst://"
+#: Seconds a directory found missing is taken as still missing by this process's opens that create a file
+#: without looking it up (``look`` False): a network filesystem caches no missing name, so each such lookup is
+#: a round trip to its servers (0.2-0.5 ms on this machine's GlusterFS), paid by every new file of a directory
+#: the tier holds but the BFS does not have yet (#25). As long as a kernel's entry cache keeps a name (1 s is
+#: FUSE's and GlusterFS's default).
+MISSING_TTL = 1.0
+#: Directories found missing: path -> when (``time.monotonic``); at most :data:`_MISSING_MAX` of them.
+_missing: dict[str, float] = {}
+_MISSING_MAX = 256
 
 
 def is_burst(path: str | os.PathLike) -> bool:
@@ -105,23 +115,36 @@ def _below(root: str, rest: str, look: bool = True) -> tuple[str, os.stat_result
     not exist (nothing below it can: the file's ``stat`` is then None).
     Returns None for a symlink or ``..`` among them: :func:`locate` leaves
     those to ``realpath``. ``look`` False: the last component is not looked
-    up (its ``lstat`` is returned as None).
+    up (its ``lstat`` is returned as None), and a directory this process
+    found missing less than :data:`MISSING_TTL` seconds ago is not looked
+    up again.
     """
     parts = [p for p in rest.split("/") if p not in ("", ".")]
     if ".." in parts:
         return None
     cur = root
     found: os.stat_result | None = None
+    last = len(parts) - 1
     for i, part in enumerate(parts):
         cur = os.path.join(cur, part)
-        if not look and i == len(parts) - 1:
-            return cur, None
+        if not look:
+            if i == last:
+                return cur, None
+            seen = _missing.get(cur)
+            if seen is not None and time.monotonic() - seen < MISSING_TTL:
+                return os.path.join(cur, *parts[i + 1:]), None
         try:
             found = os.lstat(cur)
         except FileNotFoundError:
+            if i < last:
+                if len(_missing) >= _MISSING_MAX:
+                    _missing.clear()
+                _missing[cur] = time.monotonic()
             return os.path.join(cur, *parts[i + 1:]), None
         except OSError:
             return None
+        if _missing:
+            _missing.pop(cur, None)   # there now
         if stat.S_ISLNK(found.st_mode):
             return None
     return cur, found

@@ -606,3 +606,35 @@ def test_another_process_sees_the_bfs_bytes_of_a_file_opened_unlooked(tier):
     mpiburst.flush.commit(tier=tier)
     with open(path, "rb") as f:
         assert f.read() == seen
+
+
+def test_a_directory_found_missing_is_not_looked_up_again_for_a_second_by_creates(tmp_path, monkeypatch):
+    """A network filesystem caches no missing name: each new file of a directory not on the BFS yet would pay a
+    lookup. Creates (``look`` False) take it as missing for MISSING_TTL seconds; lookups of files still look."""
+    from mpiburst import paths
+
+    root = tmp_path / "root"
+    root.mkdir()
+    resolve("burst://x", str(root))   # the root's own resolution, once per process
+    looked: list[str] = []
+    real_lstat: Callable[..., os.stat_result] = os.lstat
+    monkeypatch.setattr(os, "lstat", lambda p, *a, **k: looked.append(str(p)) or real_lstat(p, *a, **k))
+    monkeypatch.setattr(paths, "_missing", {})
+    missing = str(root / "out")
+    for i in range(3):
+        assert locate(f"burst://out/r0/f{i}", str(root), look=False) == (str(root / f"out/r0/f{i}"), None)
+    assert looked == [missing]                      # once, not per file
+    looked.clear()
+    (root / "out" / "r0").mkdir(parents=True)
+    (root / "out" / "r0" / "f0").write_bytes(b"x")
+    assert locate("burst://out/r0/f1", str(root), look=False)[0] == str(root / "out/r0/f1")
+    assert looked == []                             # within the time: still taken as missing
+    monkeypatch.setattr(paths, "MISSING_TTL", 0.0)  # past it: looked up again, found, no longer missing
+    assert locate("burst://out/r0/f1", str(root), look=False) == (str(root / "out/r0/f1"), None)
+    assert looked == [missing, str(root / "out/r0")] and paths._missing == {}
+    looked.clear()
+    monkeypatch.setattr(paths, "MISSING_TTL", 1.0)
+    (root / "gone").mkdir()
+    locate("burst://gone/new/f", str(root), look=False)
+    assert locate("burst://gone/new/f", str(root))[1] is None    # a lookup of a file looks, whatever was cached
+    assert looked == [str(root / "gone"), str(root / "gone/new"), str(root / "gone"), str(root / "gone/new")]
