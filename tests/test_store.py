@@ -104,7 +104,7 @@ def test_a_dead_server_raises_tier_connection_errors(tmp_path, server_binary):
              lambda: list(store.all_extents("/bfs/a")), lambda: store.lease("/bfs/a", 1),
              lambda: store.enqueue(b"x"), lambda: store.dequeue(0.1), lambda: store.channel_open(0),
              lambda: store.fetch_into("/bfs/a", [Extent(1, 0, 1, 1, 0)], 0, memoryview(bytearray(1))),
-             store.writer]
+             lambda: store.writer().send("/bfs/a", 0, b"x", [(0, 0, 1)])]
     for call in calls:
         with pytest.raises(TierConnectionError, match="mpiburst status"):
             call()
@@ -174,16 +174,18 @@ def test_a_create_on_a_server_that_lost_its_scripts_loads_them_and_makes_the_rec
     assert list(store.files()) == ["/bfs/n"]
 
 
-def test_a_closing_batch_and_the_counters_behind_it_leave_in_one_send(server_tier):
+def test_a_closing_batch_and_the_counters_behind_it_leave_in_one_send(server_tier, monkeypatch):
     """A handle's last batch waits for its counters: both go out in one send; without counters, finish sends it."""
     _wipe(server_tier)
     store = server_tier.store
     store.create("/bfs/a", None, writing=True)
     store.create("/bfs/b", None, writing=True)
     w = store.writer()
+    store._ensure_loaded()                          # the scripts' loads are not the batches' sends
     sends: list[int] = []
-    send = w._conn.send_packed_command
-    w._conn.send_packed_command = lambda frames, **kw: (sends.append(len(frames)), send(frames, **kw))[1]
+    send = redis.connection.AbstractConnection.send_packed_command
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command",
+                        lambda self, frames, **kw: (sends.append(len(frames)), send(self, frames, **kw))[1])
     try:
         w.send("/bfs/a", 0, b"ab", [(0, 0, 2)], closing=True)
         assert sends == []                          # held for the counters

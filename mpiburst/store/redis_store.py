@@ -584,12 +584,14 @@ class RedisBatchWriter(BatchWriter):
 
     The payload goes from the caller's memory to ``sendall`` untouched
     (:func:`~mpiburst.store.resp.resp_frames`), so a writer can fill its next
-    batch while the server stores this one.
+    batch while the server stores this one. The connection is the pool's
+    only while a batch is in flight: a process may hold more open files
+    than the pool has connections (redis-py's default: 100).
     """
 
     def __init__(self, store: RedisStore) -> None:
         self.store = store
-        self._conn: Any = borrow(store.r.connection_pool)
+        self._conn: Any = None
         self._tmp: str | None = None
         self._stats: tuple[str, str, Mapping[str, int]] | None = None   # sent behind the batch in flight
         self._held: list[tuple] | None = None   # a closing batch not yet on the wire (see send)
@@ -612,6 +614,8 @@ class RedisBatchWriter(BatchWriter):
 
     def _put(self, commands: list[tuple]) -> None:
         """Send ``commands`` on the writer's connection (a failed send closes it: its stream is unknown)."""
+        if self._conn is None:
+            self._conn = borrow(self.store.r.connection_pool)
         try:
             self._conn.send_packed_command(resp_frames(commands), check_health=False)
         except BaseException:
@@ -636,6 +640,8 @@ class RedisBatchWriter(BatchWriter):
         except BaseException:
             self._conn.disconnect()  # a half-read reply stream must not be reused
             raise
+        finally:
+            self.close()   # nothing in flight: the connection goes back to the pool
         if stats is not None and isinstance(replies.pop(), Exception):   # not added (a restarted server's
             self.store.stats_add(*stats)                                  # empty script cache): alone, again
         return self.store._commit_result(tmp, replies)
