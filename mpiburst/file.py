@@ -27,6 +27,8 @@ from .collective import on_root, together
 from .lookup import looked
 from .messages import Message, message
 from .paths import is_burst, locate
+from .perms import current_umask
+from .store import NewFile
 from .tier import Tier
 from .views import View
 from .writeback import TierFile, buffer_size, check_offset, register
@@ -105,14 +107,14 @@ class File:
     """
 
     def __init__(self, comm: MPI.Intracomm, tier: Tier, path: str, amode: int, hints: dict[str, str],
-                 token: str, start: int, drained: bool = False):
+                 token: str, start: int, drained: bool = False, new: NewFile | None = None):
         self._comm = comm
         self._tier = tier
         self._amode = amode
         self._hints = hints
         rank = comm.Get_rank()
         self._tf: TierFile | None = TierFile(tier, path, rank % max(tier.channels, 1),
-                                             buffer_size(hints.get("mpiburst_wr_buffer")))
+                                             buffer_size(hints.get("mpiburst_wr_buffer")), new)
         self._view = View()
         self._atomic = False
         self._pos = start
@@ -158,7 +160,12 @@ class File:
         look = not amode & MPI.MODE_CREATE or bool(amode & (MPI.MODE_EXCL | MPI.MODE_APPEND))
         path, found = locate(filename, tier.bfs_root, look)
         outcome: Any = _check_amode(amode)
-        if outcome is None:  # rank 0 registers the file; its failure (a dead server) raises on every rank
+        new = None
+        if outcome is None and not look and comm.Get_size() == 1 and not drain.wanted(path):
+            # one process creating a file: its record goes out with its first batch (docs/api.md, "New files")
+            new = NewFile(current_umask())
+            outcome = uuid.uuid4().hex, 0, False
+        elif outcome is None:  # rank 0 registers the file; its failure (a dead server) raises on every rank
             outcome = on_root(comm, lambda: _open_on_rank0(tier, path, amode, found, look))
         if isinstance(outcome, int):
             raise _mpi_error(outcome)
@@ -167,7 +174,7 @@ class File:
         opened: list[File] = []
 
         def attach() -> File:   # each rank's own part: its node's server may be the one that is gone
-            opened.append(cls(dup, tier, path, amode, hints, token, start, drained))
+            opened.append(cls(dup, tier, path, amode, hints, token, start, drained, new))
             return opened[-1]
 
         try:
@@ -230,6 +237,7 @@ class File:
             return MPI.File.Delete(filename, info)
         tier = Tier.current()
         path, found = locate(filename, tier.bfs_root)
+        tier.send_unsent(path)
         if tier.store.meta(path) is None and found is None:
             raise _mpi_error(MPI.ERR_NO_SUCH_FILE)
         if tier.store.leased(path):

@@ -63,7 +63,10 @@ class FragStat:
 
 
 def _tier(tier: Tier | None) -> Tier:
-    return tier or Tier.current()
+    """Return ``tier`` (default: the current one), the records of new files this process opened sent first."""
+    tier = tier or Tier.current()
+    tier.send_unsent()   # this process sees its files from their Open (mpiburst.File, "New files" in docs/api.md)
+    return tier
 
 
 def _locate(path: str | os.PathLike, tier: Tier | None) -> tuple[Tier, Store, str]:

@@ -22,6 +22,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -66,7 +67,24 @@ class Tier:
         self._comm = comm
         self._admin: redis.Redis | None = None
         self._stopped = False
+        #: The records of new files this process opened and has not sent yet, path -> the functions that send
+        #: them (:meth:`send_unsent`).
+        self.unsent: dict[str, list[Callable[[], None]]] = {}
         Tier._current = self
+
+    def send_unsent(self, path: str | None = None) -> None:
+        """Send the records of new files this process opened and has not sent yet: ``path``'s, or all.
+
+        A new file one process opens with ``MODE_CREATE`` is in the tier from
+        its first batch, or its Close (docs/api.md, "New files"). Whatever in
+        this process asks the tier about a path by name calls this first, so
+        the process sees its own files from their Open, as before.
+        """
+        if not self.unsent:
+            return
+        for key in [path] if path is not None else list(self.unsent):
+            for send in list(self.unsent.get(key, ())):
+                send()
 
     # ------------------------------------------------------------------ construction
 

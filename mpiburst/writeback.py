@@ -24,7 +24,7 @@ from .paths import bfs_stat
 from .perms import current_umask
 from .residency import make_room
 from .sizes import parse_size
-from .store import MAX_BLOB, MAX_EXTENT, MAX_SPAN, FileMeta, RecordGone
+from .store import MAX_BLOB, MAX_EXTENT, MAX_SPAN, FileMeta, NewFile, RecordGone
 from .tier import Tier
 
 T = TypeVar("T")
@@ -78,9 +78,15 @@ class TierFile:
         This writer's channel (rank modulo the run's channels).
     buffer
         Write-back buffer size in bytes.
+    new
+        The file's record is not made yet: it goes out with the first batch,
+        in the same round trip (:meth:`~mpiburst.store.BatchWriter.send`),
+        or alone when something needs it before (:meth:`push`, :meth:`close`).
+        A new file opened by one process with ``MODE_CREATE`` (docs/api.md).
     """
 
-    def __init__(self, tier: Tier, path: str, channel: int, buffer: int = DEFAULT_BUFFER) -> None:
+    def __init__(self, tier: Tier, path: str, channel: int, buffer: int = DEFAULT_BUFFER,
+                 new: NewFile | None = None) -> None:
         self.tier = tier
         self.store = tier.store
         self.path = path
@@ -89,6 +95,9 @@ class TierFile:
         self._payload = bytearray()
         self._extents: list[list[int]] = []
         self._inflight: tuple | None = None
+        self._new = new
+        if new is not None:   # this process's other calls about the path send it first (Tier.send_unsent)
+            tier.unsent.setdefault(path, []).append(self._send_record)
         #: True once :meth:`close` counted this handle out of the file's writers (``close(writer=True)``).
         self.counted_out = False
         self._writer = self.store.writer()
@@ -125,8 +134,9 @@ class TierFile:
         if n == 0:
             return
         if n >= self.limit:
-            self.push()
-            self._send_direct(offset, data)
+            if self._extents:
+                self.push()
+            self._send_direct(offset, data)   # a record not sent yet goes with its first blob
             return
         pos = 0
         while pos < n:
@@ -239,7 +249,7 @@ class TierFile:
         self.store.confirm()
 
     def push(self) -> None:
-        """Send the buffered writes to the tier and wait until it has them all.
+        """Send the buffered writes to the tier and wait until it has them all (and the file's record).
 
         After ``push`` returns, other processes see the data.
         """
@@ -253,6 +263,31 @@ class TierFile:
             self.stats.writes.ns += perf_counter_ns() - t0
         else:
             self._await()
+            if self._new is not None:
+                self._make_record(writing=True)
+
+    def _make_record(self, writing: bool) -> None:
+        """Make the file's record not made yet (``new``), unless it exists; ``writing``: count this handle in."""
+        new = self._new
+        if new is not None:
+            with_room(self.tier, lambda: self.store.create(self.path, None, new.umask, writing=writing, looked=False),
+                      f"create {self.path}")
+            self._made()
+
+    def _made(self) -> None:
+        """The file's record is in the tier now: nothing left to send first."""
+        if self._new is not None:
+            self._new = None
+            sends = self.tier.unsent.get(self.path, [])
+            if self._send_record in sends:
+                sends.remove(self._send_record)
+            if not sends:
+                self.tier.unsent.pop(self.path, None)
+
+    def _send_record(self) -> None:
+        """Make the record not sent yet, with this handle counted in (as an Open that sent it would have)."""
+        self._await()
+        self._make_record(writing=True)
 
     def _count_calls(self) -> None:
         """Count the recorded write calls (:meth:`iostats.Recorder.digest`), if :data:`_COUNT_AT_PUSH` gathered.
@@ -290,13 +325,23 @@ class TierFile:
         acknowledged, so a full tier can still be answered by making room and
         sending it again. ``closing``: the batch also counts this handle out
         of the file's writers once stored (:meth:`~mpiburst.store.BatchWriter.send`).
+        A record not made yet goes with it.
         """
         self._await()
         try:
-            self._writer.send(self.path, self.channel, payload, extents, closing=closing)
+            self._writer.send(self.path, self.channel, payload, extents, closing=closing, new=self._new)
         except TierConnectionError as exc:
             raise _lost(exc) from None
+        except (TierFullError, RecordGone):   # a store that makes the record first, on a full tier
+            self._missed(payload, extents)
+            return
         self._inflight = (True, payload, extents, closing)
+
+    def _missed(self, payload: memoryview, extents) -> None:
+        """Hold a batch the tier did not store, for :meth:`_commit` (its record made or not, as the writer says)."""
+        self._inflight = (False, payload, extents, False)
+        if self._writer.made:
+            self._made()
 
     def _await(self) -> None:
         """Wait for the batch in flight, if any; retry it through :meth:`_commit` if it did not land.
@@ -312,12 +357,14 @@ class TierFile:
             try:
                 self._writer.finish()
                 self._inflight = None
+                self._made()
                 self.counted_out = self.counted_out or closing
                 return
             except (TierFullError, RecordGone):
-                pass
+                self._missed(payload, extents)
             except TierConnectionError as exc:
                 raise _lost(exc) from None
+        self._make_record(writing=True)   # the record the batch did not make, this handle counted in
         self._commit(payload, extents)
         self._inflight = None
 
@@ -354,6 +401,11 @@ class TierFile:
                 self._payload = bytearray()
                 self._extents = []
                 self.stats.writes.ns += perf_counter_ns() - t0
+            elif self._new is not None:   # a new file without a byte: its record alone, this handle not counted
+                self._await()
+                if self._new is not None:
+                    self._make_record(writing=False)
+                    self.counted_out = writer
             self.stats.merge(self._writer, self.path)   # with the last batch, in its round trip
             self._await()
             if writer and not self.counted_out:   # no last batch counted it out: every write is in the tier
@@ -363,11 +415,14 @@ class TierFile:
                 self.store.confirm()   # with replicas: on two nodes before the close returns
         finally:
             self._writer.close()
+            self._made()   # a record a failed close did not send stays unsent: nothing asks this handle any more
 
     # -- reads --------------------------------------------------------------
     def meta(self) -> FileMeta | None:
         """Return the tier's record of the file (its BFS size joined, :mod:`mpiburst.lookup`); without one
         (purged), what the BFS file says."""
+        if self._new is not None:
+            self.push()
         return self._joined(self.store.meta(self.path))
 
     def _joined(self, meta: FileMeta | None) -> FileMeta | None:
@@ -500,6 +555,7 @@ def register(tier: Tier, path: str, create: bool, exclusive: bool, found: os.sta
         keeps this process's umask for the flush).
     """
     store = tier.store
+    tier.send_unsent(path)   # this process's own open of the new file, not sent yet: the file exists
     bfs_size = found.st_size if found is not None else None
     meta = None if create and not exclusive else store.meta(path)
     exists = meta is not None or bfs_size is not None

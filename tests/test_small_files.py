@@ -20,6 +20,8 @@ from mpi4py import MPI
 
 import mpiburst
 from mpiburst.paths import locate, resolve
+from mpiburst.perms import current_umask
+from mpiburst.tier import Tier
 
 
 class Counting:
@@ -62,13 +64,14 @@ def test_a_new_file_costs_the_same_few_store_calls_however_many_files_the_tier_h
         _one_file(f"burst://many/f{i}", data)
     counting.calls = []
     _one_file("burst://last/f", data)
-    # the record (create-if-absent) with the writer count up (#29) in the same call, the write-back buffer's
-    # batch (its connection: the writer; the batch counts the writer down in its own round trip) with the I/O
-    # counters behind it (their answer read with the batch's), the replicas' confirmation (#23: no round trip
-    # without replicas): two round trips; no read of the record, no listing
-    assert first == counting.calls == ["create", "writer", "writer.send", "writer.stats_add", "writer.finish",
-                                       "writer.close", "confirm"]
-    assert mem_tier.store.meta(resolve("burst://last/f", mem_tier.bfs_root)).writers == 0
+    # nothing at the Open; at the Close the write-back buffer's batch (its connection: the writer) makes the record
+    # (create-if-absent, the writer counted in) and counts the writer out, with the I/O counters behind it (their
+    # answer read with the batch's), the replicas' confirmation (#23: no round trip without replicas): one round
+    # trip; no read of the record, no listing
+    assert first == counting.calls == ["writer", "writer.send", "writer.stats_add", "writer.finish", "writer.close",
+                                       "confirm"]
+    meta = mem_tier.store.meta(resolve("burst://last/f", mem_tier.bfs_root))
+    assert meta.writers == 0 and meta.size == 4096 and meta.unlooked and meta.umask == current_umask()
     assert mpiburst.open("burst://last/f", "rb", tier=mem_tier).read() == data.tobytes()
 
 
@@ -516,7 +519,7 @@ def test_an_open_with_mode_create_does_not_look_the_file_up_on_the_bfs(mem_tier,
     monkeypatch.undo()
     path = os.path.join(mem_tier.bfs_root, "d", "f")
     assert path not in looked and looked == [os.path.join(mem_tier.bfs_root, "d")]   # its directory only
-    assert counting.calls[0] == "create" and "meta" not in counting.calls and "found_on_bfs" not in counting.calls
+    assert not {"create", "meta", "found_on_bfs"} & set(counting.calls)   # the record went with the batch
     with pytest.raises(MPI.Exception) as err:   # an exclusive create still looks
         mpiburst.File.Open(MPI.COMM_SELF, "burst://d/f", MPI.MODE_WRONLY | MPI.MODE_CREATE | MPI.MODE_EXCL)
     assert err.value.Get_error_class() == MPI.ERR_FILE_EXISTS
@@ -608,6 +611,121 @@ def test_another_process_sees_the_bfs_bytes_of_a_file_opened_unlooked(tier):
         assert f.read() == seen
 
 
+# ----------------------------------------------------------------------------- a new file's record, sent with its data
+
+def _open_new(url: str) -> Any:
+    return mpiburst.File.Open(MPI.COMM_SELF, url, MPI.MODE_RDWR | MPI.MODE_CREATE)
+
+
+def test_a_new_file_is_in_the_tier_from_its_first_batch_and_this_process_sees_it_from_its_open(mem_tier):
+    """Another process (the store asked directly) sees the file once its data or its Close went out."""
+    store, bfs = mem_tier.store, mem_tier.bfs_root
+    f = _open_new("burst://d/a")
+    path = os.path.join(bfs, "d", "a")
+    assert store.meta(path) is None                     # nothing sent at the Open
+    f.Write_at(0, b"abc")
+    assert store.meta(path) is None                     # buffered
+    f.Close()
+    meta = store.meta(path)
+    assert (meta.size, meta.writers, meta.unlooked) == (3, 0, True)
+    # this process asks about its own open file by name: the record goes out first, the handle counted in
+    f = _open_new("burst://d/b")
+    f.Write_at(0, b"xy")
+    assert mpiburst.residency.stat("burst://d/b", tier=mem_tier)["size"] == 0   # the record, not the buffered data
+    assert store.meta(os.path.join(bfs, "d", "b")).writers == 1
+    with mpiburst.File.Open(MPI.COMM_SELF, "burst://d/b", MPI.MODE_RDONLY) as other:   # no ERR_NO_SUCH_FILE
+        assert other.Get_size() == 0
+    f.Close()
+    assert store.meta(os.path.join(bfs, "d", "b")).writers == 0
+    assert mpiburst.open("burst://d/b", "rb", tier=mem_tier).read() == b"xy"
+    # an Open and Close without a byte make an empty file; Get_size while open makes the record
+    _open_new("burst://d/empty").Close()
+    f = _open_new("burst://d/sized")
+    assert f.Get_size() == 0 and store.meta(os.path.join(bfs, "d", "sized")).writers == 1
+    f.Close()
+    f = _open_new("burst://d/gone")
+    mpiburst.File.Delete("burst://d/gone")              # this process's open file: found, deleted
+    f.Close()                                            # with nothing written: nothing brings it back
+    assert mpiburst.listdir("burst://d", tier=mem_tier) == ["a", "b", "empty", "sized"]
+    assert [(m.size, m.writers) for m in mpiburst.residency.ls(tier=mem_tier)] == [(3, 0), (2, 0), (0, 0), (0, 0)]
+
+
+def test_a_new_file_larger_than_the_buffer_sends_its_record_with_its_first_blob(mem_tier):
+    counting = Counting(mem_tier.store)
+    mem_tier.store = counting
+    info = MPI.Info.Create()
+    info.Set("mpiburst_wr_buffer", "64k")
+    data = np.random.default_rng(5).integers(0, 256, 300_000, dtype=np.uint8)
+    with mpiburst.File.Open(MPI.COMM_SELF, "burst://big", MPI.MODE_WRONLY | MPI.MODE_CREATE, info) as f:
+        f.Write_at(0, data)
+    info.Free()
+    assert "create" not in counting.calls and counting.calls.count("writer.send") == 5
+    meta = mem_tier.store.meta(resolve("burst://big", mem_tier.bfs_root))
+    assert (meta.size, meta.writers) == (len(data), 0)
+    assert mpiburst.open("burst://big", "rb", tier=mem_tier).read() == data.tobytes()
+
+
+class _FullBeforeTheRecord:
+    """A batch writer whose first batch finds the tier full before its record is made (``made`` False)."""
+
+    def __init__(self, writer: Any) -> None:
+        self._writer, self.made, self.full = writer, False, True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._writer, name)
+
+    def finish(self) -> int:
+        if self.full:
+            self.full = False
+            self._writer.close()
+            raise mpiburst.TierFullError("full")
+        return self._writer.finish()
+
+
+@pytest.mark.parametrize("record", ["made", "not made"])
+def test_a_new_file_whose_close_finds_the_tier_full_makes_room_and_is_counted_once(tmp_path, monkeypatch, record):
+    """The Close's batch takes the room-making path (with_room: the other file is flushed and purged); the
+    record is made once (with the batch, or alone before it is sent again), the writer counted in and out once."""
+    tier = Tier.memory(str(tmp_path), capacity=64 << 10, align=4096)
+    with mpiburst.open("burst://other", "wb", tier=tier) as f:
+        f.write(b"o" * (60 << 10))
+    if record == "not made":
+        real = tier.store.writer
+        monkeypatch.setattr(tier.store, "writer", lambda: _FullBeforeTheRecord(real()))
+    f = _open_new("burst://new")
+    f.Write_at(0, b"n" * (8 << 10))
+    f.Close()
+    meta = tier.store.meta(resolve("burst://new", tier.bfs_root))
+    assert (meta.size, meta.writers, meta.unlooked) == (8 << 10, 0, True)
+    assert mpiburst.open("burst://new", "rb", tier=tier).read() == b"n" * (8 << 10)
+    with open(os.path.join(tier.bfs_root, "other"), "rb") as g:   # flushed to make room
+        assert g.read() == b"o" * (60 << 10)
+
+
+@pytest.mark.timeout(60)
+def test_a_new_small_file_costs_one_round_trip_on_the_server(tier, monkeypatch):
+    """On a real server: Open, Write_at and Close of a new file send once (record, batch, counters) and read once."""
+    import redis
+
+    sent: list[int] = []
+    real = redis.connection.AbstractConnection.send_packed_command
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command",
+                        lambda self, command, *a, **k: sent.append(1) or real(self, command, *a, **k))
+    data = np.arange(65536, dtype=np.uint8)
+    os.makedirs(os.path.join(tier.bfs_root, "d"))
+    _one_file("burst://d/warm", data)                   # loads the scripts once
+    for i in range(3):
+        sent.clear()
+        _one_file(f"burst://d/f{i}", data)
+        assert len(sent) == 1
+    _one_file("burst://d/f0", data[:10])               # an existing record is kept: its size stays
+    meta = tier.store.meta(os.path.join(tier.bfs_root, "d", "f0"))
+    assert (meta.size, meta.writers, meta.unlooked, meta.umask) == (65536, 0, True, current_umask())
+    assert mpiburst.open("burst://d/f1", "rb", tier=tier).read() == data.tobytes()
+    counters = tier.store.stats()[0][os.path.join(tier.bfs_root, "d", "f1")]   # they went with the batch
+    assert [c["write_bytes"] for c in counters.values()] == [65536]
+
+
 def test_a_directory_found_missing_is_not_looked_up_again_for_a_second_by_creates(tmp_path, monkeypatch):
     """A network filesystem caches no missing name: each new file of a directory not on the BFS yet would pay a
     lookup. Creates (``look`` False) take it as missing for MISSING_TTL seconds; lookups of files still look."""
@@ -638,3 +756,15 @@ def test_a_directory_found_missing_is_not_looked_up_again_for_a_second_by_create
     locate("burst://gone/new/f", str(root), look=False)
     assert locate("burst://gone/new/f", str(root))[1] is None    # a lookup of a file looks, whatever was cached
     assert looked == [str(root / "gone"), str(root / "gone/new"), str(root / "gone"), str(root / "gone/new")]
+
+
+@pytest.mark.timeout(60)
+def test_a_process_may_hold_more_files_open_than_the_pool_has_connections(tier):
+    """On a real server: 150 files open at once, each synced while open (redis-py's pool holds 100 connections)."""
+    files = [_open_new(f"burst://many/f{i}") for i in range(150)]
+    for i, f in enumerate(files):
+        f.Write_at(0, bytes([i]) * 10)
+        f.Sync()
+    for f in files:
+        f.Close()
+    assert mpiburst.open("burst://many/f149", "rb", tier=tier).read() == bytes([149]) * 10

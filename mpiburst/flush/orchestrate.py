@@ -152,6 +152,7 @@ def sync(path: str | os.PathLike, *, tier: Tier | None = None, comm: MPI.Comm | 
     """
     tier = tier or Tier.current(comm)   # a connect failing on one rank fails every rank
     target = resolve(path, tier.bfs_root)
+    tier.send_unsent(target)   # a new file this process opened and sent nothing of yet is in the tier
     if not block:
         enqueue(tier, "sync", target)
         return None

@@ -18,6 +18,7 @@ from .base import (
                    ChannelState,
                    FileMeta,
                    FlushLease,
+                   NewFile,
                    Placement,
                    RecordGone,
                    Store,
@@ -29,4 +30,4 @@ from .memory import MemoryStore
 from .redis_store import RedisStore
 
 __all__ = ["MAX_BLOB", "MAX_EXTENT", "MAX_SPAN", "BatchWriter", "Blob", "ChannelState", "ClusterStore", "FileMeta",
-           "FlushLease", "MemoryStore", "Placement", "RecordGone", "RedisStore", "Store", "batch_end", "file_id"]
+           "FlushLease", "MemoryStore", "NewFile", "Placement", "RecordGone", "RedisStore", "Store", "batch_end", "file_id"]

@@ -75,6 +75,17 @@ MAX_BLOB = 64 << 20
 Payload = bytes | bytearray | memoryview
 
 
+class NewFile(NamedTuple):
+    """A record a batch makes first, unless it exists: ``Store.create(path, None, umask, writing=True, looked=False)``.
+
+    A new file opened by one process with ``MODE_CREATE`` sends nothing at
+    its open: its record goes out with its first batch (:meth:`BatchWriter.send`),
+    in the same round trip.
+    """
+
+    umask: int | None
+
+
 class RecordGone(Exception):
     """A commit did not run and can simply be sent again: its file has no record (purged or
     deleted meanwhile: register it first) or the server had lost the commit script."""
@@ -224,9 +235,13 @@ class BatchWriter(ABC):
     :meth:`finish`. Obtained from :meth:`Store.writer`; :meth:`close` it.
     """
 
+    #: Whether the last batch sent with ``new`` made that record (and counted its handle in), once :meth:`finish`
+    #: returned or raised, or :meth:`send` raised: a batch not stored may have made it or not.
+    made = False
+
     @abstractmethod
     def send(self, path: str, channel: int, payload: Payload, extents: Sequence[Sequence[int]],
-             closing: bool = False) -> None:
+             closing: bool = False, new: NewFile | None = None) -> None:
         """Send one batch (see :meth:`Store.commit`) without waiting for the answer.
 
         ``closing``: the batch is the last of a handle counted among the
@@ -235,6 +250,12 @@ class BatchWriter(ABC):
         the same round trip (a small file's Close costs one round trip, not
         two). A batch that is not stored (:meth:`finish` raises) leaves the
         count as it was.
+
+        ``new``: the file's record is made first unless it exists, as
+        :meth:`Store.create` ``(path, None, new.umask, writing=True,
+        looked=False)`` does, on one server in the same round trip (a new
+        small file's Open, Write and Close cost one round trip). When the
+        batch is not stored, :attr:`made` says whether the record was.
         """
 
     @abstractmethod

@@ -92,6 +92,7 @@ from .base import (
     Blob,
     ChannelState,
     FileMeta,
+    NewFile,
     Payload,
     Placement,
     RecordGone,
@@ -1068,8 +1069,12 @@ class ClusterBatchWriter(BatchWriter):
         return self._conn
 
     def send(self, path: str, channel: int, payload: Payload, extents: Sequence[Sequence[int]],
-             closing: bool = False) -> None:
+             closing: bool = False, new: NewFile | None = None) -> None:
         self._closing = closing   # the count lives on the home: counted there once the batch is stored (finish)
+        self.made = False
+        if new is not None:   # on the home, before the payload leaves (a round trip of its own)
+            self.store.create(path, None, new.umask, writing=True, looked=False)
+            self.made = True
         tmp: str | None = self.store.shards[self.node].keys.temporary(path)
         try:
             conn = self._borrow()

@@ -33,6 +33,7 @@ from .base import (
     Blob,
     ChannelState,
     FileMeta,
+    NewFile,
     Payload,
     RecordGone,
     Store,
@@ -522,16 +523,22 @@ class MemoryBatchWriter(BatchWriter):
         self.store = store
         self._batch: tuple[str, int, Payload, Sequence[Sequence[int]]] | None = None
         self._closing = False
+        self._new: NewFile | None = None
 
     def send(self, path: str, channel: int, payload: Payload, extents: Sequence[Sequence[int]],
-             closing: bool = False) -> None:
+             closing: bool = False, new: NewFile | None = None) -> None:
         self._batch = (path, channel, payload, extents)
         self._closing = closing
+        self._new = new
 
     def finish(self) -> int:
         batch, self._batch = self._batch, None
         if batch is None:
             raise RuntimeError("finish() without a batch in flight")
+        self.made = False
+        if self._new is not None:
+            self.store.create(batch[0], None, self._new.umask, writing=True, looked=False)
+            self.made = True
         return self.store.commit_leaving(*batch) if self._closing else self.store.commit(*batch)
 
     def stats_add(self, path: str, who: str, counters: Mapping[str, int]) -> None:

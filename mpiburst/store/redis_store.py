@@ -43,6 +43,7 @@ from .base import (
     Blob,
     ChannelState,
     FileMeta,
+    NewFile,
     Payload,
     RecordGone,
     StaleNumbers,
@@ -117,13 +118,18 @@ class RedisStore(Store):
 
     def create(self, path: str, bfs_size: int | None, umask: int | None = None,
                writing: bool = False, looked: bool = True) -> FileMeta:
+        raw = self._evalsha(self._create, *self._create_keys_args(path, bfs_size, umask, writing, looked))
+        return schema.meta_from(dict(zip(raw[::2], raw[1::2])))
+
+    def _create_keys_args(self, path: str, bfs_size: int | None, umask: int | None, writing: bool,
+                          looked: bool) -> tuple[list, list]:
+        """Return the KEYS and ARGV of :data:`~mpiburst.store.schema.CREATE` (see :meth:`create`)."""
         fid = file_id(path)
         fields: list[str | int] = ["path", path, "size", bfs_size or 0 if looked else 0, "seq", 0, "clean", 0,
                                    "bfs", schema.UNLOOKED if not looked else 1 if bfs_size is not None else 0]
         if umask is not None:
             fields += ["umask", umask]
-        raw = self._evalsha(self._create, [self.keys.file(fid, "m"), self.keys.files], [int(writing), 1, fid, *fields])
-        return schema.meta_from(dict(zip(raw[::2], raw[1::2])))
+        return [self.keys.file(fid, "m"), self.keys.files], [int(writing), 1, fid, *fields]
 
     def _evalsha(self, script: Any, keys: list, args: list) -> Any:
         """Run a registered ``script`` on a pooled connection, packed by :func:`~mpiburst.store.resp.resp_frames`.
@@ -205,12 +211,21 @@ class RedisStore(Store):
         return RedisBatchWriter(self)
 
     def _pack_commit(self, path: str, channel: int, payload: Payload, extents: Sequence[Sequence[int]],
-                     staged: bool = False, closing: bool = False) -> tuple[str, list[tuple]]:
-        """Return the temporary key and the two commands that commit one batch (see :meth:`commit`)."""
+                     staged: bool = False, closing: bool = False, new: NewFile | None = None
+                     ) -> tuple[str, list[tuple]]:
+        """Return the temporary key and the commands that commit one batch (see :meth:`commit`).
+
+        Two commands; with ``new``, the create of the file's record first
+        (:meth:`BatchWriter.send`): three.
+        """
         tmp = self.keys.temporary(path)
         keys, args = schema.commit_keys_args(self.keys, path, tmp, channel, len(payload), extents, staged, None,
                                              closing)
-        return tmp, [("SET", tmp, payload), ("EVALSHA", self._commit.sha, len(keys), *keys, *args)]
+        commands = [("SET", tmp, payload), ("EVALSHA", self._commit.sha, len(keys), *keys, *args)]
+        if new is not None:
+            ckeys, cargs = self._create_keys_args(path, None, new.umask, True, False)
+            commands.insert(0, ("EVALSHA", self._create.sha, len(ckeys), *ckeys, *cargs))
+        return tmp, commands
 
     def index_sent(self, path: str, tmp: str, channel: int, nbytes: int, extents: Sequence[Sequence[int]],
                    staged: bool, base: int | None) -> None:
@@ -244,16 +259,18 @@ class RedisStore(Store):
         raise RecordGone(path)
 
     def _ensure_loaded(self) -> None:
-        """Load the scripts a batch writer sends by their SHA (the commit, the counters of a close)."""
+        """Load the scripts a batch writer sends by their SHA (the commit, a new file's create, a close's counters)."""
         if not self._loaded:
             self.r.script_load(schema.COMMIT)
+            self.r.script_load(schema.CREATE)
             self.r.script_load(self._stats_add.script)
             self._loaded = True
 
     def _commit_result(self, tmp: str, replies: list) -> int:
+        """Return the first sequence number of a batch from the replies of :meth:`_pack_commit`'s commands."""
         errors = [r for r in replies if isinstance(r, Exception)]
         if not errors:
-            return int(replies[1])
+            return int(replies[-1])
         self.r.unlink(tmp)
         if any(str(e).startswith("NOFILE") for e in errors):
             raise RecordGone(tmp)
@@ -595,22 +612,27 @@ class RedisBatchWriter(BatchWriter):
         self._tmp: str | None = None
         self._stats: tuple[str, str, Mapping[str, int]] | None = None   # sent behind the batch in flight
         self._held: list[tuple] | None = None   # a closing batch not yet on the wire (see send)
+        self._replies = 0   # of the batch in flight's commands
+        self._new = False   # whether they begin with a new file's create
 
     def send(self, path: str, channel: int, payload: Payload, extents: Sequence[Sequence[int]],
-             closing: bool = False) -> None:
+             closing: bool = False, new: NewFile | None = None) -> None:
         """Send one batch; a closing one waits for the handle's counters (:meth:`stats_add`) or :meth:`finish`.
 
         A handle's last batch is followed by its counters: held back until
-        then, both leave in one send (a small file's batch and counters in
-        one system call and one wake-up of the server, not four).
+        then, both leave in one send (a small file's record, batch and
+        counters in one system call and one wake-up of the server, not four).
         """
-        tmp, commands = self.store._pack_commit(path, channel, payload, extents, closing=closing)
+        tmp, commands = self.store._pack_commit(path, channel, payload, extents, closing=closing, new=new)
         self.store._ensure_loaded()
         if closing:
             self._held = commands
         else:
             self._put(commands)
         self._tmp = tmp
+        self._replies = len(commands)
+        self._new = new is not None
+        self.made = False
 
     def _put(self, commands: list[tuple]) -> None:
         """Send ``commands`` on the writer's connection (a failed send closes it: its stream is unknown)."""
@@ -632,7 +654,7 @@ class RedisBatchWriter(BatchWriter):
             self._put(held)
         replies: list = []
         try:
-            for _ in range(2 if stats is None else 3):
+            for _ in range(self._replies + (stats is not None)):
                 try:
                     replies.append(self._conn.read_response())
                 except redis.ResponseError as exc:
@@ -644,6 +666,7 @@ class RedisBatchWriter(BatchWriter):
             self.close()   # nothing in flight: the connection goes back to the pool
         if stats is not None and isinstance(replies.pop(), Exception):   # not added (a restarted server's
             self.store.stats_add(*stats)                                  # empty script cache): alone, again
+        self.made = self._new and not isinstance(replies[0], Exception)
         return self.store._commit_result(tmp, replies)
 
     def stats_add(self, path: str, who: str, counters: Mapping[str, int]) -> None:

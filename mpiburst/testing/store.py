@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 from ..errors import TierFullError
 from ..overlay import Strided, expand, gaps
-from ..store import MAX_EXTENT, FileMeta, FlushLease, MemoryStore, Placement, RecordGone, Store, file_id
+from ..store import MAX_EXTENT, FileMeta, FlushLease, MemoryStore, NewFile, Placement, RecordGone, Store, file_id
 from . import Model, put, put_runs
 
 #: Hypothesis settings of the data tests: few examples, each on a fresh file of the same store
@@ -516,6 +516,28 @@ class StoreTests:
             writer.close()
         assert record(store, "/bfs/wc").writers == 0
         assert current(store, "/bfs/wc", 0, 6) == b"last!?"
+
+    def test_a_batch_with_a_new_record_makes_it_first_in_its_round_trip(self, store: Store) -> None:
+        """send(new=NewFile): the record made unless it exists (unlooked, the umask, the writer counted in), then
+        the batch; a closing one counts the writer out again. ``made`` says so."""
+        writer = store.writer()
+        try:
+            writer.send("/bfs/nw", 1, b"new", [(0, 0, 3)], closing=True, new=NewFile(0o027))
+            assert writer.finish() == 1 and writer.made
+            meta = record(store, "/bfs/nw")
+            assert (meta.size, meta.writers, meta.unlooked, meta.umask) == (3, 0, True, 0o027)
+            writer.send("/bfs/nw2", 1, b"ab", [(0, 0, 2)], new=NewFile(None))   # not closing: still counted
+            writer.finish()
+            assert writer.made
+            assert record(store, "/bfs/nw2").writers == 1
+            store.create("/bfs/old", 100, umask=0o077, writing=True)
+            writer.send("/bfs/old", 1, b"x", [(0, 0, 1)], closing=True, new=NewFile(0o022))   # kept as it was
+            writer.finish()
+        finally:
+            writer.close()
+        meta = record(store, "/bfs/old")
+        assert (meta.size, meta.writers, meta.unlooked, meta.bfs, meta.umask) == (100, 1, False, True, 0o077)
+        assert current(store, "/bfs/nw", 0, 3) == b"new" and "/bfs/nw" in store.files()
 
     def test_drop_clean_frees_only_clean_batches(self, store: Store) -> None:
         store.create("/bfs/dc", None)
