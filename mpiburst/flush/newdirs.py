@@ -105,8 +105,8 @@ def layout(dirs: dict[str, int], bfs_root: str, token: str, wait: float | None, 
     under. ``stage`` False: every directory is made and locked as the
     per-file path does (:func:`~mpiburst.flush.snapshot.lock_directories`).
     A missing directory found made once its parent is locked raises
-    :class:`~mpiburst.flush.failures.Busy` with ``wait`` 0 (the commit is
-    then made by rank 0 alone, file by file).
+    :class:`~mpiburst.flush.failures.Busy` (the commit is then made by rank
+    0 alone, file by file, with ``stage`` False).
     """
     tops: dict[str, list[str]] = {}
     for directory in sorted(dirs):
@@ -124,9 +124,7 @@ def layout(dirs: dict[str, int], bfs_root: str, token: str, wait: float | None, 
     try:
         for top, under in sorted(tops.items()):
             if os.path.lexists(top):   # made meanwhile, before we held its parent's lock
-                if wait == 0:
-                    raise Busy(f"{top} was made while a commit was about to make it.")
-                raise FlushError(f"{top} was made while a commit was about to make it; commit again.")
+                raise Busy(f"{top} was made while a commit was about to make it.")
             remove_leftovers(top)
             one = Stage(top, os.path.join(os.path.dirname(top), f".{os.path.basename(top)}{_STAGE}{token}"))
             stages.append(one)
