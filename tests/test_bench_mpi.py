@@ -176,7 +176,10 @@ def test_files_pattern_measures_every_phase_both_ways(mpi_tmp_path, server_binar
         floor = r["floor"]
         assert 0 < floor["commit_seconds"]["min"] <= floor["commit_seconds"]["max"] < math.inf
         assert floor["durable_seconds"] > r["methods"]["tier_create"]["seconds"]["median"]
-    assert "floor s" in table and "fl/d" in table
+        # the create's floor: one plain SET per file into the tier's server, timed once per repeat
+        assert 0 < floor["create_seconds"]["min"] <= floor["create_seconds"]["max"] < math.inf
+        assert floor["create_time_vs_direct"] > 0
+    assert "floor s" in table and "fl/d" in table and "cfl/d" in table
     judged = [t for t in doc["targets"] if "files 64.0 KiB" in t["target"]]
     assert [t["met"] is None for t in judged] == [False, True]   # local disk: create judged, durable not
     assert out_png.stat().st_size > 0

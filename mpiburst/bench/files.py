@@ -20,7 +20,15 @@ and, as the floor of the tier's commit, its BFS work alone:
   directory, renames it into place and fsyncs the parent, as a commit
   publishes a new directory (:mod:`mpiburst.flush.newdirs`), with no tier
   read and no bookkeeping. The tier's create phase plus this is how soon
-  every file could be durable through the tier on this BFS.
+  every file could be durable through the tier on this BFS;
+
+and, as the floor of the tier's create phase, the server's part alone:
+
+* ``floor_create``: each rank ``SET`` s each file's bytes into the tier's
+  server with plain redis-py, one command and one round trip per file, in
+  the same loop as the create phase (no file, record, index or counters;
+  the keys removed afterwards, untimed). A create through the tier cannot
+  take fewer round trips.
 
 Then, on the direct and tier ways' files: ``stat`` of every file (``os.stat``; through the
 tier :func:`mpiburst.residency.stat`'s record lookup, the tier's answer to a
@@ -45,7 +53,7 @@ import numpy as np
 
 from ..flush.writes import fsync_dir
 from ..sizes import format_size
-from .baselines import agree
+from .baselines import agree, raw_keys, tier_clear
 from .burst import URL_DIR
 from .timing import collective_time
 
@@ -219,18 +227,37 @@ def _tier(comm: Any, tier: Any, cfg: Files, sub: str, contents: Sequence[np.ndar
     return secs, agree(comm, ok)
 
 
-def run_config(comm: Any, tier: Any, cfg: Files, repeat: int, scratch: str) -> dict[str, Any]:
-    """Measure both ways on ``cfg`` ``repeat`` times; return the raw figures (collective)."""
+def _create_floor(comm: Any, tier: Any, client: Any, cfg: Files, contents: Sequence[np.ndarray]) -> float:
+    """Return the seconds for every rank to ``SET`` each file's bytes into the tier's server, one round trip each."""
+    keys = raw_keys(tier, "bench-files-raw", cfg.rank, cfg.count)
+
+    def create() -> None:
+        for key, data in zip(keys, contents):
+            client.set(key, data.data)
+
+    seconds, _ = collective_time(comm, create)
+    tier_clear(client, keys)
+    return seconds
+
+
+def run_config(comm: Any, tier: Any, cfg: Files, repeat: int, scratch: str, client: Any = None) -> dict[str, Any]:
+    """Measure both ways on ``cfg`` ``repeat`` times; return the raw figures (collective).
+
+    ``client``: a plain redis-py client of this rank's server (the create's floor); None: not measured.
+    """
     contents = cfg.contents()
     seconds: dict[str, list[float]] = {f"{w}_{p}": [] for w in WAYS for p in PHASES}
     verified = {w: True for w in WAYS}
     floor: list[float] = []
+    floor_create: list[float] = []
     order = (*WAYS, "floor")
     for i in range(repeat):
         sub = f"files-{cfg.size}-{i}"
         for way in order[i % 3:] + order[:i % 3]:   # each goes first in turn
             if way == "floor":
                 floor.append(_floor(comm, cfg, os.path.join(scratch, "floor"), sub, contents))
+                if client is not None:
+                    floor_create.append(_create_floor(comm, tier, client, cfg, contents))
                 continue
             if way == "direct":
                 directory = os.path.join(scratch, "direct", sub, str(cfg.rank))
@@ -243,7 +270,7 @@ def run_config(comm: Any, tier: Any, cfg: Files, repeat: int, scratch: str) -> d
             verified[way] = verified[way] and ok
     return {"pattern": "files", "transfer": cfg.size, "ranks": cfg.nranks, "files_per_rank": cfg.count,
             "bytes_per_rank": cfg.size * cfg.count, "total_bytes": cfg.size * cfg.count * cfg.nranks,
-            "seconds": seconds, "verified": verified, "floor_commit": floor}
+            "seconds": seconds, "verified": verified, "floor_commit": floor, "floor_create": floor_create}
 
 
 def summarize(raw: dict[str, Any]) -> dict[str, Any]:
@@ -265,6 +292,11 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         out["floor"] = {"commit_seconds": {"median": statistics.median(commit), "min": min(commit),
                                            "max": max(commit)},
                         "durable_seconds": durable, "durable_time_vs_direct": durable / med["direct_durable"]}
+    if raw.get("floor_create"):   # the server's part of the create alone: one SET per file
+        create = raw["floor_create"]
+        out.setdefault("floor", {})["create_seconds"] = {"median": statistics.median(create), "min": min(create),
+                                                          "max": max(create)}
+        out["floor"]["create_time_vs_direct"] = statistics.median(create) / med["direct_create"]
     return out
 
 
@@ -289,7 +321,7 @@ def targets(results: Sequence[dict[str, Any]], network: bool) -> list[tuple[str,
     return out
 
 
-HEADER = ["files", "size", "create d", "create t", "t/d", "durable d s", "durable t s", "t/d", "floor s", "fl/d",
+HEADER = ["files", "size", "create d", "create t", "t/d", "cfl/d", "durable d s", "durable t s", "t/d", "floor s", "fl/d",
           "stat d", "stat t", "read d", "read t", "remove d", "remove t"]
 
 
@@ -301,10 +333,12 @@ def cells(r: dict[str, Any]) -> list[str]:
         return f"{m[key]['files_per_second']:.0f}" + ("" if m[key]["verified"] else "!")
 
     return [f"{r['files_per_rank']}/rank", format_size(r["transfer"]), rate("direct_create"), rate("tier_create"),
-            f"{ra['create_time_vs_direct']:.2f}", f"{m['direct_durable']['seconds']['median']:.3f}",
+            f"{ra['create_time_vs_direct']:.2f}",
+            f"{floor['create_time_vs_direct']:.2f}" if floor and "create_time_vs_direct" in floor else "-",
+            f"{m['direct_durable']['seconds']['median']:.3f}",
             f"{m['tier_durable']['seconds']['median']:.3f}", f"{ra['durable_time_vs_direct']:.2f}",
-            f"{floor['durable_seconds']:.3f}" if floor else "-",
-            f"{floor['durable_time_vs_direct']:.2f}" if floor else "-", rate("direct_stat"), rate("tier_stat"), rate("direct_read"), rate("tier_read"),
+            f"{floor['durable_seconds']:.3f}" if floor and "durable_seconds" in floor else "-",
+            f"{floor['durable_time_vs_direct']:.2f}" if floor and "durable_seconds" in floor else "-", rate("direct_stat"), rate("tier_stat"), rate("direct_read"), rate("tier_read"),
             rate("direct_remove"), rate("tier_remove")]
 
 
@@ -314,7 +348,8 @@ d = direct POSIX (open, write, fsync, close; the directory fsync'd once); t = th
 COMM_SELF, Write_at, Close). durable = seconds until every file is durable on the BFS (direct: the create phase;
 tier: create, then one commit of the directory). floor = the tier's create, then the commit's BFS work alone
 (the same files written, fsync'd and closed raw in as many threads as a commit, in a staging directory published
-by one rename); fl/d = floor over direct. stat: os.stat / mpiburst.residency.stat; read: open, read,
+by one rename); fl/d = floor over direct. cfl/d = the create's floor over direct: one plain SET of each file's
+bytes into the tier's server per file, no file, record or index. stat: os.stat / mpiburst.residency.stat; read: open, read,
 close / File.Open, Read_at, Close; remove: unlink / mpiburst.File.Delete (tier data and BFS file).
 t/d = time through the tier over direct. '!' = wrong bytes read back or on the BFS."""
 

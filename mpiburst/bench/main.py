@@ -320,7 +320,7 @@ def run(opts: Options) -> int:
                         continue
                     if pattern == "files":
                         raw = files.run_config(comm, tier, files.Files(transfer, opts.nfiles, comm.size, comm.rank),
-                                               opts.repeat, scratch)
+                                               opts.repeat, scratch, client)
                     else:
                         layout = Layout(pattern, transfer, opts.size, comm.size, comm.rank)
                         raw = _run_config(comm, tier, admin, client, layout, opts.repeat, scratch)
