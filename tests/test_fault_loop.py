@@ -4,10 +4,12 @@ Each trial runs, as an operator would, ``mpiburst run -- mpiexec -n 2 python
 writer.py`` (without ``-m mpi4py``): two ranks write several strided
 checkpoints, each closed before the next, through a small write-back buffer
 (so the tier holds half of a checkpoint while it is written). Half the
-trials give the run a small tier, so the engine syncs while the job runs;
-half put each checkpoint in a new directory of its own (``step<k>/ck``,
-which a commit stages and publishes by one rename of the directory), the
-others side by side in the BFS root (``ck<k>``, one rename per file).
+trials give the run a small tier, so the engine syncs while the job runs.
+A third of the trials put each checkpoint in a new directory of its own
+(``step<k>/ck``, which a commit stages and publishes by one rename of the
+directory), a third write it file per process (``step<k>/r<rank>``, each
+rank its half on ``COMM_SELF``, the small-file path), the others side by
+side in the BFS root (``ck<k>``, one rename per file).
 Each trial gets one fault at a random moment: SIGKILL of the server, of
 the engine or of a rank; SIGTERM to ``mpiburst run``; SIGUSR1 then SIGTERM;
 SIGSTOP of the server for a few seconds; or none. After the run (and the
@@ -56,6 +58,11 @@ TRIALS = int(os.environ.get("MPIBURST_FAULT_TRIALS", "0")) or len(FAULTS)
 CHECKPOINTS, CHECKPOINT, RECORD = 6, 3 << 20, 64 << 10
 #: The small tier (the engine syncs at half of it while the job runs) and the large one.
 SMALL, LARGE = "16M", "256M"
+#: Where checkpoint k (of rank r) lies under the BFS root, and what each layout is called.
+LAYOUTS = {"ck{k}": "checkpoints side by side", "step{k}/ck": "a directory per checkpoint",
+           "step{k}/r{r}": "a directory per checkpoint, a file per process"}
+#: Ranks of each trial's job.
+RANKS = 2
 #: Seconds each rank pauses after each record with the small tier: a checkpoint then takes longer than
 #: one round of the engine (0.5 s), so the engine's syncs come while one is half written.
 PAUSE = 0.025
@@ -69,13 +76,18 @@ WRITER = textwrap.dedent("""\
     rank, size = comm.Get_rank(), comm.Get_size()
     count, total, record = (int(a) for a in sys.argv[1:4])
     pause, name = float(sys.argv[4]), sys.argv[5]
+    own = "{r}" in name   # file per process: each rank its half, in a file of its own
     for k in range(count):
         data = np.random.default_rng(k).integers(0, 256, total, dtype=np.uint8)
-        f = mpiburst.File.Open(comm, "burst://" + name.format(k=k), MPI.MODE_WRONLY | MPI.MODE_CREATE)
-        for i in range(rank, total // record, size):
+        if own:
+            data = data[rank * total // size:(rank + 1) * total // size]
+        f = mpiburst.File.Open(MPI.COMM_SELF if own else comm, "burst://" + name.format(k=k, r=rank),
+                               MPI.MODE_WRONLY | MPI.MODE_CREATE)
+        for i in range(0, len(data) // record) if own else range(rank, total // record, size):
             f.Write_at(i * record, data[i * record:(i + 1) * record])
             time.sleep(pause)
         f.Close()
+        comm.Barrier()   # checkpoint k is closed by every rank
         if rank == 0:
             with open("closed", "a") as log:
                 log.write(f"{k}\\n")
@@ -119,16 +131,15 @@ class Trial:
         self.rnd = random.Random(f"{seed}:{index}")
         self.kind, self.index = kind, index
         self.small = self.rnd.random() < 0.5
-        #: where checkpoint k lies under the BFS root: each in a new directory, or all side by side
-        self.name = "step{k}/ck" if self.rnd.random() < 0.5 else "ck{k}"
+        #: where checkpoint k (of rank r) lies under the BFS root
+        self.name = self.rnd.choice(list(LAYOUTS))
         self.dir = root / f"trial{index}"
         self.bfs = self.dir / "bfs"
         self.bfs.mkdir(parents=True)
         (self.dir / "writer.py").write_text(WRITER)
         self.env = job_env(server_binary, MPIBURST_WR_BUFFER="256K")
         self.id = f"loop{index}"
-        self.what = (f"seed {seed} trial {index} ({kind}, {'small' if self.small else 'large'} tier, "
-                     f"{'a directory per checkpoint' if '/' in self.name else 'checkpoints side by side'})")
+        self.what = f"seed {seed} trial {index} ({kind}, {'small' if self.small else 'large'} tier, {LAYOUTS[self.name]})"
         self.notes: list[str] = []
 
     def mpiburst(self, *args: str, wait: bool = True):
@@ -141,7 +152,7 @@ class Trial:
     def run(self) -> None:
         mpiexec = str(Path(sys.executable).parent / "mpiexec")
         proc = self.mpiburst("run", "--id", self.id, "--bfs-root", "bfs", "--capacity", SMALL if self.small else LARGE,
-                             "--", mpiexec, "-n", "2", sys.executable, "writer.py", str(CHECKPOINTS),
+                             "--", mpiexec, "-n", str(RANKS), sys.executable, "writer.py", str(CHECKPOINTS),
                              str(CHECKPOINT), str(RECORD), str(PAUSE if self.small else 0), self.name, wait=False)
         try:
             self.fault(proc)
@@ -228,27 +239,43 @@ class Trial:
         for done, total in re.findall(r"([\d.]+ \w?i?B) of ([\d.]+ \w?i?B) \(", text):
             assert _bytes(done) <= _bytes(total), f"{self.what}: progress '{done} of {total}' does not add up"
 
+    def files(self, k: int) -> dict[str, bytes]:
+        """Checkpoint ``k``'s files under the BFS root, each with the bytes the application closed."""
+        data = expected(k)
+        if "{r}" not in self.name:
+            return {self.name.format(k=k): data}
+        part = len(data) // RANKS
+        return {self.name.format(k=k, r=r): data[r * part:(r + 1) * part] for r in range(RANKS)}
+
     def check_bfs(self) -> None:
         found = sorted(str(p.relative_to(self.bfs)) for p in self.bfs.rglob("*"))
         hidden = [n for n in found if any(part.startswith(".") for part in n.split(os.sep))]
         assert not hidden, f"{self.what}: hidden files left on the BFS: {hidden}"
-        present = []
+        whole, touched = [], []   # checkpoints with every file on the BFS; with any
         for k in range(CHECKPOINTS):
-            path = self.bfs / self.name.format(k=k)
-            if path.exists():
-                assert _first_difference(path.read_bytes(), expected(k)) is None, \
-                    f"{self.what}: {self.name.format(k=k)} on the BFS is not the checkpoint the application closed " \
-                    f"({_first_difference(path.read_bytes(), expected(k))})"
-                present.append(k)
-        assert present == list(range(len(present))), \
-            f"{self.what}: not a consistent cut: the BFS holds checkpoints {present}"
+            there = 0
+            for name, want in self.files(k).items():
+                path = self.bfs / name
+                if path.exists():
+                    got = path.read_bytes()
+                    assert _first_difference(got, want) is None, \
+                        f"{self.what}: {name} on the BFS is not the file the application closed " \
+                        f"({_first_difference(got, want)})"
+                    there += 1
+            if there:
+                touched.append(k)
+            if there == len(self.files(k)):
+                whole.append(k)
+        assert whole == list(range(len(whole))) and all(k <= len(whole) for k in touched), \
+            f"{self.what}: not a consistent cut: the BFS holds checkpoints {touched}, of them whole {whole}"
         closed_log = self.dir / "closed"
         closed = [int(x) for x in closed_log.read_text().split()] if closed_log.exists() else []
         if self.kind != "kill-server":   # the server survived: nothing closed may be lost
-            missing = sorted(set(closed) - set(present))
+            missing = sorted(set(closed) - set(whole))
             assert not missing, f"{self.what}: closed checkpoints {missing} are not on the BFS; run said: {self.run_err}"
         # a new directory appears with its checkpoint in it, never empty
-        allowed = r"step\d+|step\d+/ck(\.incomplete)?" if "/" in self.name else r"ck\d+(\.incomplete)?"
+        allowed = (r"step\d+|" if "/" in self.name else "") + \
+            re.escape(self.name).replace(r"\{k\}", r"\d+").replace(r"\{r\}", r"\d+") + r"(\.incomplete)?"
         extra = [n for n in found if not re.fullmatch(allowed, n)
                  or (self.bfs / n).is_dir() and not any((self.bfs / n).iterdir())]
         assert not extra, f"{self.what}: unexpected files or empty directories on the BFS: {extra}"
