@@ -808,5 +808,13 @@ class FullStoreTests:
         # the flush's bookkeeping still works on a full store: it is what makes room
         with lease_of(small_store, "/bfs/full", 30) as lease:
             assert lease.mark_clean(lease.begin().seq, None)
+        writer = small_store.writer()
+        try:   # a new file's first batch on the full store: refused; ``made`` tells whether its record is there
+            writer.send("/bfs/new", 1, block, [(0, 0, len(block))], closing=True, new=NewFile(0o022))
+            with pytest.raises((TierFullError, RecordGone)):
+                writer.finish()
+            assert writer.made == (small_store.meta("/bfs/new") is not None)
+        finally:
+            writer.close()
         assert small_store.drop_clean("/bfs/full") == kept
         put(small_store, "/bfs/full", None, [(0, block)])       # room again
