@@ -14,7 +14,8 @@ directly. No server round trip is added. At close, :meth:`Recorder.merge`
 adds the counters to the tier's with one store call
 (:meth:`mpiburst.store.Store.stats_add`), under the file and the process
 (``rank N`` under MPI, else ``pid N``). A flush records its BFS writes with
-:func:`record_flush` (one store call, :meth:`~mpiburst.store.Store.stats_log`).
+:func:`record_flush` (one store call, :meth:`~mpiburst.store.Store.stats_log`), a commit its
+files with :func:`record_flushes` (one store call for all, :meth:`~mpiburst.store.Store.stats_log_many`).
 
 The run's engine logs tier-fill samples (:class:`FillSampler`) and its sync
 and purge events (:func:`log_event`) the same way, one store call each.
@@ -39,7 +40,7 @@ import os
 import sys
 import time
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .errors import MpiburstError
@@ -197,14 +198,23 @@ def record_flush(store: Store, report: Any, align: int, rank: int, started: floa
     ``report`` is the flush's :class:`~mpiburst.flush.FlushReport`; ``started``
     its start on the wall clock (``time.time()``).
     """
-    if rank != 0 or not enabled():
+    if rank == 0:
+        record_flushes(store, [report], align, started)
+
+
+def record_flushes(store: Store, reports: Sequence[Any], align: int, started: float) -> None:
+    """Log the finished flushes ``reports`` (a commit's files) in the tier, in one store call.
+
+    ``started``: their start on the wall clock (``time.time()``); see :func:`record_flush`.
+    """
+    if not reports or not enabled():
         return
-    sizes = report.write_sizes
+    events = [{"kind": "flush", "path": report.path, "start": started, "seconds": report.seconds,
+               "bytes": report.bytes, "writes": report.writes, "align": align,
+               "aligned_writes": sum(c for s, c in report.write_sizes.items() if s % align == 0),
+               "sizes": {str(s): c for s, c in report.write_sizes.items()}} for report in reports]
     with contextlib.suppress(MpiburstError):   # the flush is done: a lost server must not say it failed
-            store.stats_log({"kind": "flush", "path": report.path, "start": started, "seconds": report.seconds,
-                         "bytes": report.bytes, "writes": report.writes, "align": align,
-                         "aligned_writes": sum(c for s, c in sizes.items() if s % align == 0),
-                         "sizes": {str(s): c for s, c in sizes.items()}})
+        store.stats_log_many(events)
 
 
 def stats_path(directory: str, run_id: str) -> str:

@@ -357,6 +357,38 @@ def test_a_commit_meeting_another_flush_waits_for_it_in_path_order(mem_tier, mon
     assert _leftovers(mem_tier.bfs_root) == []
 
 
+def test_a_lease_lost_during_a_commit_fails_it_and_leaves_that_file_dirty(mem_tier, monkeypatch):
+    """The leases of a commit are taken and marked clean at one go (#25): a lease another party ends meanwhile is
+    still found (its clean mark refused), the commit says so, and that file stays dirty while the others are clean."""
+    from mpiburst import flush
+    from mpiburst.flush import writes
+
+    monkeypatch.setenv("MPIBURST_COMMIT_THREADS", "4")
+    files = _files(mem_tier, 6)
+    store = mem_tier.store
+    lost = sorted(files)[3]
+    tokens: dict[str, str] = {}
+    real_take = store.lease_and_begin
+
+    def take(paths, seconds):   # noqa: ANN001, ANN202 - a spy: the real call, its tokens noted
+        got = real_take(paths, seconds)
+        tokens.update((p, one[0]) for p, one in zip(paths, got) if one is not None)
+        return got
+
+    def end_its_lease(path: str, offset: int, length: int) -> None:
+        if path == lost:
+            store.release(lost, tokens[lost])   # as a flusher that failed gives it back
+
+    monkeypatch.setattr(store, "lease_and_begin", take)
+    monkeypatch.setattr(writes, "write_observers", [end_its_lease])
+    with pytest.raises(mpiburst.FlushError, match="while publishing them.*flush lease"):
+        flush.commit(tier=mem_tier)
+    assert set(tokens) == set(files)
+    dirty = {m.path for m in mpiburst.residency.ls(tier=mem_tier) if m.dirty}
+    assert dirty == {lost}                                  # the others were marked clean
+    assert not any(store.leased(p) for p in files)
+
+
 def test_a_commit_locks_each_directory_once_and_waits_for_another_runs_lock(mem_tier, monkeypatch):
     """One BFS lock per directory (#25), not one per file; another run holding one is waited for, not overrun."""
     import threading
@@ -455,7 +487,6 @@ def test_the_lease_keeper_renews_each_lease_once_a_quarter_lease_not_every_round
     import time
 
     from mpiburst.flush import many, snapshot
-    from mpiburst.flush.snapshot import Plan
     from mpiburst.store.memory import MemoryStore
 
     monkeypatch.setattr(snapshot, "LEASE_SECONDS", 0.4)   # rounds every 0.05 s, a renewal due after 0.1 s
@@ -474,8 +505,7 @@ def test_the_lease_keeper_renews_each_lease_once_a_quarter_lease_not_every_round
         store.create(path, None)
         token = store.lease(path, 0.4)
         assert token is not None
-        keeper.hold(Plan(target=path, work=path + ".new", token=token, upto=0, clean=0, size=0, trunc=None, align=1,
-                         base=0, new=True, umask=0o022))
+        keeper.hold(path, token, time.monotonic())
     time.sleep(1.0)
     keeper.stop()
     keeper.check()                                            # no lease lost

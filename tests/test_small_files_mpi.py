@@ -61,3 +61,32 @@ def test_a_collective_commit_of_many_files_is_all_or_nothing_across_ranks(world_
     comm.Barrier()
     assert on_bfs(files) == files
     assert not any(m.dirty for m in mpiburst.residency.ls(tier=world_tier))
+
+
+def test_a_collective_commit_meeting_another_flush_on_one_rank_gives_every_lease_back(world_tier, monkeypatch):
+    """Each rank takes its files' leases at one go (#25); when another flush holds one of rank 1's, rank 0's are
+    given back too before rank 0 commits the whole cut alone, waiting for each lease (here at most 5 s)."""
+    import threading
+
+    from mpi4py import MPI
+
+    from mpiburst.flush import snapshot
+
+    comm = MPI.COMM_WORLD
+    files = _write(comm.rank, 6)
+    monkeypatch.setattr(snapshot, "LEASE_WAIT", 5.0)     # a lease of its own left held would fail rank 0's commit
+    timer = None
+    if comm.rank == 1:
+        held = world_tier.store.flush_lease(sorted(files)[1], 30)   # in rank 1's share: another flush, ending soon
+        assert held is not None
+        timer = threading.Timer(0.5, held.release)
+        timer.start()
+    comm.Barrier()
+    try:
+        reports = flush.commit(tier=world_tier, comm=comm)
+    finally:
+        if timer is not None:
+            timer.cancel()
+    assert [r.path for r in reports] == sorted(files)
+    assert on_bfs(files) == files
+    assert not any(world_tier.store.leased(p) for p in files)

@@ -16,17 +16,22 @@ every rank):
    rank 0 locks the parent of its topmost missing directory instead and
    stages it (:mod:`~mpiburst.flush.newdirs`), and its files are written
    there under their final names;
-2. each file, in one task of the pool: prepared without waiting (lease,
-   snapshot, new version aside; a name the listing did not hold is not
-   looked up), its new version written and fsync'd through the one
-   descriptor that created it: a new file costs the BFS a create, a write,
-   a chmod, an fsync and, at 4., a rename;
+2. each rank takes the leases of all its files and begins their
+   snapshots at one go (:meth:`~mpiburst.store.Store.lease_and_begin`: one
+   round trip on a server, not two per file); then each file, in one task
+   of the pool: prepared without waiting (new version aside; a name the
+   listing did not hold is not looked up), its new version written and
+   fsync'd through the one descriptor that created it: a new file costs
+   the BFS a create, a write, a chmod, an fsync and, at 4., a rename, and
+   the tier a listing of its index and a fetch of its bytes;
 3. rank 0 fsyncs the staged directories and writes the commit's journal,
    naming every rank's renames and each staging directory's;
 4. every rank renames its new versions into place, rank 0 each staging
    directory (one rename per new directory, whatever its files), then they
    fsync each parent once; rank 0 removes the journal;
-5. mark every file's snapshot clean (and log its flush for ``mpiburst report``).
+5. mark every file's snapshot clean, each rank its files at one go
+   (:meth:`~mpiburst.store.Store.mark_clean_many`; a lease lost meanwhile
+   leaves its file dirty and fails the commit, as at 4.).
 
 The promises of :func:`mpiburst.flush.commit` hold as for one process:
 one cut (taken by rank 0), nothing renamed before every file of every rank
@@ -86,9 +91,9 @@ def flush_cut(tier: Tier, chosen: Sequence[tuple[str, FileMeta]], comm: MPI.Comm
     """Flush and publish the files ``chosen`` from a cut (path, mark), all or none, over ``comm``'s ranks.
 
     Collective over ``comm`` (None: this process alone). ``done`` is called
-    with each file's plan and :class:`~mpiburst.flush.writes.Tally` once it
-    is marked clean, in the commit's threads (its round trips overlap as
-    the flush's do); returns its results for the files this rank flushed.
+    with each file's plan and :class:`~mpiburst.flush.writes.Tally` once
+    every file of this rank is marked clean; returns its results for the
+    files this rank flushed.
     A file another flush already put on the BFS past its mark is left out.
 
     Raises
@@ -140,6 +145,20 @@ def _attempt(tier: Tier, files: list[tuple[str, FileMeta]], total: int, dirs: di
         stages.extend(done.stages)
         return done.staged
 
+    taken: dict[str, tuple[str, FileMeta]] = {}   # path -> lease token and snapshot, taken at one go (parallel)
+
+    def take_leases() -> None:
+        """Take every file's lease and begin its snapshot at one go; :class:`Busy` if another flush holds one."""
+        paths = [path for path, _ in files]
+        now = time.monotonic()
+        got = store.lease_and_begin(paths, snapshot.LEASE_SECONDS)
+        taken.update((path, one) for path, one in zip(paths, got) if one is not None)
+        if len(taken) < len(paths):   # given back below, with the other ranks'
+            held = next(path for path, one in zip(paths, got) if one is None)
+            raise Busy(f"another flush of {held} holds its lease.")
+        for path, (token, _) in taken.items():
+            keeper.hold(path, token, now)   # renewed from now on: preparing thousands of files outlasts a lease
+
     try:
         staged = on_root(comm, lay_out)   # every rank: where each new directory's files are written
         beside = _leftovers([path for path, _ in files if os.path.dirname(path) not in staged]) if parallel else {}
@@ -151,20 +170,26 @@ def _attempt(tier: Tier, files: list[tuple[str, FileMeta]], total: int, dirs: di
             path, mark = item
             if not parallel:
                 plan = snapshot.prepare(store, path, tier.align, cut=mark, locked=True)
+                if plan is not None:
+                    keeper.hold(path, plan.token, time.monotonic())
             else:
                 directory = os.path.dirname(path)
                 plan = snapshot.prepare(store, path, tier.align, cut=mark, wait=0, beside=beside.get(path, []),
                                         locked=True, listing=listings.get(directory),
-                                        stage_dir=staged[directory][0] if directory in staged else None)
+                                        stage_dir=staged[directory][0] if directory in staged else None,
+                                        taken=taken[path])
+                if plan is None:   # its lease is given back
+                    keeper.forget(path)
             if plan is None:
                 return None
             plans.append(plan)
-            keeper.hold(plan)   # renewed from now on: preparing thousands of files outlasts a lease
             tally = writes.Tally(written.file())
             writes.write_run(store, plan, [locality.stripe_range(plan, 0, 1)], tally, 1, sync=False)
             writes.seal(plan)
             return plan, tally
 
+        if parallel:
+            together(comm, take_leases)
         made = together(comm, lambda: [m for m in _all(_each(pool, make, files)) if m is not None])
         tallies = {id(plan): tally for plan, tally in made}
         together(comm, keeper.check)
@@ -180,13 +205,20 @@ def _attempt(tier: Tier, files: list[tuple[str, FileMeta]], total: int, dirs: di
         together(comm, lambda: _publish(pool, plans, stages))
         on_root(comm, lambda: os.unlink(journal))
         keeper.stop()
-        def settle(plan: Plan) -> R:
-            writes.settle(store, plan, False)
-            return done(plan, tallies[id(plan)])
 
-        results = together(comm, lambda: _all(_each(pool, settle, plans)))
+        def settle() -> list[R]:
+            marked = store.mark_clean_many([(plan.target, plan.token, plan.upto, plan.trunc) for plan in plans])
+            if not all(marked):
+                raise LeaseLost()
+            return [done(plan, tallies[id(plan)]) for plan in plans]
+
+        results = together(comm, settle)
     except Exception as exc:
         keeper.stop()
+        planned = {plan.target for plan in plans}
+        for path, (token, _) in taken.items():   # taken, then no plan made (another rank failed first)
+            if path not in planned:
+                FlushLease(store, path, token, snapshot.LEASE_SECONDS).release()
         for plan in plans:
             if published:   # the journal completes the renames at the next sync or commit
                 FlushLease(store, plan.target, plan.token, snapshot.LEASE_SECONDS).release()
@@ -318,16 +350,23 @@ class _LeaseKeeper:
 
     def __init__(self, store: Store, threads: int = 1) -> None:
         self._store = store
-        self._plans: list[tuple[Plan, list[float]]] = []   # each plan with when its lease was last renewed
+        self._held: dict[str, tuple[str, list[float]]] = {}   # path -> its lease's token, when last renewed
+        self._lock = threading.Lock()
         self._lost: str | None = None
         self._threads = threads
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="mpiburst-lease-keeper")
         self._thread.start()
 
-    def hold(self, plan: Plan) -> None:
-        """Renew ``plan``'s lease from now on (thread-safe; the lease was just taken)."""
-        self._plans.append((plan, [time.monotonic()]))
+    def hold(self, path: str, token: str, since: float) -> None:
+        """Renew the lease ``token`` of ``path``, taken at ``since`` (``time.monotonic``), from now on (thread-safe)."""
+        with self._lock:
+            self._held[path] = (token, [since])
+
+    def forget(self, path: str) -> None:
+        """Renew the lease of ``path`` no longer (it was given back; thread-safe)."""
+        with self._lock:
+            self._held.pop(path, None)
 
     def check(self) -> None:
         """Raise if a lease was lost meanwhile."""
@@ -338,21 +377,23 @@ class _LeaseKeeper:
         self._stop.set()
         self._thread.join()
 
-    def _renew(self, held: tuple[Plan, list[float]]) -> None:
-        plan, renewed = held
+    def _renew(self, held: tuple[str, tuple[str, list[float]]]) -> None:
+        path, (token, renewed) = held
         started = time.monotonic()
         try:
-            ok = self._store.renew(plan.target, plan.token, snapshot.LEASE_SECONDS)
+            ok = self._store.renew(path, token, snapshot.LEASE_SECONDS)
         except Exception:  # noqa: BLE001 - the commit reports the cause when it next talks to the tier
             ok = True
         if not ok:
-            self._lost = plan.target
+            self._lost = path
         renewed[0] = started
 
     def _run(self) -> None:
         with ThreadPoolExecutor(self._threads, thread_name_prefix="mpiburst-lease-renew") as pool:
             while not self._stop.wait(snapshot.LEASE_SECONDS / 8):
                 due = time.monotonic() - snapshot.LEASE_SECONDS / 4
-                for _ in pool.map(self._renew, [h for h in list(self._plans) if h[1][0] < due]):
+                with self._lock:
+                    late = [h for h in self._held.items() if h[1][1][0] < due]
+                for _ in pool.map(self._renew, late):
                     if self._stop.is_set():
                         break

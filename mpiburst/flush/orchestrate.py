@@ -328,13 +328,13 @@ def commit(paths: Iterable[str] | None = None, *, tier: Tier | None = None, incl
         report = _report(plan, None)
         report.bytes, report.writes, report.drained = tally.bytes, sum(tally.sizes.values()), tally.drained
         report.write_sizes = dict(sorted(tally.sizes.items()))
-        report.seconds = time.monotonic() - started
-        iostats.record_flush(store, report, tier.align, 0, began)   # each file: the whole commit's time
+        report.seconds = time.monotonic() - started   # each file: the whole commit's time
         if log is not None:
             log(f"committed {report.path}: {report.bytes} bytes in {report.writes} writes")
         return report
 
     mine = many.flush_cut(tier, on_root(comm, choose), comm, done, progress)
+    iostats.record_flushes(store, mine, tier.align, began)   # this rank's files, one store call
     everyone = comm.allgather(mine) if comm is not None else [mine]
     return sorted((r for share in everyone for r in share), key=lambda r: r.path)
 

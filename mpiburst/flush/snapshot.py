@@ -25,7 +25,7 @@ from typing import Any
 from .. import drain
 from ..errors import FlushError, MpiburstError, PathError
 from ..perms import create_aside, current_umask, has_default_acl, make_dirs, open_aside
-from ..store import FlushLease, Store
+from ..store import FileMeta, FlushLease, Store
 from .failures import Busy, cause, quiet
 
 _log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class Listing:
 
 def prepare(store: Store, target: str, align: int, cut: Any = None, wait: float | None = None,
             beside: list[str] | None = None, locked: bool = False, listing: Listing | None = None,
-            stage_dir: str | None = None) -> Plan | None:
+            stage_dir: str | None = None, taken: tuple[str, FileMeta] | None = None) -> Plan | None:
     """Lock the BFS path, take the lease, snapshot the file and create its new version aside (rank 0 only).
 
     ``cut`` (a :class:`~mpiburst.store.FileMeta` taken by a commit) fixes the
@@ -115,6 +115,9 @@ def prepare(store: Store, target: str, align: int, cut: Any = None, wait: float 
     ``stage_dir``: the target's directory is new, staged there by the
     commit (:mod:`~mpiburst.flush.newdirs`, with an empty ``listing``): the
     new version is made there under the file's own name.
+    ``taken``: the lease's token and the snapshot's record, taken already
+    (a commit takes those of all its files at one go,
+    :meth:`~mpiburst.store.Store.lease_and_begin`); released here on a failure, as one taken here.
     """
     # a commit's cut holds the record as read (its umask): no round trip; a record removed since is found below
     meta = cut if cut is not None else store.meta(target)
@@ -132,9 +135,13 @@ def prepare(store: Store, target: str, align: int, cut: Any = None, wait: float 
                              f"fix the cause and run the sync again.") from None
     lease: FlushLease | None = None
     try:
-        lease = _take_lease(store, target, LEASE_WAIT if wait is None else wait)
+        if taken is None:
+            lease = _take_lease(store, target, LEASE_WAIT if wait is None else wait)
+            snap = lease.begin()
+        else:
+            lease = FlushLease(store, target, taken[0], LEASE_SECONDS)
+            snap = taken[1]
         token = lease.token
-        snap = lease.begin()
         if cut is not None:
             # purged or removed since the cut (no record: nothing of it to publish), or another flush went past it
             if not snap.path or snap.clean >= cut.seq and (snap.clean > cut.clean or cut.trunc is None):

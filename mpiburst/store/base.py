@@ -618,6 +618,30 @@ class Store(ABC):
         token = self.lease(path, seconds)
         return None if token is None else FlushLease(self, path, token, seconds)
 
+    def lease_and_begin(self, paths: Sequence[str], seconds: float) -> list[tuple[str, FileMeta] | None]:
+        """Take the flush lease of each of ``paths`` and, where taken, :meth:`begin` its snapshot; at one go.
+
+        A commit of many files takes all its leases this way (a store on a
+        server: one round trip for all, not two per file). Returns, per
+        path, the lease's token and the snapshot's record (an empty record,
+        ``path == ""``, for a file the tier no longer holds), or None where
+        another flush holds the lease (nothing of that file is changed).
+        Each file as :meth:`lease` then :meth:`begin` would do it.
+        """
+        out: list[tuple[str, FileMeta] | None] = []
+        for path in paths:
+            token = self.lease(path, seconds)
+            out.append(None if token is None else (token, self.begin(path)))
+        return out
+
+    def mark_clean_many(self, flushes: Sequence[tuple[str, str, int, int | None]]) -> list[bool]:
+        """:meth:`mark_clean` each of ``flushes`` (path, token, upto, trunc) at one go; return each one's answer.
+
+        Each file is marked (or not, its lease lost) as :meth:`mark_clean`
+        does, on its own: a lost lease of one leaves the others marked.
+        """
+        return [self.mark_clean(path, token, upto, trunc) for path, token, upto, trunc in flushes]
+
     # -- channels -----------------------------------------------------------
     @abstractmethod
     def channel_open(self, channel: int) -> str | None:
@@ -688,6 +712,11 @@ class Store(ABC):
     @abstractmethod
     def stats_log(self, event: Mapping[str, Any]) -> None:
         """Append ``event`` (JSON-serialisable) to the run's event log (one per flush, say)."""
+
+    def stats_log_many(self, events: Sequence[Mapping[str, Any]]) -> None:
+        """Append each of ``events`` to the run's event log, in order, at one go (a commit's flushes)."""
+        for event in events:
+            self.stats_log(event)
 
     @abstractmethod
     def stats(self) -> tuple[dict[str, dict[str, dict[str, int]]], list[dict[str, Any]]]:

@@ -981,6 +981,10 @@ class ClusterStore(Store):
         with self._on(0, redone=True):
             self.home.stats_log(event)
 
+    def stats_log_many(self, events: Sequence[Mapping[str, Any]]) -> None:
+        with self._on(0, redone=True):
+            self.home.stats_log_many(events)
+
     def stats(self) -> tuple[dict[str, dict[str, dict[str, int]]], list[dict[str, Any]]]:
         return self.stats_of(range(self.nodes))
 

@@ -64,6 +64,8 @@ _MERGE_GAP = 64 << 10
 _MERGE_SPAN = 1 << 20
 #: The key prefix of a single-server run.
 PREFIX = schema.PREFIX
+#: Files per pipeline of a call on many files (a commit's leases, clean marks, log entries): one round trip each.
+PIPELINE_CHUNK = 1024
 
 # redis-py types a reply as ``bytes | str`` (its types cannot tell ``decode_responses``); the
 # clients here never decode, so the replies marked ``# bytes`` are cast to bytes (no runtime cost).
@@ -98,6 +100,7 @@ class RedisStore(Store):
         self._renew = client.register_script(oom + schema.RENEW)
         self._begin = client.register_script(oom + schema.BEGIN)
         self._mark_clean = client.register_script(oom + schema.MARK_CLEAN)
+        self._lease_begin = client.register_script(oom + schema.LEASE_BEGIN)
         self._release = client.register_script(oom + schema.RELEASE)
         self._channel_close = client.register_script(oom + schema.CHANNEL_CLOSE)
         self._cut = client.register_script(schema.CUT)
@@ -478,10 +481,38 @@ class RedisStore(Store):
         return bool(self._renew(keys=[self.keys.file(file_id(path), "lock")], args=[token, max(1, int(seconds * 1000))]))
 
     def begin(self, path: str) -> FileMeta:
-        flat = self._begin(keys=[self.keys.file(file_id(path), "m")])
-        if isinstance(flat, dict):  # RESP3
-            return schema.meta_from(flat)
-        return schema.meta_from(dict(zip(flat[::2], flat[1::2])))
+        return _record_of(self._begin(keys=[self.keys.file(file_id(path), "m")]))
+
+    def lease_and_begin(self, paths: Sequence[str], seconds: float) -> list[tuple[str, FileMeta] | None]:
+        """One pipeline of :data:`~mpiburst.store.schema.LEASE_BEGIN` per :data:`PIPELINE_CHUNK` files."""
+        tokens = [secrets.token_hex(8) for _ in paths]
+        ms = max(1, int(seconds * 1000))
+        replies = self._pipelined([(self._lease_begin, [self.keys.file(fid, "m"), self.keys.file(fid, "lock")],
+                                    [token, ms]) for fid, token in zip(map(file_id, paths), tokens)])
+        return [None if reply == 0 else (token, _record_of(reply)) for token, reply in zip(tokens, replies)]
+
+    def mark_clean_many(self, flushes: Sequence[tuple[str, str, int, int | None]]) -> list[bool]:
+        """One pipeline of :data:`~mpiburst.store.schema.MARK_CLEAN` per :data:`PIPELINE_CHUNK` files."""
+        calls = []
+        for path, token, upto, trunc in flushes:
+            fid = file_id(path)
+            calls.append((self._mark_clean, [self.keys.file(fid, "m"), self.keys.file(fid, "lock")],
+                          [token, upto, "" if trunc is None else trunc]))
+        return [bool(done) for done in self._pipelined(calls)]
+
+    def _pipelined(self, calls: Sequence[tuple[Any, list, list]]) -> list:
+        """Run registered scripts (script, keys, args) in pipelines of :data:`PIPELINE_CHUNK`; return their replies.
+
+        Not a transaction: each script is atomic on its own. redis-py loads
+        a script the server lacks before the pipeline is sent.
+        """
+        replies: list = []
+        for i in range(0, len(calls), PIPELINE_CHUNK):
+            pipe = self.r.pipeline(transaction=False)
+            for script, keys, args in calls[i:i + PIPELINE_CHUNK]:
+                script(keys=keys, args=args, client=pipe)
+            replies += pipe.execute()
+        return replies
 
     def mark_clean(self, path: str, token: str, upto: int, trunc: int | None) -> bool:
         fid = file_id(path)
@@ -562,6 +593,9 @@ class RedisStore(Store):
 
     def stats_log(self, event: Mapping[str, Any]) -> None:
         self._stats_push(keys=[self.keys.stats_log], args=[json.dumps(event)])
+
+    def stats_log_many(self, events: Sequence[Mapping[str, Any]]) -> None:
+        self._pipelined([(self._stats_push, [self.keys.stats_log], [json.dumps(event)]) for event in events])
 
     def stats(self) -> tuple[dict[str, dict[str, dict[str, int]]], list[dict[str, Any]]]:
         pipe = self.r.pipeline(transaction=True)
@@ -684,6 +718,13 @@ class RedisBatchWriter(BatchWriter):
             self.store.r.connection_pool.release(self._conn)
             self._conn = None
 
+
+
+def _record_of(reply: Any) -> FileMeta:
+    """Return the record a script's ``HGETALL`` reply holds (a flat list, or a map under RESP3)."""
+    if isinstance(reply, dict):
+        return schema.meta_from(reply)
+    return schema.meta_from(dict(zip(reply[::2], reply[1::2])))
 
 
 def _stats_args(path: str, who: str, counters: Mapping[str, int]) -> list:

@@ -66,6 +66,12 @@ def record(store: Store, path: str) -> FileMeta:
     return meta
 
 
+def must_take(taken: tuple[str, FileMeta] | None) -> tuple[str, FileMeta]:
+    """Return a lease and snapshot :meth:`Store.lease_and_begin` took, failing the test where it took none."""
+    assert taken is not None, "the flush lease was held"
+    return taken
+
+
 def lease_of(store: Store, path: str, ttl: float) -> FlushLease:
     """Return ``path``'s flush lease, failing the test where another holder has it."""
     lease = store.flush_lease(path, ttl)
@@ -627,6 +633,43 @@ class StoreTests:
         assert not store.renew("/bfs/x", token, 30)
         assert store.lease("/bfs/x", 30) is not None
 
+    def test_lease_and_begin_takes_each_free_lease_and_begins_its_snapshot(self, store: Store) -> None:
+        for path in ("/bfs/m1", "/bfs/m2", "/bfs/m3"):
+            store.create(path, None)
+        put(store, "/bfs/m1", None, [(0, b"x" * 10), (20, b"y")])
+        put(store, "/bfs/m2", None, [(0, b"z")])
+        other = store.lease("/bfs/m2", 30)                    # another flush holds this one
+        got = store.lease_and_begin(["/bfs/m1", "/bfs/m2", "/bfs/m3", "/bfs/gone"], 30)
+        assert got[1] is None
+        assert record(store, "/bfs/m2").pending == 0          # nothing of a file held by another is changed
+        assert store.renew("/bfs/m2", other or "", 30)
+        (t1, snap1), (t3, snap3), (t4, snap4) = (must_take(got[i]) for i in (0, 2, 3))
+        assert len({t1, t3, t4}) == 3
+        assert (snap1.path, snap1.seq, snap1.pending) == ("/bfs/m1", 2, 2) and record(store, "/bfs/m1").pending == 2
+        assert (snap3.path, snap3.seq) == ("/bfs/m3", 0) and snap4.path == ""   # no record: an empty one
+        assert store.leased("/bfs/m1") and store.lease("/bfs/m1", 30) is None
+        assert store.renew("/bfs/m1", t1, 30) and not store.renew("/bfs/m1", t3, 30)
+        assert store.mark_clean("/bfs/m1", t1, snap1.seq, None)
+        assert not record(store, "/bfs/m1").dirty
+
+    def test_mark_clean_many_marks_each_file_whose_lease_is_held(self, store: Store) -> None:
+        paths = ["/bfs/c1", "/bfs/c2", "/bfs/c3"]
+        for path in paths:
+            store.create(path, 100)
+            put(store, path, None, [(0, b"x" * 10)])
+        store.set_size("/bfs/c3", 50)
+        taken = [must_take(one) for one in store.lease_and_begin(paths, 30)]
+        put(store, "/bfs/c1", None, [(30, b"late")])          # written after the snapshot: stays dirty
+        store.release("/bfs/c2", taken[1][0])                 # c2's lease lost (given back by a failed flusher)
+        done = store.mark_clean_many([(p, token, snap.seq, snap.trunc) for p, (token, snap) in zip(paths, taken)])
+        assert done == [True, False, True]
+        c1, c2, c3 = (record(store, p) for p in paths)
+        assert (c1.clean, c1.dirty, c1.bfs, c1.pending) == (taken[0][1].seq, True, True, 0) and c1.seq > c1.clean
+        assert (c2.clean, c2.dirty) == (0, True)
+        assert (c3.clean, c3.trunc, c3.dirty) == (taken[2][1].seq, None, False)
+        assert not any(store.leased(p) for p in paths)
+        assert store.mark_clean_many([]) == []
+
     # -- channels -----------------------------------------------------------
     def test_a_channel_has_one_writer(self, store: Store) -> None:
         assert store.channel_states([0, 1]) == [(False, 0, 0), (False, 0, 0)]
@@ -723,6 +766,15 @@ class StoreTests:
         store.stats_log({"kind": "flush", "path": "/bfs/t", "seconds": 0.5})
         assert store.stats()[1] == [{"kind": "flush", "path": "/bfs/s", "bytes": 10, "sizes": {"4096": 2}},
                                     {"kind": "flush", "path": "/bfs/t", "seconds": 0.5}]
+
+    def test_stats_log_many_appends_every_event_in_order(self, store: Store) -> None:
+        store.stats_log({"kind": "sync", "path": "/bfs/a"})
+        events = [{"kind": "flush", "path": f"/bfs/f{i}", "bytes": i} for i in range(5)]
+        store.stats_log_many(events)
+        store.stats_log_many([])
+        events[0]["bytes"] = 99                # the store keeps what was logged, not the caller's dicts
+        assert store.stats()[1] == [{"kind": "sync", "path": "/bfs/a"},
+                                    *({"kind": "flush", "path": f"/bfs/f{i}", "bytes": i} for i in range(5))]
 
     def test_stats_are_not_data(self, store: Store) -> None:
         store.stats_add("/bfs/s", "rank 0", {"write_calls": 1})
