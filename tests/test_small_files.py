@@ -240,7 +240,9 @@ def test_a_commit_of_many_files_is_byte_exact_and_fsyncs_each_file_once(mem_tier
 
 
 def test_a_commit_lists_a_small_files_index_once_for_its_stripes_and_their_bytes(mem_tier):
-    """One listing of a small file's index plans its stripes and assembles its one batch (not a walk, then a listing)."""
+    """One listing of a small file's index plans its stripes and assembles its one batch (not a walk, then a listing);
+    the listings of all small files, the leases and snapshots, the clean marks and the log entries are one store
+    call each per commit, not one per file (#25)."""
     from collections import Counter
 
     from mpiburst import flush
@@ -251,7 +253,10 @@ def test_a_commit_lists_a_small_files_index_once_for_its_stripes_and_their_bytes
     mem_tier.store = counting
     assert len(flush.commit(tier=mem_tier)) == 12
     calls = Counter(counting.calls)
-    assert calls["index"] == small and calls["walk"] == 12 - small and calls["fetch_into"] >= 12
+    assert calls["index_many"] == 1 and calls["index"] == 0 and calls["walk"] == 12 - small
+    assert calls["fetch_into"] >= 12
+    assert calls["lease_and_begin"] == calls["mark_clean_many"] == calls["stats_log_many"] == 1
+    assert calls["lease"] == calls["begin"] == calls["mark_clean"] == calls["stats_log"] == 0
     assert on_bfs(files) == files
 
 

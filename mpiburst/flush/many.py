@@ -18,12 +18,13 @@ every rank):
    there under their final names;
 2. each rank takes the leases of all its files and begins their
    snapshots at one go (:meth:`~mpiburst.store.Store.lease_and_begin`: one
-   round trip on a server, not two per file); then each file, in one task
+   round trip on a server, not two per file) and lists the index of its
+   small files (:meth:`~mpiburst.store.Store.index_many`); then each file, in one task
    of the pool: prepared without waiting (new version aside; a name the
    listing did not hold is not looked up), its new version written and
    fsync'd through the one descriptor that created it: a new file costs
    the BFS a create, a write, a chmod, an fsync and, at 4., a rename, and
-   the tier a listing of its index and a fetch of its bytes;
+   the tier one round trip, the fetch of its bytes;
 3. rank 0 fsyncs the staged directories and writes the commit's journal,
    naming every rank's renames and each staging directory's;
 4. every rank renames its new versions into place, rank 0 each staging
@@ -57,6 +58,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..collective import on_root, together
 from ..errors import FlushError, MpiburstError
+from ..overlay import Entry
 from ..perms import current_umask
 from ..store import FileMeta, FlushLease, Store
 from ..tier import Tier
@@ -146,6 +148,7 @@ def _attempt(tier: Tier, files: list[tuple[str, FileMeta]], total: int, dirs: di
         return done.staged
 
     taken: dict[str, tuple[str, FileMeta]] = {}   # path -> lease token and snapshot, taken at one go (parallel)
+    listed: dict[str, list[Entry]] = {}   # a small file's index up to its mark, listed at one go (parallel)
 
     def take_leases() -> None:
         """Take every file's lease and begin its snapshot at one go; :class:`Busy` if another flush holds one."""
@@ -158,6 +161,8 @@ def _attempt(tier: Tier, files: list[tuple[str, FileMeta]], total: int, dirs: di
             raise Busy(f"another flush of {held} holds its lease.")
         for path, (token, _) in taken.items():
             keeper.hold(path, token, now)   # renewed from now on: preparing thousands of files outlasts a lease
+        small = [(path, 0, mark.size, mark.seq) for path, mark in files if 0 < mark.size <= writes.WRITE_SIZE]
+        listed.update(zip([path for path, *_ in small], store.index_many(small)))   # written whole: one batch
 
     try:
         staged = on_root(comm, lay_out)   # every rank: where each new directory's files are written
@@ -184,7 +189,8 @@ def _attempt(tier: Tier, files: list[tuple[str, FileMeta]], total: int, dirs: di
                 return None
             plans.append(plan)
             tally = writes.Tally(written.file())
-            writes.write_run(store, plan, [locality.stripe_range(plan, 0, 1)], tally, 1, sync=False)
+            writes.write_run(store, plan, [locality.stripe_range(plan, 0, 1)], tally, 1, sync=False,
+                             listed=listed.get(path) if (plan.size, plan.upto) == (mark.size, mark.seq) else None)
             writes.seal(plan)
             return plan, tally
 

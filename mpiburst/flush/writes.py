@@ -67,11 +67,14 @@ class Tally:
 
 
 def write_run(store: Store, plan: Plan, ranges: list[tuple[int, int]], tally: Tally, workers: int,
-              sync: bool = True) -> None:
+              sync: bool = True, listed: Sequence[Entry] | None = None) -> None:
     """Copy the kept bytes of the stripe ``ranges``, write their dirty runs (in ``workers`` threads), fsync.
 
     ``sync`` False leaves the fsync to :func:`seal` (a commit writes all its
-    files first, then fsyncs them all).
+    files first, then fsyncs them all). ``listed``: the snapshot's index
+    entries over the whole file (``seq <= plan.upto``), listed already (a
+    commit lists those of all its small files at one go); used when the
+    file is written whole in one batch.
     """
     ranges = [(first, last) for first, last in ranges if first < last]
     if not ranges:
@@ -79,7 +82,10 @@ def write_run(store: Store, plan: Plan, ranges: list[tuple[int, int]], tally: Ta
     # A small file written whole (a commit's, most often) in one batch: its index is listed once, for the
     # stripes to write and for their bytes (a walk, then a listing per batch, would be two round trips).
     whole = plan.claimed is None and plan.size <= WRITE_SIZE and ranges == [(0, -(-plan.size // plan.align))]
-    listed = store.index(plan.target, 0, plan.size, upto=plan.upto) if whole else None
+    if not whole:
+        listed = None
+    elif listed is None:
+        listed = store.index(plan.target, 0, plan.size, upto=plan.upto)
     src = os.open(plan.target, os.O_RDONLY | os.O_NOFOLLOW) if plan.base else None
     fd = plan.fd if plan.fd is not None else os.open(plan.work, os.O_RDWR | os.O_NOFOLLOW)
     try:

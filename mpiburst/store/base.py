@@ -511,6 +511,14 @@ class Store(ABC):
         """
         return list(self.extents(path, lo, hi, upto))
 
+    def index_many(self, windows: Sequence[tuple[str, int, int, int | None]]) -> list[list[Entry]]:
+        """:meth:`index` each of ``windows`` (path, lo, hi, upto) at one go; return each one's entries.
+
+        A commit lists the index of all its small files this way (a store
+        on a server: one round trip for many files, not one per file).
+        """
+        return [self.index(path, lo, hi, upto) for path, lo, hi, upto in windows]
+
     @abstractmethod
     def extents_from(self, path: str, start: int, count: int) -> list[Entry]:
         """Return the first ``count`` index entries of ``path`` that start at or after ``start``, in offset order.

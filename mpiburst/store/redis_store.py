@@ -286,12 +286,21 @@ class RedisStore(Store):
         return blocks(self.index(path, lo, hi, upto), lo, hi)
 
     def index(self, path: str, lo: int, hi: int, upto: int | None = None) -> list[Entry]:
-        fid = file_id(path)
-        pipe = self.r.pipeline(transaction=False)
-        self._query(pipe, fid, lo, hi)
-        raw, rawv = pipe.execute()
-        top = float("inf") if upto is None else upto
-        return [e for e in schema.entries(raw, rawv) if e.end > lo and e.seq <= top]
+        return self.index_many([(path, lo, hi, upto)])[0]
+
+    def index_many(self, windows: Sequence[tuple[str, int, int, int | None]]) -> list[list[Entry]]:
+        """The two index queries of every window, in pipelines of :data:`PIPELINE_CHUNK` windows."""
+        out: list[list[Entry]] = []
+        for i in range(0, len(windows), PIPELINE_CHUNK):
+            part = windows[i:i + PIPELINE_CHUNK]
+            pipe = self.r.pipeline(transaction=False)
+            for path, lo, hi, _ in part:
+                self._query(pipe, file_id(path), lo, hi)
+            replies = pipe.execute()
+            for (_, lo, _, upto), raw, rawv in zip(part, replies[::2], replies[1::2]):
+                top = float("inf") if upto is None else upto
+                out.append([e for e in schema.entries(raw, rawv) if e.end > lo and e.seq <= top])
+        return out
 
     def extents_from(self, path: str, start: int, count: int) -> list[Entry]:
         fid = file_id(path)

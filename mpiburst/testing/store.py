@@ -652,6 +652,21 @@ class StoreTests:
         assert store.mark_clean("/bfs/m1", t1, snap1.seq, None)
         assert not record(store, "/bfs/m1").dirty
 
+    def test_index_many_lists_each_window_as_index_does(self, store: Store) -> None:
+        store.create("/bfs/i1", None)
+        store.create("/bfs/i2", None)
+        put(store, "/bfs/i1", None, [(0, b"a" * 100), (4096, b"b" * 10)])
+        upto = put(store, "/bfs/i1", None, [(50, b"c" * 100)]) - 1    # the first batch only
+        put_runs(store, "/bfs/i2", None, [(0, b"x" * 80, 8, 20)])         # a strided run: one entry
+        windows = [("/bfs/i1", 0, 200, None), ("/bfs/i1", 0, 5000, upto), ("/bfs/i2", 40, 80, None),
+                   ("/bfs/none", 0, 10, None)]
+        got = store.index_many(windows)
+        assert got == [store.index(*w) for w in windows]
+        assert [(e.start, e.length) for e in got[0]] == [(0, 100), (50, 100)]
+        assert [(e.start, e.length) for e in got[1]] == [(0, 100), (4096, 10)]
+        assert len(got[2]) == 1 and isinstance(got[2][0], Strided) and got[3] == []
+        assert store.index_many([]) == []
+
     def test_mark_clean_many_marks_each_file_whose_lease_is_held(self, store: Store) -> None:
         paths = ["/bfs/c1", "/bfs/c2", "/bfs/c3"]
         for path in paths:
