@@ -375,7 +375,7 @@ def test_bad_paths_and_non_blocking(mem_atier, tmp_path):
     store.create(path, None)
     assert flush.sync("burst://queued.dat", tier=mem_atier, block=False) is None
     assert mem_atier.store.queued() == 1
-    assert store.meta(path).dirty is False and not os.path.exists(path)  # only queued, nothing written
+    assert store.meta(path).dirty and not os.path.exists(path)  # only queued: the new file is not made yet
 
 
 @pytest.mark.timeout(60)

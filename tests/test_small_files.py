@@ -803,3 +803,43 @@ def test_a_process_may_hold_more_files_open_than_the_pool_has_connections(tier):
     for f in files:
         f.Close()
     assert mpiburst.open("burst://many/f149", "rb", tier=tier).read() == bytes([149]) * 10
+
+
+@pytest.mark.parametrize("amode", [MPI.MODE_CREATE, MPI.MODE_CREATE | MPI.MODE_EXCL], ids=["create", "excl"])
+def test_an_empty_new_file_is_made_on_the_bfs_at_its_close_never_while_open(mem_tier, amode):
+    """``File.Open`` with ``MODE_CREATE`` makes a file, even if nothing is written to it.
+
+    Before, a new file closed with no byte written had a record that was
+    not dirty (no write, no truncation), so no commit, sync or stage-out
+    ever made it on the BFS: an application's empty marker or log file was
+    missing after the job. It is made at the first flush after its Close,
+    and never while a handle still writes it (an empty file under the name
+    of a checkpoint being written would be a half-written one).
+    """
+    from mpiburst import flush, residency
+
+    url = "burst://out/empty.dat"
+    path = os.path.join(mem_tier.bfs_root, "out", "empty.dat")
+    f = mpiburst.File.Open(MPI.COMM_SELF, url, MPI.MODE_WRONLY | amode)
+    f.Get_size()                                    # the record is in the tier now, with no byte
+    residency.auto_sync(mem_tier)                   # the engine's commit: settled states only
+    assert not os.path.exists(path)
+    f.Close()
+    assert [r.path for r in flush.commit(tier=mem_tier)] == [path]
+    assert os.path.getsize(path) == 0 and not mem_tier.store.meta(path).dirty
+    assert flush.commit(tier=mem_tier) == []        # made once
+
+
+def test_a_create_of_a_file_the_bfs_holds_closed_unwritten_leaves_it_as_it_is(mem_tier):
+    """``MODE_CREATE`` on a file the BFS holds, closed with no byte written: the commit makes no copy of it."""
+    from mpiburst import flush
+
+    path = os.path.join(mem_tier.bfs_root, "kept.dat")
+    with open(path, "wb") as f:
+        f.write(b"K" * 5000)
+    inode = os.stat(path).st_ino
+    f = mpiburst.File.Open(MPI.COMM_SELF, "burst://kept.dat", MPI.MODE_WRONLY | MPI.MODE_CREATE)
+    f.Close()
+    assert flush.commit(tier=mem_tier) == []
+    assert os.stat(path).st_ino == inode and on_bfs({path: b""}) == {path: b"K" * 5000}
+    assert not mem_tier.store.meta(path).dirty      # the commit learned the BFS holds it

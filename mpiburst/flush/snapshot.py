@@ -142,14 +142,21 @@ def prepare(store: Store, target: str, align: int, cut: Any = None, wait: float 
             lease = FlushLease(store, target, taken[0], LEASE_SECONDS)
             snap = taken[1]
         token = lease.token
+
+        def nothing() -> None:
+            assert lease is not None
+            lease.release()
+            if lock is not None:
+                lock.release()
+
         if cut is not None:
-            # purged or removed since the cut (no record: nothing of it to publish), or another flush went past it
-            if not snap.path or snap.clean >= cut.seq and (snap.clean > cut.clean or cut.trunc is None):
-                lease.release()
-                if lock is not None:
-                    lock.release()
+            # purged or removed since the cut (no record: nothing of it to publish), or another flush went past
+            # it; a file the BFS lacks is made even with no byte to write (an empty new file)
+            if not snap.path or snap.clean >= cut.seq and (snap.clean > cut.clean or cut.trunc is None) and \
+                    (snap.bfs or cut.bfs):
+                nothing()
                 return None
-            snap = replace(cut, clean=snap.clean, trunc=snap.trunc) if snap.clean > cut.clean else cut
+            snap = replace(cut, clean=snap.clean, trunc=snap.trunc, bfs=snap.bfs) if snap.clean > cut.clean else cut
         old: os.stat_result | None = None
         if listing is None or name in listing.names:   # else: not in its directory, listed under the lock
             with contextlib.suppress(FileNotFoundError):
@@ -172,6 +179,9 @@ def prepare(store: Store, target: str, align: int, cut: Any = None, wait: float 
             # so now (a new file needs no call: the mark-clean says it is on the BFS)
             store.found_on_bfs(target, old.st_size)
             snap = replace(snap, unlooked=False, bfs=True, size=max(snap.size, old.st_size))
+            if cut is not None and snap.seq <= snap.clean and snap.trunc is None:
+                nothing()   # nothing written: the BFS file is the file (a commit makes no copy of it)
+                return None
         base = 0
         if old is not None:
             base = old.st_size if snap.trunc is None else min(old.st_size, snap.trunc)

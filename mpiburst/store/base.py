@@ -186,8 +186,12 @@ class FileMeta:
 
     @property
     def dirty(self) -> bool:
-        """True if the tier holds writes, or a truncation, not yet on the BFS."""
-        return self.seq > self.clean or self.trunc is not None
+        """True if the tier holds writes, or a truncation, not yet on the BFS, or the BFS may lack the file.
+
+        A new file is dirty until a flush has made it on the BFS, even with
+        no byte written: ``MPI.File.Open`` with ``MODE_CREATE`` makes a file.
+        """
+        return self.seq > self.clean or self.trunc is not None or not self.bfs
 
     def settled_state(self) -> FileMeta | None:
         """Return the record cut at the last state the application made consistent (what may be published).
@@ -203,7 +207,9 @@ class FileMeta:
         if self.writers <= 0:
             return self
         if self.settled <= self.clean:
-            return replace(self, seq=self.clean, trunc=None)
+            # Nothing settled past what the BFS holds. For a new file the BFS lacks, that is nothing at all: it
+            # is made on the BFS at its Close, never empty (half-written) under its name while being written.
+            return replace(self, seq=self.clean, trunc=None, bfs=True)
         if self.truncs != self.settled_truncs:
             return None
         # No truncation since the mark: the pending one, if any, is the settled state's own.

@@ -140,9 +140,9 @@ class StoreTests:
         meta = store.create("/bfs/a", None)
         assert meta == FileMeta(path="/bfs/a", size=0, seq=0, clean=0, pending=0, trunc=None, pinned=False,
                                 bfs=False)
-        assert store.meta("/bfs/a") == meta and not meta.dirty and not store.empty()
+        assert store.meta("/bfs/a") == meta and meta.dirty and not store.empty()   # the BFS lacks the new file
         on_bfs = store.create("/bfs/b", 1234)
-        assert on_bfs.size == 1234 and on_bfs.bfs
+        assert on_bfs.size == 1234 and on_bfs.bfs and not on_bfs.dirty
         assert store.files() == {"/bfs/a": file_id("/bfs/a"), "/bfs/b": file_id("/bfs/b")}
         store.drop("/bfs/a")
         assert store.meta("/bfs/a") is None and set(store.files()) == {"/bfs/b"}
