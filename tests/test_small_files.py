@@ -488,7 +488,7 @@ def test_a_commit_preparing_files_for_longer_than_a_lease_keeps_every_lease(mem_
 
 def test_the_lease_keeper_renews_each_lease_once_a_quarter_lease_not_every_round(monkeypatch):
     """Found by 10,000 files: renewing every held lease every round grew with files x duration; now each lease
-    is renewed only when a quarter of it has passed, and none is lost."""
+    is renewed only when a quarter of it has passed, and none is lost; a round's renewals are one store call."""
     import time
 
     from mpiburst.flush import many, snapshot
@@ -503,8 +503,16 @@ def test_the_lease_keeper_renews_each_lease_once_a_quarter_lease_not_every_round
         renewals.setdefault(path, []).append(time.monotonic())
         return real_renew(path, token, seconds)
 
+    rounds: list[int] = []
+    real_many = store.renew_many
+
+    def renew_many(leases, seconds):   # noqa: ANN001, ANN202 - a spy: the real call, its size noted
+        rounds.append(len(leases))
+        return real_many(leases, seconds)
+
     monkeypatch.setattr(store, "renew", renew)
-    keeper = many._LeaseKeeper(store, threads=4)
+    monkeypatch.setattr(store, "renew_many", renew_many)
+    keeper = many._LeaseKeeper(store)
     paths = [f"/bfs/f{i}" for i in range(50)]
     for path in paths:
         store.create(path, None)
@@ -518,6 +526,8 @@ def test_the_lease_keeper_renews_each_lease_once_a_quarter_lease_not_every_round
     assert set(renewals) == set(paths)                        # every lease renewed...
     gaps = [b - a for times in renewals.values() for a, b in zip(times, times[1:])]
     assert min(gaps, default=1.0) >= 0.1 - 0.01               # ...at most once a quarter lease (it was every round)
+    assert sum(rounds) == sum(map(len, renewals.values()))    # every renewal in a round's one call, not one call each
+    assert len(rounds) <= 1.0 / 0.05 < sum(rounds)           # at most one call a round (every 0.05 s)
 
 
 # ----------------------------------------------------------------------------- a create does not look at the BFS

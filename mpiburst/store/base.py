@@ -648,6 +648,10 @@ class Store(ABC):
             out.append(None if token is None else (token, self.begin(path)))
         return out
 
+    def renew_many(self, leases: Sequence[tuple[str, str]], seconds: float) -> list[bool]:
+        """:meth:`renew` each of ``leases`` (path, token) at one go; return whether each was still held."""
+        return [self.renew(path, token, seconds) for path, token in leases]
+
     def mark_clean_many(self, flushes: Sequence[tuple[str, str, int, int | None]]) -> list[bool]:
         """:meth:`mark_clean` each of ``flushes`` (path, token, upto, trunc) at one go; return each one's answer.
 

@@ -500,6 +500,12 @@ class RedisStore(Store):
                                     [token, ms]) for fid, token in zip(map(file_id, paths), tokens)])
         return [None if reply == 0 else (token, _record_of(reply)) for token, reply in zip(tokens, replies)]
 
+    def renew_many(self, leases: Sequence[tuple[str, str]], seconds: float) -> list[bool]:
+        """One pipeline of :data:`~mpiburst.store.schema.RENEW` per :data:`PIPELINE_CHUNK` leases."""
+        ms = max(1, int(seconds * 1000))
+        return [bool(ok) for ok in self._pipelined([(self._renew, [self.keys.file(file_id(path), "lock")], [token, ms])
+                                                    for path, token in leases])]
+
     def mark_clean_many(self, flushes: Sequence[tuple[str, str, int, int | None]]) -> list[bool]:
         """One pipeline of :data:`~mpiburst.store.schema.MARK_CLEAN` per :data:`PIPELINE_CHUNK` files."""
         calls = []

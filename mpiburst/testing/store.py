@@ -667,6 +667,18 @@ class StoreTests:
         assert len(got[2]) == 1 and isinstance(got[2][0], Strided) and got[3] == []
         assert store.index_many([]) == []
 
+    def test_renew_many_extends_each_lease_still_held(self, store: Store) -> None:
+        for path in ("/bfs/r1", "/bfs/r2", "/bfs/r3"):
+            store.create(path, None)
+        t1, t2 = store.lease("/bfs/r1", 30), store.lease("/bfs/r2", 30)
+        assert t1 and t2
+        store.release("/bfs/r2", t2)                                      # lost: given back
+        assert store.renew_many([("/bfs/r1", t1), ("/bfs/r2", t2), ("/bfs/r3", "none"), ("/bfs/r1", "x")], 0.2) == \
+            [True, False, False, False]
+        assert store.lease("/bfs/r2", 30) is not None and store.lease("/bfs/r3", 30) is not None   # none made
+        assert wait_for(lambda: not store.leased("/bfs/r1"), timeout=10)  # renewed to 0.2 s from 30
+        assert store.renew_many([], 30) == []
+
     def test_mark_clean_many_marks_each_file_whose_lease_is_held(self, store: Store) -> None:
         paths = ["/bfs/c1", "/bfs/c2", "/bfs/c3"]
         for path in paths:
