@@ -308,11 +308,7 @@ return redis.call('HGETALL', KEYS[1])
 
 # LEASE, then BEGIN if the lease was taken (KEYS[1]: the record, KEYS[2]: the lease): 0 when another holds it.
 LEASE_BEGIN = """
-if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
-if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
-redis.call('HSET', KEYS[1], 'pending', redis.call('HGET', KEYS[1], 'seq') or '0')
-return redis.call('HGETALL', KEYS[1])
-"""
+if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end""" + BEGIN
 
 # Mark a flush snapshot clean, but only for the flush that holds the lease.
 MARK_CLEAN = """
